@@ -1,0 +1,1 @@
+"""BloomBee control plane: resource model, planner, reconcile and backends. Never imports torch."""

@@ -1,0 +1,1 @@
+"""BloomBee data plane: stage servers, wire format, codecs and the gateway."""

@@ -1,0 +1,382 @@
+"""OpenAI-compatible gateway: tokenises, drives the stage chain, streams text back.
+
+Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` gives
+SSE), ``/healthz``, ``/readyz`` (every stage ready), ``/metrics``, and the internal
+``/internal/v1/results`` where the last stage delivers tokens. Every error is OpenAI's JSON
+error shape with a fitting HTTP status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from bloombee_stage.generation import Generated, TextAssembler, generate
+from bloombee_stage.metrics import Metrics
+from bloombee_stage.model import ModelSourceError, prepare_model, read_config
+from bloombee_stage.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    Usage,
+    new_id,
+    now,
+)
+from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
+from bloombee_stage.protocol import RESULT_PATH, error_body
+from bloombee_stage.serving import serve, setup_logging
+from bloombee_stage.wire import WireError, decode_frame
+
+log = logging.getLogger("bloombee.gateway")
+
+
+@dataclass
+class GatewaySettings:
+    served_model_name: str
+    stage_urls: list[str]
+    public_url: str | None = None  # how the last stage reaches us; default: the bound address
+    step_timeout_s: float = 120.0
+    api_key: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code, self.param = status, type_, code, param
+
+    def response(self) -> web.Response:
+        return web.json_response(error_body(str(self), self.type, self.code, self.param), status=self.status)
+
+
+class Gateway:
+    def __init__(self, tokenizer: Any, model_config: dict, settings: GatewaySettings) -> None:
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
+        eos = model_config.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.router = ResultRouter()
+        self.http: aiohttp.ClientSession | None = None
+        self.pipeline: PipelineClient | None = None
+        self.metrics = Metrics("bloombee_gateway")
+
+    def bind(self, own_url: str) -> None:
+        """Called once the server listens: results come back to ``public_url`` or our own address."""
+        assert self.http is not None
+        reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
+        self.pipeline = PipelineClient(
+            self.settings.stage_urls, reply, self.http, self.router, self.settings.step_timeout_s
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def prompt_ids(self, request: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        if isinstance(request, ChatCompletionRequest):
+            if not self.tokenizer.chat_template:
+                raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            return list(encoded["input_ids"])
+        if isinstance(request.prompt, list):
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in request.prompt):
+                raise ApiError(400, f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
+            return list(request.prompt)
+        return list(self.tokenizer(request.prompt)["input_ids"])
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.served_model_name:
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist. This gateway serves `{self.settings.served_model_name}`.",
+                code="model_not_found",
+                param="model",
+            )
+
+    def budget(self, prompt: list[int], asked: int | None) -> int:
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        room = self.max_model_len - len(prompt)
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(prompt) + (asked or 0)} tokens ({len(prompt)} in the prompt, "
+                f"{asked or 0} for the completion).",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+        return asked if asked is not None else room
+
+    async def run(
+        self, request: CompletionRequest | ChatCompletionRequest, prompt: list[int], max_tokens: int, result: Generated
+    ) -> AsyncIterator[str]:
+        assert self.pipeline is not None
+        assembler = TextAssembler(self.decode, request.stop_strings())
+        eos = set() if request.ignore_eos else self.eos_ids
+        started = time.perf_counter()
+        async for piece in generate(
+            self.pipeline, prompt, max_tokens, request.sampling_params(), eos, assembler, result
+        ):
+            yield piece
+        self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
+        self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
+        self.metrics.observe("generation_seconds", "Wall time per generation", time.perf_counter() - started)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
+    try:
+        payload = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=where or None) from None
+
+
+def _usage(prompt: list[int], result: Generated) -> dict:
+    n = len(result.token_ids)
+    return Usage(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n).model_dump()
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    return response
+
+
+async def _send_event(response: web.StreamResponse, payload: dict | str) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+async def handle_generation(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    chat = request.path.endswith("/chat/completions")
+    body = await _parse(request, ChatCompletionRequest if chat else CompletionRequest)
+    gateway.check_model(body.model)
+    prompt = gateway.prompt_ids(body)
+    max_tokens = gateway.budget(prompt, body.token_limit() if chat else body.max_tokens)
+    request_id = new_id("chatcmpl" if chat else "cmpl")
+    created = now()
+    result = Generated()
+    kind = "chat.completion" if chat else "text_completion"
+
+    def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+        if not chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        message = {"role": "assistant", "content": text} if (text is not None or not delta) else {}
+        return {"index": 0, key: message, "logprobs": None, "finish_reason": finish}
+
+    def envelope(choices: list[dict], chunk: bool) -> dict:
+        object_name = f"{kind}.chunk" if chat and chunk else kind
+        return {"id": request_id, "object": object_name, "created": created, "model": body.model, "choices": choices}
+
+    if not body.stream:
+        try:
+            async for _ in gateway.run(body, prompt, max_tokens, result):
+                pass
+        except PipelineError as error:
+            raise ApiError(
+                error.status, str(error), "server_error" if error.status >= 500 else "invalid_request_error", error.code
+            ) from None
+        text = (body.prompt if not chat and body.echo and isinstance(body.prompt, str) else "") + result.text
+        reply = envelope([choice(text, result.finish_reason, delta=False)], chunk=False)
+        reply["usage"] = _usage(prompt, result)
+        if body.return_token_ids:
+            reply["prompt_token_ids"] = prompt
+            reply["choices"][0]["token_ids"] = result.token_ids
+        return web.json_response(reply)
+
+    response = await _sse(request)
+    try:
+        if chat:
+            await _send_event(
+                response,
+                envelope(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    chunk=True,
+                ),
+            )
+        async for piece in gateway.run(body, prompt, max_tokens, result):
+            await _send_event(response, envelope([choice(piece, None, delta=True)], chunk=True))
+        final = envelope([choice(None if chat else "", result.finish_reason, delta=True)], chunk=True)
+        if body.return_token_ids:
+            final["choices"][0]["token_ids"] = result.token_ids
+        await _send_event(response, final)
+        if body.stream_options and body.stream_options.include_usage:
+            usage = envelope([], chunk=True)
+            usage["usage"] = _usage(prompt, result)
+            await _send_event(response, usage)
+    except PipelineError as error:  # mid-stream: the error goes out as a data line before [DONE]
+        await _send_event(response, error_body(str(error), "server_error", error.code))
+    await _send_event(response, "[DONE]")
+    await response.write_eof()
+    return response
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    card = ModelCard(id=gateway.settings.served_model_name, max_model_len=gateway.max_model_len)
+    return web.json_response({"object": "list", "data": [card.model_dump()]})
+
+
+async def handle_result(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    try:
+        frame = decode_frame(await request.read())
+        delivered = gateway.router.deliver(frame)
+    except (WireError, ValidationError) as error:
+        return web.json_response(error_body(f"result frame: {error}", code="invalid_frame"), status=400)
+    return web.json_response({"delivered": delivered})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return web.json_response(
+            error_body(error.reason, "invalid_request_error", str(error.status)), status=error.status
+        )
+    except Exception:
+        log.exception("unhandled error on %s", request.path)
+        return web.json_response(error_body("internal error in the gateway", "server_error"), status=500)
+
+
+def _auth_middleware(api_key: str | None) -> Any:
+    @web.middleware
+    async def check_key(request: web.Request, handler: Any) -> web.StreamResponse:
+        authorised = request.headers.get("Authorization", "") == f"Bearer {api_key}"
+        if api_key and request.path.startswith("/v1/") and not authorised:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return await handler(request)
+
+    return check_key
+
+
+def create_app(gateway: Gateway) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, _auth_middleware(gateway.settings.api_key)], client_max_size=64 << 20
+    )
+    app[GATEWAY] = gateway
+
+    async def lifecycle(app: web.Application):
+        gateway.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=gateway.settings.step_timeout_s))
+        yield
+        await gateway.http.close()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        assert gateway.http is not None
+
+        async def ready(url: str) -> bool:
+            try:
+                async with gateway.http.get(f"{url}/readyz", timeout=aiohttp.ClientTimeout(total=3)) as reply:
+                    return reply.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return False
+
+        states = await asyncio.gather(*(ready(url) for url in gateway.settings.stage_urls))
+        body = {"ready": all(states), "stages": dict(zip(gateway.settings.stage_urls, states, strict=False))}
+        return web.json_response(body, status=200 if all(states) else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=gateway.metrics.render(), content_type="text/plain")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_post("/v1/completions", handle_generation)
+    app.router.add_post("/v1/chat/completions", handle_generation)
+    app.router.add_post(RESULT_PATH, handle_result)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bloombee_stage.gateway",
+        description="OpenAI-compatible endpoint that drives a chain of BloomBee stage servers.",
+    )
+    parser.add_argument("--model", required=True, help="model source (for the tokenizer and config)")
+    parser.add_argument("--stages", required=True, help="comma-separated stage URLs in layer order")
+    parser.add_argument("--served-model-name", required=True, help="the name clients put in `model`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    parser.add_argument("--public-url", default=None, help="URL the last stage uses to reach this gateway")
+    parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds to wait for one step's result")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
+    parser.add_argument("--ready-file", default=None)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    from transformers import AutoTokenizer
+
+    try:
+        model_dir = prepare_model(args.model)
+    except ModelSourceError as error:
+        raise SystemExit(f"error: {error}") from None
+    settings = GatewaySettings(
+        served_model_name=args.served_model_name,
+        stage_urls=[url.strip() for url in args.stages.split(",") if url.strip()],
+        public_url=args.public_url,
+        step_timeout_s=args.step_timeout,
+        api_key=args.api_key,
+    )
+    gateway = Gateway(AutoTokenizer.from_pretrained(model_dir), read_config(model_dir), settings)
+    asyncio.run(serve(create_app(gateway), args.host, args.port, args.ready_file, "gateway", gateway.bind))
+
+
+if __name__ == "__main__":
+    main()

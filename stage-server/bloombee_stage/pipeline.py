@@ -1,0 +1,148 @@
+"""The gateway's side of the inference protocol: send a step into the chain, await its result.
+
+The first stage gets the step; the result arrives later as a POST from the last stage to the
+gateway's ``/internal/v1/results`` (ResultRouter.deliver), so every link is crossed once per
+token. A step that gets no result within ``step_timeout_s`` fails with PipelineError instead
+of hanging; so does a stage that refuses the step or reports a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import aiohttp
+import torch
+
+from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta
+from bloombee_stage.sampling import SamplingParams
+from bloombee_stage.tensors import frame_tensor, tensor_frame
+from bloombee_stage.wire import Frame, encode_frame
+
+log = logging.getLogger("bloombee.pipeline")
+
+
+class PipelineError(RuntimeError):
+    """A step failed somewhere in the chain; ``status`` is the HTTP status the gateway should answer."""
+
+    def __init__(self, message: str, status: int = 502, code: str = "pipeline_failed") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ResultRouter:
+    """Matches result frames arriving from the last stage to the steps waiting for them."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, int], asyncio.Future[Frame]] = {}
+
+    def expect(self, session: str, step: int) -> asyncio.Future[Frame]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[(session, step)] = future
+        return future
+
+    def forget(self, session: str, step: int) -> None:
+        self._waiting.pop((session, step), None)
+
+    def deliver(self, frame: Frame) -> bool:
+        meta = ResultMeta.model_validate(frame.meta)
+        future = self._waiting.pop((meta.session, meta.step), None)
+        if future is None or future.done():
+            return False
+        future.set_result(frame)
+        return True
+
+
+class PipelineClient:
+    def __init__(
+        self,
+        stage_urls: list[str],
+        reply_url: str,
+        http: aiohttp.ClientSession,
+        router: ResultRouter,
+        step_timeout_s: float = 120.0,
+    ) -> None:
+        if not stage_urls:
+            raise ValueError("a pipeline needs at least one stage URL")
+        self.stage_urls = [url.rstrip("/") for url in stage_urls]
+        self.reply_url = reply_url
+        self.http = http
+        self.router = router
+        self.step_timeout_s = step_timeout_s
+        self._steps = 0
+
+    @staticmethod
+    def new_session() -> str:
+        return uuid.uuid4().hex
+
+    async def step(
+        self,
+        session: str,
+        start: int,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        max_length: int | None = None,
+        keep: int = 1,
+    ) -> list[int]:
+        """Append ``token_ids`` after ``start`` cached tokens; return the next token for each of the last ``keep``."""
+        self._steps += 1
+        meta = StepMeta(
+            session=session,
+            step=self._steps,
+            start=start,
+            route=self.stage_urls[1:],
+            reply_to=self.reply_url,
+            keep=keep,
+            sampling=sampling,
+            max_length=max_length,
+        )
+        frame = tensor_frame(torch.tensor([token_ids], dtype=torch.int64), meta.model_dump(mode="json"))
+        waiter = self.router.expect(session, meta.step)
+        try:
+            await self._send_first(encode_frame(frame))
+            result = await asyncio.wait_for(waiter, self.step_timeout_s)
+        except asyncio.TimeoutError:
+            raise PipelineError(
+                f"no result from the pipeline within {self.step_timeout_s:.0f} s (session {session}, step {meta.step})",
+                504,
+                "pipeline_timeout",
+            ) from None
+        finally:
+            self.router.forget(session, meta.step)
+        outcome = ResultMeta.model_validate(result.meta)
+        if outcome.error:
+            status = 400 if outcome.code == "context_length_exceeded" else 502
+            raise PipelineError(f"stage {outcome.stage}: {outcome.error}", status, outcome.code or "stage_failed")
+        return frame_tensor(result)[0].tolist()
+
+    async def _send_first(self, body: bytes) -> None:
+        url = self.stage_urls[0] + STEP_PATH
+        try:
+            async with self.http.post(url, data=body, headers={"Content-Type": "application/octet-stream"}) as reply:
+                if reply.status == 202:
+                    return
+                try:
+                    error = (await reply.json())["error"]
+                    message, code = error["message"], error.get("code") or "stage_refused"
+                except Exception:
+                    message, code = (await reply.text())[:500], "stage_refused"
+        except aiohttp.ClientError as error:
+            raise PipelineError(
+                f"first stage {self.stage_urls[0]} unreachable: {error}", 503, "stage_unreachable"
+            ) from None
+        status = 400 if code == "context_length_exceeded" else 503 if code == "kv_budget_exceeded" else 502
+        raise PipelineError(f"first stage refused the step: {message}", status, code)
+
+    async def close(self, session: str) -> None:
+        """Free the session on every stage; best effort (stages also time idle sessions out)."""
+
+        async def close_one(url: str) -> None:
+            try:
+                async with self.http.delete(f"{url}/v1/sessions/{session}", timeout=aiohttp.ClientTimeout(total=5)):
+                    pass
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                log.debug("closing session %s on %s failed: %s", session, url, error)
+
+        await asyncio.gather(*(close_one(url) for url in self.stage_urls))

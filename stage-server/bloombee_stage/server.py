@@ -1,0 +1,380 @@
+"""Stage server: serves one layer span over HTTP and pushes its output straight to the next stage.
+
+Endpoints: ``/healthz``, ``/readyz``, ``/info``, ``/metrics``, ``/probe`` (link measurement),
+``POST /v1/step`` (a wire frame, see protocol.py), ``POST /v1/sessions/{id}/rollback`` and
+``DELETE /v1/sessions/{id}``.
+
+A step is validated before it is accepted (frame, metadata, shape, session, budget: a 4xx with
+the reason); once accepted (202) the torch work runs on the stage's single worker thread and
+the output goes to the next stage or, from the last stage, to the gateway. A failure after
+acceptance is reported to the gateway as an error result, so the gateway never waits in vain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import torch
+from aiohttp import web
+from pydantic import ValidationError
+
+from bloombee_stage.metrics import Metrics
+from bloombee_stage.model import ModelSourceError, prepare_model, read_config
+from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta, error_body
+from bloombee_stage.sampling import pick_tokens
+from bloombee_stage.serving import serve, setup_logging
+from bloombee_stage.sessions import Session, SessionError, SessionStore
+from bloombee_stage.span import Span, SpanError, StageModel, truncate_cache
+from bloombee_stage.tensors import frame_tensor, tensor_frame
+from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame
+
+log = logging.getLogger("bloombee.stage")
+
+MAX_FRAME_BYTES = 1 << 30
+
+
+@dataclass
+class StageSettings:
+    name: str = "stage"
+    codec: str = "raw"
+    kv_budget_bytes: int = 2 << 30
+    session_timeout_s: float = 300.0
+    push_timeout_s: float = 60.0
+
+
+class StageService:
+    """Owns the model, the sessions, the worker thread and the outgoing HTTP session."""
+
+    def __init__(self, model: StageModel, settings: StageSettings) -> None:
+        self.model = model
+        self.settings = settings
+        config = model.full_config
+        self.sessions = SessionStore(
+            new_cache=model.new_cache,
+            kv_bytes_per_token=model.kv_bytes_per_token(),
+            kv_budget_bytes=settings.kv_budget_bytes,
+            timeout_s=settings.session_timeout_s,
+            max_length=int(getattr(config, "max_position_embeddings", 1 << 20)),
+        )
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.http: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.draining = False
+        self.metrics = Metrics("bloombee_stage")
+        self.metrics.gauge("sessions", "Open sessions", lambda: len(self.sessions.sessions))
+        self.metrics.gauge("kv_reserved_bytes", "KV cache bytes reserved by sessions", self.sessions.reserved_bytes)
+        self.metrics.gauge("kv_budget_bytes", "KV cache budget", lambda: settings.kv_budget_bytes)
+        self.metrics.gauge("weight_bytes", "Bytes of weights held", model.weight_bytes)
+        self.metrics.gauge("layer_ms", "Measured ms per layer per forward (moving average)", lambda: model.layer_ms)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def check_inputs(self, meta: StepMeta, inputs: torch.Tensor, frame: Frame) -> None:
+        span = self.model.span
+        where = frame.describe()
+        if span.is_first:
+            if frame.dtype not in ("int64", "int32") or inputs.dim() != 2:
+                raise WireError(
+                    f"{where}: the first stage takes token ids [batch, seq] int64, got "
+                    f"{list(frame.shape)} {frame.dtype}"
+                )
+            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.model.config.vocab_size):
+                raise WireError(f"{where}: token id outside 0..{self.model.config.vocab_size - 1}")
+        elif (
+            frame.dtype not in ("float32", "float16", "bfloat16")
+            or inputs.dim() != 3
+            or inputs.shape[-1] != self.model.hidden_size
+        ):
+            raise WireError(
+                f"{where}: expected hidden states [batch, seq, {self.model.hidden_size}] float, got "
+                f"{list(frame.shape)} {frame.dtype}"
+            )
+        if inputs.shape[0] < 1 or inputs.shape[1] < 1:
+            raise WireError(f"{where}: empty input {list(frame.shape)}")
+        if meta.keep > inputs.shape[1]:
+            raise WireError(f"{where}: keep={meta.keep} but the step has only {inputs.shape[1]} positions")
+        if span.is_last and meta.route:
+            raise WireError(f"{where}: route continues to {meta.route[0]} past the model's last layer")
+        if not span.is_last and not meta.route:
+            raise WireError(f"{where}: route ends at layer {span.end} of {span.total}; no stage holds the rest")
+
+    # -- work -------------------------------------------------------------------------------
+
+    def _compute(self, session: Session, meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor:
+        """Runs on the worker thread."""
+        truncate_cache(session.cache, meta.start)
+        output = self.model.forward(inputs, session.cache, keep_last=meta.keep)
+        session.length = meta.start + inputs.shape[1]
+        if self.model.span.is_last:
+            return pick_tokens(output, meta.sampling, position=session.length - 1)
+        return output
+
+    async def run_step(self, session: Session, meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        async with session.lock:
+            output = await loop.run_in_executor(self.executor, self._compute, session, meta, inputs)
+        self.metrics.observe("forward_seconds", "Time in the span's forward pass", time.perf_counter() - started)
+        self.metrics.inc("tokens_total", "Positions processed", inputs.shape[0] * inputs.shape[1])
+        return output
+
+    async def push(self, meta: StepMeta, inputs: torch.Tensor, session: Session) -> None:
+        """Background part of an accepted step: compute, then push onward or answer the gateway."""
+        try:
+            output = await self.run_step(session, meta, inputs)
+            if meta.route:
+                nxt = meta.model_copy(update={"route": meta.route[1:]})
+                body = encode_frame(tensor_frame(output, nxt.model_dump(mode="json")), self.settings.codec)
+                self.metrics.inc("bytes_sent_total", "Frame bytes pushed to the next stage", len(body))
+                await self._post(meta.route[0] + STEP_PATH, body, expect=202)
+            else:
+                result = ResultMeta(session=meta.session, step=meta.step)
+                await self._post(meta.reply_to, encode_frame(tensor_frame(output, result.model_dump())), expect=200)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # anything that goes wrong after the 202 is reported, never swallowed
+            log.warning("step %s of session %s failed: %s", meta.step, meta.session, error)
+            self.metrics.inc("errors_total", "Failed steps", code="downstream")
+            await self.report(meta, str(error), "stage_failed")
+
+    async def _post(self, url: str, body: bytes, expect: int) -> None:
+        assert self.http is not None
+        async with self.http.post(url, data=body, headers={"Content-Type": "application/octet-stream"}) as reply:
+            if reply.status != expect:
+                try:
+                    message = (await reply.json())["error"]["message"]
+                except Exception:
+                    message = (await reply.text())[:500]
+                raise RuntimeError(f"{url} answered {reply.status}: {message}")
+
+    async def report(self, meta: StepMeta, message: str, code: str) -> None:
+        if not meta.reply_to:
+            return
+        result = ResultMeta(session=meta.session, step=meta.step, error=message, code=code, stage=self.settings.name)
+        body = encode_frame(tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump()))
+        try:
+            await self._post(meta.reply_to, body, expect=200)
+        except Exception as error:
+            log.error("could not report failure of session %s to %s: %s", meta.session, meta.reply_to, error)
+
+    def info(self) -> dict[str, Any]:
+        model = self.model
+        return {
+            "name": self.settings.name,
+            "span": [model.span.start, model.span.end],
+            "total_layers": model.span.total,
+            "hidden_size": model.hidden_size,
+            "dtype": model.dtype_name,
+            "device": str(model.device),
+            "codec": self.settings.codec,
+            "memory": {
+                "weight_bytes": model.weight_bytes(),
+                "kv_budget_bytes": self.settings.kv_budget_bytes,
+                "kv_reserved_bytes": self.sessions.reserved_bytes(),
+                "kv_bytes_per_token": self.sessions.kv_bytes_per_token,
+                "rss_bytes": _rss_bytes(),
+            },
+            "sessions": len(self.sessions.sessions),
+            "ms_per_layer": model.layer_ms,
+            "load_seconds": model.load_seconds,
+            "torch_threads": torch.get_num_threads(),
+        }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+SERVICE = web.AppKey("service", StageService)
+
+
+def _error(status: int, message: str, code: str, type_: str = "invalid_request_error") -> web.Response:
+    return web.json_response(error_body(message, type_, code), status=status)
+
+
+async def handle_step(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    body = await request.read()
+    try:
+        frame = decode_frame(body)
+        meta = StepMeta.model_validate(frame.meta)
+        inputs = frame_tensor(frame)
+        service.check_inputs(meta, inputs, frame)
+        session = service.sessions.admit(meta.session, meta.start, inputs.shape[1], meta.max_length)
+    except WireError as error:
+        service.metrics.inc("errors_total", "Failed steps", code="invalid_frame")
+        return _error(400, str(error), "invalid_frame")
+    except ValidationError as error:
+        service.metrics.inc("errors_total", "Failed steps", code="invalid_meta")
+        return _error(400, f"frame metadata: {error}", "invalid_meta")
+    except SessionError as error:
+        service.metrics.inc("errors_total", "Failed steps", code=error.code)
+        return _error(error.status, str(error), error.code)
+    service.metrics.inc("steps_total", "Accepted steps")
+    if meta.reply_to is None:  # inline answer: the client relays (baseline mode)
+        output = await service.run_step(session, meta, inputs)
+        if meta.route:
+            reply_meta = meta.model_copy(update={"route": meta.route[1:]}).model_dump(mode="json")
+        else:
+            reply_meta = ResultMeta(session=meta.session, step=meta.step).model_dump()
+        body = encode_frame(tensor_frame(output, reply_meta), service.settings.codec)
+        return web.Response(body=body, content_type="application/octet-stream")
+    task = asyncio.create_task(service.push(meta, inputs, session))
+    service.tasks.add(task)
+    task.add_done_callback(service.tasks.discard)
+    return web.json_response({"accepted": True, "session": meta.session, "step": meta.step}, status=202)
+
+
+async def handle_rollback(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        payload = await request.json()
+        length = int(payload["length"]) if "length" in payload else None
+        drop = int(payload.get("n", 0))
+    except Exception:
+        return _error(400, 'body must be JSON {"n": tokens_to_drop} or {"length": tokens_to_keep}', "invalid_body")
+    try:
+        session = service.sessions.get(request.match_info["session"])
+    except SessionError as error:
+        return _error(error.status, str(error), error.code)
+    target = length if length is not None else session.length - drop
+    if not 0 <= target <= session.length:
+        return _error(400, f"cannot roll session back to {target} tokens; it holds {session.length}", "bad_rollback")
+    async with session.lock:
+        truncate_cache(session.cache, target)
+        session.length = target
+    return web.json_response({"session": session.id, "length": target})
+
+
+async def handle_close(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    closed = service.sessions.close(request.match_info["session"])
+    return web.json_response({"closed": closed}, status=200 if closed else 404)
+
+
+async def handle_probe(request: web.Request) -> web.Response:
+    """GET: echo (RTT) or ?bytes=N of zeros (download); POST: count the upload (bandwidth)."""
+    if request.method == "POST":
+        received = len(await request.read())
+        return web.json_response({"received": received})
+    size = min(int(request.query.get("bytes", "0")), 256 << 20)
+    return web.Response(body=bytes(size), content_type="application/octet-stream")
+
+
+def create_app(model: StageModel, settings: StageSettings) -> web.Application:
+    app = web.Application(client_max_size=MAX_FRAME_BYTES)
+    service = StageService(model, settings)
+    app[SERVICE] = service
+
+    async def lifecycle(app: web.Application):
+        service.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.push_timeout_s))
+        sweeper = asyncio.create_task(_expire_sessions(service))
+        yield
+        service.draining = True
+        sweeper.cancel()
+        for task in list(service.tasks):
+            task.cancel()
+        await asyncio.gather(sweeper, *service.tasks, return_exceptions=True)
+        await service.http.close()
+        service.executor.shutdown(wait=False, cancel_futures=True)
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.json_response({"ready": not service.draining}, status=503 if service.draining else 200)
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response(service.info())
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=service.metrics.render(), content_type="text/plain")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/info", info)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/probe", handle_probe)
+    app.router.add_post(STEP_PATH, handle_step)
+    app.router.add_post("/v1/sessions/{session}/rollback", handle_rollback)
+    app.router.add_delete("/v1/sessions/{session}", handle_close)
+    return app
+
+
+async def _expire_sessions(service: StageService) -> None:
+    while True:
+        await asyncio.sleep(max(1.0, min(service.settings.session_timeout_s / 4, 10.0)))
+        for session_id in service.sessions.expire():
+            log.info("session %s timed out after %.0f s idle", session_id, service.settings.session_timeout_s)
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--layers {text!r}: expected START:END, e.g. 0:10")
+    try:
+        return int(start), int(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {text!r}: START and END must be integers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bloombee_stage.server",
+        description="Serve a contiguous span of a model's layers and push outputs to the next stage.",
+    )
+    parser.add_argument(
+        "--model", required=True, help="model source: gguf://pkg/file.gguf, .gguf, .safetensors, HF dir"
+    )
+    parser.add_argument("--layers", required=True, type=parse_layers, help="span START:END (END exclusive)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 = any free port (reported in the log and --ready-file)")
+    parser.add_argument("--name", default="stage")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
+    parser.add_argument("--codec", default="raw", choices=["raw", "zstd"], help="codec for frames sent onward")
+    parser.add_argument("--kv-budget-gib", type=float, default=2.0, help="KV cache budget over all sessions")
+    parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session closes")
+    parser.add_argument("--ready-file", default=None, help="write {url, port, pid} here once listening")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model_dir = prepare_model(args.model)
+        total = int(read_config(model_dir)["num_hidden_layers"])
+        model = StageModel(model_dir, Span(args.layers[0], args.layers[1], total), args.dtype, args.device)
+    except (ModelSourceError, SpanError) as error:
+        raise SystemExit(f"error: {error}") from None
+    log.info("loaded layers [%d, %d) of %d in %.1f s", *args.layers, total, model.load_seconds)
+    settings = StageSettings(
+        name=args.name,
+        codec=args.codec,
+        kv_budget_bytes=int(args.kv_budget_gib * (1 << 30)),
+        session_timeout_s=args.session_timeout,
+    )
+    asyncio.run(serve(create_app(model, settings), args.host, args.port, args.ready_file, f"stage {args.name}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Running an aiohttp app as a process: bind (port 0 allowed), announce the port, stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def write_ready_file(path: str | None, payload: dict) -> None:
+    """Write the announcement atomically, so a watcher never reads half of it."""
+    if not path:
+        return
+    target = Path(path)
+    scratch = target.with_suffix(target.suffix + ".tmp")
+    scratch.write_text(json.dumps(payload))
+    os.replace(scratch, target)
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    ready_file: str | None,
+    role: str,
+    on_bound: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT; ``on_bound`` learns the URL before the first request is answered."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # port 0 -> the port the OS gave us
+    url = f"http://{host}:{bound}"
+    if on_bound is not None:
+        on_bound(url)
+    log.info("%s listening on %s", role, url)
+    write_ready_file(ready_file, {"url": url, "port": bound, "pid": os.getpid()})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("%s shutting down", role)
+    await runner.cleanup()

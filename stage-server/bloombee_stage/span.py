@@ -1,0 +1,219 @@
+"""A stage: a contiguous span of a Llama-family model's decoder layers.
+
+The span is the transformers model itself, built from the model's config with
+``num_hidden_layers`` set to the span's length, so the decoder layers, rotary embedding,
+attention masks and KV cache are transformers' own code (and greedy output stays
+token-for-token equal to ``generate`` on the whole model). Only the span's tensors are read
+from disk, renamed from global to local layer indices.
+
+Where the ends live (decided here, see DESIGN.md "Models"):
+
+* the token embedding only on the stage whose span starts at layer 0 -- token ids are what
+  cross the first link, 8 bytes a token instead of a hidden state;
+* the final norm and the LM head only on the stage whose span ends at the last layer -- it
+  picks the next token itself, so a token id, not a vocabulary of logits, goes back to the
+  gateway.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SpanError(ValueError):
+    """A layer span that the model cannot serve."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """Layers [start, end) of a model with ``total`` layers."""
+
+    start: int
+    end: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end <= self.total:
+            raise SpanError(f"layer span [{self.start}, {self.end}) is not inside the model's 0..{self.total} layers")
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.total
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def _checkpoint_tensor_names(model_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SpanError(f"{model_dir}: no safetensors files")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            names.update(dict.fromkeys(handle.keys(), file))
+    return names
+
+
+def _span_owns(name: str, span: Span, tie_word_embeddings: bool) -> bool:
+    """Whether a non-layer tensor (embedding, final norm, head) belongs to this span."""
+    if name.startswith("model.embed_tokens."):
+        return span.is_first or (span.is_last and tie_word_embeddings)
+    return name.startswith(("model.norm.", "lm_head.")) and span.is_last
+
+
+def _span_state_dict(model_dir: Path, span: Span, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Read only the span's tensors, renaming ``model.layers.<global>`` to ``model.layers.<local>``."""
+    wanted: dict[str, str] = {}  # checkpoint name -> name in the span module
+    available = _checkpoint_tensor_names(model_dir)
+    for name in available:
+        if name.startswith("model.layers."):
+            index_text, _, rest = name[len("model.layers.") :].partition(".")
+            index = int(index_text)
+            if span.start <= index < span.end:
+                wanted[name] = f"model.layers.{index - span.start}.{rest}"
+        elif _span_owns(name, span, tie_word_embeddings):
+            wanted[name] = name
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(available[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as handle:
+            for name in names:
+                state[wanted[name]] = handle.get_tensor(name)
+    if span.is_last and "lm_head.weight" not in state:
+        if "model.embed_tokens.weight" not in state:
+            raise SpanError(f"{model_dir}: no lm_head.weight and no tied embedding to use as the head")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def _span_config(config: PretrainedConfig, span: Span) -> PretrainedConfig:
+    span_config = copy.deepcopy(config)
+    span_config.num_hidden_layers = span.length
+    if getattr(span_config, "layer_types", None):
+        span_config.layer_types = list(config.layer_types[span.start : span.end])
+    span_config.tie_word_embeddings = False  # the head weight is loaded explicitly
+    span_config.use_cache = True
+    return span_config
+
+
+class StageModel:
+    """Runs a span's layers for one session at a time; callers serialise calls (one torch thread pool)."""
+
+    def __init__(self, model_dir: Path, span: Span, dtype: str = "float32", device: str | None = None) -> None:
+        if dtype not in DTYPES:
+            raise SpanError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
+        self.model_dir = Path(model_dir)
+        self.span = span
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        config = AutoConfig.from_pretrained(self.model_dir)
+        self.full_config = config
+        self.config = _span_config(config, span)
+        self.config._attn_implementation = "sdpa"
+        started = time.perf_counter()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
+        state = _span_state_dict(self.model_dir, span, bool(getattr(config, "tie_word_embeddings", False)))
+        state = {name: tensor.to(self.dtype) for name, tensor in state.items()}
+        missing, _ = model.load_state_dict(state, strict=False, assign=True)
+        body = model.model
+        # Modules a span does not own are dropped, so they hold no memory.
+        if not span.is_first:
+            body.embed_tokens = None
+        if not span.is_last:
+            body.norm = None
+            model.lm_head = None
+        expected_missing = [
+            name for name in missing if not name.startswith(("model.embed_tokens", "model.norm", "lm_head"))
+        ]
+        if expected_missing:
+            raise SpanError(f"{model_dir}: checkpoint lacks {expected_missing[:5]} for span [{span.start}, {span.end})")
+        # rotary inv_freq is a non-persistent buffer: it is not in the checkpoint, so rebuild it for real.
+        body.rotary_emb = type(body.rotary_emb)(config=self.config)
+        self.model = model.to(self.device).eval()
+        self.load_seconds = time.perf_counter() - started
+        self.layer_ms = 0.0  # running mean of measured ms per layer per forward
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * self.span.length * cfg.num_key_value_heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, cache: DynamicCache, keep_last: int = 1) -> torch.Tensor:
+        """Run the span on ``inputs`` appended after what ``cache`` holds.
+
+        inputs: token ids [batch, seq] (first stage) or hidden states [batch, seq, hidden].
+        Returns hidden states [batch, seq, hidden], or on the last stage the logits of the
+        last ``keep_last`` positions [batch, keep_last, vocab].
+        """
+        body = self.model.model
+        started = time.perf_counter()
+        hidden = body.embed_tokens(inputs.to(self.device)) if self.span.is_first else inputs.to(self.device, self.dtype)
+        past = cache.get_seq_length()
+        position_ids = torch.arange(past, past + hidden.shape[1], device=self.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = body.rotary_emb(hidden, position_ids=position_ids)
+        for layer in body.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        if self.span.is_last:
+            hidden = body.norm(hidden)
+            hidden = self.model.lm_head(hidden[:, -keep_last:, :])
+        elapsed_ms = (time.perf_counter() - started) * 1000 / self.span.length
+        self.layer_ms = elapsed_ms if self.layer_ms == 0 else 0.9 * self.layer_ms + 0.1 * elapsed_ms
+        return hidden
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions past ``length`` (the KV rollback)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
