@@ -10,7 +10,7 @@ Layout (little-endian)::
     7      1    ndim (0..8)
     8      4    meta length in bytes
     12     8    payload length in bytes (encoded)
-    20     4    CRC-32 of meta + payload
+    20     4    CRC-32 of every other byte of the frame (header, shape, meta, payload)
     24     8*n  shape, one uint64 per dimension
     ...         meta: UTF-8 JSON object (session, step, route, ...)
     ...         payload: the tensor's bytes, C order, encoded by the codec
@@ -34,6 +34,7 @@ MAGIC = b"BBWF"
 VERSION = 1
 MAX_NDIM = 8
 _HEADER = struct.Struct("<4sBBBBIQI")
+_CHECKSUM_AT = 20
 DTYPE_IDS = {"float32": 1, "float16": 2, "bfloat16": 3, "int64": 4, "int32": 5, "uint8": 6}
 DTYPE_NAMES = {value: key for key, value in DTYPE_IDS.items()}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1}
@@ -70,11 +71,17 @@ def encode_frame(frame: Frame, codec: str = "raw") -> bytes:
     chosen = CODECS[codec]
     payload = chosen.encode(frame.data, ITEMSIZE[frame.dtype])
     meta = json.dumps(frame.meta, separators=(",", ":")).encode()
-    checksum = zlib.crc32(payload, zlib.crc32(meta))
-    header = _HEADER.pack(
-        MAGIC, VERSION, DTYPE_IDS[frame.dtype], chosen.wire_id, len(frame.shape), len(meta), len(payload), checksum
-    )
-    return b"".join((header, struct.pack(f"<{len(frame.shape)}Q", *frame.shape), meta, payload))
+    header = _HEADER.pack(MAGIC, VERSION, DTYPE_IDS[frame.dtype], chosen.wire_id, len(frame.shape), len(meta),
+                          len(payload), 0)  # fmt: skip
+    buffer = bytearray(b"".join((header, struct.pack(f"<{len(frame.shape)}Q", *frame.shape), meta, payload)))
+    struct.pack_into("<I", buffer, _CHECKSUM_AT, frame_checksum(buffer))
+    return bytes(buffer)
+
+
+def frame_checksum(buffer: bytes | bytearray | memoryview) -> int:
+    """CRC-32 over the whole frame except the checksum field itself."""
+    view = memoryview(buffer)
+    return zlib.crc32(view[_CHECKSUM_AT + 4 :], zlib.crc32(view[:_CHECKSUM_AT]))
 
 
 def decode_frame(buffer: bytes) -> Frame:
@@ -96,7 +103,7 @@ def decode_frame(buffer: bytes) -> Frame:
         raise WireError(f"frame {kind}: header says {total} bytes, got {len(view)}")
     meta_bytes = bytes(view[shape_end : shape_end + meta_len])
     payload = bytes(view[shape_end + meta_len :])
-    if zlib.crc32(payload, zlib.crc32(meta_bytes)) != checksum:
+    if frame_checksum(view) != checksum:
         raise WireError(f"frame of {total} bytes has a bad checksum (corrupted in transit)")
     try:
         meta = json.loads(meta_bytes)

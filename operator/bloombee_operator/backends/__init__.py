@@ -1,0 +1,1 @@
+"""Backends realise a DesiredState: as Kubernetes objects, or as processes on this machine."""

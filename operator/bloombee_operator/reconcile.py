@@ -1,0 +1,124 @@
+"""Desired state: what must run for a DistributedLLM, decided without any I/O.
+
+``desired_state`` turns the resource, the model's shape and a placement (layer spans) into
+stage and gateway specs. Backends realise those specs: ``backends/local.py`` as processes on
+this machine today; a Kubernetes backend as Deployments and Services with the same names and
+arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from bloombee_operator.planner import equal_split
+from bloombee_operator.resource import DistributedLLM
+
+CODEC_FOR_COMPRESSION = {"off": "raw", "zstd": "zstd"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the control plane must know of a model (read from its config.json)."""
+
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    index: int
+    cluster: str
+    layers: tuple[int, int]
+    dtype: str
+    codec: str
+    micro_batch: int = 1
+    offload_weights: float = 0.0
+    offload_kv: float = 0.0
+
+    def server_args(self, model_source: str) -> list[str]:
+        """Arguments of ``python -m bloombee_stage.server`` (the container's args in Kubernetes)."""
+        return [
+            "--model", model_source,
+            "--layers", f"{self.layers[0]}:{self.layers[1]}",
+            "--dtype", self.dtype,
+            "--codec", self.codec,
+            "--name", self.name,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GatewayDesired:
+    name: str
+    served_model_name: str
+    port: int
+    replicas: int
+    api_key_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    name: str
+    namespace: str
+    model_source: str
+    stages: tuple[StageSpec, ...]
+    gateway: GatewayDesired
+    plan_hash: str = field(default="")
+
+    def stage_order(self) -> list[str]:
+        return [stage.name for stage in sorted(self.stages, key=lambda s: s.index)]
+
+
+def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
+    text = json.dumps([asdict(stage) for stage in stages], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def desired_state(
+    resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3
+) -> DesiredState:
+    """Stages for ``spans`` (default: an equal split over ``num_stages``), placed on clusters in turn."""
+    if spans is None:
+        spans = equal_split(shape.num_layers, min(num_stages, shape.num_layers))
+    _check_spans(spans, shape.num_layers)
+    name = resource.metadata.name
+    clusters = [cluster.name for cluster in resource.spec.clusters]
+    spec = resource.spec
+    stages = tuple(
+        StageSpec(
+            name=f"{name}-stage-{index}",
+            index=index,
+            cluster=clusters[index % len(clusters)],
+            layers=span,
+            dtype=spec.model.dtype,
+            codec=CODEC_FOR_COMPRESSION[spec.compression],
+        )
+        for index, span in enumerate(spans)
+    )
+    gateway = GatewayDesired(
+        name=f"{name}-gateway",
+        served_model_name=name,
+        port=spec.gateway.service.port,
+        replicas=spec.gateway.replicas,
+    )
+    return DesiredState(
+        name=name,
+        namespace=resource.metadata.namespace,
+        model_source=spec.model.source,
+        stages=stages,
+        gateway=gateway,
+        plan_hash=_plan_hash(stages),
+    )
+
+
+def _check_spans(spans: list[tuple[int, int]], num_layers: int) -> None:
+    """Spans must tile [0, num_layers) in order, without gaps or overlaps."""
+    expected_start = 0
+    for index, (start, end) in enumerate(spans):
+        if start != expected_start or end <= start:
+            raise ValueError(f"span {index} is [{start}, {end}); it must start at {expected_start} and be non-empty")
+        expected_start = end
+    if expected_start != num_layers:
+        raise ValueError(f"spans cover layers [0, {expected_start}) but the model has {num_layers}")

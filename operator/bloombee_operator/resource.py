@@ -1,0 +1,161 @@
+"""The DistributedLLM resource (bloombee.ai/v1alpha1) as pydantic models.
+
+Field names are snake_case in Python and camelCase on the wire (``kubeconfigSecret``), as in
+the YAML users write. The same file is read by ``bloombee up`` and applied with ``kubectl``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "bloombee.ai/v1alpha1"
+KIND = "DistributedLLM"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DURATION = re.compile(r"^(\d+)(s|m|h)$")
+
+
+class ResourceError(ValueError):
+    """A DistributedLLM that cannot be used; the message names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(f"{value!r} must be a DNS label: lower-case letters, digits and '-', at most 63")
+    return value
+
+
+class ModelSpec(_Model):
+    source: str = Field(min_length=1, description="gguf://package/file.gguf, a .gguf/.safetensors file or HF dir")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class DraftSpec(_Model):
+    kind: Literal["none", "early-exit", "prompt-lookup", "model"] = "none"
+    layers: int | None = Field(default=None, ge=1)
+    max_tokens: int = Field(default=8, ge=1, le=64)
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DraftSpec:
+        if self.kind == "model" and not self.source:
+            raise ValueError("draft.kind 'model' needs draft.source")
+        if self.kind == "early-exit" and self.layers is None:
+            raise ValueError("draft.kind 'early-exit' needs draft.layers")
+        return self
+
+
+class NodeHint(_Model):
+    name: str
+    memory_gi_b: float | None = Field(default=None, gt=0, alias="memoryGiB")
+    compute_tflops: float | None = Field(default=None, gt=0, alias="computeTFLOPS")
+
+    _name = field_validator("name")(_dns_label)
+
+
+class ClusterSpec(_Model):
+    name: str
+    kubeconfig_secret: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    nodes: list[NodeHint] = Field(default_factory=list)
+
+    _name = field_validator("name")(_dns_label)
+
+
+class PlannerSpec(_Model):
+    objective: Literal["throughput", "latency"] = "throughput"
+    max_micro_batch: int = Field(default=8, ge=1, le=256)
+    allow_offload: bool = True
+    replan_every: str = "10m"
+
+    @field_validator("replan_every")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not _DURATION.match(value):
+            raise ValueError(f"{value!r} is not a duration like 30s, 10m or 1h")
+        return value
+
+
+class ServiceSpec(_Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
+class GatewaySpec(_Model):
+    replicas: int = Field(default=1, ge=1, le=16)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+
+
+class DistributedLLMSpec(_Model):
+    model: ModelSpec
+    draft: DraftSpec = Field(default_factory=DraftSpec)
+    clusters: list[ClusterSpec] = Field(min_length=1)
+    planner: PlannerSpec = Field(default_factory=PlannerSpec)
+    # "auto" and "byteplane" arrive with the codec work; until then only what exists is accepted.
+    compression: Literal["off", "zstd"] = "off"
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+
+    @field_validator("clusters")
+    @classmethod
+    def _unique_clusters(cls, clusters: list[ClusterSpec]) -> list[ClusterSpec]:
+        names = [c.name for c in clusters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"cluster names must be unique; repeated: {duplicates}")
+        return clusters
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    namespace: str = "default"
+
+    _name = field_validator("name")(_dns_label)
+
+
+class DistributedLLM(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    api_version: Literal["bloombee.ai/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["DistributedLLM"]
+    metadata: ObjectMeta
+    spec: DistributedLLMSpec
+    status: dict | None = None
+
+
+def parse_resource(document: object, origin: str = "<input>") -> DistributedLLM:
+    """Validate one YAML/JSON document; errors say which field is wrong and why."""
+    if not isinstance(document, dict):
+        raise ResourceError(f"{origin}: expected a DistributedLLM object, got {type(document).__name__}")
+    try:
+        return DistributedLLM.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}" for item in error.errors()
+        )
+        raise ResourceError(f"{origin}: {problems}") from None
+
+
+def load_resource(path: str | Path) -> DistributedLLM:
+    """Read the first DistributedLLM in a YAML file (other kinds in the file are skipped)."""
+    path = Path(path)
+    try:
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except OSError as error:
+        raise ResourceError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ResourceError(f"{path}: not valid YAML: {error}") from None
+    for document in documents:
+        if isinstance(document, dict) and document.get("kind") == KIND:
+            return parse_resource(document, str(path))
+    raise ResourceError(f"{path}: no document with kind: {KIND}")

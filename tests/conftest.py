@@ -1,0 +1,39 @@
+"""Shared fixtures: the real SmolLM2 model, a tiny random Llama, and a real pipeline of processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pipelines import SMOLLM2, Pipeline, make_tiny_llama, start_pipeline
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from bloombee_stage.model import prepare_model
+
+    return prepare_model(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_dir: Path):
+    """The whole model in this process, with transformers, as the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_pipeline(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Pipeline]:
+    pipeline = start_pipeline(tmp_path_factory.mktemp("smollm2-run"), SMOLLM2, "smollm2")
+    yield pipeline
+    pipeline.backend.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)

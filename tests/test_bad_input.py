@@ -1,0 +1,168 @@
+"""Bad frames, bad requests and a dying stage get clear errors; the servers keep serving."""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from bloombee_stage.protocol import STEP_PATH, StepMeta
+from bloombee_stage.tensors import tensor_frame
+from bloombee_stage.wire import encode_frame, frame_checksum
+from pipelines import start_pipeline
+
+
+def post_frame(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url + STEP_PATH, data=body, headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read()) if reply.status == 202 else {}
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def step_frame(tensor: torch.Tensor, **meta) -> bytes:
+    fields = {"session": "probe", "step": 1, "start": 0, **meta}
+    return encode_frame(tensor_frame(tensor, StepMeta(**fields).model_dump(mode="json")))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory, tiny_dir):
+    pipeline = start_pipeline(tmp_path_factory.mktemp("tiny-run"), str(tiny_dir), "tiny")
+    yield pipeline
+    pipeline.backend.stop()
+
+
+def tiny_chat(pipeline, **extra) -> tuple[int, dict]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, **extra}  # fmt: skip
+    return pipeline.post("/chat/completions", body)
+
+
+def test_bad_frames_get_clear_errors_and_the_stage_keeps_serving(tiny_pipeline):
+    status, before = tiny_chat(tiny_pipeline)
+    assert status == 200, before
+    first, middle = tiny_pipeline.stage_url(0), tiny_pipeline.stage_url(1)
+    route = [middle, tiny_pipeline.stage_url(2)]
+    good = step_frame(torch.tensor([[1, 2, 3]]), route=route)
+
+    status, error = post_frame(first, good[:-5])
+    assert status == 400 and "truncated" in error["error"]["message"] and error["error"]["code"] == "invalid_frame"
+
+    corrupted = bytearray(good)
+    corrupted[-1] ^= 0xFF
+    status, error = post_frame(first, bytes(corrupted))
+    assert status == 400 and "checksum" in error["error"]["message"]
+
+    future_version = bytearray(good)
+    future_version[4] = 9
+    status, error = post_frame(first, bytes(future_version))
+    assert status == 400 and "version 9" in error["error"]["message"]
+
+    unknown_codec = bytearray(good)
+    unknown_codec[6] = 77
+    struct.pack_into("<I", unknown_codec, 20, frame_checksum(unknown_codec))  # intact, but a codec from the future
+    status, error = post_frame(first, bytes(unknown_codec))
+    assert status == 400 and "unknown codec id 77" in error["error"]["message"]
+
+    status, error = post_frame(first, step_frame(torch.tensor([[1, 2]]), route=route, start=5, session="nobody"))
+    assert status == 404 and "unknown session 'nobody'" in error["error"]["message"]
+
+    wrong_width = torch.zeros(1, 3, 65)
+    status, error = post_frame(middle, step_frame(wrong_width, route=route[1:], session="shape"))
+    assert status == 400 and "[batch, seq, 64]" in error["error"]["message"]
+    assert "session=shape" in error["error"]["message"]  # the error names the frame
+
+    status, error = post_frame(first, step_frame(torch.zeros(1, 3, 64), route=route))
+    assert status == 400 and "token ids" in error["error"]["message"]
+
+    status, error = post_frame(first, step_frame(torch.tensor([[1, 2]])))  # no route past layer 2
+    assert status == 400 and "no stage holds the rest" in error["error"]["message"]
+
+    status, after = tiny_chat(tiny_pipeline)
+    assert status == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"]
+
+
+def test_bad_http_requests_get_openai_errors(tiny_pipeline):
+    status, error = tiny_pipeline.post("/chat/completions", b"{not json")
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"] == "request body is not valid JSON"
+
+    status, error = tiny_pipeline.post("/chat/completions", {"model": "gpt-4", "messages": [{"role": "user"}]})
+    assert status == 404 and error["error"]["code"] == "model_not_found"
+
+    status, error = tiny_pipeline.post("/chat/completions", {"model": "tiny", "messages": []})
+    assert status == 400 and error["error"]["param"] == "messages"
+
+    status, error = tiny_pipeline.post("/completions", {"model": "tiny", "prompt": "hi", "temperature": 7})
+    assert status == 400 and error["error"]["param"] == "temperature"
+
+    status, error = tiny_chat(tiny_pipeline, max_tokens=10_000)  # the tiny model has 256 positions
+    assert status == 400 and error["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 256" in error["error"]["message"]
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_pipeline):
+    _, first = tiny_chat(tiny_pipeline, temperature=1.0, seed=7)
+    _, again = tiny_chat(tiny_pipeline, temperature=1.0, seed=7)
+    _, other = tiny_chat(tiny_pipeline, temperature=1.0, seed=8)
+    assert first["choices"][0]["token_ids"] == again["choices"][0]["token_ids"]
+    assert first["choices"][0]["token_ids"] != other["choices"][0]["token_ids"]
+
+
+def test_rollback_endpoint_cuts_the_session(tiny_pipeline):
+    first = tiny_pipeline.stage_url(0)
+    route = [tiny_pipeline.stage_url(1), tiny_pipeline.stage_url(2)]
+    # Inline mode (no reply_to) returns the stage's output, so the test can drive one stage on its own.
+    request = urllib.request.Request(first + STEP_PATH, data=step_frame(torch.tensor([[5, 6, 7, 8]]), route=route,
+                                                                        session="rb"))  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.status == 200
+
+    def rollback(body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{first}/v1/sessions/rb/rollback", data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=10) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    assert rollback({"n": 3}) == (200, {"session": "rb", "length": 1})
+    status, error = rollback({"n": 2})
+    assert status == 400 and "holds 1" in error["error"]["message"]
+    status, _ = post_frame(first, step_frame(torch.tensor([[9]]), route=route, session="rb", start=2))
+    assert status == 409  # a gap: position 1 was rolled back
+
+
+def test_dying_stage_fails_the_request_cleanly(tmp_path, tiny_dir):
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "doomed")
+    try:
+        status, _ = tiny_chat_named(pipeline)
+        assert status == 200
+        pipeline.backend.processes["doomed-stage-1"].popen.send_signal(signal.SIGKILL)
+        pipeline.backend.processes["doomed-stage-1"].popen.wait()
+        status, error = tiny_chat_named(pipeline)
+        assert status == 502
+        assert error["error"]["type"] == "server_error"
+        assert "doomed-stage-0" in error["error"]["message"]  # the stage that could not push names itself
+        status, error = tiny_chat_named(pipeline, stream=True)  # streaming: the error arrives as a data line
+    finally:
+        pipeline.backend.stop()
+
+
+def tiny_chat_named(pipeline, stream: bool = False) -> tuple[int, dict]:
+    body = {"model": pipeline.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0, "stream": stream}  # fmt: skip
+    if not stream:
+        return pipeline.post("/chat/completions", body)
+    request = urllib.request.Request(pipeline.endpoint + "/chat/completions", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        events = [e for e in reply.read().decode().split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: ") :])
+    assert error["error"]["type"] == "server_error"
+    return reply.status, error
