@@ -27,8 +27,9 @@ def resource_for(source: str, name: str = "smollm2", compression: str = "off") -
 class Pipeline:
     """A running local pipeline and small helpers to talk to it."""
 
-    def __init__(self, backend: LocalBackend, endpoint: str, model: str) -> None:
+    def __init__(self, backend: LocalBackend, endpoint: str, model: str, source: str) -> None:
         self.backend = backend
+        self.source = source
         self.endpoint = endpoint
         self.model = model
 
@@ -45,19 +46,23 @@ class Pipeline:
             return error.code, json.loads(error.read())
 
 
-def start_pipeline(tmp: Path, source: str, name: str, num_stages: int = 3, compression: str = "off") -> Pipeline:
-    from bloombee_operator.reconcile import ModelShape
-
+def start_pipeline(
+    tmp: Path,
+    source: str,
+    name: str,
+    num_stages: int = 3,
+    compression: str = "off",
+    gateway_args: list[str] | None = None,
+) -> Pipeline:
     resource = resource_for(source, name, compression)
-    backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300)
-    info = backend.inspect_model(source)
-    desired = desired_state(resource, ModelShape(info.num_layers, info.hidden_size), num_stages=num_stages)
+    backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300, gateway_args=gateway_args)
+    desired = desired_state(resource, backend.inspect_model(source), num_stages=num_stages)
     try:
         endpoint = backend.apply(desired)
     except Exception:
         backend.stop()
         raise
-    return Pipeline(backend, endpoint, name)
+    return Pipeline(backend, endpoint, name, source)
 
 
 def make_tiny_llama(directory: Path, tokenizer_dir: Path, num_layers: int = 6, seed: int = 0) -> Path:

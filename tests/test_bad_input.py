@@ -166,3 +166,14 @@ def tiny_chat_named(pipeline, stream: bool = False) -> tuple[int, dict]:
     error = json.loads(events[-2][len("data: ") :])
     assert error["error"]["type"] == "server_error"
     return reply.status, error
+
+
+def test_relay_baseline_gives_the_same_tokens_as_push(tmp_path, tiny_pipeline):
+    """The Petals-style client relay (the benchmarks' baseline) computes exactly what push mode does."""
+    relayed = start_pipeline(tmp_path, tiny_pipeline.source, "tiny", gateway_args=["--relay"])
+    try:
+        assert (
+            tiny_chat(relayed)[1]["choices"][0]["token_ids"] == tiny_chat(tiny_pipeline)[1]["choices"][0]["token_ids"]
+        )
+    finally:
+        relayed.backend.stop()

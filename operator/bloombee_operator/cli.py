@@ -48,7 +48,8 @@ def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, ti
 def cmd_up(args: argparse.Namespace) -> int:
     resource = load_resource(args.file)
     run_dir = Path(args.run_dir or Path(".bloombee") / resource.metadata.name)
-    port = resource.spec.gateway.service.port if args.port is None else args.port
+    # A one-shot --ask needs no well-known port; a serving pipeline listens where the resource says.
+    port = args.port if args.port is not None else 0 if args.ask else resource.spec.gateway.service.port
     backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads)
     stop_requested = False
 

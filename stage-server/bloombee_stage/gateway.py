@@ -47,6 +47,7 @@ class GatewaySettings:
     public_url: str | None = None  # how the last stage reaches us; default: the bound address
     step_timeout_s: float = 120.0
     api_key: str | None = None
+    relay: bool = False  # baseline mode: the gateway forwards every hop itself
 
 
 class ApiError(Exception):
@@ -84,7 +85,12 @@ class Gateway:
         assert self.http is not None
         reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
         self.pipeline = PipelineClient(
-            self.settings.stage_urls, reply, self.http, self.router, self.settings.step_timeout_s
+            self.settings.stage_urls,
+            reply,
+            self.http,
+            self.router,
+            self.settings.step_timeout_s,
+            relay=self.settings.relay,
         )
 
     def decode(self, token_ids: list[int]) -> str:
@@ -353,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-url", default=None, help="URL the last stage uses to reach this gateway")
     parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds to wait for one step's result")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
+    parser.add_argument(
+        "--relay", action="store_true", help="baseline: relay every hop through the gateway as Petals does"
+    )
     parser.add_argument("--ready-file", default=None)
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -373,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         public_url=args.public_url,
         step_timeout_s=args.step_timeout,
         api_key=args.api_key,
+        relay=args.relay,
     )
     gateway = Gateway(AutoTokenizer.from_pretrained(model_dir), read_config(model_dir), settings)
     asyncio.run(serve(create_app(gateway), args.host, args.port, args.ready_file, "gateway", gateway.bind))

