@@ -177,3 +177,40 @@ def test_relay_baseline_gives_the_same_tokens_as_push(tmp_path, tiny_pipeline):
         )
     finally:
         relayed.backend.stop()
+
+
+def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
+    """A stage with a tiny KV budget refuses a session that would not fit, with the numbers, and stays up."""
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bloombee_stage.server",
+        "--model",
+        str(tiny_dir),
+        "--layers",
+        "0:6",
+        "--kv-budget-gib",
+        str(100 * 1536 / 2**30),
+        "--ready-file",
+        str(ready),
+    ]  # 100 tokens of 1536 bytes
+    stage = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if ready.is_file():
+                break
+            time.sleep(0.1)
+        url = json.loads(ready.read_text())["url"]
+        status, error = post_frame(url, step_frame(torch.tensor([[1, 2, 3]]), session="big", max_length=200))
+        assert status == 507 and error["error"]["code"] == "kv_budget_exceeded"
+        assert "needs 307200 more bytes, 0 of 153600" in error["error"]["message"]
+        status, _ = post_frame(url, step_frame(torch.tensor([[1, 2, 3]]), session="small", max_length=50))
+        assert status == 200  # inline (no reply_to): the last stage answers with the token
+    finally:
+        stage.terminate()
+        stage.wait(timeout=30)
