@@ -34,7 +34,7 @@ from bloombee_stage.openai_protocol import (
 )
 from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
 from bloombee_stage.protocol import RESULT_PATH, error_body
-from bloombee_stage.serving import serve, setup_logging
+from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.wire import WireError, decode_frame
 
 log = logging.getLogger("bloombee.gateway")
@@ -316,9 +316,6 @@ def create_app(gateway: Gateway) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
     async def readyz(_: web.Request) -> web.Response:
         assert gateway.http is not None
 
@@ -333,12 +330,7 @@ def create_app(gateway: Gateway) -> web.Application:
         body = {"ready": all(states), "stages": dict(zip(gateway.settings.stage_urls, states, strict=False))}
         return web.json_response(body, status=200 if all(states) else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=gateway.metrics.render(), content_type="text/plain")
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_common_routes(app, gateway.metrics, readyz)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_post("/v1/completions", handle_generation)
     app.router.add_post("/v1/chat/completions", handle_generation)

@@ -30,7 +30,7 @@ from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
 from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta, error_body
 from bloombee_stage.sampling import pick_tokens
-from bloombee_stage.serving import serve, setup_logging
+from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.sessions import Session, SessionError, SessionStore
 from bloombee_stage.span import Span, SpanError, StageModel, truncate_cache
 from bloombee_stage.tensors import frame_tensor, tensor_frame
@@ -292,22 +292,14 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
     async def readyz(_: web.Request) -> web.Response:
         return web.json_response({"ready": not service.draining}, status=503 if service.draining else 200)
 
     async def info(_: web.Request) -> web.Response:
         return web.json_response(service.info())
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=service.metrics.render(), content_type="text/plain")
-
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    add_common_routes(app, service.metrics, readyz)
     app.router.add_get("/info", info)
-    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/probe", handle_probe)
     app.router.add_post(STEP_PATH, handle_step)
     app.router.add_post("/v1/sessions/{session}/rollback", handle_rollback)

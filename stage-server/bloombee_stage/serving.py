@@ -12,6 +12,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from bloombee_stage.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -56,3 +58,17 @@ async def serve(
     await stop.wait()
     log.info("%s shutting down", role)
     await runner.cleanup()
+
+
+def add_common_routes(app: web.Application, metrics: Metrics, readyz: Callable) -> None:
+    """``/healthz`` (the process answers), ``/readyz`` (it can serve) and ``/metrics`` (Prometheus)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def render_metrics(_: web.Request) -> web.Response:
+        return web.Response(text=metrics.render(), content_type="text/plain")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", render_metrics)
