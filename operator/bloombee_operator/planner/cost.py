@@ -1,0 +1,221 @@
+"""The performance model shared by the planner, the baselines and the simulator.
+
+Notation (SI units: seconds, bytes, bytes/second):
+
+    L            transformer layers, all alike (same weights and cost per layer)
+    w            weight bytes of one layer
+    k            KV-cache bytes per token per layer
+    h            hidden-state bytes per token on the wire (after compression when enabled)
+    B, S         the workload: B sequences in flight, S tokens of context each
+    m            micro-batch size; n = ceil(B / m) micro-batches flow through the pipeline
+    node u:      M_u device memory, a_u + b_u * m seconds per layer for a micro-batch of m
+                 tokens (a_u: reading the weights, b_u: per-token compute), H_u host/disk
+                 bandwidth for offloaded weights and KV
+    link u->v:   rtt_uv, bw_uv (the gateway is node "gateway" in the link matrix)
+
+A stage is node u serving l contiguous layers with weight offload fraction f_w and KV offload
+fraction f_kv (fractions of the stage's bytes kept in host memory or on disk):
+
+    device memory   l * w * (1 - f_w) + l * k * S * B * (1 - f_kv)  <=  M_u
+    compute         l * (a_u + b_u * m)
+    streaming       (l * w * f_w / n  +  l * k * S * m * f_kv) / H_u
+                    offloaded weights are loaded once per round and serve all n micro-batches
+                    (FlexGen's zig-zag order); offloaded KV is paged in per micro-batch
+    stage time      t = max(compute, streaming)       prefetch overlaps the two
+
+A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
+gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch.
+
+One decode round gives every sequence one token. Micro-batches chase each other round the
+cycle gateway -> stage 1 -> ... -> stage P -> gateway, so
+
+    C  = sum of stage times + sum of hop times        one micro-batch's trip round the cycle
+    beta = max(stage times, link busy times)          the bottleneck resource per micro-batch
+    T  = max(C, n * beta)                             seconds per round
+    tokens/s = B / T,   per-token latency = T
+
+Objective "throughput" plans for the workload's B; "latency" plans for a single sequence
+(B = 1), where T is the time between two tokens of one conversation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GATEWAY = "gateway"
+TOKEN_BYTES = 8
+
+
+class PlanningError(ValueError):
+    """No plan exists (e.g. the model does not fit); the message says by how much."""
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    num_layers: int
+    weight_bytes_per_layer: float
+    kv_bytes_per_token_per_layer: float
+    hidden_bytes_per_token: float  # on the wire, after compression
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    cluster: str
+    memory_bytes: float
+    seconds_per_layer: float  # a: fixed cost per layer per micro-batch (weight reads)
+    seconds_per_layer_token: float  # b: extra cost per token in the micro-batch
+    host_bandwidth: float = 2e9  # bytes/s for streaming offloaded weights/KV
+
+
+@dataclass(frozen=True)
+class Link:
+    rtt_s: float
+    bandwidth: float  # bytes/s
+
+
+@dataclass
+class Links:
+    """Links between clusters; nodes of one cluster share ``local``."""
+
+    between: dict[tuple[str, str], Link] = field(default_factory=dict)
+    local: Link = field(default_factory=lambda: Link(rtt_s=0.0002, bandwidth=1.25e9))
+
+    def get(self, a: str, b: str) -> Link:
+        if a == b:
+            return self.local
+        link = self.between.get((a, b)) or self.between.get((b, a))
+        if link is None:
+            raise PlanningError(f"no measured link between clusters {a!r} and {b!r}")
+        return link
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 8  # B: sequences in flight
+    context: int = 1024  # S: tokens of context per sequence
+
+
+@dataclass(frozen=True)
+class Options:
+    objective: str = "throughput"  # or "latency"
+    max_micro_batch: int = 8
+    allow_offload: bool = True
+    offload_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    exact_node_limit: int = 8  # up to this many nodes the node order is searched exactly
+
+    def effective_batch(self, workload: Workload) -> int:
+        return 1 if self.objective == "latency" else workload.batch
+
+    def offload_choices(self) -> tuple[float, ...]:
+        return self.offload_grid if self.allow_offload else (0.0,)
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    node: str
+    layers: tuple[int, int]
+    offload_weights: float
+    offload_kv: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[StageChoice, ...]
+    micro_batch: int
+    batch: int
+    cycle_s: float  # C
+    bottleneck_s: float  # beta
+    round_s: float  # T
+    method: str = "dp"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch / self.round_s
+
+    @property
+    def latency_s(self) -> float:
+        return self.round_s
+
+
+def micro_batches(batch: int, micro_batch: int) -> int:
+    return math.ceil(batch / micro_batch)
+
+
+def stage_option(
+    model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int,
+    offload_weights: float, offload_kv: float,
+) -> float:  # fmt: skip
+    """Seconds per micro-batch for ``node`` serving ``layers`` layers, or inf when it does not fit."""
+    weights = layers * model.weight_bytes_per_layer
+    kv = layers * model.kv_bytes_per_token_per_layer * context * batch
+    if weights * (1 - offload_weights) + kv * (1 - offload_kv) > node.memory_bytes:
+        return math.inf
+    compute = layers * (node.seconds_per_layer + node.seconds_per_layer_token * micro_batch)
+    n = micro_batches(batch, micro_batch)
+    streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / batch
+    return max(compute, streamed / node.host_bandwidth)
+
+
+def best_stage(
+    model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int, options: Options
+) -> tuple[float, float, float]:
+    """The fastest (seconds, f_w, f_kv) on the offload grid; seconds is inf when nothing fits.
+
+    Every plan cost is non-decreasing in each stage's time, so a stage's best offload choice does
+    not depend on the rest of the plan.
+    """
+    best = (math.inf, 0.0, 0.0)
+    for f_w in options.offload_choices():
+        for f_kv in options.offload_choices():
+            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv)
+            if seconds < best[0]:
+                best = (seconds, f_w, f_kv)
+    return best
+
+
+def hop(link: Link, payload_bytes: float) -> tuple[float, float]:
+    """(latency, busy time) of sending ``payload_bytes`` over ``link``."""
+    busy = payload_bytes / link.bandwidth
+    return link.rtt_s / 2 + busy, busy
+
+
+def evaluate(
+    model: ModelProfile, nodes: dict[str, Node], links: Links, order: list[str], spans: list[int],
+    micro_batch: int, batch: int, context: int, offloads: list[tuple[float, float]] | None = None,
+    method: str = "given", options: Options | None = None,
+) -> Plan:  # fmt: skip
+    """The cost of a fully specified pipeline (order of nodes, layers per stage, micro-batch, offloads).
+
+    With ``offloads`` None each stage takes its best offload choice on ``options``' grid.
+    """
+    options = options or Options()
+    if sum(spans) != model.num_layers or any(s < 1 for s in spans) or len(spans) != len(order):
+        raise PlanningError(f"spans {spans} do not give each of {len(order)} stages >= 1 of {model.num_layers} layers")
+    stages, cycle, bottleneck, start = [], 0.0, 0.0, 0
+    previous = GATEWAY
+    for index, (name, layers) in enumerate(zip(order, spans, strict=True)):
+        node = nodes[name]
+        if offloads is None:
+            seconds, f_w, f_kv = best_stage(model, node, layers, micro_batch, batch, context, options)
+        else:
+            f_w, f_kv = offloads[index]
+            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv)
+        payload = micro_batch * (TOKEN_BYTES if index == 0 else model.hidden_bytes_per_token)
+        latency, busy = hop(links.get(_cluster(nodes, previous), node.cluster), payload)
+        cycle += latency + seconds
+        bottleneck = max(bottleneck, busy, seconds)
+        stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
+        start += layers
+        previous = name
+    latency, busy = hop(links.get(_cluster(nodes, previous), _cluster(nodes, GATEWAY)), micro_batch * TOKEN_BYTES)
+    cycle += latency
+    bottleneck = max(bottleneck, busy)
+    n = micro_batches(batch, micro_batch)
+    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method)
+
+
+def _cluster(nodes: dict[str, Node], name: str) -> str:
+    return GATEWAY if name == GATEWAY else nodes[name].cluster

@@ -1,0 +1,308 @@
+"""The dynamic program: nodes, their order, layer spans, micro-batch size and offloads, jointly.
+
+For one micro-batch size m the round time is T = max(C, n * beta) (see cost.py): C is a sum
+over the pipeline, beta a maximum. The DP handles the maximum with a threshold: for a bound
+``tau`` it allows only stages and links whose per-micro-batch time is <= tau and minimises C;
+call the result C(tau). C(tau) never increases with tau and n * tau always does, so
+max(C(tau), n * tau) over the sorted candidate values of tau (every stage time and link busy
+time that can occur) is smallest where the two cross, found by bisection. Each stage's offload
+choice is the fastest one that fits (cost.best_stage), because T never decreases when any
+stage gets slower. Micro-batch sizes tried: m = ceil(B / n) for every n, the only sizes that
+are not beaten by a smaller m with the same n.
+
+Node order:
+
+* up to ``Options.exact_node_limit`` nodes (default 8): exact, a DP over subsets of nodes
+  (state: used set, last node, layers covered), as Held-Karp does for tours;
+* beyond: a heuristic. Keep the ``exact_node_limit * 2`` nodes with the best layers-per-second
+  score, chain their clusters by nearest round-trip time from the gateway (fastest nodes first
+  within a cluster), and run the DP over that fixed order where any node may be skipped.
+
+Layers are assumed alike (the same cost per layer), which holds for decoder-only transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bloombee_operator.planner.cost import (
+    GATEWAY,
+    TOKEN_BYTES,
+    Links,
+    ModelProfile,
+    Node,
+    Options,
+    Plan,
+    PlanningError,
+    Workload,
+    evaluate,
+    micro_batches,
+)
+
+INF = math.inf
+
+
+@dataclass
+class _Tables:
+    """Per-micro-batch costs of one candidate node set, as arrays."""
+
+    stage: np.ndarray  # [N, L+1] seconds for l layers (inf where it does not fit; column 0 unused)
+    hop_latency: np.ndarray  # [N, N]
+    hop_busy: np.ndarray  # [N, N]
+    in_latency: np.ndarray  # [N] gateway -> node
+    in_busy: np.ndarray
+    out_latency: np.ndarray  # [N] node -> gateway
+    out_busy: np.ndarray
+
+
+def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, context: int, options: Options):
+    """Vectorised cost.best_stage for every node and every layer count: seconds [N, L+1]."""
+    layers = np.arange(model.num_layers + 1, dtype=float)[None, :]
+    memory = np.array([n.memory_bytes for n in nodes])[:, None]
+    a = np.array([n.seconds_per_layer for n in nodes])[:, None]
+    b = np.array([n.seconds_per_layer_token for n in nodes])[:, None]
+    host = np.array([n.host_bandwidth for n in nodes])[:, None]
+    weights = layers * model.weight_bytes_per_layer
+    kv = layers * model.kv_bytes_per_token_per_layer * context * batch
+    compute = layers * (a + b * m)
+    n = micro_batches(batch, m)
+    best = np.full((len(nodes), model.num_layers + 1), INF)
+    for f_w in options.offload_choices():
+        for f_kv in options.offload_choices():
+            fits = weights * (1 - f_w) + kv * (1 - f_kv) <= memory
+            streamed = weights * f_w / n + kv * f_kv * m / batch
+            seconds = np.where(fits, np.maximum(compute, streamed / host), INF)
+            best = np.minimum(best, seconds)
+    best[:, 0] = INF
+    return best
+
+
+def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch: int, context: int,
+            options: Options) -> _Tables:  # fmt: skip
+    count = len(nodes)
+    hop_latency, hop_busy = np.zeros((count, count)), np.zeros((count, count))
+    in_latency, in_busy, out_latency, out_busy = (np.zeros(count) for _ in range(4))
+    link_cache: dict[tuple[str, str], tuple[float, float]] = {}
+    for i, u in enumerate(nodes):
+        gateway_link = links.get(GATEWAY, u.cluster)
+        in_busy[i] = m * TOKEN_BYTES / gateway_link.bandwidth
+        in_latency[i] = gateway_link.rtt_s / 2 + in_busy[i]
+        out_busy[i] = in_busy[i]
+        out_latency[i] = in_latency[i]
+        for j, v in enumerate(nodes):
+            key = (u.cluster, v.cluster)
+            if key not in link_cache:
+                link = links.get(*key)
+                busy = m * model.hidden_bytes_per_token / link.bandwidth
+                link_cache[key] = (link.rtt_s / 2 + busy, busy)
+            hop_latency[i, j], hop_busy[i, j] = link_cache[key]
+    stage = stage_table(model, nodes, m, batch, context, options)
+    return _Tables(stage, hop_latency, hop_busy, in_latency, in_busy, out_latency, out_busy)
+
+
+def _toeplitz(row: np.ndarray) -> np.ndarray:
+    """M[i, j] = row[j - i] for j >= i, else inf: adding l layers to i covered layers gives j."""
+    size = row.shape[0]
+    index = np.arange(size)[None, :] - np.arange(size)[:, None]
+    return np.where(index >= 0, row[np.clip(index, 0, size - 1)], INF)
+
+
+def _min_plus(covered: np.ndarray, grow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(best[j], argmin i) of covered[i] + grow[i, j]."""
+    total = covered[:, None] + grow
+    arg = np.argmin(total, axis=0)
+    return total[arg, np.arange(total.shape[1])], arg
+
+
+def _best_chain(tables: _Tables, tau: float, order_free: bool) -> tuple[float, list[tuple[int, int]]]:
+    """Minimum cycle time C with every stage and link <= tau: (C, [(node index, layers), ...]).
+
+    order_free: DP over subsets (any order); otherwise nodes keep their index order and may be skipped.
+    """
+    count, width = tables.stage.shape
+    layers = width - 1
+    stage = np.where(tables.stage <= tau, tables.stage, INF)
+    grow = [_toeplitz(stage[v]) for v in range(count)]
+    hop_ok = tables.hop_busy <= tau
+    # state key: (used set or last index marker, last node) -> (costs over covered layers, parent pointers)
+    best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for v in range(count):
+        if tables.in_busy[v] <= tau:
+            costs = tables.in_latency[v] + stage[v]
+            best[(1 << v if order_free else v, v)] = (costs, np.full(width, -1), np.zeros(width, dtype=int))
+    keys = sorted(best, key=lambda key: bin(key[0]).count("1") if order_free else key[1])
+    frontier = list(keys)
+    finished_value, finished_key = INF, None
+    while frontier:
+        next_frontier = []
+        for key in frontier:
+            used, u = key
+            costs = best[key][0]
+            if tables.out_busy[u] <= tau and costs[layers] + tables.out_latency[u] < finished_value:
+                finished_value, finished_key = costs[layers] + tables.out_latency[u], key
+            if not np.isfinite(costs[:layers]).any():
+                continue
+            targets = [v for v in range(count) if not used >> v & 1] if order_free else range(u + 1, count)
+            for v in targets:
+                if not hop_ok[u, v]:
+                    continue
+                values, arg = _min_plus(costs + tables.hop_latency[u, v], grow[v])
+                new_key = (used | 1 << v, v) if order_free else (v, v)
+                current = best.get(new_key)
+                if current is None:
+                    best[new_key] = (values, np.full(width, u), arg)
+                    next_frontier.append(new_key)
+                else:
+                    better = values < current[0]
+                    if better.any():
+                        current[0][better] = values[better]
+                        current[1][better] = u
+                        current[2][better] = arg[better]
+                        if new_key not in next_frontier:
+                            next_frontier.append(new_key)
+        frontier = next_frontier if order_free else []
+    if not order_free:  # a fixed order: one sweep in index order covers every chain
+        finished_value, finished_key = _sweep_in_order(best, tables, grow, hop_ok, tau, count, width)
+    if finished_key is None:
+        return INF, []
+    return finished_value, _unwind(best, finished_key, layers, order_free)
+
+
+def _sweep_in_order(best, tables: _Tables, grow, hop_ok, tau: float, count: int, width: int):
+    layers = width - 1
+    for v in range(count):  # relax v's successors only after every predecessor of v has relaxed v
+        if (v, v) not in best:
+            continue
+        costs = best[(v, v)][0]
+        for w in range(v + 1, count):
+            if not hop_ok[v, w]:
+                continue
+            values, arg = _min_plus(costs + tables.hop_latency[v, w], grow[w])
+            current = best.get((w, w))
+            if current is None:
+                best[(w, w)] = (values, np.full(width, v), arg)
+            else:
+                better = values < current[0]
+                current[0][better] = values[better]
+                current[1][better] = v
+                current[2][better] = arg[better]
+    value, chosen = INF, None
+    for (_, v), (costs, _, _) in best.items():
+        if tables.out_busy[v] <= tau and costs[layers] + tables.out_latency[v] < value:
+            value, chosen = costs[layers] + tables.out_latency[v], (v, v)
+    return value, chosen
+
+
+def _unwind(best, key, layers: int, order_free: bool) -> list[tuple[int, int]]:
+    chain = []
+    covered = layers
+    while True:
+        used, v = key
+        _, parents, previous_covered = best[key]
+        parent = int(parents[covered])
+        before = int(previous_covered[covered]) if parent >= 0 else 0
+        chain.append((v, covered - before))
+        if parent < 0:
+            break
+        key = (used & ~(1 << v), parent) if order_free else (parent, parent)
+        covered = before
+    return chain[::-1]
+
+
+def _candidate_taus(tables: _Tables) -> np.ndarray:
+    values = np.concatenate([tables.stage[np.isfinite(tables.stage)], tables.hop_busy.ravel(), tables.in_busy])
+    return np.unique(values)
+
+
+def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool) -> tuple[float, list[tuple[int, int]]]:
+    """Bisection over tau for min max(C(tau), n * tau)."""
+    taus = _candidate_taus(tables)
+    if taus.size == 0:
+        return INF, []
+    top_value, top_chain = _best_chain(tables, taus[-1], order_free)
+    if not top_chain:
+        return INF, []
+    low, high = 0, taus.size - 1  # invariant: at taus[high], n * tau >= C(tau) or high is the last
+    best_value, best_chain = max(top_value, n * taus[-1]), top_chain
+    while low < high:
+        mid = (low + high) // 2
+        value, chain = _best_chain(tables, taus[mid], order_free)
+        if chain and max(value, n * taus[mid]) < best_value:
+            best_value, best_chain = max(value, n * taus[mid]), chain
+        if not chain or value > n * taus[mid]:
+            low = mid + 1
+        else:
+            high = mid
+    for index in (low - 1, low):  # the minimum sits at the crossing or just before it
+        if index < 0:
+            continue
+        value, chain = _best_chain(tables, taus[index], order_free)
+        if chain and max(value, n * taus[index]) < best_value:
+            best_value, best_chain = max(value, n * taus[index]), chain
+    return best_value, best_chain
+
+
+def micro_batch_sizes(batch: int, max_micro_batch: int) -> list[int]:
+    return sorted({math.ceil(batch / n) for n in range(1, batch + 1)} & set(range(1, max_micro_batch + 1)))
+
+
+def heuristic_order(nodes: list[Node], links: Links, model: ModelProfile, keep: int) -> list[Node]:
+    """The ``keep`` best nodes by layers held per second, clusters chained by nearest RTT from the gateway."""
+
+    def score(node: Node) -> float:
+        held = min(model.num_layers, node.memory_bytes / max(model.weight_bytes_per_layer, 1.0))
+        return held / max(node.seconds_per_layer, 1e-12)
+
+    chosen = sorted(nodes, key=score, reverse=True)[:keep]
+    by_cluster: dict[str, list[Node]] = {}
+    for node in chosen:
+        by_cluster.setdefault(node.cluster, []).append(node)
+    ordered: list[Node] = []
+    here, remaining = GATEWAY, set(by_cluster)
+    while remaining:
+        nearest = min(sorted(remaining), key=lambda c: links.get(here, c).rtt_s)
+        ordered += sorted(by_cluster[nearest], key=lambda n: n.seconds_per_layer)
+        remaining.remove(nearest)
+        here = nearest
+    return ordered
+
+
+def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options) -> Plan:
+    """The best plan under the performance model; raises PlanningError when nothing fits."""
+    if not nodes:
+        raise PlanningError("no nodes to plan on")
+    batch = options.effective_batch(workload)
+    exact = len(nodes) <= options.exact_node_limit
+    candidates = nodes if exact else heuristic_order(nodes, links, model, 2 * options.exact_node_limit)
+    best: tuple[float, int, list[tuple[int, int]]] = (INF, 0, [])
+    for m in micro_batch_sizes(batch, options.max_micro_batch):
+        tables = _tables(model, candidates, links, m, batch, workload.context, options)
+        value, chain = _plan_for_micro_batch(tables, micro_batches(batch, m), order_free=exact)
+        if chain and value < best[0]:
+            best = (value, m, chain)
+    if not best[2]:
+        raise PlanningError(_shortfall(model, nodes, workload, options))
+    _, m, chain = best
+    by_name = {n.name: n for n in nodes}
+    order = [candidates[i].name for i, _ in chain]
+    spans = [layers for _, layers in chain]
+    return evaluate(model, by_name, links, order, spans, m, batch, workload.context,
+                    method="dp-exact" if exact else "dp-heuristic", options=options)  # fmt: skip
+
+
+def _shortfall(model: ModelProfile, nodes: list[Node], workload: Workload, options: Options) -> str:
+    min_offload = max(options.offload_choices())
+    per_layer = model.weight_bytes_per_layer * (1 - min_offload) + model.kv_bytes_per_token_per_layer * (
+        workload.context * options.effective_batch(workload) * (1 - min_offload)
+    )
+    needed = per_layer * model.num_layers
+    have = sum(n.memory_bytes for n in nodes)
+    gib = 1 << 30
+    return (
+        f"the model does not fit: {model.num_layers} layers need {needed / gib:.2f} GiB of device memory "
+        f"(with the most offloading allowed), the {len(nodes)} nodes have {have / gib:.2f} GiB; "
+        f"short by {max(needed - have, 0) / gib:.2f} GiB, or no link is fast enough"
+    )

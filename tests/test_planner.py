@@ -1,0 +1,156 @@
+"""The DP planner against brute force, on random small instances."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+from bloombee_operator.planner import (
+    Link,
+    Links,
+    ModelProfile,
+    Node,
+    Options,
+    PlanningError,
+    Workload,
+    evaluate,
+    plan,
+)
+from bloombee_operator.planner.cost import GATEWAY, best_stage, micro_batches, stage_option
+from bloombee_operator.planner.dp import micro_batch_sizes
+
+MB = 1 << 20
+
+
+def random_instance(rng: random.Random, max_nodes: int = 6, max_layers: int = 12):
+    count = rng.randint(1, max_nodes)
+    # keep brute force affordable: long pipelines get fewer layers
+    layers = rng.randint(1, max_layers if count <= 4 else max_layers - 2 * (count - 4))
+    model = ModelProfile(
+        num_layers=layers,
+        weight_bytes_per_layer=rng.choice([8, 16, 32]) * MB,
+        kv_bytes_per_token_per_layer=rng.choice([1024, 4096, 16384]),
+        hidden_bytes_per_token=rng.choice([1152, 4096, 16384]),
+    )
+    nodes = [
+        Node(
+            name=f"n{i}",
+            cluster=f"c{i}",  # one node per cluster: every pair of nodes has its own link
+            memory_bytes=rng.uniform(0.2, 1.5) * layers * model.weight_bytes_per_layer,
+            seconds_per_layer=rng.uniform(0.2e-3, 3e-3),
+            seconds_per_layer_token=rng.uniform(0.01e-3, 0.3e-3),
+            host_bandwidth=rng.choice([0.5e9, 4e9, 16e9]),
+        )
+        for i in range(count)
+    ]
+    clusters = [GATEWAY] + [n.cluster for n in nodes]
+    links = Links()
+    for a, b in itertools.combinations(clusters, 2):
+        links.between[(a, b)] = Link(rtt_s=rng.uniform(0.0005, 0.12), bandwidth=rng.choice([1e6, 12e6, 125e6, 1.25e9]))
+    workload = Workload(batch=rng.choice([1, 2, 4, 8]), context=rng.choice([256, 2048]))
+    options = Options(
+        objective=rng.choice(["throughput", "latency"]),
+        max_micro_batch=rng.choice([1, 2, 4, 8]),
+        allow_offload=rng.random() < 0.7,
+        offload_grid=(0.0, 0.5, 1.0),
+    )
+    return model, nodes, links, workload, options
+
+
+def compositions(total: int, parts: int):
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield [bounds[i + 1] - bounds[i] for i in range(parts)]
+
+
+def brute_force(model, nodes, links, workload, options) -> float:
+    """Every subset and order of nodes, every span split, every micro-batch size 1..max, every offload.
+
+    Offload: each stage's grid options are tried one by one and the fastest kept, because the round
+    time never decreases when a stage gets slower (checked against the full product in a test below).
+    """
+    by_name = {n.name: n for n in nodes}
+    batch = options.effective_batch(workload)
+    best = math.inf
+    for m in range(1, min(options.max_micro_batch, batch) + 1):
+        for count in range(1, min(len(nodes), model.num_layers) + 1):
+            for order in itertools.permutations(by_name, count):
+                for spans in compositions(model.num_layers, count):
+                    result = evaluate(model, by_name, links, list(order), spans, m, batch, workload.context,
+                                      options=options)  # fmt: skip
+                    best = min(best, result.round_s)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_dp_equals_brute_force(seed):
+    model, nodes, links, workload, options = random_instance(random.Random(seed))
+    expected = brute_force(model, nodes, links, workload, options)
+    if math.isinf(expected):
+        with pytest.raises(PlanningError, match="does not fit"):
+            plan(model, nodes, links, workload, options)
+        return
+    result = plan(model, nodes, links, workload, options)
+    assert result.round_s == pytest.approx(expected, rel=1e-9)
+    # the plan is what it claims: re-evaluating its stages gives the same numbers
+    again = evaluate(model, {n.name: n for n in nodes}, links, [s.node for s in result.stages],
+                     [s.layers[1] - s.layers[0] for s in result.stages], result.micro_batch, result.batch,
+                     workload.context, offloads=[(s.offload_weights, s.offload_kv) for s in result.stages])  # fmt: skip
+    assert again.round_s == pytest.approx(result.round_s, rel=1e-12)
+    assert result.stages[0].layers[0] == 0 and result.stages[-1].layers[1] == model.num_layers
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_per_stage_offload_choice_equals_the_full_product(seed):
+    """The brute force's shortcut: trying all offload combinations at once changes nothing."""
+    rng = random.Random(1000 + seed)
+    model, nodes, links, workload, options = random_instance(rng, max_nodes=2, max_layers=6)
+    by_name = {n.name: n for n in nodes}
+    batch = options.effective_batch(workload)
+    order = [n.name for n in nodes]
+    m = rng.randint(1, batch)
+    for spans in compositions(model.num_layers, len(order)) if model.num_layers >= len(order) else []:
+        grid = list(itertools.product(options.offload_choices(), repeat=2))
+        full = min(
+            evaluate(model, by_name, links, order, spans, m, batch, workload.context, offloads=list(choice)).round_s
+            for choice in itertools.product(grid, repeat=len(order))
+        )
+        assert evaluate(model, by_name, links, order, spans, m, batch, workload.context,
+                        options=options).round_s == full  # fmt: skip
+
+
+def test_micro_batch_sizes_are_the_undominated_ones():
+    assert micro_batch_sizes(8, 8) == [1, 2, 3, 4, 8]
+    assert micro_batch_sizes(8, 3) == [1, 2, 3]
+    assert micro_batch_sizes(1, 8) == [1]
+    for batch in range(1, 20):
+        for m in range(1, batch + 1):  # any m is matched by a listed m' <= m with the same n
+            n = micro_batches(batch, m)
+            assert any(m2 <= m and micro_batches(batch, m2) == n for m2 in micro_batch_sizes(batch, batch))
+
+
+def test_offload_lets_a_small_node_hold_the_model():
+    model = ModelProfile(num_layers=4, weight_bytes_per_layer=100 * MB, kv_bytes_per_token_per_layer=1024,
+                         hidden_bytes_per_token=4096)  # fmt: skip
+    node = Node("small", "c", memory_bytes=250 * MB, seconds_per_layer=1e-3, seconds_per_layer_token=1e-5)
+    links = Links(between={(GATEWAY, "c"): Link(0.01, 1e8)})
+    with pytest.raises(PlanningError, match="short by"):
+        plan(model, [node], links, Workload(batch=1, context=16), Options(allow_offload=False))
+    result = plan(model, [node], links, Workload(batch=1, context=16), Options(allow_offload=True))
+    assert result.stages[0].offload_weights >= 0.25
+    seconds, f_w, _ = best_stage(model, node, 4, 1, 1, 16, Options())
+    assert seconds == stage_option(model, node, 4, 1, 1, 16, f_w, 0.0)
+
+
+def test_slow_link_is_avoided():
+    """Two fast nodes behind a slow WAN link and one slower node near the gateway: the DP weighs them."""
+    model = ModelProfile(num_layers=8, weight_bytes_per_layer=10 * MB, kv_bytes_per_token_per_layer=1024,
+                         hidden_bytes_per_token=4096)  # fmt: skip
+    near = Node("near", "here", memory_bytes=1e9, seconds_per_layer=2e-3, seconds_per_layer_token=0)
+    far = Node("far", "there", memory_bytes=1e9, seconds_per_layer=1e-3, seconds_per_layer_token=0)
+    links = Links(between={(GATEWAY, "here"): Link(0.001, 1e9), (GATEWAY, "there"): Link(0.2, 1e6),
+                           ("here", "there"): Link(0.2, 1e6)})  # fmt: skip
+    result = plan(model, [near, far], links, Workload(batch=1, context=16), Options(objective="latency"))
+    assert [s.node for s in result.stages] == ["near"]  # 8 x 2 ms beats any 200 ms crossing
