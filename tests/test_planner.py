@@ -38,7 +38,7 @@ def random_instance(rng: random.Random, max_nodes: int = 6, max_layers: int = 12
         Node(
             name=f"n{i}",
             cluster=f"c{i}",  # one node per cluster: every pair of nodes has its own link
-            memory_bytes=rng.uniform(0.2, 1.5) * layers * model.weight_bytes_per_layer,
+            memory_bytes=rng.uniform(0.15, 0.9) * layers * model.weight_bytes_per_layer,
             seconds_per_layer=rng.uniform(0.2e-3, 3e-3),
             seconds_per_layer_token=rng.uniform(0.01e-3, 0.3e-3),
             host_bandwidth=rng.choice([0.5e9, 4e9, 16e9]),
@@ -48,12 +48,12 @@ def random_instance(rng: random.Random, max_nodes: int = 6, max_layers: int = 12
     clusters = [GATEWAY] + [n.cluster for n in nodes]
     links = Links()
     for a, b in itertools.combinations(clusters, 2):
-        links.between[(a, b)] = Link(rtt_s=rng.uniform(0.0005, 0.12), bandwidth=rng.choice([1e6, 12e6, 125e6, 1.25e9]))
+        links.between[(a, b)] = Link(rtt_s=rng.uniform(0.0005, 0.05), bandwidth=rng.choice([1e6, 12e6, 125e6, 1.25e9]))
     workload = Workload(batch=rng.choice([1, 2, 4, 8]), context=rng.choice([256, 2048]))
     options = Options(
         objective=rng.choice(["throughput", "latency"]),
         max_micro_batch=rng.choice([1, 2, 4, 8]),
-        allow_offload=rng.random() < 0.7,
+        allow_offload=rng.random() < 0.4,
         offload_grid=(0.0, 0.5, 1.0),
     )
     return model, nodes, links, workload, options
