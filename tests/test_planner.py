@@ -154,3 +154,46 @@ def test_slow_link_is_avoided():
                            ("here", "there"): Link(0.2, 1e6)})  # fmt: skip
     result = plan(model, [near, far], links, Workload(batch=1, context=16), Options(objective="latency"))
     assert [s.node for s in result.stages] == ["near"]  # 8 x 2 ms beats any 200 ms crossing
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_dp_is_never_worse_than_a_baseline(seed):
+    from bloombee_operator.planner.baselines import BASELINES
+
+    args = random_instance(random.Random(5000 + seed))
+    try:
+        best = plan(*args)
+    except PlanningError:
+        return
+    for name, baseline in BASELINES.items():
+        try:
+            other = baseline(*args)
+        except PlanningError:
+            continue
+        assert best.round_s <= other.round_s * (1 + 1e-9), name
+
+
+def test_petals_rule_fills_the_weakest_window_first():
+    from bloombee_operator.planner.baselines import petals_plan
+
+    model = ModelProfile(num_layers=6, weight_bytes_per_layer=MB, kv_bytes_per_token_per_layer=0,
+                         hidden_bytes_per_token=1024)  # fmt: skip
+    links = Links(between={(GATEWAY, "c"): Link(0.001, 1e9)})
+    nodes = [
+        Node(f"s{i}", "c", memory_bytes=3 * MB, seconds_per_layer=1e-3, seconds_per_layer_token=0) for i in range(2)
+    ]
+    result = petals_plan(model, nodes, links, Workload(batch=1, context=1), Options())
+    # the first server takes blocks 0-2 (all windows tie at zero), the second the still-empty 3-5
+    assert [(s.node, s.layers) for s in result.stages] == [("s0", (0, 3)), ("s1", (3, 6))]
+
+
+def test_sun_greedy_ranks_servers_by_block_time():
+    from bloombee_operator.planner.baselines import sun_greedy_plan
+
+    model = ModelProfile(num_layers=4, weight_bytes_per_layer=MB, kv_bytes_per_token_per_layer=0,
+                         hidden_bytes_per_token=1024)  # fmt: skip
+    links = Links(between={(GATEWAY, "c"): Link(0.001, 1e9)})
+    slow = Node("slow", "c", memory_bytes=4 * MB, seconds_per_layer=5e-3, seconds_per_layer_token=0)
+    fast = Node("fast", "c", memory_bytes=2 * MB, seconds_per_layer=1e-3, seconds_per_layer_token=0)
+    result = sun_greedy_plan(model, [slow, fast], links, Workload(batch=1, context=1), Options())
+    assert [(s.node, s.layers) for s in result.stages] == [("fast", (0, 2)), ("slow", (2, 4))]
