@@ -197,3 +197,30 @@ def test_sun_greedy_ranks_servers_by_block_time():
     fast = Node("fast", "c", memory_bytes=2 * MB, seconds_per_layer=1e-3, seconds_per_layer_token=0)
     result = sun_greedy_plan(model, [slow, fast], links, Workload(batch=1, context=1), Options())
     assert [(s.node, s.layers) for s in result.stages] == [("fast", (0, 2)), ("slow", (2, 4))]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_saturated_simulation_matches_the_prediction(seed):
+    """The simulator and the planner share the cost model: under full load they must agree."""
+    from bloombee_operator.planner.simulator import simulate
+
+    model, nodes, links, workload, options = random_instance(random.Random(seed))
+    try:
+        predicted = plan(model, nodes, links, workload, options)
+    except PlanningError:
+        return
+    result = simulate(predicted, model, {n.name: n for n in nodes}, links, workload.context, arrival_rate=1e6,
+                      requests=max(4 * predicted.batch, 40), tokens_per_request=50, seed=seed)  # fmt: skip
+    assert result.tokens_per_second == pytest.approx(predicted.tokens_per_second, rel=0.02)
+    assert result.mean_token_latency_s == pytest.approx(predicted.latency_s, rel=0.02)
+
+
+def test_light_load_has_no_queueing_and_cycle_latency():
+    from bloombee_operator.planner.simulator import simulate
+
+    model, nodes, links, workload, options = random_instance(random.Random(4))
+    predicted = plan(model, nodes, links, workload, options)
+    result = simulate(predicted, model, {n.name: n for n in nodes}, links, workload.context, arrival_rate=0.01,
+                      requests=20, tokens_per_request=5)  # fmt: skip
+    assert result.mean_queue_wait_s == 0.0
+    assert result.mean_token_latency_s == pytest.approx(predicted.cycle_s, rel=1e-6)
