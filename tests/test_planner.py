@@ -224,3 +224,30 @@ def test_light_load_has_no_queueing_and_cycle_latency():
                       requests=20, tokens_per_request=5)  # fmt: skip
     assert result.mean_queue_wait_s == 0.0
     assert result.mean_token_latency_s == pytest.approx(predicted.cycle_s, rel=1e-6)
+
+
+def test_profile_of_smollm2_config():
+    from bloombee_operator.planner.inputs import profile_from_config
+
+    config = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+              "num_hidden_layers": 30}  # fmt: skip
+    profile = profile_from_config(config, "float32")
+    # q, o: 576x576 each; k, v: 576x192 each; MLP 3 x 576x1536; two norms of 576
+    assert profile.weight_bytes_per_layer == (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576) * 4
+    assert profile.kv_bytes_per_token_per_layer == 2 * 3 * 64 * 4
+    assert profile.hidden_bytes_per_token == 576 * 4
+
+
+def test_planner_input_files_report_the_bad_field(tmp_path):
+    from bloombee_operator.planner.inputs import load_links, nodes_from_file
+
+    (tmp_path / "links.yaml").write_text("links:\n  - {from: eu, to: us, rttMs: -3, mbps: 10}\n")
+    with pytest.raises(PlanningError, match=r"links\[0\]\.rttMs"):
+        load_links(tmp_path / "links.yaml", ["eu", "us"])
+    (tmp_path / "nodes.yaml").write_text("nodes: {}\n")
+    with pytest.raises(PlanningError, match="expected a top-level list `nodes:`"):
+        nodes_from_file(tmp_path / "nodes.yaml")
+    (tmp_path / "ok.yaml").write_text("links:\n  - {from: eu, to: us, rttMs: 80, mbps: 100}\n")
+    links = load_links(tmp_path / "ok.yaml", ["eu", "us"])
+    assert links.get("us", "eu") == Link(0.08, 12.5e6)
+    assert links.get(GATEWAY, "eu") == links.local  # the gateway sits in the first cluster

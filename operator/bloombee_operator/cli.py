@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from bloombee_operator.backends.local import LocalBackend, LocalBackendError
+from bloombee_operator.planner import PlanningError
 from bloombee_operator.reconcile import DesiredState, desired_state
 from bloombee_operator.resource import ResourceError, load_resource
 
@@ -114,6 +115,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from bloombee_operator.backends.local import model_config
+    from bloombee_operator.planner import Options, Workload, plan
+    from bloombee_operator.planner.inputs import load_links, nodes_from_file, nodes_from_resource, profile_from_config
+
+    resource = load_resource(args.file)
+    spec = resource.spec
+    profile = profile_from_config(model_config(spec.model.source), spec.model.dtype)
+    nodes = nodes_from_file(args.nodes) if args.nodes else nodes_from_resource(resource, profile)
+    clusters = sorted({n.cluster for n in nodes}, key=[c.name for c in spec.clusters].index)
+    links = load_links(args.links, clusters)
+    options = Options(objective=spec.planner.objective, max_micro_batch=spec.planner.max_micro_batch,
+                      allow_offload=spec.planner.allow_offload)  # fmt: skip
+    result = plan(profile, nodes, links, Workload(batch=args.batch, context=args.context), options)
+    if args.output == "json":
+        print(json.dumps(plan_status(result), indent=2))
+        return 0
+    print(f"{'STAGE':<6} {'NODE':<20} {'LAYERS':<9} {'OFFLOAD W':>9} {'OFFLOAD KV':>10} {'MS':>8}")
+    for index, stage in enumerate(result.stages):
+        span = f"{stage.layers[0]}-{stage.layers[1] - 1}"
+        print(f"{index:<6} {stage.node:<20} {span:<9} {stage.offload_weights:>9.2f} {stage.offload_kv:>10.2f} "
+              f"{stage.seconds * 1000:>8.2f}")  # fmt: skip
+    print(f"\nmicro-batch {result.micro_batch} of {result.batch} sequences ({result.method}); predicted "
+          f"{result.tokens_per_second:.1f} tokens/s, {result.latency_s * 1000:.1f} ms per token")  # fmt: skip
+    return 0
+
+
+def plan_status(result) -> dict:
+    """A plan in the shape of the resource's status.plan."""
+    return {
+        "method": result.method,
+        "microBatch": result.micro_batch,
+        "batch": result.batch,
+        "predictedTokensPerSecond": result.tokens_per_second,
+        "predictedLatencyMs": result.latency_s * 1000,
+        "stages": [
+            {
+                "node": s.node,
+                "layers": list(s.layers),
+                "offload": {"weights": s.offload_weights, "kv": s.offload_kv},
+                "predictedMs": s.seconds * 1000,
+            }
+            for s in result.stages
+        ],
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloombee", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -139,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--layers", type=int, default=0, help="model layer count, to print the stage split")
     validate.add_argument("--stages", type=int, default=3)
     validate.set_defaults(handler=cmd_validate)
+
+    planner = commands.add_parser("plan", help="run the DP planner for a resource and print the plan")
+    planner.add_argument("-f", "--file", required=True, help="DistributedLLM YAML")
+    planner.add_argument("--links", default=None, help="measured links (status.links shape); default: 1 ms, 1 Gb/s")
+    planner.add_argument("--nodes", default=None, help="nodes with measured speeds; default: the resource's hints")
+    planner.add_argument("--batch", type=int, default=8, help="sequences in flight to plan for (throughput)")
+    planner.add_argument("--context", type=int, default=2048, help="tokens of context per sequence")
+    planner.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    planner.set_defaults(handler=cmd_plan)
     return parser
 
 
@@ -147,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.handler(args)
-    except ResourceError as error:
+    except (ResourceError, PlanningError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
     sys.exit(code)

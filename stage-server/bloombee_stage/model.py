@@ -158,7 +158,7 @@ def read_config(model_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m bloombee_stage.model SOURCE`: convert if needed and print the model's shape as JSON."""
+    """`python -m bloombee_stage.model SOURCE`: convert if needed and print the model's config as JSON."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -169,18 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = prepare_model(args.source)
     except ModelSourceError as error:
         raise SystemExit(f"error: {error}") from None
-    config = read_config(model_dir)
-    print(
-        json.dumps(
-            {
-                "model_dir": str(model_dir),
-                "num_hidden_layers": config["num_hidden_layers"],
-                "hidden_size": config["hidden_size"],
-                "vocab_size": config["vocab_size"],
-                "model_type": config.get("model_type"),
-            }
-        )
-    )
+    # One JSON line: the model's config plus where it lives, for the control plane (which has no torch).
+    print(json.dumps({**read_config(model_dir), "model_dir": str(model_dir)}))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,18 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def model_config(source: str, python: str = sys.executable, env: dict[str, str] | None = None) -> dict:
+    """The model's config.json, read in a child process that converts the model first if needed.
+
+    A child process, because converting needs torch and the control plane never imports it.
+    """
+    command = [python, "-m", "bloombee_stage.model", source]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise LocalBackendError(f"preparing model {source!r} failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 class LocalBackend:
     def __init__(
         self,
@@ -75,13 +87,9 @@ class LocalBackend:
         self.endpoint: str | None = None
 
     def inspect_model(self, source: str) -> ModelShape:
-        """Convert the model if needed (one time) and read its shape, in a child process (no torch here)."""
-        command = [self.python, "-m", "bloombee_stage.model", source]
-        done = subprocess.run(command, capture_output=True, text=True, env=self.env)
-        if done.returncode != 0:
-            raise LocalBackendError(f"preparing model {source!r} failed:\n{done.stderr.strip()[-2000:]}")
-        info = json.loads(done.stdout.strip().splitlines()[-1])
-        return ModelShape(num_layers=info["num_hidden_layers"], hidden_size=info["hidden_size"])
+        """Convert the model if needed (one time) and read its shape."""
+        config = model_config(source, self.python, self.env)
+        return ModelShape(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"])
 
     def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)

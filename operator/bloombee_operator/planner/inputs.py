@@ -1,0 +1,131 @@
+"""Planner inputs from what users and the operator have: a model config, node hints, measured links.
+
+Files read by ``bloombee plan``:
+
+    # links.yaml -- the shape of a DistributedLLM's status.links
+    links:
+      - {from: gateway, to: eu, rttMs: 1.0, mbps: 1000}
+      - {from: eu, to: us, rttMs: 92.1, mbps: 87}
+
+    # nodes.yaml
+    nodes:
+      - {name: a100, cluster: eu, memoryGiB: 40, msPerLayer: 0.3, msPerLayerToken: 0.01, hostGBps: 12}
+
+A node without measurements gets its per-layer time from ``computeTFLOPS`` (per-token compute)
+and an assumed 50 GB/s memory bandwidth (reading one layer's weights). A gateway without
+measured links sits in the first cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, PlanningError
+from bloombee_operator.resource import DistributedLLM
+
+GIB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DEFAULT_MEMORY_GIB = 16.0
+DEFAULT_TFLOPS = 1.0
+ASSUMED_MEMORY_BANDWIDTH = 50e9
+LOCAL_LINK = Link(rtt_s=0.0002, bandwidth=1.25e9)
+UNMEASURED_LINK = Link(rtt_s=0.001, bandwidth=125e6)
+
+
+def profile_from_config(config: dict, dtype: str = "float32", compression_ratio: float = 1.0) -> ModelProfile:
+    """Bytes per layer and per token of a Llama-family model, from its config.json."""
+    size = DTYPE_BYTES[dtype]
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads", heads)
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    mlp = 3 * hidden * config["intermediate_size"]
+    return ModelProfile(
+        num_layers=config["num_hidden_layers"],
+        weight_bytes_per_layer=(attention + mlp + 2 * hidden) * size,
+        kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * size,
+        hidden_bytes_per_token=hidden * size / compression_ratio,
+    )
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+class LinkEntry(_File):
+    from_: str = Field(alias="from")
+    to: str
+    rtt_ms: float = Field(alias="rttMs", ge=0)
+    mbps: float = Field(gt=0)
+    measured_at: str | None = Field(default=None, alias="measuredAt")
+
+
+class NodeEntry(_File):
+    name: str
+    cluster: str
+    memory_gib: float = Field(alias="memoryGiB", gt=0)
+    ms_per_layer: float = Field(alias="msPerLayer", gt=0)
+    ms_per_layer_token: float = Field(default=0.0, alias="msPerLayerToken", ge=0)
+    host_gbps: float = Field(default=2.0, alias="hostGBps", gt=0)
+
+
+def _load_list(path: str | Path, key: str, entry: type[_File]) -> list:
+    try:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as error:
+        raise PlanningError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise PlanningError(f"{path}: not valid YAML: {error}") from None
+    items = document.get(key) if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        raise PlanningError(f"{path}: expected a top-level list `{key}:`")
+    parsed = []
+    for index, item in enumerate(items):
+        try:
+            parsed.append(entry.model_validate(item))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PlanningError(f"{path}: {key}[{index}].{where}: {first['msg']}") from None
+    return parsed
+
+
+def load_links(path: str | Path | None, clusters: list[str]) -> Links:
+    links = Links(local=LOCAL_LINK)
+    if path is not None:
+        for entry in _load_list(path, "links", LinkEntry):
+            links.between[(entry.from_, entry.to)] = Link(entry.rtt_ms / 1000, entry.mbps * 1e6 / 8)
+    for index, a in enumerate(clusters):
+        for b in clusters[index + 1 :]:
+            links.between.setdefault((a, b), UNMEASURED_LINK)
+        if (GATEWAY, a) not in links.between and (a, GATEWAY) not in links.between:
+            links.between[(GATEWAY, a)] = LOCAL_LINK if a == clusters[0] else links.get(clusters[0], a)
+    return links
+
+
+def nodes_from_file(path: str | Path) -> list[Node]:
+    return [
+        Node(
+            e.name, e.cluster, e.memory_gib * GIB, e.ms_per_layer / 1000, e.ms_per_layer_token / 1000, e.host_gbps * 1e9
+        )
+        for e in _load_list(path, "nodes", NodeEntry)
+    ]
+
+
+def nodes_from_resource(resource: DistributedLLM, model: ModelProfile) -> list[Node]:
+    """One node per hint in spec.clusters[].nodes; a cluster without hints counts as one default node."""
+    flops_per_token = 2 * model.weight_bytes_per_layer / DTYPE_BYTES[resource.spec.model.dtype]
+    nodes = []
+    for cluster in resource.spec.clusters:
+        hints = cluster.nodes or [None]
+        for index, hint in enumerate(hints):
+            memory = (hint.memory_gi_b if hint and hint.memory_gi_b else DEFAULT_MEMORY_GIB) * GIB
+            tflops = hint.compute_tflops if hint and hint.compute_tflops else DEFAULT_TFLOPS
+            name = f"{cluster.name}-{hint.name}" if hint else f"{cluster.name}-{index}"
+            nodes.append(Node(name, cluster.name, memory, model.weight_bytes_per_layer / ASSUMED_MEMORY_BANDWIDTH,
+                              flops_per_token / (tflops * 1e12)))  # fmt: skip
+    return nodes
