@@ -158,6 +158,11 @@ def test_slow_link_is_avoided():
 
 @pytest.mark.parametrize("seed", range(60))
 def test_dp_is_never_worse_than_a_baseline(seed):
+    """Same execution (push), so every baseline placement lies in the DP's search space.
+
+    Not asserted for relayed baselines: on link matrices without the triangle inequality a hop
+    through the gateway can beat the direct link, and the DP does not route hops through relays.
+    """
     from bloombee_operator.planner.baselines import BASELINES
 
     args = random_instance(random.Random(5000 + seed))
@@ -167,7 +172,7 @@ def test_dp_is_never_worse_than_a_baseline(seed):
         return
     for name, baseline in BASELINES.items():
         try:
-            other = baseline(*args)
+            other = baseline(*args, relay=False)
         except PlanningError:
             continue
         assert best.round_s <= other.round_s * (1 + 1e-9), name
@@ -251,3 +256,36 @@ def test_planner_input_files_report_the_bad_field(tmp_path):
     links = load_links(tmp_path / "ok.yaml", ["eu", "us"])
     assert links.get("us", "eu") == Link(0.08, 12.5e6)
     assert links.get(GATEWAY, "eu") == links.local  # the gateway sits in the first cluster
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_relayed_plans_simulate_as_predicted(seed):
+    """Relay execution (the Petals baseline) goes through the same model in the simulator."""
+    from bloombee_operator.planner.baselines import petals_plan
+    from bloombee_operator.planner.simulator import simulate
+
+    model, nodes, links, workload, options = random_instance(random.Random(700 + seed))
+    try:
+        relayed = petals_plan(model, nodes, links, workload, options)
+    except PlanningError:
+        return
+    assert relayed.relay
+    result = simulate(relayed, model, {n.name: n for n in nodes}, links, workload.context, arrival_rate=1e6,
+                      requests=max(4 * relayed.batch, 40), tokens_per_request=50, seed=seed)  # fmt: skip
+    assert result.tokens_per_second == pytest.approx(relayed.tokens_per_second, rel=0.02)
+    if len(relayed.stages) > 1:
+        pushed = evaluate(model, {n.name: n for n in nodes}, links, [s.node for s in relayed.stages],
+                          [s.layers[1] - s.layers[0] for s in relayed.stages], relayed.micro_batch, relayed.batch,
+                          workload.context, options=options, offloads=[(0.0, 0.0)] * len(relayed.stages))  # fmt: skip
+        # relaying replaces each direct hop between stages by two crossings through the gateway
+        from bloombee_operator.planner.cost import hop
+
+        clusters = [next(n.cluster for n in nodes if n.name == s.node) for s in relayed.stages]
+        payload = relayed.micro_batch * model.hidden_bytes_per_token
+        extra = sum(
+            hop(links.get(a, GATEWAY), payload)[0]
+            + hop(links.get(GATEWAY, b), payload)[0]
+            - hop(links.get(a, b), payload)[0]
+            for a, b in itertools.pairwise(clusters)
+        )
+        assert relayed.cycle_s - pushed.cycle_s == pytest.approx(extra, rel=1e-9)

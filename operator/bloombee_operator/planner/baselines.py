@@ -2,6 +2,9 @@
 
 They model the systems we compare against, which neither cut batches into micro-batches nor
 offload: each runs the whole batch as one (m = B) with every weight and KV byte on the device.
+By default plans are costed with relay execution (the client forwards every hop), as Petals
+and the Petals-like system of Sun et al. run; ``relay=False`` costs the same placement under
+BloomBee's push execution, to separate the gain of placement from that of execution.
 
 * equal split: every node (in the order given, at most one per layer) takes an equal share.
 * Petals' rule: servers join one by one; each holds as many blocks as its memory allows and
@@ -40,20 +43,20 @@ def _capacity(model: ModelProfile, node: Node, workload: Workload, batch: int) -
 
 
 def equal_split_plan(
-    model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options
+    model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options, relay: bool = True
 ) -> Plan:
     batch = options.effective_batch(workload)
     used = nodes[: model.num_layers]
     spans = [end - start for start, end in equal_split(model.num_layers, len(used))]
     plan = evaluate(model, {n.name: n for n in used}, links, [n.name for n in used], spans, batch, batch,
-                    workload.context, method="equal-split", options=NO_OFFLOAD)  # fmt: skip
+                    workload.context, method="equal-split", options=NO_OFFLOAD, relay=relay)  # fmt: skip
     if math.isinf(plan.round_s):
         raise PlanningError("equal split: a stage does not fit its node's memory")
     return plan
 
 
 def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, batch: int,
-          windows: dict[str, tuple[int, int]], method: str) -> Plan:  # fmt: skip
+          windows: dict[str, tuple[int, int]], method: str, relay: bool) -> Plan:  # fmt: skip
     """The chain through the servers' windows with the least cycle time (Dijkstra over block boundaries).
 
     A server may serve any contiguous part of its window; each block is served once.
@@ -71,7 +74,11 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
                     continue
                 node = by_name[name]
                 payload = batch * (8 if covered == 0 else model.hidden_bytes_per_token)
-                latency, _ = hop(links.get(previous_cluster, node.cluster), payload)
+                if relay and covered > 0:  # back to the client, then out to the next server
+                    latency = hop(links.get(previous_cluster, GATEWAY), payload)[0]
+                    latency += hop(links.get(GATEWAY, node.cluster), payload)[0]
+                else:
+                    latency, _ = hop(links.get(previous_cluster, node.cluster), payload)
                 for stop in range(covered + 1, end + 1):
                     seconds = stage_option(model, node, stop - covered, batch, batch, workload.context, 0.0, 0.0)
                     key = (stop, name)
@@ -94,14 +101,15 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
         spans.append(served)
         state = previous
     return evaluate(model, by_name, links, order[::-1], spans[::-1], batch, batch, workload.context,
-                    method=method, options=NO_OFFLOAD)  # fmt: skip
+                    method=method, options=NO_OFFLOAD, relay=relay)  # fmt: skip
 
 
 def _block_throughput(node: Node, batch: int) -> float:
     return 1.0 / (node.seconds_per_layer + node.seconds_per_layer_token * batch)
 
 
-def petals_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options) -> Plan:
+def petals_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options,
+                relay: bool = True) -> Plan:  # fmt: skip
     batch = options.effective_batch(workload)
     throughput = [0.0] * model.num_layers
     windows: dict[str, tuple[int, int]] = {}
@@ -114,10 +122,11 @@ def petals_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: 
         windows[node.name] = (start, start + blocks)
         for block in range(start, start + blocks):
             throughput[block] += _block_throughput(node, batch)
-    return route(model, nodes, links, workload, batch, windows, "petals")
+    return route(model, nodes, links, workload, batch, windows, "petals", relay)
 
 
-def sun_greedy_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options) -> Plan:
+def sun_greedy_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options,
+                    relay: bool = True) -> Plan:  # fmt: skip
     batch = options.effective_batch(workload)
     ranked = sorted(nodes, key=lambda n: n.seconds_per_layer + n.seconds_per_layer_token * batch)
     windows: dict[str, tuple[int, int]] = {}
@@ -130,7 +139,7 @@ def sun_greedy_plan(model: ModelProfile, nodes: list[Node], links: Links, worklo
             continue
         windows[node.name] = (next_block, min(model.num_layers, next_block + blocks))
         next_block = windows[node.name][1]
-    return route(model, nodes, links, workload, batch, windows, "sun-greedy")
+    return route(model, nodes, links, workload, batch, windows, "sun-greedy", relay)
 
 
 BASELINES = {"equal-split": equal_split_plan, "petals": petals_plan, "sun-greedy": sun_greedy_plan}

@@ -24,7 +24,9 @@ fraction f_kv (fractions of the stage's bytes kept in host memory or on disk):
     stage time      t = max(compute, streaming)       prefetch overlaps the two
 
 A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
-gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch.
+gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. Under relay
+execution (Petals: the client forwards every hop) the hop from stage i to stage i+1 is two
+crossings, stage i -> gateway -> stage i+1, each carrying the hidden states.
 
 One decode round gives every sequence one token. Micro-batches chase each other round the
 cycle gateway -> stage 1 -> ... -> stage P -> gateway, so
@@ -40,6 +42,7 @@ Objective "throughput" plans for the workload's B; "latency" plans for a single 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -130,6 +133,7 @@ class Plan:
     bottleneck_s: float  # beta
     round_s: float  # T
     method: str = "dp"
+    relay: bool = False  # the client relays every hop (Petals' execution), see ``legs``
 
     @property
     def tokens_per_second(self) -> float:
@@ -182,10 +186,24 @@ def hop(link: Link, payload_bytes: float) -> tuple[float, float]:
     return link.rtt_s / 2 + busy, busy
 
 
+def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: bool = False):
+    """The link crossings of one trip round the cycle: leg i enters stage i, the last leg returns.
+
+    Each leg is a list of (from cluster, to cluster, bytes per token) crossings.
+    """
+    clusters = [nodes[name].cluster for name in order]
+    hidden = model.hidden_bytes_per_token
+    trip = [[(GATEWAY, clusters[0], TOKEN_BYTES)]]
+    for before, after in itertools.pairwise(clusters):
+        trip.append([(before, GATEWAY, hidden), (GATEWAY, after, hidden)] if relay else [(before, after, hidden)])
+    trip.append([(clusters[-1], GATEWAY, TOKEN_BYTES)])
+    return trip
+
+
 def evaluate(
     model: ModelProfile, nodes: dict[str, Node], links: Links, order: list[str], spans: list[int],
     micro_batch: int, batch: int, context: int, offloads: list[tuple[float, float]] | None = None,
-    method: str = "given", options: Options | None = None,
+    method: str = "given", options: Options | None = None, relay: bool = False,
 ) -> Plan:  # fmt: skip
     """The cost of a fully specified pipeline (order of nodes, layers per stage, micro-batch, offloads).
 
@@ -195,7 +213,6 @@ def evaluate(
     if sum(spans) != model.num_layers or any(s < 1 for s in spans) or len(spans) != len(order):
         raise PlanningError(f"spans {spans} do not give each of {len(order)} stages >= 1 of {model.num_layers} layers")
     stages, cycle, bottleneck, start = [], 0.0, 0.0, 0
-    previous = GATEWAY
     for index, (name, layers) in enumerate(zip(order, spans, strict=True)):
         node = nodes[name]
         if offloads is None:
@@ -203,19 +220,14 @@ def evaluate(
         else:
             f_w, f_kv = offloads[index]
             seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv)
-        payload = micro_batch * (TOKEN_BYTES if index == 0 else model.hidden_bytes_per_token)
-        latency, busy = hop(links.get(_cluster(nodes, previous), node.cluster), payload)
-        cycle += latency + seconds
-        bottleneck = max(bottleneck, busy, seconds)
+        cycle += seconds
+        bottleneck = max(bottleneck, seconds)
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
         start += layers
-        previous = name
-    latency, busy = hop(links.get(_cluster(nodes, previous), _cluster(nodes, GATEWAY)), micro_batch * TOKEN_BYTES)
-    cycle += latency
-    bottleneck = max(bottleneck, busy)
+    for leg in legs(model, nodes, order, relay):
+        for source, target, per_token in leg:
+            latency, busy = hop(links.get(source, target), micro_batch * per_token)
+            cycle += latency
+            bottleneck = max(bottleneck, busy)
     n = micro_batches(batch, micro_batch)
-    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method)
-
-
-def _cluster(nodes: dict[str, Node], name: str) -> str:
-    return GATEWAY if name == GATEWAY else nodes[name].cluster
+    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method, relay)

@@ -2,7 +2,8 @@
 
 Requests arrive as a Poisson process and wait for a seat. The pipeline has n micro-batch slots
 of m seats each (the plan's n and m); a slot with at least one occupant travels round the cycle
-gateway -> stage 1 -> ... -> stage P -> gateway, each stage a FIFO server taking
+gateway -> stage 1 -> ... -> stage P -> gateway (through the gateway between stages when the
+plan relays), each stage a FIFO server taking
 ``cost.stage_option`` seconds for the slot's current occupancy, each link a FIFO wire busy for
 bytes / bandwidth plus half the round-trip time of flight. Back at the gateway every occupant
 gets one token; finished requests leave and waiting ones take their seats (continuous
@@ -17,7 +18,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from bloombee_operator.planner.cost import GATEWAY, TOKEN_BYTES, Links, ModelProfile, Node, Plan, stage_option
+from bloombee_operator.planner.cost import Links, ModelProfile, Node, Plan, legs, stage_option
 
 
 @dataclass
@@ -49,7 +50,8 @@ def simulate(
     slots: list[list[_Request]] = [[] for _ in range(math.ceil(plan.batch / plan.micro_batch))]
     waiting: list[_Request] = []
     stage_free = [0.0] * len(plan.stages)
-    link_free: dict[int, float] = {}
+    link_free: dict[tuple[int, int], float] = {}
+    trip = legs(model, nodes, [stage.node for stage in plan.stages], plan.relay)
     events: list[tuple[float, int, str, int, int]] = []  # (time, tie, kind, slot, position)
     tie = 0
     clock = 0.0
@@ -61,19 +63,15 @@ def simulate(
     moving = [False] * len(slots)
     pending_arrivals: list[_Request] = []
 
-    def clusters(position: int) -> tuple[str, str]:
-        before = GATEWAY if position == 0 else nodes[plan.stages[position - 1].node].cluster
-        after = GATEWAY if position == len(plan.stages) else nodes[plan.stages[position].node].cluster
-        return before, after
-
     def cross(position: int, now: float, occupants: int) -> float:
-        """Send a slot over the hop into ``position``; return its arrival time."""
-        link = links.get(*clusters(position))
-        per_token = TOKEN_BYTES if position in (0, len(plan.stages)) else model.hidden_bytes_per_token
-        busy = occupants * per_token / link.bandwidth
-        start = max(now, link_free.get(position, 0.0))
-        link_free[position] = start + busy
-        return start + busy + link.rtt_s / 2
+        """Send a slot over the leg into ``position`` (each crossing a FIFO wire); return its arrival time."""
+        for crossing, (source, target, per_token) in enumerate(trip[position]):
+            link = links.get(source, target)
+            busy = occupants * per_token / link.bandwidth
+            start = max(now, link_free.get((position, crossing), 0.0))
+            link_free[(position, crossing)] = start + busy
+            now = start + busy + link.rtt_s / 2
+        return now
 
     def seat_and_go(slot: int, now: float) -> None:
         nonlocal tie

@@ -1,0 +1,207 @@
+"""Planner benchmark: planning time at scale, and simulated DP vs baselines over scenario families.
+
+    python bench/planner.py [--seeds 50]
+
+(a) Wall time of one `plan()` call for 10, 100 and 1000 nodes x 32 and 80 layers (median of 3).
+(b) For each family (homogeneous; heterogeneous nodes; heterogeneous links with slow WAN links)
+    and each seed: plan with the DP and the three baselines (as they run, relaying every hop
+    through the client, and their placement alone under push execution), then run every plan in the
+    discrete-event simulator: throughput at saturation (8 sequences, objective throughput) and
+    per-token latency of a single conversation (objective latency). Ratios DP / baseline per seed.
+
+Writes bench/results/planner.json and bench/results/planner.png, and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bloombee_operator.planner import Link, Links, ModelProfile, Node, Options, PlanningError, Workload, plan
+from bloombee_operator.planner.baselines import BASELINES
+from bloombee_operator.planner.cost import GATEWAY
+from bloombee_operator.planner.simulator import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+# A Llama-2-7B-like model in float16: 32 layers of 202M parameters.
+LLAMA_7B = ModelProfile(num_layers=32, weight_bytes_per_layer=404e6, kv_bytes_per_token_per_layer=16384,
+                        hidden_bytes_per_token=8192)  # fmt: skip
+FAMILIES = ("homogeneous", "heterogeneous-nodes", "heterogeneous-links")
+
+
+def gpu(rng: random.Random, name: str, cluster: str, heterogeneous: bool) -> Node:
+    if not heterogeneous:
+        return Node(name, cluster, 8 * GIB, 0.6e-3, 0.02e-3, 8e9)  # a consumer GPU: 3+ are needed
+    kind = rng.choice([(24, 0.35e-3, 16e9), (16, 0.6e-3, 12e9), (8, 1.2e-3, 8e9), (6, 4e-3, 2e9)])
+    return Node(name, cluster, kind[0] * GIB, kind[1], kind[1] / 25, kind[2])
+
+
+def scenario(family: str, seed: int, nodes_count: int = 8, clusters_count: int = 4, model: ModelProfile = LLAMA_7B):
+    rng = random.Random(f"{family}-{seed}")
+    clusters = [f"c{i}" for i in range(clusters_count)]
+    nodes = [
+        gpu(rng, f"n{i}", clusters[i % clusters_count], family == "heterogeneous-nodes") for i in range(nodes_count)
+    ]
+    rng.shuffle(nodes)  # the order servers join in (Petals) or are listed in (equal split)
+    links = Links()
+    for a, b in itertools.combinations([GATEWAY, *clusters], 2):
+        if a == GATEWAY and b == clusters[0]:
+            links.between[(a, b)] = Link(0.001, 1.25e9)  # the gateway lives in cluster c0
+        elif family == "heterogeneous-links" and rng.random() < 0.5:
+            links.between[(a, b)] = Link(rng.uniform(0.08, 0.2), rng.uniform(1.25e6, 12.5e6))  # slow WAN
+        else:
+            links.between[(a, b)] = Link(rng.uniform(0.005, 0.03), rng.uniform(62.5e6, 125e6))
+    return model, nodes, links
+
+
+def timing(nodes_count: int, layers: int) -> float:
+    model = ModelProfile(layers, LLAMA_7B.weight_bytes_per_layer, LLAMA_7B.kv_bytes_per_token_per_layer,
+                         LLAMA_7B.hidden_bytes_per_token)  # fmt: skip
+    _, nodes, links = scenario("heterogeneous-links", 0, nodes_count, max(2, nodes_count // 10), model)
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        plan(model, nodes, links, Workload(batch=8, context=2048), Options())
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
+
+
+def run_plan(planner, model, nodes, links, workload, options):
+    try:
+        return planner(model, nodes, links, workload, options)
+    except PlanningError:
+        return None
+
+
+def simulated(result, model, nodes, links, workload, saturate: bool) -> tuple[float, float]:
+    if result is None:
+        return 0.0, math.inf
+    outcome = simulate(result, model, {n.name: n for n in nodes}, links, workload.context,
+                       arrival_rate=1e6 if saturate else 0.01, requests=4 * result.batch if saturate else 4,
+                       tokens_per_request=32)  # fmt: skip
+    return outcome.tokens_per_second, outcome.mean_token_latency_s
+
+
+def _pushed(baseline):
+    return lambda *args: baseline(*args, relay=False)
+
+
+COMPARED = [*BASELINES, *(f"{name} (push)" for name in BASELINES)]
+
+
+def compare(family: str, seeds: int) -> dict:
+    planners = {"dp": plan, **BASELINES, **{f"{name} (push)": _pushed(fn) for name, fn in BASELINES.items()}}
+    rows = []
+    for seed in range(seeds):
+        model, nodes, links = scenario(family, seed)
+        row = {"seed": seed}
+        for name, planner in planners.items():
+            workload = Workload(batch=8, context=2048)
+            throughput, _ = simulated(run_plan(planner, model, nodes, links, workload, Options()), model, nodes,
+                                      links, workload, saturate=True)  # fmt: skip
+            single = Workload(batch=1, context=2048)
+            _, latency = simulated(run_plan(planner, model, nodes, links, single, Options(objective="latency")),
+                                   model, nodes, links, single, saturate=False)  # fmt: skip
+            row[name] = {"tokens_per_s": throughput, "latency_ms": latency * 1000}
+        rows.append(row)
+    summary = {}
+    for name in COMPARED:
+        ratios = [r["dp"]["tokens_per_s"] / r[name]["tokens_per_s"] for r in rows if r[name]["tokens_per_s"] > 0]
+        speedups = [r[name]["latency_ms"] / r["dp"]["latency_ms"] for r in rows if math.isfinite(r[name]["latency_ms"])]
+        summary[name] = {
+            "throughput_ratio_median": statistics.median(ratios) if ratios else None,
+            "throughput_ratio_min": min(ratios) if ratios else None,
+            "latency_speedup_median": statistics.median(speedups) if speedups else None,
+            "latency_speedup_min": min(speedups) if speedups else None,
+            "baseline_infeasible": sum(r[name]["tokens_per_s"] == 0 for r in rows),
+        }
+    return {"rows": rows, "summary": summary}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.25
+    for index, name in enumerate(BASELINES):  # the baselines as they run (client relay)
+        values = [report["families"][f]["summary"][name]["throughput_ratio_median"] or 0 for f in FAMILIES]
+        left.bar([i + index * width for i in range(len(FAMILIES))], values, width, label=f"DP / {name}")
+    left.axhline(1.0, color="black", linewidth=0.8)
+    left.set_xticks([i + width for i in range(len(FAMILIES))], FAMILIES)
+    left.set_ylabel("simulated throughput ratio (median of seeds)")
+    left.set_title("DP vs baselines, 8 nodes, Llama-7B-like")
+    left.legend()
+    for layers in (32, 80):
+        points = [(row["nodes"], row["seconds"]) for row in report["timing"] if row["layers"] == layers]
+        right.plot(*zip(*points, strict=True), marker="o", label=f"{layers} layers")
+    right.set_xscale("log")
+    right.set_xlabel("nodes")
+    right.set_ylabel("planning time (s)")
+    right.set_title("planning time")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
+    args = parser.parse_args()
+
+    report: dict = {"benchmark": "planner", "timing": [], "families": {}}
+    for nodes_count, layers in itertools.product((10, 100, 1000), (32, 80)):
+        seconds = timing(nodes_count, layers)
+        report["timing"].append({"nodes": nodes_count, "layers": layers, "seconds": seconds})
+        print(f"planning {nodes_count:>5} nodes x {layers} layers: {seconds:.3f} s", file=sys.stderr, flush=True)
+    for family in FAMILIES:
+        print(f"simulating {family} x {args.seeds} seeds ...", file=sys.stderr, flush=True)
+        report["families"][family] = compare(family, args.seeds)
+
+    never_below = all(
+        r["dp"]["tokens_per_s"] >= r[name]["tokens_per_s"] * (1 - 1e-9)
+        for f in FAMILIES for r in report["families"][f]["rows"] for name in COMPARED
+    )  # fmt: skip
+    petals_links = report["families"]["heterogeneous-links"]["summary"]["petals"]["throughput_ratio_median"]
+    slowest = max(row["seconds"] for row in report["timing"])
+    biggest = next(r["seconds"] for r in report["timing"] if r["nodes"] == 1000 and r["layers"] == 80)
+    report["targets"] = {
+        "dp_never_below_a_baseline_in_simulated_throughput": never_below,
+        "dp_over_petals_heterogeneous_links_median": petals_links,
+        "dp_over_petals_at_least_1.5x": petals_links is not None and petals_links >= 1.5,
+        "slowest_planning_s": slowest,
+        "1000_nodes_80_layers_under_1s": biggest < 1.0,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+
+    print(f"\n{'nodes':>6} {'layers':>6} {'plan s':>8}")
+    for row in report["timing"]:
+        print(f"{row['nodes']:>6} {row['layers']:>6} {row['seconds']:>8.3f}")
+    print(f"\n{'family':<22} {'baseline':<19} {'thr x med':>9} {'thr x min':>9} {'lat x med':>9} {'infeasible':>10}")
+    for family in FAMILIES:
+        for name, s in report["families"][family]["summary"].items():
+
+            def fmt(v):
+                return f"{v:>9.2f}" if v is not None else f"{'-':>9}"
+
+            print(f"{family:<22} {name:<19} {fmt(s['throughput_ratio_median'])} {fmt(s['throughput_ratio_min'])} "
+                  f"{fmt(s['latency_speedup_median'])} {s['baseline_infeasible']:>10}")  # fmt: skip
+    print(f"\ntargets: {json.dumps(report['targets'])}\nwritten to {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
