@@ -289,3 +289,46 @@ def test_relayed_plans_simulate_as_predicted(seed):
             for a, b in itertools.pairwise(clusters)
         )
         assert relayed.cycle_s - pushed.cycle_s == pytest.approx(extra, rel=1e-9)
+
+
+def _three_node_world(eu_us_rtt: float):
+    model = ModelProfile(num_layers=6, weight_bytes_per_layer=100 * MB, kv_bytes_per_token_per_layer=1024,
+                         hidden_bytes_per_token=4096)  # fmt: skip
+    nodes = [Node("a", "eu", 350 * MB, 1e-3, 1e-5), Node("b", "eu", 350 * MB, 1e-3, 1e-5),
+             Node("c", "us", 700 * MB, 0.5e-3, 1e-5)]  # fmt: skip
+    links = Links(between={(GATEWAY, "eu"): Link(0.001, 1e9), (GATEWAY, "us"): Link(eu_us_rtt, 1e8),
+                           ("eu", "us"): Link(eu_us_rtt, 1e8)})  # fmt: skip
+    return model, nodes, links
+
+
+def test_replan_keeps_the_plan_for_a_small_gain_and_moves_for_a_big_one():
+    from bloombee_operator.planner.replan import replan
+
+    workload, options = Workload(batch=1, context=64), Options(objective="latency", allow_offload=False)
+    model, nodes, links = _three_node_world(0.3)  # the US is far: both EU nodes serve
+    first = replan(None, model, nodes, links, workload, options)
+    assert first.adopted and {s.node for s in first.plan.stages} == {"a", "b"}
+
+    model, nodes, slightly = _three_node_world(0.29)
+    kept = replan(first.plan, model, nodes, slightly, workload, options)
+    assert not kept.adopted and kept.diff.unchanged and "keeping" in kept.reason
+
+    model, nodes, close = _three_node_world(0.0005)  # the US became near: its faster node is worth it
+    moved = replan(first.plan, model, nodes, close, workload, options)
+    assert moved.adopted and [s.node for s in moved.plan.stages] == ["c"]
+    assert moved.diff.layers_to_load == 6
+    assert {m.node: (m.before is not None, m.after is not None) for m in moved.diff.moves} == {
+        "a": (True, False), "b": (True, False), "c": (False, True)}  # fmt: skip
+
+
+def test_replan_around_a_lost_node():
+    from bloombee_operator.planner.replan import diff, replan
+
+    workload, options = Workload(batch=1, context=64), Options(objective="latency", allow_offload=False)
+    model, nodes, links = _three_node_world(0.3)
+    first = replan(None, model, nodes, links, workload, options).plan
+    survivors = [n for n in nodes if n.name != "b"]
+    decision = replan(first, model, survivors, links, workload, options, min_gain=10.0)
+    assert decision.adopted and decision.reason == "the current plan cannot run any more"
+    assert "b" not in {s.node for s in decision.plan.stages}
+    assert diff(first, first).unchanged
