@@ -214,3 +214,17 @@ def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
     finally:
         stage.terminate()
         stage.wait(timeout=30)
+
+
+def test_hops_relayed_through_the_gateway_give_the_same_tokens(tmp_path, tiny_pipeline):
+    """The planner may route a hop through the gateway; the gateway forwards the frame on."""
+    relayed = start_pipeline(tmp_path, tiny_pipeline.source, "tiny", gateway_args=["--relay-hops", "1,0"])
+    try:
+        assert (
+            tiny_chat(relayed)[1]["choices"][0]["token_ids"] == tiny_chat(tiny_pipeline)[1]["choices"][0]["token_ids"]
+        )
+        with urllib.request.urlopen(relayed.endpoint.removesuffix("/v1") + "/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+        assert "bloombee_gateway_forwarded_total 8.0" in metrics  # one forward per step: prefill + 7 decodes
+    finally:
+        relayed.backend.stop()

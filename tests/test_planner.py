@@ -55,6 +55,7 @@ def random_instance(rng: random.Random, max_nodes: int = 6, max_layers: int = 12
         max_micro_batch=rng.choice([1, 2, 4, 8]),
         allow_offload=rng.random() < 0.4,
         offload_grid=(0.0, 0.5, 1.0),
+        relay_hops=count <= 4 and rng.random() < 0.7,  # brute force tries 2^(stages-1) relay choices
     )
     return model, nodes, links, workload, options
 
@@ -66,7 +67,8 @@ def compositions(total: int, parts: int):
 
 
 def brute_force(model, nodes, links, workload, options) -> float:
-    """Every subset and order of nodes, every span split, every micro-batch size 1..max, every offload.
+    """Every subset and order of nodes, every span split, every micro-batch size 1..max, every offload,
+    and (when allowed) every choice of hops relayed through the gateway.
 
     Offload: each stage's grid options are tried one by one and the fastest kept, because the round
     time never decreases when a stage gets slower (checked against the full product in a test below).
@@ -76,11 +78,13 @@ def brute_force(model, nodes, links, workload, options) -> float:
     best = math.inf
     for m in range(1, min(options.max_micro_batch, batch) + 1):
         for count in range(1, min(len(nodes), model.num_layers) + 1):
+            relay_choices = list(itertools.product([False, True] if options.relay_hops else [False], repeat=count - 1))
             for order in itertools.permutations(by_name, count):
                 for spans in compositions(model.num_layers, count):
-                    result = evaluate(model, by_name, links, list(order), spans, m, batch, workload.context,
-                                      options=options)  # fmt: skip
-                    best = min(best, result.round_s)
+                    for relay in relay_choices:
+                        result = evaluate(model, by_name, links, list(order), spans, m, batch, workload.context,
+                                          options=options, relay=relay)  # fmt: skip
+                        best = min(best, result.round_s)
     return best
 
 
@@ -97,7 +101,8 @@ def test_dp_equals_brute_force(seed):
     # the plan is what it claims: re-evaluating its stages gives the same numbers
     again = evaluate(model, {n.name: n for n in nodes}, links, [s.node for s in result.stages],
                      [s.layers[1] - s.layers[0] for s in result.stages], result.micro_batch, result.batch,
-                     workload.context, offloads=[(s.offload_weights, s.offload_kv) for s in result.stages])  # fmt: skip
+                     workload.context, offloads=[(s.offload_weights, s.offload_kv) for s in result.stages],
+                     relay=result.relay_hops)  # fmt: skip
     assert again.round_s == pytest.approx(result.round_s, rel=1e-12)
     assert result.stages[0].layers[0] == 0 and result.stages[-1].layers[1] == model.num_layers
 

@@ -33,9 +33,9 @@ from bloombee_stage.openai_protocol import (
     now,
 )
 from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
-from bloombee_stage.protocol import RESULT_PATH, error_body
+from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, StepMeta, error_body
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
-from bloombee_stage.wire import WireError, decode_frame
+from bloombee_stage.wire import WireError, decode_frame, encode_frame
 
 log = logging.getLogger("bloombee.gateway")
 
@@ -48,6 +48,7 @@ class GatewaySettings:
     step_timeout_s: float = 120.0
     api_key: str | None = None
     relay: bool = False  # baseline mode: the gateway forwards every hop itself
+    relay_hops: list[bool] | None = None  # per hop between stages: through this gateway (planner's choice)
 
 
 class ApiError(Exception):
@@ -91,6 +92,7 @@ class Gateway:
             self.router,
             self.settings.step_timeout_s,
             relay=self.settings.relay,
+            relay_hops=self.settings.relay_hops,
         )
 
     def decode(self, token_ids: list[int]) -> str:
@@ -265,6 +267,23 @@ async def handle_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [card.model_dump()]})
 
 
+async def handle_forward(request: web.Request) -> web.Response:
+    """A hop the planner routes through the gateway: pass the frame on to the next URL of its route."""
+    gateway = request.app[GATEWAY]
+    assert gateway.http is not None
+    try:
+        frame = decode_frame(await request.read())
+        meta = StepMeta.model_validate(frame.meta)
+    except (WireError, ValidationError) as error:
+        return web.json_response(error_body(f"forwarded frame: {error}", code="invalid_frame"), status=400)
+    if not meta.route:
+        return web.json_response(error_body("forwarded frame has no next hop", code="invalid_frame"), status=400)
+    frame.meta = meta.model_copy(update={"route": meta.route[1:]}).model_dump(mode="json")
+    gateway.metrics.inc("forwarded_total", "Frames relayed through the gateway between stages")
+    async with gateway.http.post(meta.route[0] + STEP_PATH, data=encode_frame(frame, frame.codec)) as reply:
+        return web.Response(status=reply.status, body=await reply.read(), content_type=reply.content_type)
+
+
 async def handle_result(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     try:
@@ -335,6 +354,7 @@ def create_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/v1/completions", handle_generation)
     app.router.add_post("/v1/chat/completions", handle_generation)
     app.router.add_post(RESULT_PATH, handle_result)
+    app.router.add_post(STEP_PATH, handle_forward)
     return app
 
 
@@ -353,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
     parser.add_argument(
         "--relay", action="store_true", help="baseline: relay every hop through the gateway as Petals does"
+    )
+    parser.add_argument(
+        "--relay-hops",
+        default=None,
+        help="comma-separated 0/1 per hop between stages: 1 routes that hop through this gateway (from the plan)",
     )
     parser.add_argument("--ready-file", default=None)
     parser.add_argument("--log-level", default="INFO")
@@ -375,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         step_timeout_s=args.step_timeout,
         api_key=args.api_key,
         relay=args.relay,
+        relay_hops=[flag.strip() == "1" for flag in args.relay_hops.split(",")] if args.relay_hops else None,
     )
     gateway = Gateway(AutoTokenizer.from_pretrained(model_dir), read_config(model_dir), settings)
     asyncio.run(serve(create_app(gateway), args.host, args.port, args.ready_file, "gateway", gateway.bind))

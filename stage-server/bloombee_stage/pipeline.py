@@ -17,7 +17,7 @@ import uuid
 import aiohttp
 import torch
 
-from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta
+from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, ResultMeta, StepMeta
 from bloombee_stage.sampling import SamplingParams
 from bloombee_stage.tensors import frame_tensor, tensor_frame
 from bloombee_stage.wire import Frame, decode_frame, encode_frame
@@ -66,6 +66,7 @@ class PipelineClient:
         router: ResultRouter,
         step_timeout_s: float = 120.0,
         relay: bool = False,
+        relay_hops: list[bool] | None = None,
     ) -> None:
         if not stage_urls:
             raise ValueError("a pipeline needs at least one stage URL")
@@ -75,6 +76,14 @@ class PipelineClient:
         self.router = router
         self.step_timeout_s = step_timeout_s
         self.relay = relay
+        # Hops the planner sends through the gateway (a faster path than the direct link): the
+        # gateway's own URL goes into the route before that stage, and it forwards the frame.
+        flags = relay_hops or [False] * (len(self.stage_urls) - 1)
+        if len(flags) != len(self.stage_urls) - 1:
+            raise ValueError(f"{len(flags)} relay flags for {len(self.stage_urls)} stages")
+        gateway_url = reply_url.removesuffix(RESULT_PATH)
+        self.route = [hop for url, via in zip(self.stage_urls[1:], flags, strict=True)
+                      for hop in ([gateway_url, url] if via else [url])]  # fmt: skip
         self._steps = 0
 
     @staticmethod
@@ -96,7 +105,7 @@ class PipelineClient:
             session=session,
             step=self._steps,
             start=start,
-            route=self.stage_urls[1:],
+            route=self.route,
             reply_to=None if self.relay else self.reply_url,
             keep=keep,
             sampling=sampling,

@@ -26,7 +26,9 @@ fraction f_kv (fractions of the stage's bytes kept in host memory or on disk):
 A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
 gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. Under relay
 execution (Petals: the client forwards every hop) the hop from stage i to stage i+1 is two
-crossings, stage i -> gateway -> stage i+1, each carrying the hidden states.
+crossings, stage i -> gateway -> stage i+1, each carrying the hidden states. BloomBee may relay
+single hops the same way where the path through the gateway beats the direct link (internet
+paths need not obey the triangle inequality); the planner decides per hop.
 
 One decode round gives every sequence one token. Micro-batches chase each other round the
 cycle gateway -> stage 1 -> ... -> stage P -> gateway, so
@@ -107,6 +109,7 @@ class Options:
     allow_offload: bool = True
     offload_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     exact_node_limit: int = 8  # up to this many nodes the node order is searched exactly
+    relay_hops: bool = True  # may a hop go through the gateway when that is faster than the direct link
 
     def effective_batch(self, workload: Workload) -> int:
         return 1 if self.objective == "latency" else workload.batch
@@ -133,7 +136,11 @@ class Plan:
     bottleneck_s: float  # beta
     round_s: float  # T
     method: str = "dp"
-    relay: bool = False  # the client relays every hop (Petals' execution), see ``legs``
+    relay_hops: tuple[bool, ...] = ()  # per hop between stages: through the gateway instead of direct
+
+    @property
+    def relay(self) -> bool:
+        return any(self.relay_hops)
 
     @property
     def tokens_per_second(self) -> float:
@@ -186,7 +193,15 @@ def hop(link: Link, payload_bytes: float) -> tuple[float, float]:
     return link.rtt_s / 2 + busy, busy
 
 
-def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: bool = False):
+def relay_flags(relay: bool | tuple[bool, ...], stages: int) -> tuple[bool, ...]:
+    """Per-hop relay flags from one flag for every hop, or from the flags themselves."""
+    flags = tuple(relay) if isinstance(relay, tuple) else (bool(relay),) * max(stages - 1, 0)
+    if len(flags) != max(stages - 1, 0):
+        raise PlanningError(f"{len(flags)} relay flags for {stages} stages")
+    return flags
+
+
+def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: bool | tuple[bool, ...] = False):
     """The link crossings of one trip round the cycle: leg i enters stage i, the last leg returns.
 
     Each leg is a list of (from cluster, to cluster, bytes per token) crossings.
@@ -194,8 +209,9 @@ def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: b
     clusters = [nodes[name].cluster for name in order]
     hidden = model.hidden_bytes_per_token
     trip = [[(GATEWAY, clusters[0], TOKEN_BYTES)]]
-    for before, after in itertools.pairwise(clusters):
-        trip.append([(before, GATEWAY, hidden), (GATEWAY, after, hidden)] if relay else [(before, after, hidden)])
+    flags = relay_flags(relay, len(order))
+    for (before, after), via_gateway in zip(itertools.pairwise(clusters), flags, strict=True):
+        trip.append([(before, GATEWAY, hidden), (GATEWAY, after, hidden)] if via_gateway else [(before, after, hidden)])
     trip.append([(clusters[-1], GATEWAY, TOKEN_BYTES)])
     return trip
 
@@ -203,7 +219,7 @@ def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: b
 def evaluate(
     model: ModelProfile, nodes: dict[str, Node], links: Links, order: list[str], spans: list[int],
     micro_batch: int, batch: int, context: int, offloads: list[tuple[float, float]] | None = None,
-    method: str = "given", options: Options | None = None, relay: bool = False,
+    method: str = "given", options: Options | None = None, relay: bool | tuple[bool, ...] = False,
 ) -> Plan:  # fmt: skip
     """The cost of a fully specified pipeline (order of nodes, layers per stage, micro-batch, offloads).
 
@@ -230,4 +246,5 @@ def evaluate(
             cycle += latency
             bottleneck = max(bottleneck, busy)
     n = micro_batches(batch, micro_batch)
-    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method, relay)
+    flags = relay_flags(relay, len(order))
+    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method, flags)

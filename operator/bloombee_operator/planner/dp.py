@@ -7,8 +7,9 @@ call the result C(tau). C(tau) never increases with tau and n * tau always does,
 max(C(tau), n * tau) over the sorted candidate values of tau (every stage time and link busy
 time that can occur) is smallest where the two cross, found by bisection. Each stage's offload
 choice is the fastest one that fits (cost.best_stage), because T never decreases when any
-stage gets slower. Micro-batch sizes tried: m = ceil(B / n) for every n, the only sizes that
-are not beaten by a smaller m with the same n.
+stage gets slower. Likewise each hop between stages takes the faster of the direct link and the
+path through the gateway among those whose links stay within tau. Micro-batch sizes tried:
+m = ceil(B / n) for every n, the only sizes that are not beaten by a smaller m with the same n.
 
 Node order:
 
@@ -23,6 +24,7 @@ Layers are assumed alike (the same cost per layer), which holds for decoder-only
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -50,8 +52,10 @@ class _Tables:
     """Per-micro-batch costs of one candidate node set, as arrays."""
 
     stage: np.ndarray  # [N, L+1] seconds for l layers (inf where it does not fit; column 0 unused)
-    hop_latency: np.ndarray  # [N, N]
+    hop_latency: np.ndarray  # [N, N] direct
     hop_busy: np.ndarray  # [N, N]
+    relay_latency: np.ndarray  # [N, N] through the gateway (inf when relaying is not allowed)
+    relay_busy: np.ndarray
     in_latency: np.ndarray  # [N] gateway -> node
     in_busy: np.ndarray
     out_latency: np.ndarray  # [N] node -> gateway
@@ -84,7 +88,9 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
             options: Options) -> _Tables:  # fmt: skip
     count = len(nodes)
     hop_latency, hop_busy = np.zeros((count, count)), np.zeros((count, count))
+    relay_latency, relay_busy = np.full((count, count), INF), np.full((count, count), INF)
     in_latency, in_busy, out_latency, out_busy = (np.zeros(count) for _ in range(4))
+    hidden = m * model.hidden_bytes_per_token
     link_cache: dict[tuple[str, str], tuple[float, float]] = {}
     for i, u in enumerate(nodes):
         gateway_link = links.get(GATEWAY, u.cluster)
@@ -99,8 +105,21 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
                 busy = m * model.hidden_bytes_per_token / link.bandwidth
                 link_cache[key] = (link.rtt_s / 2 + busy, busy)
             hop_latency[i, j], hop_busy[i, j] = link_cache[key]
+            if options.relay_hops:
+                to_gateway, from_gateway = links.get(u.cluster, GATEWAY), links.get(GATEWAY, v.cluster)
+                first, second = hidden / to_gateway.bandwidth, hidden / from_gateway.bandwidth
+                relay_latency[i, j] = to_gateway.rtt_s / 2 + first + from_gateway.rtt_s / 2 + second
+                relay_busy[i, j] = max(first, second)
     stage = stage_table(model, nodes, m, batch, context, options)
-    return _Tables(stage, hop_latency, hop_busy, in_latency, in_busy, out_latency, out_busy)
+    return _Tables(stage, hop_latency, hop_busy, relay_latency, relay_busy, in_latency, in_busy, out_latency,
+                   out_busy)  # fmt: skip
+
+
+def _hops_under(tables: _Tables, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: the faster of direct and relayed among those whose links stay <= tau; and whether relayed."""
+    direct = np.where(tables.hop_busy <= tau, tables.hop_latency, INF)
+    relayed = np.where(tables.relay_busy <= tau, tables.relay_latency, INF)
+    return np.minimum(direct, relayed), relayed < direct
 
 
 def _toeplitz(row: np.ndarray) -> np.ndarray:
@@ -126,7 +145,8 @@ def _best_chain(tables: _Tables, tau: float, order_free: bool) -> tuple[float, l
     layers = width - 1
     stage = np.where(tables.stage <= tau, tables.stage, INF)
     grow = [_toeplitz(stage[v]) for v in range(count)]
-    hop_ok = tables.hop_busy <= tau
+    hop_latency, _ = _hops_under(tables, tau)
+    hop_ok = np.isfinite(hop_latency)
     # state key: (used set or last index marker, last node) -> (costs over covered layers, parent pointers)
     best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for v in range(count):
@@ -149,7 +169,7 @@ def _best_chain(tables: _Tables, tau: float, order_free: bool) -> tuple[float, l
             for v in targets:
                 if not hop_ok[u, v]:
                     continue
-                values, arg = _min_plus(costs + tables.hop_latency[u, v], grow[v])
+                values, arg = _min_plus(costs + hop_latency[u, v], grow[v])
                 new_key = (used | 1 << v, v) if order_free else (v, v)
                 current = best.get(new_key)
                 if current is None:
@@ -165,22 +185,22 @@ def _best_chain(tables: _Tables, tau: float, order_free: bool) -> tuple[float, l
                             next_frontier.append(new_key)
         frontier = next_frontier if order_free else []
     if not order_free:  # a fixed order: one sweep in index order covers every chain
-        finished_value, finished_key = _sweep_in_order(best, tables, grow, hop_ok, tau, count, width)
+        finished_value, finished_key = _sweep_in_order(best, tables, grow, hop_latency, tau, count, width)
     if finished_key is None:
         return INF, []
     return finished_value, _unwind(best, finished_key, layers, order_free)
 
 
-def _sweep_in_order(best, tables: _Tables, grow, hop_ok, tau: float, count: int, width: int):
+def _sweep_in_order(best, tables: _Tables, grow, hop_latency, tau: float, count: int, width: int):
     layers = width - 1
     for v in range(count):  # relax v's successors only after every predecessor of v has relaxed v
         if (v, v) not in best:
             continue
         costs = best[(v, v)][0]
         for w in range(v + 1, count):
-            if not hop_ok[v, w]:
+            if not np.isfinite(hop_latency[v, w]):
                 continue
-            values, arg = _min_plus(costs + tables.hop_latency[v, w], grow[w])
+            values, arg = _min_plus(costs + hop_latency[v, w], grow[w])
             current = best.get((w, w))
             if current is None:
                 best[(w, w)] = (values, np.full(width, v), arg)
@@ -213,25 +233,26 @@ def _unwind(best, key, layers: int, order_free: bool) -> list[tuple[int, int]]:
 
 
 def _candidate_taus(tables: _Tables) -> np.ndarray:
-    values = np.concatenate([tables.stage[np.isfinite(tables.stage)], tables.hop_busy.ravel(), tables.in_busy])
+    relay = tables.relay_busy[np.isfinite(tables.relay_busy)]
+    values = np.concatenate([tables.stage[np.isfinite(tables.stage)], tables.hop_busy.ravel(), relay, tables.in_busy])
     return np.unique(values)
 
 
-def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool) -> tuple[float, list[tuple[int, int]]]:
-    """Bisection over tau for min max(C(tau), n * tau)."""
+def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool) -> tuple[float, list[tuple[int, int]], float]:
+    """Bisection over tau for min max(C(tau), n * tau); returns (value, chain, tau)."""
     taus = _candidate_taus(tables)
     if taus.size == 0:
-        return INF, []
+        return INF, [], INF
     top_value, top_chain = _best_chain(tables, taus[-1], order_free)
     if not top_chain:
-        return INF, []
+        return INF, [], INF
     low, high = 0, taus.size - 1  # invariant: at taus[high], n * tau >= C(tau) or high is the last
-    best_value, best_chain = max(top_value, n * taus[-1]), top_chain
+    best_value, best_chain, best_tau = max(top_value, n * taus[-1]), top_chain, taus[-1]
     while low < high:
         mid = (low + high) // 2
         value, chain = _best_chain(tables, taus[mid], order_free)
         if chain and max(value, n * taus[mid]) < best_value:
-            best_value, best_chain = max(value, n * taus[mid]), chain
+            best_value, best_chain, best_tau = max(value, n * taus[mid]), chain, taus[mid]
         if not chain or value > n * taus[mid]:
             low = mid + 1
         else:
@@ -241,8 +262,8 @@ def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool) -> tuple[fl
             continue
         value, chain = _best_chain(tables, taus[index], order_free)
         if chain and max(value, n * taus[index]) < best_value:
-            best_value, best_chain = max(value, n * taus[index]), chain
-    return best_value, best_chain
+            best_value, best_chain, best_tau = max(value, n * taus[index]), chain, taus[index]
+    return best_value, best_chain, best_tau
 
 
 def micro_batch_sizes(batch: int, max_micro_batch: int) -> list[int]:
@@ -277,20 +298,22 @@ def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workloa
     batch = options.effective_batch(workload)
     exact = len(nodes) <= options.exact_node_limit
     candidates = nodes if exact else heuristic_order(nodes, links, model, 2 * options.exact_node_limit)
-    best: tuple[float, int, list[tuple[int, int]]] = (INF, 0, [])
+    best: tuple[float, int, list[tuple[int, int]], tuple[bool, ...]] = (INF, 0, [], ())
     for m in micro_batch_sizes(batch, options.max_micro_batch):
         tables = _tables(model, candidates, links, m, batch, workload.context, options)
-        value, chain = _plan_for_micro_batch(tables, micro_batches(batch, m), order_free=exact)
+        value, chain, tau = _plan_for_micro_batch(tables, micro_batches(batch, m), order_free=exact)
         if chain and value < best[0]:
-            best = (value, m, chain)
+            _, relayed = _hops_under(tables, tau)
+            flags = tuple(bool(relayed[u, v]) for (u, _), (v, _) in itertools.pairwise(chain))
+            best = (value, m, chain, flags)
     if not best[2]:
         raise PlanningError(_shortfall(model, nodes, workload, options))
-    _, m, chain = best
+    _, m, chain, flags = best
     by_name = {n.name: n for n in nodes}
     order = [candidates[i].name for i, _ in chain]
     spans = [layers for _, layers in chain]
     return evaluate(model, by_name, links, order, spans, m, batch, workload.context,
-                    method="dp-exact" if exact else "dp-heuristic", options=options)  # fmt: skip
+                    method="dp-exact" if exact else "dp-heuristic", options=options, relay=flags)  # fmt: skip
 
 
 def _shortfall(model: ModelProfile, nodes: list[Node], workload: Workload, options: Options) -> str:

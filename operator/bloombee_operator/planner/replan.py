@@ -78,7 +78,7 @@ def recost(current: Plan, model: ModelProfile, nodes: list[Node], links: Links, 
                          [s.layers[1] - s.layers[0] for s in current.stages], current.micro_batch,
                          options.effective_batch(workload), workload.context,
                          offloads=[(s.offload_weights, s.offload_kv) for s in current.stages],
-                         method=current.method)  # fmt: skip
+                         method=current.method, relay=current.relay_hops)  # fmt: skip
     except PlanningError:
         return None
     return None if math.isinf(again.round_s) else again

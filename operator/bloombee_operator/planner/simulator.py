@@ -51,7 +51,7 @@ def simulate(
     waiting: list[_Request] = []
     stage_free = [0.0] * len(plan.stages)
     link_free: dict[tuple[int, int], float] = {}
-    trip = legs(model, nodes, [stage.node for stage in plan.stages], plan.relay)
+    trip = legs(model, nodes, [stage.node for stage in plan.stages], plan.relay_hops)
     events: list[tuple[float, int, str, int, int]] = []  # (time, tie, kind, slot, position)
     tie = 0
     clock = 0.0
