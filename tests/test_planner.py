@@ -337,3 +337,36 @@ def test_replan_around_a_lost_node():
     assert decision.adopted and decision.reason == "the current plan cannot run any more"
     assert "b" not in {s.node for s in decision.plan.stages}
     assert diff(first, first).unchanged
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_heuristic_fixed_order_dp_equals_brute_force_over_that_order(seed):
+    """Beyond the exact limit the DP keeps the heuristic's node order but may skip nodes: check that part."""
+    from bloombee_operator.planner.dp import heuristic_order
+
+    model, nodes, links, workload, options = random_instance(random.Random(9000 + seed))
+    options = Options(objective=options.objective, max_micro_batch=options.max_micro_batch,
+                      allow_offload=options.allow_offload, offload_grid=options.offload_grid,
+                      relay_hops=options.relay_hops, exact_node_limit=3)  # fmt: skip
+    if len(nodes) <= 3:
+        return
+    order = [n.name for n in heuristic_order(nodes, links, model, keep=6)]
+    by_name = {n.name: n for n in nodes}
+    batch = options.effective_batch(workload)
+    expected = math.inf
+    for m in range(1, min(options.max_micro_batch, batch) + 1):
+        for count in range(1, min(len(order), model.num_layers) + 1):
+            relays = list(itertools.product([False, True] if options.relay_hops else [False], repeat=count - 1))
+            for chosen in itertools.combinations(order, count):  # subsequences keep the order
+                for spans in compositions(model.num_layers, count):
+                    for relay in relays:
+                        result = evaluate(model, by_name, links, list(chosen), spans, m, batch, workload.context,
+                                          options=options, relay=relay)  # fmt: skip
+                        expected = min(expected, result.round_s)
+    if math.isinf(expected):
+        with pytest.raises(PlanningError):
+            plan(model, nodes, links, workload, options)
+        return
+    result = plan(model, nodes, links, workload, options)
+    assert result.method == "dp-heuristic"
+    assert result.round_s == pytest.approx(expected, rel=1e-9)

@@ -140,80 +140,50 @@ def _best_chain(tables: _Tables, tau: float, order_free: bool) -> tuple[float, l
     """Minimum cycle time C with every stage and link <= tau: (C, [(node index, layers), ...]).
 
     order_free: DP over subsets (any order); otherwise nodes keep their index order and may be skipped.
+    States are (used set, last node) -- or (last node, last node) in a fixed order -- each holding the
+    best cost for every number of layers covered, with parent pointers. A state is expanded only after
+    every state that can lead to it: by the number of nodes used, or by node index in a fixed order.
     """
     count, width = tables.stage.shape
     layers = width - 1
     stage = np.where(tables.stage <= tau, tables.stage, INF)
     grow = [_toeplitz(stage[v]) for v in range(count)]
     hop_latency, _ = _hops_under(tables, tau)
-    hop_ok = np.isfinite(hop_latency)
-    # state key: (used set or last index marker, last node) -> (costs over covered layers, parent pointers)
     best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    by_rank: dict[int, list[tuple[int, int]]] = {}
+
+    def relax(key: tuple[int, int], values: np.ndarray, parent: int, covered_before: np.ndarray) -> None:
+        current = best.get(key)
+        if current is None:
+            best[key] = (values, np.full(width, parent), covered_before)
+            by_rank.setdefault(bin(key[0]).count("1") if order_free else key[1], []).append(key)
+            return
+        better = values < current[0]
+        current[0][better] = values[better]
+        current[1][better] = parent
+        current[2][better] = covered_before[better]
+
     for v in range(count):
         if tables.in_busy[v] <= tau:
-            costs = tables.in_latency[v] + stage[v]
-            best[(1 << v if order_free else v, v)] = (costs, np.full(width, -1), np.zeros(width, dtype=int))
-    keys = sorted(best, key=lambda key: bin(key[0]).count("1") if order_free else key[1])
-    frontier = list(keys)
-    finished_value, finished_key = INF, None
-    while frontier:
-        next_frontier = []
-        for key in frontier:
-            used, u = key
-            costs = best[key][0]
-            if tables.out_busy[u] <= tau and costs[layers] + tables.out_latency[u] < finished_value:
-                finished_value, finished_key = costs[layers] + tables.out_latency[u], key
+            relax((1 << v if order_free else v, v), tables.in_latency[v] + stage[v], -1, np.zeros(width, dtype=int))
+    for rank in range(count + 1):
+        for used, u in by_rank.get(rank, []):
+            costs = best[(used, u)][0]
             if not np.isfinite(costs[:layers]).any():
                 continue
             targets = [v for v in range(count) if not used >> v & 1] if order_free else range(u + 1, count)
             for v in targets:
-                if not hop_ok[u, v]:
-                    continue
-                values, arg = _min_plus(costs + hop_latency[u, v], grow[v])
-                new_key = (used | 1 << v, v) if order_free else (v, v)
-                current = best.get(new_key)
-                if current is None:
-                    best[new_key] = (values, np.full(width, u), arg)
-                    next_frontier.append(new_key)
-                else:
-                    better = values < current[0]
-                    if better.any():
-                        current[0][better] = values[better]
-                        current[1][better] = u
-                        current[2][better] = arg[better]
-                        if new_key not in next_frontier:
-                            next_frontier.append(new_key)
-        frontier = next_frontier if order_free else []
-    if not order_free:  # a fixed order: one sweep in index order covers every chain
-        finished_value, finished_key = _sweep_in_order(best, tables, grow, hop_latency, tau, count, width)
+                if np.isfinite(hop_latency[u, v]):
+                    values, covered_before = _min_plus(costs + hop_latency[u, v], grow[v])
+                    relax((used | 1 << v, v) if order_free else (v, v), values, u, covered_before)
+    finished_value, finished_key = INF, None
+    for key, (costs, _, _) in best.items():
+        total = costs[layers] + tables.out_latency[key[1]]
+        if tables.out_busy[key[1]] <= tau and total < finished_value:
+            finished_value, finished_key = total, key
     if finished_key is None:
         return INF, []
     return finished_value, _unwind(best, finished_key, layers, order_free)
-
-
-def _sweep_in_order(best, tables: _Tables, grow, hop_latency, tau: float, count: int, width: int):
-    layers = width - 1
-    for v in range(count):  # relax v's successors only after every predecessor of v has relaxed v
-        if (v, v) not in best:
-            continue
-        costs = best[(v, v)][0]
-        for w in range(v + 1, count):
-            if not np.isfinite(hop_latency[v, w]):
-                continue
-            values, arg = _min_plus(costs + hop_latency[v, w], grow[w])
-            current = best.get((w, w))
-            if current is None:
-                best[(w, w)] = (values, np.full(width, v), arg)
-            else:
-                better = values < current[0]
-                current[0][better] = values[better]
-                current[1][better] = v
-                current[2][better] = arg[better]
-    value, chosen = INF, None
-    for (_, v), (costs, _, _) in best.items():
-        if tables.out_busy[v] <= tau and costs[layers] + tables.out_latency[v] < value:
-            value, chosen = costs[layers] + tables.out_latency[v], (v, v)
-    return value, chosen
 
 
 def _unwind(best, key, layers: int, order_free: bool) -> list[tuple[int, int]]:
