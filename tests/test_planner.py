@@ -66,9 +66,10 @@ def compositions(total: int, parts: int):
         yield [bounds[i + 1] - bounds[i] for i in range(parts)]
 
 
-def brute_force(model, nodes, links, workload, options) -> float:
+def brute_force(model, nodes, links, workload, options, keep_order: list[str] | None = None) -> float:
     """Every subset and order of nodes, every span split, every micro-batch size 1..max, every offload,
-    and (when allowed) every choice of hops relayed through the gateway.
+    and (when allowed) every choice of hops relayed through the gateway. With ``keep_order`` only the
+    subsequences of that order are tried (what the heuristic's fixed-order DP searches).
 
     Offload: each stage's grid options are tried one by one and the fastest kept, because the round
     time never decreases when a stage gets slower (checked against the full product in a test below).
@@ -77,9 +78,12 @@ def brute_force(model, nodes, links, workload, options) -> float:
     batch = options.effective_batch(workload)
     best = math.inf
     for m in range(1, min(options.max_micro_batch, batch) + 1):
-        for count in range(1, min(len(nodes), model.num_layers) + 1):
+        for count in range(1, min(len(keep_order or nodes), model.num_layers) + 1):
             relay_choices = list(itertools.product([False, True] if options.relay_hops else [False], repeat=count - 1))
-            for order in itertools.permutations(by_name, count):
+            sequences = (
+                itertools.combinations(keep_order, count) if keep_order else itertools.permutations(by_name, count)
+            )
+            for order in sequences:
                 for spans in compositions(model.num_layers, count):
                     for relay in relay_choices:
                         result = evaluate(model, by_name, links, list(order), spans, m, batch, workload.context,
@@ -351,18 +355,7 @@ def test_heuristic_fixed_order_dp_equals_brute_force_over_that_order(seed):
     if len(nodes) <= 3:
         return
     order = [n.name for n in heuristic_order(nodes, links, model, keep=6)]
-    by_name = {n.name: n for n in nodes}
-    batch = options.effective_batch(workload)
-    expected = math.inf
-    for m in range(1, min(options.max_micro_batch, batch) + 1):
-        for count in range(1, min(len(order), model.num_layers) + 1):
-            relays = list(itertools.product([False, True] if options.relay_hops else [False], repeat=count - 1))
-            for chosen in itertools.combinations(order, count):  # subsequences keep the order
-                for spans in compositions(model.num_layers, count):
-                    for relay in relays:
-                        result = evaluate(model, by_name, links, list(chosen), spans, m, batch, workload.context,
-                                          options=options, relay=relay)  # fmt: skip
-                        expected = min(expected, result.round_s)
+    expected = brute_force(model, nodes, links, workload, options, keep_order=order)
     if math.isinf(expected):
         with pytest.raises(PlanningError):
             plan(model, nodes, links, workload, options)
