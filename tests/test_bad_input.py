@@ -226,5 +226,9 @@ def test_hops_relayed_through_the_gateway_give_the_same_tokens(tmp_path, tiny_pi
         with urllib.request.urlopen(relayed.endpoint.removesuffix("/v1") + "/metrics", timeout=10) as reply:
             metrics = reply.read().decode()
         assert "bloombee_gateway_forwarded_total 8.0" in metrics  # one forward per step: prefill + 7 decodes
+        relayed.backend.processes["tiny-stage-1"].popen.kill()
+        relayed.backend.processes["tiny-stage-1"].popen.wait()
+        status, error = tiny_chat(relayed)
+        assert status == 502 and "gateway could not forward to" in error["error"]["message"]
     finally:
         relayed.backend.stop()

@@ -280,8 +280,12 @@ async def handle_forward(request: web.Request) -> web.Response:
         return web.json_response(error_body("forwarded frame has no next hop", code="invalid_frame"), status=400)
     frame.meta = meta.model_copy(update={"route": meta.route[1:]}).model_dump(mode="json")
     gateway.metrics.inc("forwarded_total", "Frames relayed through the gateway between stages")
-    async with gateway.http.post(meta.route[0] + STEP_PATH, data=encode_frame(frame, frame.codec)) as reply:
-        return web.Response(status=reply.status, body=await reply.read(), content_type=reply.content_type)
+    try:
+        async with gateway.http.post(meta.route[0] + STEP_PATH, data=encode_frame(frame, frame.codec)) as reply:
+            return web.Response(status=reply.status, body=await reply.read(), content_type=reply.content_type)
+    except aiohttp.ClientError as error:  # the stage that sent the frame reports this reason to the gateway
+        message = f"gateway could not forward to {meta.route[0]}: {error}"
+        return web.json_response(error_body(message, "server_error", "stage_unreachable"), status=502)
 
 
 async def handle_result(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ import uuid
 import aiohttp
 import torch
 
-from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, ResultMeta, StepMeta
+from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, ResultMeta, StepMeta, read_error
 from bloombee_stage.sampling import SamplingParams
 from bloombee_stage.tensors import frame_tensor, tensor_frame
 from bloombee_stage.wire import Frame, decode_frame, encode_frame
@@ -148,11 +148,7 @@ class PipelineClient:
             ) as reply:
                 if reply.status == expect:
                     return await reply.read()
-                try:
-                    error = (await reply.json())["error"]
-                    message, code = error["message"], error.get("code") or "stage_refused"
-                except Exception:
-                    message, code = (await reply.text())[:500], "stage_refused"
+                message, code = await read_error(reply, "stage_refused")
         except aiohttp.ClientError as error:
             raise PipelineError(f"stage {url} unreachable: {error}", 503, "stage_unreachable") from None
         status = 400 if code == "context_length_exceeded" else 503 if code == "kv_budget_exceeded" else 502

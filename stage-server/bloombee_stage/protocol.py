@@ -13,9 +13,14 @@ the session's KV cache back to ``start`` tokens, so a rollback rides on the next
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from bloombee_stage.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse
 
 STEP_PATH = "/v1/step"
 RESULT_PATH = "/internal/v1/results"
@@ -49,3 +54,12 @@ def error_body(
 ) -> dict:
     """OpenAI's error shape, used by every HTTP endpoint in BloomBee."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+async def read_error(reply: ClientResponse, default_code: str) -> tuple[str, str]:
+    """(message, code) of a peer's error reply: OpenAI's shape when it is that, else the start of the body."""
+    try:
+        error = (await reply.json())["error"]
+        return error["message"], error.get("code") or default_code
+    except Exception:
+        return (await reply.text())[:500], default_code

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
-from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta, error_body
+from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta, error_body, read_error
 from bloombee_stage.sampling import pick_tokens
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.sessions import Session, SessionError, SessionStore
@@ -149,10 +149,7 @@ class StageService:
         assert self.http is not None
         async with self.http.post(url, data=body, headers={"Content-Type": "application/octet-stream"}) as reply:
             if reply.status != expect:
-                try:
-                    message = (await reply.json())["error"]["message"]
-                except Exception:
-                    message = (await reply.text())[:500]
+                message, _ = await read_error(reply, "downstream")
                 raise RuntimeError(f"{url} answered {reply.status}: {message}")
 
     async def report(self, meta: StepMeta, message: str, code: str) -> None:
