@@ -27,7 +27,7 @@ log = logging.getLogger("bloombee")
 
 def _print_stages(desired: DesiredState) -> None:
     print(f"{'STAGE':<28} {'CLUSTER':<12} {'LAYERS':<10} {'DTYPE':<9} CODEC")
-    for stage in sorted(desired.stages, key=lambda s: s.index):
+    for stage in desired.stages:
         span = f"{stage.layers[0]}-{stage.layers[1] - 1}"
         print(f"{stage.name:<28} {stage.cluster:<12} {span:<10} {stage.dtype:<9} {stage.codec}")
 

@@ -55,7 +55,6 @@ class GatewayDesired:
     served_model_name: str
     port: int
     replicas: int
-    api_key_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,12 +62,9 @@ class DesiredState:
     name: str
     namespace: str
     model_source: str
-    stages: tuple[StageSpec, ...]
+    stages: tuple[StageSpec, ...]  # in pipeline order: stage i serves the span after stage i - 1
     gateway: GatewayDesired
     plan_hash: str = field(default="")
-
-    def stage_order(self) -> list[str]:
-        return [stage.name for stage in sorted(self.stages, key=lambda s: s.index)]
 
 
 def _plan_hash(stages: tuple[StageSpec, ...]) -> str:

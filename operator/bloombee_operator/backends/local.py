@@ -51,13 +51,13 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def model_config(source: str, python: str = sys.executable, env: dict[str, str] | None = None) -> dict:
+def model_config(source: str, python: str = sys.executable) -> dict:
     """The model's config.json, read in a child process that converts the model first if needed.
 
     A child process, because converting needs torch and the control plane never imports it.
     """
     command = [python, "-m", "bloombee_stage.model", source]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise LocalBackendError(f"preparing model {source!r} failed:\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,7 +72,6 @@ class LocalBackend:
         threads_per_stage: int | None = None,
         python: str = sys.executable,
         startup_timeout_s: float = 600.0,
-        extra_env: dict[str, str] | None = None,
         gateway_args: list[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -81,14 +80,12 @@ class LocalBackend:
         self.threads_per_stage = threads_per_stage
         self.python = python
         self.startup_timeout_s = startup_timeout_s
-        self.env = {**os.environ, **(extra_env or {})}
         self.gateway_args = list(gateway_args or [])
         self.processes: dict[str, LocalProcess] = {}
-        self.endpoint: str | None = None
 
     def inspect_model(self, source: str) -> ModelShape:
         """Convert the model if needed (one time) and read its shape."""
-        config = model_config(source, self.python, self.env)
+        config = model_config(source, self.python)
         return ModelShape(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"])
 
     def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
@@ -99,9 +96,7 @@ class LocalBackend:
         command = [self.python, "-m", module, *args, "--host", self.host, "--ready-file", str(ready_file)]
         with open(log_path, "w") as log_file:
             # A session of its own: Ctrl-C in the terminal reaches `bloombee up`, which stops children in order.
-            popen = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
+            popen = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         process = LocalProcess(name, popen, log_path, ready_file)
         self.processes[name] = process
         log.info("started %s (pid %d), log: %s", name, popen.pid, log_path)
@@ -137,7 +132,7 @@ class LocalBackend:
     def apply(self, desired: DesiredState) -> str:
         """Start every stage, then the gateway; return the OpenAI endpoint once all are ready."""
         threads = self.stage_threads(desired)
-        stages = [self._start_stage(desired, stage, threads) for stage in sorted(desired.stages, key=lambda s: s.index)]
+        stages = [self._start_stage(desired, stage, threads) for stage in desired.stages]
         self._wait_ready(stages)
         gateway = desired.gateway
         args = [
@@ -148,8 +143,7 @@ class LocalBackend:
             *self.gateway_args,
         ]  # fmt: skip
         self._wait_ready([self._start(gateway.name, "bloombee_stage.gateway", args)], ready_path="/healthz")
-        self.endpoint = f"{self.processes[gateway.name].url}/v1"
-        return self.endpoint
+        return f"{self.processes[gateway.name].url}/v1"
 
     def _start_stage(self, desired: DesiredState, stage: StageSpec, threads: int) -> LocalProcess:
         args = [*stage.server_args(desired.model_source), "--threads", str(threads), "--port", "0"]

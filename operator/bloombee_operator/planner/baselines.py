@@ -21,6 +21,7 @@ import math
 
 from bloombee_operator.planner.cost import (
     GATEWAY,
+    TOKEN_BYTES,
     Links,
     ModelProfile,
     Node,
@@ -28,8 +29,8 @@ from bloombee_operator.planner.cost import (
     Plan,
     PlanningError,
     Workload,
+    crossing,
     evaluate,
-    hop,
     stage_option,
 )
 from bloombee_operator.planner.split import equal_split
@@ -64,30 +65,26 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
     by_name = {n.name: n for n in nodes}
     # dist[(covered blocks, last server)] = (cycle time so far, previous state, blocks served by last)
     best: dict[tuple[int, str], tuple[float, tuple[int, str] | None, int]] = {(0, GATEWAY): (0.0, None, 0)}
-    frontier = [(0, GATEWAY)]
     for covered in range(model.num_layers):
-        for state in [s for s in frontier if s[0] == covered]:
+        # every transition covers more blocks, so the states at `covered` are final by now
+        for state in [key for key in best if key[0] == covered]:
             cost, _, _ = best[state]
             previous_cluster = GATEWAY if state[1] == GATEWAY else by_name[state[1]].cluster
             for name, (start, end) in windows.items():
                 if not start <= covered < end or name == state[1]:
                     continue
                 node = by_name[name]
-                payload = batch * (8 if covered == 0 else model.hidden_bytes_per_token)
-                if relay and covered > 0:  # back to the client, then out to the next server
-                    latency = hop(links.get(previous_cluster, GATEWAY), payload)[0]
-                    latency += hop(links.get(GATEWAY, node.cluster), payload)[0]
-                else:
-                    latency, _ = hop(links.get(previous_cluster, node.cluster), payload)
+                payload = batch * (TOKEN_BYTES if covered == 0 else model.hidden_bytes_per_token)
+                # relayed: back to the client, then out to the next server
+                latency, _ = crossing(links, previous_cluster, node.cluster, payload, relay and covered > 0)
                 for stop in range(covered + 1, end + 1):
                     seconds = stage_option(model, node, stop - covered, batch, batch, workload.context, 0.0, 0.0)
                     key = (stop, name)
                     total = cost + latency + seconds
                     if total < best.get(key, (math.inf,))[0]:
                         best[key] = (total, state, stop - covered)
-                        frontier.append(key)
     finals = [
-        (cost + hop(links.get(by_name[name].cluster, GATEWAY), batch * 8)[0], (covered, name))
+        (cost + crossing(links, by_name[name].cluster, GATEWAY, batch * TOKEN_BYTES)[0], (covered, name))
         for (covered, name), (cost, _, _) in best.items()
         if covered == model.num_layers and name != GATEWAY
     ]

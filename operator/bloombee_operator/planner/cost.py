@@ -193,6 +193,20 @@ def hop(link: Link, payload_bytes: float) -> tuple[float, float]:
     return link.rtt_s / 2 + busy, busy
 
 
+def hop_path(source: str, target: str, via_gateway: bool = False) -> list[tuple[str, str]]:
+    """The cluster-to-cluster crossings of one hop: direct, or out to the gateway and back in."""
+    return [(source, GATEWAY), (GATEWAY, target)] if via_gateway else [(source, target)]
+
+
+def crossing(links: Links, source: str, target: str, payload_bytes: float, via_gateway: bool = False):
+    """(latency, busy time) of one hop between clusters; relayed, busy is that of its busier link."""
+    latency = busy = 0.0
+    for a, b in hop_path(source, target, via_gateway):
+        hop_latency, hop_busy = hop(links.get(a, b), payload_bytes)
+        latency, busy = latency + hop_latency, max(busy, hop_busy)
+    return latency, busy
+
+
 def relay_flags(relay: bool | tuple[bool, ...], stages: int) -> tuple[bool, ...]:
     """Per-hop relay flags from one flag for every hop, or from the flags themselves."""
     flags = tuple(relay) if isinstance(relay, tuple) else (bool(relay),) * max(stages - 1, 0)
@@ -211,7 +225,7 @@ def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: b
     trip = [[(GATEWAY, clusters[0], TOKEN_BYTES)]]
     flags = relay_flags(relay, len(order))
     for (before, after), via_gateway in zip(itertools.pairwise(clusters), flags, strict=True):
-        trip.append([(before, GATEWAY, hidden), (GATEWAY, after, hidden)] if via_gateway else [(before, after, hidden)])
+        trip.append([(a, b, hidden) for a, b in hop_path(before, after, via_gateway)])
     trip.append([(clusters[-1], GATEWAY, TOKEN_BYTES)])
     return trip
 

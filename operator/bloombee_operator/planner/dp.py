@@ -40,6 +40,7 @@ from bloombee_operator.planner.cost import (
     Plan,
     PlanningError,
     Workload,
+    crossing,
     evaluate,
     micro_batches,
 )
@@ -91,25 +92,19 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
     relay_latency, relay_busy = np.full((count, count), INF), np.full((count, count), INF)
     in_latency, in_busy, out_latency, out_busy = (np.zeros(count) for _ in range(4))
     hidden = m * model.hidden_bytes_per_token
-    link_cache: dict[tuple[str, str], tuple[float, float]] = {}
+    by_clusters: dict[tuple[str, str, bool], tuple[float, float]] = {}
     for i, u in enumerate(nodes):
-        gateway_link = links.get(GATEWAY, u.cluster)
-        in_busy[i] = m * TOKEN_BYTES / gateway_link.bandwidth
-        in_latency[i] = gateway_link.rtt_s / 2 + in_busy[i]
-        out_busy[i] = in_busy[i]
-        out_latency[i] = in_latency[i]
+        in_latency[i], in_busy[i] = crossing(links, GATEWAY, u.cluster, m * TOKEN_BYTES)
+        out_latency[i], out_busy[i] = crossing(links, u.cluster, GATEWAY, m * TOKEN_BYTES)
         for j, v in enumerate(nodes):
-            key = (u.cluster, v.cluster)
-            if key not in link_cache:
-                link = links.get(*key)
-                busy = m * model.hidden_bytes_per_token / link.bandwidth
-                link_cache[key] = (link.rtt_s / 2 + busy, busy)
-            hop_latency[i, j], hop_busy[i, j] = link_cache[key]
-            if options.relay_hops:
-                to_gateway, from_gateway = links.get(u.cluster, GATEWAY), links.get(GATEWAY, v.cluster)
-                first, second = hidden / to_gateway.bandwidth, hidden / from_gateway.bandwidth
-                relay_latency[i, j] = to_gateway.rtt_s / 2 + first + from_gateway.rtt_s / 2 + second
-                relay_busy[i, j] = max(first, second)
+            for via_gateway in (False, True) if options.relay_hops else (False,):
+                key = (u.cluster, v.cluster, via_gateway)
+                if key not in by_clusters:
+                    by_clusters[key] = crossing(links, u.cluster, v.cluster, hidden, via_gateway)
+                if via_gateway:
+                    relay_latency[i, j], relay_busy[i, j] = by_clusters[key]
+                else:
+                    hop_latency[i, j], hop_busy[i, j] = by_clusters[key]
     stage = stage_table(model, nodes, m, batch, context, options)
     return _Tables(stage, hop_latency, hop_busy, relay_latency, relay_busy, in_latency, in_busy, out_latency,
                    out_busy)  # fmt: skip

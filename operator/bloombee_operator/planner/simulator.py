@@ -61,7 +61,6 @@ def simulate(
     heapq.heapify(events)
     finished: list[_Request] = []
     moving = [False] * len(slots)
-    pending_arrivals: list[_Request] = []
 
     def cross(position: int, now: float, occupants: int) -> float:
         """Send a slot over the leg into ``position`` (each crossing a FIFO wire); return its arrival time."""
@@ -87,7 +86,6 @@ def simulate(
         now, _, kind, slot, position = heapq.heappop(events)
         if kind == "arrive":
             request = _Request(arrival=now, remaining=tokens_per_request)
-            pending_arrivals.append(request)
             waiting.append(request)
             for index in range(len(slots)):
                 seat_and_go(index, now)
