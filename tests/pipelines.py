@@ -6,6 +6,7 @@ import json
 import shutil
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from bloombee_operator.backends.local import LocalBackend
@@ -36,6 +37,12 @@ class Pipeline:
     def stage_url(self, index: int) -> str:
         return str(self.backend.processes[f"{self.model}-stage-{index}"].url)
 
+    def stage_metrics(self, index: int) -> dict[str, float]:
+        """A stage's Prometheus samples by series name with labels, e.g. 'x_total{codec="raw"}'."""
+        with urllib.request.urlopen(self.stage_url(index) + "/metrics", timeout=30) as reply:
+            lines = reply.read().decode().splitlines()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
+
     def post(self, path: str, body: dict | bytes, timeout: float = 300.0) -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         request = urllib.request.Request(self.endpoint + path, data=data, headers={"Content-Type": "application/json"})
@@ -53,10 +60,18 @@ def start_pipeline(
     num_stages: int = 3,
     compression: str = "off",
     gateway_args: list[str] | None = None,
+    stage_overrides: dict[int, dict] | None = None,
+    stage_args: dict[int, list[str]] | None = None,
 ) -> Pipeline:
+    """``stage_overrides``: StageSpec fields to replace per stage index; ``stage_args``: extra server flags."""
     resource = resource_for(source, name, compression)
-    backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300, gateway_args=gateway_args)
+    extra_args = {f"{name}-stage-{index}": args for index, args in (stage_args or {}).items()}
+    backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300, gateway_args=gateway_args,
+                           stage_args=extra_args)  # fmt: skip
     desired = desired_state(resource, backend.inspect_model(source), num_stages=num_stages)
+    if stage_overrides:
+        stages = tuple(replace(stage, **stage_overrides.get(stage.index, {})) for stage in desired.stages)
+        desired = replace(desired, stages=stages)
     try:
         endpoint = backend.apply(desired)
     except Exception:

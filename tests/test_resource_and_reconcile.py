@@ -30,7 +30,7 @@ def test_defaults_are_filled():
     resource = parse_resource(minimal())
     assert resource.spec.planner.objective == "throughput"
     assert resource.spec.gateway.service.port == 8000
-    assert resource.spec.compression == "off"
+    assert resource.spec.compression == "auto"
     assert resource.metadata.namespace == "default"
 
 

@@ -6,11 +6,12 @@ import struct
 
 import pytest
 import torch
+from bloombee_stage.codec import CODECS
 from bloombee_stage.tensors import frame_tensor, tensor_frame
 from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame, frame_checksum
 
 
-@pytest.mark.parametrize("codec", ["raw", "zstd"])
+@pytest.mark.parametrize("codec", sorted(CODECS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
 def test_round_trip_is_bit_exact(codec, dtype):
     tensor = (torch.randn(2, 5, 7) * 100).to(dtype)

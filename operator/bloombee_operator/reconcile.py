@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from bloombee_operator.planner import equal_split
 from bloombee_operator.resource import DistributedLLM
 
-CODEC_FOR_COMPRESSION = {"off": "raw", "zstd": "zstd"}
+CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,17 @@ class StageSpec:
     micro_batch: int = 1
     offload_weights: float = 0.0
     offload_kv: float = 0.0
+    link_mbps: float | None = None  # measured bandwidth to the next stage's cluster (None: same cluster or unknown)
 
     def server_args(self, model_source: str) -> list[str]:
         """Arguments of ``python -m bloombee_stage.server`` (the container's args in Kubernetes)."""
+        link = ["--link-mbps", f"{self.link_mbps:g}"] if self.link_mbps else []
         return [
             "--model", model_source,
             "--layers", f"{self.layers[0]}:{self.layers[1]}",
             "--dtype", self.dtype,
             "--codec", self.codec,
+            *link,
             "--name", self.name,
         ]  # fmt: skip
 
@@ -73,23 +77,30 @@ def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
 
 
 def desired_state(
-    resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3
-) -> DesiredState:
-    """Stages for ``spans`` (default: an equal split over ``num_stages``), placed on clusters in turn."""
+    resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3,
+    link_mbps: Mapping[tuple[str, str], float] | None = None,
+) -> DesiredState:  # fmt: skip
+    """Stages for ``spans`` (default: an equal split over ``num_stages``), placed on clusters in turn.
+
+    ``link_mbps`` holds measured bandwidths between clusters (either direction); each stage gets
+    that of its link to the next stage, which ``compression: auto`` weighs its codecs against.
+    """
     if spans is None:
         spans = equal_split(shape.num_layers, min(num_stages, shape.num_layers))
     _check_spans(spans, shape.num_layers)
     name = resource.metadata.name
     clusters = [cluster.name for cluster in resource.spec.clusters]
     spec = resource.spec
+    placed = [clusters[index % len(clusters)] for index in range(len(spans))]
     stages = tuple(
         StageSpec(
             name=f"{name}-stage-{index}",
             index=index,
-            cluster=clusters[index % len(clusters)],
+            cluster=placed[index],
             layers=span,
             dtype=spec.model.dtype,
             codec=CODEC_FOR_COMPRESSION[spec.compression],
+            link_mbps=_onward_link(link_mbps or {}, placed, index),
         )
         for index, span in enumerate(spans)
     )
@@ -107,6 +118,13 @@ def desired_state(
         gateway=gateway,
         plan_hash=_plan_hash(stages),
     )
+
+
+def _onward_link(link_mbps: Mapping[tuple[str, str], float], clusters: list[str], index: int) -> float | None:
+    if index + 1 >= len(clusters) or clusters[index] == clusters[index + 1]:
+        return None
+    here, there = clusters[index], clusters[index + 1]
+    return link_mbps.get((here, there)) or link_mbps.get((there, here))
 
 
 def _check_spans(spans: list[tuple[int, int]], num_layers: int) -> None:

@@ -100,8 +100,8 @@ class DistributedLLMSpec(_Model):
     draft: DraftSpec = Field(default_factory=DraftSpec)
     clusters: list[ClusterSpec] = Field(min_length=1)
     planner: PlannerSpec = Field(default_factory=PlannerSpec)
-    # "auto" and "byteplane" arrive with the codec work; until then only what exists is accepted.
-    compression: Literal["off", "zstd"] = "off"
+    # auto: each stage compresses a frame only when the codec's time is won back on its measured link.
+    compression: Literal["auto", "off", "zstd", "byteplane", "exponent"] = "auto"
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 
     @field_validator("clusters")

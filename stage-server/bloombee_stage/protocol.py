@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 STEP_PATH = "/v1/step"
 RESULT_PATH = "/internal/v1/results"
+CODECS_PATH = "/v1/codecs"  # GET: {"codecs": [names this process decodes]}; asked once per peer at session open
 
 
 class StepMeta(BaseModel):

@@ -26,9 +26,11 @@ import torch
 from aiohttp import web
 from pydantic import ValidationError
 
+from bloombee_stage.codec import CODECS
+from bloombee_stage.codec_policy import CodecStats, choose_codec
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
-from bloombee_stage.protocol import STEP_PATH, ResultMeta, StepMeta, error_body, read_error
+from bloombee_stage.protocol import CODECS_PATH, STEP_PATH, ResultMeta, StepMeta, error_body, read_error
 from bloombee_stage.sampling import pick_tokens
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.sessions import Session, SessionError, SessionStore
@@ -44,7 +46,9 @@ MAX_FRAME_BYTES = 1 << 30
 @dataclass
 class StageSettings:
     name: str = "stage"
-    codec: str = "raw"
+    codec: str = "raw"  # for frames sent onward: a codec name, or "auto" (codec_policy decides per frame)
+    link_bandwidth: float | None = None  # bytes/s of the link to the next stage, when measured
+    accept_codecs: tuple[str, ...] = tuple(CODECS)  # codecs this stage takes from its peers
     kv_budget_bytes: int = 2 << 30
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
@@ -66,6 +70,8 @@ class StageService:
         )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.http: aiohttp.ClientSession | None = None
+        self.codec_stats = CodecStats(model.dtype_name)
+        self.peer_codecs: dict[str, frozenset[str]] = {}
         self.tasks: set[asyncio.Task] = set()
         self.draining = False
         self.metrics = Metrics("bloombee_stage")
@@ -131,9 +137,10 @@ class StageService:
         try:
             output = await self.run_step(session, meta, inputs)
             if meta.route:
+                if meta.start == 0 or session.peer_codecs is None:  # a session opens: agree on codecs
+                    session.peer_codecs = await self.peer_accepts(meta.route[0])
                 nxt = meta.model_copy(update={"route": meta.route[1:]})
-                body = encode_frame(tensor_frame(output, nxt.model_dump(mode="json")), self.settings.codec)
-                self.metrics.inc("bytes_sent_total", "Frame bytes pushed to the next stage", len(body))
+                body = self.encode_onward(tensor_frame(output, nxt.model_dump(mode="json")), session.peer_codecs)
                 await self._post(meta.route[0] + STEP_PATH, body, expect=202)
             else:
                 result = ResultMeta(session=meta.session, step=meta.step)
@@ -144,6 +151,34 @@ class StageService:
             log.warning("step %s of session %s failed: %s", meta.step, meta.session, error)
             self.metrics.inc("errors_total", "Failed steps", code="downstream")
             await self.report(meta, str(error), "stage_failed")
+
+    async def peer_accepts(self, url: str) -> frozenset[str]:
+        """The codecs a peer decodes (asked once per peer; raw alone when it cannot say)."""
+        if url not in self.peer_codecs:
+            assert self.http is not None
+            try:
+                async with self.http.get(url + CODECS_PATH, timeout=aiohttp.ClientTimeout(total=10)) as reply:
+                    accepted = frozenset((await reply.json())["codecs"]) & set(CODECS) if reply.ok else set()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as error:
+                log.warning("could not ask %s for its codecs (%s); sending raw frames", url, error)
+                return frozenset({"raw"})
+            self.peer_codecs[url] = frozenset(accepted | {"raw"})
+            log.info("peer %s decodes %s", url, sorted(self.peer_codecs[url]))
+        return self.peer_codecs[url]
+
+    def encode_onward(self, frame: Frame, accepted: frozenset[str]) -> bytes:
+        """Encode a hidden-state frame with the configured codec, or the one ``auto`` finds fastest for the link."""
+        setting = self.settings.codec
+        if setting == "auto":
+            if self.settings.link_bandwidth:
+                self.codec_stats.maybe_sample(frame.data)
+            codec = choose_codec(len(frame.data), self.settings.link_bandwidth, self.codec_stats.profiles, accepted)
+        else:
+            codec = setting if setting in accepted else "raw"
+        body = encode_frame(frame, codec)
+        self.metrics.inc("bytes_sent_total", "Frame bytes sent onward", len(body), codec=codec)
+        self.metrics.inc("raw_bytes_sent_total", "Tensor bytes sent onward before compression", len(frame.data))
+        return body
 
     async def _post(self, url: str, body: bytes, expect: int) -> None:
         assert self.http is not None
@@ -172,6 +207,9 @@ class StageService:
             "dtype": model.dtype_name,
             "device": str(model.device),
             "codec": self.settings.codec,
+            "accepts_codecs": sorted(self.settings.accept_codecs),
+            "link_bandwidth": self.settings.link_bandwidth,
+            "codec_profiles": self.codec_stats.describe(),
             "memory": {
                 "weight_bytes": model.weight_bytes(),
                 "kv_budget_bytes": self.settings.kv_budget_bytes,
@@ -209,6 +247,10 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
         meta = StepMeta.model_validate(frame.meta)
         inputs = frame_tensor(frame)
         service.check_inputs(meta, inputs, frame)
+        if frame.codec not in service.settings.accept_codecs:
+            accepted = ", ".join(sorted(service.settings.accept_codecs))
+            raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "
+                            f"peers must ask {CODECS_PATH} when a session opens")  # fmt: skip
         session = service.sessions.admit(meta.session, meta.start, inputs.shape[1], meta.max_length)
     except WireError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_frame")
@@ -226,7 +268,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
             reply_meta = meta.model_copy(update={"route": meta.route[1:]}).model_dump(mode="json")
         else:
             reply_meta = ResultMeta(session=meta.session, step=meta.step).model_dump()
-        body = encode_frame(tensor_frame(output, reply_meta), service.settings.codec)
+        body = service.encode_onward(tensor_frame(output, reply_meta), frozenset(CODECS))
         return web.Response(body=body, content_type="application/octet-stream")
     task = asyncio.create_task(service.push(meta, inputs, session))
     service.tasks.add(task)
@@ -295,7 +337,7 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
     async def info(_: web.Request) -> web.Response:
         return web.json_response(service.info())
 
-    add_common_routes(app, service.metrics, readyz)
+    add_common_routes(app, service.metrics, readyz, settings.accept_codecs)
     app.router.add_get("/info", info)
     app.router.add_route("*", "/probe", handle_probe)
     app.router.add_post(STEP_PATH, handle_step)
@@ -321,6 +363,14 @@ def parse_layers(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--layers {text!r}: START and END must be integers") from None
 
 
+def parse_codecs(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in CODECS]
+    if unknown or "raw" not in names:
+        raise argparse.ArgumentTypeError(f"--accept-codecs {text!r}: names from {', '.join(CODECS)}, raw included")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bloombee_stage.server",
@@ -336,7 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (reported in the log and --ready-file)")
     parser.add_argument("--name", default="stage")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
-    parser.add_argument("--codec", default="raw", choices=["raw", "zstd"], help="codec for frames sent onward")
+    parser.add_argument(
+        "--codec", default="raw", choices=[*CODECS, "auto"],
+        help="codec for hidden states sent onward; auto: per frame, whichever of raw and the codecs the next stage "
+        "decodes is fastest over a link of --link-mbps (raw when that is not given)",
+    )  # fmt: skip
+    parser.add_argument("--link-mbps", type=float, default=None, help="measured bandwidth to the next stage, Mbit/s")
+    parser.add_argument(
+        "--accept-codecs", type=parse_codecs, default=tuple(CODECS), help=f"codecs taken from peers (default: all of "
+        f"{','.join(CODECS)})",
+    )  # fmt: skip
     parser.add_argument("--kv-budget-gib", type=float, default=2.0, help="KV cache budget over all sessions")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session closes")
     parser.add_argument("--ready-file", default=None, help="write {url, port, pid} here once listening")
@@ -359,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = StageSettings(
         name=args.name,
         codec=args.codec,
+        link_bandwidth=args.link_mbps * 1e6 / 8 if args.link_mbps else None,
+        accept_codecs=args.accept_codecs,
         kv_budget_bytes=int(args.kv_budget_gib * (1 << 30)),
         session_timeout_s=args.session_timeout,
     )

@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
 
+from bloombee_stage.codec import CODECS
 from bloombee_stage.metrics import Metrics
+from bloombee_stage.protocol import CODECS_PATH
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,15 @@ async def serve(
     await runner.cleanup()
 
 
-def add_common_routes(app: web.Application, metrics: Metrics, readyz: Callable) -> None:
-    """``/healthz`` (the process answers), ``/readyz`` (it can serve) and ``/metrics`` (Prometheus)."""
+def add_common_routes(
+    app: web.Application, metrics: Metrics, readyz: Callable, accepted_codecs: Iterable[str] = tuple(CODECS)
+) -> None:
+    """``/healthz`` (the process answers), ``/readyz`` (it can serve), ``/metrics`` (Prometheus) and
+    ``/v1/codecs`` (the codecs it decodes, which a peer asks before it sends compressed frames)."""
+    codecs = sorted(accepted_codecs)
+
+    async def list_codecs(_: web.Request) -> web.Response:
+        return web.json_response({"codecs": codecs})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -72,3 +81,4 @@ def add_common_routes(app: web.Application, metrics: Metrics, readyz: Callable) 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
+    app.router.add_get(CODECS_PATH, list_codecs)

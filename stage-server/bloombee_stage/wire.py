@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from bloombee_stage.codec import CODECS, CODECS_BY_ID, CodecError
+from bloombee_stage.codec import CODECS, CODECS_BY_ID, ITEMSIZE, CodecError
 
 MAGIC = b"BBWF"
 VERSION = 1
@@ -37,7 +37,6 @@ _HEADER = struct.Struct("<4sBBBBIQI")
 _CHECKSUM_AT = 20
 DTYPE_IDS = {"float32": 1, "float16": 2, "bfloat16": 3, "int64": 4, "int32": 5, "uint8": 6}
 DTYPE_NAMES = {value: key for key, value in DTYPE_IDS.items()}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1}
 
 
 class WireError(ValueError):
@@ -69,7 +68,7 @@ def encode_frame(frame: Frame, codec: str = "raw") -> bytes:
     if len(frame.data) != expected:
         raise WireError(f"{frame.describe()}: {len(frame.data)} data bytes for shape {frame.shape} {frame.dtype}")
     chosen = CODECS[codec]
-    payload = chosen.encode(frame.data, ITEMSIZE[frame.dtype])
+    payload = chosen.encode(frame.data, frame.dtype)
     meta = json.dumps(frame.meta, separators=(",", ":")).encode()
     header = _HEADER.pack(MAGIC, VERSION, DTYPE_IDS[frame.dtype], chosen.wire_id, len(frame.shape), len(meta),
                           len(payload), 0)  # fmt: skip
@@ -121,7 +120,7 @@ def decode_frame(buffer: bytes) -> Frame:
     frame.codec = codec.name
     expected = math.prod(frame.shape) * ITEMSIZE[frame.dtype]
     try:
-        frame.data = codec.decode(payload, ITEMSIZE[frame.dtype], expected)
+        frame.data = codec.decode(payload, frame.dtype, expected)
     except CodecError as error:
         raise WireError(f"{frame.describe()}: {error}") from None
     if len(frame.data) != expected:

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class LocalBackend:
         python: str = sys.executable,
         startup_timeout_s: float = 600.0,
         gateway_args: list[str] | None = None,
+        stage_args: Mapping[str, list[str]] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -81,6 +83,7 @@ class LocalBackend:
         self.python = python
         self.startup_timeout_s = startup_timeout_s
         self.gateway_args = list(gateway_args or [])
+        self.stage_args = dict(stage_args or {})  # extra flags by stage name (e.g. --accept-codecs, --log-level)
         self.processes: dict[str, LocalProcess] = {}
 
     def inspect_model(self, source: str) -> ModelShape:
@@ -146,7 +149,8 @@ class LocalBackend:
         return f"{self.processes[gateway.name].url}/v1"
 
     def _start_stage(self, desired: DesiredState, stage: StageSpec, threads: int) -> LocalProcess:
-        args = [*stage.server_args(desired.model_source), "--threads", str(threads), "--port", "0"]
+        args = [*stage.server_args(desired.model_source), "--threads", str(threads), "--port", "0",
+                *self.stage_args.get(stage.name, [])]  # fmt: skip
         return self._start(stage.name, "bloombee_stage.server", args)
 
     def dead(self) -> list[LocalProcess]:

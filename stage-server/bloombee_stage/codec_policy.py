@@ -1,0 +1,134 @@
+"""When compression pays: ``compression: auto``, as one rule shared by stages and the planner.
+
+Sending ``x`` raw bytes over a link of bandwidth ``bw`` with a codec of ratio ``r``, encode speed
+``e``, decode speed ``d`` (bytes of raw tensor per second, one core) and fixed cost ``o`` per
+frame (call overhead, section headers) takes
+
+    o + x / e + x / (r * bw) + x / d        against        x / bw  raw,
+
+so a codec wins on links slower than its crossover bandwidth ``(1 - 1/r) / (1/e + 1/d)`` (for
+frames large enough that ``o`` is small). A stage picks, per frame, the fastest of raw and the
+codecs its peer decodes (agreed when a session opens); the planner costs every hidden-state hop
+with the same ``wire_seconds``. Profiles start from figures bench/codec.py measured on SmolLM2's
+hidden states and are refined by a stage from its own frames (CodecStats).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from bloombee_stage.codec import CODECS
+
+COMPRESSING = ("zstd", "byteplane", "exponent")
+
+
+@dataclass(frozen=True)
+class CodecProfile:
+    ratio: float  # raw bytes / encoded bytes
+    encode_bps: float  # raw bytes encoded per second on one core
+    decode_bps: float  # raw bytes decoded per second on one core
+    overhead_s: float = 0.0  # fixed cost per frame, encode + decode
+
+
+RAW = CodecProfile(ratio=1.0, encode_bps=math.inf, decode_bps=math.inf)
+
+# Measured by bench/codec.py (bench/results/codec.json) on 48-token frames of SmolLM2's hidden
+# states, one core of this project's 2-core CI machine; overheads from its 1-token frames.
+DEFAULT_PROFILES: dict[str, dict[str, CodecProfile]] = {
+    "float32": {
+        "zstd": CodecProfile(1.079, 1.1e9, 1.3e9, 8e-6),
+        "byteplane": CodecProfile(1.194, 1.0e9, 1.4e9, 2e-5),
+        "exponent": CodecProfile(1.188, 0.9e9, 1.2e9, 2e-5),
+    },
+    "float16": {
+        "zstd": CodecProfile(1.066, 0.8e9, 1.3e9, 8e-6),
+        "byteplane": CodecProfile(1.150, 1.0e9, 1.5e9, 1.5e-5),
+        "exponent": CodecProfile(1.150, 1.3e9, 1.6e9, 1.5e-5),
+    },
+    "bfloat16": {
+        "zstd": CodecProfile(1.245, 1.2e9, 1.4e9, 8e-6),
+        "byteplane": CodecProfile(1.451, 1.0e9, 1.3e9, 1.5e-5),
+        "exponent": CodecProfile(1.461, 1.2e9, 1.5e9, 1.5e-5),
+    },
+}
+
+
+def codec_seconds(raw_bytes: float, profile: CodecProfile) -> float:
+    """CPU time to encode and decode ``raw_bytes`` (zero for raw)."""
+    if profile is RAW or raw_bytes <= 0:
+        return 0.0
+    return profile.overhead_s + raw_bytes / profile.encode_bps + raw_bytes / profile.decode_bps
+
+
+def wire_seconds(raw_bytes: float, bandwidth: float, profile: CodecProfile = RAW) -> float:
+    """Encode + transfer + decode time of ``raw_bytes`` over a link of ``bandwidth`` bytes/s."""
+    return codec_seconds(raw_bytes, profile) + raw_bytes / profile.ratio / bandwidth
+
+
+def crossover_bandwidth(profile: CodecProfile) -> float:
+    """The bandwidth (bytes/s) below which the codec beats raw, for frames big enough to hide overhead."""
+    if profile.ratio <= 1.0:
+        return 0.0
+    return (1.0 - 1.0 / profile.ratio) / (1.0 / profile.encode_bps + 1.0 / profile.decode_bps)
+
+
+def choose_codec(
+    raw_bytes: float, bandwidth: float | None, profiles: Mapping[str, CodecProfile], allowed: Iterable[str]
+) -> str:
+    """The fastest of raw and the ``allowed`` codecs with a profile; raw when the bandwidth is unknown."""
+    if not bandwidth or bandwidth <= 0:
+        return "raw"
+    best, best_seconds = "raw", wire_seconds(raw_bytes, bandwidth)
+    for name in allowed:
+        profile = profiles.get(name)
+        if profile is not None and name != "raw":
+            seconds = wire_seconds(raw_bytes, bandwidth, profile)
+            if seconds < best_seconds:
+                best, best_seconds = name, seconds
+    return best
+
+
+class CodecStats:
+    """A stage's running profiles: every so often it codes a real frame with each codec and times it."""
+
+    def __init__(self, dtype: str, codecs: Iterable[str] = COMPRESSING, sample_every: int = 64,
+                 weight: float = 0.2) -> None:  # fmt: skip
+        self.dtype = dtype
+        self.profiles = {name: DEFAULT_PROFILES.get(dtype, {}).get(name, RAW) for name in codecs}
+        self.sample_every = sample_every
+        self.weight = weight
+        self.frames = 0
+        self.sampled = 0
+
+    def maybe_sample(self, raw: bytes) -> None:
+        """Profile the codecs on ``raw`` for the first few frames, then on one in ``sample_every``."""
+        self.frames += 1
+        if len(raw) < 4096 or (self.sampled >= 4 and self.frames % self.sample_every):
+            return
+        self.sampled += 1
+        for name, old in self.profiles.items():
+            codec = CODECS[name]
+            started = time.perf_counter()
+            encoded = codec.encode(raw, self.dtype)
+            encoded_at = time.perf_counter()
+            codec.decode(encoded, self.dtype, len(raw))
+            decoded_at = time.perf_counter()
+            seen = CodecProfile(len(raw) / max(len(encoded), 1), len(raw) / max(encoded_at - started, 1e-9),
+                                len(raw) / max(decoded_at - encoded_at, 1e-9), old.overhead_s)  # fmt: skip
+            self.profiles[name] = seen if old is RAW else self._blend(old, seen)
+
+    def describe(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"ratio": round(p.ratio, 4), "encode_MBps": round(p.encode_bps / 1e6),
+                   "decode_MBps": round(p.decode_bps / 1e6)}
+            for name, p in self.profiles.items()
+        }  # fmt: skip
+
+    def _blend(self, old: CodecProfile, seen: CodecProfile) -> CodecProfile:
+        a = self.weight
+        return CodecProfile(*((1 - a) * x + a * y for x, y in zip(
+            (old.ratio, old.encode_bps, old.decode_bps), (seen.ratio, seen.encode_bps, seen.decode_bps),
+            strict=True)), old.overhead_s)  # fmt: skip
