@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
+from bloombee_operator.planner.cost import Link, hop
+from bloombee_operator.planner.inputs import codec_candidates
 from bloombee_stage.codec import CODECS, ITEMSIZE, CodecError
+from bloombee_stage.codec_policy import (
+    COMPRESSING,
+    DEFAULT_PROFILES,
+    RAW,
+    CodecStats,
+    choose_codec,
+    crossover_bandwidth,
+    wire_seconds,
+)
 from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 DTYPES = list(ITEMSIZE)
+CAPTURE = Path(__file__).resolve().parent.parent / "bench" / "data" / "smollm2_hidden.npz"
 SPECIALS = {  # bit patterns: NaNs with payloads (quiet, signalling, negative), +-inf, -0.0, subnormals, extremes
     "float32": [0x7FC00000, 0x7FC12345, 0x7F800001, 0xFFC00001, 0x7F800000, 0xFF800000, 0x80000000, 0x00000001,
                 0x807FFFFF, 0x7F7FFFFF, 0x00800000],
@@ -117,3 +130,42 @@ def test_section_errors_name_the_section():
         CODECS["byteplane"].decode(bytes(bad_mode), "float32", len(raw))
     with pytest.raises(CodecError, match="not a whole number"):
         CODECS["exponent"].decode(encoded, "float32", len(raw) - 1)
+
+
+# -- the compression policy shared by stages and planner ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", sorted(DEFAULT_PROFILES))
+def test_compression_is_chosen_exactly_below_the_crossover(dtype):
+    big = 64 << 20  # per-frame overhead is negligible at this size
+    for name, profile in DEFAULT_PROFILES[dtype].items():
+        crossover = crossover_bandwidth(profile)
+        assert choose_codec(big, 0.95 * crossover, DEFAULT_PROFILES[dtype], [name]) == name
+        assert choose_codec(big, 1.05 * crossover, DEFAULT_PROFILES[dtype], [name]) == "raw"
+    assert choose_codec(big, None, DEFAULT_PROFILES[dtype], COMPRESSING) == "raw"  # unknown link: never guess
+
+
+def test_planner_hops_cost_what_the_stage_rule_picks():
+    candidates = codec_candidates("bfloat16", "auto")
+    for bandwidth in (1e6, 12.5e6, 125e6, 1.25e9):
+        for payload in (1152, 8 * 1152, 64 * 1152):
+            link = Link(rtt_s=0.05, bandwidth=bandwidth)
+            latency, busy = hop(link, payload, candidates)
+            picked = choose_codec(payload, bandwidth, DEFAULT_PROFILES["bfloat16"], COMPRESSING)
+            profile = DEFAULT_PROFILES["bfloat16"].get(picked, RAW)
+            assert latency == pytest.approx(0.025 + wire_seconds(payload, bandwidth, profile))
+            assert busy == pytest.approx(payload / profile.ratio / bandwidth)
+    assert hop(Link(0.05, 1e6), 64 * 1152, candidates)[0] < hop(Link(0.05, 1e6), 64 * 1152)[0]
+
+
+def test_a_stage_learns_its_codecs_from_its_own_frames():
+    bits = np.load(CAPTURE)["prompt0"][5].astype(np.float32)  # one boundary, 12 tokens
+    raw = bits.tobytes()
+    stats = CodecStats("float32", sample_every=2)
+    for _ in range(8):
+        stats.maybe_sample(raw)
+    assert stats.sampled == 6  # the first four frames, then one in two
+    for name in COMPRESSING:
+        actual = len(raw) / len(CODECS[name].encode(raw, "float32"))
+        assert stats.profiles[name].ratio == pytest.approx(actual, rel=0.02)
+        assert stats.profiles[name].encode_bps > 0 and stats.profiles[name].decode_bps > 0

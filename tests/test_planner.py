@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 from bloombee_operator.planner import (
@@ -20,6 +21,8 @@ from bloombee_operator.planner import (
 )
 from bloombee_operator.planner.cost import GATEWAY, best_stage, micro_batches, stage_option
 from bloombee_operator.planner.dp import micro_batch_sizes
+from bloombee_operator.planner.inputs import codec_candidates
+from bloombee_stage.codec_policy import RAW
 
 MB = 1 << 20
 
@@ -33,6 +36,7 @@ def random_instance(rng: random.Random, max_nodes: int = 6, max_layers: int = 12
         weight_bytes_per_layer=rng.choice([8, 16, 32]) * MB,
         kv_bytes_per_token_per_layer=rng.choice([1024, 4096, 16384]),
         hidden_bytes_per_token=rng.choice([1152, 4096, 16384]),
+        codecs=rng.choice([(RAW,), codec_candidates("bfloat16", "auto"), codec_candidates("float32", "zstd")]),
     )
     nodes = [
         Node(
@@ -171,10 +175,12 @@ def test_dp_is_never_worse_than_a_baseline(seed):
 
     Not asserted for relayed baselines: on link matrices without the triangle inequality a hop
     through the gateway can beat the direct link, and the DP does not route hops through relays.
+    Baselines send raw, so the DP may too: a forced codec (compression: zstd) can lose to raw.
     """
     from bloombee_operator.planner.baselines import BASELINES
 
-    args = random_instance(random.Random(5000 + seed))
+    model, *rest = random_instance(random.Random(5000 + seed))
+    args = (replace(model, codecs=(RAW, *(c for c in model.codecs if c != RAW))), *rest)
     try:
         best = plan(*args)
     except PlanningError:
@@ -270,10 +276,11 @@ def test_planner_input_files_report_the_bad_field(tmp_path):
 @pytest.mark.parametrize("seed", range(15))
 def test_relayed_plans_simulate_as_predicted(seed):
     """Relay execution (the Petals baseline) goes through the same model in the simulator."""
-    from bloombee_operator.planner.baselines import petals_plan
+    from bloombee_operator.planner.baselines import petals_plan, uncompressed
     from bloombee_operator.planner.simulator import simulate
 
     model, nodes, links, workload, options = random_instance(random.Random(700 + seed))
+    model = uncompressed(model)  # Petals sends raw hidden states
     try:
         relayed = petals_plan(model, nodes, links, workload, options)
     except PlanningError:

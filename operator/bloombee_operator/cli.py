@@ -122,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     resource = load_resource(args.file)
     spec = resource.spec
-    profile = profile_from_config(model_config(spec.model.source), spec.model.dtype)
+    profile = profile_from_config(model_config(spec.model.source), spec.model.dtype, spec.compression)
     nodes = nodes_from_file(args.nodes) if args.nodes else nodes_from_resource(resource, profile)
     clusters = sorted({n.cluster for n in nodes}, key=[c.name for c in spec.clusters].index)
     links = load_links(args.links, clusters)

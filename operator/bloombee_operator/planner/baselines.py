@@ -1,7 +1,8 @@
 """Baseline placements, costed with the same performance model as the DP (cost.py).
 
 They model the systems we compare against, which neither cut batches into micro-batches nor
-offload: each runs the whole batch as one (m = B) with every weight and KV byte on the device.
+offload nor compress: each runs the whole batch as one (m = B) with every weight and KV byte on
+the device, and sends hidden states raw whatever codecs the model profile offers.
 By default plans are costed with relay execution (the client forwards every hop), as Petals
 and the Petals-like system of Sun et al. run; ``relay=False`` costs the same placement under
 BloomBee's push execution, to separate the gain of placement from that of execution.
@@ -18,6 +19,9 @@ BloomBee's push execution, to separate the gain of placement from that of execut
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+
+from bloombee_stage.codec_policy import RAW
 
 from bloombee_operator.planner.cost import (
     GATEWAY,
@@ -38,6 +42,10 @@ from bloombee_operator.planner.split import equal_split
 NO_OFFLOAD = Options(allow_offload=False)
 
 
+def uncompressed(model: ModelProfile) -> ModelProfile:
+    return replace(model, codecs=(RAW,))
+
+
 def _capacity(model: ModelProfile, node: Node, workload: Workload, batch: int) -> int:
     per_layer = model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * workload.context * batch
     return min(model.num_layers, int(node.memory_bytes // per_layer))
@@ -47,6 +55,7 @@ def equal_split_plan(
     model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options, relay: bool = True
 ) -> Plan:
     batch = options.effective_batch(workload)
+    model = uncompressed(model)
     used = nodes[: model.num_layers]
     spans = [end - start for start, end in equal_split(model.num_layers, len(used))]
     plan = evaluate(model, {n.name: n for n in used}, links, [n.name for n in used], spans, batch, batch,
@@ -63,6 +72,7 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
     A server may serve any contiguous part of its window; each block is served once.
     """
     by_name = {n.name: n for n in nodes}
+    model = uncompressed(model)
     # dist[(covered blocks, last server)] = (cycle time so far, previous state, blocks served by last)
     best: dict[tuple[int, str], tuple[float, tuple[int, str] | None, int]] = {(0, GATEWAY): (0.0, None, 0)}
     for covered in range(model.num_layers):

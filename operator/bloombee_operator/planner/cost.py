@@ -5,7 +5,7 @@ Notation (SI units: seconds, bytes, bytes/second):
     L            transformer layers, all alike (same weights and cost per layer)
     w            weight bytes of one layer
     k            KV-cache bytes per token per layer
-    h            hidden-state bytes per token on the wire (after compression when enabled)
+    h            hidden-state bytes per token (raw; compression is a per-hop choice, below)
     B, S         the workload: B sequences in flight, S tokens of context each
     m            micro-batch size; n = ceil(B / m) micro-batches flow through the pipeline
     node u:      M_u device memory, a_u + b_u * m seconds per layer for a micro-batch of m
@@ -24,7 +24,11 @@ fraction f_kv (fractions of the stage's bytes kept in host memory or on disk):
     stage time      t = max(compute, streaming)       prefetch overlaps the two
 
 A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
-gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. Under relay
+gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. With compression,
+hidden states of x = m * h bytes cost rtt_uv / 2 + o + x / e + x / (r * bw_uv) + x / d instead
+(codec ratio r, encode/decode speeds e/d, per-frame cost o: bloombee_stage.codec_policy, the rule
+the stages apply) and keep the link busy for x / (r * bw_uv); each hop takes the fastest of the
+model's candidate codecs, which for ``compression: auto`` are raw and every codec. Under relay
 execution (Petals: the client forwards every hop) the hop from stage i to stage i+1 is two
 crossings, stage i -> gateway -> stage i+1, each carrying the hidden states. BloomBee may relay
 single hops the same way where the path through the gateway beats the direct link (internet
@@ -48,6 +52,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from bloombee_stage.codec_policy import RAW, CodecProfile, wire_seconds
+
 GATEWAY = "gateway"
 TOKEN_BYTES = 8
 
@@ -61,7 +67,8 @@ class ModelProfile:
     num_layers: int
     weight_bytes_per_layer: float
     kv_bytes_per_token_per_layer: float
-    hidden_bytes_per_token: float  # on the wire, after compression
+    hidden_bytes_per_token: float  # raw, before compression
+    codecs: tuple[CodecProfile, ...] = (RAW,)  # candidates per hop for hidden states; the fastest is used
 
 
 @dataclass(frozen=True)
@@ -187,10 +194,12 @@ def best_stage(
     return best
 
 
-def hop(link: Link, payload_bytes: float) -> tuple[float, float]:
-    """(latency, busy time) of sending ``payload_bytes`` over ``link``."""
-    busy = payload_bytes / link.bandwidth
-    return link.rtt_s / 2 + busy, busy
+def hop(link: Link, payload_bytes: float, codecs: tuple[CodecProfile, ...] = (RAW,)) -> tuple[float, float]:
+    """(latency, busy time) of sending ``payload_bytes`` over ``link`` with the fastest of ``codecs``."""
+    codec = min(codecs, key=lambda profile: wire_seconds(payload_bytes, link.bandwidth, profile))
+    return link.rtt_s / 2 + wire_seconds(
+        payload_bytes, link.bandwidth, codec
+    ), payload_bytes / codec.ratio / link.bandwidth
 
 
 def hop_path(source: str, target: str, via_gateway: bool = False) -> list[tuple[str, str]]:
@@ -198,11 +207,12 @@ def hop_path(source: str, target: str, via_gateway: bool = False) -> list[tuple[
     return [(source, GATEWAY), (GATEWAY, target)] if via_gateway else [(source, target)]
 
 
-def crossing(links: Links, source: str, target: str, payload_bytes: float, via_gateway: bool = False):
+def crossing(links: Links, source: str, target: str, payload_bytes: float, via_gateway: bool = False,
+             codecs: tuple[CodecProfile, ...] = (RAW,)):  # fmt: skip
     """(latency, busy time) of one hop between clusters; relayed, busy is that of its busier link."""
     latency = busy = 0.0
     for a, b in hop_path(source, target, via_gateway):
-        hop_latency, hop_busy = hop(links.get(a, b), payload_bytes)
+        hop_latency, hop_busy = hop(links.get(a, b), payload_bytes, codecs)
         latency, busy = latency + hop_latency, max(busy, hop_busy)
     return latency, busy
 
@@ -218,15 +228,15 @@ def relay_flags(relay: bool | tuple[bool, ...], stages: int) -> tuple[bool, ...]
 def legs(model: ModelProfile, nodes: dict[str, Node], order: list[str], relay: bool | tuple[bool, ...] = False):
     """The link crossings of one trip round the cycle: leg i enters stage i, the last leg returns.
 
-    Each leg is a list of (from cluster, to cluster, bytes per token) crossings.
+    Each leg is a list of (from cluster, to cluster, bytes per token, candidate codecs) crossings.
     """
     clusters = [nodes[name].cluster for name in order]
     hidden = model.hidden_bytes_per_token
-    trip = [[(GATEWAY, clusters[0], TOKEN_BYTES)]]
+    trip = [[(GATEWAY, clusters[0], TOKEN_BYTES, (RAW,))]]
     flags = relay_flags(relay, len(order))
     for (before, after), via_gateway in zip(itertools.pairwise(clusters), flags, strict=True):
-        trip.append([(a, b, hidden) for a, b in hop_path(before, after, via_gateway)])
-    trip.append([(clusters[-1], GATEWAY, TOKEN_BYTES)])
+        trip.append([(a, b, hidden, model.codecs) for a, b in hop_path(before, after, via_gateway)])
+    trip.append([(clusters[-1], GATEWAY, TOKEN_BYTES, (RAW,))])
     return trip
 
 
@@ -255,8 +265,8 @@ def evaluate(
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
         start += layers
     for leg in legs(model, nodes, order, relay):
-        for source, target, per_token in leg:
-            latency, busy = hop(links.get(source, target), micro_batch * per_token)
+        for source, target, per_token, codecs in leg:
+            latency, busy = hop(links.get(source, target), micro_batch * per_token, codecs)
             cycle += latency
             bottleneck = max(bottleneck, busy)
     n = micro_batches(batch, micro_batch)

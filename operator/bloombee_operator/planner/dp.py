@@ -100,7 +100,7 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
             for via_gateway in (False, True) if options.relay_hops else (False,):
                 key = (u.cluster, v.cluster, via_gateway)
                 if key not in by_clusters:
-                    by_clusters[key] = crossing(links, u.cluster, v.cluster, hidden, via_gateway)
+                    by_clusters[key] = crossing(links, u.cluster, v.cluster, hidden, via_gateway, model.codecs)
                 if via_gateway:
                     relay_latency[i, j], relay_busy[i, j] = by_clusters[key]
                 else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from bloombee_stage.codec_policy import DEFAULT_PROFILES, RAW, CodecProfile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, PlanningError
@@ -35,7 +36,17 @@ LOCAL_LINK = Link(rtt_s=0.0002, bandwidth=1.25e9)
 UNMEASURED_LINK = Link(rtt_s=0.001, bandwidth=125e6)
 
 
-def profile_from_config(config: dict, dtype: str = "float32", compression_ratio: float = 1.0) -> ModelProfile:
+def codec_candidates(dtype: str, compression: str = "off") -> tuple[CodecProfile, ...]:
+    """What a hop may use under the resource's ``compression``: auto weighs raw and every codec."""
+    measured = DEFAULT_PROFILES.get(dtype, {})
+    if compression == "auto":
+        return (RAW, *measured.values())
+    if compression in measured:
+        return (measured[compression],)
+    return (RAW,)
+
+
+def profile_from_config(config: dict, dtype: str = "float32", compression: str = "off") -> ModelProfile:
     """Bytes per layer and per token of a Llama-family model, from its config.json."""
     size = DTYPE_BYTES[dtype]
     hidden = config["hidden_size"]
@@ -48,7 +59,8 @@ def profile_from_config(config: dict, dtype: str = "float32", compression_ratio:
         num_layers=config["num_hidden_layers"],
         weight_bytes_per_layer=(attention + mlp + 2 * hidden) * size,
         kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * size,
-        hidden_bytes_per_token=hidden * size / compression_ratio,
+        hidden_bytes_per_token=hidden * size,
+        codecs=codec_candidates(dtype, compression),
     )
 
 

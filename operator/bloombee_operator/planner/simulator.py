@@ -18,7 +18,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from bloombee_operator.planner.cost import Links, ModelProfile, Node, Plan, legs, stage_option
+from bloombee_operator.planner.cost import Links, ModelProfile, Node, Plan, hop, legs, stage_option
 
 
 @dataclass
@@ -64,12 +64,11 @@ def simulate(
 
     def cross(position: int, now: float, occupants: int) -> float:
         """Send a slot over the leg into ``position`` (each crossing a FIFO wire); return its arrival time."""
-        for crossing, (source, target, per_token) in enumerate(trip[position]):
-            link = links.get(source, target)
-            busy = occupants * per_token / link.bandwidth
+        for crossing, (source, target, per_token, codecs) in enumerate(trip[position]):
+            latency, busy = hop(links.get(source, target), occupants * per_token, codecs)
             start = max(now, link_free.get((position, crossing), 0.0))
             link_free[(position, crossing)] = start + busy
-            now = start + busy + link.rtt_s / 2
+            now = start + latency
         return now
 
     def seat_and_go(slot: int, now: float) -> None:
