@@ -43,12 +43,15 @@ class StageSpec:
     def server_args(self, model_source: str) -> list[str]:
         """Arguments of ``python -m bloombee_stage.server`` (the container's args in Kubernetes)."""
         link = ["--link-mbps", f"{self.link_mbps:g}"] if self.link_mbps else []
+        offload = [*(["--offload-weights", f"{self.offload_weights:g}"] if self.offload_weights else []),
+                   *(["--offload-kv", f"{self.offload_kv:g}"] if self.offload_kv else [])]  # fmt: skip
         return [
             "--model", model_source,
             "--layers", f"{self.layers[0]}:{self.layers[1]}",
             "--dtype", self.dtype,
             "--codec", self.codec,
             *link,
+            *offload,
             "--name", self.name,
         ]  # fmt: skip
 

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -30,11 +30,12 @@ from bloombee_stage.codec import CODECS
 from bloombee_stage.codec_policy import CodecStats, choose_codec
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
+from bloombee_stage.offload import measure_bandwidth
 from bloombee_stage.protocol import CODECS_PATH, STEP_PATH, ResultMeta, StepMeta, error_body, read_error
 from bloombee_stage.sampling import pick_tokens
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.sessions import Session, SessionError, SessionStore
-from bloombee_stage.span import Span, SpanError, StageModel, truncate_cache
+from bloombee_stage.span import OffloadSettings, Span, SpanError, StageModel, truncate_cache
 from bloombee_stage.tensors import frame_tensor, tensor_frame
 from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame
 
@@ -49,6 +50,7 @@ class StageSettings:
     codec: str = "raw"  # for frames sent onward: a codec name, or "auto" (codec_policy decides per frame)
     link_bandwidth: float | None = None  # bytes/s of the link to the next stage, when measured
     accept_codecs: tuple[str, ...] = tuple(CODECS)  # codecs this stage takes from its peers
+    tier_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s measured at start-up
     kv_budget_bytes: int = 2 << 30
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
@@ -78,7 +80,21 @@ class StageService:
         self.metrics.gauge("sessions", "Open sessions", lambda: len(self.sessions.sessions))
         self.metrics.gauge("kv_reserved_bytes", "KV cache bytes reserved by sessions", self.sessions.reserved_bytes)
         self.metrics.gauge("kv_budget_bytes", "KV cache budget", lambda: settings.kv_budget_bytes)
-        self.metrics.gauge("weight_bytes", "Bytes of weights held", model.weight_bytes)
+        self.metrics.gauge("weight_bytes", "Bytes of weights held resident", model.weight_bytes)
+        for tier in ("device", "slots", "host", "disk"):
+            self.metrics.gauge(f"weight_{tier}_bytes", f"Weight bytes in the {tier} tier",
+                               lambda tier=tier: model.weight_tiers()[tier])  # fmt: skip
+        self.metrics.gauge(
+            "kv_offloaded_bytes",
+            "KV cache bytes reserved on disk",
+            lambda: self.sessions.reserved_tokens() * model.kv_bytes_per_token(resident=False),
+        )
+        if model.streamer is not None:
+            stats = model.streamer.stats
+            self.metrics.gauge("offload_read_bytes", "Weight bytes streamed in", lambda: stats.bytes_read)
+            self.metrics.gauge("offload_stall_seconds", "Compute time spent waiting for streamed weights",
+                               lambda: stats.stall_seconds)  # fmt: skip
+
         self.metrics.gauge("layer_ms", "Measured ms per layer per forward (moving average)", lambda: model.layer_ms)
 
     # -- validation -------------------------------------------------------------------------
@@ -210,6 +226,18 @@ class StageService:
             "accepts_codecs": sorted(self.settings.accept_codecs),
             "link_bandwidth": self.settings.link_bandwidth,
             "codec_profiles": self.codec_stats.describe(),
+            "offload": {
+                "weights": model.offload.weights,
+                "kv": model.offload.kv,
+                "prefetch": model.offload.prefetch,
+                "tier": model.streamer.tier if model.streamer else None,
+                "weight_tiers": model.weight_tiers(),
+                "kv_bytes_per_token": {
+                    "device": model.kv_bytes_per_token(),
+                    "disk": model.kv_bytes_per_token(resident=False),
+                },
+                "tier_bandwidth": self.settings.tier_bandwidth,
+            },
             "memory": {
                 "weight_bytes": model.weight_bytes(),
                 "kv_budget_bytes": self.settings.kv_budget_bytes,
@@ -397,6 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
         f"{','.join(CODECS)})",
     )  # fmt: skip
     parser.add_argument("--kv-budget-gib", type=float, default=2.0, help="KV cache budget over all sessions")
+    parser.add_argument(
+        "--offload-weights",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the span's layers whose weights stay in the lower tier and stream in",
+    )
+    parser.add_argument(
+        "--offload-kv",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="fraction of the span's layers whose KV cache stays on disk between steps",
+    )
+    parser.add_argument(
+        "--offload-tier",
+        choices=["host", "disk"],
+        default=None,
+        help="lower tier for weights (default: pinned host memory under CUDA, else disk)",
+    )
+    parser.add_argument("--no-prefetch", action="store_true", help="load offloaded layers only when due (no overlap)")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="seconds before an idle session closes")
     parser.add_argument("--ready-file", default=None, help="write {url, port, pid} here once listening")
     parser.add_argument("--log-level", default="INFO")
@@ -411,15 +460,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model_dir = prepare_model(args.model)
         total = int(read_config(model_dir)["num_hidden_layers"])
-        model = StageModel(model_dir, Span(args.layers[0], args.layers[1], total), args.dtype, args.device)
-    except (ModelSourceError, SpanError) as error:
+        offload = OffloadSettings(args.offload_weights, args.offload_kv, args.offload_tier, not args.no_prefetch)
+        model = StageModel(model_dir, Span(args.layers[0], args.layers[1], total), args.dtype, args.device, offload)
+    except (ModelSourceError, SpanError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     log.info("loaded layers [%d, %d) of %d in %.1f s", *args.layers, total, model.load_seconds)
+    bandwidth = measure_bandwidth(next(model_dir.glob("*.safetensors")))
+    log.info("tier bandwidths: %s", {key: f"{value / 1e9:.2f} GB/s" for key, value in bandwidth.items()})
     settings = StageSettings(
         name=args.name,
         codec=args.codec,
         link_bandwidth=args.link_mbps * 1e6 / 8 if args.link_mbps else None,
         accept_codecs=args.accept_codecs,
+        tier_bandwidth=bandwidth,
         kv_budget_bytes=int(args.kv_budget_gib * (1 << 30)),
         session_timeout_s=args.session_timeout,
     )

@@ -41,8 +41,11 @@ class SessionStore:
         self.max_length = max_length
         self.sessions: dict[str, Session] = {}
 
+    def reserved_tokens(self) -> int:
+        return sum(s.reserved for s in self.sessions.values())
+
     def reserved_bytes(self) -> int:
-        return sum(s.reserved for s in self.sessions.values()) * self.kv_bytes_per_token
+        return self.reserved_tokens() * self.kv_bytes_per_token
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)

@@ -20,13 +20,22 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
+
+from bloombee_stage.offload import (
+    KVStore,
+    TensorLocation,
+    WeightStreamer,
+    attach_kv_store,
+    safetensors_locations,
+    spread,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,15 +92,30 @@ def _span_owns(name: str, span: Span, tie_word_embeddings: bool) -> bool:
     return name.startswith(("model.norm.", "lm_head.")) and span.is_last
 
 
-def _span_state_dict(model_dir: Path, span: Span, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Read only the span's tensors, renaming ``model.layers.<global>`` to ``model.layers.<local>``."""
+def _offloaded_locations(model_dir: Path, span: Span, local_layers: list[int]) -> dict[int, list[TensorLocation]]:
+    """Where each offloaded layer's tensors are on disk, named as inside the layer module."""
+    available = _checkpoint_tensor_names(model_dir)
+    in_file = {path: safetensors_locations(path) for path in set(available.values())}
+    found: dict[int, list[TensorLocation]] = {index: [] for index in local_layers}
+    for name, path in sorted(available.items()):
+        if name.startswith("model.layers."):
+            index_text, _, rest = name[len("model.layers.") :].partition(".")
+            local = int(index_text) - span.start
+            if local in found:
+                found[local].append(replace(in_file[path][name], name=rest))
+    return found
+
+
+def _span_state_dict(model_dir: Path, span: Span, tie_word_embeddings: bool,
+                     skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Read only the span's tensors (less the ``skip`` local layers), renamed to local layer indices."""
     wanted: dict[str, str] = {}  # checkpoint name -> name in the span module
     available = _checkpoint_tensor_names(model_dir)
     for name in available:
         if name.startswith("model.layers."):
             index_text, _, rest = name[len("model.layers.") :].partition(".")
             index = int(index_text)
-            if span.start <= index < span.end:
+            if span.start <= index < span.end and index - span.start not in skip:
                 wanted[name] = f"model.layers.{index - span.start}.{rest}"
         elif _span_owns(name, span, tie_word_embeddings):
             wanted[name] = name
@@ -120,10 +144,20 @@ def _span_config(config: PretrainedConfig, span: Span) -> PretrainedConfig:
     return span_config
 
 
+@dataclass(frozen=True)
+class OffloadSettings:
+    weights: float = 0.0  # fraction of the span's layers whose weights live in the lower tier
+    kv: float = 0.0  # fraction of the span's layers whose KV cache lives on disk between steps
+    tier: str | None = None  # weights' lower tier: "host" or "disk" (default: host under CUDA, else disk)
+    prefetch: bool = True  # read the next offloaded layer while the current one computes
+    kv_dir: Path | None = None  # where KV files go (default: the system's temporary directory)
+
+
 class StageModel:
     """Runs a span's layers for one session at a time; callers serialise calls (one torch thread pool)."""
 
-    def __init__(self, model_dir: Path, span: Span, dtype: str = "float32", device: str | None = None) -> None:
+    def __init__(self, model_dir: Path, span: Span, dtype: str = "float32", device: str | None = None,
+                 offload: OffloadSettings | None = None) -> None:  # fmt: skip
         if dtype not in DTYPES:
             raise SpanError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
         self.model_dir = Path(model_dir)
@@ -135,10 +169,14 @@ class StageModel:
         self.full_config = config
         self.config = _span_config(config, span)
         self.config._attn_implementation = "sdpa"
+        self.offload = offload or OffloadSettings()
+        offloaded = spread(span.length, self.offload.weights)
+        self.kv_offloaded = frozenset(spread(span.length, self.offload.kv))
         started = time.perf_counter()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
-        state = _span_state_dict(self.model_dir, span, bool(getattr(config, "tie_word_embeddings", False)))
+        state = _span_state_dict(self.model_dir, span, bool(getattr(config, "tie_word_embeddings", False)),
+                                 frozenset(offloaded))  # fmt: skip
         state = {name: tensor.to(self.dtype) for name, tensor in state.items()}
         missing, _ = model.load_state_dict(state, strict=False, assign=True)
         body = model.model
@@ -148,13 +186,20 @@ class StageModel:
         if not span.is_last:
             body.norm = None
             model.lm_head = None
+        streamed = tuple(f"model.layers.{index}." for index in offloaded)
         expected_missing = [
-            name for name in missing if not name.startswith(("model.embed_tokens", "model.norm", "lm_head"))
-        ]
+            name for name in missing
+            if not name.startswith(("model.embed_tokens", "model.norm", "lm_head", *streamed))
+        ]  # fmt: skip
         if expected_missing:
             raise SpanError(f"{model_dir}: checkpoint lacks {expected_missing[:5]} for span [{span.start}, {span.end})")
         # rotary inv_freq is a non-persistent buffer: it is not in the checkpoint, so rebuild it for real.
         body.rotary_emb = type(body.rotary_emb)(config=self.config)
+        self.streamer: WeightStreamer | None = None
+        if offloaded:
+            tier = self.offload.tier or ("host" if self.device.type == "cuda" else "disk")
+            self.streamer = WeightStreamer(body.layers, _offloaded_locations(self.model_dir, span, offloaded), tier,
+                                           self.dtype, self.device, self.offload.prefetch)  # fmt: skip
         self.model = model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - started
         self.layer_ms = 0.0  # running mean of measured ms per layer per forward
@@ -166,13 +211,39 @@ class StageModel:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self, resident: bool = True) -> int:
+        """KV bytes per token of the layers whose cache stays in memory (or, resident=False, of those that don't)."""
         cfg = self.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return 2 * self.span.length * cfg.num_key_value_heads * head_dim * torch.finfo(self.dtype).bits // 8
+        layers = self.span.length - len(self.kv_offloaded) if resident else len(self.kv_offloaded)
+        return 2 * layers * cfg.num_key_value_heads * head_dim * torch.finfo(self.dtype).bits // 8
 
     def weight_bytes(self) -> int:
+        """Weights held resident (offloaded layers' placeholders count nothing; their slots are apart)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def weight_tiers(self) -> dict[str, int]:
+        """Weight bytes per tier: resident, the two streaming slots, and the lower tier."""
+        tiers = {"device": self.weight_bytes(), "slots": 0, "host": 0, "disk": 0}
+        if self.streamer is not None:
+            tiers["slots"] = self.streamer.slot_bytes()
+            tiers[self.streamer.tier] = self.streamer.offloaded_bytes()
+        return tiers
+
+    def _page_in(self, cache: DynamicCache, index: int) -> None:
+        layer = cache.layers[index]
+        if layer.is_initialized and layer.keys is not None and layer.keys.is_meta:
+            store: KVStore = cache.bloombee_kv_store
+            layer.keys, layer.values = store.page_in(index, layer.keys.shape[-2], self.device)
+
+    def _page_out(self, cache: DynamicCache, index: int) -> None:
+        layer = cache.layers[index]
+        store = getattr(cache, "bloombee_kv_store", None)
+        if store is None:
+            store = cache.bloombee_kv_store = attach_kv_store(cache, self.offload.kv_dir)
+        store.page_out(index, layer.keys, layer.values)
+        layer.keys = torch.empty(layer.keys.shape, dtype=layer.keys.dtype, device="meta")
+        layer.values = torch.empty(layer.values.shape, dtype=layer.values.dtype, device="meta")
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, cache: DynamicCache, keep_last: int = 1) -> torch.Tensor:
@@ -195,7 +266,11 @@ class StageModel:
             position_ids=position_ids,
         )
         position_embeddings = body.rotary_emb(hidden, position_ids=position_ids)
-        for layer in body.layers:
+        for index, layer in enumerate(body.layers):
+            if self.streamer is not None:
+                self.streamer.before(index)
+            if index in self.kv_offloaded:
+                self._page_in(cache, index)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
@@ -204,6 +279,10 @@ class StageModel:
                 past_key_values=cache,
                 use_cache=True,
             )
+            if index in self.kv_offloaded:
+                self._page_out(cache, index)
+            if self.streamer is not None:
+                self.streamer.after(index)
         if self.span.is_last:
             hidden = body.norm(hidden)
             hidden = self.model.lm_head(hidden[:, -keep_last:, :])

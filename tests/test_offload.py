@@ -1,0 +1,94 @@
+"""Offloading: same tokens at every offload fraction, and a stage's memory bounded while it streams."""
+
+from __future__ import annotations
+
+import gc
+import json
+import urllib.request
+
+import pytest
+import torch
+from bloombee_stage.offload import spread
+from pipelines import SMOLLM2, start_pipeline
+from test_pipeline_smollm2 import completion_request, reference_tokens
+
+PROMPT_IDS = [504, 3458, 282, 4649, 314, 253, 3104, 30, 378, 3458, 282]
+
+
+@pytest.mark.parametrize(("count", "fraction", "expected"), [
+    (30, 0.0, []), (30, 1.0, list(range(30))), (4, 0.5, [1, 3]), (10, 0.25, [2, 7]), (1, 0.5, []), (3, 1 / 3, [1]),
+])  # fmt: skip
+def test_offloaded_layers_are_spread_through_the_span(count, fraction, expected):
+    assert spread(count, fraction) == expected
+
+
+def test_a_fraction_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        spread(10, 1.5)
+
+
+def greedy(model, prompt: list[int], new_tokens: int, rollback_at: int = 5) -> tuple[list[int], object]:
+    """Decode greedily through a StageModel holding the whole model; once, roll the cache back a token and redo it."""
+    from bloombee_stage.span import truncate_cache
+
+    cache, tokens, rolled = model.new_cache(), [], False
+    logits = model.forward(torch.tensor([prompt]), cache)
+    while len(tokens) < new_tokens:
+        tokens.append(int(logits[0, -1].argmax()))
+        if len(tokens) == rollback_at and not rolled:
+            rolled = True
+            truncate_cache(cache, cache.get_seq_length() - 1)  # forget the last token fed ...
+            logits = model.forward(torch.tensor([tokens[-2:-1]]), cache)  # ... feed it again ...
+            tokens.pop()  # ... and predict the newest one a second time
+            continue
+        logits = model.forward(torch.tensor([tokens[-1:]]), cache)
+    return tokens, cache
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("weights", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("kv", [0.0, 0.5, 1.0])
+def test_greedy_tokens_do_not_depend_on_offload(smollm2_dir, smollm2_reference, weights, kv, tmp_path):
+    from bloombee_stage.span import OffloadSettings, Span, StageModel
+
+    torch.set_num_threads(1)
+    model = StageModel(smollm2_dir, Span(0, 30, 30), offload=OffloadSettings(weights, kv, kv_dir=tmp_path))
+    tokens, cache = greedy(model, PROMPT_IDS, 12)
+    assert tokens == reference_tokens(smollm2_reference, PROMPT_IDS, 12)
+    tiers = model.weight_tiers()
+    layer_bytes = 14_155_776  # one SmolLM2 layer in float32
+    assert tiers["disk"] == pytest.approx(round(30 * weights) * layer_bytes, rel=0.01)
+    if weights:
+        assert model.streamer.stats.loads > 0 and tiers["slots"] >= 2 * layer_bytes
+    store = getattr(cache, "bloombee_kv_store", None)
+    assert (store is not None) == bool(kv)  # KV went to disk exactly when asked, and came back
+    if store is not None:
+        assert store.bytes_written > 0 and store.bytes_read > 0 and list(tmp_path.glob("bloombee-kv-*/layer*"))
+    del cache, store
+    gc.collect()
+    assert not list(tmp_path.glob("bloombee-kv-*"))  # a session's KV files go with it
+
+
+def info(url: str) -> dict:
+    with urllib.request.urlopen(url + "/info", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+@pytest.mark.model
+def test_a_streaming_stage_stays_within_its_memory_while_serving_more_weights(tmp_path, smollm2_reference):
+    """Stage 1 serves 29 layers (411 MB of weights) with weights and KV offloaded, next to stage 0 (1 layer)."""
+    pipeline = start_pipeline(tmp_path, SMOLLM2, "smollm2", num_stages=2, stage_overrides={
+        0: {"layers": (0, 1)}, 1: {"layers": (1, 30), "offload_weights": 1.0, "offload_kv": 1.0}})  # fmt: skip
+    try:
+        status, reply = pipeline.post("/completions", completion_request("The three most important inventions are"))
+        assert status == 200, reply
+        assert reply["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, reply["prompt_token_ids"])
+        small, streaming = info(pipeline.stage_url(0)), info(pipeline.stage_url(1))
+        tiers = streaming["offload"]["weight_tiers"]
+        head = streaming["memory"]["weight_bytes"]  # what stage 1 keeps resident: its final norm and LM head
+        budget = small["memory"]["rss_bytes"] + head + tiers["slots"] + (64 << 20)
+        assert tiers["disk"] > 400e6 and tiers["disk"] > budget - small["memory"]["rss_bytes"]  # it cannot all fit
+        assert streaming["memory"]["rss_bytes"] < budget, (streaming["memory"], small["memory"], tiers)
+        assert streaming["offload"]["tier_bandwidth"]["disk_read_bps"] > 0
+    finally:
+        pipeline.backend.stop()
