@@ -169,3 +169,11 @@ def test_a_stage_learns_its_codecs_from_its_own_frames():
         actual = len(raw) / len(CODECS[name].encode(raw, "float32"))
         assert stats.profiles[name].ratio == pytest.approx(actual, rel=0.02)
         assert stats.profiles[name].encode_bps > 0 and stats.profiles[name].decode_bps > 0
+
+
+def test_a_damaged_size_header_cannot_make_the_decoder_allocate_it():
+    """Found by hypothesis: a flipped byte in zstd's frame header declared 72 PB and the decoder tried."""
+    encoded = bytearray(CODECS["zstd"].encode(bytes(16), "int64"))
+    encoded[4] ^= 208
+    with pytest.raises(CodecError, match="declares 72057662757422352 bytes, expected 16"):
+        CODECS["zstd"].decode(bytes(encoded), "int64", 16)

@@ -46,6 +46,7 @@ def random_instance(rng: random.Random, max_nodes: int = 6, max_layers: int = 12
             seconds_per_layer=rng.uniform(0.2e-3, 3e-3),
             seconds_per_layer_token=rng.uniform(0.01e-3, 0.3e-3),
             host_bandwidth=rng.choice([0.5e9, 4e9, 16e9]),
+            stream_interference=rng.choice([0.0, 0.0, 0.3]),
         )
         for i in range(count)
     ]

@@ -80,11 +80,19 @@ def _zstd_encode(data: bytes, dtype: str) -> bytes:
     return _coders()[0].compress(data)
 
 
-def _zstd_decode(data: bytes, dtype: str, raw_length: int) -> bytes:
+def _decompress(data: bytes | memoryview, expected: int, what: str) -> bytes:
+    """zstd-decode at most ``expected`` bytes; a damaged header never makes us allocate what it claims."""
     try:
-        return _coders()[2].decompress(data, max_output_size=raw_length)
+        declared = zstandard.frame_content_size(data)
+        if declared > expected:  # -1: not declared, then max_output_size bounds the output
+            raise CodecError(f"{what} declares {declared} bytes, expected {expected}")
+        return _coders()[2].decompress(data, max_output_size=expected)
     except zstandard.ZstdError as error:
-        raise CodecError(f"zstd payload does not decode: {error}") from None
+        raise CodecError(f"{what} does not decode: {error}") from None
+
+
+def _zstd_decode(data: bytes, dtype: str, raw_length: int) -> bytes:
+    return _decompress(data, raw_length, "zstd payload")
 
 
 # -- sections ---------------------------------------------------------------------------------
@@ -123,10 +131,7 @@ def _unpack(data: bytes, lengths: list[int]) -> list[bytes]:
         if mode == _RAW:
             plane = bytes(body)
         elif mode == _ENTROPY:
-            try:
-                plane = _coders()[2].decompress(body, max_output_size=expected)
-            except zstandard.ZstdError as error:
-                raise CodecError(f"section {index} does not decode: {error}") from None
+            plane = _decompress(body, expected, f"section {index}")
         else:
             raise CodecError(f"section {index} has unknown mode {mode}")
         if len(plane) != expected:

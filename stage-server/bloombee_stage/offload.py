@@ -270,21 +270,28 @@ def _remove_tree(directory: Path) -> None:
 
 
 def measure_bandwidth(path: Path, nbytes: int = 64 << 20) -> dict[str, float]:
-    """Tier bandwidths in bytes/s, measured once at start-up: host memory copy and file reads."""
+    """Tier bandwidths in bytes/s, measured once at start-up: file reads (first and repeated) and host copies.
+
+    The first read of a region may come from the disk, a repeated one comes from the page cache:
+    offloaded weights that fit in the machine's free memory stream at the second speed after the
+    first step, larger ones at the first (``stream_bandwidth``).
+    """
     size = min(nbytes, os.path.getsize(path))
     buffer = torch.empty(size, dtype=torch.uint8)
     descriptor = os.open(path, os.O_RDONLY)
+    reads = []
     try:
-        started = time.perf_counter()
-        os.preadv(descriptor, [memoryview(buffer.numpy())], 0)
-        disk = size / max(time.perf_counter() - started, 1e-9)
+        for _ in range(2):
+            started = time.perf_counter()
+            os.preadv(descriptor, [memoryview(buffer.numpy())], 0)
+            reads.append(size / max(time.perf_counter() - started, 1e-9))
     finally:
         os.close(descriptor)
     target = torch.empty_like(buffer)
     started = time.perf_counter()
     target.copy_(buffer)
     host = size / max(time.perf_counter() - started, 1e-9)
-    result = {"disk_read_bps": disk, "host_copy_bps": host}
+    result = {"disk_read_bps": reads[0], "cached_read_bps": reads[1], "host_copy_bps": host}
     if torch.cuda.is_available():
         pinned = buffer.pin_memory()
         device_buffer = torch.empty(size, dtype=torch.uint8, device="cuda")
@@ -294,3 +301,27 @@ def measure_bandwidth(path: Path, nbytes: int = 64 << 20) -> dict[str, float]:
         torch.cuda.synchronize()
         result["host_to_device_bps"] = size / max(time.perf_counter() - started, 1e-9)
     return result
+
+
+def available_memory() -> int:
+    """Bytes the kernel could hand out now (MemAvailable), 0 where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def stream_bandwidth(bandwidth: dict[str, float], tier: str, offloaded_bytes: int) -> float:
+    """The rate a stage streams offloaded weights at, for the planner: see ``measure_bandwidth``."""
+    if tier == "host":
+        rate = bandwidth["host_copy_bps"]
+    else:
+        cached = offloaded_bytes < available_memory()
+        rate = bandwidth["cached_read_bps"] if cached else bandwidth["disk_read_bps"]
+    if "host_to_device_bps" in bandwidth:  # under CUDA the lower tier feeds a host-to-device copy
+        rate = bandwidth["host_to_device_bps"] if tier == "host" else min(rate, bandwidth["host_to_device_bps"])
+    return rate

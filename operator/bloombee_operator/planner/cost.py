@@ -21,7 +21,11 @@ fraction f_kv (fractions of the stage's bytes kept in host memory or on disk):
     streaming       (l * w * f_w / n  +  l * k * S * m * f_kv) / H_u
                     offloaded weights are loaded once per round and serve all n micro-batches
                     (FlexGen's zig-zag order); offloaded KV is paged in per micro-batch
-    stage time      t = max(compute, streaming)       prefetch overlaps the two
+    stage time      t = max(compute, streaming) + i_u * streaming
+                    prefetch overlaps the two; i_u is the share of streaming that still
+                    delays compute: 0 where a copy engine moves the bytes (GPU), > 0 on a CPU
+                    node, where the copy and the layer's own weight reads share memory
+                    bandwidth (bench/offload.py measures it)
 
 A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
 gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. With compression,
@@ -79,6 +83,7 @@ class Node:
     seconds_per_layer: float  # a: fixed cost per layer per micro-batch (weight reads)
     seconds_per_layer_token: float  # b: extra cost per token in the micro-batch
     host_bandwidth: float = 2e9  # bytes/s for streaming offloaded weights/KV
+    stream_interference: float = 0.0  # share of streaming time that also delays compute (CPU nodes: > 0)
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ def stage_option(
     compute = layers * (node.seconds_per_layer + node.seconds_per_layer_token * micro_batch)
     n = micro_batches(batch, micro_batch)
     streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / batch
-    return max(compute, streamed / node.host_bandwidth)
+    stream = streamed / node.host_bandwidth
+    return max(compute, stream) + node.stream_interference * stream
 
 
 def best_stage(

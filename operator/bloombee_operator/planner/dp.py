@@ -70,6 +70,7 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
     a = np.array([n.seconds_per_layer for n in nodes])[:, None]
     b = np.array([n.seconds_per_layer_token for n in nodes])[:, None]
     host = np.array([n.host_bandwidth for n in nodes])[:, None]
+    interference = np.array([n.stream_interference for n in nodes])[:, None]
     weights = layers * model.weight_bytes_per_layer
     kv = layers * model.kv_bytes_per_token_per_layer * context * batch
     compute = layers * (a + b * m)
@@ -79,7 +80,8 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
         for f_kv in options.offload_choices():
             fits = weights * (1 - f_w) + kv * (1 - f_kv) <= memory
             streamed = weights * f_w / n + kv * f_kv * m / batch
-            seconds = np.where(fits, np.maximum(compute, streamed / host), INF)
+            stream = streamed / host
+            seconds = np.where(fits, np.maximum(compute, stream) + interference * stream, INF)
             best = np.minimum(best, seconds)
     best[:, 0] = INF
     return best
