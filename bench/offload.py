@@ -3,7 +3,8 @@
 For weight offload 0, 0.25, 0.5, 0.75 and 1.0 (lower tier: disk here, pinned host memory when
 CUDA is present), with and without prefetch overlap, at micro-batch 1 and 8: the decode step
 time of a StageModel (per-token latency; tokens/s = micro-batch / step time), median over
---steps steps after a 16-token prefill and two warm-up steps, one torch thread.
+--steps steps (after a 16-token prefill and two warm-up steps) x --repeats interleaved sweeps,
+one torch thread.
 
 Prediction: the planner's stage cost (planner/cost.py ``stage_option``), its node calibrated from
 three rows of this run: a + b * m from offload 0 at micro-batch 1 and 8; the stream bandwidth H
@@ -16,7 +17,7 @@ start-up measurement (``measure_bandwidth``) is reported beside H.
 Disk reads go through the OS page cache, which keeps this 0.5 GB model after the first pass:
 the "disk" tier here streams at page-cache speed, not a cold disk's.
 
-    python bench/offload.py [--steps 12]
+    python bench/offload.py [--steps 8] [--repeats 3]
 
 Writes bench/results/offload.json and prints a table.
 """
@@ -56,26 +57,40 @@ def step_times(model: StageModel, micro_batch: int, steps: int) -> list[float]:
     return times
 
 
-def run(model_dir: Path, steps: int) -> list[dict]:
+def run(model_dir: Path, steps: int, repeats: int) -> list[dict]:
+    """Every configuration ``repeats`` times, interleaved, so a slow spell of a shared machine hits them all."""
+    configs = [(m, fraction, prefetch) for m in MICRO_BATCHES for fraction in FRACTIONS
+               for prefetch in ((True, False) if fraction else (True,))]  # fmt: skip
+    times: dict[tuple, list[float]] = {config: [] for config in configs}
+    streams: dict[tuple, list[float]] = {config: [0.0, 0.0, 0.0, 0] for config in configs}
+    tiers: dict[tuple, dict] = {}
+    for repeat in range(repeats):
+        for config in configs:
+            micro_batch, fraction, prefetch = config
+            model = StageModel(model_dir, Span(0, 30, 30), offload=OffloadSettings(fraction, 0.0, None, prefetch))
+            times[config] += step_times(model, micro_batch, steps)
+            tiers[config] = model.weight_tiers()
+            if model.streamer:
+                stats = model.streamer.stats
+                totals = streams[config]
+                totals[0] += stats.bytes_read
+                totals[1] += stats.read_seconds
+                totals[2] += stats.stall_seconds / stats.loads * len(model.streamer.order)
+                totals[3] += 1
+                model.streamer.close()
+        print(f"  sweep {repeat + 1}/{repeats} done", flush=True)
     rows = []
-    for micro_batch in MICRO_BATCHES:
-        for fraction in FRACTIONS:
-            for prefetch in (True, False) if fraction else (True,):
-                model = StageModel(model_dir, Span(0, 30, 30), offload=OffloadSettings(fraction, 0.0, None, prefetch))
-                times = step_times(model, micro_batch, steps)
-                stats = model.streamer.stats if model.streamer else None
-                step = statistics.median(times)
-                rows.append({
-                    "micro_batch": micro_batch, "offload_weights": fraction, "prefetch": prefetch,
-                    "step_ms": step * 1000, "tokens_per_s": micro_batch / step,
-                    "weight_tiers": model.weight_tiers(),
-                    "stall_s_per_step": stats.stall_seconds / stats.loads * len(model.streamer.order) if stats else 0,
-                    "stream_GBps": stats.bytes_read / max(stats.read_seconds, 1e-9) / 1e9 if stats else None,
-                })  # fmt: skip
-                print(f"  m={micro_batch} offload={fraction:.2f} prefetch={prefetch}: {step * 1000:.1f} ms/step",
-                      flush=True)  # fmt: skip
-                if model.streamer:
-                    model.streamer.close()
+    for config in configs:
+        micro_batch, fraction, prefetch = config
+        step = statistics.median(times[config])
+        read_bytes, read_seconds, stall, sweeps = streams[config]
+        rows.append({
+            "micro_batch": micro_batch, "offload_weights": fraction, "prefetch": prefetch,
+            "step_ms": step * 1000, "tokens_per_s": micro_batch / step, "steps_timed": len(times[config]),
+            "weight_tiers": tiers[config],
+            "stall_s_per_step": stall / sweeps if sweeps else 0.0,
+            "stream_GBps": read_bytes / read_seconds / 1e9 if read_seconds else None,
+        })  # fmt: skip
     return rows
 
 
@@ -112,7 +127,8 @@ def predict(rows: list[dict], layer_bytes: float, node: Node) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per configuration and sweep")
+    parser.add_argument("--repeats", type=int, default=3, help="sweeps over all configurations, interleaved")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "offload.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -120,7 +136,7 @@ def main() -> None:
     weights_file = next(model_dir.glob("*.safetensors"))
     bandwidth = measure_bandwidth(weights_file)
     print(f"tier bandwidths: { {k: f'{v / 1e9:.2f} GB/s' for k, v in bandwidth.items()} }", flush=True)
-    rows = run(model_dir, args.steps)
+    rows = run(model_dir, args.steps, args.repeats)
     layer_bytes = next(r["weight_tiers"]["disk"] for r in rows if r["offload_weights"] == 1.0) / 30
     node = calibrate(rows, layer_bytes)
     predict(rows, layer_bytes, node)

@@ -90,5 +90,6 @@ def test_a_streaming_stage_stays_within_its_memory_while_serving_more_weights(tm
         assert tiers["disk"] > 400e6 and tiers["disk"] > budget - small["memory"]["rss_bytes"]  # it cannot all fit
         assert streaming["memory"]["rss_bytes"] < budget, (streaming["memory"], small["memory"], tiers)
         assert streaming["offload"]["tier_bandwidth"]["disk_read_bps"] > 0
+        assert streaming["offload"]["stream"]["bytes_read"] >= 29 * 14_155_776  # every layer came in at least once
     finally:
         pipeline.backend.stop()

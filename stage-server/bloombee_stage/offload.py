@@ -134,6 +134,13 @@ class WeightStreamer:
 
     # -- bytes per tier --------------------------------------------------------------------------
 
+    def describe(self) -> dict[str, float]:
+        """What streaming cost while serving: the planner's host bandwidth comes from here."""
+        stats = self.stats
+        rate = stats.bytes_read / stats.read_seconds if stats.read_seconds else 0.0
+        return {"bytes_read": stats.bytes_read, "read_seconds": round(stats.read_seconds, 4),
+                "stall_seconds": round(stats.stall_seconds, 4), "loads": stats.loads, "read_bps": rate}  # fmt: skip
+
     def offloaded_bytes(self) -> int:
         return sum(size for _, size in self._layout.values())
 

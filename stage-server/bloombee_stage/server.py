@@ -237,6 +237,7 @@ class StageService:
                     "disk": model.kv_bytes_per_token(resident=False),
                 },
                 "tier_bandwidth": self.settings.tier_bandwidth,
+                "stream": model.streamer.describe() if model.streamer else None,
             },
             "memory": {
                 "weight_bytes": model.weight_bytes(),

@@ -82,7 +82,10 @@ class NodeEntry(_File):
     memory_gib: float = Field(alias="memoryGiB", gt=0)
     ms_per_layer: float = Field(alias="msPerLayer", gt=0)
     ms_per_layer_token: float = Field(default=0.0, alias="msPerLayerToken", ge=0)
+    # A stage's /info reports these under offload: streamed GB/s while serving, and how much streaming
+    # delays compute on its node (bench/offload.py shows how to calibrate both).
     host_gbps: float = Field(default=2.0, alias="hostGBps", gt=0)
+    stream_interference: float = Field(default=0.0, alias="streamInterference", ge=0, le=2)
 
 
 def _load_list(path: str | Path, key: str, entry: type[_File]) -> list:
@@ -122,7 +125,13 @@ def load_links(path: str | Path | None, clusters: list[str]) -> Links:
 def nodes_from_file(path: str | Path) -> list[Node]:
     return [
         Node(
-            e.name, e.cluster, e.memory_gib * GIB, e.ms_per_layer / 1000, e.ms_per_layer_token / 1000, e.host_gbps * 1e9
+            e.name,
+            e.cluster,
+            e.memory_gib * GIB,
+            e.ms_per_layer / 1000,
+            e.ms_per_layer_token / 1000,
+            e.host_gbps * 1e9,
+            e.stream_interference,
         )
         for e in _load_list(path, "nodes", NodeEntry)
     ]
