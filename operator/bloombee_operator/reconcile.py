@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from bloombee_operator.planner import equal_split
 from bloombee_operator.resource import DistributedLLM
 
+GATEWAY_DRAFTS = ("none", "prompt-lookup")  # draft kinds the gateway implements today
 CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
 
 
@@ -62,6 +63,13 @@ class GatewayDesired:
     served_model_name: str
     port: int
     replicas: int
+    draft: str = "none"
+    draft_max: int = 8
+
+    def server_args(self) -> list[str]:
+        """Arguments of ``python -m bloombee_stage.gateway`` beyond the stage URLs and the port."""
+        return ["--served-model-name", self.served_model_name, "--draft", self.draft,
+                "--draft-max", str(self.draft_max)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,11 +115,15 @@ def desired_state(
         )
         for index, span in enumerate(spans)
     )
+    if spec.draft.kind not in GATEWAY_DRAFTS:
+        raise ValueError(f"spec.draft.kind {spec.draft.kind!r} is not available yet; use one of {GATEWAY_DRAFTS}")
     gateway = GatewayDesired(
         name=f"{name}-gateway",
         served_model_name=name,
         port=spec.gateway.service.port,
         replicas=spec.gateway.replicas,
+        draft=spec.draft.kind,
+        draft_max=spec.draft.max_tokens,
     )
     return DesiredState(
         name=name,

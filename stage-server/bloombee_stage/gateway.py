@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from bloombee_stage.generation import Generated, TextAssembler, generate
+from bloombee_stage.generation import Generated, Speculation, TextAssembler, generate
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
 from bloombee_stage.openai_protocol import (
@@ -35,6 +35,7 @@ from bloombee_stage.openai_protocol import (
 from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
 from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, StepMeta, error_body
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
+from bloombee_stage.speculative import DraftLength
 from bloombee_stage.wire import WireError, decode_frame, encode_frame
 
 log = logging.getLogger("bloombee.gateway")
@@ -49,6 +50,8 @@ class GatewaySettings:
     api_key: str | None = None
     relay: bool = False  # baseline mode: the gateway forwards every hop itself
     relay_hops: list[bool] | None = None  # per hop between stages: through this gateway (planner's choice)
+    draft: str = "none"  # speculative decoding: "none" or "prompt-lookup" (greedy requests)
+    draft_max: int = 8  # longest draft per round
 
 
 class ApiError(Exception):
@@ -145,10 +148,15 @@ class Gateway:
         assembler = TextAssembler(self.decode, request.stop_strings())
         eos = set() if request.ignore_eos else self.eos_ids
         started = time.perf_counter()
+        speculation = Speculation(self.settings.draft, DraftLength(min(4, self.settings.draft_max),
+                                                                   self.settings.draft_max))  # fmt: skip
         async for piece in generate(
-            self.pipeline, prompt, max_tokens, request.sampling_params(), eos, assembler, result
+            self.pipeline, prompt, max_tokens, request.sampling_params(), eos, assembler, result, speculation
         ):
             yield piece
+        self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
+        self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", speculation.length.proposed)
+        self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", speculation.length.accepted)
         self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
         self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
         self.metrics.observe("generation_seconds", "Wall time per generation", time.perf_counter() - started)
@@ -383,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated 0/1 per hop between stages: 1 routes that hop through this gateway (from the plan)",
     )
+    parser.add_argument("--draft", choices=["none", "prompt-lookup"], default="none",
+                        help="speculative decoding for greedy requests: draft tokens by prompt lookup, verify them "
+                        "in one pass through the pipeline")  # fmt: skip
+    parser.add_argument("--draft-max", type=int, default=8, help="longest draft per round (adapts below it)")
     parser.add_argument("--ready-file", default=None)
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -405,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         relay=args.relay,
         relay_hops=[flag.strip() == "1" for flag in args.relay_hops.split(",")] if args.relay_hops else None,
+        draft=args.draft,
+        draft_max=max(1, args.draft_max),
     )
     gateway = Gateway(AutoTokenizer.from_pretrained(model_dir), read_config(model_dir), settings)
     asyncio.run(serve(create_app(gateway), args.host, args.port, args.ready_file, "gateway", gateway.bind))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from bloombee_stage.pipeline import PipelineClient
 from bloombee_stage.sampling import SamplingParams
+from bloombee_stage.speculative import DraftLength, accept_greedy, prompt_lookup_draft
 
 
 @dataclass
@@ -64,6 +65,15 @@ class Generated:
     finish_reason: str | None = None
 
 
+@dataclass
+class Speculation:
+    """The draft a generation uses, and how it fared (for the caller's metrics)."""
+
+    kind: str = "none"  # "none" | "prompt-lookup"
+    length: DraftLength = field(default_factory=DraftLength)
+    rounds: int = 0
+
+
 async def generate(
     pipeline: PipelineClient,
     prompt_ids: list[int],
@@ -72,28 +82,46 @@ async def generate(
     eos_ids: set[int],
     assembler: TextAssembler,
     result: Generated,
+    speculation: Speculation | None = None,
 ) -> AsyncIterator[str]:
-    """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end."""
+    """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
+
+    Each round feeds the tokens not yet in the stages' caches plus a draft, and keeps what
+    verification accepts (speculative.py); without a draft a round yields exactly one token.
+    """
+    speculation = speculation or Speculation()
+    drafting = speculation.kind == "prompt-lookup" and sampling.greedy
     session = pipeline.new_session()
-    start, feed = 0, list(prompt_ids)
+    limit = len(prompt_ids) + max_tokens
+    context, start, pending = list(prompt_ids), 0, list(prompt_ids)
     try:
-        for _ in range(max_tokens):
-            (token,) = await pipeline.step(session, start, feed, sampling, max_length=len(prompt_ids) + max_tokens)
-            start += len(feed)
-            feed = [token]
-            result.token_ids.append(token)
-            if token in eos_ids:
-                result.finish_reason = "stop"
-                break
-            piece = assembler.push(token)
-            if piece:
-                result.text += piece
-                yield piece
-            if assembler.stopped:
-                result.finish_reason = "stop"
-                break
-        else:
-            result.finish_reason = "length"
+        while result.finish_reason is None:
+            room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
+            draft = prompt_lookup_draft(context, min(speculation.length.current, room)) if drafting else []
+            predicted = await pipeline.step(session, start, pending + draft, sampling, max_length=limit,
+                                            keep=len(draft) + 1)  # fmt: skip
+            accepted = accept_greedy(draft, predicted)
+            speculation.rounds += 1
+            if draft:
+                speculation.length.update(len(draft), len(accepted) - 1)
+            start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
+            pending = [accepted[-1]]
+            for token in accepted:
+                result.token_ids.append(token)
+                context.append(token)
+                if token in eos_ids:
+                    result.finish_reason = "stop"
+                    break
+                piece = assembler.push(token)
+                if piece:
+                    result.text += piece
+                    yield piece
+                if assembler.stopped:
+                    result.finish_reason = "stop"
+                    break
+                if len(result.token_ids) >= max_tokens:
+                    result.finish_reason = "length"
+                    break
         tail = assembler.finish()
         if tail:
             result.text += tail

@@ -141,7 +141,7 @@ class LocalBackend:
         args = [
             "--model", desired.model_source,
             "--stages", ",".join(str(p.url) for p in stages),
-            "--served-model-name", gateway.served_model_name,
+            *gateway.server_args(),
             "--port", str(self.gateway_port),
             *self.gateway_args,
         ]  # fmt: skip

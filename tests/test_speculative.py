@@ -1,0 +1,60 @@
+"""Speculative decoding: drafts, greedy verification, and the same tokens as generate through real stages."""
+
+from __future__ import annotations
+
+import pytest
+from bloombee_stage.speculative import DraftLength, accept_greedy, prompt_lookup_draft
+from pipelines import SMOLLM2, start_pipeline
+from test_pipeline_smollm2 import chat_request, completion_request, reference_tokens
+
+
+@pytest.mark.parametrize(("context", "k", "expected"), [
+    ([1, 2, 3, 4, 1, 2], 3, [3, 4, 1]),  # the trigram is new, the bigram [1, 2] was seen: continue it
+    ([5, 1, 2, 9, 1, 2, 7, 1, 2], 2, [7, 1]),  # the latest earlier match wins
+    ([1, 2, 3], 4, []),  # nothing repeats
+    ([7, 7], 3, [7]),  # a match right before the tail
+    ([1, 2, 3, 1, 2], 0, []),
+])  # fmt: skip
+def test_prompt_lookup_continues_the_latest_earlier_match(context, k, expected):
+    assert prompt_lookup_draft(context, k) == expected
+
+
+def test_verification_keeps_the_agreed_prefix_and_the_models_next_token():
+    assert accept_greedy([], [9]) == [9]
+    assert accept_greedy([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]  # all accepted + a bonus token
+    assert accept_greedy([4, 5, 6], [4, 8, 6, 7]) == [4, 8]  # the model's token replaces the first miss
+    assert accept_greedy([4, 5, 6], [3, 5, 6, 7]) == [3]
+    with pytest.raises(ValueError, match="expected one more"):
+        accept_greedy([1, 2], [1, 2])
+
+
+def test_draft_length_follows_acceptance():
+    length = DraftLength(current=4, maximum=6)
+    length.update(4, 4)
+    length.update(5, 5)
+    length.update(6, 6)
+    assert length.current == 6  # capped
+    length.update(6, 1)
+    assert length.current == 3
+    assert length.acceptance == pytest.approx(16 / 21)
+
+
+@pytest.mark.model
+def test_prompt_lookup_gives_the_tokens_of_generate_in_fewer_rounds(tmp_path, smollm2_reference):
+    pipeline = start_pipeline(tmp_path, SMOLLM2, "smollm2", gateway_args=["--draft", "prompt-lookup"])
+    try:
+        requests = [
+            ("/completions", completion_request("def fibonacci(n):\n")),
+            ("/chat/completions", chat_request("Repeat this sentence three times: the cat sat on the mat.")),
+            ("/chat/completions", chat_request("Write a short poem about the sea.")),
+        ]
+        for path, body in requests:
+            status, reply = pipeline.post(path, body)
+            assert status == 200, reply
+            assert reply["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, reply["prompt_token_ids"])
+        metrics = pipeline.gateway_metrics()
+        generated = metrics["bloombee_gateway_generated_tokens_total"]
+        assert metrics["bloombee_gateway_draft_accepted_total"] > 0
+        assert metrics["bloombee_gateway_rounds_total"] < generated  # some rounds gave several tokens
+    finally:
+        pipeline.backend.stop()
