@@ -92,29 +92,34 @@ def _span_owns(name: str, span: Span, tie_word_embeddings: bool) -> bool:
     return name.startswith(("model.norm.", "lm_head.")) and span.is_last
 
 
-def _offloaded_locations(model_dir: Path, span: Span, local_layers: list[int]) -> dict[int, list[TensorLocation]]:
+def _layer_tensor(name: str) -> tuple[int, str] | None:
+    """(global layer index, name inside the layer) of a ``model.layers.<i>.<rest>`` tensor, else None."""
+    if not name.startswith("model.layers."):
+        return None
+    index_text, _, rest = name[len("model.layers.") :].partition(".")
+    return int(index_text), rest
+
+
+def _offloaded_locations(available: dict[str, Path], span: Span,
+                         local_layers: list[int]) -> dict[int, list[TensorLocation]]:  # fmt: skip
     """Where each offloaded layer's tensors are on disk, named as inside the layer module."""
-    available = _checkpoint_tensor_names(model_dir)
     in_file = {path: safetensors_locations(path) for path in set(available.values())}
     found: dict[int, list[TensorLocation]] = {index: [] for index in local_layers}
     for name, path in sorted(available.items()):
-        if name.startswith("model.layers."):
-            index_text, _, rest = name[len("model.layers.") :].partition(".")
-            local = int(index_text) - span.start
-            if local in found:
-                found[local].append(replace(in_file[path][name], name=rest))
+        layer = _layer_tensor(name)
+        if layer is not None and layer[0] - span.start in found:
+            found[layer[0] - span.start].append(replace(in_file[path][name], name=layer[1]))
     return found
 
 
-def _span_state_dict(model_dir: Path, span: Span, tie_word_embeddings: bool,
+def _span_state_dict(model_dir: Path, available: dict[str, Path], span: Span, tie_word_embeddings: bool,
                      skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:  # fmt: skip
     """Read only the span's tensors (less the ``skip`` local layers), renamed to local layer indices."""
     wanted: dict[str, str] = {}  # checkpoint name -> name in the span module
-    available = _checkpoint_tensor_names(model_dir)
     for name in available:
-        if name.startswith("model.layers."):
-            index_text, _, rest = name[len("model.layers.") :].partition(".")
-            index = int(index_text)
+        layer = _layer_tensor(name)
+        if layer is not None:
+            index, rest = layer
             if span.start <= index < span.end and index - span.start not in skip:
                 wanted[name] = f"model.layers.{index - span.start}.{rest}"
         elif _span_owns(name, span, tie_word_embeddings):
@@ -175,7 +180,8 @@ class StageModel:
         started = time.perf_counter()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
-        state = _span_state_dict(self.model_dir, span, bool(getattr(config, "tie_word_embeddings", False)),
+        available = _checkpoint_tensor_names(self.model_dir)  # read once: resident and streamed layers both need it
+        state = _span_state_dict(self.model_dir, available, span, bool(getattr(config, "tie_word_embeddings", False)),
                                  frozenset(offloaded))  # fmt: skip
         state = {name: tensor.to(self.dtype) for name, tensor in state.items()}
         missing, _ = model.load_state_dict(state, strict=False, assign=True)
@@ -198,7 +204,7 @@ class StageModel:
         self.streamer: WeightStreamer | None = None
         if offloaded:
             tier = self.offload.tier or ("host" if self.device.type == "cuda" else "disk")
-            self.streamer = WeightStreamer(body.layers, _offloaded_locations(self.model_dir, span, offloaded), tier,
+            self.streamer = WeightStreamer(body.layers, _offloaded_locations(available, span, offloaded), tier,
                                            self.dtype, self.device, self.offload.prefetch)  # fmt: skip
         self.model = model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - started
