@@ -45,13 +45,13 @@ PROMPT = [504, 3458, 282, 4649, 314, 253, 3104, 30, 378, 3458, 282, 1012, 4296, 
 
 
 def step_times(model: StageModel, micro_batch: int, steps: int) -> list[float]:
-    cache = model.new_cache()
-    logits = model.forward(torch.tensor([PROMPT] * micro_batch), cache)
+    caches = [model.new_cache() for _ in range(micro_batch)]
+    logits = model.forward_rows(torch.tensor([PROMPT] * micro_batch), caches, [len(PROMPT)] * micro_batch)
     times = []
     for index in range(steps + 2):
-        tokens = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.stack([row[-1].argmax(-1, keepdim=True) for row in logits])
         started = time.perf_counter()
-        logits = model.forward(tokens, cache)
+        logits = model.forward_rows(tokens, caches, [1] * micro_batch)
         if index >= 2:  # two warm-up steps
             times.append(time.perf_counter() - started)
     return times

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import torch
-from bloombee_stage.protocol import STEP_PATH, StepMeta
+from bloombee_stage.protocol import STEP_PATH, RowMeta, StepMeta
 from bloombee_stage.tensors import tensor_frame
 from bloombee_stage.wire import encode_frame, frame_checksum
 from pipelines import start_pipeline
@@ -25,9 +25,11 @@ def post_frame(url: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def step_frame(tensor: torch.Tensor, **meta) -> bytes:
-    fields = {"session": "probe", "step": 1, "start": 0, **meta}
-    return encode_frame(tensor_frame(tensor, StepMeta(**fields).model_dump(mode="json")))
+def step_frame(tensor: torch.Tensor, route: list[str] | None = None, session: str = "probe", **row) -> bytes:
+    """A one-row step frame; ``row`` holds RowMeta fields beyond the session (start defaults to 0)."""
+    row = RowMeta(session=session, length=tensor.shape[1], **{"start": 0, **row})
+    meta = StepMeta(step=1, rows=[row], route=route or [])
+    return encode_frame(tensor_frame(tensor, meta.model_dump(mode="json")))
 
 
 @pytest.fixture(scope="module")

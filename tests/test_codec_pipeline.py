@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 import torch
-from bloombee_stage.protocol import CODECS_PATH, StepMeta
+from bloombee_stage.protocol import CODECS_PATH, RowMeta, StepMeta
 from bloombee_stage.tensors import tensor_frame
 from bloombee_stage.wire import encode_frame
 from pipelines import SMOLLM2, start_pipeline
@@ -62,7 +62,8 @@ def test_peers_agree_on_codecs_when_a_session_opens(tmp_path, tiny_dir):
         assert set(sent_by_codec(pipeline.stage_metrics(1))) == {"exponent"}
 
         hidden = torch.randn(1, 3, 64)
-        meta = StepMeta(session="probe", step=1, start=0, route=[pipeline.stage_url(2)]).model_dump(mode="json")
+        row = RowMeta(session="probe", start=0, length=3)
+        meta = StepMeta(step=1, rows=[row], route=[pipeline.stage_url(2)]).model_dump(mode="json")
         body = encode_frame(tensor_frame(hidden, meta), "byteplane")
         status, error = post_frame(pipeline.stage_url(1), body)
         assert status == 400

@@ -12,7 +12,7 @@ import pytest
 import torch
 from bloombee_stage.model import ModelSourceError, prepare_model, resolve_source
 from bloombee_stage.sessions import SessionError, SessionStore
-from bloombee_stage.span import Span, SpanError, StageModel, truncate_cache
+from bloombee_stage.span import OffloadSettings, Span, SpanError, StageModel, truncate_cache
 from transformers import AutoModelForCausalLM
 
 
@@ -49,6 +49,45 @@ def test_rollback_then_recompute_gives_the_same_logits(tiny_dir):
         assert cache.get_seq_length() == 4
     again = run_spans(stages, caches, torch.tensor([[8, 9]]))
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("kv_offload", [0.0, 0.5])
+def test_a_micro_batch_of_sessions_gives_each_session_its_own_logits(tiny_dir, kv_offload):
+    """Rows of different cached lengths and widths, padded into one step, match running each alone."""
+    offload = OffloadSettings(kv=kv_offload)
+    stages = [
+        StageModel(tiny_dir, Span(0, 2, 6), offload=offload),
+        StageModel(tiny_dir, Span(2, 6, 6), offload=offload),
+    ]
+    prompts = [[5, 17, 300, 2, 41, 9, 8], [44], [3, 3, 3, 3]]
+    steps = [[77], [12, 13, 14], [900, 901]]
+    alone, batched = [], [[s.new_cache() for s in stages] for _ in prompts]
+    for prompt, step, caches in zip(prompts, steps, batched, strict=True):
+        own = [s.new_cache() for s in stages]
+        run_spans(stages, own, torch.tensor([prompt]))
+        alone.append(run_spans(stages, own, torch.tensor([step]))[0])
+        run_spans(stages, caches, torch.tensor([prompt]))  # the same history, cached per session
+    width = max(len(step) for step in steps)
+    inputs = torch.zeros(len(steps), width, dtype=torch.int64)
+    for row, step in enumerate(steps):
+        inputs[row, : len(step)] = torch.tensor(step)
+    lengths = [len(step) for step in steps]
+    hidden = stages[0].forward_rows(inputs, [caches[0] for caches in batched], lengths)
+    assert hidden.shape == (3, width, 64) and not hidden[1, 3:].any() and not hidden[0, 1:].any()  # padding zeroed
+    logits = stages[1].forward_rows(hidden, [caches[1] for caches in batched], lengths, keep=lengths)
+    for expected, got in zip(alone, logits, strict=True):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    for prompt, step, caches in zip(prompts, steps, batched, strict=True):
+        assert [c.get_seq_length() for c in caches] == [len(prompt) + len(step)] * 2
+
+
+def test_early_exit_model_holds_the_head(tiny_dir):
+    draft = StageModel(tiny_dir, Span(0, 2, 6), head=True)
+    assert draft.model.lm_head is not None and draft.model.model.norm is not None
+    logits = draft.forward(torch.tensor([[1, 2, 3]]), draft.new_cache(), keep_last=2)
+    assert logits.shape == (1, 2, 49152)
 
 
 def test_stage_holds_only_its_own_parts(tiny_dir):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from bloombee_stage.speculative import DraftLength, accept_greedy, prompt_lookup_draft
+from bloombee_stage.speculative import DraftLength, accept_greedy, expected_tokens, prompt_lookup_draft
 from pipelines import SMOLLM2, start_pipeline
 from test_pipeline_smollm2 import chat_request, completion_request, reference_tokens
 
@@ -28,15 +28,24 @@ def test_verification_keeps_the_agreed_prefix_and_the_models_next_token():
         accept_greedy([1, 2], [1, 2])
 
 
-def test_draft_length_follows_acceptance():
-    length = DraftLength(current=4, maximum=6)
-    length.update(4, 4)
-    length.update(5, 5)
-    length.update(6, 6)
-    assert length.current == 6  # capped
-    length.update(6, 1)
-    assert length.current == 3
-    assert length.acceptance == pytest.approx(16 / 21)
+def test_draft_length_follows_acceptance_and_round_trip():
+    length = DraftLength(maximum=8, round_trip_s=0.2, draft_token_s=0.001)
+    for _ in range(10):
+        length.update(8, 8, round_trip_s=0.2, draft_seconds=0.008)
+    assert length.current == 8  # always accepted, cheap drafts: the longest draft
+    for _ in range(10):
+        length.update(8, 0, round_trip_s=0.2, draft_seconds=0.008)
+    assert length.current == 1  # never accepted: the shortest
+    assert length.acceptance == pytest.approx(80 / 160)
+    slow_draft = DraftLength(maximum=8, accept_rate=0.7, round_trip_s=0.01, draft_token_s=0.01)
+    fast_draft = DraftLength(maximum=8, accept_rate=0.7, round_trip_s=0.2, draft_token_s=0.001)
+    assert slow_draft.current < fast_draft.current  # drafting that costs as much as a round trip pays less
+
+
+def test_expected_tokens_per_round():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
 @pytest.mark.model

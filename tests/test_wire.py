@@ -31,7 +31,9 @@ def test_empty_and_scalar_tensors():
 
 @pytest.fixture
 def good() -> bytes:
-    return encode_frame(Frame(meta={"session": "abc", "step": 9}, dtype="float32", shape=(2, 3), data=bytes(24)))
+    return encode_frame(
+        Frame(meta={"step": 9, "rows": [{"session": "abc"}]}, dtype="float32", shape=(2, 3), data=bytes(24))
+    )
 
 
 def test_every_truncation_is_reported(good):
@@ -65,7 +67,7 @@ def test_unknown_dtype_and_codec_name_the_frame(good):
         damaged[offset] = value
         with pytest.raises(WireError, match=message) as caught:
             decode_frame(_reseal(damaged))
-        assert "session=abc step=9" in str(caught.value)
+        assert "step=9 session=abc" in str(caught.value)
 
 
 def test_wrong_payload_size_for_shape(good):

@@ -14,13 +14,16 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from bloombee_stage.batching import MicroBatcher
 from bloombee_stage.generation import Generated, Speculation, TextAssembler, generate
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
@@ -35,7 +38,8 @@ from bloombee_stage.openai_protocol import (
 from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
 from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, StepMeta, error_body
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
-from bloombee_stage.speculative import DraftLength
+from bloombee_stage.span import Span, SpanError, StageModel
+from bloombee_stage.speculative import DraftLength, ModelDrafter
 from bloombee_stage.wire import WireError, decode_frame, encode_frame
 
 log = logging.getLogger("bloombee.gateway")
@@ -50,8 +54,13 @@ class GatewaySettings:
     api_key: str | None = None
     relay: bool = False  # baseline mode: the gateway forwards every hop itself
     relay_hops: list[bool] | None = None  # per hop between stages: through this gateway (planner's choice)
-    draft: str = "none"  # speculative decoding: "none" or "prompt-lookup" (greedy requests)
+    draft: str = "none"  # speculative decoding: one of DRAFT_KINDS
     draft_max: int = 8  # longest draft per round
+    micro_batch: int = 1  # rows per step (the plan's micro-batch size); 1: every request steps alone
+    max_in_flight: int | None = None  # steps in the pipeline at once when batching (default: one per stage)
+
+
+DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model")
 
 
 class ApiError(Exception):
@@ -71,9 +80,14 @@ class ApiError(Exception):
 
 
 class Gateway:
-    def __init__(self, tokenizer: Any, model_config: dict, settings: GatewaySettings) -> None:
+    def __init__(self, tokenizer: Any, model_config: dict, settings: GatewaySettings,
+                 drafter: ModelDrafter | None = None) -> None:  # fmt: skip
+        if settings.draft in ("early-exit", "model") and drafter is None:
+            raise ValueError(f"draft {settings.draft!r} needs a draft model")
         self.tokenizer = tokenizer
         self.settings = settings
+        self.drafter = drafter
+        self.draft_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if drafter else None
         self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
         eos = model_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -82,7 +96,14 @@ class Gateway:
         self.router = ResultRouter()
         self.http: aiohttp.ClientSession | None = None
         self.pipeline: PipelineClient | None = None
+        self.batcher: MicroBatcher | None = None
         self.metrics = Metrics("bloombee_gateway")
+        self.metrics.gauge("steps_sent", "Steps (micro-batches) sent into the pipeline",
+                           lambda: self.batcher.steps if self.batcher else 0)  # fmt: skip
+        self.metrics.gauge("rows_sent", "Rows (one per generation and round) carried by those steps",
+                           lambda: self.batcher.rows if self.batcher else 0)  # fmt: skip
+        self.metrics.gauge("steps_in_flight", "Steps in the pipeline now",
+                           lambda: self.batcher.in_flight if self.batcher else 0)  # fmt: skip
 
     def bind(self, own_url: str) -> None:
         """Called once the server listens: results come back to ``public_url`` or our own address."""
@@ -97,6 +118,7 @@ class Gateway:
             relay=self.settings.relay,
             relay_hops=self.settings.relay_hops,
         )
+        self.batcher = MicroBatcher(self.pipeline, self.settings.micro_batch, self.settings.max_in_flight)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -144,14 +166,14 @@ class Gateway:
     async def run(
         self, request: CompletionRequest | ChatCompletionRequest, prompt: list[int], max_tokens: int, result: Generated
     ) -> AsyncIterator[str]:
-        assert self.pipeline is not None
+        assert self.batcher is not None
         assembler = TextAssembler(self.decode, request.stop_strings())
         eos = set() if request.ignore_eos else self.eos_ids
         started = time.perf_counter()
-        speculation = Speculation(self.settings.draft, DraftLength(min(4, self.settings.draft_max),
-                                                                   self.settings.draft_max))  # fmt: skip
+        speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
+                                  self.draft_executor)  # fmt: skip
         async for piece in generate(
-            self.pipeline, prompt, max_tokens, request.sampling_params(), eos, assembler, result, speculation
+            self.batcher, prompt, max_tokens, request.sampling_params(), eos, assembler, result, speculation
         ):
             yield piece
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
@@ -343,6 +365,8 @@ def create_app(gateway: Gateway) -> web.Application:
     async def lifecycle(app: web.Application):
         gateway.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=gateway.settings.step_timeout_s))
         yield
+        if gateway.batcher is not None:
+            await gateway.batcher.stop()
         await gateway.http.close()
 
     app.cleanup_ctx.append(lifecycle)
@@ -391,13 +415,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated 0/1 per hop between stages: 1 routes that hop through this gateway (from the plan)",
     )
-    parser.add_argument("--draft", choices=["none", "prompt-lookup"], default="none",
-                        help="speculative decoding for greedy requests: draft tokens by prompt lookup, verify them "
-                        "in one pass through the pipeline")  # fmt: skip
+    parser.add_argument("--draft", choices=DRAFT_KINDS, default="none",
+                        help="speculative decoding: draft tokens by prompt lookup, by the model's first --draft-layers "
+                        "layers and its head (early-exit), or by a small model (--draft-model); the pipeline "
+                        "verifies them in one pass (greedy: same tokens; sampling: same distribution)")  # fmt: skip
     parser.add_argument("--draft-max", type=int, default=8, help="longest draft per round (adapts below it)")
+    parser.add_argument("--draft-layers", type=int, default=None, help="early-exit: layers of the model to draft with")
+    parser.add_argument("--draft-model", default=None, help="model draft: source of a small model with the same "
+                        "tokenizer (gguf://, .gguf, .safetensors or HF directory)")  # fmt: skip
+    parser.add_argument("--micro-batch", type=int, default=1, help="rows (concurrent requests) per step; the "
+                        "plan's micro-batch size (1: every request steps alone)")  # fmt: skip
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="steps in the pipeline at once when batching (default: one per stage)",
+    )
     parser.add_argument("--ready-file", default=None)
     parser.add_argument("--log-level", default="INFO")
     return parser
+
+
+def load_drafter(kind: str, model_dir: Path, layers: int | None, source: str | None,
+                 vocab: int) -> ModelDrafter | None:  # fmt: skip
+    """The draft model a kind needs: the target's first ``layers`` layers plus its head, or a small model."""
+    if kind == "early-exit":
+        total = int(read_config(model_dir)["num_hidden_layers"])
+        if layers is None or not 1 <= layers < total:
+            raise ValueError(f"--draft early-exit needs --draft-layers between 1 and {total - 1}")
+        model = StageModel(model_dir, Span(0, layers, total), head=True)
+    elif kind == "model":
+        if not source:
+            raise ValueError("--draft model needs --draft-model SOURCE")
+        draft_dir = prepare_model(source)
+        total = int(read_config(draft_dir)["num_hidden_layers"])
+        model = StageModel(draft_dir, Span(0, total, total))
+        if int(model.config.vocab_size) < vocab:
+            raise ValueError(f"draft model {source!r} has {model.config.vocab_size} tokens; the model has {vocab}: "
+                             "a draft model must share the tokenizer")  # fmt: skip
+    else:
+        return None
+    log.info("draft %s: %d layers loaded in %.1f s", kind, model.span.length, model.load_seconds)
+    return ModelDrafter(model, kind)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -419,8 +478,15 @@ def main(argv: list[str] | None = None) -> None:
         relay_hops=[flag.strip() == "1" for flag in args.relay_hops.split(",")] if args.relay_hops else None,
         draft=args.draft,
         draft_max=max(1, args.draft_max),
+        micro_batch=max(1, args.micro_batch),
+        max_in_flight=args.max_in_flight,
     )
-    gateway = Gateway(AutoTokenizer.from_pretrained(model_dir), read_config(model_dir), settings)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        drafter = load_drafter(args.draft, model_dir, args.draft_layers, args.draft_model, len(tokenizer))
+    except (ModelSourceError, SpanError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    gateway = Gateway(tokenizer, read_config(model_dir), settings, drafter)
     asyncio.run(serve(create_app(gateway), args.host, args.port, args.ready_file, "gateway", gateway.bind))
 
 

@@ -1,13 +1,18 @@
-"""Turning a stream of token ids into text: incremental detokenisation, stop strings, finish reasons."""
+"""One generation: rounds of draft + step through the pipeline, turned into text with stop strings."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from bloombee_stage.pipeline import PipelineClient
+from bloombee_stage.batching import MicroBatcher
+from bloombee_stage.protocol import RowMeta
 from bloombee_stage.sampling import SamplingParams
-from bloombee_stage.speculative import DraftLength, accept_greedy, prompt_lookup_draft
+from bloombee_stage.speculative import Draft, DraftLength, DraftState, ModelDrafter, prompt_lookup_draft
 
 
 @dataclass
@@ -67,15 +72,31 @@ class Generated:
 
 @dataclass
 class Speculation:
-    """The draft a generation uses, and how it fared (for the caller's metrics)."""
+    """How a generation drafts, and how it fared (for the caller's metrics).
 
-    kind: str = "none"  # "none" | "prompt-lookup"
+    kind: "none", "prompt-lookup", or a model draft ("early-exit", "model") run by ``drafter``
+    on ``executor`` (the gateway's torch thread, off the event loop).
+    """
+
+    kind: str = "none"
     length: DraftLength = field(default_factory=DraftLength)
+    drafter: ModelDrafter | None = None
+    executor: Executor | None = None
     rounds: int = 0
+
+    async def propose(self, state: DraftState | None, context: list[int], room: int, sampling: SamplingParams) -> Draft:
+        count = min(self.length.current, room)
+        if count < 1 or self.kind == "none":
+            return Draft()
+        if self.drafter is None:
+            started = time.perf_counter()
+            return Draft(prompt_lookup_draft(context, count), seconds=time.perf_counter() - started)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.drafter.propose, state, context, count, sampling)
 
 
 async def generate(
-    pipeline: PipelineClient,
+    stepper: MicroBatcher,
     prompt_ids: list[int],
     max_tokens: int,
     sampling: SamplingParams,
@@ -86,24 +107,26 @@ async def generate(
 ) -> AsyncIterator[str]:
     """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
 
-    Each round feeds the tokens not yet in the stages' caches plus a draft, and keeps what
-    verification accepts (speculative.py); without a draft a round yields exactly one token.
+    Each round sends the tokens not yet in the stages' caches plus a draft as one row, and keeps
+    what the last stage's verification returns (speculative.py): without a draft a round yields
+    exactly one token, with one up to the draft's length plus one.
     """
     speculation = speculation or Speculation()
-    drafting = speculation.kind == "prompt-lookup" and sampling.greedy
-    session = pipeline.new_session()
+    session = uuid.uuid4().hex
+    state = speculation.drafter.new_state() if speculation.drafter is not None else None
     limit = len(prompt_ids) + max_tokens
     context, start, pending = list(prompt_ids), 0, list(prompt_ids)
     try:
         while result.finish_reason is None:
             room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
-            draft = prompt_lookup_draft(context, min(speculation.length.current, room)) if drafting else []
-            predicted = await pipeline.step(session, start, pending + draft, sampling, max_length=limit,
-                                            keep=len(draft) + 1)  # fmt: skip
-            accepted = accept_greedy(draft, predicted)
+            draft = await speculation.propose(state, context, room, sampling)
+            row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
+                          max_length=limit, draft=draft.tokens, draft_probs=draft.probs)  # fmt: skip
+            started = time.perf_counter()
+            accepted, _ = await stepper.step(row, pending + draft.tokens)
             speculation.rounds += 1
-            if draft:
-                speculation.length.update(len(draft), len(accepted) - 1)
+            speculation.length.update(len(draft.tokens), len(accepted) - 1, time.perf_counter() - started,
+                                      draft.seconds)  # fmt: skip
             start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
             pending = [accepted[-1]]
             for token in accepted:
@@ -127,4 +150,4 @@ async def generate(
             result.text += tail
             yield tail
     finally:
-        await pipeline.close(session)
+        await stepper.close(session)

@@ -17,9 +17,8 @@ import uuid
 import aiohttp
 import torch
 
-from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, ResultMeta, StepMeta, read_error
-from bloombee_stage.sampling import SamplingParams
-from bloombee_stage.tensors import frame_tensor, tensor_frame
+from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, ResultMeta, RowMeta, StepMeta, read_error
+from bloombee_stage.tensors import tensor_frame
 from bloombee_stage.wire import Frame, decode_frame, encode_frame
 
 log = logging.getLogger("bloombee.pipeline")
@@ -38,19 +37,19 @@ class ResultRouter:
     """Matches result frames arriving from the last stage to the steps waiting for them."""
 
     def __init__(self) -> None:
-        self._waiting: dict[tuple[str, int], asyncio.Future[Frame]] = {}
+        self._waiting: dict[int, asyncio.Future[Frame]] = {}
 
-    def expect(self, session: str, step: int) -> asyncio.Future[Frame]:
+    def expect(self, step: int) -> asyncio.Future[Frame]:
         future = asyncio.get_running_loop().create_future()
-        self._waiting[(session, step)] = future
+        self._waiting[step] = future
         return future
 
-    def forget(self, session: str, step: int) -> None:
-        self._waiting.pop((session, step), None)
+    def forget(self, step: int) -> None:
+        self._waiting.pop(step, None)
 
     def deliver(self, frame: Frame) -> bool:
         meta = ResultMeta.model_validate(frame.meta)
-        future = self._waiting.pop((meta.session, meta.step), None)
+        future = self._waiting.pop(meta.step, None)
         if future is None or future.done():
             return False
         future.set_result(frame)
@@ -90,49 +89,43 @@ class PipelineClient:
     def new_session() -> str:
         return uuid.uuid4().hex
 
-    async def step(
-        self,
-        session: str,
-        start: int,
-        token_ids: list[int],
-        sampling: SamplingParams,
-        max_length: int | None = None,
-        keep: int = 1,
-    ) -> list[int]:
-        """Append ``token_ids`` after ``start`` cached tokens; return the next token for each of the last ``keep``."""
+    async def step(self, rows: list[RowMeta], inputs: list[list[int]]) -> tuple[list[list[int]], dict[str, float]]:
+        """Send one micro-batch (row i appends ``inputs[i]`` to session ``rows[i].session``).
+
+        Returns each row's tokens (the verified draft prefix plus the model's next token) and
+        the forward milliseconds per stage.
+        """
         self._steps += 1
-        meta = StepMeta(
-            session=session,
-            step=self._steps,
-            start=start,
-            route=self.route,
-            reply_to=None if self.relay else self.reply_url,
-            keep=keep,
-            sampling=sampling,
-            max_length=max_length,
-        )
-        frame = tensor_frame(torch.tensor([token_ids], dtype=torch.int64), meta.model_dump(mode="json"))
+        meta = StepMeta(step=self._steps, rows=rows, route=self.route, reply_to=None if self.relay else self.reply_url)
+        padded = torch.zeros(len(rows), meta.width, dtype=torch.int64)
+        for index, tokens in enumerate(inputs):
+            padded[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        frame = tensor_frame(padded, meta.model_dump(mode="json"))
         if self.relay:
             result = await self._relay(encode_frame(frame))
         else:
-            waiter = self.router.expect(session, meta.step)
+            waiter = self.router.expect(meta.step)
             try:
                 await self._send(self.stage_urls[0], encode_frame(frame), expect=202)
                 result = await asyncio.wait_for(waiter, self.step_timeout_s)
             except asyncio.TimeoutError:
                 raise PipelineError(
-                    f"no result from the pipeline within {self.step_timeout_s:.0f} s "
-                    f"(session {session}, step {meta.step})",
+                    f"no result from the pipeline within {self.step_timeout_s:.0f} s (step {meta.step}, "
+                    f"sessions {', '.join(row.session for row in rows)})",
                     504,
                     "pipeline_timeout",
                 ) from None
             finally:
-                self.router.forget(session, meta.step)
+                self.router.forget(meta.step)
         outcome = ResultMeta.model_validate(result.meta)
         if outcome.error:
             status = 400 if outcome.code == "context_length_exceeded" else 502
             raise PipelineError(f"stage {outcome.stage}: {outcome.error}", status, outcome.code or "stage_failed")
-        return frame_tensor(result)[0].tolist()
+        by_session = {row.session: row.tokens for row in outcome.rows}
+        missing = [row.session for row in rows if row.session not in by_session]
+        if missing:
+            raise PipelineError(f"the result of step {meta.step} lacks sessions {missing}", 502, "bad_result")
+        return [by_session[row.session] for row in rows], outcome.compute_ms
 
     async def _relay(self, body: bytes) -> Frame:
         """Baseline: every stage answers inline and the gateway forwards the output to the next one."""

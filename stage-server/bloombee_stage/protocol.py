@@ -1,21 +1,26 @@
 """The inference protocol's messages, shared by the stage server and the gateway.
 
-One step = one frame POSTed to ``/v1/step`` of the first stage. Its metadata (StepMeta) travels
-with the hidden states from stage to stage: each stage pops itself off ``route`` and pushes its
-output straight to the next URL; the last stage POSTs a ResultMeta frame (token ids) to
-``reply_to``. Without ``reply_to`` the stage answers inline in the HTTP response instead: that is
-the client-relays-every-hop mode Petals uses, kept as the benchmarks' baseline.
+One step = one frame POSTed to ``/v1/step`` of the first stage. A step is a micro-batch: row i
+of the frame's tensor ([rows, positions] token ids, or [rows, positions, hidden] hidden states)
+belongs to session ``rows[i].session`` and holds ``rows[i].length`` real positions, right-padded
+to the longest row. Its metadata (StepMeta) travels with the hidden states from stage to stage:
+each stage pops itself off ``route`` and pushes its output straight to the next URL; the last
+stage POSTs a ResultMeta frame (the chosen tokens per row) to ``reply_to``. Without
+``reply_to`` the stage answers inline in the HTTP response instead: that is the
+client-relays-every-hop mode Petals uses, kept as the benchmarks' baseline.
 
-Sessions are implicit: a step with ``start == 0`` opens (or resets) one; any step first cuts
-the session's KV cache back to ``start`` tokens, so a rollback rides on the next step for free
-(``/v1/sessions/{id}/rollback`` does it explicitly).
+Sessions are implicit: a row with ``start == 0`` opens (or resets) one; any row first cuts
+its session's KV cache back to ``start`` tokens, so a rollback rides on the next step for free
+(``/v1/sessions/{id}/rollback`` does it explicitly). A row's last ``len(draft)`` positions are
+drafted tokens: the last stage verifies them (speculative.py) and returns the accepted ones
+plus one token of its own.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bloombee_stage.sampling import SamplingParams
 
@@ -24,30 +29,73 @@ if TYPE_CHECKING:
 
 STEP_PATH = "/v1/step"
 RESULT_PATH = "/internal/v1/results"
+MAX_ROWS = 256  # rows (sessions) in one step
 CODECS_PATH = "/v1/codecs"  # GET: {"codecs": [names this process decodes]}; asked once per peer at session open
+
+
+class RowMeta(BaseModel):
+    """One session's part of a step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str = Field(min_length=1, max_length=128)
+    start: int = Field(ge=0, description="tokens the session's cache must hold before this step")
+    length: int = Field(ge=1, description="real (unpadded) positions of this row")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    max_length: int | None = Field(default=None, ge=1, description="tokens the session may reach")
+    draft: list[int] = Field(default_factory=list, description="drafted tokens: the row's last len(draft) positions")
+    draft_probs: list[list[tuple[int, float]]] | None = Field(
+        default=None, description="the draft's (token, probability) pairs per drafted position; none: one-hot drafts"
+    )
+
+    @model_validator(mode="after")
+    def _draft_fits(self) -> RowMeta:
+        if len(self.draft) >= self.length:
+            raise ValueError(f"a draft of {len(self.draft)} tokens needs at least one position before it")
+        if self.draft_probs is not None and len(self.draft_probs) != len(self.draft):
+            raise ValueError(f"{len(self.draft_probs)} draft distributions for {len(self.draft)} drafted tokens")
+        for pairs in self.draft_probs or []:
+            if any(not 0.0 <= prob <= 1.0 for _, prob in pairs):
+                raise ValueError("draft probabilities must lie in [0, 1]")
+        return self
 
 
 class StepMeta(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    session: str = Field(min_length=1, max_length=128)
     step: int = Field(ge=0)
-    start: int = Field(ge=0, description="tokens the session's cache must hold before this step")
+    rows: list[RowMeta] = Field(min_length=1, max_length=MAX_ROWS)
     route: list[str] = Field(default_factory=list, description="base URLs of the stages after this one")
     reply_to: str | None = Field(default=None, description="where the last stage sends the result")
-    keep: int = Field(default=1, ge=1, description="positions whose next token the last stage returns")
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
-    max_length: int | None = Field(default=None, ge=1, description="tokens the session may reach")
+    compute_ms: dict[str, float] = Field(default_factory=dict, description="forward time per stage name, so far")
+
+    @model_validator(mode="after")
+    def _sessions_distinct(self) -> StepMeta:
+        sessions = [row.session for row in self.rows]
+        if len(set(sessions)) != len(sessions):
+            raise ValueError("a session appears in more than one row of the step")
+        return self
+
+    @property
+    def width(self) -> int:
+        """Positions per row in the frame's tensor."""
+        return max(row.length for row in self.rows)
+
+
+class RowResult(BaseModel):
+    session: str
+    tokens: list[int]
 
 
 class ResultMeta(BaseModel):
-    """Metadata of a result frame: token ids [batch, keep] on success, an empty tensor and error otherwise."""
+    """Metadata of a result frame (its tensor is empty): tokens per row, or the error that stopped the step."""
 
-    session: str
     step: int
+    rows: list[RowResult] = Field(default_factory=list)
     error: str | None = None
     code: str | None = None
     stage: str | None = None
+    compute_ms: dict[str, float] = Field(default_factory=dict)
 
 
 def error_body(

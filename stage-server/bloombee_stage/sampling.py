@@ -18,14 +18,12 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
-def pick_tokens(logits: torch.Tensor, params: SamplingParams, position: int) -> torch.Tensor:
-    """logits [batch, k, vocab] -> token ids [batch, k].
+# Independent random streams per position: the target's draws, and the draft's (speculative.py).
+TARGET_STREAM, DRAFT_STREAM = 0, 1
 
-    A sampled token depends only on (seed, position, logits), so a replayed or retried step
-    draws the same token.
-    """
-    if params.greedy:
-        return logits.argmax(dim=-1)
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: softmax(logits / T), cut to the top-p nucleus."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -33,11 +31,27 @@ def pick_tokens(logits: torch.Tensor, params: SamplingParams, position: int) -> 
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def position_generator(params: SamplingParams, position: int, stream: int = TARGET_STREAM) -> torch.Generator:
+    """A CPU generator for one position: a seeded request draws the same tokens when replayed or retried."""
     generator = torch.Generator(device="cpu")
     if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed((params.seed * 1_000_003 + position) % (2**63))
-    flat = probs.reshape(-1, probs.shape[-1]).cpu()
-    picked = torch.multinomial(flat, 1, generator=generator)
-    return picked.reshape(probs.shape[:-1]).to(logits.device)
+        generator.manual_seed((params.seed * 1_000_003 + position * 2 + stream) % (2**63))
+    return generator
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from a 1-d distribution (need not be normalised)."""
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
+
+
+def pick_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """The next token after ``position`` from its logits [vocab]."""
+    if params.greedy:
+        return int(logits.argmax())
+    return draw(target_probs(logits, params), position_generator(params, position))

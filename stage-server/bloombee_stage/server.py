@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -31,11 +32,11 @@ from bloombee_stage.codec_policy import CodecStats, choose_codec
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
 from bloombee_stage.offload import measure_bandwidth
-from bloombee_stage.protocol import CODECS_PATH, STEP_PATH, ResultMeta, StepMeta, error_body, read_error
-from bloombee_stage.sampling import pick_tokens
+from bloombee_stage.protocol import CODECS_PATH, STEP_PATH, ResultMeta, RowResult, StepMeta, error_body, read_error
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.sessions import Session, SessionError, SessionStore
 from bloombee_stage.span import OffloadSettings, Span, SpanError, StageModel, truncate_cache
+from bloombee_stage.speculative import verify
 from bloombee_stage.tensors import frame_tensor, tensor_frame
 from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame
 
@@ -119,52 +120,83 @@ class StageService:
                 f"{where}: expected hidden states [batch, seq, {self.model.hidden_size}] float, got "
                 f"{list(frame.shape)} {frame.dtype}"
             )
-        if inputs.shape[0] < 1 or inputs.shape[1] < 1:
-            raise WireError(f"{where}: empty input {list(frame.shape)}")
-        if meta.keep > inputs.shape[1]:
-            raise WireError(f"{where}: keep={meta.keep} but the step has only {inputs.shape[1]} positions")
+        if inputs.shape[0] != len(meta.rows) or inputs.shape[1] != meta.width:
+            raise WireError(f"{where}: {len(meta.rows)} rows of up to {meta.width} positions need a tensor "
+                            f"[{len(meta.rows)}, {meta.width}, ...], got {list(frame.shape)}")  # fmt: skip
+        vocab = int(self.model.full_config.vocab_size)
+        for index, row in enumerate(meta.rows):
+            drafted = row.draft + [token for pairs in row.draft_probs or [] for token, _ in pairs]
+            if any(not 0 <= token < vocab for token in drafted):
+                raise WireError(f"{where}: row {index} ({row.session}) drafts a token outside 0..{vocab - 1}")
         if span.is_last and meta.route:
             raise WireError(f"{where}: route continues to {meta.route[0]} past the model's last layer")
         if not span.is_last and not meta.route:
             raise WireError(f"{where}: route ends at layer {span.end} of {span.total}; no stage holds the rest")
 
+    def admit(self, meta: StepMeta) -> list[Session]:
+        """Open or find every row's session and reserve its room; all rows or none."""
+        admitted: list[Session] = []
+        try:
+            for row in meta.rows:
+                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length))
+        except SessionError:
+            for session in admitted:  # a session this step opened and never used is not left behind
+                if session.length == 0:
+                    self.sessions.close(session.id)
+            raise
+        return admitted
+
     # -- work -------------------------------------------------------------------------------
 
-    def _compute(self, session: Session, meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor:
-        """Runs on the worker thread."""
-        truncate_cache(session.cache, meta.start)
-        output = self.model.forward(inputs, session.cache, keep_last=meta.keep)
-        session.length = meta.start + inputs.shape[1]
-        if self.model.span.is_last:
-            return pick_tokens(output, meta.sampling, position=session.length - 1)
+    def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[list[int]]:
+        """Runs on the worker thread: hidden states onward, or on the last stage each row's tokens."""
+        for session, row in zip(sessions, meta.rows, strict=True):
+            truncate_cache(session.cache, row.start)
+        lengths = [row.length for row in meta.rows]
+        keep = [len(row.draft) + 1 for row in meta.rows]
+        output = self.model.forward_rows(inputs, [session.cache for session in sessions], lengths, keep)
+        for session, row in zip(sessions, meta.rows, strict=True):
+            session.length = row.start + row.length
+        if isinstance(output, list):
+            return [verify(logits, row) for logits, row in zip(output, meta.rows, strict=True)]
         return output
 
-    async def run_step(self, session: Session, meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor:
+    async def run_step(self, sessions: list[Session], meta: StepMeta,
+                       inputs: torch.Tensor) -> tuple[torch.Tensor | list[list[int]], StepMeta]:  # fmt: skip
+        """Compute a step; the metadata that goes on carries this stage's forward time."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        async with session.lock:
-            output = await loop.run_in_executor(self.executor, self._compute, session, meta, inputs)
-        self.metrics.observe("forward_seconds", "Time in the span's forward pass", time.perf_counter() - started)
-        self.metrics.inc("tokens_total", "Positions processed", inputs.shape[0] * inputs.shape[1])
-        return output
+        async with contextlib.AsyncExitStack() as held:
+            for session in sorted(sessions, key=lambda s: s.id):  # one order everywhere: no deadlock
+                await held.enter_async_context(session.lock)
+            output = await loop.run_in_executor(self.executor, self._compute, sessions, meta, inputs)
+        seconds = time.perf_counter() - started
+        self.metrics.observe("forward_seconds", "Time in the span's forward pass", seconds)
+        self.metrics.observe("micro_batch_rows", "Rows (sessions) per step", len(meta.rows))
+        self.metrics.inc("tokens_total", "Positions processed", sum(row.length for row in meta.rows))
+        timed = meta.model_copy(update={"compute_ms": {**meta.compute_ms, self.settings.name: seconds * 1000}})
+        return output, timed
 
-    async def push(self, meta: StepMeta, inputs: torch.Tensor, session: Session) -> None:
+    def result_frame(self, meta: StepMeta, tokens: list[list[int]]) -> Frame:
+        rows = [RowResult(session=row.session, tokens=chosen) for row, chosen in zip(meta.rows, tokens, strict=True)]
+        result = ResultMeta(step=meta.step, rows=rows, compute_ms=meta.compute_ms)
+        return tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump())
+
+    async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
         """Background part of an accepted step: compute, then push onward or answer the gateway."""
         try:
-            output = await self.run_step(session, meta, inputs)
-            if meta.route:
-                if meta.start == 0 or session.peer_codecs is None:  # a session opens: agree on codecs
-                    session.peer_codecs = await self.peer_accepts(meta.route[0])
-                nxt = meta.model_copy(update={"route": meta.route[1:]})
-                body = self.encode_onward(tensor_frame(output, nxt.model_dump(mode="json")), session.peer_codecs)
-                await self._post(meta.route[0] + STEP_PATH, body, expect=202)
-            else:
-                result = ResultMeta(session=meta.session, step=meta.step)
-                await self._post(meta.reply_to, encode_frame(tensor_frame(output, result.model_dump())), expect=200)
+            output, meta = await self.run_step(sessions, meta, inputs)
+            if isinstance(output, list):
+                await self._post(meta.reply_to, encode_frame(self.result_frame(meta, output)), expect=200)
+                return
+            accepted = await self.peer_accepts(meta.route[0])
+            nxt = meta.model_copy(update={"route": meta.route[1:]})
+            body = self.encode_onward(tensor_frame(output, nxt.model_dump(mode="json")), accepted)
+            await self._post(meta.route[0] + STEP_PATH, body, expect=202)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # anything that goes wrong after the 202 is reported, never swallowed
-            log.warning("step %s of session %s failed: %s", meta.step, meta.session, error)
+            log.warning("step %s (%d rows) failed: %s", meta.step, len(meta.rows), error)
             self.metrics.inc("errors_total", "Failed steps", code="downstream")
             await self.report(meta, str(error), "stage_failed")
 
@@ -206,12 +238,12 @@ class StageService:
     async def report(self, meta: StepMeta, message: str, code: str) -> None:
         if not meta.reply_to:
             return
-        result = ResultMeta(session=meta.session, step=meta.step, error=message, code=code, stage=self.settings.name)
+        result = ResultMeta(step=meta.step, error=message, code=code, stage=self.settings.name)
         body = encode_frame(tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump()))
         try:
             await self._post(meta.reply_to, body, expect=200)
         except Exception as error:
-            log.error("could not report failure of session %s to %s: %s", meta.session, meta.reply_to, error)
+            log.error("could not report failure of step %s to %s: %s", meta.step, meta.reply_to, error)
 
     def info(self) -> dict[str, Any]:
         model = self.model
@@ -280,7 +312,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
             accepted = ", ".join(sorted(service.settings.accept_codecs))
             raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "
                             f"peers must ask {CODECS_PATH} when a session opens")  # fmt: skip
-        session = service.sessions.admit(meta.session, meta.start, inputs.shape[1], meta.max_length)
+        sessions = service.admit(meta)
     except WireError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_frame")
         return _error(400, str(error), "invalid_frame")
@@ -292,17 +324,17 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
         return _error(error.status, str(error), error.code)
     service.metrics.inc("steps_total", "Accepted steps")
     if meta.reply_to is None:  # inline answer: the client relays (baseline mode)
-        output = await service.run_step(session, meta, inputs)
-        if meta.route:
-            reply_meta = meta.model_copy(update={"route": meta.route[1:]}).model_dump(mode="json")
+        output, meta = await service.run_step(sessions, meta, inputs)
+        if isinstance(output, list):
+            body = encode_frame(service.result_frame(meta, output))
         else:
-            reply_meta = ResultMeta(session=meta.session, step=meta.step).model_dump()
-        body = service.encode_onward(tensor_frame(output, reply_meta), frozenset(CODECS))
+            reply_meta = meta.model_copy(update={"route": meta.route[1:]}).model_dump(mode="json")
+            body = service.encode_onward(tensor_frame(output, reply_meta), frozenset(CODECS))
         return web.Response(body=body, content_type="application/octet-stream")
-    task = asyncio.create_task(service.push(meta, inputs, session))
+    task = asyncio.create_task(service.push(meta, inputs, sessions))
     service.tasks.add(task)
     task.add_done_callback(service.tasks.discard)
-    return web.json_response({"accepted": True, "session": meta.session, "step": meta.step}, status=202)
+    return web.json_response({"accepted": True, "step": meta.step, "rows": len(meta.rows)}, status=202)
 
 
 async def handle_rollback(request: web.Request) -> web.Response:

@@ -25,7 +25,6 @@ class Session:
     reserved: int = 0  # tokens counted against the budget
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    peer_codecs: frozenset[str] | None = None  # agreed with the next stage when the session opened
 
 
 class SessionStore:

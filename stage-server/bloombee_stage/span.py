@@ -85,11 +85,11 @@ def _checkpoint_tensor_names(model_dir: Path) -> dict[str, Path]:
     return names
 
 
-def _span_owns(name: str, span: Span, tie_word_embeddings: bool) -> bool:
+def _span_owns(name: str, span: Span, tie_word_embeddings: bool, head: bool) -> bool:
     """Whether a non-layer tensor (embedding, final norm, head) belongs to this span."""
     if name.startswith("model.embed_tokens."):
-        return span.is_first or (span.is_last and tie_word_embeddings)
-    return name.startswith(("model.norm.", "lm_head.")) and span.is_last
+        return span.is_first or (head and tie_word_embeddings)
+    return name.startswith(("model.norm.", "lm_head.")) and head
 
 
 def _layer_tensor(name: str) -> tuple[int, str] | None:
@@ -113,7 +113,7 @@ def _offloaded_locations(available: dict[str, Path], span: Span,
 
 
 def _span_state_dict(model_dir: Path, available: dict[str, Path], span: Span, tie_word_embeddings: bool,
-                     skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:  # fmt: skip
+                     head: bool, skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:  # fmt: skip
     """Read only the span's tensors (less the ``skip`` local layers), renamed to local layer indices."""
     wanted: dict[str, str] = {}  # checkpoint name -> name in the span module
     for name in available:
@@ -122,7 +122,7 @@ def _span_state_dict(model_dir: Path, available: dict[str, Path], span: Span, ti
             index, rest = layer
             if span.start <= index < span.end and index - span.start not in skip:
                 wanted[name] = f"model.layers.{index - span.start}.{rest}"
-        elif _span_owns(name, span, tie_word_embeddings):
+        elif _span_owns(name, span, tie_word_embeddings, head):
             wanted[name] = name
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
@@ -132,7 +132,7 @@ def _span_state_dict(model_dir: Path, available: dict[str, Path], span: Span, ti
         with safe_open(file, framework="pt") as handle:
             for name in names:
                 state[wanted[name]] = handle.get_tensor(name)
-    if span.is_last and "lm_head.weight" not in state:
+    if head and "lm_head.weight" not in state:
         if "model.embed_tokens.weight" not in state:
             raise SpanError(f"{model_dir}: no lm_head.weight and no tied embedding to use as the head")
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -159,10 +159,14 @@ class OffloadSettings:
 
 
 class StageModel:
-    """Runs a span's layers for one session at a time; callers serialise calls (one torch thread pool)."""
+    """Runs a span's layers for a micro-batch of sessions; callers serialise calls (one torch thread).
+
+    ``head``: the span also holds the final norm and LM head although it does not end at the
+    last layer (an early-exit draft model); the span that ends at the last layer always does.
+    """
 
     def __init__(self, model_dir: Path, span: Span, dtype: str = "float32", device: str | None = None,
-                 offload: OffloadSettings | None = None) -> None:  # fmt: skip
+                 offload: OffloadSettings | None = None, head: bool = False) -> None:  # fmt: skip
         if dtype not in DTYPES:
             raise SpanError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
         self.model_dir = Path(model_dir)
@@ -175,21 +179,22 @@ class StageModel:
         self.config = _span_config(config, span)
         self.config._attn_implementation = "sdpa"
         self.offload = offload or OffloadSettings()
+        self.has_head = span.is_last or head
         offloaded = spread(span.length, self.offload.weights)
         self.kv_offloaded = frozenset(spread(span.length, self.offload.kv))
         started = time.perf_counter()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
         available = _checkpoint_tensor_names(self.model_dir)  # read once: resident and streamed layers both need it
-        state = _span_state_dict(self.model_dir, available, span, bool(getattr(config, "tie_word_embeddings", False)),
-                                 frozenset(offloaded))  # fmt: skip
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        state = _span_state_dict(self.model_dir, available, span, tied, self.has_head, frozenset(offloaded))
         state = {name: tensor.to(self.dtype) for name, tensor in state.items()}
         missing, _ = model.load_state_dict(state, strict=False, assign=True)
         body = model.model
         # Modules a span does not own are dropped, so they hold no memory.
         if not span.is_first:
             body.embed_tokens = None
-        if not span.is_last:
+        if not self.has_head:
             body.norm = None
             model.lm_head = None
         streamed = tuple(f"model.layers.{index}." for index in offloaded)
@@ -252,49 +257,106 @@ class StageModel:
         layer.values = torch.empty(layer.values.shape, dtype=layer.values.dtype, device="meta")
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, cache: DynamicCache, keep_last: int = 1) -> torch.Tensor:
-        """Run the span on ``inputs`` appended after what ``cache`` holds.
+    def forward_rows(self, inputs: torch.Tensor, caches: list[DynamicCache], lengths: list[int],
+                     keep: list[int] | None = None) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
+        """Run the span on a micro-batch: row b appends ``lengths[b]`` positions of ``inputs`` to ``caches[b]``.
 
-        inputs: token ids [batch, seq] (first stage) or hidden states [batch, seq, hidden].
-        Returns hidden states [batch, seq, hidden], or on the last stage the logits of the
-        last ``keep_last`` positions [batch, keep_last, vocab].
+        inputs: token ids [rows, positions] (first stage) or hidden states [rows, positions,
+        hidden], each row right-padded. Returns hidden states [rows, positions, hidden] (padding
+        zeroed), or with a head the logits of each row's last ``keep[b]`` real positions, one
+        [keep[b], vocab] tensor per row.
         """
         body = self.model.model
         started = time.perf_counter()
+        rows, width = inputs.shape[0], inputs.shape[1]
         hidden = body.embed_tokens(inputs.to(self.device)) if self.span.is_first else inputs.to(self.device, self.dtype)
-        past = cache.get_seq_length()
-        position_ids = torch.arange(past, past + hidden.shape[1], device=self.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
+        if rows == 1:  # one session: transformers' own mask and cache path, exactly as generate runs it
+            hidden = hidden[:, : lengths[0]]
+            past = caches[0].get_seq_length()
+            position_ids = torch.arange(past, past + lengths[0], device=self.device).unsqueeze(0)
+            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                      past_key_values=caches[0], position_ids=position_ids)  # fmt: skip
+            layer_cache: DynamicCache | _PaddedRows = caches[0]
+        else:
+            layer_cache = _PaddedRows(caches, lengths)
+            position_ids = layer_cache.position_ids(width, self.device)
+            mask = layer_cache.mask(width, self.device)
         position_embeddings = body.rotary_emb(hidden, position_ids=position_ids)
         for index, layer in enumerate(body.layers):
             if self.streamer is not None:
                 self.streamer.before(index)
             if index in self.kv_offloaded:
-                self._page_in(cache, index)
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
+                for cache in caches:
+                    self._page_in(cache, index)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids, past_key_values=layer_cache, use_cache=True)  # fmt: skip
             if index in self.kv_offloaded:
-                self._page_out(cache, index)
+                for cache in caches:
+                    self._page_out(cache, index)
             if self.streamer is not None:
                 self.streamer.after(index)
-        if self.span.is_last:
-            hidden = body.norm(hidden)
-            hidden = self.model.lm_head(hidden[:, -keep_last:, :])
         elapsed_ms = (time.perf_counter() - started) * 1000 / self.span.length
         self.layer_ms = elapsed_ms if self.layer_ms == 0 else 0.9 * self.layer_ms + 0.1 * elapsed_ms
-        return hidden
+        if not self.has_head:
+            if hidden.shape[1] < width:  # the one-row path ran on the real positions only
+                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, width - hidden.shape[1]))
+            for row, length in enumerate(lengths):
+                hidden[row, length:] = 0
+            return hidden
+        keep = keep or [1] * rows
+        picked = torch.cat([hidden[row, length - kept : length] for row, (length, kept)
+                            in enumerate(zip(lengths, keep, strict=True))])  # fmt: skip
+        logits = self.model.lm_head(body.norm(picked))
+        return list(logits.split(keep))
+
+    def forward(self, inputs: torch.Tensor, cache: DynamicCache, keep_last: int = 1) -> torch.Tensor:
+        """One session: ``inputs`` [1, positions(, hidden)]; logits come back as [1, keep_last, vocab]."""
+        output = self.forward_rows(inputs, [cache], [inputs.shape[1]], [keep_last])
+        return output[0].unsqueeze(0) if isinstance(output, list) else output
+
+
+class _PaddedRows:
+    """Several sessions' caches shown to a decoder layer as one batch: pasts left-padded to the longest.
+
+    ``update`` appends each row's real new keys and values to its own session cache and returns
+    the padded batch for attention; ``mask`` hides the padding (past and new) and keeps the new
+    positions causal.
+    """
+
+    def __init__(self, caches: list[DynamicCache], lengths: list[int]) -> None:
+        self.caches = caches
+        self.lengths = lengths
+        self.pasts = [cache.get_seq_length() for cache in caches]
+        self.longest = max(self.pasts)
+
+    def position_ids(self, width: int, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.pasts, device=device).unsqueeze(1) + torch.arange(width, device=device)
+
+    def mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """bool [rows, 1, width, longest + width]: True where a query may attend."""
+        columns = torch.arange(self.longest + width, device=device)
+        queries = torch.arange(width, device=device).unsqueeze(1)
+        past = torch.tensor(self.pasts, device=device).view(-1, 1, 1)
+        real = torch.tensor(self.lengths, device=device).view(-1, 1, 1)
+        in_past = (columns < self.longest) & (columns >= self.longest - past)
+        new = columns - self.longest
+        in_new = (new >= 0) & (new <= queries) & (new < real)
+        return (in_past | in_new).unsqueeze(1)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        rows, heads, _, dim = keys.shape
+        past_keys = keys.new_zeros(rows, heads, self.longest, dim)
+        past_values = values.new_zeros(rows, heads, self.longest, dim)
+        for row, cache in enumerate(self.caches):
+            held = self.pasts[row]
+            if held:
+                layer = cache.layers[layer_idx]
+                past_keys[row, :, self.longest - held :] = layer.keys[0]
+                past_values[row, :, self.longest - held :] = layer.values[0]
+            length = self.lengths[row]
+            cache.update(keys[row : row + 1, :, :length], values[row : row + 1, :, :length], layer_idx)
+        return torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:

@@ -1,21 +1,38 @@
-"""Speculative decoding over the pipeline: drafts, greedy verification, and an adaptive draft length.
+"""Speculative decoding over the pipeline: drafts, verification, and an adaptive draft length.
 
 One pipeline round trip costs tens of milliseconds over a WAN, so the gateway drafts k cheap
-tokens, sends them through the pipeline in one step with the last accepted token in front, and
-the last stage returns the model's own next token at each of the k + 1 positions (StepMeta.keep).
-Greedy verification keeps the draft's longest prefix the model agrees with, plus the model's
-token right after it, so every round yields at least one token and the output is the model's
-greedy output. Rejected positions are rolled back for free: the next step's ``start`` cuts every
-stage's KV cache back to the accepted length.
+tokens and sends them through the pipeline in one step behind the last accepted token. The last
+stage verifies the draft against the model's own distribution at each of the k + 1 positions
+(``verify``) and returns the accepted prefix plus one token of its own, so every round yields
+at least one token. Rejected positions are rolled back for free: the next step's ``start`` cuts
+every stage's KV cache back to the accepted length.
 
-Drafts here: prompt lookup (the continuation of the latest earlier match of the context's last
-n-gram, as in vLLM's n-gram proposer). Early-exit and small-model drafts, and rejection sampling
-for temperature > 0, are still to come; sampled requests run without a draft meanwhile.
+* Greedy requests keep the draft's longest prefix equal to the model's argmax: the output is
+  the model's greedy output, token for token.
+* Sampled requests use speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023):
+  drafted token x is kept with probability min(1, p(x) / q(x)); on the first rejection a token
+  is drawn from max(0, p - q), renormalised. The output then follows the target distribution p
+  exactly, whatever the draft's q. Deterministic drafts (prompt lookup) have a one-hot q.
+
+Drafts: prompt lookup (the continuation of the latest earlier match of the context's last
+n-gram, as in vLLM's n-gram proposer) and ``ModelDrafter``: a small causal LM at the gateway,
+either the target's first layers with its final norm and head (early exit) or a separate small
+model that shares the tokenizer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bloombee_stage.protocol import RowMeta
+from bloombee_stage.sampling import DRAFT_STREAM, SamplingParams, draw, position_generator, target_probs
+from bloombee_stage.span import StageModel, truncate_cache
+
+DRAFT_TOP = 16  # a sampled draft's distribution travels as its top tokens (the draft samples from exactly that)
 
 
 def prompt_lookup_draft(context: list[int], max_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -45,28 +62,147 @@ def accept_greedy(draft: list[int], predicted: list[int]) -> list[int]:
     return predicted[: agreed + 1]
 
 
-@dataclass
-class DraftLength:
-    """How many tokens to draft: grows while drafts are accepted in full, shrinks when they are not.
+def verify(logits: torch.Tensor, row: RowMeta) -> list[int]:
+    """The tokens a row yields: logits [len(draft) + 1, vocab] are the model's at the row's last positions."""
+    draft, params = row.draft, row.sampling
+    if logits.shape[0] != len(draft) + 1:
+        raise ValueError(f"{logits.shape[0]} positions of logits for a draft of {len(draft)}; expected one more")
+    first = row.start + row.length - len(draft) - 1  # the position whose next token logits[0] decides
+    if params.greedy:
+        return accept_greedy(draft, logits.argmax(dim=-1).tolist())
+    target = target_probs(logits, params)
+    tokens: list[int] = []
+    for index, token in enumerate(draft):
+        generator = position_generator(params, first + index)
+        p = target[index]
+        q = torch.zeros_like(p)
+        if row.draft_probs is None:
+            q[token] = 1.0
+        else:
+            for drafted, prob in row.draft_probs[index]:
+                q[drafted] = prob
+        accept = min(1.0, float(p[token]) / float(q[token])) if q[token] > 0 else 0.0
+        if float(torch.rand((), generator=generator)) < accept:
+            tokens.append(token)
+            continue
+        residual = (p - q).clamp_min(0.0)
+        tokens.append(draw(residual if residual.sum() > 0 else p, generator))
+        return tokens
+    tokens.append(draw(target[len(draft)], position_generator(params, first + len(draft))))
+    return tokens
 
-    A round trip costs about the same for 1 or 8 extra positions on a WAN, so a longer draft is
-    cheap while it keeps being accepted; a rejected tail costs only compute.
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    probs: list[list[tuple[int, float]]] | None = None  # per token: the (token, prob) pairs it was drawn from
+    seconds: float = 0.0
+
+
+@dataclass
+class DraftState:
+    """A generation's draft cache: the tokens the draft model has processed, and their KV cache."""
+
+    cache: object
+    tokens: list[int] = field(default_factory=list)
+
+
+class ModelDrafter:
+    """Drafts with a small causal LM held at the gateway (the target's first layers + head, or a small model).
+
+    Calls run on the gateway's torch thread; each generation owns a DraftState.
     """
 
-    current: int = 4
+    def __init__(self, model: StageModel, kind: str) -> None:
+        self.model = model
+        self.kind = kind
+
+    def new_state(self) -> DraftState:
+        return DraftState(self.model.new_cache())
+
+    def _next_logits(self, state: DraftState, feed: list[int]) -> torch.Tensor:
+        inputs = torch.tensor([feed], dtype=torch.int64)
+        logits = self.model.forward_rows(inputs, [state.cache], [len(feed)], keep=[1])[0]
+        state.tokens.extend(feed)
+        return logits[-1]
+
+    def propose(self, state: DraftState, context: list[int], count: int, sampling: SamplingParams) -> Draft:
+        started = time.perf_counter()
+        common = 0
+        limit = min(len(state.tokens), len(context) - 1)  # at least one token to feed
+        while common < limit and state.tokens[common] == context[common]:
+            common += 1
+        truncate_cache(state.cache, common)
+        del state.tokens[common:]
+        logits = self._next_logits(state, context[common:])
+        draft = Draft(probs=None if sampling.greedy else [])
+        for index in range(count):
+            position = len(context) - 1 + index
+            if sampling.greedy:
+                token = int(logits.argmax())
+            else:
+                probs = target_probs(logits, sampling)
+                top_probs, top_tokens = probs.topk(min(DRAFT_TOP, probs.shape[-1]))
+                top_probs = top_probs / top_probs.sum()
+                pairs = list(zip(top_tokens.tolist(), top_probs.tolist(), strict=True))
+                token = pairs[draw(top_probs, position_generator(sampling, position, DRAFT_STREAM))][0]
+                assert draft.probs is not None
+                draft.probs.append(pairs)
+            draft.tokens.append(token)
+            if index + 1 < count:
+                logits = self._next_logits(state, [token])
+        draft.seconds = time.perf_counter() - started
+        return draft
+
+
+@dataclass
+class DraftLength:
+    """How many tokens to draft: the k that maximises expected tokens per second of a round.
+
+    With per-token acceptance a, a draft of k yields (1 - a^(k+1)) / (1 - a) tokens and costs
+    one round trip plus k draft steps; a WAN round trip is long, so k grows while drafts are
+    accepted and shrinks when they are not or when drafting is slow against the round trip.
+    Acceptance and costs are running averages measured on this generation.
+    """
+
     maximum: int = 8
     minimum: int = 1
+    accept_rate: float = 0.6  # prior until measured
+    round_trip_s: float = 0.05
+    draft_token_s: float = 0.0
     proposed: int = 0
     accepted: int = 0
 
-    def update(self, drafted: int, accepted: int) -> None:
+    @property
+    def current(self) -> int:
+        best, best_rate = self.minimum, 0.0
+        for k in range(self.minimum, self.maximum + 1):
+            rate = expected_tokens(self.accept_rate, k) / (self.round_trip_s + k * self.draft_token_s)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = k, rate
+        return best
+
+    def update(self, drafted: int, accepted: int, round_trip_s: float | None = None,
+               draft_seconds: float | None = None) -> None:  # fmt: skip
         self.proposed += drafted
         self.accepted += accepted
-        if drafted and accepted == drafted:
-            self.current = min(self.maximum, self.current + 1)
-        elif drafted and accepted < drafted // 2:
-            self.current = max(self.minimum, self.current // 2)
+        if drafted:
+            # A geometric run: `accepted` successes, then a failure unless the whole draft was kept.
+            failures = 0 if accepted == drafted else 1
+            observed = accepted / (accepted + failures) if accepted + failures else self.accept_rate
+            self.accept_rate = 0.7 * self.accept_rate + 0.3 * observed
+            if draft_seconds is not None:
+                self.draft_token_s = 0.7 * self.draft_token_s + 0.3 * draft_seconds / drafted
+        if round_trip_s is not None:
+            self.round_trip_s = 0.7 * self.round_trip_s + 0.3 * round_trip_s
 
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def expected_tokens(accept_rate: float, k: int) -> float:
+    """Tokens a round yields on average with a draft of k and per-token acceptance ``accept_rate``."""
+    if accept_rate >= 1.0:
+        return k + 1.0
+    return (1 - math.pow(accept_rate, k + 1)) / (1 - accept_rate)

@@ -54,9 +54,14 @@ class Frame:
     codec: str = field(default="raw", compare=False)
 
     def describe(self) -> str:
-        keys = ("session", "step")
-        label = " ".join(f"{key}={self.meta[key]}" for key in keys if key in self.meta)
-        return f"frame({label})" if label else "frame"
+        """How errors name the frame: its step and the sessions of its rows, when the metadata says."""
+        parts = [f"step={self.meta['step']}"] if "step" in self.meta else []
+        rows = self.meta.get("rows")
+        if isinstance(rows, list):
+            sessions = [str(row.get("session")) for row in rows[:4] if isinstance(row, dict)]
+            more = f"+{len(rows) - 4}" if len(rows) > 4 else ""
+            parts.append(f"session={','.join(sessions)}{more}")
+        return f"frame({' '.join(parts)})" if parts else "frame"
 
 
 def encode_frame(frame: Frame, codec: str = "raw") -> bytes:
