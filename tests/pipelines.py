@@ -39,10 +39,10 @@ class Pipeline:
 
     def stage_metrics(self, index: int) -> dict[str, float]:
         """A stage's Prometheus samples by series name with labels, e.g. 'x_total{codec="raw"}'."""
-        return _metrics(self.stage_url(index))
+        return read_metrics(self.stage_url(index))
 
     def gateway_metrics(self) -> dict[str, float]:
-        return _metrics(self.endpoint.removesuffix("/v1"))
+        return read_metrics(self.endpoint.removesuffix("/v1"))
 
     def post(self, path: str, body: dict | bytes, timeout: float = 300.0) -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -54,7 +54,7 @@ class Pipeline:
             return error.code, json.loads(error.read())
 
 
-def _metrics(url: str) -> dict[str, float]:
+def read_metrics(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
         lines = reply.read().decode().splitlines()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if not line.startswith("#")}

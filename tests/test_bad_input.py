@@ -148,7 +148,7 @@ def test_dying_stage_fails_the_request_cleanly(tmp_path, tiny_dir):
         pipeline.backend.processes["doomed-stage-1"].popen.send_signal(signal.SIGKILL)
         pipeline.backend.processes["doomed-stage-1"].popen.wait()
         status, error = tiny_chat_named(pipeline)
-        assert status == 502
+        assert status == 503 and error["error"]["code"] == "stage_unreachable"  # and no other path to take
         assert error["error"]["type"] == "server_error"
         assert "doomed-stage-0" in error["error"]["message"]  # the stage that could not push names itself
         status, error = tiny_chat_named(pipeline, stream=True)  # streaming: the error arrives as a data line

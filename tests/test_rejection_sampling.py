@@ -49,13 +49,16 @@ class InProcessStepper:
         self.verifier = verifier
         self.caches: dict[str, object] = {}
 
-    async def step(self, row: RowMeta, inputs: list[int]) -> tuple[list[int], dict[str, float]]:
+    def open(self) -> tuple[int, ...]:
+        return (0,)
+
+    async def step(self, row: RowMeta, inputs: list[int], path: tuple[int, ...]) -> list[int]:
         cache = self.caches.setdefault(row.session, self.model.new_cache())
         truncate_cache(cache, row.start)
         logits = self.model.forward_rows(torch.tensor([inputs]), [cache], [row.length], [len(row.draft) + 1])[0]
-        return self.verifier(logits, row), {}
+        return self.verifier(logits, row)
 
-    async def close(self, session: str) -> None:
+    async def close(self, session: str, path: tuple[int, ...]) -> None:
         self.caches.pop(session, None)
 
 

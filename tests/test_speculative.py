@@ -36,8 +36,11 @@ def test_draft_length_follows_acceptance_and_round_trip():
         length.update(8, 8, round_trip_s=0.2, draft_seconds=0.008)
     assert length.current == 8  # always accepted, cheap drafts: the longest draft
     for _ in range(10):
-        length.update(8, 0, round_trip_s=0.2, draft_seconds=0.008)
-    assert length.current == 1  # never accepted: the shortest
+        length.update(8, 0, round_trip_s=0.2, draft_seconds=0.16)
+    assert length.current == 0  # never accepted and not free: drafting does not pay ...
+    for _ in range(length.probe_every - 1):
+        length.update(0, 0, round_trip_s=0.2)
+    assert length.current == 1  # ... but once in a while one token probes whether that changed
     assert length.acceptance == pytest.approx(80 / 160)
     slow_draft = DraftLength(maximum=8, accept_rate=0.7, round_trip_s=0.01, draft_token_s=0.01)
     fast_draft = DraftLength(maximum=8, accept_rate=0.7, round_trip_s=0.2, draft_token_s=0.001)

@@ -2,28 +2,38 @@
 
 Continuous batching in decode: a generation queues one row per round (its new tokens plus its
 draft) and waits for that row's tokens; the batcher packs queued rows into steps of at most
-``micro_batch`` rows and keeps up to ``max_in_flight`` steps in the pipeline at once, so the
-stages work on different micro-batches back to back. Generations join and leave between steps
-simply by queueing rows or not. With ``micro_batch == 1`` every row is its own step, sent at
-once (the no-batching baseline).
+``micro_batch`` rows and keeps up to ``max_in_flight`` steps in the pipeline at once, spreading
+waiting rows evenly over the free slots, so the stages work on different micro-batches back to
+back. By default that is one step per stage; but while there are no more generations than
+steps that keep the slowest stage busy over a round trip (Router.steps_to_fill: over a WAN,
+several per stage), every row leaves at once, since nothing is gained by making it wait.
+Generations join and leave between steps simply by queueing rows or not. With
+``micro_batch == 1`` every row is its own step, sent at once (the no-batching baseline).
 
 Rows are packed only when padding them to a common width wastes little: short rows (decode
-steps and verification of drafts) go together, a long prefill goes with rows of its own width.
+steps and verification of drafts) always go together, prefills of similar lengths go together
+as long as padding adds at most half again the real positions.
+Rows share a step only when they share a path: where spans have replicas, each generation is
+pinned at its start to the path routing.Router predicts fastest, queueing included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from bloombee_stage.pipeline import PipelineClient, PipelineError
 from bloombee_stage.protocol import RowMeta
+from bloombee_stage.routing import Path, Router
 
 log = logging.getLogger("bloombee.batching")
 
 SHORT_ROW = 16  # rows up to this many positions are packed together whatever their widths
+PADDING_LIMIT = 1.5  # longer rows: padded positions / real positions of the step at most this
 NOT_RETRIED = ("pipeline_timeout", "stage_unreachable")  # failures a row alone would meet again
 
 
@@ -31,22 +41,27 @@ NOT_RETRIED = ("pipeline_timeout", "stage_unreachable")  # failures a row alone 
 class _Queued:
     row: RowMeta
     inputs: list[int]
-    future: asyncio.Future[tuple[list[int], dict[str, float]]]
+    path: Path
+    future: asyncio.Future[list[int]]
 
 
-def fits(width: int, length: int) -> bool:
-    """Whether a row of ``length`` positions may join a micro-batch now ``width`` positions wide."""
-    return max(width, length) <= SHORT_ROW or width == length
+def fits(rows: int, width: int, real: int, length: int) -> bool:
+    """Whether a row of ``length`` positions may join ``rows`` rows ``width`` wide holding ``real`` positions."""
+    wider = max(width, length)
+    return wider <= SHORT_ROW or wider * (rows + 1) <= PADDING_LIMIT * (real + length)
 
 
 class MicroBatcher:
-    def __init__(self, pipeline: PipelineClient, micro_batch: int = 1, max_in_flight: int | None = None) -> None:
+    def __init__(self, pipeline: PipelineClient, router: Router, micro_batch: int = 1,
+                 max_in_flight: int | None = None) -> None:  # fmt: skip
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
         self.pipeline = pipeline
+        self.router = router
         self.micro_batch = micro_batch
-        self.max_in_flight = max_in_flight or len(pipeline.stage_urls)
+        self.fixed_in_flight = max_in_flight
         self.in_flight = 0
+        self.active = 0  # generations between open and close
         self.steps = 0
         self.rows = 0
         self._queue: deque[_Queued] = deque()
@@ -54,21 +69,47 @@ class MicroBatcher:
         self._loop_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
 
-    async def step(self, row: RowMeta, inputs: list[int]) -> tuple[list[int], dict[str, float]]:
-        """The row's tokens and the step's forward ms per stage, once the step that carried it returns."""
+    def max_in_flight(self, path: Path) -> int:
+        if self.fixed_in_flight:
+            return self.fixed_in_flight
+        fill = self.router.steps_to_fill(path) or 0
+        return fill if self.active <= fill else self.pipeline.num_stages
+
+    def open(self) -> Path:
+        """Pin a new generation to the path predicted fastest now."""
+        path = self.router.choose()
+        self.router.acquire(path)
+        self.active += 1
+        return path
+
+    async def step(self, row: RowMeta, inputs: list[int], path: Path) -> list[int]:
+        """The row's tokens, once the step that carried it returns."""
         if self.micro_batch == 1:
-            self.steps, self.rows = self.steps + 1, self.rows + 1
-            tokens, timing = await self.pipeline.step([row], [inputs])
-            return tokens[0], timing
+            return (await self._carry([row], [inputs], path))[0]
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
-        queued = _Queued(row, inputs, asyncio.get_running_loop().create_future())
+        queued = _Queued(row, inputs, path, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
         self._wake.set()
         return await queued.future
 
-    async def close(self, session: str) -> None:
-        await self.pipeline.close(session)
+    async def close(self, session: str, path: Path) -> None:
+        self.router.release(path)
+        self.active -= 1
+        await self.pipeline.close(session, self.router.urls(path))
+
+    async def _carry(self, rows: list[RowMeta], inputs: list[list[int]], path: Path) -> list[list[int]]:
+        """One step along ``path``; its round trip and compute times feed the router."""
+        self.steps, self.rows = self.steps + 1, self.rows + len(rows)
+        started = time.perf_counter()
+        try:
+            tokens, compute_ms = await self.pipeline.step(rows, inputs, self.router.urls(path))
+        except PipelineError as error:
+            if error.unreachable and self.router.fail(error.unreachable):
+                log.warning("stage replica %s unreachable; new generations avoid it for a while", error.unreachable)
+            raise
+        self.router.observe(path, (time.perf_counter() - started) * 1000, compute_ms)
+        return tokens
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
@@ -84,24 +125,28 @@ class MicroBatcher:
             # let them, so those rows leave together instead of one by one.
             for _ in range(3):
                 await asyncio.sleep(0)
-            while self._queue and self.in_flight < self.max_in_flight:
-                batch = self._take()
+            while self._queue and self.in_flight < (limit := self.max_in_flight(self._queue[0].path)):
+                # Spread the waiting rows over the free slots: a few rows pipeline better as
+                # several small steps (each stage busy with one) than as one step.
+                share = math.ceil(len(self._queue) / (limit - self.in_flight))
+                batch = self._take(min(self.micro_batch, share))
                 self.in_flight += 1
                 task = asyncio.create_task(self._send(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _take(self) -> list[_Queued]:
+    def _take(self, size: int) -> list[_Queued]:
         batch = [self._queue.popleft()]
-        width = batch[0].row.length
+        width, path = batch[0].row.length, batch[0].path
+        real = width
         passed: list[_Queued] = []
-        while self._queue and len(batch) < self.micro_batch:
+        while self._queue and len(batch) < size:
             queued = self._queue.popleft()
             if queued.future.done():  # its generation was cancelled
                 continue
-            if fits(width, queued.row.length):
+            if queued.path == path and fits(len(batch), width, real, queued.row.length):
                 batch.append(queued)
-                width = max(width, queued.row.length)
+                width, real = max(width, queued.row.length), real + queued.row.length
             else:
                 passed.append(queued)
         self._queue.extendleft(reversed(passed))  # rows passed over keep their place in line
@@ -115,9 +160,8 @@ class MicroBatcher:
             self._wake.set()
 
     async def _deliver(self, batch: list[_Queued]) -> None:
-        self.steps, self.rows = self.steps + 1, self.rows + len(batch)
         try:
-            tokens, timing = await self.pipeline.step([q.row for q in batch], [q.inputs for q in batch])
+            tokens = await self._carry([q.row for q in batch], [q.inputs for q in batch], batch[0].path)
         except PipelineError as error:
             if len(batch) > 1 and error.code not in NOT_RETRIED:
                 # One bad row must not fail its neighbours: each row alone meets its own fate.
@@ -130,4 +174,4 @@ class MicroBatcher:
             return
         for queued, row_tokens in zip(batch, tokens, strict=True):
             if not queued.future.done():
-                queued.future.set_result((row_tokens, timing))
+                queued.future.set_result(row_tokens)

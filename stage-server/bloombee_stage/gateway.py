@@ -4,12 +4,17 @@ Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream:
 SSE), ``/healthz``, ``/readyz`` (every stage ready), ``/metrics``, and the internal
 ``/internal/v1/results`` where the last stage delivers tokens. Every error is OpenAI's JSON
 error shape with a fitting HTTP status.
+
+Each request runs ``generation.generate``: rounds of draft (speculative.py) and step, the steps
+packed with other requests' rows into micro-batches (batching.py) along a path over the stage
+replicas chosen at its start (routing.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -37,6 +42,7 @@ from bloombee_stage.openai_protocol import (
 )
 from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
 from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, StepMeta, error_body
+from bloombee_stage.routing import Router, parse_stages
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.span import Span, SpanError, StageModel
 from bloombee_stage.speculative import DraftLength, ModelDrafter
@@ -48,7 +54,7 @@ log = logging.getLogger("bloombee.gateway")
 @dataclass
 class GatewaySettings:
     served_model_name: str
-    stage_urls: list[str]
+    stages: list[list[str]]  # URLs per stage in layer order; several for a span served by replicas
     public_url: str | None = None  # how the last stage reaches us; default: the bound address
     step_timeout_s: float = 120.0
     api_key: str | None = None
@@ -57,7 +63,7 @@ class GatewaySettings:
     draft: str = "none"  # speculative decoding: one of DRAFT_KINDS
     draft_max: int = 8  # longest draft per round
     micro_batch: int = 1  # rows per step (the plan's micro-batch size); 1: every request steps alone
-    max_in_flight: int | None = None  # steps in the pipeline at once when batching (default: one per stage)
+    max_in_flight: int | None = None  # steps in the pipeline at once when batching (default: batching.py decides)
 
 
 DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model")
@@ -93,7 +99,8 @@ class Gateway:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self.router = ResultRouter()
+        self.results = ResultRouter()
+        self.routing = Router(settings.stages, settings.micro_batch)
         self.http: aiohttp.ClientSession | None = None
         self.pipeline: PipelineClient | None = None
         self.batcher: MicroBatcher | None = None
@@ -104,21 +111,46 @@ class Gateway:
                            lambda: self.batcher.rows if self.batcher else 0)  # fmt: skip
         self.metrics.gauge("steps_in_flight", "Steps in the pipeline now",
                            lambda: self.batcher.in_flight if self.batcher else 0)  # fmt: skip
+        self.metrics.family("replica_load", "Generations pinned to each stage replica", self._replica_samples("load"))
+        self.metrics.family("replica_service_ms", "Measured forward ms per step of each stage replica",
+                            self._replica_samples("service_ms"))  # fmt: skip
+        self.metrics.family("route_predicted_ms", "Predicted ms of a step on each path, queueing included",
+                            self._path_samples)  # fmt: skip
+        self.metrics.family(
+            "route_chosen",
+            "Generations pinned to each path so far",
+            lambda: {(("path", _path_label(p)),): float(n) for p, n in self.routing.chosen.items()},
+        )
+
+    def _replica_samples(self, field: str) -> Any:
+        def read() -> dict:
+            samples = {}
+            for stage, replicas in enumerate(self.routing.replicas):
+                for index, replica in enumerate(replicas):
+                    labels = (("stage", str(stage)), ("replica", str(index)), ("url", replica.url))
+                    samples[labels] = float(getattr(replica, field) or 0)
+            return samples
+
+        return read
+
+    def _path_samples(self) -> dict:
+        paths = itertools.islice(itertools.product(*(range(len(r)) for r in self.routing.replicas)), 64)
+        return {(("path", _path_label(path)),): self.routing.predict_ms(path) for path in paths}
 
     def bind(self, own_url: str) -> None:
         """Called once the server listens: results come back to ``public_url`` or our own address."""
         assert self.http is not None
         reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
         self.pipeline = PipelineClient(
-            self.settings.stage_urls,
+            len(self.settings.stages),
             reply,
             self.http,
-            self.router,
+            self.results,
             self.settings.step_timeout_s,
             relay=self.settings.relay,
             relay_hops=self.settings.relay_hops,
         )
-        self.batcher = MicroBatcher(self.pipeline, self.settings.micro_batch, self.settings.max_in_flight)
+        self.batcher = MicroBatcher(self.pipeline, self.routing, self.settings.micro_batch, self.settings.max_in_flight)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -185,6 +217,11 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def _path_label(path: tuple[int, ...]) -> str:
+    """A path as the replica index per stage, e.g. ``0.1.0``."""
+    return ".".join(map(str, path))
 
 
 async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
@@ -322,7 +359,7 @@ async def handle_result(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     try:
         frame = decode_frame(await request.read())
-        delivered = gateway.router.deliver(frame)
+        delivered = gateway.results.deliver(frame)
     except (WireError, ValidationError) as error:
         return web.json_response(error_body(f"result frame: {error}", code="invalid_frame"), status=400)
     return web.json_response({"delivered": delivered})
@@ -381,8 +418,9 @@ def create_app(gateway: Gateway) -> web.Application:
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 return False
 
-        states = await asyncio.gather(*(ready(url) for url in gateway.settings.stage_urls))
-        body = {"ready": all(states), "stages": dict(zip(gateway.settings.stage_urls, states, strict=False))}
+        urls = [url for replicas in gateway.settings.stages for url in replicas]
+        states = await asyncio.gather(*(ready(url) for url in urls))
+        body = {"ready": all(states), "stages": dict(zip(urls, states, strict=True))}
         return web.json_response(body, status=200 if all(states) else 503)
 
     add_common_routes(app, gateway.metrics, readyz)
@@ -400,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible endpoint that drives a chain of BloomBee stage servers.",
     )
     parser.add_argument("--model", required=True, help="model source (for the tokenizer and config)")
-    parser.add_argument("--stages", required=True, help="comma-separated stage URLs in layer order")
+    parser.add_argument("--stages", required=True, help="stage URLs in layer order, comma-separated; replicas of "
+                        "one span separated by '|' (each generation takes the path predicted fastest)")  # fmt: skip
     parser.add_argument("--served-model-name", required=True, help="the name clients put in `model`")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
@@ -466,11 +505,12 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model_dir = prepare_model(args.model)
-    except ModelSourceError as error:
+        stages = parse_stages(args.stages)
+    except (ModelSourceError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     settings = GatewaySettings(
         served_model_name=args.served_model_name,
-        stage_urls=[url.strip() for url in args.stages.split(",") if url.strip()],
+        stages=stages,
         public_url=args.public_url,
         step_timeout_s=args.step_timeout,
         api_key=args.api_key,

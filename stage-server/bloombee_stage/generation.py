@@ -10,9 +10,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from bloombee_stage.batching import MicroBatcher
+from bloombee_stage.pipeline import PipelineError
 from bloombee_stage.protocol import RowMeta
 from bloombee_stage.sampling import SamplingParams
 from bloombee_stage.speculative import Draft, DraftLength, DraftState, ModelDrafter, prompt_lookup_draft
+
+MAX_REROUTES = 2  # a generation moves to another path at most this often when a stage replica is lost
 
 
 @dataclass
@@ -112,10 +115,13 @@ async def generate(
     exactly one token, with one up to the draft's length plus one.
     """
     speculation = speculation or Speculation()
+    speculation.length.timed = sampling.greedy or sampling.seed is None  # see DraftLength
     session = uuid.uuid4().hex
+    path = stepper.open()
     state = speculation.drafter.new_state() if speculation.drafter is not None else None
     limit = len(prompt_ids) + max_tokens
     context, start, pending = list(prompt_ids), 0, list(prompt_ids)
+    reroutes = 0
     try:
         while result.finish_reason is None:
             room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
@@ -123,7 +129,17 @@ async def generate(
             row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
                           max_length=limit, draft=draft.tokens, draft_probs=draft.probs)  # fmt: skip
             started = time.perf_counter()
-            accepted, _ = await stepper.step(row, pending + draft.tokens)
+            try:
+                accepted = await stepper.step(row, pending + draft.tokens, path)
+            except PipelineError as error:
+                if not error.unreachable or reroutes >= MAX_REROUTES:
+                    raise
+                # A stage replica is gone: start over on another path with the whole context so far
+                # (its KV cache was on the lost replica). Tokens already streamed stay valid.
+                reroutes += 1
+                await stepper.close(session, path)
+                session, path, start, pending = uuid.uuid4().hex, stepper.open(), 0, list(context)
+                continue
             speculation.rounds += 1
             speculation.length.update(len(draft.tokens), len(accepted) - 1, time.perf_counter() - started,
                                       draft.seconds)  # fmt: skip
@@ -150,4 +166,4 @@ async def generate(
             result.text += tail
             yield tail
     finally:
-        await stepper.close(session)
+        await stepper.close(session, path)

@@ -12,6 +12,7 @@ class Metrics:
         self._help: dict[str, tuple[str, str]] = {}
         self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._families: dict[str, Callable[[], dict[tuple[tuple[str, str], ...], float]]] = {}
 
     def _declare(self, name: str, kind: str, text: str) -> str:
         full = f"{self.prefix}_{name}"
@@ -34,6 +35,11 @@ class Metrics:
         full = self._declare(name, "gauge", text)
         self._gauges[full] = read
 
+    def family(self, name: str, text: str, read: Callable[[], dict[tuple[tuple[str, str], ...], float]]) -> None:
+        """A gauge with labels, read when scraped: ``read`` returns {((label, value), ...): sample}."""
+        full = self._declare(name, "gauge", text)
+        self._families[full] = read
+
     def render(self) -> str:
         lines: list[str] = []
         for full, (kind, text) in self._help.items():
@@ -41,7 +47,8 @@ class Metrics:
             if full in self._gauges:
                 lines.append(f"{full} {float(self._gauges[full]())}")
                 continue
-            for key, value in self._values[full].items():
+            samples = self._families[full]() if full in self._families else self._values[full]
+            for key, value in samples.items():
                 labels = dict(key)
                 suffix = labels.pop("__suffix", "")
                 label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 
 import aiohttp
 import torch
@@ -27,10 +26,12 @@ log = logging.getLogger("bloombee.pipeline")
 class PipelineError(RuntimeError):
     """A step failed somewhere in the chain; ``status`` is the HTTP status the gateway should answer."""
 
-    def __init__(self, message: str, status: int = 502, code: str = "pipeline_failed") -> None:
+    def __init__(self, message: str, status: int = 502, code: str = "pipeline_failed",
+                 unreachable: str | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
+        self.unreachable = unreachable  # a stage URL that could not be reached, when that was the failure
 
 
 class ResultRouter:
@@ -57,56 +58,60 @@ class ResultRouter:
 
 
 class PipelineClient:
+    """Sends steps along a path of stage URLs (one replica per stage) and awaits their results."""
+
     def __init__(
         self,
-        stage_urls: list[str],
+        num_stages: int,
         reply_url: str,
         http: aiohttp.ClientSession,
-        router: ResultRouter,
+        results: ResultRouter,
         step_timeout_s: float = 120.0,
         relay: bool = False,
         relay_hops: list[bool] | None = None,
     ) -> None:
-        if not stage_urls:
-            raise ValueError("a pipeline needs at least one stage URL")
-        self.stage_urls = [url.rstrip("/") for url in stage_urls]
+        if num_stages < 1:
+            raise ValueError("a pipeline needs at least one stage")
+        self.num_stages = num_stages
         self.reply_url = reply_url
         self.http = http
-        self.router = router
+        self.results = results
         self.step_timeout_s = step_timeout_s
         self.relay = relay
-        # Hops the planner sends through the gateway (a faster path than the direct link): the
-        # gateway's own URL goes into the route before that stage, and it forwards the frame.
-        flags = relay_hops or [False] * (len(self.stage_urls) - 1)
-        if len(flags) != len(self.stage_urls) - 1:
-            raise ValueError(f"{len(flags)} relay flags for {len(self.stage_urls)} stages")
-        gateway_url = reply_url.removesuffix(RESULT_PATH)
-        self.route = [hop for url, via in zip(self.stage_urls[1:], flags, strict=True)
-                      for hop in ([gateway_url, url] if via else [url])]  # fmt: skip
+        self.relay_hops = relay_hops or [False] * (num_stages - 1)
+        if len(self.relay_hops) != num_stages - 1:
+            raise ValueError(f"{len(self.relay_hops)} relay flags for {num_stages} stages")
         self._steps = 0
 
-    @staticmethod
-    def new_session() -> str:
-        return uuid.uuid4().hex
+    def route(self, urls: list[str]) -> list[str]:
+        """Where a step goes after the first stage. Hops the planner sends through the gateway (a
+        faster path than the direct link) get the gateway's own URL before that stage; it forwards."""
+        gateway_url = self.reply_url.removesuffix(RESULT_PATH)
+        return [hop for url, via in zip(urls[1:], self.relay_hops, strict=True)
+                for hop in ([gateway_url, url] if via else [url])]  # fmt: skip
 
-    async def step(self, rows: list[RowMeta], inputs: list[list[int]]) -> tuple[list[list[int]], dict[str, float]]:
-        """Send one micro-batch (row i appends ``inputs[i]`` to session ``rows[i].session``).
+    async def step(self, rows: list[RowMeta], inputs: list[list[int]],
+                   urls: list[str]) -> tuple[list[list[int]], list[float]]:  # fmt: skip
+        """Send one micro-batch along ``urls`` (row i appends ``inputs[i]`` to session ``rows[i].session``).
 
         Returns each row's tokens (the verified draft prefix plus the model's next token) and
-        the forward milliseconds per stage.
+        each stage's forward milliseconds.
         """
+        if len(urls) != self.num_stages:
+            raise ValueError(f"a path of {len(urls)} URLs through {self.num_stages} stages")
         self._steps += 1
-        meta = StepMeta(step=self._steps, rows=rows, route=self.route, reply_to=None if self.relay else self.reply_url)
+        reply_to = None if self.relay else self.reply_url
+        meta = StepMeta(step=self._steps, rows=rows, route=self.route(urls), reply_to=reply_to)
         padded = torch.zeros(len(rows), meta.width, dtype=torch.int64)
         for index, tokens in enumerate(inputs):
             padded[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
         frame = tensor_frame(padded, meta.model_dump(mode="json"))
         if self.relay:
-            result = await self._relay(encode_frame(frame))
+            result = await self._relay(encode_frame(frame), urls)
         else:
-            waiter = self.router.expect(meta.step)
+            waiter = self.results.expect(meta.step)
             try:
-                await self._send(self.stage_urls[0], encode_frame(frame), expect=202)
+                await self._send(urls[0], encode_frame(frame), expect=202)
                 result = await asyncio.wait_for(waiter, self.step_timeout_s)
             except asyncio.TimeoutError:
                 raise PipelineError(
@@ -116,20 +121,21 @@ class PipelineClient:
                     "pipeline_timeout",
                 ) from None
             finally:
-                self.router.forget(meta.step)
+                self.results.forget(meta.step)
         outcome = ResultMeta.model_validate(result.meta)
         if outcome.error:
-            status = 400 if outcome.code == "context_length_exceeded" else 502
-            raise PipelineError(f"stage {outcome.stage}: {outcome.error}", status, outcome.code or "stage_failed")
+            status = 400 if outcome.code == "context_length_exceeded" else 503 if outcome.unreachable else 502
+            raise PipelineError(f"stage {outcome.stage}: {outcome.error}", status, outcome.code or "stage_failed",
+                                outcome.unreachable)  # fmt: skip
         by_session = {row.session: row.tokens for row in outcome.rows}
         missing = [row.session for row in rows if row.session not in by_session]
         if missing:
             raise PipelineError(f"the result of step {meta.step} lacks sessions {missing}", 502, "bad_result")
         return [by_session[row.session] for row in rows], outcome.compute_ms
 
-    async def _relay(self, body: bytes) -> Frame:
+    async def _relay(self, body: bytes, urls: list[str]) -> Frame:
         """Baseline: every stage answers inline and the gateway forwards the output to the next one."""
-        for url in self.stage_urls:
+        for url in urls:
             body = await self._send(url, body, expect=200)
         return decode_frame(body)
 
@@ -143,12 +149,12 @@ class PipelineClient:
                     return await reply.read()
                 message, code = await read_error(reply, "stage_refused")
         except aiohttp.ClientError as error:
-            raise PipelineError(f"stage {url} unreachable: {error}", 503, "stage_unreachable") from None
+            raise PipelineError(f"stage {url} unreachable: {error}", 503, "stage_unreachable", url) from None
         status = 400 if code == "context_length_exceeded" else 503 if code == "kv_budget_exceeded" else 502
         raise PipelineError(f"stage {url} refused the step: {message}", status, code)
 
-    async def close(self, session: str) -> None:
-        """Free the session on every stage; best effort (stages also time idle sessions out)."""
+    async def close(self, session: str, urls: list[str]) -> None:
+        """Free the session on every stage of its path; best effort (stages also time idle sessions out)."""
 
         async def close_one(url: str) -> None:
             try:
@@ -157,4 +163,4 @@ class PipelineClient:
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 log.debug("closing session %s on %s failed: %s", session, url, error)
 
-        await asyncio.gather(*(close_one(url) for url in self.stage_urls))
+        await asyncio.gather(*(close_one(url) for url in urls))

@@ -67,7 +67,7 @@ class StepMeta(BaseModel):
     rows: list[RowMeta] = Field(min_length=1, max_length=MAX_ROWS)
     route: list[str] = Field(default_factory=list, description="base URLs of the stages after this one")
     reply_to: str | None = Field(default=None, description="where the last stage sends the result")
-    compute_ms: dict[str, float] = Field(default_factory=dict, description="forward time per stage name, so far")
+    compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
 
     @model_validator(mode="after")
     def _sessions_distinct(self) -> StepMeta:
@@ -95,7 +95,8 @@ class ResultMeta(BaseModel):
     error: str | None = None
     code: str | None = None
     stage: str | None = None
-    compute_ms: dict[str, float] = Field(default_factory=dict)
+    unreachable: str | None = None  # the URL a stage could not reach, so the gateway can route around it
+    compute_ms: list[float] = Field(default_factory=list)
 
 
 def error_body(

@@ -174,7 +174,7 @@ class StageService:
         self.metrics.observe("forward_seconds", "Time in the span's forward pass", seconds)
         self.metrics.observe("micro_batch_rows", "Rows (sessions) per step", len(meta.rows))
         self.metrics.inc("tokens_total", "Positions processed", sum(row.length for row in meta.rows))
-        timed = meta.model_copy(update={"compute_ms": {**meta.compute_ms, self.settings.name: seconds * 1000}})
+        timed = meta.model_copy(update={"compute_ms": [*meta.compute_ms, seconds * 1000]})
         return output, timed
 
     def result_frame(self, meta: StepMeta, tokens: list[list[int]]) -> Frame:
@@ -192,7 +192,12 @@ class StageService:
             accepted = await self.peer_accepts(meta.route[0])
             nxt = meta.model_copy(update={"route": meta.route[1:]})
             body = self.encode_onward(tensor_frame(output, nxt.model_dump(mode="json")), accepted)
-            await self._post(meta.route[0] + STEP_PATH, body, expect=202)
+            try:
+                await self._post(meta.route[0] + STEP_PATH, body, expect=202)
+            except aiohttp.ClientConnectionError as error:  # the next stage is gone: the gateway may route around it
+                self.metrics.inc("errors_total", "Failed steps", code="next_unreachable")
+                message = f"cannot reach the next stage {meta.route[0]}: {error}"
+                await self.report(meta, message, "stage_unreachable", unreachable=meta.route[0])
         except asyncio.CancelledError:
             raise
         except Exception as error:  # anything that goes wrong after the 202 is reported, never swallowed
@@ -235,10 +240,10 @@ class StageService:
                 message, _ = await read_error(reply, "downstream")
                 raise RuntimeError(f"{url} answered {reply.status}: {message}")
 
-    async def report(self, meta: StepMeta, message: str, code: str) -> None:
+    async def report(self, meta: StepMeta, message: str, code: str, unreachable: str | None = None) -> None:
         if not meta.reply_to:
             return
-        result = ResultMeta(step=meta.step, error=message, code=code, stage=self.settings.name)
+        result = ResultMeta(step=meta.step, error=message, code=code, stage=self.settings.name, unreachable=unreachable)
         body = encode_frame(tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump()))
         try:
             await self._post(meta.reply_to, body, expect=200)

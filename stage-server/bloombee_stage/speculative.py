@@ -161,39 +161,51 @@ class DraftLength:
 
     With per-token acceptance a, a draft of k yields (1 - a^(k+1)) / (1 - a) tokens and costs
     one round trip plus k draft steps; a WAN round trip is long, so k grows while drafts are
-    accepted and shrinks when they are not or when drafting is slow against the round trip.
-    Acceptance and costs are running averages measured on this generation.
+    accepted and shrinks when they are not or when drafting is slow against the round trip. When
+    no draft pays (k = 0), one token is still drafted every ``probe_every`` rounds, so a change in
+    acceptance is noticed. Acceptance and costs are running averages over this generation.
+
+    ``timed=False`` keeps the costs at their priors: a seeded sampled request must draw the same
+    tokens when repeated, and its draws depend on what was drafted, so its draft lengths may
+    follow acceptance (a function of the tokens) but not wall-clock times.
     """
 
     maximum: int = 8
-    minimum: int = 1
+    timed: bool = True
     accept_rate: float = 0.6  # prior until measured
     round_trip_s: float = 0.05
     draft_token_s: float = 0.0
+    probe_every: int = 8
     proposed: int = 0
     accepted: int = 0
+    rounds_without_draft: int = 0
+
+    def best(self) -> int:
+        """The draft length of most expected tokens per second (0: drafting does not pay)."""
+        rates = [expected_tokens(self.accept_rate, k) / (self.round_trip_s + k * self.draft_token_s)
+                 for k in range(self.maximum + 1)]  # fmt: skip
+        return max(range(len(rates)), key=lambda k: (rates[k] * (1 - 1e-9 * k), -k))
 
     @property
     def current(self) -> int:
-        best, best_rate = self.minimum, 0.0
-        for k in range(self.minimum, self.maximum + 1):
-            rate = expected_tokens(self.accept_rate, k) / (self.round_trip_s + k * self.draft_token_s)
-            if rate > best_rate * (1 + 1e-9):
-                best, best_rate = k, rate
+        best = self.best()
+        if best == 0 and self.rounds_without_draft + 1 >= self.probe_every:
+            return 1
         return best
 
     def update(self, drafted: int, accepted: int, round_trip_s: float | None = None,
                draft_seconds: float | None = None) -> None:  # fmt: skip
         self.proposed += drafted
         self.accepted += accepted
+        self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
         if drafted:
             # A geometric run: `accepted` successes, then a failure unless the whole draft was kept.
             failures = 0 if accepted == drafted else 1
             observed = accepted / (accepted + failures) if accepted + failures else self.accept_rate
             self.accept_rate = 0.7 * self.accept_rate + 0.3 * observed
-            if draft_seconds is not None:
+            if draft_seconds is not None and self.timed:
                 self.draft_token_s = 0.7 * self.draft_token_s + 0.3 * draft_seconds / drafted
-        if round_trip_s is not None:
+        if round_trip_s is not None and self.timed:
             self.round_trip_s = 0.7 * self.round_trip_s + 0.3 * round_trip_s
 
     @property

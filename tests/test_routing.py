@@ -1,0 +1,131 @@
+"""Waiting-aware routing over stage replicas: pure decisions, then real replicas behind a real gateway."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from bloombee_operator.backends.local import LocalBackend
+from bloombee_stage.batching import fits
+from bloombee_stage.routing import Router, parse_stages
+from pipelines import read_metrics
+
+
+def test_stages_parse_with_replicas():
+    assert parse_stages("http://a,http://b1|http://b2/,http://c") == [["http://a"], ["http://b1", "http://b2"],
+                                                                         ["http://c"]]  # fmt: skip
+    with pytest.raises(ValueError, match="at least one URL"):
+        parse_stages("http://a,,http://c")
+
+
+def test_unmeasured_replicas_are_tried_then_the_faster_one_wins():
+    router = Router([["a"], ["b1", "b2"]], micro_batch=1)
+    first = router.choose()
+    router.acquire(first)
+    router.observe(first, round_trip_ms=60.0, compute_ms=[10.0, 40.0])  # b1 measured slow
+    router.release(first)
+    assert router.choose() == (0, 1)  # b2 unmeasured: counted at the stage's mean, and idle
+    router.observe((0, 1), round_trip_ms=30.0, compute_ms=[10.0, 10.0])
+    assert router.choose() == (0, 1)  # measured faster
+
+
+def test_queueing_sends_new_generations_to_the_slower_idle_replica():
+    router = Router([["b1", "b2"]], micro_batch=1)
+    router.observe((0,), 10.0, [10.0])
+    router.observe((1,), 25.0, [25.0])
+    for _ in range(2):  # b1: 10 ms a step; with 2 waiting a new row waits 2 steps
+        router.acquire((0,))
+    assert router.predict_ms((0,)) == pytest.approx(30.0)
+    assert router.predict_ms((1,)) == pytest.approx(25.0)
+    assert router.choose() == (1,)  # the idle, slower replica now finishes sooner
+    batched = Router([["b1", "b2"]], micro_batch=4)  # with micro-batches, waiting rows share a step
+    batched.observe((0,), 10.0, [10.0])
+    batched.observe((1,), 25.0, [25.0])
+    for _ in range(2):
+        batched.acquire((0,))
+    assert batched.choose() == (0,)
+
+
+def test_load_is_released_and_counted():
+    router = Router([["a1", "a2"], ["b"]])
+    path = router.choose()
+    router.acquire(path)
+    assert sum(r.load for r in router.replicas[0]) == 1 and router.replicas[1][0].load == 1
+    router.release(path)
+    assert all(r.load == 0 for replicas in router.replicas for r in replicas)
+    assert router.chosen[path] == 1
+
+
+def _chat(pipeline_url: str, content: str) -> tuple[int, dict]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    request = urllib.request.Request(pipeline_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_replicas_share_generations_and_a_lost_replica_is_routed_around(tmp_path, tiny_dir):
+    backend = LocalBackend(tmp_path, threads_per_stage=1, startup_timeout_s=300)
+    model = str(tiny_dir)
+
+    def stage(name: str, layers: str) -> object:
+        return backend._start(name, "bloombee_stage.server", ["--model", model, "--layers", layers, "--name", name,
+                                                              "--port", "0", "--threads", "1"])  # fmt: skip
+
+    try:
+        first, replica_a, replica_b = stage("s0", "0:3"), stage("s1a", "3:6"), stage("s1b", "3:6")
+        backend._wait_ready([first, replica_a, replica_b])
+        stages = f"{first.url},{replica_a.url}|{replica_b.url}"
+        gateway = backend._start("gw", "bloombee_stage.gateway", ["--model", model, "--stages", stages,
+                                 "--served-model-name", "tiny", "--port", "0", "--micro-batch", "4"])  # fmt: skip
+        backend._wait_ready([gateway], ready_path="/healthz")
+        prompts = [f"say {word}" for word in ("one", "two", "three", "four", "five", "six")]
+        alone = [_chat(gateway.url, p) for p in prompts]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            together = list(pool.map(lambda p: _chat(gateway.url, p), prompts))
+        for (status_a, a), (status_b, b) in zip(alone, together, strict=True):
+            assert status_a == status_b == 200
+            assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+        metrics = read_metrics(gateway.url)
+        assert metrics['bloombee_gateway_route_chosen{path="0.0"}'] > 0
+        assert metrics['bloombee_gateway_route_chosen{path="0.1"}'] > 0  # both replicas served generations
+        assert metrics['bloombee_gateway_route_predicted_ms{path="0.1"}'] > 0
+        assert all(metrics[f'bloombee_gateway_replica_service_ms{{stage="1",replica="{i}",url="{url}"}}'] > 0
+                   for i, url in enumerate((replica_a.url, replica_b.url)))  # fmt: skip
+
+        replica_b.popen.send_signal(signal.SIGKILL)
+        replica_b.popen.wait()
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            after = list(pool.map(lambda p: _chat(gateway.url, p), prompts))
+        for (_, before), (status, reply) in zip(alone, after, strict=True):
+            assert status == 200, reply  # generations on the lost replica moved to the other path
+            assert reply["choices"][0]["token_ids"] == before["choices"][0]["token_ids"]
+        metrics = read_metrics(gateway.url)
+        assert metrics['bloombee_gateway_route_chosen{path="0.0"}'] >= 6
+    finally:
+        backend.stop()
+
+
+def test_steps_to_fill_cover_a_round_trip_of_the_slowest_stage():
+    router = Router([["a"], ["b"], ["c"]])
+    assert router.steps_to_fill((0, 0, 0)) is None  # nothing measured yet
+    router.observe((0, 0, 0), round_trip_ms=160.0, compute_ms=[10.0, 10.0, 20.0])
+    assert router.steps_to_fill((0, 0, 0)) == 8  # 120 ms of links + 40 of compute, over 20 ms
+
+
+@pytest.mark.parametrize(("rows", "width", "real", "length", "joins"), [
+    (3, 1, 3, 9, True),  # decode rows and a draft verification: short, always together
+    (1, 60, 60, 50, True),  # two prefills of similar length
+    (1, 60, 60, 8, False),  # a long prefill does not drag a decode row through 60 positions
+    (2, 40, 50, 100, False),  # padding would exceed half again the real positions
+])  # fmt: skip
+def test_rows_join_a_micro_batch_when_padding_wastes_little(rows, width, real, length, joins):
+    assert fits(rows, width, real, length) is joins
