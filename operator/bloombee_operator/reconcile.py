@@ -67,6 +67,7 @@ class GatewayDesired:
     draft_layers: int | None = None  # early-exit: the model's first layers that draft
     draft_source: str | None = None  # model draft: the small model's source
     micro_batch: int = 1  # rows per step: the plan's micro-batch size
+    service_type: str = "ClusterIP"  # how clients reach it in Kubernetes
 
     def server_args(self) -> list[str]:
         """Arguments of ``python -m bloombee_stage.gateway`` beyond the stage URLs and the port."""
@@ -134,6 +135,7 @@ def desired_state(
         draft_layers=spec.draft.layers,
         draft_source=spec.draft.source,
         micro_batch=micro_batch or spec.planner.max_micro_batch,
+        service_type=spec.gateway.service.type,
     )
     return DesiredState(
         name=name,

@@ -55,7 +55,7 @@ class DraftSpec(_Model):
 
 
 class NodeHint(_Model):
-    name: str
+    name: str = Field(max_length=63, json_schema_extra={"pattern": _DNS_LABEL.pattern})
     memory_gi_b: float | None = Field(default=None, gt=0, alias="memoryGiB")
     compute_tflops: float | None = Field(default=None, gt=0, alias="computeTFLOPS")
 
@@ -63,7 +63,7 @@ class NodeHint(_Model):
 
 
 class ClusterSpec(_Model):
-    name: str
+    name: str = Field(max_length=63, json_schema_extra={"pattern": _DNS_LABEL.pattern})
     kubeconfig_secret: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     nodes: list[NodeHint] = Field(default_factory=list)
@@ -75,7 +75,7 @@ class PlannerSpec(_Model):
     objective: Literal["throughput", "latency"] = "throughput"
     max_micro_batch: int = Field(default=8, ge=1, le=256)
     allow_offload: bool = True
-    replan_every: str = "10m"
+    replan_every: str = Field(default="10m", json_schema_extra={"pattern": _DURATION.pattern})
 
     @field_validator("replan_every")
     @classmethod

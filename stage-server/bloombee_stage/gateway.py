@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,7 @@ class GatewaySettings:
 
 
 DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model")
+API_KEY_ENV = "BLOOMBEE_API_KEY"
 
 
 class ApiError(Exception):
@@ -445,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
     parser.add_argument("--public-url", default=None, help="URL the last stage uses to reach this gateway")
     parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds to wait for one step's result")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require `Authorization: Bearer KEY` on /v1/ (default: ${API_KEY_ENV}, e.g. from a "
+                        "Kubernetes Secret)")  # fmt: skip
     parser.add_argument(
         "--relay", action="store_true", help="baseline: relay every hop through the gateway as Petals does"
     )

@@ -1,0 +1,236 @@
+"""The Kubernetes backend: a DesiredState as Kubernetes objects, and (in handlers.py) applied.
+
+``render`` is pure: desired state + the owning resource -> the child objects, each labelled and
+owned by the DistributedLLM, grouped by the cluster they go to. Only the plan ConfigMap carries
+the plan's hash, so a new plan rewrites just the objects whose content it changes. Per stage a Deployment and a
+Service (the stage's span, dtype, codec, link and offload budgets in its arguments, exactly the
+flags ``bloombee up`` passes to local processes); the gateway's Deployment and Service; and the
+plan as a ConfigMap. Objects for the operator's own cluster carry an owner reference, so the
+API server's garbage collector removes them with the resource; objects in remote clusters
+cannot (owner references do not cross clusters) and are found by their labels when the
+finalizer cleans up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bloombee_operator.reconcile import DesiredState, StageSpec
+
+STAGE_PORT = 8080
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PLAN = "bloombee.ai/plan-hash"
+MANAGED_BY = {"app.kubernetes.io/name": "bloombee", "app.kubernetes.io/managed-by": "bloombee-operator"}
+CACHE_DIR = "/var/cache/bloombee"
+
+
+@dataclass(frozen=True)
+class Images:
+    stage: str = "ghcr.io/bloombee/stage:0.1.0"
+    gateway: str = "ghcr.io/bloombee/stage:0.1.0"  # the gateway ships in the stage image (same package)
+    pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DistributedLLM the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+    api_version: str = "bloombee.ai/v1alpha1"
+    kind: str = "DistributedLLM"
+
+    def reference(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+
+
+def labels(desired: DesiredState, component: str, **extra: str) -> dict[str, str]:
+    return {**MANAGED_BY, LABEL_INSTANCE: desired.name, LABEL_COMPONENT: component, **extra}
+
+
+def selector(desired: DesiredState) -> str:
+    """A label selector for every child of one resource (the finalizer's way into remote clusters)."""
+    return f"{LABEL_INSTANCE}={desired.name},app.kubernetes.io/managed-by={MANAGED_BY['app.kubernetes.io/managed-by']}"
+
+
+def _metadata(name: str, desired: DesiredState, owner: Owner | None, object_labels: dict[str, str]) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": desired.namespace, "labels": object_labels}
+    if owner is not None:
+        meta["ownerReferences"] = [owner.reference()]
+    return meta
+
+
+def _probe(path: str, port: int, period: int) -> dict:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": 3,
+            "failureThreshold": 3}  # fmt: skip
+
+
+def _container(name: str, image: Images, image_ref: str, module: str, args: list[str], port: int) -> dict:
+    return {
+        "name": name,
+        "image": image_ref,
+        "imagePullPolicy": image.pull_policy,
+        "command": ["python", "-m", module],
+        "args": [*args, "--host", "0.0.0.0", "--port", str(port)],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": [{"name": "BLOOMBEE_CACHE", "value": CACHE_DIR}],
+        "readinessProbe": _probe("/readyz", port, 5),
+        "livenessProbe": {**_probe("/healthz", port, 10), "initialDelaySeconds": 30},
+        # Converting or loading a model takes a while; a startup probe keeps liveness out of it.
+        "startupProbe": {**_probe("/healthz", port, 5), "failureThreshold": 120},
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def _deployment(name: str, desired: DesiredState, owner: Owner | None, object_labels: dict[str, str],
+                container: dict, replicas: int, node_selector: dict[str, str]) -> dict:  # fmt: skip
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "cache", "emptyDir": {}}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, desired, owner, object_labels),
+        "spec": {
+            "replicas": replicas,
+            "selector": {
+                "matchLabels": {
+                    LABEL_INSTANCE: desired.name,
+                    LABEL_COMPONENT: object_labels[LABEL_COMPONENT],
+                    "bloombee.ai/name": name,
+                }
+            },
+            "template": {"metadata": {"labels": {**object_labels, "bloombee.ai/name": name}}, "spec": pod_spec},
+        },
+    }
+
+
+def _service(name: str, desired: DesiredState, owner: Owner | None, object_labels: dict[str, str], port: int,
+             target: int, service_type: str = "ClusterIP") -> dict:  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, desired, owner, object_labels),
+        "spec": {
+            "type": service_type,
+            "selector": {LABEL_INSTANCE: desired.name, "bloombee.ai/name": name},
+            "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}],
+        },
+    }
+
+
+def stage_url(desired: DesiredState, stage: StageSpec) -> str:
+    return f"http://{stage.name}.{desired.namespace}.svc:{STAGE_PORT}"
+
+
+def gateway_url(desired: DesiredState) -> str:
+    return f"http://{desired.gateway.name}.{desired.namespace}.svc:{desired.gateway.port}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each cluster's objects go: its node selector; ``local`` is the operator's own cluster."""
+
+    local: str
+    node_selectors: dict[str, dict[str, str]]
+
+
+def render(desired: DesiredState, owner: Owner, placement: Placement, images: Images | None = None,
+           api_key_secret: str | None = None) -> dict[str, list[dict]]:  # fmt: skip
+    """Every child object, by cluster name. Pure: the same inputs give the same objects."""
+    images = images or Images()
+    by_cluster: dict[str, list[dict]] = {}
+
+    def owned(cluster: str) -> Owner | None:
+        return owner if cluster == placement.local else None
+
+    for stage in desired.stages:
+        object_labels = labels(desired, "stage", **{"bloombee.ai/stage-index": str(stage.index)})
+        args = [*stage.server_args(desired.model_source), "--threads", "0"]
+        container = _container("stage", images, images.stage, "bloombee_stage.server", args, STAGE_PORT)
+        selector_for = placement.node_selectors.get(stage.cluster, {})
+        by_cluster.setdefault(stage.cluster, []).extend(
+            [
+                _deployment(stage.name, desired, owned(stage.cluster), object_labels, container, 1, selector_for),
+                _service(stage.name, desired, owned(stage.cluster), object_labels, STAGE_PORT, STAGE_PORT),
+            ]
+        )
+
+    gateway = desired.gateway
+    object_labels = labels(desired, "gateway")
+    args = ["--model", desired.model_source, "--stages", ",".join(stage_url(desired, s) for s in desired.stages),
+            "--public-url", gateway_url(desired), *gateway.server_args()]  # fmt: skip
+    container = _container("gateway", images, images.gateway, "bloombee_stage.gateway", args, gateway.port)
+    if api_key_secret:
+        container["env"].append({"name": "BLOOMBEE_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": api_key_secret, "key": "api-key"}}})  # fmt: skip
+    plan = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            f"{desired.name}-plan", desired, owner, labels(desired, "plan", **{LABEL_PLAN: desired.plan_hash})
+        ),
+        "data": {
+            "plan.json": json.dumps(
+                {"planHash": desired.plan_hash, "stages": [asdict(stage) for stage in desired.stages]}, indent=2
+            )
+        },
+    }
+    by_cluster.setdefault(placement.local, []).extend(
+        [
+            _deployment(
+                gateway.name,
+                desired,
+                owner,
+                object_labels,
+                container,
+                gateway.replicas,
+                placement.node_selectors.get(placement.local, {}),
+            ),
+            _service(gateway.name, desired, owner, object_labels, gateway.port, gateway.port, gateway.service_type),
+            plan,
+        ]
+    )
+    return by_cluster
+
+
+def object_key(obj: dict) -> tuple[str, str, str]:
+    return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+
+def changes(before: dict[str, list[dict]], after: dict[str, list[dict]]) -> dict[str, list[tuple[str, dict]]]:
+    """Per cluster, what to do to go from ``before`` to ``after``: ("apply", obj) or ("delete", obj).
+
+    Objects whose content did not change are left alone, so a plan that moves one stage's layers
+    touches that stage's Deployment (and the plan ConfigMap), not the others.
+    """
+    actions: dict[str, list[tuple[str, dict]]] = {}
+    for cluster in sorted(set(before) | set(after)):
+        old = {object_key(obj): obj for obj in before.get(cluster, [])}
+        new = {object_key(obj): obj for obj in after.get(cluster, [])}
+        todo = [("apply", obj) for key, obj in new.items() if old.get(key) != obj]
+        todo += [("delete", obj) for key, obj in old.items() if key not in new]
+        if todo:
+            actions[cluster] = todo
+    return actions

@@ -1,0 +1,40 @@
+"""A model's shape (layers, hidden size) without torch: read from config.json or from GGUF metadata.
+
+The operator plans spans before any stage runs and its image has no torch, so it reads only
+metadata: a Hugging Face directory's ``config.json``, or the header fields of a GGUF file
+(``<arch>.block_count``, ``<arch>.embedding_length``) with the ``gguf`` reader.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bloombee_operator.reconcile import ModelShape
+
+
+class ModelShapeError(ValueError):
+    """The model cannot be found or read where the operator runs."""
+
+
+def model_shape(source: str) -> ModelShape:
+    from bloombee_stage.model import ModelSourceError, resolve_source  # no torch at import
+
+    try:
+        found = resolve_source(source)
+    except ModelSourceError as error:
+        raise ModelShapeError(str(error)) from None
+    if found.kind != "gguf":
+        config = json.loads((found.hf_dir / "config.json").read_text())
+        return ModelShape(num_layers=int(config["num_hidden_layers"]), hidden_size=int(config["hidden_size"]))
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelShapeError(f"model source {source!r}: reading GGUF metadata needs the `gguf` package") from None
+    reader = GGUFReader(found.path)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    try:
+        layers = int(reader.fields[f"{architecture}.block_count"].parts[-1][0])
+        hidden = int(reader.fields[f"{architecture}.embedding_length"].parts[-1][0])
+    except KeyError as missing:
+        raise ModelShapeError(f"model source {source!r}: GGUF metadata lacks {missing}") from None
+    return ModelShape(num_layers=layers, hidden_size=hidden)
