@@ -159,6 +159,12 @@ class MicroBatcher:
             self.in_flight -= 1
             self._wake.set()
 
+    @staticmethod
+    def _fail(batch: list[_Queued], error: PipelineError) -> None:
+        for queued in batch:
+            if not queued.future.done():
+                queued.future.set_exception(error)
+
     async def _deliver(self, batch: list[_Queued]) -> None:
         try:
             tokens = await self._carry([q.row for q in batch], [q.inputs for q in batch], batch[0].path)
@@ -168,9 +174,11 @@ class MicroBatcher:
                 log.info("step of %d rows failed (%s); retrying each row alone", len(batch), error)
                 await asyncio.gather(*(self._deliver([queued]) for queued in batch))
                 return
-            for queued in batch:
-                if not queued.future.done():
-                    queued.future.set_exception(error)
+            self._fail(batch, error)
+            return
+        except Exception as error:  # a bug here must fail the requests, never leave them waiting
+            log.exception("step of %d rows failed unexpectedly", len(batch))
+            self._fail(batch, PipelineError(f"gateway error while sending a step: {error}", 500, "gateway_error"))
             return
         for queued, row_tokens in zip(batch, tokens, strict=True):
             if not queued.future.done():

@@ -6,12 +6,11 @@ replicas, a mutating webhook's) are left alone and repeated applies are no-ops.
 
 from __future__ import annotations
 
-import logging
+from typing import Any
 
 from kubernetes import client, dynamic
 from kubernetes.dynamic.exceptions import NotFoundError
 
-log = logging.getLogger("bloombee.kubernetes")
 FIELD_MANAGER = "bloombee-operator"
 
 
@@ -39,17 +38,17 @@ class Cluster:
             return False
         return True
 
-    def ready_replicas(self, obj: dict) -> int:
+    def _live(self, obj: dict) -> Any | None:
+        """The object as the API server has it now, or None."""
         try:
-            live = self._resource(obj).get(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
+            return self._resource(obj).get(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
         except NotFoundError:
-            return 0
-        status = live.to_dict().get("status") or {}
-        return int(status.get("readyReplicas") or 0)
+            return None
 
     def exists(self, obj: dict) -> bool:
-        try:
-            self._resource(obj).get(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
-        except NotFoundError:
-            return False
-        return True
+        return self._live(obj) is not None
+
+    def ready_replicas(self, obj: dict) -> int:
+        live = self._live(obj)
+        status = (live.to_dict().get("status") or {}) if live is not None else {}
+        return int(status.get("readyReplicas") or 0)
