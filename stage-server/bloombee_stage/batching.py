@@ -125,6 +125,8 @@ class MicroBatcher:
             # let them, so those rows leave together instead of one by one.
             for _ in range(3):
                 await asyncio.sleep(0)
+            while self._queue and self._queue[0].future.done():  # its generation was cancelled
+                self._queue.popleft()
             while self._queue and self.in_flight < (limit := self.max_in_flight(self._queue[0].path)):
                 # Spread the waiting rows over the free slots: a few rows pipeline better as
                 # several small steps (each stage busy with one) than as one step.
