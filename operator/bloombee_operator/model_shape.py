@@ -7,6 +7,7 @@ metadata: a Hugging Face directory's ``config.json``, or the header fields of a 
 
 from __future__ import annotations
 
+import functools
 import json
 
 from bloombee_operator.reconcile import ModelShape
@@ -16,7 +17,10 @@ class ModelShapeError(ValueError):
     """The model cannot be found or read where the operator runs."""
 
 
+@functools.lru_cache(maxsize=64)
 def model_shape(source: str) -> ModelShape:
+    """Read once per source and process: the operator's timer asks again every few seconds, and
+    a GGUF header walk takes seconds."""
     from bloombee_stage.model import ModelSourceError, resolve_source  # no torch at import
 
     try:

@@ -136,7 +136,7 @@ class Gateway:
         return read
 
     def _path_samples(self) -> dict:
-        paths = itertools.islice(itertools.product(*(range(len(r)) for r in self.routing.replicas)), 64)
+        paths = itertools.islice(self.routing.paths(), 64)
         return {(("path", _path_label(path)),): self.routing.predict_ms(path) for path in paths}
 
     def bind(self, own_url: str) -> None:

@@ -16,6 +16,7 @@ import itertools
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 Path = tuple[int, ...]  # a replica index per stage
@@ -83,11 +84,15 @@ class Router:
             return tuple(min(indexes, key=lambda i, s=stage: (self.replica_ms(s, self.replicas[s][i]),
                                                              self.replicas[s][i].load))
                          for stage, indexes in enumerate(usable))  # fmt: skip
-        paths = itertools.product(*usable)
+        paths = self.paths(usable)
         scored = [(self.predict_ms(path), self._load(path), path) for path in paths]
         best = min(scored)
         self.last_prediction_ms[best[2]] = best[0]
         return best[2]
+
+    def paths(self, usable: list[list[int]] | None = None) -> Iterator[Path]:
+        """Every path through the replicas (or through the ``usable`` replica indexes per stage)."""
+        return itertools.product(*(usable or [range(len(replicas)) for replicas in self.replicas]))
 
     def _load(self, path: Path) -> int:
         return sum(self.replicas[stage][index].load for stage, index in enumerate(path))

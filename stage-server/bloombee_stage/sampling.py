@@ -48,10 +48,3 @@ def position_generator(params: SamplingParams, position: int, stream: int = TARG
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from a 1-d distribution (need not be normalised)."""
     return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
-
-
-def pick_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """The next token after ``position`` from its logits [vocab]."""
-    if params.greedy:
-        return int(logits.argmax())
-    return draw(target_probs(logits, params), position_generator(params, position))
