@@ -1,4 +1,4 @@
-"""A model's shape (layers, hidden size) without torch: read from config.json or from GGUF metadata.
+"""A model's shape (layers, widths) without torch: read from config.json or from GGUF metadata.
 
 The operator plans spans before any stage runs and its image has no torch, so it reads only
 metadata: a Hugging Face directory's ``config.json``, or the header fields of a GGUF file
@@ -29,16 +29,18 @@ def model_shape(source: str) -> ModelShape:
         raise ModelShapeError(str(error)) from None
     if found.kind != "gguf":
         config = json.loads((found.hf_dir / "config.json").read_text())
-        return ModelShape(num_layers=int(config["num_hidden_layers"]), hidden_size=int(config["hidden_size"]))
+        return ModelShape.from_config(config)
     try:
         from gguf import GGUFReader
     except ImportError:
         raise ModelShapeError(f"model source {source!r}: reading GGUF metadata needs the `gguf` package") from None
     reader = GGUFReader(found.path)
     architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    fields = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+              "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+              "intermediate_size": "feed_forward_length"}  # fmt: skip
     try:
-        layers = int(reader.fields[f"{architecture}.block_count"].parts[-1][0])
-        hidden = int(reader.fields[f"{architecture}.embedding_length"].parts[-1][0])
+        config = {key: int(reader.fields[f"{architecture}.{name}"].parts[-1][0]) for key, name in fields.items()}
     except KeyError as missing:
         raise ModelShapeError(f"model source {source!r}: GGUF metadata lacks {missing}") from None
-    return ModelShape(num_layers=layers, hidden_size=hidden)
+    return ModelShape.from_config(config)

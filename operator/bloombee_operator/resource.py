@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 API_VERSION = "bloombee.ai/v1alpha1"
 KIND = "DistributedLLM"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DURATION = re.compile(r"^(\d+)(s|m|h)$")
 
 
@@ -64,11 +65,22 @@ class NodeHint(_Model):
 
 class ClusterSpec(_Model):
     name: str = Field(max_length=63, json_schema_extra={"pattern": _DNS_LABEL.pattern})
+    # A Secret (key ``kubeconfig``) in the resource's namespace; absent: the operator's own cluster.
     kubeconfig_secret: str | None = None
+    # How the other clusters reach this cluster's Services: ``<service>.<namespace>.<serviceDomain>``
+    # (``svc.clusterset.local`` under the Multi-Cluster Services API; the operator then exports them).
+    service_domain: str = Field(default="svc", max_length=200, json_schema_extra={"pattern": _DNS_NAME.pattern})
     node_selector: dict[str, str] = Field(default_factory=dict)
     nodes: list[NodeHint] = Field(default_factory=list)
 
     _name = field_validator("name")(_dns_label)
+
+    @field_validator("service_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not _DNS_NAME.match(value):
+            raise ValueError(f"{value!r} must be a DNS name such as svc or svc.clusterset.local")
+        return value
 
 
 class PlannerSpec(_Model):
@@ -76,6 +88,11 @@ class PlannerSpec(_Model):
     max_micro_batch: int = Field(default=8, ge=1, le=256)
     allow_offload: bool = True
     replan_every: str = Field(default="10m", json_schema_extra={"pattern": _DURATION.pattern})
+    # Hysteresis: a new plan replaces the running one only when it predicts this much gain (0.1 = 10%).
+    min_gain: float = Field(default=0.1, ge=0, le=10)
+    # The load to plan for: sequences generating at once, and the tokens of context each holds.
+    concurrency: int = Field(default=8, ge=1, le=4096)
+    context_tokens: int = Field(default=2048, ge=1, le=1 << 20)
 
     @field_validator("replan_every")
     @classmethod
@@ -83,6 +100,11 @@ class PlannerSpec(_Model):
         if not _DURATION.match(value):
             raise ValueError(f"{value!r} is not a duration like 30s, 10m or 1h")
         return value
+
+    @property
+    def replan_every_s(self) -> float:
+        amount, unit = _DURATION.match(self.replan_every).groups()
+        return int(amount) * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 class ServiceSpec(_Model):

@@ -32,6 +32,7 @@ from bloombee_stage.codec_policy import CodecStats, choose_codec
 from bloombee_stage.metrics import Metrics
 from bloombee_stage.model import ModelSourceError, prepare_model, read_config
 from bloombee_stage.offload import measure_bandwidth
+from bloombee_stage.probe import add_probe_routes
 from bloombee_stage.protocol import CODECS_PATH, STEP_PATH, ResultMeta, RowResult, StepMeta, error_body, read_error
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
 from bloombee_stage.sessions import Session, SessionError, SessionStore
@@ -369,15 +370,6 @@ async def handle_close(request: web.Request) -> web.Response:
     return web.json_response({"closed": closed}, status=200 if closed else 404)
 
 
-async def handle_probe(request: web.Request) -> web.Response:
-    """GET: echo (RTT) or ?bytes=N of zeros (download); POST: count the upload (bandwidth)."""
-    if request.method == "POST":
-        received = len(await request.read())
-        return web.json_response({"received": received})
-    size = min(int(request.query.get("bytes", "0")), 256 << 20)
-    return web.Response(body=bytes(size), content_type="application/octet-stream")
-
-
 def create_app(model: StageModel, settings: StageSettings) -> web.Application:
     app = web.Application(client_max_size=MAX_FRAME_BYTES)
     service = StageService(model, settings)
@@ -405,7 +397,7 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
 
     add_common_routes(app, service.metrics, readyz, settings.accept_codecs)
     app.router.add_get("/info", info)
-    app.router.add_route("*", "/probe", handle_probe)
+    add_probe_routes(app)
     app.router.add_post(STEP_PATH, handle_step)
     app.router.add_post("/v1/sessions/{session}/rollback", handle_rollback)
     app.router.add_delete("/v1/sessions/{session}", handle_close)

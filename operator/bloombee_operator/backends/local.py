@@ -92,8 +92,7 @@ class LocalBackend:
 
     def inspect_model(self, source: str) -> ModelShape:
         """Convert the model if needed (one time) and read its shape."""
-        config = model_config(source, self.python)
-        return ModelShape(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"])
+        return ModelShape.from_config(model_config(source, self.python))
 
     def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)

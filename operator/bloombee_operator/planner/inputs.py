@@ -98,6 +98,10 @@ def _load_list(path: str | Path, key: str, entry: type[_File]) -> list:
     items = document.get(key) if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise PlanningError(f"{path}: expected a top-level list `{key}:`")
+    return _parse_entries(items, entry, f"{path}: {key}")
+
+
+def _parse_entries(items: list, entry: type[_File], origin: str) -> list:
     parsed = []
     for index, item in enumerate(items):
         try:
@@ -105,15 +109,28 @@ def _load_list(path: str | Path, key: str, entry: type[_File]) -> list:
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise PlanningError(f"{path}: {key}[{index}].{where}: {first['msg']}") from None
+            raise PlanningError(f"{origin}[{index}].{where}: {first['msg']}") from None
     return parsed
 
 
 def load_links(path: str | Path | None, clusters: list[str]) -> Links:
+    return links_from_entries(_load_list(path, "links", LinkEntry) if path is not None else [], clusters)
+
+
+def parse_links(entries: list[dict], origin: str = "status.links") -> list[LinkEntry]:
+    """Link entries in the ``status.links`` shape, each checked; errors name the entry and field."""
+    return _parse_entries(entries, LinkEntry, origin)
+
+
+def links_from_entries(entries: list[LinkEntry], clusters: list[str]) -> Links:
+    """The planner's link matrix: measured links, and assumptions for what was not measured.
+
+    A pair of clusters never measured gets ``UNMEASURED_LINK``; the gateway sits in the first
+    cluster, so it reaches that cluster locally and the others as the first cluster does.
+    """
     links = Links(local=LOCAL_LINK)
-    if path is not None:
-        for entry in _load_list(path, "links", LinkEntry):
-            links.between[(entry.from_, entry.to)] = Link(entry.rtt_ms / 1000, entry.mbps * 1e6 / 8)
+    for entry in entries:
+        links.between[(entry.from_, entry.to)] = Link(entry.rtt_ms / 1000, entry.mbps * 1e6 / 8)
     for index, a in enumerate(clusters):
         for b in clusters[index + 1 :]:
             links.between.setdefault((a, b), UNMEASURED_LINK)
