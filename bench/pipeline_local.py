@@ -96,7 +96,7 @@ def measure_pipeline(num_stages: int, relay: bool, threads: int, prompt_ids: lis
     with tempfile.TemporaryDirectory() as run_dir:
         backend = LocalBackend(Path(run_dir), threads_per_stage=threads, gateway_args=["--relay"] if relay else [])
         try:
-            endpoint = backend.apply(
+            endpoint = backend.start(
                 desired_state(resource_for(SMOLLM2), backend.inspect_model(SMOLLM2), num_stages=num_stages)
             )
             runs, outputs = [], []

@@ -80,7 +80,7 @@ def start_pipeline(
         stages = tuple(replace(stage, **stage_overrides.get(stage.index, {})) for stage in desired.stages)
         desired = replace(desired, stages=stages)
     try:
-        endpoint = backend.apply(desired)
+        endpoint = backend.start(desired)
     except Exception:
         backend.stop()
         raise

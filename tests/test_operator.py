@@ -12,6 +12,7 @@ from pipelines import SMOLLM2
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 NAMESPACE = "llm"
+THREE_NODES = [{"name": name, "memoryGiB": 1} for name in ("a", "b", "c")]  # the planner splits 30 layers 10/10/10
 
 
 def wait_for(what: str, check: Callable[[], object], timeout_s: float = 60.0) -> object:
@@ -28,7 +29,8 @@ def resource(name: str, **spec) -> dict:
     # KMock stores objects as sent: a real API server would assign the uid and resourceVersion.
     metadata = {"name": name, "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "resourceVersion": "1"}
     return {"apiVersion": "bloombee.ai/v1alpha1", "kind": "DistributedLLM", "metadata": metadata,
-            "spec": {"model": {"source": SMOLLM2}, "clusters": [{"name": "home"}], **spec}}  # fmt: skip
+            "spec": {"model": {"source": SMOLLM2}, "clusters": [{"name": "home", "nodes": THREE_NODES}],
+                     **spec}}  # fmt: skip
 
 
 @pytest.fixture()
@@ -89,8 +91,14 @@ def test_create_restore_and_delete(operator):
     assert names <= services
     status = wait_for("the status", lambda: (_get(api, "chat") or {}).get("status", {}).get("conditions"))
     by_type = {c["type"]: c for c in status}
-    assert by_type["Planned"]["status"] == "True" and "chat-stage-1 [10, 20)" in by_type["Planned"]["message"]
-    assert _get(api, "chat")["status"]["endpoint"] == "http://chat-gateway.llm.svc:8000/v1"
+    assert by_type["Planned"]["status"] == "True" and "chat-stage-1 home [10, 20)" in by_type["Planned"]["message"]
+    assert by_type["LinksMeasured"]["reason"] == "SingleCluster"
+    status = _get(api, "chat")["status"]
+    assert status["endpoint"] == "http://chat-gateway.llm.svc:8000/v1"
+    assert [s["layers"] for s in status["plan"]["stages"]] == [[0, 10], [10, 20], [20, 30]]
+    assert status["plan"]["predictedTokensPerSecond"] > 0 and status["plan"]["planHash"]
+    gateway_args = deployments["chat-gateway"].spec.template.spec.containers[0].args
+    assert gateway_args[gateway_args.index("--micro-batch") + 1] == str(status["plan"]["microBatch"])
 
     client.AppsV1Api(api).delete_namespaced_deployment("chat-stage-1", NAMESPACE)
     wait_for("the lost stage to come back", lambda: "chat-stage-1" in _deployments(api), timeout_s=30)

@@ -24,5 +24,5 @@ def test_cli_help_lists_the_commands():
         [sys.executable, "-m", "bloombee_operator.cli", "up", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0
-    for flag in ("--file", "--stages", "--ask", "--port"):
+    for flag in ("--file", "--ask", "--port", "--link-delay-ms", "--check-every"):
         assert flag in done.stdout

@@ -2,7 +2,8 @@
 
 bloombee up -f distributedllm.yaml            run the pipeline as local processes until Ctrl-C
 bloombee up -f distributedllm.yaml --ask Q    ... answer one chat request, then stop
-bloombee validate -f distributedllm.yaml      check a resource and print the stages it would run
+bloombee validate -f distributedllm.yaml      check a resource; errors say which field is wrong
+bloombee plan -f distributedllm.yaml          the DP plan: which node serves which layers
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
+from bloombee_operator import control
 from bloombee_operator.backends.local import LocalBackend, LocalBackendError
-from bloombee_operator.planner import PlanningError
-from bloombee_operator.reconcile import DesiredState, desired_state
+from bloombee_operator.planner import PlanningError, Workload
+from bloombee_operator.reconcile import ModelShape
 from bloombee_operator.resource import ResourceError, load_resource
 
 log = logging.getLogger("bloombee")
-
-
-def _print_stages(desired: DesiredState) -> None:
-    print(f"{'STAGE':<28} {'CLUSTER':<12} {'LAYERS':<10} {'DTYPE':<9} CODEC")
-    for stage in desired.stages:
-        span = f"{stage.layers[0]}-{stage.layers[1] - 1}"
-        print(f"{stage.name:<28} {stage.cluster:<12} {span:<10} {stage.dtype:<9} {stage.codec}")
 
 
 def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, timeout_s: float = 300.0) -> dict:
@@ -46,6 +43,36 @@ def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, ti
         return json.loads(reply.read())
 
 
+class LocalRun:
+    """The reconcile steps (control.py) driven against local processes, with the status kept in a
+    file (``<run dir>/status.yaml``) instead of the API server."""
+
+    def __init__(self, body: dict, backend: LocalBackend, run_dir: Path) -> None:
+        self.body, self.backend, self.status_file = body, backend, run_dir / "status.yaml"
+
+    def step(self, outcome: control.Outcome) -> None:
+        status = self.body.get("status") or {}
+        self.body["status"] = {**status, **outcome.merged_status(status)}
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        self.status_file.write_text(yaml.safe_dump(self.body["status"], sort_keys=False))
+        for event in outcome.events:
+            (log.warning if event.type == "Warning" else log.info)("%s: %s", event.reason, event.message)
+
+    def deploy(self) -> None:
+        outcome = control.deploy(self.body, self.backend)
+        while outcome.retry_after_s is not None:
+            self.step(outcome)
+            time.sleep(outcome.retry_after_s)
+            outcome = control.deploy(self.body, self.backend)
+        self.step(outcome)
+
+    def keep(self) -> None:
+        self.step(control.keep(self.body, self.backend))
+
+    def cleanup(self) -> int:
+        return control.cleanup(self.body, self.backend)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     resource = load_resource(args.file)
     run_dir = Path(args.run_dir or Path(".bloombee") / resource.metadata.name)
@@ -53,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else 0 if args.ask else resource.spec.gateway.service.port
     backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads,
                            link_delay_ms=args.link_delay_ms)  # fmt: skip
+    run = LocalRun(resource.model_dump(mode="json", by_alias=True, exclude_none=True), backend, run_dir)
     stop_requested = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -64,13 +92,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.info(
             "preparing model %s (the first run converts it; later runs reuse the cache)", resource.spec.model.source
         )
-        shape = backend.inspect_model(resource.spec.model.source)
-        desired = desired_state(resource, shape, num_stages=args.stages)
-        _print_stages(desired)
         started = time.monotonic()
-        endpoint = backend.apply(desired)
-        log.info("pipeline ready in %.1f s", time.monotonic() - started)
-        model = desired.gateway.served_model_name
+        run.deploy()
+        run.keep()  # readiness into the status file
+        status = run.body["status"]
+        _print_plan(status["plan"])
+        endpoint = status["endpoint"]
+        log.info("pipeline ready in %.1f s; status in %s", time.monotonic() - started, run.status_file)
+        model = resource.metadata.name
         if args.ask:
             reply = chat_once(endpoint, model, args.ask, args.max_tokens)
             choice = reply["choices"][0]
@@ -82,22 +111,19 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  curl {endpoint}/chat/completions -H 'Content-Type: application/json' \\\n"
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
         )
-        print("Press Ctrl-C to stop.")
+        print("Press Ctrl-C to stop. A stage that dies is restarted.")
+        next_check = time.monotonic() + args.check_every
         while not stop_requested:
-            dead = backend.dead()
-            if dead:
-                for process in dead:
-                    log.error(
-                        "%s exited (code %s); last lines:\n%s",
-                        process.name,
-                        process.popen.returncode,
-                        process.log_tail(),
-                    )
-                return 1
+            if time.monotonic() >= next_check or backend.dead():
+                run.keep()  # restarts what died, re-plans when planner.replanEvery is due
+                next_check = time.monotonic() + args.check_every
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:
         return 0
+    except control.Permanent as failed:
+        log.error("%s", failed)
+        return 1
     except (LocalBackendError, urllib.error.URLError, ValueError) as error:
         log.error("%s", error)
         return 1
@@ -106,61 +132,46 @@ def cmd_up(args: argparse.Namespace) -> int:
         backend.stop()
 
 
+def _print_plan(plan: dict) -> None:
+    print(f"{'STAGE':<6} {'NODE':<16} {'CLUSTER':<12} {'LAYERS':<9} {'OFFLOAD W':>9} {'OFFLOAD KV':>10} {'MS':>8}")
+    for index, stage in enumerate(plan["stages"]):
+        span = f"{stage['layers'][0]}-{stage['layers'][1] - 1}"
+        offload = stage["offload"]
+        print(f"{index:<6} {stage['node']:<16} {stage.get('cluster', ''):<12} {span:<9} "
+              f"{offload['weights']:>9.2f} {offload['kv']:>10.2f} {stage['predictedMs']:>8.2f}")  # fmt: skip
+    tokens, latency = plan["predictedTokensPerSecond"], plan["predictedLatencyMs"]
+    print(f"\nmicro-batch {plan['microBatch']} of {plan['batch']} sequences ({plan['method']}); predicted "
+          f"{tokens:.1f} tokens/s, {latency:.1f} ms per token")  # fmt: skip
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     resource = load_resource(args.file)
     print(f"{args.file}: DistributedLLM {resource.metadata.namespace}/{resource.metadata.name} is valid")
-    if args.layers:
-        from bloombee_operator.reconcile import ModelShape
-
-        _print_stages(desired_state(resource, ModelShape(args.layers, 0), num_stages=args.stages))
+    print(f"(`bloombee plan -f {args.file}` shows the stages it would run)")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from bloombee_operator.backends.local import model_config
-    from bloombee_operator.planner import Options, Workload, plan
-    from bloombee_operator.planner.inputs import load_links, nodes_from_file, nodes_from_resource, profile_from_config
+    from bloombee_operator.planner import plan
+    from bloombee_operator.planner.inputs import load_links, nodes_from_file
+    from bloombee_operator.planning import plan_status, planner_inputs
 
     resource = load_resource(args.file)
     spec = resource.spec
-    profile = profile_from_config(model_config(spec.model.source), spec.model.dtype, spec.compression)
-    nodes = nodes_from_file(args.nodes) if args.nodes else nodes_from_resource(resource, profile)
+    inputs = planner_inputs(resource, ModelShape.from_config(model_config(spec.model.source)), [])
+    nodes = nodes_from_file(args.nodes) if args.nodes else inputs.nodes
     clusters = sorted({n.cluster for n in nodes}, key=[c.name for c in spec.clusters].index)
     links = load_links(args.links, clusters)
-    options = Options(objective=spec.planner.objective, max_micro_batch=spec.planner.max_micro_batch,
-                      allow_offload=spec.planner.allow_offload)  # fmt: skip
-    result = plan(profile, nodes, links, Workload(batch=args.batch, context=args.context), options)
+    workload = Workload(
+        batch=args.batch or spec.planner.concurrency, context=args.context or spec.planner.context_tokens
+    )
+    result = plan(inputs.profile, nodes, links, workload, inputs.options)
     if args.output == "json":
-        print(json.dumps(plan_status(result), indent=2))
-        return 0
-    print(f"{'STAGE':<6} {'NODE':<20} {'LAYERS':<9} {'OFFLOAD W':>9} {'OFFLOAD KV':>10} {'MS':>8}")
-    for index, stage in enumerate(result.stages):
-        span = f"{stage.layers[0]}-{stage.layers[1] - 1}"
-        print(f"{index:<6} {stage.node:<20} {span:<9} {stage.offload_weights:>9.2f} {stage.offload_kv:>10.2f} "
-              f"{stage.seconds * 1000:>8.2f}")  # fmt: skip
-    print(f"\nmicro-batch {result.micro_batch} of {result.batch} sequences ({result.method}); predicted "
-          f"{result.tokens_per_second:.1f} tokens/s, {result.latency_s * 1000:.1f} ms per token")  # fmt: skip
+        print(json.dumps(plan_status(result, nodes), indent=2))
+    else:
+        _print_plan(plan_status(result, nodes))
     return 0
-
-
-def plan_status(result) -> dict:
-    """A plan in the shape of the resource's status.plan."""
-    return {
-        "method": result.method,
-        "microBatch": result.micro_batch,
-        "batch": result.batch,
-        "predictedTokensPerSecond": result.tokens_per_second,
-        "predictedLatencyMs": result.latency_s * 1000,
-        "stages": [
-            {
-                "node": s.node,
-                "layers": list(s.layers),
-                "offload": {"weights": s.offload_weights, "kv": s.offload_kv},
-                "predictedMs": s.seconds * 1000,
-            }
-            for s in result.stages
-        ],
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run a DistributedLLM as local processes (no cluster needed)")
     up.add_argument("-f", "--file", required=True, help="DistributedLLM YAML (the same file kubectl applies)")
-    up.add_argument("--stages", type=int, default=3, help="stage processes to split the layers over (default 3)")
     up.add_argument("--host", default="127.0.0.1", help="address every process binds to (default loopback)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default: spec.gateway.service.port; 0 = any)")
     up.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: cores / stages)")
@@ -187,20 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--ask", default=None, help="send this chat message once everything is ready, print the reply, stop"
     )
     up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")
+    up.add_argument("--check-every", type=float, default=10.0,
+                    help="seconds between checks that restart dead processes and re-plan when due")  # fmt: skip
     up.set_defaults(handler=cmd_up)
 
-    validate = commands.add_parser("validate", help="check a DistributedLLM file and show its stages")
+    validate = commands.add_parser("validate", help="check a DistributedLLM file; errors name the field")
     validate.add_argument("-f", "--file", required=True)
-    validate.add_argument("--layers", type=int, default=0, help="model layer count, to print the stage split")
-    validate.add_argument("--stages", type=int, default=3)
     validate.set_defaults(handler=cmd_validate)
 
     planner = commands.add_parser("plan", help="run the DP planner for a resource and print the plan")
     planner.add_argument("-f", "--file", required=True, help="DistributedLLM YAML")
     planner.add_argument("--links", default=None, help="measured links (status.links shape); default: 1 ms, 1 Gb/s")
     planner.add_argument("--nodes", default=None, help="nodes with measured speeds; default: the resource's hints")
-    planner.add_argument("--batch", type=int, default=8, help="sequences in flight to plan for (throughput)")
-    planner.add_argument("--context", type=int, default=2048, help="tokens of context per sequence")
+    planner.add_argument("--batch", type=int, default=None, help="sequences in flight (default planner.concurrency)")
+    planner.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence (default planner.contextTokens)"
+    )
     planner.add_argument("-o", "--output", choices=["table", "json"], default="table")
     planner.set_defaults(handler=cmd_plan)
     return parser

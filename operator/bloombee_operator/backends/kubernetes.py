@@ -14,10 +14,11 @@ finalizer cleans up.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bloombee_operator.reconcile import DesiredState, StageSpec
+from bloombee_operator.resource import DistributedLLM
 
 STAGE_PORT = 8080
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -49,8 +50,8 @@ class Owner:
                 "controller": True, "blockOwnerDeletion": True}  # fmt: skip
 
 
-def labels(desired: DesiredState, component: str, **extra: str) -> dict[str, str]:
-    return {**MANAGED_BY, LABEL_INSTANCE: desired.name, LABEL_COMPONENT: component, **extra}
+def labels(instance: str, component: str, **extra: str) -> dict[str, str]:
+    return {**MANAGED_BY, LABEL_INSTANCE: instance, LABEL_COMPONENT: component, **extra}
 
 
 def selector(desired: DesiredState) -> str:
@@ -58,8 +59,8 @@ def selector(desired: DesiredState) -> str:
     return f"{LABEL_INSTANCE}={desired.name},app.kubernetes.io/managed-by={MANAGED_BY['app.kubernetes.io/managed-by']}"
 
 
-def _metadata(name: str, desired: DesiredState, owner: Owner | None, object_labels: dict[str, str]) -> dict:
-    meta: dict[str, Any] = {"name": name, "namespace": desired.namespace, "labels": object_labels}
+def _metadata(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str]) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": object_labels}
     if owner is not None:
         meta["ownerReferences"] = [owner.reference()]
     return meta
@@ -93,7 +94,7 @@ def _container(name: str, image: Images, image_ref: str, module: str, args: list
     }
 
 
-def _deployment(name: str, desired: DesiredState, owner: Owner | None, object_labels: dict[str, str],
+def _deployment(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str],
                 container: dict, replicas: int, node_selector: dict[str, str]) -> dict:  # fmt: skip
     pod_spec: dict[str, Any] = {
         "containers": [container],
@@ -111,12 +112,12 @@ def _deployment(name: str, desired: DesiredState, owner: Owner | None, object_la
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(name, desired, owner, object_labels),
+        "metadata": _metadata(name, namespace, owner, object_labels),
         "spec": {
             "replicas": replicas,
             "selector": {
                 "matchLabels": {
-                    LABEL_INSTANCE: desired.name,
+                    LABEL_INSTANCE: object_labels[LABEL_INSTANCE],
                     LABEL_COMPONENT: object_labels[LABEL_COMPONENT],
                     "bloombee.ai/name": name,
                 }
@@ -126,34 +127,92 @@ def _deployment(name: str, desired: DesiredState, owner: Owner | None, object_la
     }
 
 
-def _service(name: str, desired: DesiredState, owner: Owner | None, object_labels: dict[str, str], port: int,
+def _service(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str], port: int,
              target: int, service_type: str = "ClusterIP") -> dict:  # fmt: skip
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, desired, owner, object_labels),
+        "metadata": _metadata(name, namespace, owner, object_labels),
         "spec": {
             "type": service_type,
-            "selector": {LABEL_INSTANCE: desired.name, "bloombee.ai/name": name},
+            "selector": {LABEL_INSTANCE: object_labels[LABEL_INSTANCE], "bloombee.ai/name": name},
             "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}],
         },
     }
 
 
-def stage_url(desired: DesiredState, stage: StageSpec) -> str:
-    return f"http://{stage.name}.{desired.namespace}.svc:{STAGE_PORT}"
-
-
-def gateway_url(desired: DesiredState) -> str:
-    return f"http://{desired.gateway.name}.{desired.namespace}.svc:{desired.gateway.port}"
-
-
 @dataclass(frozen=True)
 class Placement:
-    """Where each cluster's objects go: its node selector; ``local`` is the operator's own cluster."""
+    """Where each cluster's objects go: its node selector and the DNS suffix under which the other
+    clusters reach its Services; ``local`` is the operator's own cluster (the gateway's too)."""
 
     local: str
     node_selectors: dict[str, dict[str, str]]
+    service_domains: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, resource: DistributedLLM) -> Placement:
+        clusters = resource.spec.clusters
+        local = next((c.name for c in clusters if not c.kubeconfig_secret), clusters[0].name)
+        return cls(local, {c.name: c.node_selector for c in clusters}, {c.name: c.service_domain for c in clusters})
+
+    def domain(self, cluster: str) -> str:
+        return self.service_domains.get(cluster, "svc")
+
+    def exported(self, cluster: str) -> bool:
+        """Services of a cluster reached through the Multi-Cluster Services API need a ServiceExport."""
+        return self.domain(cluster).endswith("clusterset.local")
+
+
+def service_url(name: str, namespace: str, domain: str, port: int) -> str:
+    return f"http://{name}.{namespace}.{domain}:{port}"
+
+
+def stage_url(desired: DesiredState, stage: StageSpec, placement: Placement) -> str:
+    return service_url(stage.name, desired.namespace, placement.domain(stage.cluster), STAGE_PORT)
+
+
+def gateway_url(desired: DesiredState, placement: Placement) -> str:
+    return service_url(desired.gateway.name, desired.namespace, placement.domain(placement.local), desired.gateway.port)
+
+
+def probe_name(resource_name: str) -> str:
+    return f"{resource_name}-probe"
+
+
+def probe_url(resource: DistributedLLM, cluster: str, placement: Placement) -> str:
+    namespace = resource.metadata.namespace
+    return service_url(probe_name(resource.metadata.name), namespace, placement.domain(cluster), STAGE_PORT)
+
+
+def _service_export(service: dict) -> dict:
+    meta = service["metadata"]
+    kept = ("name", "namespace", "labels", "ownerReferences")
+    return {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {key: meta[key] for key in kept if key in meta}}  # fmt: skip
+
+
+def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, images: Images | None = None
+                  ) -> dict[str, list[dict]]:  # fmt: skip
+    """A probe Deployment and Service in every cluster (``bloombee_stage.probe serve``): the ends
+    the links between clusters are measured between. Pure."""
+    images = images or Images()
+    name = probe_name(resource.metadata.name)
+    namespace = resource.metadata.namespace
+    object_labels = labels(resource.metadata.name, "probe")
+    by_cluster: dict[str, list[dict]] = {}
+    for cluster in resource.spec.clusters:
+        owned = owner if cluster.name == placement.local else None
+        container = _container("probe", images, images.stage, "bloombee_stage.probe", ["serve"], STAGE_PORT)
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            container[probe]["httpGet"]["path"] = "/healthz"
+        service = _service(name, namespace, owned, object_labels, STAGE_PORT, STAGE_PORT)
+        by_cluster[cluster.name] = [
+            _deployment(name, namespace, owned, object_labels, container, 1, cluster.node_selector),
+            service,
+            *([_service_export(service)] if placement.exported(cluster.name) else []),
+        ]
+    return by_cluster
 
 
 def render(desired: DesiredState, owner: Owner, placement: Placement, images: Images | None = None,
@@ -161,26 +220,29 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
     """Every child object, by cluster name. Pure: the same inputs give the same objects."""
     images = images or Images()
     by_cluster: dict[str, list[dict]] = {}
+    ns = desired.namespace
 
     def owned(cluster: str) -> Owner | None:
         return owner if cluster == placement.local else None
 
     for stage in desired.stages:
-        object_labels = labels(desired, "stage", **{"bloombee.ai/stage-index": str(stage.index)})
+        object_labels = labels(desired.name, "stage", **{"bloombee.ai/stage-index": str(stage.index)})
         args = [*stage.server_args(desired.model_source), "--threads", "0"]
         container = _container("stage", images, images.stage, "bloombee_stage.server", args, STAGE_PORT)
         selector_for = placement.node_selectors.get(stage.cluster, {})
         by_cluster.setdefault(stage.cluster, []).extend(
             [
-                _deployment(stage.name, desired, owned(stage.cluster), object_labels, container, 1, selector_for),
-                _service(stage.name, desired, owned(stage.cluster), object_labels, STAGE_PORT, STAGE_PORT),
+                _deployment(stage.name, ns, owned(stage.cluster), object_labels, container, 1, selector_for),
+                service := _service(stage.name, ns, owned(stage.cluster), object_labels, STAGE_PORT, STAGE_PORT),
+                *([_service_export(service)] if placement.exported(stage.cluster) else []),
             ]
         )
 
     gateway = desired.gateway
-    object_labels = labels(desired, "gateway")
-    args = ["--model", desired.model_source, "--stages", ",".join(stage_url(desired, s) for s in desired.stages),
-            "--public-url", gateway_url(desired), *gateway.server_args()]  # fmt: skip
+    object_labels = labels(desired.name, "gateway")
+    urls = ",".join(stage_url(desired, s, placement) for s in desired.stages)
+    args = ["--model", desired.model_source, "--stages", urls, "--public-url", gateway_url(desired, placement),
+            *gateway.server_args()]  # fmt: skip
     container = _container("gateway", images, images.gateway, "bloombee_stage.gateway", args, gateway.port)
     if api_key_secret:
         container["env"].append({"name": "BLOOMBEE_API_KEY", "valueFrom": {"secretKeyRef": {
@@ -189,7 +251,7 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(
-            f"{desired.name}-plan", desired, owner, labels(desired, "plan", **{LABEL_PLAN: desired.plan_hash})
+            f"{desired.name}-plan", ns, owner, labels(desired.name, "plan", **{LABEL_PLAN: desired.plan_hash})
         ),
         "data": {
             "plan.json": json.dumps(
@@ -201,14 +263,14 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
         [
             _deployment(
                 gateway.name,
-                desired,
+                ns,
                 owner,
                 object_labels,
                 container,
                 gateway.replicas,
                 placement.node_selectors.get(placement.local, {}),
             ),
-            _service(gateway.name, desired, owner, object_labels, gateway.port, gateway.port, gateway.service_type),
+            _service(gateway.name, ns, owner, object_labels, gateway.port, gateway.port, gateway.service_type),
             plan,
         ]
     )

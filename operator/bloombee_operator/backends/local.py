@@ -7,6 +7,7 @@ Each stage and the gateway is a child process (``python -m bloombee_stage.server
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bloombee_operator.reconcile import DesiredState, ModelShape, StageSpec
+from bloombee_operator.resource import DistributedLLM
 
 log = logging.getLogger("bloombee.local")
 
@@ -35,6 +37,8 @@ class LocalProcess:
     popen: subprocess.Popen
     log_path: Path
     ready_file: Path
+    module: str
+    args: list[str]  # without --host and --ready-file, which _start adds; servers' end with --port N
     url: str | None = None
 
     def log_tail(self, lines: int = 15) -> str:
@@ -42,6 +46,16 @@ class LocalProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def same_port_args(self) -> list[str]:
+        """Its arguments with ``--port`` pinned to the port it had, so a restart keeps its address."""
+        if self.url and self.args[-2:-1] == ["--port"]:
+            return [*self.args[:-1], self.url.rsplit(":", 1)[1]]
+        return list(self.args)
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -94,16 +108,18 @@ class LocalBackend:
         """Convert the model if needed (one time) and read its shape."""
         return ModelShape.from_config(model_config(source, self.python))
 
+    model_shape = inspect_model  # the name the reconcile steps (control.Backend) use
+
     def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ready_file = self._ready_file(name)
         ready_file.unlink(missing_ok=True)
         log_path = self.run_dir / f"{name}.log"
         command = [self.python, "-m", module, *args, "--host", self.host, "--ready-file", str(ready_file)]
-        with open(log_path, "w") as log_file:
+        with open(log_path, "a") as log_file:
             # A session of its own: Ctrl-C in the terminal reaches `bloombee up`, which stops children in order.
             popen = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        process = LocalProcess(name, popen, log_path, ready_file)
+        process = LocalProcess(name, popen, log_path, ready_file, module, list(args))
         self.processes[name] = process
         log.info("started %s (pid %d), log: %s", name, popen.pid, log_path)
         return process
@@ -136,44 +152,140 @@ class LocalBackend:
             return self.threads_per_stage
         return max(1, (os.cpu_count() or 1) // len(desired.stages))
 
-    def apply(self, desired: DesiredState) -> str:
-        """Start every stage, then the gateway; return the OpenAI endpoint once all are ready."""
+    def start(self, desired: DesiredState) -> str:
+        """Start (or bring up to date) every stage and the gateway; return the OpenAI endpoint."""
+        self.apply(desired)
+        return self.endpoint(desired)
+
+    def apply(self, desired: DesiredState) -> list[str]:
+        """Start what is missing, restart what changed, stop what is no longer desired; return what
+        was started. A stage keeps its port across restarts, so its link proxy and the gateway still
+        reach it; the gateway restarts when the stage list or its own arguments change."""
         threads = self.stage_threads(desired)
-        stages = [self._start_stage(desired, stage, threads) for stage in desired.stages]
+        wanted = {stage.name: self._stage_args(desired, stage, threads) for stage in desired.stages}
+        changed = []
+        for name in [n for n in self.processes if self._owned_stage(desired, n) and n.split("-link")[0] not in wanted]:
+            self._stop_one(name)
+        for name, args in wanted.items():
+            current = self.processes.get(name)
+            if current is not None and current.alive and current.args[:-2] == args:
+                continue
+            port = self._port_of(current, 0)
+            if current is not None:
+                self._stop_one(name)
+            self._start(name, "bloombee_stage.server", [*args, "--port", str(port)])
+            changed.append(name)
+        stages = [self.processes[stage.name] for stage in desired.stages]
         self._wait_ready(stages)
-        gateway = desired.gateway
-        stage_urls = [str(p.url) for p in stages]
-        reply = []
+        stage_urls, reply = [str(p.url) for p in stages], []
         if self.link_delay_ms > 0:
-            links = [self._start_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
-            back = self._start_link(f"{gateway.name}-link", ["--to-ready-file", str(self._ready_file(gateway.name))])
+            links = [self._ensure_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
+            back = self._ensure_link(f"{desired.gateway.name}-link",
+                                     ["--to-ready-file", str(self._ready_file(desired.gateway.name))])  # fmt: skip
             self._wait_ready([*links, back], ready_path=None)
             stage_urls, reply = [str(p.url) for p in links], ["--public-url", str(back.url)]
-        args = [
-            "--model", desired.model_source,
-            "--stages", ",".join(stage_urls),
-            *reply,
-            *gateway.server_args(),
-            "--port", str(self.gateway_port),
-            *self.gateway_args,
-        ]  # fmt: skip
-        self._wait_ready([self._start(gateway.name, "bloombee_stage.gateway", args)], ready_path="/healthz")
-        return f"{self.processes[gateway.name].url}/v1"
+        gateway = desired.gateway
+        current = self.processes.get(gateway.name)
+        args = ["--model", desired.model_source, "--stages", ",".join(stage_urls), *reply, *gateway.server_args(),
+                *self.gateway_args]  # fmt: skip
+        if current is None or not current.alive or current.args[:-2] != args:
+            port = self._port_of(current, self.gateway_port)  # clients keep the address they know
+            if current is not None:
+                self._stop_one(gateway.name)
+            self._start(gateway.name, "bloombee_stage.gateway", [*args, "--port", str(port)])
+            changed.append(gateway.name)
+        self._wait_ready([self.processes[gateway.name]], ready_path="/healthz")
+        return changed
+
+    def restore(self, desired: DesiredState) -> list[str]:
+        """Restart, on their old ports, the processes of ``desired`` that died."""
+        dead = [p for p in self.processes.values() if not p.alive and p.name.startswith(desired.name + "-")]
+        for process in dead:
+            log.warning("%s had died (exit code %s); restarting it on %s", process.name, process.popen.returncode,
+                        process.url)  # fmt: skip
+        restarted = [self._start(p.name, p.module, p.same_port_args()) for p in dead]
+        self._wait_ready([p for p in restarted if p.module == "bloombee_stage.server"])
+        self._wait_ready([p for p in restarted if p.module != "bloombee_stage.server"], ready_path=None)
+        return [p.name for p in restarted]
+
+    def ready_stages(self, desired: DesiredState) -> int:
+        processes = [self.processes.get(stage.name) for stage in desired.stages]
+        return sum(1 for p in processes if p is not None and p.alive and p.url and _http_ok(p.url + "/readyz"))
+
+    def endpoint(self, desired: DesiredState) -> str:
+        gateway = self.processes.get(desired.gateway.name)
+        url = gateway.url if gateway and gateway.url else f"http://{self.host}:{self.gateway_port}"
+        return f"{url}/v1"
+
+    def remove(self, resource: object) -> int:
+        """Stop every process of the resource (all of them: one resource per backend)."""
+        count = len(self.processes)
+        self.stop()
+        return count
+
+    def measure_links(self, resource: DistributedLLM) -> list[dict]:
+        """Every cluster is this machine: one probe process per cluster after the first (behind a
+        link delay when emulating far-apart clusters), measured from here for real."""
+        from bloombee_stage.probe import measure
+
+        clusters = [cluster.name for cluster in resource.spec.clusters]
+        probes = {name: self._start(f"{resource.metadata.name}-probe-{name}", "bloombee_stage.probe",
+                                    ["serve", "--port", "0"]) for name in clusters[1:]}  # fmt: skip
+        try:
+            self._wait_ready(list(probes.values()), ready_path="/healthz")
+            targets = {name: str(p.url) for name, p in probes.items()}
+            if self.link_delay_ms > 0:
+                delayed = {name: self._start_link(f"{p.name}-link", ["--to", str(p.url)]) for name, p in probes.items()}
+                self._wait_ready(list(delayed.values()), ready_path=None)
+                targets = {name: str(p.url) for name, p in delayed.items()}
+            entries = []
+            for target, url in targets.items():  # from the first cluster (the gateway's) to each other one
+                entries += asyncio.run(measure(clusters[0], {target: url}, bulk_bytes=1 << 20))
+            return entries
+        finally:
+            for name in [n for n in self.processes if "-probe-" in n]:
+                self._stop_one(name)
+
+    def _owned_stage(self, desired: DesiredState, name: str) -> bool:
+        return name.startswith(f"{desired.name}-stage-")
+
+    def _ensure_link(self, name: str, args: list[str]) -> LocalProcess:
+        current = self.processes.get(name)
+        if current is not None and current.alive and current.args[: len(args)] == args:
+            return current
+        if current is not None:
+            self._stop_one(name)
+        return self._start_link(name, args)
 
     def _start_link(self, name: str, args: list[str]) -> LocalProcess:
         delay = ["--delay-ms", f"{self.link_delay_ms:g}"]
-        return self._start(name, "bloombee_operator.backends.link_delay", [*args, *delay])
+        return self._start(name, "bloombee_operator.backends.link_delay", [*args, *delay, "--port", "0"])
 
     def _ready_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.ready.json"
 
-    def _start_stage(self, desired: DesiredState, stage: StageSpec, threads: int) -> LocalProcess:
-        args = [*stage.server_args(desired.model_source), "--threads", str(threads), "--port", "0",
+    def _stage_args(self, desired: DesiredState, stage: StageSpec, threads: int) -> list[str]:
+        """A stage's arguments but its port (always last, so a restart can keep the old one)."""
+        return [*stage.server_args(desired.model_source), "--threads", str(threads),
                 *self.stage_args.get(stage.name, [])]  # fmt: skip
-        return self._start(stage.name, "bloombee_stage.server", args)
+
+    @staticmethod
+    def _port_of(process: LocalProcess | None, default: int) -> int:
+        return int(process.url.rsplit(":", 1)[1]) if process is not None and process.url else default
 
     def dead(self) -> list[LocalProcess]:
-        return [p for p in self.processes.values() if p.popen.poll() is not None]
+        return [p for p in self.processes.values() if not p.alive]
+
+    def _stop_one(self, name: str, grace_s: float = 10.0) -> None:
+        process = self.processes.pop(name)
+        if process.alive:
+            process.popen.send_signal(signal.SIGTERM)
+            try:
+                process.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+        log.info("stopped %s", name)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every child (gateway first), then SIGKILL whatever is still there after ``grace_s``."""

@@ -1,0 +1,110 @@
+"""The operator's reconcile steps (control.py) run end to end with the local backend: real stage
+processes and a real gateway on loopback, the planner's spans, a scale-out, a crash, a delete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+
+import pytest
+from bloombee_operator import control
+from bloombee_operator.backends.local import LocalBackend
+
+# Tiny Llama layers are ~150 KB of weights and 64 KB of KV (1 sequence x 256 tokens): a node of
+# 0.0008 GiB holds at most 4 layers, one of 0.0005 GiB at most 2, so the plan must use them all.
+TWO_NODES = [{"name": "a", "memoryGiB": 0.0008}, {"name": "b", "memoryGiB": 0.0008}]
+THREE_NODES = [{"name": n, "memoryGiB": 0.0005} for n in ("a", "b", "c")]
+
+
+def body(source: str, nodes: list[dict]) -> dict:
+    return {"apiVersion": "bloombee.ai/v1alpha1", "kind": "DistributedLLM",
+            "metadata": {"name": "tiny", "namespace": "default", "generation": 1},
+            "spec": {"model": {"source": source}, "clusters": [{"name": "home", "nodes": nodes}],
+                     "planner": {"allowOffload": False, "concurrency": 1, "contextTokens": 256},
+                     "compression": "off"}}  # fmt: skip
+
+
+def apply_outcome(resource: dict, outcome: control.Outcome) -> None:
+    status = resource.get("status") or {}
+    resource["status"] = {**status, **outcome.merged_status(status)}
+
+
+def chat(endpoint: str) -> dict:
+    data = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                       "temperature": 0, "ignore_eos": True}).encode()  # fmt: skip
+    request = urllib.request.Request(f"{endpoint}/chat/completions", data=data,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def spans(backend: LocalBackend) -> dict[str, str]:
+    """Stage name -> the --layers its live process was started with."""
+    return {p.name: p.args[p.args.index("--layers") + 1] for p in backend.processes.values()
+            if "-stage-" in p.name and p.alive}  # fmt: skip
+
+
+@pytest.mark.model
+def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
+    backend = LocalBackend(tmp_path / "run", threads_per_stage=1)
+    resource = body(str(tiny_dir), TWO_NODES)
+    try:
+        created = control.deploy(resource, backend)
+        apply_outcome(resource, created)
+        plan = resource["status"]["plan"]
+        assert [s["layers"] for s in plan["stages"]] == [[0, 2], [2, 6]]
+        assert spans(backend) == {"tiny-stage-0": "0:2", "tiny-stage-1": "2:6"}
+        assert {e.reason for e in created.events} == {"Planned", "Deployed"}
+        endpoint = resource["status"]["endpoint"]
+        assert chat(endpoint)["usage"]["completion_tokens"] == 4
+
+        apply_outcome(resource, control.keep(resource, backend))
+        assert resource["status"]["phase"] == "Ready" and resource["status"]["stagesReady"] == "2/2"
+
+        # Scale out: three smaller nodes; the running plan cannot hold, so a new one is adopted.
+        # Stage 0 keeps its span and its process; stage 1 changes; stage 2 is new.
+        first_pid = backend.processes["tiny-stage-0"].popen.pid
+        resource["spec"]["clusters"][0]["nodes"] = THREE_NODES
+        scaled = control.deploy(resource, backend)
+        apply_outcome(resource, scaled)
+        assert spans(backend) == {"tiny-stage-0": "0:2", "tiny-stage-1": "2:4", "tiny-stage-2": "4:6"}
+        assert backend.processes["tiny-stage-0"].popen.pid == first_pid
+        deployed = next(e for e in scaled.events if e.reason == "Deployed")
+        assert "tiny-stage-1" in deployed.message and "tiny-stage-0" not in deployed.message
+        assert resource["status"]["endpoint"] == endpoint  # the gateway kept its address
+        assert chat(endpoint)["usage"]["completion_tokens"] == 4
+
+        # A stage crashes: the timer step restarts it on its port, and the pipeline answers again.
+        crashed = backend.processes["tiny-stage-1"]
+        os.kill(crashed.popen.pid, signal.SIGKILL)
+        crashed.popen.wait()
+        kept = control.keep(resource, backend)
+        apply_outcome(resource, kept)
+        assert [e.reason for e in kept.events] == ["Restored"] and "tiny-stage-1" in kept.events[0].message
+        degraded = {c["type"]: c for c in resource["status"]["conditions"]}["Degraded"]
+        assert degraded["status"] == "True" and "tiny-stage-1" in degraded["message"]
+        assert backend.processes["tiny-stage-1"].url == crashed.url
+        assert chat(endpoint)["usage"]["completion_tokens"] == 4
+        apply_outcome(resource, control.keep(resource, backend))
+        assert resource["status"]["phase"] == "Ready"
+
+        processes = list(backend.processes.values())
+        assert control.cleanup(resource, backend) == len(processes) == 4
+        assert not backend.processes and all(p.popen.poll() is not None for p in processes)
+    finally:
+        backend.stop()
+
+
+def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
+    backend = LocalBackend(tmp_path / "run")
+    resource = body("/nowhere", TWO_NODES)
+    resource["spec"]["planner"]["maxMicroBatch"] = 0
+    with pytest.raises(control.Permanent) as failed:
+        control.deploy(resource, backend)
+    outcome = failed.value.outcome
+    assert outcome.status["phase"] == "Failed"
+    assert "spec.planner.maxMicroBatch" in outcome.conditions[0]["message"]
+    assert outcome.events[0].type == "Warning" and outcome.events[0].reason == "InvalidSpec"
+    assert not backend.processes
