@@ -14,6 +14,8 @@ import kmock
 import yaml
 
 DISTRIBUTEDLLMS = "bloombee.ai/v1alpha1/distributedllms"
+# The Multi-Cluster Services API, as a cluster that exports Services across a cluster set has it.
+SERVICEEXPORTS = "multicluster.x-k8s.io/v1alpha1/serviceexports"
 
 
 class KMockThread:
@@ -32,6 +34,9 @@ class KMockThread:
                                                   "namespaced": True, "subresources": ["status"],
                                                   "verbs": ["get", "list", "watch", "create", "update", "patch",
                                                             "delete"]}  # fmt: skip
+            verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
+            handler.resources[SERVICEEXPORTS] = {"kind": "ServiceExport", "singular": "serviceexport",
+                                                 "namespaced": True, "verbs": verbs}  # fmt: skip
             self.handler, self.url = handler, str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import urllib.request
 
 import pytest
@@ -62,6 +63,15 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
 
         apply_outcome(resource, control.keep(resource, backend))
         assert resource["status"]["phase"] == "Ready" and resource["status"]["stagesReady"] == "2/2"
+
+        # planner.replanEvery (10m) later the timer plans again; nothing changed, so the plan is
+        # kept (hysteresis) and no process restarts.
+        pids = {name: p.popen.pid for name, p in backend.processes.items()}
+        later = control.keep(resource, backend, clock=lambda: time.time() + 601)
+        apply_outcome(resource, later)
+        planned = {c["type"]: c for c in resource["status"]["conditions"]}["Planned"]
+        assert planned["reason"] == "Kept" and "< 10%" in planned["message"]
+        assert not later.events and {name: p.popen.pid for name, p in backend.processes.items()} == pids
 
         # Scale out: three smaller nodes; the running plan cannot hold, so a new one is adopted.
         # Stage 0 keeps its span and its process; stage 1 changes; stage 2 is new.

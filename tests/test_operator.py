@@ -137,3 +137,116 @@ def test_a_bad_resource_gets_a_condition_and_an_event(operator):
     events = wait_for("the warning event", warnings)
     assert "draft.layers" in events[0].message
     assert not _deployments(api)
+
+
+class ProbePods:
+    """Two real probe servers on loopback standing in for the probe pods of clusters eu and us,
+    and what a real API server's service proxy would do: forward the operator's POST to the eu pod.
+    Cluster DNS names cannot resolve here, so the forwarded targets are rewritten to loopback."""
+
+    def __init__(self, tmp_path) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self.processes, self.urls = [], {}
+        for cluster in ("eu", "us"):
+            ready = tmp_path / f"probe-{cluster}.json"
+            command = [sys.executable, "-m", "bloombee_stage.probe", "serve", "--host", "127.0.0.1", "--port", "0",
+                       "--ready-file", str(ready)]  # fmt: skip
+            self.processes.append(subprocess.Popen(command))
+            self.urls[cluster] = json.loads(
+                wait_for(f"probe {cluster}", lambda r=ready: r.is_file() and r.read_text())
+            )["url"]
+        self.forwarded: list[dict] = []
+
+    async def proxy(self, request) -> dict:
+        import aiohttp
+
+        self.forwarded.append(request.data)
+        body = {**request.data, "targets": {name: self.urls[name] for name in request.data["targets"]},
+                "bulkBytes": 1 << 20}  # fmt: skip
+        async with aiohttp.ClientSession() as http, http.post(self.urls["eu"] + "/probe/measure", json=body) as reply:
+            return await reply.json()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+            process.wait()
+
+
+def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_path, monkeypatch):
+    """eu is the operator's cluster, us a remote one reached through a kubeconfig Secret."""
+    import base64
+
+    from kopf.testing import KopfRunner
+    from kubernetes import client, config
+
+    probes = ProbePods(tmp_path)
+    with KMockThread() as eu, KMockThread() as us:
+        eu.handler["post /api/v1/namespaces/llm/services/geo-probe:8080/proxy/probe/measure"] << probes.proxy
+        monkeypatch.setenv("KUBECONFIG", str(eu.kubeconfig(tmp_path / "eu.yaml")))
+        monkeypatch.setenv("BLOOMBEE_RECHECK_S", "1")
+        eu_api = config.new_client_from_config(str(tmp_path / "eu.yaml"))
+        us_api = config.new_client_from_config(str(us.kubeconfig(tmp_path / "us.yaml")))
+        secret = base64.b64encode((tmp_path / "us.yaml").read_bytes()).decode()
+        client.CoreV1Api(eu_api).create_namespaced_secret(NAMESPACE, {
+            "metadata": {"name": "us-kube", "namespace": NAMESPACE, "uid": str(uuid.uuid4())},
+            "data": {"kubeconfig": secret}})  # fmt: skip
+        geo = resource("geo")
+        # Neither cluster's node holds SmolLM2's 405 MB of float32 weights alone: the plan must use both.
+        geo["spec"].update(
+            clusters=[{"name": c, "serviceDomain": "svc.clusterset.local", "nodes": [{"name": "n", "memoryGiB": 0.3}],
+                       **({"kubeconfigSecret": "us-kube"} if c == "us" else {})} for c in ("eu", "us")],
+            planner={"allowOffload": False, "concurrency": 1, "contextTokens": 256},
+        )  # fmt: skip
+        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "bloombee_operator.handlers"]) as runner:
+            client.CustomObjectsApi(eu_api).create_namespaced_custom_object("bloombee.ai", "v1alpha1", NAMESPACE,
+                                                                            "distributedllms", geo)  # fmt: skip
+
+            # The kubelet's part: the probe pods come up in both clusters.
+            for api in (eu_api, us_api):
+                wait_for("a probe Deployment", lambda a=api: "geo-probe" in _deployments(a))
+                client.AppsV1Api(api).patch_namespaced_deployment_status(
+                    "geo-probe", NAMESPACE, {"status": {"replicas": 1, "readyReplicas": 1}})  # fmt: skip
+
+            stages = wait_for("stages in both clusters", lambda: {n for n in _deployments(us_api) if "-stage-" in n}
+                              and {n for n in _deployments(eu_api) if "-stage-" in n})  # fmt: skip
+            status = wait_for("the plan in status", lambda: (_get(eu_api, "geo").get("status") or {}).get("plan") and
+                              _get(eu_api, "geo")["status"])  # fmt: skip
+            link = next(e for e in status["links"] if (e["from"], e["to"]) == ("eu", "us"))
+            assert link["rttMs"] > 0 and link["mbps"] > 0  # measured for real, over loopback
+            assert {"gateway"} <= {e["from"] for e in status["links"]}
+            assert probes.forwarded[0]["source"] == "eu"
+            assert probes.forwarded[0]["targets"] == {"us": "http://geo-probe.llm.svc.clusterset.local:8080"}
+            conditions = {c["type"]: c for c in status["conditions"]}
+            assert (
+                conditions["LinksMeasured"]["status"] == "True" and conditions["LinksMeasured"]["reason"] == "Measured"
+            )
+            planned = {s["cluster"] for s in status["plan"]["stages"]}
+            assert planned == {"eu", "us"}, status["plan"]
+
+            eu_deployments, us_deployments = _deployments(eu_api), _deployments(us_api)
+            assert stages <= set(eu_deployments) and "geo-gateway" in eu_deployments
+            for item in us_deployments.values():  # owner references do not cross clusters
+                assert (
+                    not item.metadata.owner_references and item.metadata.labels["app.kubernetes.io/instance"] == "geo"
+                )
+            gateway_args = eu_deployments["geo-gateway"].spec.template.spec.containers[0].args
+            remote = next(s for s in status["plan"]["stages"] if s["cluster"] == "us")
+            index = status["plan"]["stages"].index(remote)
+            assert (
+                f"http://geo-stage-{index}.llm.svc.clusterset.local:8080"
+                in gateway_args[gateway_args.index("--stages") + 1]
+            )
+            exports = client.CustomObjectsApi(us_api).list_namespaced_custom_object(
+                "multicluster.x-k8s.io", "v1alpha1", NAMESPACE, "serviceexports")["items"]  # fmt: skip
+            assert f"geo-stage-{index}" in {e["metadata"]["name"] for e in exports}
+
+            client.CustomObjectsApi(eu_api).delete_namespaced_custom_object("bloombee.ai", "v1alpha1", NAMESPACE,
+                                                                            "distributedllms", "geo")  # fmt: skip
+            wait_for("the remote children to go", lambda: not _deployments(us_api))
+            wait_for("the resource to go (finalizer released)", lambda: _get(eu_api, "geo") is None)
+            assert not _deployments(eu_api)
+        assert runner.exception is None, runner.output
+    probes.stop()
