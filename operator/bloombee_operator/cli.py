@@ -2,6 +2,7 @@
 
 bloombee up -f distributedllm.yaml            run the pipeline as local processes until Ctrl-C
 bloombee up -f distributedllm.yaml --ask Q    ... answer one chat request, then stop
+bloombee chat "Hello!" --endpoint URL          one chat request to a running gateway
 bloombee validate -f distributedllm.yaml      check a resource; errors say which field is wrong
 bloombee plan -f distributedllm.yaml          the DP plan: which node serves which layers
 """
@@ -144,6 +145,29 @@ def _print_plan(plan: dict) -> None:
           f"{tokens:.1f} tokens/s, {latency:.1f} ms per token")  # fmt: skip
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """One chat request to a running gateway, waiting up to --wait-s for it to come up."""
+    deadline = time.monotonic() + args.wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{args.endpoint}/models", timeout=10) as reply:
+                models = [m["id"] for m in json.loads(reply.read())["data"]]
+            break
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
+            if time.monotonic() > deadline:
+                print(f"error: {args.endpoint} did not answer in {args.wait_s:.0f} s: {error}", file=sys.stderr)
+                return 1
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    model = args.model or models[0]
+    try:
+        reply = chat_once(args.endpoint, model, args.question, args.max_tokens)
+    except urllib.error.HTTPError as error:
+        print(f"error: {error.code} from {args.endpoint}: {error.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    print(reply["choices"][0]["message"]["content"])
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     resource = load_resource(args.file)
     print(f"{args.file}: DistributedLLM {resource.metadata.namespace}/{resource.metadata.name} is valid")
@@ -200,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--check-every", type=float, default=10.0,
                     help="seconds between checks that restart dead processes and re-plan when due")  # fmt: skip
     up.set_defaults(handler=cmd_up)
+
+    chat = commands.add_parser("chat", help="send one chat message to a running gateway and print the answer")
+    chat.add_argument("question")
+    chat.add_argument("--endpoint", default="http://127.0.0.1:8000/v1", help="the gateway's /v1 URL")
+    chat.add_argument("--model", default=None, help="served model name (default: the first the gateway lists)")
+    chat.add_argument("--max-tokens", type=int, default=64)
+    chat.add_argument("--wait-s", type=float, default=0.0, help="keep trying this long while the gateway starts")
+    chat.set_defaults(handler=cmd_chat)
 
     validate = commands.add_parser("validate", help="check a DistributedLLM file; errors name the field")
     validate.add_argument("-f", "--file", required=True)
