@@ -11,8 +11,8 @@ from bloombee_operator.backends.kubernetes import (
     LABEL_INSTANCE,
     Owner,
     Placement,
-    changes,
     render,
+    render_probes,
     selector,
 )
 from bloombee_operator.reconcile import ModelShape, desired_state
@@ -80,20 +80,6 @@ def test_stages_carry_their_span_and_the_gateway_finds_them():
     assert deployments["geo-gateway"]["metadata"]["labels"][LABEL_COMPONENT] == "gateway"
 
 
-def test_a_new_plan_touches_only_what_it_changes():
-    before = objects(spans=[(0, 10), (10, 20), (20, 30)])
-    after = objects(spans=[(0, 12), (12, 20), (20, 30)])
-    touched = sorted((cluster, action, obj["kind"], obj["metadata"]["name"])
-                     for cluster, todo in changes(before, after).items() for action, obj in todo)  # fmt: skip
-    assert touched == [("eu", "apply", "ConfigMap", "geo-plan"), ("eu", "apply", "Deployment", "geo-stage-0"),
-                       ("us", "apply", "Deployment", "geo-stage-1")]  # fmt: skip
-    assert changes(before, before) == {}
-    fewer = objects(spans=[(0, 15), (15, 30)])
-    deleted = sorted(obj["metadata"]["name"] for todo in changes(before, fewer).values()
-                     for action, obj in todo if action == "delete")  # fmt: skip
-    assert deleted == ["geo-stage-2", "geo-stage-2"]  # its Deployment and its Service
-
-
 @pytest.mark.parametrize("service_type", ["ClusterIP", "LoadBalancer"])
 def test_the_gateway_service_follows_the_resource(service_type):
     rendered = objects(gateway={"service": {"type": service_type, "port": 9000}})
@@ -101,3 +87,30 @@ def test_the_gateway_service_follows_the_resource(service_type):
         obj for obj in rendered["eu"] if obj["kind"] == "Service" and obj["metadata"]["name"] == "geo-gateway"
     )
     assert service["spec"]["type"] == service_type and service["spec"]["ports"][0]["port"] == 9000
+
+
+def test_probes_and_cluster_set_domains():
+    resource = two_clusters(clusters=[{"name": "eu", "serviceDomain": "svc.clusterset.local"},
+                                      {"name": "us", "kubeconfigSecret": "us-kube",
+                                       "serviceDomain": "svc.clusterset.local"}])  # fmt: skip
+    placement = Placement.of(resource)
+    assert placement.local == "eu" and placement.exported("us")
+    probes = render_probes(resource, OWNER, placement)
+    assert set(probes) == {"eu", "us"}
+    for cluster, items in probes.items():
+        kinds = [obj["kind"] for obj in items]
+        assert kinds == ["Deployment", "Service", "ServiceExport"]
+        for obj in items[:2]:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+        container = items[0]["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"] == ["python", "-m", "bloombee_stage.probe"] and container["args"][0] == "serve"
+        assert items[2]["metadata"]["name"] == items[1]["metadata"]["name"] == "geo-probe"
+        assert bool(items[0]["metadata"].get("ownerReferences")) == (cluster == "eu")
+    rendered = render(desired_state(resource, ModelShape(30, 576), num_stages=2), OWNER, placement)
+    gateway = next(o for o in rendered["eu"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "geo-gateway")
+    args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--stages") + 1] == ("http://geo-stage-0.llm.svc.clusterset.local:8080,"
+                                                "http://geo-stage-1.llm.svc.clusterset.local:8080")  # fmt: skip
+    assert args[args.index("--public-url") + 1] == "http://geo-gateway.llm.svc.clusterset.local:8000"
+    exported = {o["metadata"]["name"] for items in rendered.values() for o in items if o["kind"] == "ServiceExport"}
+    assert exported == {"geo-stage-0", "geo-stage-1", "geo-gateway"}

@@ -250,3 +250,38 @@ def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_pa
             assert not _deployments(eu_api)
         assert runner.exception is None, runner.output
     probes.stop()
+
+
+def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(tmp_path):
+    """The Kubernetes backend under the reconcile steps, straight against KMock (no kopf)."""
+    from bloombee_operator import control
+    from bloombee_operator.backends.kubernetes import Images, Owner
+    from bloombee_operator.backends.kubernetes_apply import Cluster, KubernetesBackend
+    from bloombee_operator.resource import parse_resource
+    from kubernetes import client, config
+
+    def step(body: dict) -> control.Outcome:
+        meta = body["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        outcome = control.deploy(body, KubernetesBackend(Cluster(api), parse_resource(body), owner, Images()))
+        body["status"] = {**(body.get("status") or {}), **outcome.merged_status(body.get("status") or {})}
+        return outcome
+
+    def deployed(outcome: control.Outcome) -> str:
+        return next((e.message for e in outcome.events if e.reason == "Deployed"), "")
+
+    with KMockThread() as server:
+        api = config.new_client_from_config(str(server.kubeconfig(tmp_path / "kubeconfig")))
+        body = resource("chat")
+        assert "chat-stage-2" in deployed(step(body))
+        assert deployed(step(body)) == ""  # the same plan again: nothing is rewritten
+        body["spec"]["clusters"][0]["nodes"] = THREE_NODES[:2]  # one node fewer: 15 + 15 layers
+        message = deployed(step(body))
+        assert all(name in message for name in ("chat-stage-0", "chat-stage-1", "chat-gateway")), message
+        deployments = _deployments(api)
+        assert "chat-stage-2" not in deployments
+        assert "chat-stage-2" not in {
+            s.metadata.name for s in client.CoreV1Api(api).list_namespaced_service(NAMESPACE).items
+        }
+        args = deployments["chat-stage-0"].spec.template.spec.containers[0].args
+        assert args[args.index("--layers") + 1] == "0:15"

@@ -270,7 +270,11 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
                 gateway.replicas,
                 placement.node_selectors.get(placement.local, {}),
             ),
-            _service(gateway.name, ns, owner, object_labels, gateway.port, gateway.port, gateway.service_type),
+            service := _service(
+                gateway.name, ns, owner, object_labels, gateway.port, gateway.port, gateway.service_type
+            ),
+            # the last stage, maybe in another cluster, posts its tokens to the gateway
+            *([_service_export(service)] if placement.exported(placement.local) else []),
             plan,
         ]
     )
@@ -279,20 +283,3 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
 
 def object_key(obj: dict) -> tuple[str, str, str]:
     return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
-
-
-def changes(before: dict[str, list[dict]], after: dict[str, list[dict]]) -> dict[str, list[tuple[str, dict]]]:
-    """Per cluster, what to do to go from ``before`` to ``after``: ("apply", obj) or ("delete", obj).
-
-    Objects whose content did not change are left alone, so a plan that moves one stage's layers
-    touches that stage's Deployment (and the plan ConfigMap), not the others.
-    """
-    actions: dict[str, list[tuple[str, dict]]] = {}
-    for cluster in sorted(set(before) | set(after)):
-        old = {object_key(obj): obj for obj in before.get(cluster, [])}
-        new = {object_key(obj): obj for obj in after.get(cluster, [])}
-        todo = [("apply", obj) for key, obj in new.items() if old.get(key) != obj]
-        todo += [("delete", obj) for key, obj in old.items() if key not in new]
-        if todo:
-            actions[cluster] = todo
-    return actions
