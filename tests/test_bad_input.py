@@ -74,6 +74,14 @@ def test_bad_frames_get_clear_errors_and_the_stage_keeps_serving(tiny_pipeline):
     status, error = post_frame(first, step_frame(torch.tensor([[1, 2]]), route=route, start=5, session="nobody"))
     assert status == 404 and "unknown session 'nobody'" in error["error"]["message"]
 
+    rows = [RowMeta(session=f"s{i}", start=0, length=1) for i in range(9)]  # the plan's micro-batch is 8
+    too_many = encode_frame(
+        tensor_frame(torch.ones(9, 1, dtype=torch.long), StepMeta(step=2, rows=rows, route=route).model_dump())
+    )
+    status, error = post_frame(first, too_many)
+    assert status == 400 and "9 rows in one step" in error["error"]["message"]
+    assert "at most 8" in error["error"]["message"] and "frame(step=2" in error["error"]["message"]
+
     wrong_width = torch.zeros(1, 3, 65)
     status, error = post_frame(middle, step_frame(wrong_width, route=route[1:], session="shape"))
     assert status == 400 and "[batch, seq, 64]" in error["error"]["message"]

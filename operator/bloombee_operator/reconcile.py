@@ -68,6 +68,7 @@ class StageSpec:
     layers: tuple[int, int]
     dtype: str
     codec: str
+    micro_batch: int | None = None  # the plan's: the stage refuses steps with more rows
     offload_weights: float = 0.0
     offload_kv: float = 0.0
     kv_budget_gib: float | None = None  # the KV cache the plan sized this stage for (None: the server's default)
@@ -77,6 +78,7 @@ class StageSpec:
         """Arguments of ``python -m bloombee_stage.server`` (the container's args in Kubernetes)."""
         link = ["--link-mbps", f"{self.link_mbps:g}"] if self.link_mbps else []
         budget = ["--kv-budget-gib", f"{self.kv_budget_gib:.4g}"] if self.kv_budget_gib else []
+        budget += ["--micro-batch", str(self.micro_batch)] if self.micro_batch else []
         offload = [*(["--offload-weights", f"{self.offload_weights:g}"] if self.offload_weights else []),
                    *(["--offload-kv", f"{self.offload_kv:g}"] if self.offload_kv else [])]  # fmt: skip
         return [
@@ -164,6 +166,7 @@ def desired_state(
             layers=stage.layers,
             dtype=spec.model.dtype,
             codec=CODEC_FOR_COMPRESSION[spec.compression],
+            micro_batch=micro_batch or spec.planner.max_micro_batch,
             offload_weights=stage.offload_weights,
             offload_kv=stage.offload_kv,
             kv_budget_gib=stage.kv_budget_gib,

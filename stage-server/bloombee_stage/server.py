@@ -54,6 +54,7 @@ class StageSettings:
     accept_codecs: tuple[str, ...] = tuple(CODECS)  # codecs this stage takes from its peers
     tier_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s measured at start-up
     kv_budget_bytes: int = 2 << 30
+    micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
 
@@ -104,6 +105,10 @@ class StageService:
     def check_inputs(self, meta: StepMeta, inputs: torch.Tensor, frame: Frame) -> None:
         span = self.model.span
         where = frame.describe()
+        planned = self.settings.micro_batch
+        if planned and len(meta.rows) > planned:
+            raise WireError(f"{where}: {len(meta.rows)} rows in one step; this stage was planned for micro-batches "
+                            f"of at most {planned} (its KV and activation budgets assume that)")  # fmt: skip
         if span.is_first:
             if frame.dtype not in ("int64", "int32") or inputs.dim() != 2:
                 raise WireError(
@@ -261,6 +266,7 @@ class StageService:
             "dtype": model.dtype_name,
             "device": str(model.device),
             "codec": self.settings.codec,
+            "micro_batch": self.settings.micro_batch,
             "accepts_codecs": sorted(self.settings.accept_codecs),
             "link_bandwidth": self.settings.link_bandwidth,
             "codec_profiles": self.codec_stats.describe(),
@@ -455,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{','.join(CODECS)})",
     )  # fmt: skip
     parser.add_argument("--kv-budget-gib", type=float, default=2.0, help="KV cache budget over all sessions")
+    parser.add_argument("--micro-batch", type=int, default=None, help="the plan's micro-batch: refuse steps with "
+                        "more rows (default: any)")  # fmt: skip
     parser.add_argument(
         "--offload-weights",
         type=float,
@@ -504,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         accept_codecs=args.accept_codecs,
         tier_bandwidth=bandwidth,
         kv_budget_bytes=int(args.kv_budget_gib * (1 << 30)),
+        micro_batch=args.micro_batch,
         session_timeout_s=args.session_timeout,
     )
     asyncio.run(serve(create_app(model, settings), args.host, args.port, args.ready_file, f"stage {args.name}"))
