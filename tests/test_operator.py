@@ -100,6 +100,18 @@ def test_create_restore_and_delete(operator):
     gateway_args = deployments["chat-gateway"].spec.template.spec.containers[0].args
     assert gateway_args[gateway_args.index("--micro-batch") + 1] == str(status["plan"]["microBatch"])
 
+    # The kubelet's part: the stage pods come up; the timer sees it and the resource becomes Ready.
+    for name in ("chat-stage-0", "chat-stage-1", "chat-stage-2"):
+        pod_up = {"status": {"replicas": 1, "readyReplicas": 1}}
+        client.AppsV1Api(api).patch_namespaced_deployment_status(name, NAMESPACE, pod_up)
+
+    def ready() -> bool:
+        status = _get(api, "chat")["status"]
+        return status["phase"] == "Ready" and {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+
+    wait_for("the Ready condition", ready)
+    assert _get(api, "chat")["status"]["stagesReady"] == "3/3"
+
     client.AppsV1Api(api).delete_namespaced_deployment("chat-stage-1", NAMESPACE)
     wait_for("the lost stage to come back", lambda: "chat-stage-1" in _deployments(api), timeout_s=30)
 
