@@ -45,13 +45,18 @@ class Pipeline:
         return read_metrics(self.endpoint.removesuffix("/v1"))
 
     def post(self, path: str, body: dict | bytes, timeout: float = 300.0) -> tuple[int, dict]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        request = urllib.request.Request(self.endpoint + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return post_json(self.endpoint + path, body, timeout)
+
+
+def post_json(url: str, body: object, timeout: float = 300.0) -> tuple[int, dict]:
+    """POST JSON (or raw bytes); the status and the JSON reply, errors included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def read_metrics(url: str) -> dict[str, float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from bloombee_operator.planner.inputs import links_from_entries, parse_links
 from bloombee_stage.probe import LinkMeasurementError, Samples, measure, summarise
+from pipelines import post_json
 
 
 def test_summary_takes_the_median_echo_and_the_faster_bulk_transfer_less_a_round_trip():
@@ -66,13 +67,7 @@ def test_a_probe_measures_on_request_and_refuses_bad_requests(probes):
     direct, delayed = probes
 
     def post(body: object) -> tuple[int, dict]:
-        request = urllib.request.Request(direct + "/probe/measure", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
-        try:
-            with urllib.request.urlopen(request, timeout=60) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return post_json(direct + "/probe/measure", body, timeout=60)
 
     status, reply = post({"source": "eu", "targets": {"us": delayed}, "echoes": 3, "bulkBytes": 65536})
     assert status == 200 and reply["links"][0]["from"] == "eu" and reply["links"][0]["rttMs"] >= 40

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from bloombee_operator.backends.local import LocalBackend
 from bloombee_stage.batching import fits
 from bloombee_stage.routing import Router, parse_stages
-from pipelines import read_metrics
+from pipelines import post_json, read_metrics
 
 
 def test_stages_parse_with_replicas():
@@ -63,13 +60,7 @@ def test_load_is_released_and_counted():
 def _chat(pipeline_url: str, content: str) -> tuple[int, dict]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}  # fmt: skip
-    request = urllib.request.Request(pipeline_url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return post_json(pipeline_url + "/v1/chat/completions", body, timeout=120)
 
 
 def test_replicas_share_generations_and_a_lost_replica_is_routed_around(tmp_path, tiny_dir):
