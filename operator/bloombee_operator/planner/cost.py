@@ -120,7 +120,7 @@ class Options:
     max_micro_batch: int = 8
     allow_offload: bool = True
     offload_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    exact_node_limit: int = 8  # up to this many nodes the node order is searched exactly
+    exact_node_limit: int = 12  # up to this many nodes the node order is searched exactly (~1 s at 12)
     relay_hops: bool = True  # may a hop go through the gateway when that is faster than the direct link
 
     def effective_batch(self, workload: Workload) -> int:
