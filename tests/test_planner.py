@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -114,6 +115,22 @@ def test_dp_equals_brute_force(seed):
                      relay=result.relay_hops)  # fmt: skip
     assert again.round_s == pytest.approx(result.round_s, rel=1e-12)
     assert result.stages[0].layers[0] == 0 and result.stages[-1].layers[1] == model.num_layers
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_dp_with_identical_nodes_equals_brute_force(seed):
+    """The exact DP uses alike nodes in index order only (symmetry); brute force tries every order."""
+    rng = random.Random(f"twins-{seed}")
+    model, nodes, links, workload, options = random_instance(rng, max_nodes=4)
+    model = dataclasses.replace(model, num_layers=min(model.num_layers, 7))
+    for index in range(rng.randint(1, 2)):
+        nodes.append(dataclasses.replace(rng.choice(nodes), name=f"twin{index}"))
+    rng.shuffle(nodes)
+    options = dataclasses.replace(options, relay_hops=False)
+    expected = brute_force(model, nodes, links, workload, options)
+    if math.isinf(expected):
+        return
+    assert plan(model, nodes, links, workload, options).round_s == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -63,6 +63,7 @@ class _Tables:
     in_busy: np.ndarray
     out_latency: np.ndarray  # [N] node -> gateway
     out_busy: np.ndarray
+    twin_before: np.ndarray  # [N] the previous node alike in every respect (cluster, memory, speeds), or -1
 
 
 def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, context: int, options: Options):
@@ -110,8 +111,15 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
                 else:
                     hop_latency[i, j], hop_busy[i, j] = by_clusters[key]
     stage = stage_table(model, nodes, m, batch, context, options)
+    last_alike: dict[tuple, int] = {}
+    twin_before = np.full(count, -1)
+    for i, u in enumerate(nodes):
+        alike = (u.cluster, u.memory_bytes, u.seconds_per_layer, u.seconds_per_layer_token, u.host_bandwidth,
+                 u.stream_interference)  # fmt: skip
+        twin_before[i] = last_alike.get(alike, -1)
+        last_alike[alike] = i
     return _Tables(stage, hop_latency, hop_busy, relay_latency, relay_busy, in_latency, in_busy, out_latency,
-                   out_busy)  # fmt: skip
+                   out_busy, twin_before)  # fmt: skip
 
 
 def _hops_under(tables: _Tables, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +191,11 @@ def _subsets(tables: _Tables, tau: float) -> tuple[float, list[tuple[int, int]]]
     cost = np.full((size, count, width), INF)
     parent = np.full((size, count, width), -1, dtype=np.int16)
     taken = np.zeros((size, count, width), dtype=np.int16)  # layers the last node serves
+    # Nodes alike are interchangeable: a chain uses them in index order (any other order is the
+    # same chain relabelled), so v may join only once its previous twin is in the set.
+    twin_bits = np.where(tables.twin_before >= 0, 1 << np.maximum(tables.twin_before, 0), 0)
     for v in range(count):
-        if tables.in_busy[v] <= tau:
+        if tables.in_busy[v] <= tau and tables.twin_before[v] < 0:
             cost[1 << v, v] = tables.in_latency[v] + stage[v]
             taken[1 << v, v] = np.arange(width)
     masks = np.arange(size)
@@ -201,7 +212,9 @@ def _subsets(tables: _Tables, tau: float) -> tuple[float, list[tuple[int, int]]]
             if not used.size or not targets.size:
                 continue
             # every (set, v outside it) pair: the set grown by v, and the cost on arrival at v
-            pair_set, pair_v = np.nonzero((used[:, None] & bits[targets][None, :]) == 0)
+            outside = (used[:, None] & bits[targets][None, :]) == 0
+            twin_in = (used[:, None] & twin_bits[targets][None, :]) == twin_bits[targets][None, :]
+            pair_set, pair_v = np.nonzero(outside & twin_in)
             if not pair_set.size:
                 continue
             v = targets[pair_v]
