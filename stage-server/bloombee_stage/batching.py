@@ -4,9 +4,10 @@ Continuous batching in decode: a generation queues one row per round (its new to
 draft) and waits for that row's tokens; the batcher packs queued rows into steps of at most
 ``micro_batch`` rows and keeps up to ``max_in_flight`` steps in the pipeline at once, spreading
 waiting rows evenly over the free slots, so the stages work on different micro-batches back to
-back. By default that is one step per stage; but while there are no more generations than
-steps that keep the slowest stage busy over a round trip (Router.steps_to_fill: over a WAN,
-several per stage), every row leaves at once, since nothing is gained by making it wait.
+back. Under load that is the plan's n = ceil(generations / micro_batch) full micro-batches; but
+while there are no more generations than steps that keep the slowest stage busy over a round
+trip (Router.steps_to_fill: over a WAN, several per stage), every row leaves at once, since
+nothing is gained by making it wait.
 Generations join and leave between steps simply by queueing rows or not. With
 ``micro_batch == 1`` every row is its own step, sent at once (the no-batching baseline).
 
@@ -73,7 +74,12 @@ class MicroBatcher:
         if self.fixed_in_flight:
             return self.fixed_in_flight
         fill = self.router.steps_to_fill(path) or 0
-        return fill if self.active <= fill else self.pipeline.num_stages
+        if self.active <= fill:
+            return fill
+        # Under load: the plan's micro-batches, n = ceil(generations / m) full steps chasing each
+        # other round the cycle, as the planner costs them (fewer, fuller steps: a step's cost is
+        # mostly reading the weights, whatever its rows).
+        return math.ceil(self.active / self.micro_batch)
 
     def open(self) -> Path:
         """Pin a new generation to the path predicted fastest now."""
