@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from bloombee_operator.model_shape import ModelShapeError
 from bloombee_operator.planner import PlanningError
 from bloombee_operator.planner.replan import PlanDiff
-from bloombee_operator.planning import decide, plan_status, planner_inputs, stage_plans
+from bloombee_operator.planning import decide, plan_status, stage_plans
 from bloombee_operator.reconcile import DesiredState, ModelShape, StagePlan, desired_state
 from bloombee_operator.resource import DistributedLLM, ResourceError, parse_resource
 
@@ -150,8 +150,7 @@ def desired_from_plan(resource: DistributedLLM, shape: ModelShape, plan: dict, l
 def _plan(resource: DistributedLLM, shape: ModelShape, links: list[dict], current: dict | None,
           clock: Callable[[], float]) -> tuple[dict, bool, str, PlanDiff]:  # fmt: skip
     try:
-        decision = decide(resource, shape, links, current)
-        inputs = planner_inputs(resource, shape, links)
+        decision, inputs = decide(resource, shape, links, current)
     except PlanningError as error:
         raise _failed("Unplannable", str(error)) from None
     if not decision.adopted and current:
@@ -173,6 +172,12 @@ def _links(resource: DistributedLLM, backend: Backend, clock: Callable[[], float
     return links, condition(LINKS_MEASURED, True, "Measured", summary, now_iso(clock))
 
 
+def _unmeasured(resource: DistributedLLM, links: list[dict]) -> bool:
+    """Whether some cluster of the spec has no measured link (new, or never measured)."""
+    measured = {end for link in links for end in (link["from"], link["to"])}
+    return len(resource.spec.clusters) < 2 or any(c.name not in measured for c in resource.spec.clusters)
+
+
 def _describe(desired: DesiredState) -> str:
     return ", ".join(f"{s.name} {s.cluster} [{s.layers[0]}, {s.layers[1]})" for s in desired.stages)
 
@@ -183,7 +188,7 @@ def deploy(body: dict, backend: Backend, clock: Callable[[], float] = time.time,
     status = body.get("status") or {}
     outcome = Outcome()
     links = status.get("links") or []
-    if remeasure or not links or len(resource.spec.clusters) < 2:
+    if remeasure or _unmeasured(resource, links):
         try:
             links, measured = _links(resource, backend, clock)
         except LinksPending as pending:

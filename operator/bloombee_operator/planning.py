@@ -46,11 +46,14 @@ def planner_inputs(resource: DistributedLLM, shape: ModelShape, links: list[dict
     return PlannerInputs(profile, nodes, links_from_entries(parse_links(links), clusters), workload, options)
 
 
-def decide(resource: DistributedLLM, shape: ModelShape, links: list[dict], current: dict | None) -> Decision:
-    """The plan to run: a fresh optimum, or ``current`` (a ``status.plan``) kept under hysteresis."""
+def decide(resource: DistributedLLM, shape: ModelShape, links: list[dict],
+           current: dict | None) -> tuple[Decision, PlannerInputs]:  # fmt: skip
+    """The plan to run: a fresh optimum, or ``current`` (a ``status.plan``) kept under hysteresis;
+    and the planner inputs it was decided on."""
     inputs = planner_inputs(resource, shape, links)
-    return replan(plan_from_status(current), inputs.profile, inputs.nodes, inputs.links, inputs.workload,
-                  inputs.options, min_gain=resource.spec.planner.min_gain)  # fmt: skip
+    decision = replan(plan_from_status(current), inputs.profile, inputs.nodes, inputs.links, inputs.workload,
+                      inputs.options, min_gain=resource.spec.planner.min_gain)  # fmt: skip
+    return decision, inputs
 
 
 def stage_plans(plan: Plan, inputs: PlannerInputs) -> list[StagePlan]:
