@@ -196,7 +196,7 @@ def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_pa
 
     probes = ProbePods(tmp_path)
     with KMockThread() as eu, KMockThread() as us:
-        eu.handler["post /api/v1/namespaces/llm/services/geo-probe:8080/proxy/probe/measure"] << probes.proxy
+        eu.handler["post /api/v1/namespaces/llm/services/geo-probe-0:8080/proxy/probe/measure"] << probes.proxy
         monkeypatch.setenv("KUBECONFIG", str(eu.kubeconfig(tmp_path / "eu.yaml")))
         monkeypatch.setenv("BLOOMBEE_RECHECK_S", "1")
         eu_api = config.new_client_from_config(str(tmp_path / "eu.yaml"))
@@ -217,10 +217,10 @@ def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_pa
                                                                             "distributedllms", geo)  # fmt: skip
 
             # The kubelet's part: the probe pods come up in both clusters.
-            for api in (eu_api, us_api):
-                wait_for("a probe Deployment", lambda a=api: "geo-probe" in _deployments(a))
+            for api, probe in ((eu_api, "geo-probe-0"), (us_api, "geo-probe-1")):
+                wait_for("a probe Deployment", lambda a=api, p=probe: p in _deployments(a))
                 client.AppsV1Api(api).patch_namespaced_deployment_status(
-                    "geo-probe", NAMESPACE, {"status": {"replicas": 1, "readyReplicas": 1}})  # fmt: skip
+                    probe, NAMESPACE, {"status": {"replicas": 1, "readyReplicas": 1}})  # fmt: skip
 
             stages = wait_for("stages in both clusters", lambda: {n for n in _deployments(us_api) if "-stage-" in n}
                               and {n for n in _deployments(eu_api) if "-stage-" in n})  # fmt: skip
@@ -230,7 +230,7 @@ def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_pa
             assert link["rttMs"] > 0 and link["mbps"] > 0  # measured for real, over loopback
             assert {"gateway"} <= {e["from"] for e in status["links"]}
             assert probes.forwarded[0]["source"] == "eu"
-            assert probes.forwarded[0]["targets"] == {"us": "http://geo-probe.llm.svc.clusterset.local:8080"}
+            assert probes.forwarded[0]["targets"] == {"us": "http://geo-probe-1.llm.svc.clusterset.local:8080"}
             conditions = {c["type"]: c for c in status["conditions"]}
             assert (
                 conditions["LinksMeasured"]["status"] == "True" and conditions["LinksMeasured"]["reason"] == "Measured"
@@ -297,3 +297,41 @@ def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(tmp_path
         }
         args = deployments["chat-stage-0"].spec.template.spec.containers[0].args
         assert args[args.index("--layers") + 1] == "0:15"
+
+
+def test_a_due_replan_whose_probes_are_down_still_restores_stages(tmp_path):
+    """Re-planning needs fresh links; while the probes cannot answer, the timer keeps the pipeline
+    whole on the current plan and says why it did not re-plan."""
+    import time as clock
+
+    from bloombee_operator import control
+    from bloombee_operator.backends.kubernetes import Images, Owner
+    from bloombee_operator.backends.kubernetes_apply import Cluster, KubernetesBackend
+    from bloombee_operator.resource import parse_resource
+    from kubernetes import client, config
+
+    with KMockThread() as server:
+        api = config.new_client_from_config(str(server.kubeconfig(tmp_path / "kubeconfig")))
+        body = resource("duo")
+        body["spec"]["clusters"] = [{"name": "a", "nodes": THREE_NODES[:2]}, {"name": "b", "nodes": THREE_NODES[2:]}]
+        # measured earlier (status.links as the probes left it)
+        body["status"] = {"links": [{"from": "a", "to": "b", "rttMs": 1.0, "mbps": 1000.0},
+                                    {"from": "gateway", "to": "b", "rttMs": 1.0, "mbps": 1000.0}]}  # fmt: skip
+        meta = body["metadata"]
+        backend = KubernetesBackend(Cluster(api), parse_resource(body), Owner(meta["name"], meta["namespace"],
+                                                                              meta["uid"]), Images())  # fmt: skip
+        first = control.deploy(body, backend)
+        body["status"] = {**body["status"], **first.merged_status(body["status"])}
+        stages = [s for s in _deployments(api) if "-stage-" in s]
+        assert len(stages) == 2 and not any("probe" in name for name in _deployments(api))  # links were known
+
+        client.AppsV1Api(api).delete_namespaced_deployment(stages[0], NAMESPACE)
+        later = control.keep(body, backend, clock=lambda: clock.time() + 601)  # replanEvery (10m) is due
+        conditions = {c["type"]: c for c in later.conditions}
+        assert (
+            conditions["LinksMeasured"]["status"] == "False"
+            and conditions["LinksMeasured"]["reason"] == "ProbesStarting"
+        )
+        assert conditions["Degraded"]["status"] == "True" and stages[0] in conditions["Degraded"]["message"]
+        assert later.status["phase"] == "Degraded" and stages[0] in _deployments(api)
+        assert {"duo-probe-0", "duo-probe-1"} <= set(_deployments(api))  # asked for, one per cluster; not up yet

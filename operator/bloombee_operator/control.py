@@ -244,8 +244,12 @@ def keep(body: dict, backend: Backend, clock: Callable[[], float] = time.time) -
     if status.get("phase") == "Failed" or not status.get("plan"):
         return Outcome()  # never deployed: create/update owns it
     resource, shape = _read(body, backend)
+    waiting: list[dict[str, str]] = []
     if _replan_due(status, resource, clock):
-        return deploy(body, backend, clock, remeasure=True)
+        replanned = deploy(body, backend, clock, remeasure=True)
+        if replanned.retry_after_s is None:
+            return replanned
+        waiting = replanned.conditions  # links cannot be measured now: serve on, try at the next tick
     try:
         desired = desired_from_plan(resource, shape, status["plan"], status.get("links") or [])
     except (KeyError, TypeError, ValueError):
@@ -258,6 +262,7 @@ def keep(body: dict, backend: Backend, clock: Callable[[], float] = time.time) -
     outcome = Outcome(status={"stagesReady": f"{ready}/{total}",
                               "phase": "Ready" if all_ready else "Degraded" if restored else "Deploying"})  # fmt: skip
     outcome.conditions = [
+        *waiting,
         condition(STAGES_READY, ready == total, "AllReady" if ready == total else "Waiting", message, at),
         condition(DEGRADED, bool(restored), "Restored" if restored else "AllPresent", message, at),
         condition(READY, all_ready, "Serving" if all_ready else "NotReady", message, at),

@@ -54,9 +54,9 @@ def labels(instance: str, component: str, **extra: str) -> dict[str, str]:
     return {**MANAGED_BY, LABEL_INSTANCE: instance, LABEL_COMPONENT: component, **extra}
 
 
-def selector(desired: DesiredState) -> str:
+def selector(instance: str) -> str:
     """A label selector for every child of one resource (the finalizer's way into remote clusters)."""
-    return f"{LABEL_INSTANCE}={desired.name},app.kubernetes.io/managed-by={MANAGED_BY['app.kubernetes.io/managed-by']}"
+    return f"{LABEL_INSTANCE}={instance},app.kubernetes.io/managed-by={MANAGED_BY['app.kubernetes.io/managed-by']}"
 
 
 def _metadata(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str]) -> dict:
@@ -176,13 +176,15 @@ def gateway_url(desired: DesiredState, placement: Placement) -> str:
     return service_url(desired.gateway.name, desired.namespace, placement.domain(placement.local), desired.gateway.port)
 
 
-def probe_name(resource_name: str) -> str:
-    return f"{resource_name}-probe"
+def probe_name(resource: DistributedLLM, cluster: str) -> str:
+    """One per cluster, by its index: two clusters of the spec may be node pools of one API server."""
+    index = [c.name for c in resource.spec.clusters].index(cluster)
+    return f"{resource.metadata.name}-probe-{index}"
 
 
 def probe_url(resource: DistributedLLM, cluster: str, placement: Placement) -> str:
     namespace = resource.metadata.namespace
-    return service_url(probe_name(resource.metadata.name), namespace, placement.domain(cluster), STAGE_PORT)
+    return service_url(probe_name(resource, cluster), namespace, placement.domain(cluster), STAGE_PORT)
 
 
 def _service_export(service: dict) -> dict:
@@ -197,11 +199,11 @@ def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, 
     """A probe Deployment and Service in every cluster (``bloombee_stage.probe serve``): the ends
     the links between clusters are measured between. Pure."""
     images = images or Images()
-    name = probe_name(resource.metadata.name)
     namespace = resource.metadata.namespace
     object_labels = labels(resource.metadata.name, "probe")
     by_cluster: dict[str, list[dict]] = {}
     for cluster in resource.spec.clusters:
+        name = probe_name(resource, cluster.name)
         owned = owner if cluster.name == placement.local else None
         container = _container("probe", images, images.stage, "bloombee_stage.probe", ["serve"], STAGE_PORT)
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):

@@ -17,7 +17,6 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 from bloombee_operator.backends.kubernetes import (
     LABEL_COMPONENT,
-    LABEL_INSTANCE,
     STAGE_PORT,
     Images,
     Owner,
@@ -191,13 +190,26 @@ class KubernetesBackend:
         self._delete_stale(desired, rendered)
         return changed
 
+    def _apis(self, resource: DistributedLLM, skip_unreachable: bool = False) -> list[Cluster]:
+        """Each API server once: clusters of the spec without a kubeconfig share the operator's."""
+        apis: dict[int, Cluster] = {}
+        for cluster in resource.spec.clusters:
+            try:
+                api = self.cluster(resource, cluster.name)
+            except RemoteClusterError:
+                if skip_unreachable:
+                    continue
+                raise
+            apis.setdefault(id(api), api)
+        return list(apis.values())
+
     def _delete_stale(self, desired: DesiredState, rendered: dict[str, list[dict]]) -> None:
         """Stages the plan no longer has (fewer stages, or a stage moved to another cluster)."""
-        keep = {(c, object_key(obj)) for c, objects in rendered.items() for obj in objects}
-        for cluster_name in {c.name for c in self._resource.spec.clusters}:
-            cluster = self.cluster(self._resource, cluster_name)
-            for obj in cluster.children(selector(desired), desired.namespace):
-                stale = (cluster_name, object_key(obj)) not in keep
+        keep = {(id(self.cluster(self._resource, c)), object_key(obj)) for c, objects in rendered.items()
+                for obj in objects}  # fmt: skip
+        for cluster in self._apis(self._resource):
+            for obj in cluster.children(selector(desired.name), desired.namespace):
+                stale = (id(cluster), object_key(obj)) not in keep
                 if stale and obj["metadata"]["labels"].get(LABEL_COMPONENT) == "stage":
                     cluster.delete(obj)
 
@@ -223,15 +235,10 @@ class KubernetesBackend:
         return f"{gateway_url(desired, Placement.of(self._resource))}/v1"
 
     def remove(self, resource: DistributedLLM) -> int:
-        deleted = 0
-        instance = f"{LABEL_INSTANCE}={resource.metadata.name},app.kubernetes.io/managed-by=bloombee-operator"
-        for cluster_name in [c.name for c in resource.spec.clusters]:
-            try:
-                cluster = self.cluster(resource, cluster_name)
-            except RemoteClusterError:
-                continue  # nothing was ever deployed there, or the Secret went first: nothing we can reach
-            deleted += sum(cluster.delete(obj) for obj in cluster.children(instance, resource.metadata.namespace))
-        return deleted
+        # A remote cluster whose Secret went first cannot be reached: nothing more can be done there.
+        apis = self._apis(resource, skip_unreachable=True)
+        found = selector(resource.metadata.name)
+        return sum(api.delete(obj) for api in apis for obj in api.children(found, resource.metadata.namespace))
 
     def measure_links(self, resource: DistributedLLM) -> list[dict]:
         """Probe pods in every cluster; each measures towards the clusters after it, asked through
@@ -253,9 +260,7 @@ class KubernetesBackend:
             targets = {target: probe_url(resource, target, placement) for target in names[index + 1 :]}
             body = {"source": source, "targets": targets}
             cluster = self.cluster(resource, source)
-            reply = cluster.proxy_post(
-                probe_name(resource.metadata.name), resource.metadata.namespace, MEASURE_PATH, body
-            )
+            reply = cluster.proxy_post(probe_name(resource, source), resource.metadata.namespace, MEASURE_PATH, body)
             entries += reply["links"]
         # The gateway runs in the operator's cluster: its links are that cluster's.
         for entry in list(entries):
