@@ -78,6 +78,23 @@ def timing(nodes_count: int, layers: int) -> float:
     return statistics.median(runs)
 
 
+def exact_at_twelve(seeds: int = 2) -> list[dict]:
+    """Exact node order for 12 nodes in 12 clusters (no two alike, so no symmetry to exploit):
+    planning time, and what the heuristic beyond the exact limit would have given."""
+    rows = []
+    for family in FAMILIES:
+        for seed in range(seeds):
+            model, nodes, links = scenario(family, seed, 12, 12)
+            workload = Workload(batch=8, context=2048)
+            started = time.perf_counter()
+            exact = plan(model, nodes, links, workload, Options(exact_node_limit=12))
+            seconds = time.perf_counter() - started
+            heuristic = plan(model, nodes, links, workload, Options(exact_node_limit=8))
+            rows.append({"family": family, "seed": seed, "exact_seconds": seconds,
+                         "heuristic_over_exact": heuristic.tokens_per_second / exact.tokens_per_second})  # fmt: skip
+    return rows
+
+
 def run_plan(planner, model, nodes, links, workload, options):
     try:
         return planner(model, nodes, links, workload, options)
@@ -172,6 +189,11 @@ def main() -> None:
         seconds = timing(nodes_count, layers)
         report["timing"].append({"nodes": nodes_count, "layers": layers, "seconds": seconds})
         print(f"planning {nodes_count:>5} nodes x {layers} layers: {seconds:.3f} s", file=sys.stderr, flush=True)
+    report["exact_12_nodes_12_clusters"] = exact_at_twelve()
+    for row in report["exact_12_nodes_12_clusters"]:
+        print(f"exact order, 12 nodes in 12 clusters, {row['family']} seed {row['seed']}: "
+              f"{row['exact_seconds']:.2f} s (heuristic reaches {row['heuristic_over_exact']:.3f})",
+              file=sys.stderr, flush=True)  # fmt: skip
     for family in FAMILIES:
         print(f"simulating {family} x {args.seeds} seeds ...", file=sys.stderr, flush=True)
         report["families"][family] = compare(family, args.seeds)
@@ -188,6 +210,7 @@ def main() -> None:
         "dp_over_petals_heterogeneous_links_median": petals_links,
         "dp_over_petals_at_least_1.5x": petals_links is not None and petals_links >= 1.5,
         "slowest_planning_s": slowest,
+        "slowest_exact_12_nodes_12_clusters_s": max(r["exact_seconds"] for r in report["exact_12_nodes_12_clusters"]),
         "1000_nodes_80_layers_under_1s": biggest < 1.0,
     }
     out = Path(args.out)

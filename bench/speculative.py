@@ -10,7 +10,9 @@ link latency per round trip of the pipeline).
   bound of a perfect draft, the model itself drafting at the gateway. Greedy output must be the
   same tokens as without a draft.
 * Throughput, no draft: tokens/s at concurrency 1, 4 and 16 with every request stepping alone
-  (micro-batch 1) and with rows packed into micro-batches of --micro-batch.
+  (micro-batch 1) and with rows packed into micro-batches of --micro-batch (the gateway's rule
+  for steps in flight, and --compare-in-flight fixed), with the share of the machine's cores the
+  pipeline's processes kept busy (near 100%: compute-bound on this machine).
 
 Per-token latency is (time for the answer's N tokens - time for 1) / (N - 1): prefill and
 request overhead cancel out. The bound beside it is the link latency of a round divided by the
@@ -131,19 +133,31 @@ def measure_latency(running: Running, prompts: list[str], new_tokens: int, repea
     }
 
 
+def cpu_seconds(running: Running) -> float:
+    """CPU time used so far by every process of the pipeline (stages, gateway, link proxies)."""
+    total = 0.0
+    for process in running.backend.processes.values():
+        with open(f"/proc/{process.popen.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def measure_throughput(running: Running, prompts: list[str], new_tokens: int, concurrency: int) -> dict:
     contents = [prompts[index % len(prompts)] for index in range(concurrency)]
-    before = running.gateway_metrics()
+    before, cpu_before = running.gateway_metrics(), cpu_seconds(running)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         replies = list(pool.map(lambda content: running.ask(content, new_tokens, ignore_eos=True), contents))
     seconds = time.perf_counter() - started
-    after = running.gateway_metrics()
+    after, cpu = running.gateway_metrics(), cpu_seconds(running) - cpu_before
     steps = after["bloombee_gateway_steps_sent"] - before["bloombee_gateway_steps_sent"]
     rows = after["bloombee_gateway_rows_sent"] - before["bloombee_gateway_rows_sent"]
     tokens = sum(len(reply["choices"][0]["token_ids"]) for reply in replies)
+    # cpu_busy: the share of the machine's cores the pipeline kept busy (1.0: compute-bound here)
     return {"concurrency": concurrency, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "rows_per_step": rows / steps if steps else 0.0}  # fmt: skip
+            "rows_per_step": rows / steps if steps else 0.0, "cpu_seconds": cpu,
+            "cpu_busy": cpu / (seconds * (os.cpu_count() or 1))}  # fmt: skip
 
 
 def main() -> None:
@@ -153,7 +167,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--early-exit-layers", type=int, default=24)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--max-in-flight", type=int, default=None, help="steps in flight when batching")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, help="steps in flight when batching (default: the gateway's rule)"
+    )
+    parser.add_argument(
+        "--compare-in-flight",
+        type=int,
+        default=3,
+        help="also measure batching with this many "
+        "steps in flight, fixed (0: don't; 3 = one per stage, the gateway's earlier rule)",
+    )
     parser.add_argument(
         "--throughput-tokens", type=int, default=32, help="new tokens per request in the throughput runs"
     )
@@ -188,20 +211,28 @@ def main() -> None:
                         )
             finally:
                 running.stop()
-        label = f"micro-batch {args.micro_batch}"
-        print(f"[{len(drafts) + 1}/{len(drafts) + 1}] {label}: starting the pipeline ...", file=sys.stderr, flush=True)
-        in_flight = ["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else []
-        running = Running(Path(scratch) / "batched", args.delay_ms, ["--draft", "none", "--micro-batch",
-                                                                      str(args.micro_batch), *in_flight])  # fmt: skip
-        try:
-            throughput[label] = []
-            for concurrency in CONCURRENCY:
-                print(f"    throughput at concurrency {concurrency} ...", file=sys.stderr, flush=True)
-                throughput[label].append(
-                    measure_throughput(running, GROUNDED + OPEN_ENDED, args.throughput_tokens, concurrency)
-                )
-        finally:
-            running.stop()
+        # The gateway's own rule, and (for comparison) a fixed number of steps in flight: one per stage.
+        batched = [
+            (f"micro-batch {args.micro_batch}", args.max_in_flight),
+            (f"micro-batch {args.micro_batch}, {args.compare_in_flight} in flight", args.compare_in_flight),
+        ]
+        for label, in_flight in batched if args.compare_in_flight else batched[:1]:
+            print(f"[batched] {label}: starting the pipeline ...", file=sys.stderr, flush=True)
+            fixed = ["--max-in-flight", str(in_flight)] if in_flight else []
+            running = Running(
+                Path(scratch) / f"batched-{in_flight}",
+                args.delay_ms,
+                ["--draft", "none", "--micro-batch", str(args.micro_batch), *fixed],
+            )
+            try:
+                throughput[label] = []
+                for concurrency in CONCURRENCY:
+                    print(f"    throughput at concurrency {concurrency} ...", file=sys.stderr, flush=True)
+                    throughput[label].append(
+                        measure_throughput(running, GROUNDED + OPEN_ENDED, args.throughput_tokens, concurrency)
+                    )
+            finally:
+                running.stop()
 
     links_ms = 4 * args.delay_ms
     baseline = {row["prompts"]: row for row in latency if row["draft"] == "no draft"}
@@ -246,10 +277,11 @@ def main() -> None:
               f"{row['tokens_per_round']:>9.2f} {accept:>7} {row['speedup_vs_no_draft']:>7.2f}x "
               f"{row['same_tokens_as_no_draft']}")  # fmt: skip
     print(f"\nthroughput (tokens/s), {args.throughput_tokens} new tokens per request, no draft")
-    print(f"{'mode':<16} " + " ".join(f"{'c=' + str(c):>10}" for c in CONCURRENCY) + "   rows/step at c=16")
+    print(f"{'mode':<16} " + " ".join(f"{'c=' + str(c):>10}" for c in CONCURRENCY)
+          + "   rows/step at c=16   cores busy at c=16")  # fmt: skip
     for label, rows in throughput.items():
         print(f"{label:<16} " + " ".join(f"{row['tokens_per_s']:>10.1f}" for row in rows)
-              + f"   {rows[-1]['rows_per_step']:.1f}")  # fmt: skip
+              + f"   {rows[-1]['rows_per_step']:>17.1f}   {rows[-1]['cpu_busy']:>18.0%}")  # fmt: skip
     print("batched / alone: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
     for target, met in report["targets"].items():
         print(f"target: {target}: {'met' if met else 'NOT met'}")
