@@ -277,10 +277,10 @@ def main() -> None:
               f"{row['tokens_per_round']:>9.2f} {accept:>7} {row['speedup_vs_no_draft']:>7.2f}x "
               f"{row['same_tokens_as_no_draft']}")  # fmt: skip
     print(f"\nthroughput (tokens/s), {args.throughput_tokens} new tokens per request, no draft")
-    print(f"{'mode':<16} " + " ".join(f"{'c=' + str(c):>10}" for c in CONCURRENCY)
+    print(f"{'mode':<28} " + " ".join(f"{'c=' + str(c):>10}" for c in CONCURRENCY)
           + "   rows/step at c=16   cores busy at c=16")  # fmt: skip
     for label, rows in throughput.items():
-        print(f"{label:<16} " + " ".join(f"{row['tokens_per_s']:>10.1f}" for row in rows)
+        print(f"{label:<28} " + " ".join(f"{row['tokens_per_s']:>10.1f}" for row in rows)
               + f"   {rows[-1]['rows_per_step']:>17.1f}   {rows[-1]['cpu_busy']:>18.0%}")  # fmt: skip
     print("batched / alone: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
     for target, met in report["targets"].items():
