@@ -97,7 +97,7 @@ def measure_pipeline(num_stages: int, relay: bool, threads: int, prompt_ids: lis
         backend = LocalBackend(Path(run_dir), threads_per_stage=threads, gateway_args=["--relay"] if relay else [])
         try:
             endpoint = backend.start(
-                desired_state(resource_for(SMOLLM2), backend.inspect_model(SMOLLM2), num_stages=num_stages)
+                desired_state(resource_for(SMOLLM2), backend.model_shape(SMOLLM2), num_stages=num_stages)
             )
             runs, outputs = [], []
 

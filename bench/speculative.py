@@ -81,7 +81,7 @@ class Running:
 
         self.backend = LocalBackend(run_dir, threads_per_stage=1, link_delay_ms=delay_ms, gateway_args=gateway_args,
                                     startup_timeout_s=600)  # fmt: skip
-        desired = desired_state(resource_for(SMOLLM2), self.backend.inspect_model(SMOLLM2), num_stages=3)
+        desired = desired_state(resource_for(SMOLLM2), self.backend.model_shape(SMOLLM2), num_stages=3)
         self.endpoint = self.backend.start(desired)
         self.stage_names = [stage.name for stage in desired.stages]
 

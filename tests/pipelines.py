@@ -80,7 +80,7 @@ def start_pipeline(
     extra_args = {f"{name}-stage-{index}": args for index, args in (stage_args or {}).items()}
     backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300, gateway_args=gateway_args,
                            stage_args=extra_args)  # fmt: skip
-    desired = desired_state(resource, backend.inspect_model(source), num_stages=num_stages)
+    desired = desired_state(resource, backend.model_shape(source), num_stages=num_stages)
     if stage_overrides:
         stages = tuple(replace(stage, **stage_overrides.get(stage.index, {})) for stage in desired.stages)
         desired = replace(desired, stages=stages)

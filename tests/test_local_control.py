@@ -28,8 +28,7 @@ def body(source: str, nodes: list[dict]) -> dict:
 
 
 def apply_outcome(resource: dict, outcome: control.Outcome) -> None:
-    status = resource.get("status") or {}
-    resource["status"] = {**status, **outcome.merged_status(status)}
+    resource["status"] = outcome.applied_to(resource.get("status"))
 
 
 def chat(endpoint: str) -> dict:

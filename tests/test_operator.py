@@ -276,7 +276,7 @@ def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(tmp_path
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         outcome = control.deploy(body, KubernetesBackend(Cluster(api), parse_resource(body), owner, Images()))
-        body["status"] = {**(body.get("status") or {}), **outcome.merged_status(body.get("status") or {})}
+        body["status"] = outcome.applied_to(body.get("status"))
         return outcome
 
     def deployed(outcome: control.Outcome) -> str:
@@ -321,7 +321,7 @@ def test_a_due_replan_whose_probes_are_down_still_restores_stages(tmp_path):
         backend = KubernetesBackend(Cluster(api), parse_resource(body), Owner(meta["name"], meta["namespace"],
                                                                               meta["uid"]), Images())  # fmt: skip
         first = control.deploy(body, backend)
-        body["status"] = {**body["status"], **first.merged_status(body["status"])}
+        body["status"] = first.applied_to(body["status"])
         stages = [s for s in _deployments(api) if "-stage-" in s]
         assert len(stages) == 2 and not any("probe" in name for name in _deployments(api))  # links were known
 

@@ -52,8 +52,7 @@ class LocalRun:
         self.body, self.backend, self.status_file = body, backend, run_dir / "status.yaml"
 
     def step(self, outcome: control.Outcome) -> None:
-        status = self.body.get("status") or {}
-        self.body["status"] = {**status, **outcome.merged_status(status)}
+        self.body["status"] = outcome.applied_to(self.body.get("status"))
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         self.status_file.write_text(yaml.safe_dump(self.body["status"], sort_keys=False))
         for event in outcome.events:

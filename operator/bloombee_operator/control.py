@@ -97,6 +97,11 @@ class Outcome:
             merged["conditions"] = merge_conditions(current.get("conditions") or [], *self.conditions)
         return merged
 
+    def applied_to(self, current: dict | None) -> dict[str, Any]:
+        """The whole status after this outcome (where status is a document, not a patch)."""
+        current = current or {}
+        return {**current, **self.merged_status(current)}
+
 
 def now_iso(clock: Callable[[], float] = time.time) -> str:
     return datetime.datetime.fromtimestamp(clock(), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

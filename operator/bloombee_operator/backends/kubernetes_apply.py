@@ -154,7 +154,8 @@ class KubernetesBackend:
 
     ``local`` is the operator's own cluster; each remote cluster's API comes from its kubeconfig
     Secret. Children are applied with server-side apply; the finalizer finds children in every
-    cluster by label (owner references do not cross clusters).
+    cluster by label (owner references do not cross clusters). One backend serves one resource;
+    the ``resource`` that ``measure_links`` and ``remove`` take (control.Backend) is that one.
     """
 
     def __init__(self, local: Cluster, resource: DistributedLLM, owner: Owner, images: Images,
@@ -166,12 +167,14 @@ class KubernetesBackend:
     def model_shape(self, source: str) -> ModelShape:
         return model_shape(source)
 
-    def cluster(self, resource: DistributedLLM, name: str) -> Cluster:
-        spec = next(c for c in resource.spec.clusters if c.name == name)
-        if not spec.kubeconfig_secret or name == Placement.of(resource).local:
+    def cluster(self, name: str) -> Cluster:
+        """The API of the resource's cluster ``name`` (the operator's own unless it has a kubeconfig)."""
+        spec = next(c for c in self._resource.spec.clusters if c.name == name)
+        if not spec.kubeconfig_secret or name == Placement.of(self._resource).local:
             return self.local
         if spec.kubeconfig_secret not in self.clients:
-            api = remote_client(self.local.dynamic.client, resource.metadata.namespace, spec.kubeconfig_secret)
+            namespace = self._resource.metadata.namespace
+            api = remote_client(self.local.dynamic.client, namespace, spec.kubeconfig_secret)
             self.clients[spec.kubeconfig_secret] = Cluster(api)
         return self.clients[spec.kubeconfig_secret]
 
@@ -182,7 +185,7 @@ class KubernetesBackend:
         changed = []
         rendered = self._rendered(desired)
         for cluster_name, objects in rendered.items():
-            cluster = self.cluster(self._resource, cluster_name)
+            cluster = self.cluster(cluster_name)
             for obj in objects:
                 if obj["kind"] == "Deployment" and cluster.differs(obj):
                     changed.append(obj["metadata"]["name"])
@@ -190,12 +193,12 @@ class KubernetesBackend:
         self._delete_stale(desired, rendered)
         return changed
 
-    def _apis(self, resource: DistributedLLM, skip_unreachable: bool = False) -> list[Cluster]:
+    def _apis(self, skip_unreachable: bool = False) -> list[Cluster]:
         """Each API server once: clusters of the spec without a kubeconfig share the operator's."""
         apis: dict[int, Cluster] = {}
-        for cluster in resource.spec.clusters:
+        for cluster in self._resource.spec.clusters:
             try:
-                api = self.cluster(resource, cluster.name)
+                api = self.cluster(cluster.name)
             except RemoteClusterError:
                 if skip_unreachable:
                     continue
@@ -205,9 +208,9 @@ class KubernetesBackend:
 
     def _delete_stale(self, desired: DesiredState, rendered: dict[str, list[dict]]) -> None:
         """Stages the plan no longer has (fewer stages, or a stage moved to another cluster)."""
-        keep = {(id(self.cluster(self._resource, c)), object_key(obj)) for c, objects in rendered.items()
+        keep = {(id(self.cluster(c)), object_key(obj)) for c, objects in rendered.items()
                 for obj in objects}  # fmt: skip
-        for cluster in self._apis(self._resource):
+        for cluster in self._apis():
             for obj in cluster.children(selector(desired.name), desired.namespace):
                 stale = (id(cluster), object_key(obj)) not in keep
                 if stale and obj["metadata"]["labels"].get(LABEL_COMPONENT) == "stage":
@@ -216,7 +219,7 @@ class KubernetesBackend:
     def restore(self, desired: DesiredState) -> list[str]:
         restored = []
         for cluster_name, objects in self._rendered(desired).items():
-            cluster = self.cluster(self._resource, cluster_name)
+            cluster = self.cluster(cluster_name)
             for obj in objects:
                 if not cluster.exists(obj):
                     cluster.apply(obj)
@@ -226,7 +229,7 @@ class KubernetesBackend:
     def ready_stages(self, desired: DesiredState) -> int:
         ready = 0
         for cluster_name, objects in self._rendered(desired).items():
-            cluster = self.cluster(self._resource, cluster_name)
+            cluster = self.cluster(cluster_name)
             stages = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] != desired.gateway.name]
             ready += sum(cluster.ready_replicas(obj) >= 1 for obj in stages)
         return ready
@@ -236,7 +239,7 @@ class KubernetesBackend:
 
     def remove(self, resource: DistributedLLM) -> int:
         # A remote cluster whose Secret went first cannot be reached: nothing more can be done there.
-        apis = self._apis(resource, skip_unreachable=True)
+        apis = self._apis(skip_unreachable=True)
         found = selector(resource.metadata.name)
         return sum(api.delete(obj) for api in apis for obj in api.children(found, resource.metadata.namespace))
 
@@ -247,7 +250,7 @@ class KubernetesBackend:
         probes = render_probes(resource, self.owner, placement, self.images)
         waiting = []
         for cluster_name, objects in probes.items():
-            cluster = self.cluster(resource, cluster_name)
+            cluster = self.cluster(cluster_name)
             for obj in objects:
                 cluster.apply(obj)
             if cluster.ready_replicas(objects[0]) < 1:
@@ -259,7 +262,7 @@ class KubernetesBackend:
         for index, source in enumerate(names[:-1]):
             targets = {target: probe_url(resource, target, placement) for target in names[index + 1 :]}
             body = {"source": source, "targets": targets}
-            cluster = self.cluster(resource, source)
+            cluster = self.cluster(source)
             reply = cluster.proxy_post(probe_name(resource, source), resource.metadata.namespace, MEASURE_PATH, body)
             entries += reply["links"]
         # The gateway runs in the operator's cluster: its links are that cluster's.

@@ -104,11 +104,9 @@ class LocalBackend:
         self.link_delay_ms = link_delay_ms
         self.processes: dict[str, LocalProcess] = {}
 
-    def inspect_model(self, source: str) -> ModelShape:
+    def model_shape(self, source: str) -> ModelShape:
         """Convert the model if needed (one time) and read its shape."""
         return ModelShape.from_config(model_config(source, self.python))
-
-    model_shape = inspect_model  # the name the reconcile steps (control.Backend) use
 
     def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
