@@ -236,10 +236,8 @@ class LocalBackend:
                 delayed = {name: self._start_link(f"{p.name}-link", ["--to", str(p.url)]) for name, p in probes.items()}
                 self._wait_ready(list(delayed.values()), ready_path=None)
                 targets = {name: str(p.url) for name, p in delayed.items()}
-            entries = []
-            for target, url in targets.items():  # from the first cluster (the gateway's) to each other one
-                entries += asyncio.run(measure(clusters[0], {target: url}, bulk_bytes=1 << 20))
-            return entries
+            # from the first cluster (the gateway's) to each other one; measure() takes them one by one
+            return asyncio.run(measure(clusters[0], targets, bulk_bytes=1 << 20))
         finally:
             for name in [n for n in self.processes if "-probe-" in n]:
                 self._stop_one(name)
