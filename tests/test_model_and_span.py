@@ -62,8 +62,8 @@ def test_a_micro_batch_of_sessions_gives_each_session_its_own_logits(tiny_dir, k
     prompts = [[5, 17, 300, 2, 41, 9, 8], [44], [3, 3, 3, 3]]
     steps = [[77], [12, 13, 14], [900, 901]]
     alone, batched = [], [[s.new_cache() for s in stages] for _ in prompts]
-    for prompt, step, caches in zip(prompts, steps, batched, strict=True):
-        own = [s.new_cache() for s in stages]
+    own_caches = [[s.new_cache() for s in stages] for _ in prompts]
+    for prompt, step, caches, own in zip(prompts, steps, batched, own_caches, strict=True):
         run_spans(stages, own, torch.tensor([prompt]))
         alone.append(run_spans(stages, own, torch.tensor([step]))[0])
         run_spans(stages, caches, torch.tensor([prompt]))  # the same history, cached per session
@@ -81,6 +81,21 @@ def test_a_micro_batch_of_sessions_gives_each_session_its_own_logits(tiny_dir, k
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
     for prompt, step, caches in zip(prompts, steps, batched, strict=True):
         assert [c.get_seq_length() for c in caches] == [len(prompt) + len(step)] * 2
+
+    # Decode steps on top: batched (each session's cache may now be a view into the last step's
+    # padded KV), then one session alone, then a rollback of that session and the same step again.
+    decode = [[31], [32], [33]]
+    alone = [run_spans(stages, own, torch.tensor([tokens]))[0] for own, tokens in zip(own_caches, decode, strict=True)]
+    hidden = stages[0].forward_rows(torch.tensor(decode), [caches[0] for caches in batched], [1, 1, 1])
+    logits = stages[1].forward_rows(hidden, [caches[1] for caches in batched], [1, 1, 1])
+    for expected, got in zip(alone, logits, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    expected = run_spans(stages, own_caches[0], torch.tensor([[34, 35]]))
+    torch.testing.assert_close(run_spans(stages, batched[0], torch.tensor([[34, 35]])), expected, rtol=1e-4, atol=1e-4)
+    for cache in batched[0]:
+        truncate_cache(cache, len(prompts[0]) + len(steps[0]) + 1)
+    again = run_spans(stages, batched[0], torch.tensor([[34, 35]]))
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_early_exit_model_holds_the_head(tiny_dir):

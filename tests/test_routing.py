@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from bloombee_operator.backends.local import LocalBackend
-from bloombee_stage.batching import fits
+from bloombee_stage.batching import SHORT_ROW, MicroBatcher
+from bloombee_stage.protocol import RowMeta
 from bloombee_stage.routing import Router, parse_stages
 from pipelines import post_json, read_metrics
 
@@ -112,11 +114,38 @@ def test_steps_to_fill_cover_a_round_trip_of_the_slowest_stage():
     assert router.steps_to_fill((0, 0, 0)) == 8  # 120 ms of links + 40 of compute, over 20 ms
 
 
-@pytest.mark.parametrize(("rows", "width", "real", "length", "joins"), [
-    (3, 1, 3, 9, True),  # decode rows and a draft verification: short, always together
-    (1, 60, 60, 50, True),  # two prefills of similar length
-    (1, 60, 60, 8, False),  # a long prefill does not drag a decode row through 60 positions
-    (2, 40, 50, 100, False),  # padding would exceed half again the real positions
-])  # fmt: skip
-def test_rows_join_a_micro_batch_when_padding_wastes_little(rows, width, real, length, joins):
-    assert fits(rows, width, real, length) is joins
+class _HeldSteps:
+    """The batcher's pipeline, holding every step until released: which rows travelled together."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[int]] = []  # the row lengths of each step sent
+        self.release = asyncio.Event()
+
+    async def step(self, rows: list[RowMeta], inputs: list[list[int]], urls: list[str]) -> tuple[list, list]:
+        self.steps.append([row.length for row in rows])
+        await self.release.wait()
+        return [[7] for _ in rows], [1.0]
+
+
+def test_short_rows_share_micro_batches_and_prefills_never_wait():
+    async def scenario() -> list[list[int]]:
+        held = _HeldSteps()
+        batcher = MicroBatcher(held, Router([["a"]]), micro_batch=4, max_in_flight=1)  # type: ignore[arg-type]
+        rows = [RowMeta(session=f"s{i}", start=0, length=length)
+                for i, length in enumerate([1, 1, 40, 1, 1, 1, 80, 1])]  # fmt: skip
+        paths = [batcher.open() for _ in rows]
+        waiting = [asyncio.create_task(batcher.step(row, [1] * row.length, path))
+                   for row, path in zip(rows, paths, strict=True)]  # fmt: skip
+        for _ in range(20):  # let the batcher send what it may while the first step is held
+            await asyncio.sleep(0)
+        sent_while_held = list(held.steps)
+        held.release.set()
+        assert await asyncio.gather(*waiting) == [[7]] * len(rows)
+        await batcher.stop()
+        return sent_while_held, held.steps
+
+    while_held, every = asyncio.run(scenario())
+    # One micro-batch slot, taken by the first short rows; both prefills left at once, alone.
+    assert sorted(while_held, key=len) == [[40], [80], [1, 1, 1, 1]]
+    assert sorted(every, key=len) == [[40], [80], [1, 1], [1, 1, 1, 1]]
+    assert all(len(step) == 1 for step in every if max(step) > SHORT_ROW)

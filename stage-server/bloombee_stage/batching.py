@@ -11,9 +11,11 @@ nothing is gained by making it wait.
 Generations join and leave between steps simply by queueing rows or not. With
 ``micro_batch == 1`` every row is its own step, sent at once (the no-batching baseline).
 
-Rows are packed only when padding them to a common width wastes little: short rows (decode
-steps and verification of drafts) always go together, prefills of similar lengths go together
-as long as padding adds at most half again the real positions.
+Only short rows (decode steps and verification of drafts, up to SHORT_ROW positions) are
+packed: a step's cost is mostly reading the weights, which a row of one position barely uses.
+A longer row (a prefill) already uses them fully, so it leaves at once as its own step, never
+waiting for a slot nor dragging short rows through its width; prefills of many generations then
+flow through the stages back to back, as they would without batching.
 Rows share a step only when they share a path: where spans have replicas, each generation is
 pinned at its start to the path routing.Router predicts fastest, queueing included.
 """
@@ -33,8 +35,7 @@ from bloombee_stage.routing import Path, Router
 
 log = logging.getLogger("bloombee.batching")
 
-SHORT_ROW = 16  # rows up to this many positions are packed together whatever their widths
-PADDING_LIMIT = 1.5  # longer rows: padded positions / real positions of the step at most this
+SHORT_ROW = 16  # rows up to this many positions are packed into micro-batches; longer ones go alone
 NOT_RETRIED = ("pipeline_timeout", "stage_unreachable")  # failures a row alone would meet again
 
 
@@ -46,12 +47,6 @@ class _Queued:
     future: asyncio.Future[list[int]]
 
 
-def fits(rows: int, width: int, real: int, length: int) -> bool:
-    """Whether a row of ``length`` positions may join ``rows`` rows ``width`` wide holding ``real`` positions."""
-    wider = max(width, length)
-    return wider <= SHORT_ROW or wider * (rows + 1) <= PADDING_LIMIT * (real + length)
-
-
 class MicroBatcher:
     def __init__(self, pipeline: PipelineClient, router: Router, micro_batch: int = 1,
                  max_in_flight: int | None = None) -> None:  # fmt: skip
@@ -61,7 +56,8 @@ class MicroBatcher:
         self.router = router
         self.micro_batch = micro_batch
         self.fixed_in_flight = max_in_flight
-        self.in_flight = 0
+        self.in_flight = 0  # micro-batches of short rows in the pipeline
+        self.long_in_flight = 0  # rows that went alone (prefills)
         self.active = 0  # generations between open and close
         self.steps = 0
         self.rows = 0
@@ -69,6 +65,10 @@ class MicroBatcher:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def steps_in_flight(self) -> int:
+        return self.in_flight + self.long_in_flight
 
     def max_in_flight(self, path: Path) -> int:
         if self.fixed_in_flight:
@@ -95,8 +95,11 @@ class MicroBatcher:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
         queued = _Queued(row, inputs, path, asyncio.get_running_loop().create_future())
-        self._queue.append(queued)
-        self._wake.set()
+        if row.length > SHORT_ROW:
+            self._dispatch([queued], long=True)
+        else:
+            self._queue.append(queued)
+            self._wake.set()
         return await queued.future
 
     async def close(self, session: str, path: Path) -> None:
@@ -137,35 +140,38 @@ class MicroBatcher:
                 # Spread the waiting rows over the free slots: a few rows pipeline better as
                 # several small steps (each stage busy with one) than as one step.
                 share = math.ceil(len(self._queue) / (limit - self.in_flight))
-                batch = self._take(min(self.micro_batch, share))
-                self.in_flight += 1
-                task = asyncio.create_task(self._send(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._dispatch(self._take(min(self.micro_batch, share)))
 
     def _take(self, size: int) -> list[_Queued]:
+        """Up to ``size`` queued rows on the first row's path, in order of arrival."""
         batch = [self._queue.popleft()]
-        width, path = batch[0].row.length, batch[0].path
-        real = width
         passed: list[_Queued] = []
         while self._queue and len(batch) < size:
             queued = self._queue.popleft()
             if queued.future.done():  # its generation was cancelled
                 continue
-            if queued.path == path and fits(len(batch), width, real, queued.row.length):
-                batch.append(queued)
-                width, real = max(width, queued.row.length), real + queued.row.length
-            else:
-                passed.append(queued)
+            (batch if queued.path == batch[0].path else passed).append(queued)
         self._queue.extendleft(reversed(passed))  # rows passed over keep their place in line
         return batch
 
-    async def _send(self, batch: list[_Queued]) -> None:
+    def _dispatch(self, batch: list[_Queued], long: bool = False) -> None:
+        if long:
+            self.long_in_flight += 1
+        else:
+            self.in_flight += 1
+        task = asyncio.create_task(self._send(batch, long))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Queued], long: bool) -> None:
         try:
             await self._deliver(batch)
         finally:
-            self.in_flight -= 1
-            self._wake.set()
+            if long:
+                self.long_in_flight -= 1
+            else:
+                self.in_flight -= 1
+                self._wake.set()
 
     @staticmethod
     def _fail(batch: list[_Queued], error: PipelineError) -> None:

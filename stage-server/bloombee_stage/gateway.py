@@ -112,7 +112,7 @@ class Gateway:
         self.metrics.gauge("rows_sent", "Rows (one per generation and round) carried by those steps",
                            lambda: self.batcher.rows if self.batcher else 0)  # fmt: skip
         self.metrics.gauge("steps_in_flight", "Steps in the pipeline now",
-                           lambda: self.batcher.in_flight if self.batcher else 0)  # fmt: skip
+                           lambda: self.batcher.steps_in_flight if self.batcher else 0)  # fmt: skip
         self.metrics.family("replica_load", "Generations pinned to each stage replica", self._replica_samples("load"))
         self.metrics.family("replica_service_ms", "Measured forward ms per step of each stage replica",
                             self._replica_samples("service_ms"))  # fmt: skip

@@ -315,6 +315,9 @@ class StageModel:
         return output[0].unsqueeze(0) if isinstance(output, list) else output
 
 
+PADDED_VIEW_LIMIT = 1.5  # sessions keep views of a step's padded KV while it is at most this × their positions
+
+
 class _PaddedRows:
     """Several sessions' caches shown to a decoder layer as one batch: pasts left-padded to the longest.
 
@@ -345,18 +348,28 @@ class _PaddedRows:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        rows, heads, _, dim = keys.shape
-        past_keys = keys.new_zeros(rows, heads, self.longest, dim)
-        past_values = values.new_zeros(rows, heads, self.longest, dim)
+        return self._padded(keys, layer_idx, "keys"), self._padded(values, layer_idx, "values")
+
+    def _padded(self, new: torch.Tensor, layer_idx: int, kind: str) -> torch.Tensor:
+        """The batch's pasts left-padded to the longest, then the new positions; each session's
+        cache becomes a view of its own real positions in it (no second copy of its past), unless
+        padding is most of the batch: a view keeps the whole batch alive, so it gets its own copy."""
+        rows, heads, width, dim = new.shape
+        batch = new.new_empty(rows, heads, self.longest + width, dim)
+        shared = rows * (self.longest + width) <= PADDED_VIEW_LIMIT * (sum(self.pasts) + sum(self.lengths))
+        batch[:, :, self.longest :] = new
         for row, cache in enumerate(self.caches):
-            held = self.pasts[row]
+            held, pad = self.pasts[row], self.longest - self.pasts[row]
+            layer = cache.layers[layer_idx]
+            if pad:
+                batch[row, :, :pad] = 0
             if held:
-                layer = cache.layers[layer_idx]
-                past_keys[row, :, self.longest - held :] = layer.keys[0]
-                past_values[row, :, self.longest - held :] = layer.values[0]
-            length = self.lengths[row]
-            cache.update(keys[row : row + 1, :, :length], values[row : row + 1, :, :length], layer_idx)
-        return torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
+                batch[row, :, pad : self.longest] = getattr(layer, kind)[0]
+            if not layer.is_initialized:
+                layer.lazy_initialization(new, new)
+            own = batch[row : row + 1, :, pad : self.longest + self.lengths[row]]
+            setattr(layer, kind, own if shared else own.clone())
+        return batch
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:
