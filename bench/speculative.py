@@ -12,7 +12,9 @@ link latency per round trip of the pipeline).
 * Throughput, no draft: tokens/s at concurrency 1, 4 and 16 with every request stepping alone
   (micro-batch 1) and with rows packed into micro-batches of --micro-batch (the gateway's rule
   for steps in flight, and --compare-in-flight fixed), with the share of the machine's cores the
-  pipeline's processes kept busy (near 100%: compute-bound on this machine).
+  pipeline's processes kept busy (near 100%: compute-bound on this machine). Each mode runs on a
+  fresh pipeline; the gateway keeps finished sessions so prompts that start alike copy those
+  positions (prefixes.py), and both modes are measured again with that off.
 
 Per-token latency is (time for the answer's N tokens - time for 1) / (N - 1): prefill and
 request overhead cancel out. The bound beside it is the link latency of a round divided by the
@@ -154,10 +156,13 @@ def measure_throughput(running: Running, prompts: list[str], new_tokens: int, co
     steps = after["bloombee_gateway_steps_sent"] - before["bloombee_gateway_steps_sent"]
     rows = after["bloombee_gateway_rows_sent"] - before["bloombee_gateway_rows_sent"]
     tokens = sum(len(reply["choices"][0]["token_ids"]) for reply in replies)
+    prompt_tokens = sum(reply["usage"]["prompt_tokens"] for reply in replies)
+    cached = sum(reply["usage"]["prompt_tokens_details"]["cached_tokens"] for reply in replies)
     # cpu_busy: the share of the machine's cores the pipeline kept busy (1.0: compute-bound here)
     return {"concurrency": concurrency, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "rows_per_step": rows / steps if steps else 0.0, "cpu_seconds": cpu,
-            "cpu_busy": cpu / (seconds * (os.cpu_count() or 1))}  # fmt: skip
+            "cpu_busy": cpu / (seconds * (os.cpu_count() or 1)), "prompt_tokens": prompt_tokens,
+            "cached_prompt_tokens": cached}  # fmt: skip
 
 
 def main() -> None:
@@ -202,28 +207,25 @@ def main() -> None:
                     print(f"    latency on {kind} prompts ...", file=sys.stderr, flush=True)
                     row = measure_latency(running, prompts, args.new_tokens, args.repeats)
                     latency.append({"draft": name, "prompts": kind, **row})
-                if name == "no draft":
-                    throughput["micro-batch 1"] = []
-                    for concurrency in CONCURRENCY:
-                        print(f"    throughput at concurrency {concurrency} ...", file=sys.stderr, flush=True)
-                        throughput["micro-batch 1"].append(
-                            measure_throughput(running, GROUNDED + OPEN_ENDED, args.throughput_tokens, concurrency)
-                        )
             finally:
                 running.stop()
-        # The gateway's own rule, and (for comparison) a fixed number of steps in flight: one per stage.
-        batched = [
-            (f"micro-batch {args.micro_batch}", args.max_in_flight),
-            (f"micro-batch {args.micro_batch}, {args.compare_in_flight} in flight", args.compare_in_flight),
-        ]
-        for label, in_flight in batched if args.compare_in_flight else batched[:1]:
-            print(f"[batched] {label}: starting the pipeline ...", file=sys.stderr, flush=True)
-            fixed = ["--max-in-flight", str(in_flight)] if in_flight else []
-            running = Running(
-                Path(scratch) / f"batched-{in_flight}",
-                args.delay_ms,
-                ["--draft", "none", "--micro-batch", str(args.micro_batch), *fixed],
-            )
+        # Every mode on a fresh pipeline that serves c = 1, 4, 16 in turn (so each has the same
+        # earlier requests to share prompt prefixes with): alone, the plan's micro-batches with the
+        # gateway's in-flight rule, a fixed number in flight for comparison, and alone and batched
+        # again with the prefix cache off, to show what micro-batching gives on its own.
+        m = args.micro_batch
+        modes = [("micro-batch 1", ["--micro-batch", "1"]),
+                 (f"micro-batch {m}", ["--micro-batch", str(m)]
+                  + (["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else []))]  # fmt: skip
+        if args.compare_in_flight:
+            modes.append((f"micro-batch {m}, {args.compare_in_flight} in flight",
+                          ["--micro-batch", str(m), "--max-in-flight", str(args.compare_in_flight)]))  # fmt: skip
+        modes += [("micro-batch 1, no prefix cache", ["--micro-batch", "1", "--prefix-cache", "0"]),
+                  (f"micro-batch {m}, no prefix cache", ["--micro-batch", str(m), "--prefix-cache", "0"])]  # fmt: skip
+        for index, (label, mode_args) in enumerate(modes):
+            print(f"[throughput {index + 1}/{len(modes)}] {label}: starting the pipeline ...", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            running = Running(Path(scratch) / f"throughput-{index}", args.delay_ms, ["--draft", "none", *mode_args])
             try:
                 throughput[label] = []
                 for concurrency in CONCURRENCY:
@@ -241,9 +243,13 @@ def main() -> None:
         row["speedup_vs_no_draft"] = base["per_token_ms"] / row["per_token_ms"]
         row["same_tokens_as_no_draft"] = row["outputs"] == base["outputs"]
         row["link_bound_ms"] = links_ms / row["tokens_per_round"]
-    unbatched, batched = throughput["micro-batch 1"], throughput[f"micro-batch {args.micro_batch}"]
-    ratios = {str(a["concurrency"]): b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(unbatched, batched,
-                                                                                            strict=True)}  # fmt: skip
+
+    def ratios_of(alone: str, batched: str) -> dict[str, float]:
+        pairs = zip(throughput[alone], throughput[batched], strict=True)
+        return {str(a["concurrency"]): b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs}
+
+    ratios = ratios_of("micro-batch 1", f"micro-batch {args.micro_batch}")
+    ratios_uncached = ratios_of("micro-batch 1, no prefix cache", f"micro-batch {args.micro_batch}, no prefix cache")
     best = {kind: max(row["speedup_vs_no_draft"] for row in latency if row["prompts"] == kind) for kind in prompt_sets}
     report = {
         "benchmark": "speculative",
@@ -256,6 +262,7 @@ def main() -> None:
         "latency": [{k: v for k, v in row.items() if k != "outputs"} for row in latency],
         "throughput": throughput,
         "throughput_batched_vs_alone": ratios,
+        "throughput_batched_vs_alone_no_prefix_cache": ratios_uncached,
         "targets": {
             "speculation cuts per-token latency >= 2x (grounded prompts)": best["grounded"] >= 2.0,
             "speculation cuts per-token latency >= 2x (open-ended prompts)": best["open-ended"] >= 2.0,
@@ -277,12 +284,15 @@ def main() -> None:
               f"{row['tokens_per_round']:>9.2f} {accept:>7} {row['speedup_vs_no_draft']:>7.2f}x "
               f"{row['same_tokens_as_no_draft']}")  # fmt: skip
     print(f"\nthroughput (tokens/s), {args.throughput_tokens} new tokens per request, no draft")
-    print(f"{'mode':<28} " + " ".join(f"{'c=' + str(c):>10}" for c in CONCURRENCY)
-          + "   rows/step at c=16   cores busy at c=16")  # fmt: skip
+    print(f"{'mode':<33} " + " ".join(f"{'c=' + str(c):>8}" for c in CONCURRENCY)
+          + "   at c=16: rows/step  cores busy  prompt tokens cached")  # fmt: skip
     for label, rows in throughput.items():
-        print(f"{label:<28} " + " ".join(f"{row['tokens_per_s']:>10.1f}" for row in rows)
-              + f"   {rows[-1]['rows_per_step']:>17.1f}   {rows[-1]['cpu_busy']:>18.0%}")  # fmt: skip
+        last = rows[-1]
+        print(f"{label:<33} " + " ".join(f"{row['tokens_per_s']:>8.1f}" for row in rows)
+              + f"   {last['rows_per_step']:>18.1f}  {last['cpu_busy']:>10.0%}"
+              + f"  {last['cached_prompt_tokens']:>10} of {last['prompt_tokens']}")  # fmt: skip
     print("batched / alone: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
+    print("batched / alone, no prefix cache: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios_uncached.items()))
     for target, met in report["targets"].items():
         print(f"target: {target}: {'met' if met else 'NOT met'}")
     print(f"written to {out}")

@@ -58,8 +58,8 @@ class InProcessStepper:
         logits = self.model.forward_rows(torch.tensor([inputs]), [cache], [row.length], [len(row.draft) + 1])[0]
         return self.verifier(logits, row)
 
-    async def close(self, session: str, path: tuple[int, ...]) -> None:
-        self.caches.pop(session, None)
+    async def close(self, session: str, path: tuple[int, ...], park: bool = False) -> None:
+        self.caches.pop(session, None)  # no prefix index here: generate() never asks to park
 
 
 def exact_distribution(model: StageModel, params: SamplingParams) -> dict[tuple[int, ...], float]:

@@ -102,9 +102,15 @@ class MicroBatcher:
             self._wake.set()
         return await queued.future
 
-    async def close(self, session: str, path: Path) -> None:
+    async def close(self, session: str, path: Path, park: bool = False) -> None:
+        """A generation ended: free its place; its session is parked on the stages (a fork source) or closed."""
         self.router.release(path)
         self.active -= 1
+        urls = self.router.urls(path)
+        await (self.pipeline.park(session, urls) if park else self.pipeline.close(session, urls))
+
+    async def forget(self, session: str, path: Path) -> None:
+        """Close a parked session on its stages."""
         await self.pipeline.close(session, self.router.urls(path))
 
     async def _carry(self, rows: list[RowMeta], inputs: list[list[int]], path: Path) -> list[list[int]]:

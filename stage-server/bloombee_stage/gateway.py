@@ -37,11 +37,13 @@ from bloombee_stage.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
+    PromptTokensDetails,
     Usage,
     new_id,
     now,
 )
 from bloombee_stage.pipeline import PipelineClient, PipelineError, ResultRouter
+from bloombee_stage.prefixes import PrefixIndex
 from bloombee_stage.protocol import RESULT_PATH, STEP_PATH, StepMeta, error_body
 from bloombee_stage.routing import Router, parse_stages
 from bloombee_stage.serving import add_common_routes, serve, setup_logging
@@ -65,6 +67,7 @@ class GatewaySettings:
     draft_max: int = 8  # longest draft per round
     micro_batch: int = 1  # rows per step (the plan's micro-batch size); 1: every request steps alone
     max_in_flight: int | None = None  # steps in the pipeline at once when batching (default: batching.py decides)
+    prefix_cache: int = 32  # finished generations' sessions kept as fork sources for shared prompt prefixes
 
 
 DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model")
@@ -103,6 +106,7 @@ class Gateway:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.results = ResultRouter()
         self.routing = Router(settings.stages, settings.micro_batch)
+        self.prefixes = PrefixIndex(settings.prefix_cache)
         self.http: aiohttp.ClientSession | None = None
         self.pipeline: PipelineClient | None = None
         self.batcher: MicroBatcher | None = None
@@ -206,8 +210,9 @@ class Gateway:
         started = time.perf_counter()
         speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
                                   self.draft_executor)  # fmt: skip
+        sampling = request.sampling_params()
         async for piece in generate(
-            self.batcher, prompt, max_tokens, request.sampling_params(), eos, assembler, result, speculation
+            self.batcher, prompt, max_tokens, sampling, eos, assembler, result, speculation, self.prefixes
         ):
             yield piece
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
@@ -215,6 +220,8 @@ class Gateway:
         self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", speculation.length.accepted)
         self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
         self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
+        self.metrics.inc("cached_prompt_tokens_total", "Prompt tokens copied from kept sessions, not computed",
+                         result.cached_tokens)  # fmt: skip
         self.metrics.observe("generation_seconds", "Wall time per generation", time.perf_counter() - started)
 
 
@@ -243,7 +250,9 @@ async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
 
 def _usage(prompt: list[int], result: Generated) -> dict:
     n = len(result.token_ids)
-    return Usage(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n).model_dump()
+    cached = PromptTokensDetails(cached_tokens=result.cached_tokens)
+    return Usage(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n,
+                 prompt_tokens_details=cached).model_dump()  # fmt: skip
 
 
 async def _sse(request: web.Request) -> web.StreamResponse:
@@ -472,8 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-in-flight",
         type=int,
         default=None,
-        help="steps in the pipeline at once when batching (default: one per stage)",
+        help="micro-batches in the pipeline at once (default: as the plan costs them, see batching.py)",
     )
+    parser.add_argument("--prefix-cache", type=int, default=32, help="finished generations whose sessions stay "
+                        "on the stages so a prompt that starts the same way copies those positions instead of "
+                        "computing them (0: off)")  # fmt: skip
     parser.add_argument("--ready-file", default=None)
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -524,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         draft_max=max(1, args.draft_max),
         micro_batch=max(1, args.micro_batch),
         max_in_flight=args.max_in_flight,
+        prefix_cache=args.prefix_cache,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from bloombee_stage.batching import MicroBatcher
 from bloombee_stage.pipeline import PipelineError
+from bloombee_stage.prefixes import Held, PrefixIndex
 from bloombee_stage.protocol import RowMeta
 from bloombee_stage.sampling import SamplingParams
 from bloombee_stage.speculative import Draft, DraftLength, DraftState, ModelDrafter, prompt_lookup_draft
@@ -71,6 +72,7 @@ class Generated:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt positions copied from an earlier generation's caches, not computed
 
 
 @dataclass
@@ -107,12 +109,16 @@ async def generate(
     assembler: TextAssembler,
     result: Generated,
     speculation: Speculation | None = None,
+    prefixes: PrefixIndex | None = None,
 ) -> AsyncIterator[str]:
     """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
 
     Each round sends the tokens not yet in the stages' caches plus a draft as one row, and keeps
     what the last stage's verification returns (speculative.py): without a draft a round yields
     exactly one token, with one up to the draft's length plus one.
+
+    With ``prefixes``, a prompt that starts like a finished generation's context opens its
+    session as a fork of that one (prefixes.py), and this generation's session is kept in turn.
     """
     speculation = speculation or Speculation()
     speculation.length.timed = sampling.greedy or sampling.seed is None  # see DraftLength
@@ -121,25 +127,38 @@ async def generate(
     state = speculation.drafter.new_state() if speculation.drafter is not None else None
     limit = len(prompt_ids) + max_tokens
     context, start, pending = list(prompt_ids), 0, list(prompt_ids)
+    fork = prefixes.find(prompt_ids, path) if prefixes is not None else None
+    if fork is not None:
+        start = fork[1]
+        pending = context[start:]
     reroutes = 0
     try:
         while result.finish_reason is None:
             room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
             draft = await speculation.propose(state, context, room, sampling)
             row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
-                          max_length=limit, draft=draft.tokens, draft_probs=draft.probs)  # fmt: skip
+                          max_length=limit, draft=draft.tokens, draft_probs=draft.probs,
+                          fork=fork[0] if fork else None)  # fmt: skip
             started = time.perf_counter()
             try:
                 accepted = await stepper.step(row, pending + draft.tokens, path)
             except PipelineError as error:
+                if fork is not None and error.code == "fork_source_gone":
+                    # A stage let the source go (memory pressure, idle time-out): compute the prompt after all.
+                    assert prefixes is not None
+                    prefixes.drop(fork[0])
+                    fork, start, pending = None, 0, list(context)
+                    continue
                 if not error.unreachable or reroutes >= MAX_REROUTES:
                     raise
                 # A stage replica is gone: start over on another path with the whole context so far
                 # (its KV cache was on the lost replica). Tokens already streamed stay valid.
                 reroutes += 1
                 await stepper.close(session, path)
-                session, path, start, pending = uuid.uuid4().hex, stepper.open(), 0, list(context)
+                session, path, start, pending, fork = uuid.uuid4().hex, stepper.open(), 0, list(context), None
                 continue
+            if fork is not None:
+                result.cached_tokens, fork = fork[1], None  # the session now holds the prefix itself
             speculation.rounds += 1
             speculation.length.update(len(draft.tokens), len(accepted) - 1, time.perf_counter() - started,
                                       draft.seconds)  # fmt: skip
@@ -166,4 +185,14 @@ async def generate(
             result.text += tail
             yield tail
     finally:
-        await stepper.close(session, path)
+        await _end_session(stepper, prefixes, Held(session, path, tuple(context[:start])),
+                           keep=result.finish_reason is not None)  # fmt: skip
+
+
+async def _end_session(stepper: MicroBatcher, prefixes: PrefixIndex | None, held: Held, keep: bool) -> None:
+    """Park a finished generation's session as a fork source, or close it; close those the index lets go."""
+    released = prefixes.hold(held) if prefixes is not None and keep else [held]
+    await stepper.close(held.session, held.path, park=all(other is not held for other in released))
+    for other in released:
+        if other is not held:
+            await stepper.forget(other.session, other.path)

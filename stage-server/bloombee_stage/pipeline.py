@@ -155,12 +155,18 @@ class PipelineClient:
 
     async def close(self, session: str, urls: list[str]) -> None:
         """Free the session on every stage of its path; best effort (stages also time idle sessions out)."""
+        await self._on_every_stage("DELETE", f"/v1/sessions/{session}", urls)
 
-        async def close_one(url: str) -> None:
+    async def park(self, session: str, urls: list[str]) -> None:
+        """Keep the session on every stage only as a fork source (sessions.py); best effort."""
+        await self._on_every_stage("POST", f"/v1/sessions/{session}/park", urls)
+
+    async def _on_every_stage(self, method: str, path: str, urls: list[str]) -> None:
+        async def one(url: str) -> None:
             try:
-                async with self.http.delete(f"{url}/v1/sessions/{session}", timeout=aiohttp.ClientTimeout(total=5)):
+                async with self.http.request(method, url + path, timeout=aiohttp.ClientTimeout(total=5)):
                     pass
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                log.debug("closing session %s on %s failed: %s", session, url, error)
+                log.debug("%s %s on %s failed: %s", method, path, url, error)
 
-        await asyncio.gather(*(close_one(url) for url in urls))
+        await asyncio.gather(*(one(url) for url in urls))

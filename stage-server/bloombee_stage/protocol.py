@@ -11,7 +11,9 @@ client-relays-every-hop mode Petals uses, kept as the benchmarks' baseline.
 
 Sessions are implicit: a row with ``start == 0`` opens (or resets) one; any row first cuts
 its session's KV cache back to ``start`` tokens, so a rollback rides on the next step for free
-(``/v1/sessions/{id}/rollback`` does it explicitly). A row's last ``len(draft)`` positions are
+(``/v1/sessions/{id}/rollback`` does it explicitly). A row with ``fork`` opens its session as a
+copy of the first ``start`` positions of the fork's session on each stage, so a prompt prefix
+computed before is not computed again. A row's last ``len(draft)`` positions are
 drafted tokens: the last stage verifies them (speculative.py) and returns the accepted ones
 plus one token of its own.
 """
@@ -44,12 +46,17 @@ class RowMeta(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_length: int | None = Field(default=None, ge=1, description="tokens the session may reach")
     draft: list[int] = Field(default_factory=list, description="drafted tokens: the row's last len(draft) positions")
+    fork: str | None = Field(default=None, min_length=1, max_length=128,
+                             description="a session on every stage whose first `start` positions this session starts "
+                                         "from when it holds fewer (a prompt prefix computed before)")  # fmt: skip
     draft_probs: list[list[tuple[int, float]]] | None = Field(
         default=None, description="the draft's (token, probability) pairs per drafted position; none: one-hot drafts"
     )
 
     @model_validator(mode="after")
     def _draft_fits(self) -> RowMeta:
+        if self.fork is not None and self.start < 1:
+            raise ValueError("a fork copies the first `start` positions of its source, so start must be at least 1")
         if len(self.draft) >= self.length:
             raise ValueError(f"a draft of {len(self.draft)} tokens needs at least one position before it")
         if self.draft_probs is not None and len(self.draft_probs) != len(self.draft):

@@ -1,7 +1,8 @@
 """Stage server: serves one layer span over HTTP and pushes its output straight to the next stage.
 
 Endpoints: ``/healthz``, ``/readyz``, ``/info``, ``/metrics``, ``/probe`` (link measurement),
-``POST /v1/step`` (a wire frame, see protocol.py), ``POST /v1/sessions/{id}/rollback`` and
+``POST /v1/step`` (a wire frame, see protocol.py), ``POST /v1/sessions/{id}/rollback``,
+``POST /v1/sessions/{id}/park`` (keep it only as a fork source, see sessions.py) and
 ``DELETE /v1/sessions/{id}``.
 
 A step is validated before it is accepted (frame, metadata, shape, session, budget: a 4xx with
@@ -57,6 +58,14 @@ class StageSettings:
     micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
+
+
+class Refused(RuntimeError):
+    """The next hop answered a step with an error; ``code`` is its reason (e.g. fork_source_gone)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StageService:
@@ -144,7 +153,7 @@ class StageService:
         admitted: list[Session] = []
         try:
             for row in meta.rows:
-                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length))
+                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork))
         except SessionError:
             for session in admitted:  # a session this step opened and never used is not left behind
                 if session.length == 0:
@@ -157,6 +166,11 @@ class StageService:
     def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[list[int]]:
         """Runs on the worker thread: hidden states onward, or on the last stage each row's tokens."""
         for session, row in zip(sessions, meta.rows, strict=True):
+            if session.fork_source is not None:
+                self.model.copy_prefix(session.fork_source.cache, session.cache, session.fork_length)
+                session.length, session.fork_source = session.fork_length, None
+                self.metrics.inc("forked_tokens_total", "Prompt positions copied from a fork source, not computed",
+                                 session.length)  # fmt: skip
             truncate_cache(session.cache, row.start)
         lengths = [row.length for row in meta.rows]
         keep = [len(row.draft) + 1 for row in meta.rows]
@@ -206,6 +220,10 @@ class StageService:
                 await self.report(meta, message, "stage_unreachable", unreachable=meta.route[0])
         except asyncio.CancelledError:
             raise
+        except Refused as error:  # the next stage refused the step: its reason goes to the gateway as it is
+            log.warning("step %s (%d rows) refused downstream: %s", meta.step, len(meta.rows), error)
+            self.metrics.inc("errors_total", "Failed steps", code="downstream")
+            await self.report(meta, str(error), error.code)
         except Exception as error:  # anything that goes wrong after the 202 is reported, never swallowed
             log.warning("step %s (%d rows) failed: %s", meta.step, len(meta.rows), error)
             self.metrics.inc("errors_total", "Failed steps", code="downstream")
@@ -243,8 +261,8 @@ class StageService:
         assert self.http is not None
         async with self.http.post(url, data=body, headers={"Content-Type": "application/octet-stream"}) as reply:
             if reply.status != expect:
-                message, _ = await read_error(reply, "downstream")
-                raise RuntimeError(f"{url} answered {reply.status}: {message}")
+                message, code = await read_error(reply, "stage_failed")
+                raise Refused(f"{url} answered {reply.status}: {message}", code)
 
     async def report(self, meta: StepMeta, message: str, code: str, unreachable: str | None = None) -> None:
         if not meta.reply_to:
@@ -370,6 +388,15 @@ async def handle_rollback(request: web.Request) -> web.Response:
     return web.json_response({"session": session.id, "length": target})
 
 
+async def handle_park(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        session = service.sessions.park(request.match_info["session"])
+    except SessionError as error:
+        return _error(error.status, str(error), error.code)
+    return web.json_response({"session": session.id, "parked": True, "length": session.length})
+
+
 async def handle_close(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     closed = service.sessions.close(request.match_info["session"])
@@ -406,6 +433,7 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
     add_probe_routes(app)
     app.router.add_post(STEP_PATH, handle_step)
     app.router.add_post("/v1/sessions/{session}/rollback", handle_rollback)
+    app.router.add_post("/v1/sessions/{session}/park", handle_park)
     app.router.add_delete("/v1/sessions/{session}", handle_close)
     return app
 

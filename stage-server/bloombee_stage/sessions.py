@@ -1,4 +1,10 @@
-"""Per-session KV caches with an idle time-out and a memory budget shared by all sessions."""
+"""Per-session KV caches with an idle time-out and a memory budget shared by all sessions.
+
+A session may start as a fork: a copy of the first positions of another session's cache (a
+prompt prefix the gateway saw computed before), so a shared prefix is computed once. Sessions
+the gateway keeps only as fork sources are parked: they reserve no more than they hold, and
+they are the first to go (least recently used first) when a new step would exceed the budget.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ class Session:
     reserved: int = 0  # tokens counted against the budget
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    parked: bool = False  # kept only as a fork source: evicted first under budget pressure
+    fork_source: Session | None = None  # copy the first ``fork_length`` positions of this one before computing
+    fork_length: int = 0
 
 
 class SessionStore:
@@ -55,12 +64,24 @@ class SessionStore:
         session.last_used = time.monotonic()
         return session
 
-    def admit(self, session_id: str, start: int, new_tokens: int, max_length: int | None) -> Session:
-        """Find or open the session for a step starting at ``start`` and reserve room for it."""
-        if start == 0:
-            session = self.sessions.get(session_id)
+    def admit(self, session_id: str, start: int, new_tokens: int, max_length: int | None,
+              fork: str | None = None) -> Session:  # fmt: skip
+        """Find or open the session for a step starting at ``start`` and reserve room for it.
+
+        With ``fork``, a session that holds fewer than ``start`` positions starts as a copy of
+        the first ``start`` positions of session ``fork`` (the compute thread copies them).
+        """
+        session = self.sessions.get(session_id)
+        if fork is not None:
+            source = self._fork_source(fork, start)
             if session is None:
                 session = self.sessions[session_id] = Session(session_id, self._new_cache())
+            if session.length < start:
+                session.fork_source, session.fork_length = source, start
+        elif start == 0:
+            if session is None:
+                session = self.sessions[session_id] = Session(session_id, self._new_cache())
+            session.fork_source = None  # a restart from nothing: a fork that never ran is off
         else:
             session = self.get(session_id)
             if start > session.length:
@@ -69,6 +90,7 @@ class SessionStore:
                     409,
                     "position_gap",
                 )
+        session.parked = False
         end = start + new_tokens
         limit = min(self.max_length, max_length or self.max_length)
         if end > limit:
@@ -77,8 +99,9 @@ class SessionStore:
             )
         wanted = max(session.reserved, max_length or end, end)
         extra = (wanted - session.reserved) * self.kv_bytes_per_token
+        self._evict_parked(extra, keep={session.id, fork or ""})
         if self.reserved_bytes() + extra > self.kv_budget_bytes:
-            if start == 0 and session.length == 0:
+            if session.length == 0:
                 del self.sessions[session_id]
             raise SessionError(
                 f"KV budget exceeded: session {session_id!r} needs {extra} more bytes, "
@@ -89,6 +112,33 @@ class SessionStore:
         session.reserved = wanted
         session.last_used = time.monotonic()
         return session
+
+    def _fork_source(self, fork: str, start: int) -> Session:
+        source = self.sessions.get(fork)
+        if source is None or source.length < start:
+            held = "is gone" if source is None else f"holds only {source.length} tokens"
+            raise SessionError(f"fork source session {fork!r} {held}; cannot copy its first {start} positions",
+                               404, "fork_source_gone")  # fmt: skip
+        source.last_used = time.monotonic()
+        return source
+
+    def park(self, session_id: str) -> Session:
+        """Keep a session only as a fork source: it reserves what it holds and may be evicted."""
+        session = self.get(session_id)
+        session.parked, session.reserved = True, session.length
+        return session
+
+    def _evict_parked(self, needed: int, keep: set[str]) -> None:
+        """Close parked sessions, least recently used first, until ``needed`` more bytes fit (none if they can't)."""
+        parked = sorted((s for s in self.sessions.values() if s.parked and s.id not in keep and not s.lock.locked()),
+                        key=lambda s: s.last_used)  # fmt: skip
+        freeable = sum(session.reserved for session in parked) * self.kv_bytes_per_token
+        if self.reserved_bytes() + needed - freeable > self.kv_budget_bytes:
+            return
+        for session in parked:
+            if self.reserved_bytes() + needed <= self.kv_budget_bytes:
+                return
+            del self.sessions[session.id]
 
     def close(self, session_id: str) -> bool:
         return self.sessions.pop(session_id, None) is not None

@@ -257,6 +257,20 @@ class StageModel:
         layer.values = torch.empty(layer.values.shape, dtype=layer.values.dtype, device="meta")
 
     @torch.inference_mode()
+    def copy_prefix(self, source: DynamicCache, target: DynamicCache, length: int) -> None:
+        """Make ``target`` hold the first ``length`` positions of ``source`` (a fork of a shared prefix)."""
+        for index, (held, layer) in enumerate(zip(source.layers, target.layers, strict=True)):
+            offloaded = index in self.kv_offloaded
+            if offloaded:
+                self._page_in(source, index)
+            keys, values = held.keys[:, :, :length].clone(), held.values[:, :, :length].clone()
+            if offloaded:
+                self._page_out(source, index)
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+
+    @torch.inference_mode()
     def forward_rows(self, inputs: torch.Tensor, caches: list[DynamicCache], lengths: list[int],
                      keep: list[int] | None = None) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
         """Run the span on a micro-batch: row b appends ``lengths[b]`` positions of ``inputs`` to ``caches[b]``.

@@ -1,0 +1,82 @@
+"""Prompt prefixes already in the stages' KV caches, so a new generation need not compute them again.
+
+A finished generation's session is kept (parked on its stages, see sessions.py) together with
+the tokens its caches hold. A new generation whose prompt starts with enough of those tokens
+opens its session as a fork of that one: each stage copies the shared positions instead of
+computing them, and only the rest of the prompt crosses the pipeline. That is the system prompt
+of every chat, and the whole history of a conversation's next turn: over a WAN pipeline the
+prefill of those is most of the time to the first token.
+
+Only sessions on the generation's own path qualify (the copy is local to each stage). The
+index keeps the ``capacity`` most recently used sessions; the ones it lets go are returned so
+the caller closes them on the stages. Stages may also drop parked sessions under memory
+pressure or after their idle time-out: a fork of one fails with ``fork_source_gone`` and the
+generation computes its prompt after all. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from bloombee_stage.routing import Path
+
+MIN_SHARED = 16  # fewer shared positions are not worth a fork (the copy and its failure modes)
+
+
+@dataclass(frozen=True)
+class Held:
+    session: str
+    path: Path
+    tokens: tuple[int, ...]  # the positions the session's caches hold
+
+
+def shared_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    n = min(len(a), len(b))
+    for index in range(n):
+        if a[index] != b[index]:
+            return index
+    return n
+
+
+class PrefixIndex:
+    def __init__(self, capacity: int, min_shared: int = MIN_SHARED) -> None:
+        if capacity < 0:
+            raise ValueError(f"prefix cache capacity must be at least 0, got {capacity}")
+        self.capacity = capacity
+        self.min_shared = min_shared
+        self._held: OrderedDict[str, Held] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def find(self, prompt: list[int], path: Path) -> tuple[str, int] | None:
+        """(session, positions to copy) of the held session sharing the longest prefix, if long enough.
+
+        At least the prompt's last position is left to compute: its logits give the first token.
+        """
+        best: tuple[int, str] | None = None
+        for held in self._held.values():
+            if held.path == path:
+                shared = min(shared_length(held.tokens, prompt), len(prompt) - 1)
+                if shared >= self.min_shared and (best is None or shared > best[0]):
+                    best = (shared, held.session)
+        if best is None:
+            return None
+        self._held.move_to_end(best[1])
+        return best[1], best[0]
+
+    def hold(self, held: Held) -> list[Held]:
+        """Keep ``held``; returns the sessions let go to stay within capacity (to close on the stages)."""
+        if self.capacity == 0 or len(held.tokens) < self.min_shared:
+            return [held]
+        self._held[held.session] = held
+        self._held.move_to_end(held.session)
+        released = []
+        while len(self._held) > self.capacity:
+            released.append(self._held.popitem(last=False)[1])
+        return released
+
+    def drop(self, session: str) -> None:
+        """Forget a session the stages no longer hold."""
+        self._held.pop(session, None)
