@@ -366,8 +366,9 @@ class _PaddedRows:
 
     def _padded(self, new: torch.Tensor, layer_idx: int, kind: str) -> torch.Tensor:
         """The batch's pasts left-padded to the longest, then the new positions; each session's
-        cache becomes a view of its own real positions in it (no second copy of its past), unless
-        padding is most of the batch: a view keeps the whole batch alive, so it gets its own copy."""
+        cache becomes a view of its own real positions in it (no second copy of its past). A view
+        keeps the whole padded batch alive, so where padding would make that more than
+        PADDED_VIEW_LIMIT times the real positions, each session gets its own copy instead."""
         rows, heads, width, dim = new.shape
         batch = new.new_empty(rows, heads, self.longest + width, dim)
         shared = rows * (self.longest + width) <= PADDED_VIEW_LIMIT * (sum(self.pasts) + sum(self.lengths))
