@@ -11,7 +11,7 @@ from bloombee_operator.backends.local import LocalBackend
 from bloombee_stage.batching import SHORT_ROW, MicroBatcher
 from bloombee_stage.protocol import RowMeta
 from bloombee_stage.routing import Router, parse_stages
-from pipelines import post_json, read_metrics
+from pipelines import post_json, read_metrics, start_pipeline
 
 
 def test_stages_parse_with_replicas():
@@ -149,3 +149,22 @@ def test_short_rows_share_micro_batches_and_prefills_never_wait():
     assert sorted(while_held, key=len) == [[40], [80], [1, 1, 1, 1]]
     assert sorted(every, key=len) == [[40], [80], [1, 1], [1, 1, 1, 1]]
     assert all(len(step) == 1 for step in every if max(step) > SHORT_ROW)
+
+
+def test_a_gateway_started_with_a_larger_micro_batch_than_its_stages_uses_theirs(tmp_path, tiny_dir):
+    planned = {"micro_batch": 2}
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2, gateway_args=["--micro-batch", "4"],
+                              stage_overrides={0: planned, 1: planned})  # fmt: skip
+    try:
+        requests = [{"model": "tiny", "prompt": [500 + n, 7, 8], "max_tokens": 12, "temperature": 0,
+                     "ignore_eos": True} for n in range(6)]  # fmt: skip
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            replies = list(pool.map(lambda body: pipeline.post("/completions", body), requests))
+        assert all(status == 200 for status, _ in replies), replies
+        gateway = pipeline.gateway_metrics()
+        assert gateway["bloombee_gateway_rows_sent"] > gateway["bloombee_gateway_steps_sent"]  # rows shared steps
+        for index in range(2):
+            stage = pipeline.stage_metrics(index)
+            assert stage.get('bloombee_stage_errors_total{code="invalid_frame"}', 0) == 0  # no step was too big
+    finally:
+        pipeline.backend.stop()

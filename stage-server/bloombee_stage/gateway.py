@@ -107,6 +107,7 @@ class Gateway:
         self.results = ResultRouter()
         self.routing = Router(settings.stages, settings.micro_batch)
         self.prefixes = PrefixIndex(settings.prefix_cache)
+        self._limits_checked = False
         self.http: aiohttp.ClientSession | None = None
         self.pipeline: PipelineClient | None = None
         self.batcher: MicroBatcher | None = None
@@ -201,10 +202,37 @@ class Gateway:
             )
         return asked if asked is not None else room
 
+    async def fit_stage_limits(self) -> None:
+        """Cap the micro-batch at the smallest one a stage was planned for (its /info says), once all answer.
+
+        A stage refuses steps with more rows than its plan allows; a gateway started by hand with
+        a larger --micro-batch would otherwise see every full step refused and retried row by row.
+        """
+        assert self.http is not None and self.batcher is not None
+        if self._limits_checked:
+            return
+
+        async def planned(url: str) -> int | None:
+            async with self.http.get(f"{url}/info", timeout=aiohttp.ClientTimeout(total=5)) as reply:
+                return (await reply.json()).get("micro_batch") if reply.ok else None
+
+        urls = [url for replicas in self.settings.stages for url in replicas]
+        try:
+            limits = [limit for limit in await asyncio.gather(*(planned(url) for url in urls)) if limit]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return  # a stage is not up yet: ask again with the next request
+        self._limits_checked = True
+        if limits and min(limits) < self.batcher.micro_batch:
+            log.warning("--micro-batch %d is larger than a stage's planned %d; using %d", self.batcher.micro_batch,
+                        min(limits), min(limits))  # fmt: skip
+            self.batcher.micro_batch = self.routing.micro_batch = min(limits)
+
     async def run(
         self, request: CompletionRequest | ChatCompletionRequest, prompt: list[int], max_tokens: int, result: Generated
     ) -> AsyncIterator[str]:
         assert self.batcher is not None
+        if self.batcher.micro_batch > 1:
+            await self.fit_stage_limits()
         assembler = TextAssembler(self.decode, request.stop_strings())
         eos = set() if request.ignore_eos else self.eos_ids
         started = time.perf_counter()
