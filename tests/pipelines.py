@@ -41,6 +41,9 @@ class Pipeline:
         """A stage's Prometheus samples by series name with labels, e.g. 'x_total{codec="raw"}'."""
         return read_metrics(self.stage_url(index))
 
+    def stage_info(self, index: int) -> dict:
+        return read_info(self.stage_url(index))
+
     def gateway_metrics(self) -> dict[str, float]:
         return read_metrics(self.endpoint.removesuffix("/v1"))
 
@@ -57,6 +60,12 @@ def post_json(url: str, body: object, timeout: float = 300.0) -> tuple[int, dict
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def read_info(url: str) -> dict:
+    """A stage's /info (span, dtype, memory, offload, codec profiles, plan limits)."""
+    with urllib.request.urlopen(url + "/info", timeout=30) as reply:
+        return json.loads(reply.read())
 
 
 def read_metrics(url: str) -> dict[str, float]:

@@ -40,8 +40,7 @@ def test_compressed_hops_give_the_tokens_of_generate(tmp_path, smollm2_reference
         assert set(sent_by_codec(second)) - {"raw"}, "auto never compressed over a 50 Mbit/s link"
         for metrics in (first, second):  # the codecs did shrink what went on the wire
             assert sum(sent_by_codec(metrics).values()) < metrics["bloombee_stage_raw_bytes_sent_total"]
-        with urllib.request.urlopen(pipeline.stage_url(1) + "/info", timeout=30) as reply:
-            info = json.loads(reply.read())
+        info = pipeline.stage_info(1)
         assert info["codec"] == "auto" and info["link_bandwidth"] == 50e6 / 8
         assert info["codec_profiles"]["byteplane"]["ratio"] > 1.05  # refined from the stage's own frames
     finally:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
-import urllib.request
 
 import pytest
 import torch
@@ -69,11 +67,6 @@ def test_greedy_tokens_do_not_depend_on_offload(smollm2_dir, smollm2_reference, 
     assert not list(tmp_path.glob("bloombee-kv-*"))  # a session's KV files go with it
 
 
-def info(url: str) -> dict:
-    with urllib.request.urlopen(url + "/info", timeout=30) as reply:
-        return json.loads(reply.read())
-
-
 @pytest.mark.model
 def test_a_streaming_stage_stays_within_its_memory_while_serving_more_weights(tmp_path, smollm2_reference):
     """Stage 1 serves 29 layers (411 MB of weights) with weights and KV offloaded, next to stage 0 (1 layer)."""
@@ -83,7 +76,7 @@ def test_a_streaming_stage_stays_within_its_memory_while_serving_more_weights(tm
         status, reply = pipeline.post("/completions", completion_request("The three most important inventions are"))
         assert status == 200, reply
         assert reply["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, reply["prompt_token_ids"])
-        small, streaming = info(pipeline.stage_url(0)), info(pipeline.stage_url(1))
+        small, streaming = pipeline.stage_info(0), pipeline.stage_info(1)
         tiers = streaming["offload"]["weight_tiers"]
         head = streaming["memory"]["weight_bytes"]  # what stage 1 keeps resident: its final norm and LM head
         budget = small["memory"]["rss_bytes"] + head + tiers["slots"] + (64 << 20)

@@ -131,8 +131,7 @@ def test_stop_string_ends_the_completion(smollm2_pipeline):
 def test_stage_info_and_metrics(smollm2_pipeline):
     status, _ = smollm2_pipeline.post("/completions", completion_request("Hi", max_tokens=2))
     assert status == 200
-    with urllib.request.urlopen(smollm2_pipeline.stage_url(1) + "/info", timeout=10) as reply:
-        info = json.loads(reply.read())
+    info = smollm2_pipeline.stage_info(1)
     assert info["span"] == [10, 20] and info["total_layers"] == 30
     assert info["memory"]["weight_bytes"] > 0 and info["memory"]["rss_bytes"] > 0
     assert info["ms_per_layer"] > 0  # measured on the request above

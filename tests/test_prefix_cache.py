@@ -99,23 +99,55 @@ def test_a_conversations_next_turn_copies_the_earlier_turn_and_gives_the_tokens_
     assert all(a - b >= cached for a, b in zip(after, before, strict=True))  # every stage copied the prefix
 
 
+def test_kept_sessions_older_than_the_stages_idle_time_out_are_not_offered():
+    now = [0.0]
+    index = PrefixIndex(capacity=4, min_shared=2, max_idle_s=10.0, clock=lambda: now[0])
+    index.hold(Held("a", (0,), (1, 2, 3, 4)))
+    now[0] = 8.0
+    assert index.find([1, 2, 3, 9], (0,)) == ("a", 3)  # forking from it counts as use
+    now[0] = 17.0
+    assert index.find([1, 2, 3, 9], (0,)) == ("a", 3)
+    now[0] = 27.5
+    assert index.find([1, 2, 3, 9], (0,)) is None and len(index) == 0
+
+
+KV_PER_TOKEN = 768  # the tiny model's second stage: 3 layers x (keys + values) x 2 heads x 16 x 4 bytes
+
+
 def test_a_fork_whose_source_a_stage_let_go_computes_the_prompt_after_all(tmp_path, tiny_dir):
-    # Stage 1 closes idle sessions after 1 s, parked ones included; stage 0 keeps them.
-    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2,
-                              stage_args={1: ["--session-timeout", "1"]})  # fmt: skip
+    # Stage 1 has room for about 100 tokens of KV: a big request there evicts the parked sessions.
+    budget = ["--kv-budget-gib", repr(100 * KV_PER_TOKEN / (1 << 30))]
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2, stage_args={1: budget})
     try:
+        assert pipeline.stage_info(1)["offload"]["kv_bytes_per_token"]["device"] == KV_PER_TOKEN
         request = {"model": "tiny", "prompt": list(range(300, 340)), "max_tokens": 8, "temperature": 0,
                    "ignore_eos": True, "return_token_ids": True}  # fmt: skip
         status, first = pipeline.post("/completions", request)
         assert status == 200, first
-        status, second = pipeline.post("/completions", request)  # at once: forks from the first
+        status, second = pipeline.post("/completions", request)  # forks from the first
         assert status == 200, second
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 39
-        time.sleep(3)  # stage 1 lets both sessions go
-        status, third = pipeline.post("/completions", request)
+        big = {**request, "prompt": list(range(1000, 1010)), "max_tokens": 60}  # 70 tokens: both parked ones go
+        assert pipeline.post("/completions", big)[0] == 200
+        status, third = pipeline.post("/completions", request)  # its fork source is gone from stage 1
         assert status == 200, third
         assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert first["choices"][0]["token_ids"] == second["choices"][0]["token_ids"] == third["choices"][0]["token_ids"]
         assert pipeline.stage_metrics(1)['bloombee_stage_errors_total{code="fork_source_gone"}'] >= 1
+    finally:
+        pipeline.backend.stop()
+
+
+def test_the_gateway_stops_offering_sessions_the_stages_have_timed_out(tmp_path, tiny_dir):
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2, stage_args={1: ["--session-timeout", "2"]})
+    try:
+        request = {"model": "tiny", "prompt": list(range(300, 340)), "max_tokens": 4, "temperature": 0,
+                   "ignore_eos": True}  # fmt: skip
+        assert pipeline.post("/completions", request)[0] == 200
+        time.sleep(3)
+        status, again = pipeline.post("/completions", request)
+        assert status == 200, again
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert 'bloombee_stage_errors_total{code="fork_source_gone"}' not in pipeline.stage_metrics(1)  # not tried
     finally:
         pipeline.backend.stop()

@@ -107,7 +107,7 @@ class Gateway:
         self.results = ResultRouter()
         self.routing = Router(settings.stages, settings.micro_batch)
         self.prefixes = PrefixIndex(settings.prefix_cache)
-        self._limits_checked = False
+        self._stage_settings_known = False
         self.http: aiohttp.ClientSession | None = None
         self.pipeline: PipelineClient | None = None
         self.batcher: MicroBatcher | None = None
@@ -202,37 +202,42 @@ class Gateway:
             )
         return asked if asked is not None else room
 
-    async def fit_stage_limits(self) -> None:
-        """Cap the micro-batch at the smallest one a stage was planned for (its /info says), once all answer.
+    async def adopt_stage_settings(self) -> None:
+        """Fit what the gateway assumes to what its stages say in /info, once all of them answer.
 
-        A stage refuses steps with more rows than its plan allows; a gateway started by hand with
-        a larger --micro-batch would otherwise see every full step refused and retried row by row.
+        The micro-batch is capped at the smallest a stage was planned for: a stage refuses larger
+        steps, and a gateway started by hand with a larger --micro-batch would have every full
+        step refused and retried row by row. Kept sessions are offered as fork sources only while
+        younger than the shortest idle time-out of the stages (which close them after it).
         """
         assert self.http is not None and self.batcher is not None
-        if self._limits_checked:
+        if self._stage_settings_known:
             return
 
-        async def planned(url: str) -> int | None:
+        async def info(url: str) -> dict:
             async with self.http.get(f"{url}/info", timeout=aiohttp.ClientTimeout(total=5)) as reply:
-                return (await reply.json()).get("micro_batch") if reply.ok else None
+                return await reply.json() if reply.ok else {}
 
         urls = [url for replicas in self.settings.stages for url in replicas]
         try:
-            limits = [limit for limit in await asyncio.gather(*(planned(url) for url in urls)) if limit]
+            infos = await asyncio.gather(*(info(url) for url in urls))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return  # a stage is not up yet: ask again with the next request
-        self._limits_checked = True
+        self._stage_settings_known = True
+        limits = [i["micro_batch"] for i in infos if i.get("micro_batch")]
         if limits and min(limits) < self.batcher.micro_batch:
             log.warning("--micro-batch %d is larger than a stage's planned %d; using %d", self.batcher.micro_batch,
                         min(limits), min(limits))  # fmt: skip
             self.batcher.micro_batch = self.routing.micro_batch = min(limits)
+        timeouts = [i["session_timeout_s"] for i in infos if i.get("session_timeout_s")]
+        if timeouts:
+            self.prefixes.max_idle_s = 0.8 * min(timeouts)  # a margin for the stages' sweep and clock drift
 
     async def run(
         self, request: CompletionRequest | ChatCompletionRequest, prompt: list[int], max_tokens: int, result: Generated
     ) -> AsyncIterator[str]:
         assert self.batcher is not None
-        if self.batcher.micro_batch > 1:
-            await self.fit_stage_limits()
+        await self.adopt_stage_settings()
         assembler = TextAssembler(self.decode, request.stop_strings())
         eos = set() if request.ignore_eos else self.eos_ids
         started = time.perf_counter()

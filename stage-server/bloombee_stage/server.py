@@ -285,6 +285,7 @@ class StageService:
             "device": str(model.device),
             "codec": self.settings.codec,
             "micro_batch": self.settings.micro_batch,
+            "session_timeout_s": self.settings.session_timeout_s,
             "accepts_codecs": sorted(self.settings.accept_codecs),
             "link_bandwidth": self.settings.link_bandwidth,
             "codec_profiles": self.codec_stats.describe(),
