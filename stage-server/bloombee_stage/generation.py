@@ -24,38 +24,56 @@ class TextAssembler:
     """Accumulates tokens; ``push`` returns the text that is safe to show so far.
 
     Text is held back while it could still be the start of a stop string, or while it ends in
-    half of a multi-byte character (the tokenizer's replacement character).
+    half of a multi-byte character (the tokenizer's replacement character). Decoding is
+    incremental (as transformers' TextStreamer and vLLM do it): each token decodes a short window
+    that starts a few tokens back, so the decoder sees the context a token's spacing depends on,
+    and a long answer costs linear, not quadratic, time.
     """
 
     decode: Callable[[list[int]], str]
     stops: list[str]
     token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (whole characters only)
     emitted: int = 0  # characters already returned
     stopped: bool = False
+    _window_start: int = 0  # tokens before this are final in ``text``
+    _window_read: int = 0  # tokens [start, read) decode to the end of ``text``
 
     def push(self, token_id: int) -> str:
         self.token_ids.append(token_id)
-        text = self.decode(self.token_ids)
+        searched_from = len(self.text)
+        if not self._advance(final=False):
+            return ""
         for stop in self.stops:
-            at = text.find(stop)
+            at = self.text.find(stop, max(0, searched_from - len(stop) + 1))
             if at != -1:
                 self.stopped = True
-                return self._take(text[:at])
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
+                return self._take(self.text[:at])
+        safe = len(self.text)
         for stop in self.stops:  # hold back a tail that may grow into a stop string
             for size in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:size]):
+                if self.text.endswith(stop[:size]):
                     safe -= size
                     break
-        return self._take(text[:safe])
+        return self._take(self.text[:safe])
 
     def finish(self) -> str:
         """The held-back rest once generation ended without a stop string."""
         if self.stopped:
             return ""
-        return self._take(self.decode(self.token_ids))
+        self._advance(final=True)
+        return self._take(self.text)
+
+    def _advance(self, final: bool) -> bool:
+        """Decode the tokens since the window's start into ``text``; False while a character is unfinished."""
+        window = self.token_ids[self._window_start :]
+        known = self.decode(self.token_ids[self._window_start : self._window_read])
+        decoded = self.decode(window)
+        if (decoded.endswith("\ufffd") and not final) or len(decoded) <= len(known):
+            return False
+        self.text += decoded[len(known) :]
+        self._window_start, self._window_read = self._window_read, len(self.token_ids)
+        return True
 
     def _take(self, text: str) -> str:
         if len(text) <= self.emitted:
