@@ -7,6 +7,7 @@ import time
 
 import pytest
 from bloombee_stage.prefixes import Held, PrefixIndex, shared_length
+from bloombee_stage.protocol import RowMeta
 from bloombee_stage.sessions import SessionError, SessionStore
 from pipelines import start_pipeline
 from test_pipeline_smollm2 import chat_request, reference_tokens
@@ -58,6 +59,8 @@ def test_a_fork_copies_from_its_source_and_a_lost_or_short_source_is_named():
         assert missing in str(error.value)
     restarted = store.admit("new", 0, 25, max_length=40)  # a restart from nothing cancels the fork
     assert restarted.fork_source is None
+    with pytest.raises(ValueError, match="start must be at least 1"):  # a frame's metadata says so
+        RowMeta(session="s", start=0, length=3, fork="src")
 
 
 def test_parked_sessions_reserve_what_they_hold_and_make_room_least_recently_used_first():
