@@ -202,6 +202,11 @@ class Gateway:
             )
         return asked if asked is not None else room
 
+    @property
+    def stage_urls(self) -> list[str]:
+        """Every stage replica's URL, in layer order."""
+        return [url for replicas in self.settings.stages for url in replicas]
+
     async def adopt_stage_settings(self) -> None:
         """Fit what the gateway assumes to what its stages say in /info, once all of them answer.
 
@@ -218,9 +223,8 @@ class Gateway:
             async with self.http.get(f"{url}/info", timeout=aiohttp.ClientTimeout(total=5)) as reply:
                 return await reply.json() if reply.ok else {}
 
-        urls = [url for replicas in self.settings.stages for url in replicas]
         try:
-            infos = await asyncio.gather(*(info(url) for url in urls))
+            infos = await asyncio.gather(*(info(url) for url in self.stage_urls))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return  # a stage is not up yet: ask again with the next request
         self._stage_settings_known = True
@@ -462,9 +466,8 @@ def create_app(gateway: Gateway) -> web.Application:
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 return False
 
-        urls = [url for replicas in gateway.settings.stages for url in replicas]
-        states = await asyncio.gather(*(ready(url) for url in urls))
-        body = {"ready": all(states), "stages": dict(zip(urls, states, strict=True))}
+        states = await asyncio.gather(*(ready(url) for url in gateway.stage_urls))
+        body = {"ready": all(states), "stages": dict(zip(gateway.stage_urls, states, strict=True))}
         return web.json_response(body, status=200 if all(states) else 503)
 
     add_common_routes(app, gateway.metrics, readyz)

@@ -36,6 +36,7 @@ class Held:
 
 
 def shared_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
     n = min(len(a), len(b))
     for index in range(n):
         if a[index] != b[index]:

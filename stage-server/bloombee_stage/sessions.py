@@ -71,18 +71,7 @@ class SessionStore:
         With ``fork``, a session that holds fewer than ``start`` positions starts as a copy of
         the first ``start`` positions of session ``fork`` (the compute thread copies them).
         """
-        session = self.sessions.get(session_id)
-        if fork is not None:
-            source = self._fork_source(fork, start)
-            if session is None:
-                session = self.sessions[session_id] = Session(session_id, self._new_cache())
-            if session.length < start:
-                session.fork_source, session.fork_length = source, start
-        elif start == 0:
-            if session is None:
-                session = self.sessions[session_id] = Session(session_id, self._new_cache())
-            session.fork_source = None  # a restart from nothing: a fork that never ran is off
-        else:
+        if fork is None and start > 0:
             session = self.get(session_id)
             if start > session.length:
                 raise SessionError(
@@ -90,6 +79,15 @@ class SessionStore:
                     409,
                     "position_gap",
                 )
+        else:  # a session that starts from nothing or from a fork: opened if new
+            source = self._fork_source(fork, start) if fork is not None else None
+            session = self.sessions.get(session_id)
+            if session is None:
+                session = self.sessions[session_id] = Session(session_id, self._new_cache())
+            if source is None:
+                session.fork_source = None  # a restart from nothing: a fork that never ran is off
+            elif session.length < start:
+                session.fork_source, session.fork_length = source, start
         session.parked = False
         end = start + new_tokens
         limit = min(self.max_length, max_length or self.max_length)

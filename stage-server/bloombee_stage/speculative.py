@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bloombee_stage.prefixes import shared_length
 from bloombee_stage.protocol import RowMeta
 from bloombee_stage.sampling import DRAFT_STREAM, SamplingParams, draw, position_generator, target_probs
 from bloombee_stage.span import StageModel, truncate_cache
@@ -56,10 +57,7 @@ def accept_greedy(draft: list[int], predicted: list[int]) -> list[int]:
     """The tokens a greedy verification keeps: ``predicted[i]`` is the model's token after draft[:i]."""
     if len(predicted) != len(draft) + 1:
         raise ValueError(f"{len(predicted)} predictions for a draft of {len(draft)}; expected one more")
-    agreed = 0
-    while agreed < len(draft) and draft[agreed] == predicted[agreed]:
-        agreed += 1
-    return predicted[: agreed + 1]
+    return predicted[: shared_length(draft, predicted) + 1]
 
 
 def verify(logits: torch.Tensor, row: RowMeta) -> list[int]:
