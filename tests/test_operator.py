@@ -99,6 +99,9 @@ def test_create_restore_and_delete(operator):
     assert status["plan"]["predictedTokensPerSecond"] > 0 and status["plan"]["planHash"]
     gateway_args = deployments["chat-gateway"].spec.template.spec.containers[0].args
     assert gateway_args[gateway_args.index("--micro-batch") + 1] == str(status["plan"]["microBatch"])
+    # the gateway seats as many generations as the plan admitted, which the stages' KV budgets hold
+    assert status["plan"]["maxSequences"] == status["plan"]["batch"] >= 1
+    assert gateway_args[gateway_args.index("--max-sequences") + 1] == str(status["plan"]["maxSequences"])
 
     # The kubelet's part: the stage pods come up; the timer sees it and the resource becomes Ready.
     for name in ("chat-stage-0", "chat-stage-1", "chat-stage-2"):

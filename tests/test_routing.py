@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -166,5 +167,39 @@ def test_a_gateway_started_with_a_larger_micro_batch_than_its_stages_uses_theirs
         for index in range(2):
             stage = pipeline.stage_metrics(index)
             assert stage.get('bloombee_stage_errors_total{code="invalid_frame"}', 0) == 0  # no step was too big
+    finally:
+        pipeline.backend.stop()
+
+
+def test_requests_beyond_the_gateway_seats_wait_for_one(tmp_path, tiny_dir):
+    """--max-sequences 1 (what a plan admitting one sequence sets): while a stage is paused, a second
+    request waits at the gateway for the first one's seat, then both answer as they do alone."""
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2, gateway_args=["--max-sequences", "1"])
+    try:
+        bodies = [{"model": "tiny", "prompt": [600 + n, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                   "return_token_ids": True} for n in range(2)]  # fmt: skip
+        alone = [pipeline.post("/completions", body) for body in bodies]
+        assert all(status == 200 for status, _ in alone), alone
+        stage = pipeline.backend.processes["tiny-stage-0"].popen
+        stage.send_signal(signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                pending = [pool.submit(pipeline.post, "/completions", body) for body in bodies]
+                waiting = 0.0
+                for _ in range(300):  # up to 30 s for both requests to reach the gateway
+                    waiting = pipeline.gateway_metrics()["bloombee_gateway_generations_waiting"]
+                    if waiting == 1:
+                        break
+                    time.sleep(0.1)
+                assert waiting == 1  # one holds the seat (stuck at the paused stage), one waits for it
+                assert not any(future.done() for future in pending)
+                stage.send_signal(signal.SIGCONT)
+                together = [future.result(timeout=120) for future in pending]
+        finally:
+            stage.send_signal(signal.SIGCONT)
+        for (_, before), (status, reply) in zip(alone, together, strict=True):
+            assert status == 200, reply
+            assert reply["choices"][0]["token_ids"] == before["choices"][0]["token_ids"]
+        assert pipeline.gateway_metrics()["bloombee_gateway_generations_waiting"] == 0
     finally:
         pipeline.backend.stop()

@@ -192,8 +192,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan(inputs.profile, nodes, links, workload, inputs.options)
     if args.output == "json":
         print(json.dumps(plan_status(result, nodes), indent=2))
-    else:
-        _print_plan(plan_status(result, nodes))
+        return 0
+    _print_plan(plan_status(result, nodes))
+    if result.batch < inputs.options.effective_batch(workload):
+        print(f"admits {result.batch} of the {workload.batch} sequences asked for: more would not fit, or would "
+              f"cost more than they bring; the others wait at the gateway for a seat")  # fmt: skip
     return 0
 
 

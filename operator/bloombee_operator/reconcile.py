@@ -106,14 +106,17 @@ class GatewayDesired:
     micro_batch: int = 1  # rows per step: the plan's micro-batch size
     service_type: str = "ClusterIP"  # how clients reach it in Kubernetes
     relay_hops: tuple[bool, ...] = ()  # per hop between stages: the gateway forwards it (the plan's choice)
+    max_sequences: int | None = None  # generations at once per gateway replica; more wait (None: no cap)
 
     def server_args(self) -> list[str]:
         """Arguments of ``python -m bloombee_stage.gateway`` beyond the stage URLs and the port."""
         draft = [*(["--draft-layers", str(self.draft_layers)] if self.draft == "early-exit" else []),
                  *(["--draft-model", str(self.draft_source)] if self.draft == "model" else [])]  # fmt: skip
         relay = ["--relay-hops", ",".join(str(int(flag)) for flag in self.relay_hops)] if any(self.relay_hops) else []
+        seats = ["--max-sequences", str(self.max_sequences)] if self.max_sequences else []
         return ["--served-model-name", self.served_model_name, "--draft", self.draft,
-                "--draft-max", str(self.draft_max), *draft, "--micro-batch", str(self.micro_batch), *relay]  # fmt: skip
+                "--draft-max", str(self.draft_max), *draft, "--micro-batch", str(self.micro_batch), *relay,
+                *seats]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,14 @@ def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
 def desired_state(
     resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3,
     link_mbps: Mapping[tuple[str, str], float] | None = None, micro_batch: int | None = None,
-    planned: list[StagePlan] | None = None, relay_hops: tuple[bool, ...] = (),
+    planned: list[StagePlan] | None = None, relay_hops: tuple[bool, ...] = (), max_sequences: int | None = None,
 ) -> DesiredState:  # fmt: skip
     """Stages for ``planned`` (the planner's stages), or for ``spans`` placed on the clusters in turn
     (default: an equal split over ``num_stages``).
 
     ``micro_batch``: the plan's micro-batch size, the most rows the gateway packs into one step
     (default: the resource's ``planner.maxMicroBatch``). ``relay_hops``: the hops the gateway forwards.
+    ``max_sequences``: the sequences the plan admits, shared among the gateway replicas (None: no cap).
 
     ``link_mbps`` holds measured bandwidths between clusters (either direction); each stage gets
     that of its link to the next stage, which ``compression: auto`` weighs its codecs against.
@@ -188,6 +192,7 @@ def desired_state(
         micro_batch=micro_batch or spec.planner.max_micro_batch,
         service_type=spec.gateway.service.type,
         relay_hops=tuple(relay_hops),
+        max_sequences=max(1, max_sequences // spec.gateway.replicas) if max_sequences else None,
     )
     return DesiredState(
         name=name,

@@ -90,7 +90,8 @@ class PlannerSpec(_Model):
     replan_every: str = Field(default="10m", json_schema_extra={"pattern": _DURATION.pattern})
     # Hysteresis: a new plan replaces the running one only when it predicts this much gain (0.1 = 10%).
     min_gain: float = Field(default=0.1, ge=0, le=10)
-    # The load to plan for: sequences generating at once, and the tokens of context each holds.
+    # The load to plan for: sequences users keep generating at once (the plan admits up to this many, fewer
+    # when more would not fit or not pay; the rest wait at the gateway), and the tokens of context each holds.
     concurrency: int = Field(default=8, ge=1, le=4096)
     context_tokens: int = Field(default=2048, ge=1, le=1 << 20)
 

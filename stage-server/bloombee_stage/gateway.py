@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -68,6 +69,7 @@ class GatewaySettings:
     micro_batch: int = 1  # rows per step (the plan's micro-batch size); 1: every request steps alone
     max_in_flight: int | None = None  # steps in the pipeline at once when batching (default: batching.py decides)
     prefix_cache: int = 32  # finished generations' sessions kept as fork sources for shared prompt prefixes
+    max_sequences: int | None = None  # generations at once (the plan's admitted sequences); more wait; None: no cap
 
 
 DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model")
@@ -108,6 +110,10 @@ class Gateway:
         self.routing = Router(settings.stages, settings.micro_batch)
         self.prefixes = PrefixIndex(settings.prefix_cache)
         self._stage_settings_known = False
+        # Seats for generations: the stages' KV budgets were sized for the plan's admitted sequences,
+        # so a request beyond them waits here for a seat instead of failing at a stage.
+        self.seats = asyncio.Semaphore(settings.max_sequences) if settings.max_sequences else None
+        self.waiting = 0
         self.http: aiohttp.ClientSession | None = None
         self.pipeline: PipelineClient | None = None
         self.batcher: MicroBatcher | None = None
@@ -118,6 +124,8 @@ class Gateway:
                            lambda: self.batcher.rows if self.batcher else 0)  # fmt: skip
         self.metrics.gauge("steps_in_flight", "Steps in the pipeline now",
                            lambda: self.batcher.steps_in_flight if self.batcher else 0)  # fmt: skip
+        self.metrics.gauge("generations_waiting", "Requests waiting for a seat (--max-sequences)",
+                           lambda: self.waiting)  # fmt: skip
         self.metrics.family("replica_load", "Generations pinned to each stage replica", self._replica_samples("load"))
         self.metrics.family("replica_service_ms", "Measured forward ms per step of each stage replica",
                             self._replica_samples("service_ms"))  # fmt: skip
@@ -237,29 +245,50 @@ class Gateway:
         if timeouts:
             self.prefixes.max_idle_s = 0.8 * min(timeouts)  # a margin for the stages' sweep and clock drift
 
+    @contextlib.asynccontextmanager
+    async def _seat(self) -> AsyncIterator[None]:
+        """Holds one of ``max_sequences`` seats for a generation, waiting for one first."""
+        if self.seats is None:
+            yield
+            return
+        self.waiting += 1
+        try:
+            await self.seats.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.seats.release()
+
     async def run(
         self, request: CompletionRequest | ChatCompletionRequest, prompt: list[int], max_tokens: int, result: Generated
     ) -> AsyncIterator[str]:
         assert self.batcher is not None
-        await self.adopt_stage_settings()
-        assembler = TextAssembler(self.decode, request.stop_strings())
-        eos = set() if request.ignore_eos else self.eos_ids
-        started = time.perf_counter()
-        speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
-                                  self.draft_executor)  # fmt: skip
-        sampling = request.sampling_params()
-        async for piece in generate(
-            self.batcher, prompt, max_tokens, sampling, eos, assembler, result, speculation, self.prefixes
-        ):
-            yield piece
+        async with self._seat():
+            await self.adopt_stage_settings()
+            assembler = TextAssembler(self.decode, request.stop_strings())
+            eos = set() if request.ignore_eos else self.eos_ids
+            started = time.perf_counter()
+            speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
+                                      self.draft_executor)  # fmt: skip
+            sampling = request.sampling_params()
+            async for piece in generate(
+                self.batcher, prompt, max_tokens, sampling, eos, assembler, result, speculation, self.prefixes
+            ):
+                yield piece
+            self._count(speculation, result, time.perf_counter() - started)
+
+    def _count(self, speculation: Speculation, result: Generated, seconds: float) -> None:
+        length = speculation.length
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
-        self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", speculation.length.proposed)
-        self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", speculation.length.accepted)
+        self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
+        self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
         self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
         self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
         self.metrics.inc("cached_prompt_tokens_total", "Prompt tokens copied from kept sessions, not computed",
                          result.cached_tokens)  # fmt: skip
-        self.metrics.observe("generation_seconds", "Wall time per generation", time.perf_counter() - started)
+        self.metrics.observe("generation_seconds", "Wall time per generation", seconds)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -522,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix-cache", type=int, default=32, help="finished generations whose sessions stay "
                         "on the stages so a prompt that starts the same way copies those positions instead of "
                         "computing them (0: off)")  # fmt: skip
+    parser.add_argument("--max-sequences", type=int, default=None, help="generations served at once (the plan's "
+                        "admitted sequences, which the stages' KV budgets hold); more requests wait for a seat "
+                        "(default: no cap)")  # fmt: skip
     parser.add_argument("--ready-file", default=None)
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -573,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         micro_batch=max(1, args.micro_batch),
         max_in_flight=args.max_in_flight,
         prefix_cache=args.prefix_cache,
+        max_sequences=max(1, args.max_sequences) if args.max_sequences else None,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     try:

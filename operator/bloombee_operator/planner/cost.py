@@ -46,8 +46,9 @@ cycle gateway -> stage 1 -> ... -> stage P -> gateway, so
     T  = max(C, n * beta)                             seconds per round
     tokens/s = B / T,   per-token latency = T
 
-Objective "throughput" plans for the workload's B; "latency" plans for a single sequence
-(B = 1), where T is the time between two tokens of one conversation.
+Objective "throughput" maximises B / T, with the workload's B as the demand: the plan may
+admit fewer sequences (dp.batch_sizes) when that gives more tokens/s. "latency" plans for a
+single sequence (B = 1), where T is the time between two tokens of one conversation.
 """
 
 from __future__ import annotations

@@ -11,6 +11,15 @@ stage gets slower. Likewise each hop between stages takes the faster of the dire
 path through the gateway among those whose links stay within tau. Micro-batch sizes tried:
 m = ceil(B / n) for every n, the only sizes that are not beaten by a smaller m with the same n.
 
+Admission (objective throughput): B is chosen too, the number on ``batch_sizes`` (a grid up to
+the demand) that gives the most tokens/s B / T. Admitting fewer than the demand is right when
+the demand's KV would need offloading or far nodes that cost more than the extra sequences
+bring, and it turns a demand that does not fit at all into a plan for what does. Sizes are tried
+best bound first (``_rate_ceiling``, a cheap upper bound on tokens/s from the trip, compute and
+streaming a round needs), and the search stops at the first size whose bound the best plan so
+far reaches. Within a size, a round slower than B / (best tokens/s so far) cannot win: that is
+the incumbent the bisection starts from.
+
 Node order:
 
 * up to ``Options.exact_node_limit`` nodes (default 12): exact, a DP over subsets of nodes
@@ -143,13 +152,15 @@ def _min_plus(covered: np.ndarray, grow: np.ndarray) -> tuple[np.ndarray, np.nda
     return total[arg, np.arange(total.shape[1])], arg
 
 
-def _best_chain(tables: _Tables, tau: float, order_free: bool) -> tuple[float, list[tuple[int, int]]]:
+def _best_chain(tables: _Tables, tau: float, order_free: bool, ceiling: float = INF,
+                ) -> tuple[float, list[tuple[int, int]]]:  # fmt: skip
     """Minimum cycle time C with every stage and link <= tau: (C, [(node index, layers), ...]).
 
-    order_free: any order of any subset of the nodes (``_subsets``); otherwise the nodes keep their
-    index order and may be skipped (``_in_order``).
+    order_free: any order of any subset of the nodes (``_subsets``, which drops partial chains
+    that cannot finish under ``ceiling``); otherwise the nodes keep their index order and may be
+    skipped (``_in_order``).
     """
-    return (_subsets if order_free else _in_order)(tables, tau)
+    return _subsets(tables, tau, ceiling) if order_free else _in_order(tables, tau)
 
 
 def _stage_under(tables: _Tables, tau: float) -> np.ndarray:
@@ -165,19 +176,21 @@ def _finish(tables: _Tables, tau: float, covered_all: np.ndarray) -> tuple[float
     return float(total[index]), tuple(int(i) for i in index)
 
 
-def _subsets(tables: _Tables, tau: float) -> tuple[float, list[tuple[int, int]]]:
+def _subsets(tables: _Tables, tau: float, ceiling: float = INF) -> tuple[float, list[tuple[int, int]]]:
     """Held-Karp over nodes: cost[used set, last node, layers covered], filled by the size of the set.
 
     A transition appends node v with l layers after node u; per (set size, u) it runs over every
     set holding u and every v outside it at once, and over l only as far as v can hold within tau,
     so the work is numpy-wide rather than Python-deep (12 nodes plan in seconds). States that cannot
     beat the chain the in-order DP finds (their cost plus a lower bound on finishing exceeds it) are
-    dropped: a bound, so the result stays exact.
+    dropped: a bound, so the result stays exact. So are states that cannot finish under ``ceiling``
+    (what the caller can use at all); then nothing, or a chain under it, is returned.
     """
     count, width = tables.stage.shape
     layers = width - 1
     stage = _stage_under(tables, tau)
     bound, _ = _in_order(tables, tau)
+    bound = min(bound, ceiling)
     per_layer = stage[:, 1:] / np.arange(1, width)
     if not np.isfinite(per_layer).any():
         return INF, []
@@ -290,6 +303,17 @@ def _candidate_taus(tables: _Tables) -> np.ndarray:
     return np.unique(values)
 
 
+def _cycle_floor(tables: _Tables) -> float:
+    """A lower bound on any chain's cycle C: in and out at the nearest nodes, every layer at the
+    lowest cost per layer any node offers."""
+    width = tables.stage.shape[1]
+    per_layer = tables.stage[:, 1:] / np.arange(1, width)
+    if not np.isfinite(per_layer).any():
+        return INF
+    cheapest = float(per_layer[np.isfinite(per_layer)].min())
+    return float(tables.in_latency.min() + tables.out_latency.min()) + (width - 1) * cheapest
+
+
 def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool, incumbent: float = INF,
                           ) -> tuple[float, list[tuple[int, int]], float]:  # fmt: skip
     """Bisection over tau for min max(C(tau), n * tau); returns (value, chain, tau).
@@ -300,13 +324,13 @@ def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool, incumbent: 
     """
     taus = _candidate_taus(tables)
     taus = taus[n * taus < incumbent]
-    if taus.size == 0:
+    if taus.size == 0 or _cycle_floor(tables) >= incumbent:
         return INF, [], INF
     tried: dict[int, tuple[float, list[tuple[int, int]]]] = {}
 
     def chain_at(index: int) -> tuple[float, list[tuple[int, int]]]:
         if index not in tried:
-            tried[index] = _best_chain(tables, taus[index], order_free)
+            tried[index] = _best_chain(tables, taus[index], order_free, incumbent)
         return tried[index]
 
     top_value, top_chain = chain_at(taus.size - 1)
@@ -357,24 +381,71 @@ def heuristic_order(nodes: list[Node], links: Links, model: ModelProfile, keep: 
     return ordered
 
 
+def batch_sizes(demand: int) -> list[int]:
+    """Sequences in flight the planner may admit, largest first: the demand itself, and below it a
+    geometric grid of two points per doubling (2^k and 3 * 2^k), the grid the optimum is exact on;
+    a demand of thousands stays a few dozen sizes."""
+    grid = {size for k in range(demand.bit_length()) for size in (1 << k, 3 << k) if size < demand}
+    return sorted({demand} | grid, reverse=True)
+
+
+def _rate_ceiling(model: ModelProfile, nodes: list[Node], links: Links, batch: int, context: int,
+                  options: Options) -> float:  # fmt: skip
+    """An upper bound on the tokens/s of any plan for ``batch`` sequences on ``nodes``, from three
+    lower bounds on the round T (cost.py):
+
+    * a token's trip: into the nearest cluster and back, and every layer at the fastest node;
+    * compute: n >= B / m_max micro-batches each pass every layer, on at most min(N, L) stages at once;
+    * streaming: what does not fit in all the nodes' memory together is streamed once per round,
+      at best over all their host links at once.
+    """
+    layers = model.num_layers
+    trip = 2 * min(links.get(GATEWAY, node.cluster).rtt_s / 2 for node in nodes) + layers * min(
+        node.seconds_per_layer + node.seconds_per_layer_token for node in nodes
+    )
+    fastest_a = min(node.seconds_per_layer for node in nodes)
+    fastest_b = min(node.seconds_per_layer_token for node in nodes)
+    micro = math.ceil(batch / min(options.max_micro_batch, batch))
+    compute = layers * (micro * fastest_a + batch * fastest_b) / min(len(nodes), layers)
+    needed = layers * (model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * context * batch)
+    over = max(0.0, needed - sum(node.memory_bytes for node in nodes))
+    if over and max(options.offload_choices()) == 0:
+        return 0.0
+    stream = over / sum(node.host_bandwidth for node in nodes)
+    return batch / max(trip, compute, stream, 1e-12)
+
+
 def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options) -> Plan:
-    """The best plan under the performance model; raises PlanningError when nothing fits."""
+    """The best plan under the performance model; raises PlanningError when nothing fits.
+
+    Under the throughput objective ``workload.batch`` is the demand: how many sequences users keep
+    in flight. The plan admits the number on ``batch_sizes`` that gives the most tokens/s, which is
+    fewer than the demand when more would not fit or would cost more than they bring (offloading
+    their KV, a far node); the rest wait at the gateway. ``Plan.batch`` is the number admitted.
+    """
     if not nodes:
         raise PlanningError("no nodes to plan on")
-    batch = options.effective_batch(workload)
+    demand = options.effective_batch(workload)
     exact = len(nodes) <= options.exact_node_limit
     candidates = nodes if exact else heuristic_order(nodes, links, model, 2 * options.exact_node_limit)
-    best: tuple[float, int, list[tuple[int, int]], tuple[bool, ...]] = (INF, 0, [], ())
-    for m in micro_batch_sizes(batch, options.max_micro_batch):
-        tables = _tables(model, candidates, links, m, batch, workload.context, options)
-        value, chain, tau = _plan_for_micro_batch(tables, micro_batches(batch, m), exact, incumbent=best[0])
-        if chain and value < best[0]:
-            _, relayed = _hops_under(tables, tau)
-            flags = tuple(bool(relayed[u, v]) for (u, _), (v, _) in itertools.pairwise(chain))
-            best = (value, m, chain, flags)
-    if not best[2]:
-        raise PlanningError(_shortfall(model, nodes, workload, options))
-    _, m, chain, flags = best
+    best_rate, best = 0.0, None
+    ceilings = {batch: _rate_ceiling(model, candidates, links, batch, workload.context, options)
+                for batch in batch_sizes(demand)}  # fmt: skip
+    for batch in sorted(ceilings, key=lambda size: (-ceilings[size], -size)):  # most promising first
+        if ceilings[batch] <= best_rate:
+            break  # neither this size nor any after it can do better
+        for m in micro_batch_sizes(batch, options.max_micro_batch):
+            tables = _tables(model, candidates, links, m, batch, workload.context, options)
+            # a round slower than this gives fewer tokens/s than the best plan so far
+            incumbent = batch / best_rate if best_rate else INF
+            value, chain, tau = _plan_for_micro_batch(tables, micro_batches(batch, m), exact, incumbent)
+            if chain and batch / value > best_rate:
+                _, relayed = _hops_under(tables, tau)
+                flags = tuple(bool(relayed[u, v]) for (u, _), (v, _) in itertools.pairwise(chain))
+                best_rate, best = batch / value, (batch, m, chain, flags)
+    if best is None:
+        raise PlanningError(_shortfall(model, nodes, workload.context, options))
+    batch, m, chain, flags = best
     by_name = {n.name: n for n in nodes}
     order = [candidates[i].name for i, _ in chain]
     spans = [layers for _, layers in chain]
@@ -382,16 +453,14 @@ def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workloa
                     method="dp-exact" if exact else "dp-heuristic", options=options, relay=flags)  # fmt: skip
 
 
-def _shortfall(model: ModelProfile, nodes: list[Node], workload: Workload, options: Options) -> str:
-    min_offload = max(options.offload_choices())
-    per_layer = model.weight_bytes_per_layer * (1 - min_offload) + model.kv_bytes_per_token_per_layer * (
-        workload.context * options.effective_batch(workload) * (1 - min_offload)
-    )
+def _shortfall(model: ModelProfile, nodes: list[Node], context: int, options: Options) -> str:
+    most_offload = max(options.offload_choices())
+    per_layer = (model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * context) * (1 - most_offload)
     needed = per_layer * model.num_layers
     have = sum(n.memory_bytes for n in nodes)
     gib = 1 << 30
     return (
         f"the model does not fit: {model.num_layers} layers need {needed / gib:.2f} GiB of device memory "
-        f"(with the most offloading allowed), the {len(nodes)} nodes have {have / gib:.2f} GiB; "
-        f"short by {max(needed - have, 0) / gib:.2f} GiB, or no link is fast enough"
+        f"for a single sequence of {context} tokens (with the most offloading allowed), the {len(nodes)} nodes "
+        f"have {have / gib:.2f} GiB; short by {max(needed - have, 0) / gib:.2f} GiB, or no link is fast enough"
     )

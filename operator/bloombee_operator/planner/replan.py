@@ -69,14 +69,17 @@ def diff(old: Plan | None, new: Plan) -> PlanDiff:
 
 def recost(current: Plan, model: ModelProfile, nodes: list[Node], links: Links, workload: Workload,
            options: Options) -> Plan | None:  # fmt: skip
-    """The current plan's cost under new conditions, or None when it cannot run any more."""
+    """The current plan's cost under new conditions, or None when it cannot run any more.
+
+    It keeps the number of sequences it admitted, unless the demand has fallen below it.
+    """
     by_name = {n.name: n for n in nodes}
     if any(stage.node not in by_name for stage in current.stages):
         return None
     try:
         again = evaluate(model, by_name, links, [s.node for s in current.stages],
                          [s.layers[1] - s.layers[0] for s in current.stages], current.micro_batch,
-                         options.effective_batch(workload), workload.context,
+                         min(current.batch, options.effective_batch(workload)), workload.context,
                          offloads=[(s.offload_weights, s.offload_kv) for s in current.stages],
                          method=current.method, relay=current.relay_hops)  # fmt: skip
     except PlanningError:
