@@ -117,3 +117,22 @@ def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
     assert "spec.planner.maxMicroBatch" in outcome.conditions[0]["message"]
     assert outcome.events[0].type == "Warning" and outcome.events[0].reason == "InvalidSpec"
     assert not backend.processes
+
+
+@pytest.mark.model
+def test_a_demand_larger_than_the_nodes_hold_is_planned_for_what_fits(tmp_path, tiny_dir):
+    backend = LocalBackend(tmp_path / "run", threads_per_stage=1)
+    resource = body(str(tiny_dir), TWO_NODES)
+    resource["spec"]["planner"]["concurrency"] = 16
+    try:
+        apply_outcome(resource, control.deploy(resource, backend))
+        plan = resource["status"]["plan"]
+        admitted = plan["maxSequences"]
+        assert 1 <= admitted == plan["batch"] < 16
+        planned = {c["type"]: c for c in resource["status"]["conditions"]}["Planned"]
+        assert planned["status"] == "True" and f"admits {admitted} of the 16 sequences" in planned["message"]
+        gateway = next(p for name, p in backend.processes.items() if name.endswith("-gateway"))
+        assert gateway.args[gateway.args.index("--max-sequences") + 1] == str(admitted)
+        assert chat(resource["status"]["endpoint"])["usage"]["completion_tokens"] == 4
+    finally:
+        backend.stop()

@@ -220,6 +220,11 @@ def deploy(body: dict, backend: Backend, clock: Callable[[], float] = time.time,
                            "stagesReady": ready, "observedGeneration": generation})  # fmt: skip
     tokens = planned["predictedTokensPerSecond"]
     summary = f"{_describe(desired)}; {tokens:.1f} tokens/s predicted ({reason})"
+    asked = resource.spec.planner.concurrency
+    if planned.get("maxSequences", asked) < asked:
+        admitted = planned["maxSequences"]
+        summary += (f"; admits {admitted} of the {asked} sequences of planner.concurrency at once (more would "
+                    "not fit or would cost more than they bring); the rest wait at the gateway")  # fmt: skip
     outcome.conditions += [
         condition(PLANNED, True, "Planned" if adopted else "Kept", summary, at),
         condition(STAGES_READY, False, "Deploying", "waiting for stages", at),
