@@ -191,10 +191,9 @@ def _subsets(tables: _Tables, tau: float, ceiling: float = INF) -> tuple[float, 
     stage = _stage_under(tables, tau)
     bound, _ = _in_order(tables, tau)
     bound = min(bound, ceiling)
-    per_layer = stage[:, 1:] / np.arange(1, width)
-    if not np.isfinite(per_layer).any():
+    fastest = _cheapest_layer(stage)
+    if math.isinf(fastest):
         return INF, []
-    fastest = float(per_layer[np.isfinite(per_layer)].min())
     finishing = (layers - np.arange(width)) * fastest + float(tables.out_latency.min())
     hopeless = (bound + 1e-9 * abs(bound) - finishing) if np.isfinite(bound) else np.full(width, INF)
     capacity = [int(np.flatnonzero(np.isfinite(stage[v]))[-1]) if np.isfinite(stage[v]).any() else 0
@@ -303,15 +302,18 @@ def _candidate_taus(tables: _Tables) -> np.ndarray:
     return np.unique(values)
 
 
+def _cheapest_layer(stage: np.ndarray) -> float:
+    """The lowest seconds per layer any node offers in a stage table (inf when none fits)."""
+    per_layer = stage[:, 1:] / np.arange(1, stage.shape[1])
+    finite = per_layer[np.isfinite(per_layer)]
+    return float(finite.min()) if finite.size else INF
+
+
 def _cycle_floor(tables: _Tables) -> float:
     """A lower bound on any chain's cycle C: in and out at the nearest nodes, every layer at the
     lowest cost per layer any node offers."""
-    width = tables.stage.shape[1]
-    per_layer = tables.stage[:, 1:] / np.arange(1, width)
-    if not np.isfinite(per_layer).any():
-        return INF
-    cheapest = float(per_layer[np.isfinite(per_layer)].min())
-    return float(tables.in_latency.min() + tables.out_latency.min()) + (width - 1) * cheapest
+    layers = tables.stage.shape[1] - 1
+    return float(tables.in_latency.min() + tables.out_latency.min()) + layers * _cheapest_layer(tables.stage)
 
 
 def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool, incumbent: float = INF,
