@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("-f", "--file", required=True, help="DistributedLLM YAML")
     planner.add_argument("--links", default=None, help="measured links (status.links shape); default: 1 ms, 1 Gb/s")
     planner.add_argument("--nodes", default=None, help="nodes with measured speeds; default: the resource's hints")
-    planner.add_argument("--batch", type=int, default=None, help="sequences in flight (default planner.concurrency)")
+    planner.add_argument("--batch", type=int, default=None, help="sequences users keep in flight, the demand; the "
+                         "plan admits up to this many (default planner.concurrency)")  # fmt: skip
     planner.add_argument(
         "--context", type=int, default=None, help="tokens per sequence (default planner.contextTokens)"
     )
