@@ -97,7 +97,8 @@ def brute_force(model, nodes, links, workload, options, keep_order: list[str] | 
                 for spans in compositions(model.num_layers, count):
                     for relay in relay_choices:
                         result = evaluate(model, by_name, links, list(order), spans, m, batch, workload.context,
-                                          options=options, relay=relay)  # fmt: skip
+                                          options=options, relay=relay,
+                                          resident=options.held(workload, batch))  # fmt: skip
                         best = max(best, batch / result.round_s)
     return best
 
@@ -117,7 +118,7 @@ def test_dp_equals_brute_force(seed):
     again = evaluate(model, {n.name: n for n in nodes}, links, [s.node for s in result.stages],
                      [s.layers[1] - s.layers[0] for s in result.stages], result.micro_batch, result.batch,
                      workload.context, offloads=[(s.offload_weights, s.offload_kv) for s in result.stages],
-                     relay=result.relay_hops)  # fmt: skip
+                     relay=result.relay_hops, resident=result.held)  # fmt: skip
     assert again.round_s == pytest.approx(result.round_s, rel=1e-12)
     assert result.stages[0].layers[0] == 0 and result.stages[-1].layers[1] == model.num_layers
 
@@ -193,6 +194,25 @@ def test_admits_fewer_sequences_when_the_demand_does_not_fit_or_does_not_pay():
     assert 0 < all_eight < result.tokens_per_second
     with pytest.raises(PlanningError, match="single sequence of 100 tokens"):
         plan(model, [replace(node, memory_bytes=300 * MB)], links, demand, Options(allow_offload=False))
+
+
+def test_a_latency_plan_holds_the_kv_of_the_whole_demand():
+    """One conversation is timed, but the stages keep every conversation's KV between turns."""
+    model = ModelProfile(num_layers=4, weight_bytes_per_layer=100 * MB, kv_bytes_per_token_per_layer=64 * 1024,
+                         hidden_bytes_per_token=4096)  # fmt: skip
+    per_sequence = 4 * 64 * 1024 * 100
+    node = Node("gpu", "c", memory_bytes=400 * MB + 2 * per_sequence, seconds_per_layer=1e-3,
+                seconds_per_layer_token=1e-5)  # fmt: skip
+    links = Links(
+        between={(GATEWAY, "c"): Link(0.01, 1e8), ("c", "d"): Link(0.001, 1e9), (GATEWAY, "d"): Link(0.01, 1e8)}
+    )
+    latency = Options(objective="latency", allow_offload=False)
+    assert plan(model, [node], links, Workload(batch=2, context=100), latency).held == 2
+    with pytest.raises(PlanningError, match="the KV of 4 sequences"):
+        plan(model, [node], links, Workload(batch=4, context=100), latency)
+    result = plan(model, [node, replace(node, name="other", cluster="d")], links, Workload(batch=4, context=100),
+                  latency)  # fmt: skip
+    assert len(result.stages) == 2 and result.held == 4 and result.batch == 1
 
 
 def test_offload_lets_a_small_node_hold_the_model():

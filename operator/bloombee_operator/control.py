@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from bloombee_operator.model_shape import ModelShapeError
 from bloombee_operator.planner import PlanningError
 from bloombee_operator.planner.replan import PlanDiff
-from bloombee_operator.planning import admitted_sequences, decide, plan_status, stage_plans
+from bloombee_operator.planning import decide, plan_status, stage_plans
 from bloombee_operator.reconcile import DesiredState, ModelShape, StagePlan, desired_state
 from bloombee_operator.resource import DistributedLLM, ResourceError, parse_resource
 
@@ -164,7 +164,7 @@ def _plan(resource: DistributedLLM, shape: ModelShape, links: list[dict], curren
     planned = plan_status(decision.plan, inputs.nodes)
     for entry, stage in zip(planned["stages"], stage_plans(decision.plan, inputs), strict=True):
         entry["kvBudgetGiB"] = round(stage.kv_budget_gib or 0, 6)
-    planned["maxSequences"] = admitted_sequences(inputs.options, inputs.workload, decision.plan.batch)
+    planned["maxSequences"] = decision.plan.held  # the sequences the stages' KV budgets hold
     planned["plannedAt"] = planned["checkedAt"] = now_iso(clock)
     return planned, True, decision.reason, decision.diff
 

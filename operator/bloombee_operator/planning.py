@@ -59,20 +59,13 @@ def decide(resource: DistributedLLM, shape: ModelShape, links: list[dict],
 def stage_plans(plan: Plan, inputs: PlannerInputs) -> list[StagePlan]:
     """The plan's stages as reconcile takes them: cluster, span, node, offload and KV budgets.
 
-    A stage's KV budget is what the plan sized it for: its layers' KV for the sequences it admits
-    (``admitted_sequences`` x context), all of it, since offloaded KV is paged through the same cache.
+    A stage's KV budget is what the plan sized it for: its layers' KV for the sequences it holds
+    (``Plan.held`` x context), all of it, since offloaded KV is paged through the same cache.
     """
     cluster_of = {node.name: node.cluster for node in inputs.nodes}
-    sequences = admitted_sequences(inputs.options, inputs.workload, plan.batch)
-    per_layer = inputs.profile.kv_bytes_per_token_per_layer * inputs.workload.context * sequences
+    per_layer = inputs.profile.kv_bytes_per_token_per_layer * inputs.workload.context * plan.held
     return [StagePlan(cluster_of[s.node], s.layers, s.node, s.offload_weights, s.offload_kv,
                       (s.layers[1] - s.layers[0]) * per_layer / GIB) for s in plan.stages]  # fmt: skip
-
-
-def admitted_sequences(options: Options, workload: Workload, plan_batch: int) -> int:
-    """Sequences served at once, which the stages' KV budgets hold and the gateway seats: what a
-    throughput plan admitted; a latency plan is costed for one conversation, so it keeps the demand."""
-    return plan_batch if options.objective == "throughput" else workload.batch
 
 
 def plan_status(plan: Plan, nodes: list[Node] | None = None) -> dict:

@@ -2,7 +2,8 @@
 
 They model the systems we compare against, which neither cut batches into micro-batches nor
 offload nor compress: each runs the whole batch as one (m = B) with every weight and KV byte on
-the device, and sends hidden states raw whatever codecs the model profile offers.
+the device (the KV of the whole demand, under the latency objective too), and sends hidden
+states raw whatever codecs the model profile offers.
 By default plans are costed with relay execution (the client forwards every hop), as Petals
 and the Petals-like system of Sun et al. run; ``relay=False`` costs the same placement under
 BloomBee's push execution, to separate the gain of placement from that of execution.
@@ -46,8 +47,9 @@ def uncompressed(model: ModelProfile) -> ModelProfile:
     return replace(model, codecs=(RAW,))
 
 
-def _capacity(model: ModelProfile, node: Node, workload: Workload, batch: int) -> int:
-    per_layer = model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * workload.context * batch
+def _capacity(model: ModelProfile, node: Node, workload: Workload) -> int:
+    """Blocks a server holds with the KV of every sequence the workload keeps resident."""
+    per_layer = model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * workload.context * workload.batch
     return min(model.num_layers, int(node.memory_bytes // per_layer))
 
 
@@ -59,7 +61,8 @@ def equal_split_plan(
     used = nodes[: model.num_layers]
     spans = [end - start for start, end in equal_split(model.num_layers, len(used))]
     plan = evaluate(model, {n.name: n for n in used}, links, [n.name for n in used], spans, batch, batch,
-                    workload.context, method="equal-split", options=NO_OFFLOAD, relay=relay)  # fmt: skip
+                    workload.context, method="equal-split", options=NO_OFFLOAD, relay=relay,
+                    resident=workload.batch)  # fmt: skip
     if math.isinf(plan.round_s):
         raise PlanningError("equal split: a stage does not fit its node's memory")
     return plan
@@ -88,7 +91,8 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
                 # relayed: back to the client, then out to the next server
                 latency, _ = crossing(links, previous_cluster, node.cluster, payload, relay and covered > 0)
                 for stop in range(covered + 1, end + 1):
-                    seconds = stage_option(model, node, stop - covered, batch, batch, workload.context, 0.0, 0.0)
+                    seconds = stage_option(model, node, stop - covered, batch, batch, workload.context, 0.0, 0.0,
+                                           workload.batch)  # fmt: skip
                     key = (stop, name)
                     total = cost + latency + seconds
                     if total < best.get(key, (math.inf,))[0]:
@@ -108,7 +112,7 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
         spans.append(served)
         state = previous
     return evaluate(model, by_name, links, order[::-1], spans[::-1], batch, batch, workload.context,
-                    method=method, options=NO_OFFLOAD, relay=relay)  # fmt: skip
+                    method=method, options=NO_OFFLOAD, relay=relay, resident=workload.batch)  # fmt: skip
 
 
 def _block_throughput(node: Node, batch: int) -> float:
@@ -121,7 +125,7 @@ def petals_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: 
     throughput = [0.0] * model.num_layers
     windows: dict[str, tuple[int, int]] = {}
     for node in nodes:  # servers join in the order given
-        blocks = _capacity(model, node, workload, batch)
+        blocks = _capacity(model, node, workload)
         if blocks < 1:
             continue
         starts = range(model.num_layers - blocks + 1)
@@ -141,7 +145,7 @@ def sun_greedy_plan(model: ModelProfile, nodes: list[Node], links: Links, worklo
     for node in ranked:
         if next_block >= model.num_layers:
             break
-        blocks = _capacity(model, node, workload, batch)
+        blocks = _capacity(model, node, workload)
         if blocks < 1:
             continue
         windows[node.name] = (next_block, min(model.num_layers, next_block + blocks))

@@ -47,8 +47,10 @@ cycle gateway -> stage 1 -> ... -> stage P -> gateway, so
     tokens/s = B / T,   per-token latency = T
 
 Objective "throughput" maximises B / T, with the workload's B as the demand: the plan may
-admit fewer sequences (dp.batch_sizes) when that gives more tokens/s. "latency" plans for a
-single sequence (B = 1), where T is the time between two tokens of one conversation.
+admit fewer sequences (dp.batch_sizes) when that gives more tokens/s. "latency" times a single
+sequence (B = 1), where T is the time between two tokens of one conversation, while the device
+memory still holds the KV of the whole demand (R sequences resident: S * R in place of S * B
+above, and a micro-batch pages in its own share, k * S * m * f_kv per layer).
 """
 
 from __future__ import annotations
@@ -127,6 +129,12 @@ class Options:
     def effective_batch(self, workload: Workload) -> int:
         return 1 if self.objective == "latency" else workload.batch
 
+    def held(self, workload: Workload, batch: int) -> int:
+        """Sequences whose KV the stages hold for a plan timed at ``batch`` in flight: those very
+        sequences under throughput; under latency, where one conversation is timed alone, the
+        whole demand, which stays resident between its turns."""
+        return batch if self.objective == "throughput" else workload.batch
+
     def offload_choices(self) -> tuple[float, ...]:
         return self.offload_grid if self.allow_offload else (0.0,)
 
@@ -150,6 +158,11 @@ class Plan:
     round_s: float  # T
     method: str = "dp"
     relay_hops: tuple[bool, ...] = ()  # per hop between stages: through the gateway instead of direct
+    resident: int | None = None  # sequences whose KV the stages hold (Options.held); None: ``batch``
+
+    @property
+    def held(self) -> int:
+        return self.resident or self.batch
 
     @property
     def relay(self) -> bool:
@@ -170,23 +183,28 @@ def micro_batches(batch: int, micro_batch: int) -> int:
 
 def stage_option(
     model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int,
-    offload_weights: float, offload_kv: float,
+    offload_weights: float, offload_kv: float, resident: int | None = None,
 ) -> float:  # fmt: skip
-    """Seconds per micro-batch for ``node`` serving ``layers`` layers, or inf when it does not fit."""
+    """Seconds per micro-batch for ``node`` serving ``layers`` layers, or inf when it does not fit.
+
+    ``resident``: sequences whose KV is held (default ``batch``); a micro-batch pages in its own share.
+    """
+    resident = resident or batch
     weights = layers * model.weight_bytes_per_layer
-    kv = layers * model.kv_bytes_per_token_per_layer * context * batch
+    kv = layers * model.kv_bytes_per_token_per_layer * context * resident
     if weights * (1 - offload_weights) + kv * (1 - offload_kv) > node.memory_bytes:
         return math.inf
     compute = layers * (node.seconds_per_layer + node.seconds_per_layer_token * micro_batch)
     n = micro_batches(batch, micro_batch)
-    streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / batch
+    streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / resident
     stream = streamed / node.host_bandwidth
     return max(compute, stream) + node.stream_interference * stream
 
 
 def best_stage(
-    model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int, options: Options
-) -> tuple[float, float, float]:
+    model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int, options: Options,
+    resident: int | None = None,
+) -> tuple[float, float, float]:  # fmt: skip
     """The fastest (seconds, f_w, f_kv) on the offload grid; seconds is inf when nothing fits.
 
     Every plan cost is non-decreasing in each stage's time, so a stage's best offload choice does
@@ -195,7 +213,7 @@ def best_stage(
     best = (math.inf, 0.0, 0.0)
     for f_w in options.offload_choices():
         for f_kv in options.offload_choices():
-            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv)
+            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident)
             if seconds < best[0]:
                 best = (seconds, f_w, f_kv)
     return best
@@ -251,10 +269,12 @@ def evaluate(
     model: ModelProfile, nodes: dict[str, Node], links: Links, order: list[str], spans: list[int],
     micro_batch: int, batch: int, context: int, offloads: list[tuple[float, float]] | None = None,
     method: str = "given", options: Options | None = None, relay: bool | tuple[bool, ...] = False,
+    resident: int | None = None,
 ) -> Plan:  # fmt: skip
     """The cost of a fully specified pipeline (order of nodes, layers per stage, micro-batch, offloads).
 
     With ``offloads`` None each stage takes its best offload choice on ``options``' grid.
+    ``resident``: sequences whose KV the stages hold, when more than the ``batch`` timed.
     """
     options = options or Options()
     if sum(spans) != model.num_layers or any(s < 1 for s in spans) or len(spans) != len(order):
@@ -263,10 +283,10 @@ def evaluate(
     for index, (name, layers) in enumerate(zip(order, spans, strict=True)):
         node = nodes[name]
         if offloads is None:
-            seconds, f_w, f_kv = best_stage(model, node, layers, micro_batch, batch, context, options)
+            seconds, f_w, f_kv = best_stage(model, node, layers, micro_batch, batch, context, options, resident)
         else:
             f_w, f_kv = offloads[index]
-            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv)
+            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident)
         cycle += seconds
         bottleneck = max(bottleneck, seconds)
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
@@ -278,4 +298,5 @@ def evaluate(
             bottleneck = max(bottleneck, busy)
     n = micro_batches(batch, micro_batch)
     flags = relay_flags(relay, len(order))
-    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method, flags)
+    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method, flags,
+                resident if resident and resident != batch else None)  # fmt: skip

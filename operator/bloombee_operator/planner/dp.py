@@ -18,7 +18,8 @@ bring, and it turns a demand that does not fit at all into a plan for what does.
 best bound first (``_rate_ceiling``, a cheap upper bound on tokens/s from the trip, compute and
 streaming a round needs), and the search stops at the first size whose bound the best plan so
 far reaches. Within a size, a round slower than B / (best tokens/s so far) cannot win: that is
-the incumbent the bisection starts from.
+the incumbent the bisection starts from. Under the latency objective one conversation is timed
+(B = 1) while the stages hold the KV of the whole demand (``Options.held``).
 
 Node order:
 
@@ -75,7 +76,8 @@ class _Tables:
     twin_before: np.ndarray  # [N] the previous node alike in every respect (cluster, memory, speeds), or -1
 
 
-def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, context: int, options: Options):
+def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, context: int, options: Options,
+                resident: int):  # fmt: skip
     """Vectorised cost.best_stage for every node and every layer count: seconds [N, L+1]."""
     layers = np.arange(model.num_layers + 1, dtype=float)[None, :]
     memory = np.array([n.memory_bytes for n in nodes])[:, None]
@@ -84,14 +86,14 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
     host = np.array([n.host_bandwidth for n in nodes])[:, None]
     interference = np.array([n.stream_interference for n in nodes])[:, None]
     weights = layers * model.weight_bytes_per_layer
-    kv = layers * model.kv_bytes_per_token_per_layer * context * batch
+    kv = layers * model.kv_bytes_per_token_per_layer * context * resident
     compute = layers * (a + b * m)
     n = micro_batches(batch, m)
     best = np.full((len(nodes), model.num_layers + 1), INF)
     for f_w in options.offload_choices():
         for f_kv in options.offload_choices():
             fits = weights * (1 - f_w) + kv * (1 - f_kv) <= memory
-            streamed = weights * f_w / n + kv * f_kv * m / batch
+            streamed = weights * f_w / n + kv * f_kv * m / resident
             stream = streamed / host
             seconds = np.where(fits, np.maximum(compute, stream) + interference * stream, INF)
             best = np.minimum(best, seconds)
@@ -100,7 +102,7 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
 
 
 def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch: int, context: int,
-            options: Options) -> _Tables:  # fmt: skip
+            options: Options, resident: int) -> _Tables:  # fmt: skip
     count = len(nodes)
     hop_latency, hop_busy = np.zeros((count, count)), np.zeros((count, count))
     relay_latency, relay_busy = np.full((count, count), INF), np.full((count, count), INF)
@@ -119,7 +121,7 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
                     relay_latency[i, j], relay_busy[i, j] = by_clusters[key]
                 else:
                     hop_latency[i, j], hop_busy[i, j] = by_clusters[key]
-    stage = stage_table(model, nodes, m, batch, context, options)
+    stage = stage_table(model, nodes, m, batch, context, options, resident)
     last_alike: dict[tuple, int] = {}
     twin_before = np.full(count, -1)
     for i, u in enumerate(nodes):
@@ -392,7 +394,7 @@ def batch_sizes(demand: int) -> list[int]:
 
 
 def _rate_ceiling(model: ModelProfile, nodes: list[Node], links: Links, batch: int, context: int,
-                  options: Options) -> float:  # fmt: skip
+                  options: Options, resident: int) -> float:  # fmt: skip
     """An upper bound on the tokens/s of any plan for ``batch`` sequences on ``nodes``, from three
     lower bounds on the round T (cost.py):
 
@@ -409,7 +411,7 @@ def _rate_ceiling(model: ModelProfile, nodes: list[Node], links: Links, batch: i
     fastest_b = min(node.seconds_per_layer_token for node in nodes)
     micro = math.ceil(batch / min(options.max_micro_batch, batch))
     compute = layers * (micro * fastest_a + batch * fastest_b) / min(len(nodes), layers)
-    needed = layers * (model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * context * batch)
+    needed = layers * (model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * context * resident)
     over = max(0.0, needed - sum(node.memory_bytes for node in nodes))
     if over and max(options.offload_choices()) == 0:
         return 0.0
@@ -431,13 +433,14 @@ def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workloa
     exact = len(nodes) <= options.exact_node_limit
     candidates = nodes if exact else heuristic_order(nodes, links, model, 2 * options.exact_node_limit)
     best_rate, best = 0.0, None
-    ceilings = {batch: _rate_ceiling(model, candidates, links, batch, workload.context, options)
-                for batch in batch_sizes(demand)}  # fmt: skip
+    ceilings = {batch: _rate_ceiling(model, candidates, links, batch, workload.context, options,
+                                     options.held(workload, batch)) for batch in batch_sizes(demand)}  # fmt: skip
     for batch in sorted(ceilings, key=lambda size: (-ceilings[size], -size)):  # most promising first
         if ceilings[batch] <= best_rate:
             break  # neither this size nor any after it can do better
         for m in micro_batch_sizes(batch, options.max_micro_batch):
-            tables = _tables(model, candidates, links, m, batch, workload.context, options)
+            tables = _tables(model, candidates, links, m, batch, workload.context, options,
+                             options.held(workload, batch))  # fmt: skip
             # a round slower than this gives fewer tokens/s than the best plan so far
             incumbent = batch / best_rate if best_rate else INF
             value, chain, tau = _plan_for_micro_batch(tables, micro_batches(batch, m), exact, incumbent)
@@ -446,23 +449,25 @@ def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workloa
                 flags = tuple(bool(relayed[u, v]) for (u, _), (v, _) in itertools.pairwise(chain))
                 best_rate, best = batch / value, (batch, m, chain, flags)
     if best is None:
-        raise PlanningError(_shortfall(model, nodes, workload.context, options))
+        raise PlanningError(_shortfall(model, nodes, workload.context, options.held(workload, 1), options))
     batch, m, chain, flags = best
     by_name = {n.name: n for n in nodes}
     order = [candidates[i].name for i, _ in chain]
     spans = [layers for _, layers in chain]
     return evaluate(model, by_name, links, order, spans, m, batch, workload.context,
-                    method="dp-exact" if exact else "dp-heuristic", options=options, relay=flags)  # fmt: skip
+                    method="dp-exact" if exact else "dp-heuristic", options=options, relay=flags,
+                    resident=options.held(workload, batch))  # fmt: skip
 
 
-def _shortfall(model: ModelProfile, nodes: list[Node], context: int, options: Options) -> str:
+def _shortfall(model: ModelProfile, nodes: list[Node], context: int, sequences: int, options: Options) -> str:
     most_offload = max(options.offload_choices())
-    per_layer = (model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * context) * (1 - most_offload)
-    needed = per_layer * model.num_layers
+    kv = model.kv_bytes_per_token_per_layer * context * sequences
+    needed = (model.weight_bytes_per_layer + kv) * (1 - most_offload) * model.num_layers
     have = sum(n.memory_bytes for n in nodes)
     gib = 1 << 30
+    held = "a single sequence" if sequences == 1 else f"the KV of {sequences} sequences (planner.concurrency)"
     return (
         f"the model does not fit: {model.num_layers} layers need {needed / gib:.2f} GiB of device memory "
-        f"for a single sequence of {context} tokens (with the most offloading allowed), the {len(nodes)} nodes "
+        f"for {held} of {context} tokens (with the most offloading allowed), the {len(nodes)} nodes "
         f"have {have / gib:.2f} GiB; short by {max(needed - have, 0) / gib:.2f} GiB, or no link is fast enough"
     )

@@ -76,12 +76,13 @@ def recost(current: Plan, model: ModelProfile, nodes: list[Node], links: Links, 
     by_name = {n.name: n for n in nodes}
     if any(stage.node not in by_name for stage in current.stages):
         return None
+    batch = min(current.batch, options.effective_batch(workload))
     try:
         again = evaluate(model, by_name, links, [s.node for s in current.stages],
-                         [s.layers[1] - s.layers[0] for s in current.stages], current.micro_batch,
-                         min(current.batch, options.effective_batch(workload)), workload.context,
-                         offloads=[(s.offload_weights, s.offload_kv) for s in current.stages],
-                         method=current.method, relay=current.relay_hops)  # fmt: skip
+                         [s.layers[1] - s.layers[0] for s in current.stages], current.micro_batch, batch,
+                         workload.context, offloads=[(s.offload_weights, s.offload_kv) for s in current.stages],
+                         method=current.method, relay=current.relay_hops,
+                         resident=options.held(workload, batch))  # fmt: skip
     except PlanningError:
         return None
     return None if math.isinf(again.round_s) else again

@@ -95,7 +95,7 @@ def simulate(
             node = nodes[stage.node]
             layers = stage.layers[1] - stage.layers[0]
             seconds = stage_option(model, node, layers, occupants, plan.batch, context, stage.offload_weights,
-                                   stage.offload_kv)  # fmt: skip
+                                   stage.offload_kv, plan.held)  # fmt: skip
             done = max(now, stage_free[position]) + seconds
             stage_free[position] = done
             heapq.heappush(events, (cross(position + 1, done, occupants), tie := tie + 1, "stage", slot, position + 1))
