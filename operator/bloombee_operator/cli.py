@@ -178,7 +178,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from bloombee_operator.backends.local import model_config
     from bloombee_operator.planner import plan
     from bloombee_operator.planner.inputs import load_links, nodes_from_file
-    from bloombee_operator.planning import plan_status, planner_inputs
+    from bloombee_operator.planning import admission_note, plan_status, planner_inputs
 
     resource = load_resource(args.file)
     spec = resource.spec
@@ -194,9 +194,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan_status(result, nodes), indent=2))
         return 0
     _print_plan(plan_status(result, nodes))
-    if result.batch < inputs.options.effective_batch(workload):
-        print(f"admits {result.batch} of the {workload.batch} sequences asked for: more would not fit, or would "
-              f"cost more than they bring; the others wait at the gateway for a seat")  # fmt: skip
+    admission = admission_note(result.held, workload.batch)
+    if admission:
+        print(admission)
     return 0
 
 

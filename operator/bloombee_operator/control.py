@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from bloombee_operator.model_shape import ModelShapeError
 from bloombee_operator.planner import PlanningError
 from bloombee_operator.planner.replan import PlanDiff
-from bloombee_operator.planning import decide, plan_status, stage_plans
+from bloombee_operator.planning import admission_note, decide, plan_status, stage_plans
 from bloombee_operator.reconcile import DesiredState, ModelShape, StagePlan, desired_state
 from bloombee_operator.resource import DistributedLLM, ResourceError, parse_resource
 
@@ -221,10 +221,9 @@ def deploy(body: dict, backend: Backend, clock: Callable[[], float] = time.time,
     tokens = planned["predictedTokensPerSecond"]
     summary = f"{_describe(desired)}; {tokens:.1f} tokens/s predicted ({reason})"
     asked = resource.spec.planner.concurrency
-    if planned.get("maxSequences", asked) < asked:
-        admitted = planned["maxSequences"]
-        summary += (f"; admits {admitted} of the {asked} sequences of planner.concurrency at once (more would "
-                    "not fit or would cost more than they bring); the rest wait at the gateway")  # fmt: skip
+    admission = admission_note(planned.get("maxSequences", asked), asked)
+    if admission:
+        summary += f"; {admission}"
     outcome.conditions += [
         condition(PLANNED, True, "Planned" if adopted else "Kept", summary, at),
         condition(STAGES_READY, False, "Deploying", "waiting for stages", at),

@@ -68,6 +68,14 @@ def stage_plans(plan: Plan, inputs: PlannerInputs) -> list[StagePlan]:
                       (s.layers[1] - s.layers[0]) * per_layer / GIB) for s in plan.stages]  # fmt: skip
 
 
+def admission_note(held: int, asked: int) -> str | None:
+    """What users should know when a plan holds fewer sequences than ``planner.concurrency`` asks for."""
+    if held >= asked:
+        return None
+    return (f"admits {held} of the {asked} sequences asked for at once (more would not fit or "
+            "would cost more than they bring); the rest wait at the gateway for a seat")  # fmt: skip
+
+
 def plan_status(plan: Plan, nodes: list[Node] | None = None) -> dict:
     """A plan in the shape of the resource's ``status.plan``."""
     cluster_of = {node.name: node.cluster for node in nodes or []}
