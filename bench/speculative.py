@@ -78,7 +78,7 @@ class Running:
 
     def __init__(self, run_dir: Path, delay_ms: float, gateway_args: list[str]) -> None:
         from bloombee_operator.backends.local import LocalBackend
-        from bloombee_operator.reconcile import desired_state
+        from bloombee_operator.desired import desired_state
         from pipelines import resource_for
 
         self.backend = LocalBackend(run_dir, threads_per_stage=1, link_delay_ms=delay_ms, gateway_args=gateway_args,

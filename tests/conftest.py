@@ -11,7 +11,7 @@ from pipelines import SMOLLM2, Pipeline, make_tiny_llama, start_pipeline
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from bloombee_stage.model import prepare_model
+    from bloombee_stage.model.loading import prepare_model
 
     return prepare_model(SMOLLM2)
 

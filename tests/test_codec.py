@@ -8,19 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bloombee_operator.planner.cost import Link, hop
-from bloombee_operator.planner.inputs import codec_candidates
-from bloombee_stage.codec import CODECS, ITEMSIZE, CodecError
-from bloombee_stage.codec_policy import (
+from bloombee_contract.codec_cost import (
     COMPRESSING,
     DEFAULT_PROFILES,
     RAW,
-    CodecStats,
     choose_codec,
     crossover_bandwidth,
     wire_seconds,
 )
-from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame
+from bloombee_operator.planner.cost import Link, hop
+from bloombee_operator.planner.inputs import codec_candidates
+from bloombee_stage.wire.codec_stats import CodecStats
+from bloombee_stage.wire.codecs import CODECS, ITEMSIZE, CodecError
+from bloombee_stage.wire.frame import Frame, WireError, decode_frame, encode_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -7,9 +7,10 @@ import urllib.request
 
 import pytest
 import torch
-from bloombee_stage.protocol import CODECS_PATH, RowMeta, StepMeta
-from bloombee_stage.tensors import tensor_frame
-from bloombee_stage.wire import encode_frame
+from bloombee_contract.paths import CODECS_PATH
+from bloombee_stage.wire.frame import encode_frame
+from bloombee_stage.wire.messages import RowMeta, StepMeta
+from bloombee_stage.wire.tensors import tensor_frame
 from pipelines import SMOLLM2, start_pipeline
 from test_bad_input import post_frame, tiny_chat
 from test_pipeline_smollm2 import chat_request, completion_request, reference_tokens

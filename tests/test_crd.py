@@ -9,8 +9,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from bloombee_operator.crd import crd_manifest, render, spec_schema
-from bloombee_operator.resource import ResourceError, parse_resource
+from bloombee_operator.api.crd import crd_manifest, render, spec_schema
+from bloombee_operator.api.resource import ResourceError, parse_resource
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = "1.37"

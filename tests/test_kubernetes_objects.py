@@ -6,7 +6,8 @@ import itertools
 
 import kubernetes_validate
 import pytest
-from bloombee_operator.backends.kubernetes import (
+from bloombee_operator.api.resource import parse_resource
+from bloombee_operator.backends.kubernetes.objects import (
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     Owner,
@@ -15,8 +16,8 @@ from bloombee_operator.backends.kubernetes import (
     render_probes,
     selector,
 )
-from bloombee_operator.reconcile import ModelShape, desired_state
-from bloombee_operator.resource import parse_resource
+from bloombee_operator.desired import desired_state
+from bloombee_operator.model_shape import ModelShape
 
 KUBERNETES = "1.37"
 OWNER = Owner(name="geo", namespace="llm", uid="0b5c3c55-7f31-4c2a-9d3b-2b0d5e1f7a10")

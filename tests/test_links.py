@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from bloombee_operator.planner.inputs import links_from_entries, parse_links
-from bloombee_stage.probe import LinkMeasurementError, Samples, measure, summarise
+from bloombee_stage.serving.probe import LinkMeasurementError, Samples, measure, summarise
 from pipelines import post_json
 
 

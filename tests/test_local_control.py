@@ -1,4 +1,4 @@
-"""The operator's reconcile steps (control.py) run end to end with the local backend: real stage
+"""The operator's reconcile steps (reconcile.py) run end to end with the local backend: real stage
 processes and a real gateway on loopback, the planner's spans, a scale-out, a crash, a delete."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from bloombee_operator import control
+from bloombee_operator import reconcile
 from bloombee_operator.backends.local import LocalBackend
 
 # Tiny Llama layers are ~150 KB of weights and 64 KB of KV (1 sequence x 256 tokens): a node of
@@ -27,7 +27,7 @@ def body(source: str, nodes: list[dict]) -> dict:
                      "compression": "off"}}  # fmt: skip
 
 
-def apply_outcome(resource: dict, outcome: control.Outcome) -> None:
+def apply_outcome(resource: dict, outcome: reconcile.Outcome) -> None:
     resource["status"] = outcome.applied_to(resource.get("status"))
 
 
@@ -42,7 +42,7 @@ def chat(endpoint: str) -> dict:
 
 def spans(backend: LocalBackend) -> dict[str, str]:
     """Stage name -> the --layers its live process was started with."""
-    return {p.name: p.args[p.args.index("--layers") + 1] for p in backend.processes.values()
+    return {p.name: p.command[p.command.index("--layers") + 1] for p in backend.processes.values()
             if "-stage-" in p.name and p.alive}  # fmt: skip
 
 
@@ -51,7 +51,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
     backend = LocalBackend(tmp_path / "run", threads_per_stage=1)
     resource = body(str(tiny_dir), TWO_NODES)
     try:
-        created = control.deploy(resource, backend)
+        created = reconcile.deploy(resource, backend)
         apply_outcome(resource, created)
         plan = resource["status"]["plan"]
         assert [s["layers"] for s in plan["stages"]] == [[0, 2], [2, 6]]
@@ -60,13 +60,13 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         endpoint = resource["status"]["endpoint"]
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
 
-        apply_outcome(resource, control.keep(resource, backend))
+        apply_outcome(resource, reconcile.keep(resource, backend))
         assert resource["status"]["phase"] == "Ready" and resource["status"]["stagesReady"] == "2/2"
 
         # planner.replanEvery (10m) later the timer plans again; nothing changed, so the plan is
         # kept (hysteresis) and no process restarts.
         pids = {name: p.popen.pid for name, p in backend.processes.items()}
-        later = control.keep(resource, backend, clock=lambda: time.time() + 601)
+        later = reconcile.keep(resource, backend, clock=lambda: time.time() + 601)
         apply_outcome(resource, later)
         planned = {c["type"]: c for c in resource["status"]["conditions"]}["Planned"]
         assert planned["reason"] == "Kept" and "< 10%" in planned["message"]
@@ -76,7 +76,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         # Stage 0 keeps its span and its process; stage 1 changes; stage 2 is new.
         first_pid = backend.processes["tiny-stage-0"].popen.pid
         resource["spec"]["clusters"][0]["nodes"] = THREE_NODES
-        scaled = control.deploy(resource, backend)
+        scaled = reconcile.deploy(resource, backend)
         apply_outcome(resource, scaled)
         assert spans(backend) == {"tiny-stage-0": "0:2", "tiny-stage-1": "2:4", "tiny-stage-2": "4:6"}
         assert backend.processes["tiny-stage-0"].popen.pid == first_pid
@@ -89,18 +89,18 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         crashed = backend.processes["tiny-stage-1"]
         os.kill(crashed.popen.pid, signal.SIGKILL)
         crashed.popen.wait()
-        kept = control.keep(resource, backend)
+        kept = reconcile.keep(resource, backend)
         apply_outcome(resource, kept)
         assert [e.reason for e in kept.events] == ["Restored"] and "tiny-stage-1" in kept.events[0].message
         degraded = {c["type"]: c for c in resource["status"]["conditions"]}["Degraded"]
         assert degraded["status"] == "True" and "tiny-stage-1" in degraded["message"]
         assert backend.processes["tiny-stage-1"].url == crashed.url
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
-        apply_outcome(resource, control.keep(resource, backend))
+        apply_outcome(resource, reconcile.keep(resource, backend))
         assert resource["status"]["phase"] == "Ready"
 
         processes = list(backend.processes.values())
-        assert control.cleanup(resource, backend) == len(processes) == 4
+        assert reconcile.cleanup(resource, backend) == len(processes) == 4
         assert not backend.processes and all(p.popen.poll() is not None for p in processes)
     finally:
         backend.stop()
@@ -110,8 +110,8 @@ def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
     backend = LocalBackend(tmp_path / "run")
     resource = body("/nowhere", TWO_NODES)
     resource["spec"]["planner"]["maxMicroBatch"] = 0
-    with pytest.raises(control.Permanent) as failed:
-        control.deploy(resource, backend)
+    with pytest.raises(reconcile.Permanent) as failed:
+        reconcile.deploy(resource, backend)
     outcome = failed.value.outcome
     assert outcome.status["phase"] == "Failed"
     assert "spec.planner.maxMicroBatch" in outcome.conditions[0]["message"]
@@ -125,14 +125,14 @@ def test_a_demand_larger_than_the_nodes_hold_is_planned_for_what_fits(tmp_path, 
     resource = body(str(tiny_dir), TWO_NODES)
     resource["spec"]["planner"]["concurrency"] = 16
     try:
-        apply_outcome(resource, control.deploy(resource, backend))
+        apply_outcome(resource, reconcile.deploy(resource, backend))
         plan = resource["status"]["plan"]
         admitted = plan["maxSequences"]
         assert 1 <= admitted == plan["batch"] < 16
         planned = {c["type"]: c for c in resource["status"]["conditions"]}["Planned"]
         assert planned["status"] == "True" and f"admits {admitted} of the 16 sequences" in planned["message"]
         gateway = next(p for name, p in backend.processes.items() if name.endswith("-gateway"))
-        assert gateway.args[gateway.args.index("--max-sequences") + 1] == str(admitted)
+        assert gateway.command[gateway.command.index("--max-sequences") + 1] == str(admitted)
         assert chat(resource["status"]["endpoint"])["usage"]["completion_tokens"] == 4
     finally:
         backend.stop()

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
-from bloombee_stage.model import ModelSourceError, prepare_model, resolve_source
-from bloombee_stage.sessions import SessionError, SessionStore
-from bloombee_stage.span import OffloadSettings, Span, SpanError, StageModel, truncate_cache
+from bloombee_contract.model_source import ModelSourceError, resolve_source
+from bloombee_stage.model.loading import prepare_model
+from bloombee_stage.model.span import OffloadSettings, Span, SpanError, StageModel, truncate_cache
+from bloombee_stage.stage.sessions import SessionError, SessionStore
 from transformers import AutoModelForCausalLM
 
 
@@ -172,7 +173,7 @@ def test_session_store_budget_and_limits():
     store.admit("a", 0, 10, max_length=60)
     with pytest.raises(SessionError) as caught:
         store.admit("b", 0, 10, max_length=50)  # 60 + 50 > 100 tokens
-    assert caught.value.status == 507 and "KV budget exceeded" in str(caught.value)
+    assert caught.value.status == 503 and "KV budget exceeded" in str(caught.value)
     assert "b" not in store.sessions  # a refused open leaves nothing behind
     store.admit("b", 0, 10, max_length=40)
     with pytest.raises(SessionError, match="the limit is 64") as caught:

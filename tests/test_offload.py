@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from bloombee_stage.offload import spread
+from bloombee_stage.model.offload import spread
 from pipelines import SMOLLM2, start_pipeline
 from test_pipeline_smollm2 import completion_request, reference_tokens
 
@@ -27,7 +27,7 @@ def test_a_fraction_outside_zero_to_one_is_refused():
 
 def greedy(model, prompt: list[int], new_tokens: int, rollback_at: int = 5) -> tuple[list[int], object]:
     """Decode greedily through a StageModel holding the whole model; once, roll the cache back a token and redo it."""
-    from bloombee_stage.span import truncate_cache
+    from bloombee_stage.model.span import truncate_cache
 
     cache, tokens, rolled = model.new_cache(), [], False
     logits = model.forward(torch.tensor([prompt]), cache)
@@ -47,7 +47,7 @@ def greedy(model, prompt: list[int], new_tokens: int, rollback_at: int = 5) -> t
 @pytest.mark.parametrize("weights", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("kv", [0.0, 0.5, 1.0])
 def test_greedy_tokens_do_not_depend_on_offload(smollm2_dir, smollm2_reference, weights, kv, tmp_path):
-    from bloombee_stage.span import OffloadSettings, Span, StageModel
+    from bloombee_stage.model.span import OffloadSettings, Span, StageModel
 
     torch.set_num_threads(1)
     model = StageModel(smollm2_dir, Span(0, 30, 30), offload=OffloadSettings(weights, kv, kv_dir=tmp_path))

@@ -269,20 +269,20 @@ def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_pa
 
 def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(tmp_path):
     """The Kubernetes backend under the reconcile steps, straight against KMock (no kopf)."""
-    from bloombee_operator import control
-    from bloombee_operator.backends.kubernetes import Images, Owner
-    from bloombee_operator.backends.kubernetes_apply import Cluster, KubernetesBackend
-    from bloombee_operator.resource import parse_resource
+    from bloombee_operator import reconcile
+    from bloombee_operator.api.resource import parse_resource
+    from bloombee_operator.backends.kubernetes.backend import Cluster, KubernetesBackend
+    from bloombee_operator.backends.kubernetes.objects import Images, Owner
     from kubernetes import client, config
 
-    def step(body: dict) -> control.Outcome:
+    def step(body: dict) -> reconcile.Outcome:
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        outcome = control.deploy(body, KubernetesBackend(Cluster(api), parse_resource(body), owner, Images()))
+        outcome = reconcile.deploy(body, KubernetesBackend(Cluster(api), parse_resource(body), owner, Images()))
         body["status"] = outcome.applied_to(body.get("status"))
         return outcome
 
-    def deployed(outcome: control.Outcome) -> str:
+    def deployed(outcome: reconcile.Outcome) -> str:
         return next((e.message for e in outcome.events if e.reason == "Deployed"), "")
 
     with KMockThread() as server:
@@ -307,10 +307,10 @@ def test_a_due_replan_whose_probes_are_down_still_restores_stages(tmp_path):
     whole on the current plan and says why it did not re-plan."""
     import time as clock
 
-    from bloombee_operator import control
-    from bloombee_operator.backends.kubernetes import Images, Owner
-    from bloombee_operator.backends.kubernetes_apply import Cluster, KubernetesBackend
-    from bloombee_operator.resource import parse_resource
+    from bloombee_operator import reconcile
+    from bloombee_operator.api.resource import parse_resource
+    from bloombee_operator.backends.kubernetes.backend import Cluster, KubernetesBackend
+    from bloombee_operator.backends.kubernetes.objects import Images, Owner
     from kubernetes import client, config
 
     with KMockThread() as server:
@@ -323,13 +323,13 @@ def test_a_due_replan_whose_probes_are_down_still_restores_stages(tmp_path):
         meta = body["metadata"]
         backend = KubernetesBackend(Cluster(api), parse_resource(body), Owner(meta["name"], meta["namespace"],
                                                                               meta["uid"]), Images())  # fmt: skip
-        first = control.deploy(body, backend)
+        first = reconcile.deploy(body, backend)
         body["status"] = first.applied_to(body["status"])
         stages = [s for s in _deployments(api) if "-stage-" in s]
         assert len(stages) == 2 and not any("probe" in name for name in _deployments(api))  # links were known
 
         client.AppsV1Api(api).delete_namespaced_deployment(stages[0], NAMESPACE)
-        later = control.keep(body, backend, clock=lambda: clock.time() + 601)  # replanEvery (10m) is due
+        later = reconcile.keep(body, backend, clock=lambda: clock.time() + 601)  # replanEvery (10m) is due
         conditions = {c["type"]: c for c in later.conditions}
         assert (
             conditions["LinksMeasured"]["status"] == "False"

@@ -9,6 +9,7 @@ import random
 from dataclasses import replace
 
 import pytest
+from bloombee_contract.codec_cost import RAW
 from bloombee_operator.planner import (
     Link,
     Links,
@@ -23,7 +24,6 @@ from bloombee_operator.planner import (
 from bloombee_operator.planner.cost import GATEWAY, best_stage, micro_batches, stage_option
 from bloombee_operator.planner.dp import batch_sizes, micro_batch_sizes
 from bloombee_operator.planner.inputs import codec_candidates
-from bloombee_stage.codec_policy import RAW
 
 MB = 1 << 20
 

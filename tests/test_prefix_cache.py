@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from bloombee_stage.prefixes import Held, PrefixIndex, shared_length
-from bloombee_stage.protocol import RowMeta
-from bloombee_stage.sessions import SessionError, SessionStore
+from bloombee_stage.gateway.prefixes import Held, PrefixIndex
+from bloombee_stage.model.sampling import shared_length
+from bloombee_stage.stage.sessions import SessionError, SessionStore
+from bloombee_stage.wire.messages import RowMeta
 from pipelines import start_pipeline
 from test_pipeline_smollm2 import chat_request, reference_tokens
 

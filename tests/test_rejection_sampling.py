@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from bloombee_stage.generation import Generated, Speculation, TextAssembler, generate
-from bloombee_stage.protocol import RowMeta
-from bloombee_stage.sampling import SamplingParams, target_probs
-from bloombee_stage.span import Span, StageModel, truncate_cache
-from bloombee_stage.speculative import DraftLength, ModelDrafter, verify
+from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
+from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
+from bloombee_stage.model.sampling import target_probs
+from bloombee_stage.model.span import Span, StageModel, truncate_cache
+from bloombee_stage.stage.verify import verify
+from bloombee_stage.wire.messages import RowMeta, SamplingParams
 
 PROMPT = [1, 2, 3]
 NEW_TOKENS = 3

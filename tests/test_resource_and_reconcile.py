@@ -6,9 +6,10 @@ import itertools
 from pathlib import Path
 
 import pytest
+from bloombee_operator.api.resource import ResourceError, load_resource, parse_resource
+from bloombee_operator.desired import desired_state
+from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.planner import equal_split
-from bloombee_operator.reconcile import ModelShape, desired_state
-from bloombee_operator.resource import ResourceError, load_resource, parse_resource
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -89,8 +90,8 @@ def test_desired_state_names_spans_and_hash():
     assert [s.cluster for s in desired.stages] == ["eu", "us", "eu"]
     assert {s.codec for s in desired.stages} == {"zstd"}
     assert desired.gateway.name == "m-gateway" and desired.gateway.served_model_name == "m"
-    assert desired.stages[1].server_args(desired.model_source)[:4] == ["--model", desired.model_source, "--layers",
-                                                                        "10:20"]  # fmt: skip
+    assert desired.stages[1].launch(desired.model_source).args()[:4] == ["--model", desired.model_source, "--layers",
+                                                                          "10:20"]  # fmt: skip
     same = desired_state(resource, ModelShape(30, 576), num_stages=3)
     other = desired_state(resource, ModelShape(30, 576), num_stages=2)
     assert same.plan_hash == desired.plan_hash != other.plan_hash
@@ -105,17 +106,20 @@ def test_desired_state_rejects_bad_spans():
 
 
 @pytest.mark.parametrize(("draft", "expected"), [
-    ({"kind": "none"}, ["--draft", "none", "--draft-max", "8", "--micro-batch", "8"]),
+    ({"kind": "none"}, ["--micro-batch", "8"]),
     ({"kind": "early-exit", "layers": 12, "maxTokens": 6},
      ["--draft", "early-exit", "--draft-max", "6", "--draft-layers", "12", "--micro-batch", "8"]),
     ({"kind": "model", "source": "/models/small"},
-     ["--draft", "model", "--draft-max", "8", "--draft-model", "/models/small", "--micro-batch", "8"]),
+     ["--draft", "model", "--draft-model", "/models/small", "--micro-batch", "8"]),
 ])  # fmt: skip
 def test_gateway_arguments_carry_the_draft_and_micro_batch(draft, expected):
+    """Flags at their defaults are left out, so a command line says what the resource chose."""
+    stages = (("http://s0:8080",),)
     desired = desired_state(parse_resource(minimal(draft=draft)), ModelShape(30, 576))
-    assert desired.gateway.server_args()[2:] == expected
+    args = desired.gateway.launch(desired.model_source, stages, None).args()
+    assert args[args.index("--served-model-name") + 2 :] == expected
     planned = desired_state(parse_resource(minimal(draft=draft)), ModelShape(30, 576), micro_batch=3)
-    assert planned.gateway.server_args()[-2:] == ["--micro-batch", "3"]
+    assert planned.gateway.launch(desired.model_source, stages, None).args()[-2:] == ["--micro-batch", "3"]
 
 
 def test_early_exit_needs_fewer_layers_than_the_model():

@@ -8,18 +8,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from bloombee_contract.launch import GatewayLaunch, StageLaunch, parse_stage_urls
 from bloombee_operator.backends.local import LocalBackend
-from bloombee_stage.batching import SHORT_ROW, MicroBatcher
-from bloombee_stage.protocol import RowMeta
-from bloombee_stage.routing import Router, parse_stages
+from bloombee_stage.gateway.batching import SHORT_ROW, MicroBatcher
+from bloombee_stage.gateway.routing import Router
+from bloombee_stage.wire.messages import RowMeta
 from pipelines import post_json, read_metrics, start_pipeline
 
 
 def test_stages_parse_with_replicas():
-    assert parse_stages("http://a,http://b1|http://b2/,http://c") == [["http://a"], ["http://b1", "http://b2"],
-                                                                         ["http://c"]]  # fmt: skip
+    assert parse_stage_urls("http://a,http://b1|http://b2/,http://c") == (("http://a",), ("http://b1", "http://b2"),
+                                                                         ("http://c",))  # fmt: skip
     with pytest.raises(ValueError, match="at least one URL"):
-        parse_stages("http://a,,http://c")
+        parse_stage_urls("http://a,,http://c")
 
 
 def test_unmeasured_replicas_are_tried_then_the_faster_one_wins():
@@ -70,16 +71,15 @@ def test_replicas_share_generations_and_a_lost_replica_is_routed_around(tmp_path
     backend = LocalBackend(tmp_path, threads_per_stage=1, startup_timeout_s=300)
     model = str(tiny_dir)
 
-    def stage(name: str, layers: str) -> object:
-        return backend._start(name, "bloombee_stage.server", ["--model", model, "--layers", layers, "--name", name,
-                                                              "--port", "0", "--threads", "1"])  # fmt: skip
+    def stage(name: str, layers: tuple[int, int]) -> object:
+        return backend._launch(name, StageLaunch(model=model, layers=layers, name=name, threads=1))
 
     try:
-        first, replica_a, replica_b = stage("s0", "0:3"), stage("s1a", "3:6"), stage("s1b", "3:6")
+        first, replica_a, replica_b = stage("s0", (0, 3)), stage("s1a", (3, 6)), stage("s1b", (3, 6))
         backend._wait_ready([first, replica_a, replica_b])
-        stages = f"{first.url},{replica_a.url}|{replica_b.url}"
-        gateway = backend._start("gw", "bloombee_stage.gateway", ["--model", model, "--stages", stages,
-                                 "--served-model-name", "tiny", "--port", "0", "--micro-batch", "4"])  # fmt: skip
+        stages = ((first.url,), (replica_a.url, replica_b.url))
+        gateway_launch = GatewayLaunch(model=model, stages=stages, served_model_name="tiny", micro_batch=4)
+        gateway = backend._launch("gw", gateway_launch)
         backend._wait_ready([gateway], ready_path="/healthz")
         prompts = [f"say {word}" for word in ("one", "two", "three", "four", "five", "six")]
         alone = [_chat(gateway.url, p) for p in prompts]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from bloombee_stage.speculative import DraftLength, accept_greedy, expected_tokens, prompt_lookup_draft
+from bloombee_stage.gateway.drafting import DraftLength, expected_tokens, prompt_lookup_draft
+from bloombee_stage.stage.verify import accept_greedy
 from pipelines import SMOLLM2, start_pipeline
 from test_pipeline_smollm2 import chat_request, completion_request, reference_tokens
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from bloombee_stage.generation import TextAssembler
+from bloombee_stage.gateway.generation import TextAssembler
 
 TEXTS = [
     "The capital of France is Paris. It is known for the Eiffel Tower.",

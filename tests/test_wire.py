@@ -6,9 +6,9 @@ import struct
 
 import pytest
 import torch
-from bloombee_stage.codec import CODECS
-from bloombee_stage.tensors import frame_tensor, tensor_frame
-from bloombee_stage.wire import Frame, WireError, decode_frame, encode_frame, frame_checksum
+from bloombee_stage.wire.codecs import CODECS
+from bloombee_stage.wire.frame import Frame, WireError, decode_frame, encode_frame, frame_checksum
+from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from bloombee_operator import control
+from bloombee_operator import reconcile
+from bloombee_operator.api.resource import ResourceError, load_resource
 from bloombee_operator.backends.local import LocalBackend, LocalBackendError
+from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.planner import PlanningError, Workload
-from bloombee_operator.reconcile import ModelShape
-from bloombee_operator.resource import ResourceError, load_resource
 
 log = logging.getLogger("bloombee")
 
@@ -45,13 +45,13 @@ def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, ti
 
 
 class LocalRun:
-    """The reconcile steps (control.py) driven against local processes, with the status kept in a
+    """The reconcile steps (reconcile.py) driven against local processes, with the status kept in a
     file (``<run dir>/status.yaml``) instead of the API server."""
 
     def __init__(self, body: dict, backend: LocalBackend, run_dir: Path) -> None:
         self.body, self.backend, self.status_file = body, backend, run_dir / "status.yaml"
 
-    def step(self, outcome: control.Outcome) -> None:
+    def step(self, outcome: reconcile.Outcome) -> None:
         self.body["status"] = outcome.applied_to(self.body.get("status"))
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         self.status_file.write_text(yaml.safe_dump(self.body["status"], sort_keys=False))
@@ -59,18 +59,18 @@ class LocalRun:
             (log.warning if event.type == "Warning" else log.info)("%s: %s", event.reason, event.message)
 
     def deploy(self) -> None:
-        outcome = control.deploy(self.body, self.backend)
+        outcome = reconcile.deploy(self.body, self.backend)
         while outcome.retry_after_s is not None:
             self.step(outcome)
             time.sleep(outcome.retry_after_s)
-            outcome = control.deploy(self.body, self.backend)
+            outcome = reconcile.deploy(self.body, self.backend)
         self.step(outcome)
 
     def keep(self) -> None:
-        self.step(control.keep(self.body, self.backend))
+        self.step(reconcile.keep(self.body, self.backend))
 
     def cleanup(self) -> int:
-        return control.cleanup(self.body, self.backend)
+        return reconcile.cleanup(self.body, self.backend)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     except KeyboardInterrupt:
         return 0
-    except control.Permanent as failed:
+    except reconcile.Permanent as failed:
         log.error("%s", failed)
         return 1
     except (LocalBackendError, urllib.error.URLError, ValueError) as error:

@@ -1,6 +1,6 @@
 """kopf handlers for DistributedLLM: the thin shell around the reconcile steps.
 
-``control.py`` holds the steps (measure links, plan, apply, restore, clean up) that ``bloombee up``
+``reconcile.py`` holds the steps (measure links, plan, apply, restore, clean up) that ``bloombee up``
 runs too; this module gives them the Kubernetes backend (``backends/kubernetes_apply.py``) and
 writes their outcome into the resource: status fields, conditions and events.
 
@@ -17,13 +17,14 @@ import os
 from typing import Any
 
 import kopf
+from bloombee_contract.status import ConditionType, Reason
 from kubernetes import client, config
 
-from bloombee_operator import control
-from bloombee_operator.backends.kubernetes import Images, Owner
-from bloombee_operator.backends.kubernetes_apply import Cluster, KubernetesBackend, RemoteClusterError
-from bloombee_operator.crd import GROUP, PLURAL, VERSION
-from bloombee_operator.resource import ResourceError, parse_resource
+from bloombee_operator import reconcile
+from bloombee_operator.api.crd import GROUP, PLURAL, VERSION
+from bloombee_operator.api.resource import ResourceError, parse_resource
+from bloombee_operator.backends.kubernetes.backend import Cluster, KubernetesBackend, RemoteClusterError
+from bloombee_operator.backends.kubernetes.objects import Images, Owner
 
 FINALIZER = "bloombee.ai/cleanup"
 RECHECK_S = float(os.environ.get("BLOOMBEE_RECHECK_S", "30"))
@@ -62,7 +63,7 @@ def _backend(body: Any, memo: kopf.Memo) -> KubernetesBackend | None:
     return KubernetesBackend(memo.local, resource, owner, memo.images, api_key_secret, memo.remote)
 
 
-def _write(body: Any, patch: kopf.Patch, outcome: control.Outcome) -> None:
+def _write(body: Any, patch: kopf.Patch, outcome: reconcile.Outcome) -> None:
     for key, value in outcome.merged_status(dict(body.get("status") or {})).items():
         patch.status[key] = value
     for event in outcome.events:
@@ -72,16 +73,18 @@ def _write(body: Any, patch: kopf.Patch, outcome: control.Outcome) -> None:
 def _run(step: Any, body: Any, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
     try:
         outcome = step(dict(body), _backend(body, memo), **kwargs)
-    except control.Permanent as failed:
+    except reconcile.Permanent as failed:
         _write(body, patch, failed.outcome)
         raise kopf.PermanentError(str(failed)) from None
     except RemoteClusterError as error:
         message = f"{error}; retrying"
-        unreachable = control.condition(control.READY, False, "RemoteCluster", message)
+        unreachable = reconcile.condition(ConditionType.READY, False, Reason.REMOTE_CLUSTER, message)
         _write(
             body,
             patch,
-            control.Outcome(conditions=[unreachable], events=[control.Event("Warning", "RemoteCluster", message)]),
+            reconcile.Outcome(
+                conditions=[unreachable], events=[reconcile.Event("Warning", Reason.REMOTE_CLUSTER, message)]
+            ),
         )
         raise kopf.TemporaryError(str(error), delay=30) from None
     _write(body, patch, outcome)
@@ -93,13 +96,13 @@ def _run(step: Any, body: Any, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def deploy(body: Any, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _run(control.deploy, body, patch, memo)
+    _run(reconcile.deploy, body, patch, memo)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_S, initial_delay=RECHECK_S, idle=0)
 def keep(body: Any, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Re-create children that went missing, report readiness, re-plan when due."""
-    _run(control.keep, body, patch, memo)
+    _run(reconcile.keep, body, patch, memo)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
@@ -107,5 +110,5 @@ def cleanup(body: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> Non
     """Delete every child. In the operator's cluster owner references would do it too, but remote
     clusters have none, and deleting explicitly does not wait on the garbage collector."""
     backend = _backend(body, memo)
-    deleted = control.cleanup(dict(body), backend) if backend is not None else 0
+    deleted = reconcile.cleanup(dict(body), backend) if backend is not None else 0
     logger.info("deleted %d children", deleted)

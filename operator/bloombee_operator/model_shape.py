@@ -9,8 +9,40 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from bloombee_operator.reconcile import ModelShape
+from bloombee_contract.model_source import ModelSourceError, resolve_source
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the control plane must know of a model (read from its config.json or GGUF header).
+
+    The attention and MLP sizes give the planner bytes per layer; without them (0) the planner
+    assumes a standard Llama layer of ``hidden_size``.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    intermediate_size: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> ModelShape:
+        heads = int(config.get("num_attention_heads", 0))
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        return cls(int(config["num_hidden_layers"]), int(config["hidden_size"]), heads, kv_heads,
+                   int(config.get("intermediate_size", 0)))  # fmt: skip
+
+    def config(self) -> dict[str, int]:
+        """The config.json fields the planner's model profile reads."""
+        heads = self.num_attention_heads or max(1, self.hidden_size // 64)
+        return {"num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size, "num_attention_heads": heads,
+                "num_key_value_heads": self.num_key_value_heads or heads,
+                "intermediate_size": self.intermediate_size or 4 * self.hidden_size}  # fmt: skip
+
 
 
 class ModelShapeError(ValueError):
@@ -21,8 +53,6 @@ class ModelShapeError(ValueError):
 def model_shape(source: str) -> ModelShape:
     """Read once per source and process: the operator's timer asks again every few seconds, and
     a GGUF header walk takes seconds."""
-    from bloombee_stage.model import ModelSourceError, resolve_source  # no torch at import
-
     try:
         found = resolve_source(source)
     except ModelSourceError as error:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.desired import StagePlan
+from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.planner import Links, ModelProfile, Node, Options, Plan, Workload
 from bloombee_operator.planner.cost import StageChoice
 from bloombee_operator.planner.inputs import (
@@ -22,8 +25,6 @@ from bloombee_operator.planner.inputs import (
     profile_from_config,
 )
 from bloombee_operator.planner.replan import Decision, replan
-from bloombee_operator.reconcile import ModelShape, StagePlan
-from bloombee_operator.resource import DistributedLLM
 
 
 @dataclass(frozen=True)

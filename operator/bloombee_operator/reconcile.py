@@ -1,222 +1,301 @@
-"""Desired state: what must run for a DistributedLLM, decided without any I/O.
+"""The reconcile loop's steps, shared by the kopf operator and ``bloombee up``.
 
-``desired_state`` turns the resource, the model's shape and a placement (layer spans) into
-stage and gateway specs. Backends realise those specs: ``backends/local.py`` as processes on
-this machine today; a Kubernetes backend as Deployments and Services with the same names and
-arguments.
+Each step reads the resource (as the API server or the YAML file has it, status included),
+asks a ``Backend`` to measure or realise things, and returns an ``Outcome``: the status fields to
+write and the events to post. The kopf handlers (``handlers.py``) write those into the resource;
+``bloombee up`` keeps them in a local status file. Decisions stay in pure code (``planning.py``,
+``reconcile.py``); the backend is where the I/O happens:
+
+* ``backends/kubernetes_apply.py`` ``KubernetesBackend``: objects in the clusters, probe pods;
+* ``backends/local.py`` ``LocalBackend``: processes on this machine.
+
+Steps:
+
+* ``deploy`` (create, spec update, resume): measure links where there are several clusters,
+  plan (keeping the running plan under hysteresis), apply the desired state;
+* ``keep`` (a timer): re-create what went missing or died; every ``planner.replanEvery``
+  re-measure the links and re-plan, adopting a new plan only for a clear gain;
+* ``cleanup`` (deletion): remove everything, in every cluster.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import datetime
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from bloombee_operator.planner import equal_split
-from bloombee_operator.resource import DistributedLLM
+from bloombee_contract.status import ConditionStatus, ConditionType, Phase, Reason
 
-CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the control plane must know of a model (read from its config.json or GGUF header).
-
-    The attention and MLP sizes give the planner bytes per layer; without them (0) the planner
-    assumes a standard Llama layer of ``hidden_size``.
-    """
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int = 0
-    num_key_value_heads: int = 0
-    intermediate_size: int = 0
-
-    @classmethod
-    def from_config(cls, config: Mapping) -> ModelShape:
-        heads = int(config.get("num_attention_heads", 0))
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        return cls(int(config["num_hidden_layers"]), int(config["hidden_size"]), heads, kv_heads,
-                   int(config.get("intermediate_size", 0)))  # fmt: skip
-
-    def config(self) -> dict[str, int]:
-        """The config.json fields the planner's model profile reads."""
-        heads = self.num_attention_heads or max(1, self.hidden_size // 64)
-        return {"num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size, "num_attention_heads": heads,
-                "num_key_value_heads": self.num_key_value_heads or heads,
-                "intermediate_size": self.intermediate_size or 4 * self.hidden_size}  # fmt: skip
+from bloombee_operator.api.resource import DistributedLLM, ResourceError, parse_resource
+from bloombee_operator.desired import DesiredState, StagePlan, desired_state
+from bloombee_operator.model_shape import ModelShape, ModelShapeError
+from bloombee_operator.planner import PlanningError
+from bloombee_operator.planner.replan import PlanDiff
+from bloombee_operator.planning import admission_note, decide, plan_status, stage_plans
 
 
-@dataclass(frozen=True)
-class StagePlan:
-    """One planned stage: where it runs, its span and its offload budgets (from the planner)."""
+class Backend(Protocol):
+    """Where a DesiredState is realised."""
 
-    cluster: str
-    layers: tuple[int, int]
-    node: str | None = None
-    offload_weights: float = 0.0
-    offload_kv: float = 0.0
-    kv_budget_gib: float | None = None
+    def model_shape(self, source: str) -> ModelShape: ...
+
+    def measure_links(self, resource: DistributedLLM) -> list[dict]:
+        """``status.links`` entries between the resource's clusters (raises ``LinksPending`` when
+        the probes are not up yet)."""
+        ...
+
+    def apply(self, desired: DesiredState) -> list[str]:
+        """Make it so; return the names of the stages and gateway that were started or changed."""
+        ...
+
+    def restore(self, desired: DesiredState) -> list[str]:
+        """Re-create what went missing or died; return what was re-created."""
+        ...
+
+    def ready_stages(self, desired: DesiredState) -> int: ...
+
+    def endpoint(self, desired: DesiredState) -> str: ...
+
+    def remove(self, resource: DistributedLLM) -> int:
+        """Delete every child of the resource, in every cluster; return how many."""
+        ...
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    index: int
-    cluster: str
-    layers: tuple[int, int]
-    dtype: str
-    codec: str
-    micro_batch: int | None = None  # the plan's: the stage refuses steps with more rows
-    offload_weights: float = 0.0
-    offload_kv: float = 0.0
-    kv_budget_gib: float | None = None  # the KV cache the plan sized this stage for (None: the server's default)
-    link_mbps: float | None = None  # measured bandwidth to the next stage's cluster (None: same cluster or unknown)
+class LinksPending(RuntimeError):
+    """Links cannot be measured yet (probe pods starting); try again shortly."""
 
-    def server_args(self, model_source: str) -> list[str]:
-        """Arguments of ``python -m bloombee_stage.server`` (the container's args in Kubernetes)."""
-        link = ["--link-mbps", f"{self.link_mbps:g}"] if self.link_mbps else []
-        budget = ["--kv-budget-gib", f"{self.kv_budget_gib:.4g}"] if self.kv_budget_gib else []
-        budget += ["--micro-batch", str(self.micro_batch)] if self.micro_batch else []
-        offload = [*(["--offload-weights", f"{self.offload_weights:g}"] if self.offload_weights else []),
-                   *(["--offload-kv", f"{self.offload_kv:g}"] if self.offload_kv else [])]  # fmt: skip
-        return [
-            "--model", model_source,
-            "--layers", f"{self.layers[0]}:{self.layers[1]}",
-            "--dtype", self.dtype,
-            "--codec", self.codec,
-            *link,
-            *offload,
-            *budget,
-            "--name", self.name,
-        ]  # fmt: skip
+
+class Permanent(RuntimeError):
+    """The resource cannot be served as written; the outcome says why. Not retried."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.conditions[-1]["message"])
+        self.outcome = outcome
 
 
 @dataclass(frozen=True)
-class GatewayDesired:
-    name: str
-    served_model_name: str
-    port: int
-    replicas: int
-    draft: str = "none"
-    draft_max: int = 8
-    draft_layers: int | None = None  # early-exit: the model's first layers that draft
-    draft_source: str | None = None  # model draft: the small model's source
-    micro_batch: int = 1  # rows per step: the plan's micro-batch size
-    service_type: str = "ClusterIP"  # how clients reach it in Kubernetes
-    relay_hops: tuple[bool, ...] = ()  # per hop between stages: the gateway forwards it (the plan's choice)
-    max_sequences: int | None = None  # generations at once per gateway replica; more wait (None: no cap)
-
-    def server_args(self) -> list[str]:
-        """Arguments of ``python -m bloombee_stage.gateway`` beyond the stage URLs and the port."""
-        draft = [*(["--draft-layers", str(self.draft_layers)] if self.draft == "early-exit" else []),
-                 *(["--draft-model", str(self.draft_source)] if self.draft == "model" else [])]  # fmt: skip
-        relay = ["--relay-hops", ",".join(str(int(flag)) for flag in self.relay_hops)] if any(self.relay_hops) else []
-        seats = ["--max-sequences", str(self.max_sequences)] if self.max_sequences else []
-        return ["--served-model-name", self.served_model_name, "--draft", self.draft,
-                "--draft-max", str(self.draft_max), *draft, "--micro-batch", str(self.micro_batch), *relay,
-                *seats]  # fmt: skip
+class Event:
+    type: str  # Normal | Warning
+    reason: Reason
+    message: str
 
 
-@dataclass(frozen=True)
-class DesiredState:
-    name: str
-    namespace: str
-    model_source: str
-    stages: tuple[StageSpec, ...]  # in pipeline order: stage i serves the span after stage i - 1
-    gateway: GatewayDesired
-    plan_hash: str = field(default="")
+@dataclass
+class Outcome:
+    status: dict[str, Any] = field(default_factory=dict)
+    conditions: list[dict[str, str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    retry_after_s: float | None = None  # temporary: run the step again after this long
+
+    def merged_status(self, current: dict) -> dict[str, Any]:
+        """The status fields to write, conditions merged into the current ones."""
+        merged = dict(self.status)
+        if self.conditions:
+            merged["conditions"] = merge_conditions(current.get("conditions") or [], *self.conditions)
+        return merged
+
+    def applied_to(self, current: dict | None) -> dict[str, Any]:
+        """The whole status after this outcome (where status is a document, not a patch)."""
+        current = current or {}
+        return {**current, **self.merged_status(current)}
 
 
-def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
-    text = json.dumps([asdict(stage) for stage in stages], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+def now_iso(clock: Callable[[], float] = time.time) -> str:
+    return datetime.datetime.fromtimestamp(clock(), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def desired_state(
-    resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3,
-    link_mbps: Mapping[tuple[str, str], float] | None = None, micro_batch: int | None = None,
-    planned: list[StagePlan] | None = None, relay_hops: tuple[bool, ...] = (), max_sequences: int | None = None,
-) -> DesiredState:  # fmt: skip
-    """Stages for ``planned`` (the planner's stages), or for ``spans`` placed on the clusters in turn
-    (default: an equal split over ``num_stages``).
+def condition(type_: ConditionType, status: bool, reason: Reason, message: str,
+              at: str | None = None) -> dict[str, str]:  # fmt: skip
+    truth = ConditionStatus.TRUE if status else ConditionStatus.FALSE
+    return {"type": type_.value, "status": truth.value, "reason": reason.value, "message": message,
+            "lastTransitionTime": at or now_iso()}  # fmt: skip
 
-    ``micro_batch``: the plan's micro-batch size, the most rows the gateway packs into one step
-    (default: the resource's ``planner.maxMicroBatch``). ``relay_hops``: the hops the gateway forwards.
-    ``max_sequences``: the sequences the plan admits, shared among the gateway replicas (None: no cap).
 
-    ``link_mbps`` holds measured bandwidths between clusters (either direction); each stage gets
-    that of its link to the next stage, which ``compression: auto`` weighs its codecs against.
-    """
-    if planned is None:
-        if spans is None:
-            spans = equal_split(shape.num_layers, min(num_stages, shape.num_layers))
-        clusters = [cluster.name for cluster in resource.spec.clusters]
-        planned = [StagePlan(clusters[index % len(clusters)], span) for index, span in enumerate(spans)]
-    _check_spans([stage.layers for stage in planned], shape.num_layers)
-    known = {cluster.name for cluster in resource.spec.clusters}
-    unknown = sorted({stage.cluster for stage in planned} - known)
-    if unknown:
-        raise ValueError(f"stages placed on clusters {unknown} that spec.clusters does not name")
-    name = resource.metadata.name
-    spec = resource.spec
-    placed = [stage.cluster for stage in planned]
-    stages = tuple(
-        StageSpec(
-            name=f"{name}-stage-{index}",
-            index=index,
-            cluster=stage.cluster,
-            layers=stage.layers,
-            dtype=spec.model.dtype,
-            codec=CODEC_FOR_COMPRESSION[spec.compression],
-            micro_batch=micro_batch or spec.planner.max_micro_batch,
-            offload_weights=stage.offload_weights,
-            offload_kv=stage.offload_kv,
-            kv_budget_gib=stage.kv_budget_gib,
-            link_mbps=_onward_link(link_mbps or {}, placed, index),
+def merge_conditions(current: list[dict], *updates: dict) -> list[dict]:
+    """Replace conditions by type; keep the transition time of one whose status did not change."""
+    merged = {item["type"]: item for item in current or []}
+    for update in updates:
+        previous = merged.get(update["type"])
+        if previous and previous.get("status") == update["status"]:
+            update = {**update, "lastTransitionTime": previous.get("lastTransitionTime", update["lastTransitionTime"])}
+        merged[update["type"]] = update
+    return list(merged.values())
+
+
+def _failed(reason: Reason, message: str) -> Permanent:
+    conditions = [condition(type_, False, reason, message) for type_ in (ConditionType.PLANNED, ConditionType.READY)]
+    outcome = Outcome(status={"phase": Phase.FAILED.value}, conditions=conditions,
+                      events=[Event("Warning", reason, message)])  # fmt: skip
+    return Permanent(outcome)
+
+
+def _read(body: dict, backend: Backend) -> tuple[DistributedLLM, ModelShape]:
+    meta = body.get("metadata", {})
+    try:
+        resource = parse_resource(dict(body), f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
+    except ResourceError as error:
+        raise _failed(Reason.INVALID_SPEC, str(error)) from None
+    try:
+        return resource, backend.model_shape(resource.spec.model.source)
+    except ModelShapeError as error:
+        raise _failed(Reason.MODEL_UNREADABLE, str(error)) from None
+
+
+def desired_from_plan(resource: DistributedLLM, shape: ModelShape, plan: dict, links: list[dict]) -> DesiredState:
+    """The desired state for a ``status.plan`` (what ``deploy`` wrote), so every step rebuilds the
+    same children without planning again."""
+    planned = [StagePlan(s["cluster"], (s["layers"][0], s["layers"][1]), s["node"], s["offload"]["weights"],
+                         s["offload"]["kv"], s.get("kvBudgetGiB")) for s in plan["stages"]]  # fmt: skip
+    mbps = {(link["from"], link["to"]): float(link["mbps"]) for link in links}
+    return desired_state(resource, shape, planned=planned, micro_batch=plan["microBatch"],
+                         relay_hops=tuple(plan.get("relayHops", ())), link_mbps=mbps,
+                         max_sequences=plan.get("maxSequences"))  # fmt: skip
+
+
+def _plan(resource: DistributedLLM, shape: ModelShape, links: list[dict], current: dict | None,
+          clock: Callable[[], float]) -> tuple[dict, bool, str, PlanDiff]:  # fmt: skip
+    try:
+        decision, inputs = decide(resource, shape, links, current)
+    except PlanningError as error:
+        raise _failed(Reason.UNPLANNABLE, str(error)) from None
+    if not decision.adopted and current:
+        return {**current, "checkedAt": now_iso(clock)}, False, decision.reason, decision.diff
+    planned = plan_status(decision.plan, inputs.nodes)
+    for entry, stage in zip(planned["stages"], stage_plans(decision.plan, inputs), strict=True):
+        entry["kvBudgetGiB"] = round(stage.kv_budget_gib or 0, 6)
+    planned["maxSequences"] = decision.plan.held  # the sequences the stages' KV budgets hold
+    planned["plannedAt"] = planned["checkedAt"] = now_iso(clock)
+    return planned, True, decision.reason, decision.diff
+
+
+def _links(resource: DistributedLLM, backend: Backend, clock: Callable[[], float]) -> tuple[list[dict], dict]:
+    if len(resource.spec.clusters) < 2:
+        message = "one cluster: no links between clusters"
+        return [], condition(ConditionType.LINKS_MEASURED, True, Reason.SINGLE_CLUSTER, message, now_iso(clock))
+    links = backend.measure_links(resource)
+    summary = ", ".join(f"{e['from']}->{e['to']} {e['rttMs']:.1f} ms {e['mbps']:.0f} Mbit/s" for e in links)
+    return links, condition(ConditionType.LINKS_MEASURED, True, Reason.MEASURED, summary, now_iso(clock))
+
+
+def _unmeasured(resource: DistributedLLM, links: list[dict]) -> bool:
+    """Whether some cluster of the spec has no measured link (new, or never measured)."""
+    measured = {end for link in links for end in (link["from"], link["to"])}
+    return len(resource.spec.clusters) < 2 or any(c.name not in measured for c in resource.spec.clusters)
+
+
+def _describe(desired: DesiredState) -> str:
+    return ", ".join(f"{s.name} {s.cluster} [{s.layers[0]}, {s.layers[1]})" for s in desired.stages)
+
+
+def deploy(body: dict, backend: Backend, clock: Callable[[], float] = time.time, remeasure: bool = False) -> Outcome:
+    """Create, update or resume: links, plan, apply."""
+    resource, shape = _read(body, backend)
+    status = body.get("status") or {}
+    outcome = Outcome()
+    links = status.get("links") or []
+    if remeasure or _unmeasured(resource, links):
+        try:
+            links, measured = _links(resource, backend, clock)
+        except LinksPending as pending:
+            message = str(pending)
+            outcome.conditions = [
+                condition(ConditionType.LINKS_MEASURED, False, Reason.PROBES_STARTING, message, now_iso(clock))
+            ]
+            outcome.status = {"phase": Phase.MEASURING.value}
+            outcome.retry_after_s = 5.0
+            return outcome
+        outcome.conditions.append(measured)
+        outcome.status["links"] = links
+    planned, adopted, reason, moves = _plan(resource, shape, links, status.get("plan"), clock)
+    try:
+        desired = desired_from_plan(resource, shape, planned, links)
+    except ValueError as error:
+        raise _failed(Reason.UNPLANNABLE, str(error)) from None
+    changed = backend.apply(desired)
+    planned["planHash"] = desired.plan_hash
+    total = len(desired.stages)
+    at, generation = now_iso(clock), body.get("metadata", {}).get("generation")
+    ready = f"{backend.ready_stages(desired)}/{total}"
+    outcome.status.update({"phase": Phase.DEPLOYING.value, "plan": planned, "endpoint": backend.endpoint(desired),
+                           "stagesReady": ready, "observedGeneration": generation})  # fmt: skip
+    tokens = planned["predictedTokensPerSecond"]
+    summary = f"{_describe(desired)}; {tokens:.1f} tokens/s predicted ({reason})"
+    asked = resource.spec.planner.concurrency
+    admission = admission_note(planned.get("maxSequences", asked), asked)
+    if admission:
+        summary += f"; {admission}"
+    outcome.conditions += [
+        condition(ConditionType.PLANNED, True, Reason.PLANNED if adopted else Reason.KEPT, summary, at),
+        condition(ConditionType.STAGES_READY, False, Reason.DEPLOYING, "waiting for stages", at),
+        condition(ConditionType.READY, False, Reason.DEPLOYING, "waiting for stages", at),
+    ]
+    if adopted:
+        moved = "; ".join(f"{m.node}: load {len(m.load)}, drop {len(m.drop)} layers" for m in moves.moves)
+        outcome.events.append(
+            Event("Normal", Reason.PLANNED, f"{total} stages, {tokens:.1f} tokens/s predicted: {moved or reason}")
         )
-        for index, stage in enumerate(planned)
-    )
-    if spec.draft.kind == "early-exit" and not 1 <= (spec.draft.layers or 0) < shape.num_layers:
-        raise ValueError(f"spec.draft.layers must lie in 1..{shape.num_layers - 1} (the model has {shape.num_layers})")
-    gateway = GatewayDesired(
-        name=f"{name}-gateway",
-        served_model_name=name,
-        port=spec.gateway.service.port,
-        replicas=spec.gateway.replicas,
-        draft=spec.draft.kind,
-        draft_max=spec.draft.max_tokens,
-        draft_layers=spec.draft.layers,
-        draft_source=spec.draft.source,
-        micro_batch=micro_batch or spec.planner.max_micro_batch,
-        service_type=spec.gateway.service.type,
-        relay_hops=tuple(relay_hops),
-        max_sequences=max(1, max_sequences // spec.gateway.replicas) if max_sequences else None,
-    )
-    return DesiredState(
-        name=name,
-        namespace=resource.metadata.namespace,
-        model_source=spec.model.source,
-        stages=stages,
-        gateway=gateway,
-        plan_hash=_plan_hash(stages),
-    )
+    if changed:
+        outcome.events.append(
+            Event("Normal", Reason.DEPLOYED, f"started or changed {', '.join(changed)} (plan {desired.plan_hash})")
+        )
+    return outcome
 
 
-def _onward_link(link_mbps: Mapping[tuple[str, str], float], clusters: list[str], index: int) -> float | None:
-    if index + 1 >= len(clusters) or clusters[index] == clusters[index + 1]:
-        return None
-    here, there = clusters[index], clusters[index + 1]
-    return link_mbps.get((here, there)) or link_mbps.get((there, here))
+def _replan_due(status: dict, resource: DistributedLLM, clock: Callable[[], float]) -> bool:
+    checked = (status.get("plan") or {}).get("checkedAt")
+    if not checked:
+        return True
+    at = datetime.datetime.strptime(checked, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    return clock() - at.timestamp() >= resource.spec.planner.replan_every_s
 
 
-def _check_spans(spans: list[tuple[int, int]], num_layers: int) -> None:
-    """Spans must tile [0, num_layers) in order, without gaps or overlaps."""
-    expected_start = 0
-    for index, (start, end) in enumerate(spans):
-        if start != expected_start or end <= start:
-            raise ValueError(f"span {index} is [{start}, {end}); it must start at {expected_start} and be non-empty")
-        expected_start = end
-    if expected_start != num_layers:
-        raise ValueError(f"spans cover layers [0, {expected_start}) but the model has {num_layers}")
+def keep(body: dict, backend: Backend, clock: Callable[[], float] = time.time) -> Outcome:
+    """The timer: re-plan when due; re-create what is missing; report readiness."""
+    status = body.get("status") or {}
+    if status.get("phase") == Phase.FAILED or not status.get("plan"):
+        return Outcome()  # never deployed: create/update owns it
+    resource, shape = _read(body, backend)
+    waiting: list[dict[str, str]] = []
+    if _replan_due(status, resource, clock):
+        replanned = deploy(body, backend, clock, remeasure=True)
+        if replanned.retry_after_s is None:
+            return replanned
+        waiting = replanned.conditions  # links cannot be measured now: serve on, try at the next tick
+    try:
+        desired = desired_from_plan(resource, shape, status["plan"], status.get("links") or [])
+    except (KeyError, TypeError, ValueError):
+        return deploy(body, backend, clock)  # a plan this version cannot read: plan afresh
+    restored = backend.restore(desired)
+    ready, total = backend.ready_stages(desired), len(desired.stages)
+    all_ready = ready == total and not restored
+    message = f"{ready} of {total} stages ready" + (f"; re-created {', '.join(restored)}" if restored else "")
+    at = now_iso(clock)
+    outcome = Outcome(status={"stagesReady": f"{ready}/{total}",
+                              "phase": _phase(all_ready, restored).value})  # fmt: skip
+    outcome.conditions = [
+        *waiting,
+        condition(ConditionType.STAGES_READY, ready == total, Reason.ALL_READY if ready == total else Reason.WAITING,
+                  message, at),
+        condition(ConditionType.DEGRADED, bool(restored), Reason.RESTORED if restored else Reason.ALL_PRESENT,
+                  message, at),
+        condition(ConditionType.READY, all_ready, Reason.SERVING if all_ready else Reason.NOT_READY, message, at),
+    ]
+    outcome.events = [Event("Warning", Reason.RESTORED, f"{name} was missing or had died; re-created")
+                      for name in restored]  # fmt: skip
+    return outcome
+
+
+def _phase(all_ready: bool, restored: list[str]) -> Phase:
+    return Phase.READY if all_ready else Phase.DEGRADED if restored else Phase.DEPLOYING
+
+
+def cleanup(body: dict, backend: Backend) -> int:
+    """Delete every child in every cluster; a resource that never parsed has none."""
+    meta = body.get("metadata", {})
+    try:
+        resource = parse_resource(dict(body), f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
+    except ResourceError:
+        return 0
+    return backend.remove(resource)

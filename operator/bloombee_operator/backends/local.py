@@ -1,13 +1,12 @@
 """The local backend: realises a DesiredState as processes on this machine (``bloombee up``).
 
-Each stage and the gateway is a child process (``python -m bloombee_stage.server`` /
-``...gateway``) bound to loopback on a free port, announced through a ready file. Logs go to
+Each stage and the gateway is a child process started from its launch spec
+(``bloombee_contract.launch``) bound to loopback on a free port, announced through a ready file. Logs go to
 ``<run dir>/<name>.log``; a process that dies while starting is reported with the end of its log.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -18,11 +17,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bloombee_operator.reconcile import DesiredState, ModelShape, StageSpec
-from bloombee_operator.resource import DistributedLLM
+from bloombee_contract.launch import PREPARE_MODEL_MODULE, LaunchSpec, ProbeLaunch, StageLaunch
+from bloombee_contract.paths import HEALTHZ_PATH, MEASURE_PATH, READYZ_PATH
+
+from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.desired import DesiredState, StageSpec
+from bloombee_operator.model_shape import ModelShape
 
 log = logging.getLogger("bloombee.local")
 
@@ -37,8 +40,8 @@ class LocalProcess:
     popen: subprocess.Popen
     log_path: Path
     ready_file: Path
-    module: str
-    args: list[str]  # without --host and --ready-file, which _start adds; servers' end with --port N
+    launch: LaunchSpec | None  # a server of the data plane; None for the backend's own link proxies
+    command: list[str]
     url: str | None = None
 
     def log_tail(self, lines: int = 15) -> str:
@@ -51,11 +54,9 @@ class LocalProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def same_port_args(self) -> list[str]:
-        """Its arguments with ``--port`` pinned to the port it had, so a restart keeps its address."""
-        if self.url and self.args[-2:-1] == ["--port"]:
-            return [*self.args[:-1], self.url.rsplit(":", 1)[1]]
-        return list(self.args)
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1]) if self.url else 0
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -66,12 +67,33 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _ask_probe(url: str, source: str, targets: Mapping[str, str], timeout_s: float = 120.0) -> list[dict]:
+    """Have the probe at ``url`` measure its links to ``targets``: ``status.links`` entries."""
+    body = json.dumps({"source": source, "targets": dict(targets), "bulkBytes": 1 << 20}).encode()
+    request = urllib.request.Request(url + MEASURE_PATH, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return list(json.loads(reply.read())["links"])
+    except urllib.error.HTTPError as error:
+        reason = error.read().decode(errors="replace")[:500]
+        raise LocalBackendError(f"measuring links from {source}: {reason}") from None
+    except (urllib.error.URLError, OSError, KeyError, ValueError) as error:
+        raise LocalBackendError(f"measuring links from {source} through {url}: {error}") from None
+
+
+def _same_but_address(running: LaunchSpec | None, wanted: LaunchSpec) -> bool:
+    """Whether a running server was started as ``wanted`` asks, wherever it listens."""
+    if running is None or type(running) is not type(wanted):
+        return False
+    return replace(running, host="", port=0, ready_file=None) == replace(wanted, host="", port=0, ready_file=None)
+
+
 def model_config(source: str, python: str = sys.executable) -> dict:
     """The model's config.json, read in a child process that converts the model first if needed.
 
     A child process, because converting needs torch and the control plane never imports it.
     """
-    command = [python, "-m", "bloombee_stage.model", source]
+    command = [python, "-m", PREPARE_MODEL_MODULE, source]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise LocalBackendError(f"preparing model {source!r} failed:\n{done.stderr.strip()[-2000:]}")
@@ -108,19 +130,32 @@ class LocalBackend:
         """Convert the model if needed (one time) and read its shape."""
         return ModelShape.from_config(model_config(source, self.python))
 
-    def _start(self, name: str, module: str, args: list[str]) -> LocalProcess:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _launch(self, name: str, launch: LaunchSpec, port: int = 0) -> LocalProcess:
+        """Start a data-plane server from its launch spec, on this backend's host and ``port``."""
         ready_file = self._ready_file(name)
+        launch = replace(launch, host=self.host, port=port, ready_file=str(ready_file))  # type: ignore[type-var]
+        return self._spawn(name, launch.command(self.python), ready_file, launch)
+
+    def _spawn(self, name: str, command: list[str], ready_file: Path, launch: LaunchSpec | None = None) -> LocalProcess:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         ready_file.unlink(missing_ok=True)
         log_path = self.run_dir / f"{name}.log"
-        command = [self.python, "-m", module, *args, "--host", self.host, "--ready-file", str(ready_file)]
         with open(log_path, "a") as log_file:
             # A session of its own: Ctrl-C in the terminal reaches `bloombee up`, which stops children in order.
-            popen = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        process = LocalProcess(name, popen, log_path, ready_file, module, list(args))
+            environment = {**os.environ, **(launch.environment() if launch is not None else {})}
+            popen = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=environment)  # fmt: skip
+        process = LocalProcess(name, popen, log_path, ready_file, launch, command)
         self.processes[name] = process
         log.info("started %s (pid %d), log: %s", name, popen.pid, log_path)
         return process
+
+    def _restart(self, process: LocalProcess) -> LocalProcess:
+        """Start a dead process again on the port it had, so whoever knew its address still reaches it."""
+        if process.launch is not None:
+            return self._launch(process.name, process.launch, process.port)
+        command = [*process.command[:-1], str(process.port)]  # a link proxy: its command ends with --port N
+        return self._spawn(process.name, command, process.ready_file)
 
     def _wait_ready(self, processes: list[LocalProcess], ready_path: str | None = "/readyz") -> None:
         """Wait for each process's ready file and, unless ``ready_path`` is None, a 200 from that path."""
@@ -160,39 +195,39 @@ class LocalBackend:
         was started. A stage keeps its port across restarts, so its link proxy and the gateway still
         reach it; the gateway restarts when the stage list or its own arguments change."""
         threads = self.stage_threads(desired)
-        wanted = {stage.name: self._stage_args(desired, stage, threads) for stage in desired.stages}
+        wanted = {stage.name: self._stage_launch(desired, stage, threads) for stage in desired.stages}
         changed = []
         for name in [n for n in self.processes if self._owned_stage(desired, n) and n.split("-link")[0] not in wanted]:
             self._stop_one(name)
-        for name, args in wanted.items():
+        for name, launch in wanted.items():
             current = self.processes.get(name)
-            if current is not None and current.alive and current.args[:-2] == args:
+            if current is not None and current.alive and _same_but_address(current.launch, launch):
                 continue
-            port = self._port_of(current, 0)
+            port = current.port if current is not None else 0
             if current is not None:
                 self._stop_one(name)
-            self._start(name, "bloombee_stage.server", [*args, "--port", str(port)])
+            self._launch(name, launch, port)
             changed.append(name)
         stages = [self.processes[stage.name] for stage in desired.stages]
         self._wait_ready(stages)
-        stage_urls, reply = [str(p.url) for p in stages], []
+        stage_urls, public_url = [str(p.url) for p in stages], None
         if self.link_delay_ms > 0:
             links = [self._ensure_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
             back = self._ensure_link(f"{desired.gateway.name}-link",
                                      ["--to-ready-file", str(self._ready_file(desired.gateway.name))])  # fmt: skip
             self._wait_ready([*links, back], ready_path=None)
-            stage_urls, reply = [str(p.url) for p in links], ["--public-url", str(back.url)]
+            stage_urls, public_url = [str(p.url) for p in links], str(back.url)
         gateway = desired.gateway
         current = self.processes.get(gateway.name)
-        args = ["--model", desired.model_source, "--stages", ",".join(stage_urls), *reply, *gateway.server_args(),
-                *self.gateway_args]  # fmt: skip
-        if current is None or not current.alive or current.args[:-2] != args:
-            port = self._port_of(current, self.gateway_port)  # clients keep the address they know
+        launch = gateway.launch(desired.model_source, tuple((url,) for url in stage_urls), public_url)
+        launch = launch.with_flags(self.gateway_args)
+        if current is None or not current.alive or not _same_but_address(current.launch, launch):
+            port = current.port if current is not None and current.url else self.gateway_port  # clients keep it
             if current is not None:
                 self._stop_one(gateway.name)
-            self._start(gateway.name, "bloombee_stage.gateway", [*args, "--port", str(port)])
+            self._launch(gateway.name, launch, port)
             changed.append(gateway.name)
-        self._wait_ready([self.processes[gateway.name]], ready_path="/healthz")
+        self._wait_ready([self.processes[gateway.name]], ready_path=HEALTHZ_PATH)
         return changed
 
     def restore(self, desired: DesiredState) -> list[str]:
@@ -201,14 +236,14 @@ class LocalBackend:
         for process in dead:
             log.warning("%s had died (exit code %s); restarting it on %s", process.name, process.popen.returncode,
                         process.url)  # fmt: skip
-        restarted = [self._start(p.name, p.module, p.same_port_args()) for p in dead]
-        self._wait_ready([p for p in restarted if p.module == "bloombee_stage.server"])
-        self._wait_ready([p for p in restarted if p.module != "bloombee_stage.server"], ready_path=None)
+        restarted = [self._restart(p) for p in dead]
+        self._wait_ready([p for p in restarted if isinstance(p.launch, StageLaunch)])
+        self._wait_ready([p for p in restarted if not isinstance(p.launch, StageLaunch)], ready_path=None)
         return [p.name for p in restarted]
 
     def ready_stages(self, desired: DesiredState) -> int:
         processes = [self.processes.get(stage.name) for stage in desired.stages]
-        return sum(1 for p in processes if p is not None and p.alive and p.url and _http_ok(p.url + "/readyz"))
+        return sum(1 for p in processes if p is not None and p.alive and p.url and _http_ok(p.url + READYZ_PATH))
 
     def endpoint(self, desired: DesiredState) -> str:
         gateway = self.processes.get(desired.gateway.name)
@@ -224,20 +259,19 @@ class LocalBackend:
     def measure_links(self, resource: DistributedLLM) -> list[dict]:
         """Every cluster is this machine: one probe process per cluster after the first (behind a
         link delay when emulating far-apart clusters), measured from here for real."""
-        from bloombee_stage.probe import measure
-
         clusters = [cluster.name for cluster in resource.spec.clusters]
-        probes = {name: self._start(f"{resource.metadata.name}-probe-{name}", "bloombee_stage.probe",
-                                    ["serve", "--port", "0"]) for name in clusters[1:]}  # fmt: skip
+        probes = {name: self._launch(f"{resource.metadata.name}-probe-{name}", ProbeLaunch())
+                  for name in clusters}  # fmt: skip
         try:
-            self._wait_ready(list(probes.values()), ready_path="/healthz")
-            targets = {name: str(p.url) for name, p in probes.items()}
+            self._wait_ready(list(probes.values()), ready_path=HEALTHZ_PATH)
+            targets = {name: str(p.url) for name, p in probes.items() if name != clusters[0]}
             if self.link_delay_ms > 0:
-                delayed = {name: self._start_link(f"{p.name}-link", ["--to", str(p.url)]) for name, p in probes.items()}
+                delayed = {name: self._start_link(f"{probes[name].name}-link", ["--to", url])
+                           for name, url in targets.items()}  # fmt: skip
                 self._wait_ready(list(delayed.values()), ready_path=None)
                 targets = {name: str(p.url) for name, p in delayed.items()}
-            # from the first cluster (the gateway's) to each other one; measure() takes them one by one
-            return asyncio.run(measure(clusters[0], targets, bulk_bytes=1 << 20))
+            # from the first cluster (the gateway's) to each other one, as a probe pod there would
+            return _ask_probe(str(probes[clusters[0]].url), clusters[0], targets)
         finally:
             for name in [n for n in self.processes if "-probe-" in n]:
                 self._stop_one(name)
@@ -247,27 +281,24 @@ class LocalBackend:
 
     def _ensure_link(self, name: str, args: list[str]) -> LocalProcess:
         current = self.processes.get(name)
-        if current is not None and current.alive and current.args[: len(args)] == args:
+        if current is not None and current.alive and current.command[3 : 3 + len(args)] == args:
             return current
         if current is not None:
             self._stop_one(name)
         return self._start_link(name, args)
 
     def _start_link(self, name: str, args: list[str]) -> LocalProcess:
-        delay = ["--delay-ms", f"{self.link_delay_ms:g}"]
-        return self._start(name, "bloombee_operator.backends.link_delay", [*args, *delay, "--port", "0"])
+        ready_file = self._ready_file(name)
+        command = [self.python, "-m", "bloombee_operator.backends.link_delay", *args, "--host", self.host,
+                   "--ready-file", str(ready_file), "--delay-ms", f"{self.link_delay_ms:g}", "--port", "0"]  # fmt: skip
+        return self._spawn(name, command, ready_file)
 
     def _ready_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.ready.json"
 
-    def _stage_args(self, desired: DesiredState, stage: StageSpec, threads: int) -> list[str]:
-        """A stage's arguments but its port (always last, so a restart can keep the old one)."""
-        return [*stage.server_args(desired.model_source), "--threads", str(threads),
-                *self.stage_args.get(stage.name, [])]  # fmt: skip
-
-    @staticmethod
-    def _port_of(process: LocalProcess | None, default: int) -> int:
-        return int(process.url.rsplit(":", 1)[1]) if process is not None and process.url else default
+    def _stage_launch(self, desired: DesiredState, stage: StageSpec, threads: int) -> StageLaunch:
+        launch = replace(stage.launch(desired.model_source), threads=threads)
+        return launch.with_flags(self.stage_args.get(stage.name, []))
 
     def dead(self) -> list[LocalProcess]:
         return [p for p in self.processes.values() if not p.alive]

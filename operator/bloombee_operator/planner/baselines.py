@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from bloombee_stage.codec_policy import RAW
+from bloombee_contract.codec_cost import RAW
 
 from bloombee_operator.planner.cost import (
     GATEWAY,

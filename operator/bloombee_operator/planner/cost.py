@@ -59,7 +59,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from bloombee_stage.codec_policy import RAW, CodecProfile, wire_seconds
+from bloombee_contract.codec_cost import RAW, CodecProfile, wire_seconds
 
 GATEWAY = "gateway"
 TOKEN_BYTES = 8

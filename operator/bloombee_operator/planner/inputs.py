@@ -21,11 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from bloombee_stage.codec_policy import DEFAULT_PROFILES, RAW, CodecProfile
+from bloombee_contract.codec_cost import DEFAULT_PROFILES, RAW, CodecProfile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, PlanningError
-from bloombee_operator.resource import DistributedLLM
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

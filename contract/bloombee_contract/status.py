@@ -1,0 +1,58 @@
+"""The words of a DistributedLLM's status: phases, condition types, condition and event reasons.
+
+The CRD's schema takes its enums from here (``bloombee_operator.crd``) and the reconcile steps
+write only these members, so a status the code writes is always one the API server admits.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    MEASURING = "Measuring"  # probes starting or measuring the links between clusters
+    PLANNING = "Planning"
+    DEPLOYING = "Deploying"
+    READY = "Ready"
+    DEGRADED = "Degraded"  # something had died or gone missing and was re-created
+    FAILED = "Failed"  # the spec cannot be served as written; not retried
+
+
+class ConditionType(StrEnum):
+    LINKS_MEASURED = "LinksMeasured"
+    PLANNED = "Planned"
+    STAGES_READY = "StagesReady"
+    DEGRADED = "Degraded"
+    READY = "Ready"  # derived from the others
+
+
+class Reason(StrEnum):
+    """CamelCase reasons of conditions and events."""
+
+    # Permanent failures: the spec or its model cannot be served.
+    INVALID_SPEC = "InvalidSpec"
+    MODEL_UNREADABLE = "ModelUnreadable"
+    UNPLANNABLE = "Unplannable"
+    # Links.
+    SINGLE_CLUSTER = "SingleCluster"
+    MEASURED = "Measured"
+    PROBES_STARTING = "ProbesStarting"
+    REMOTE_CLUSTER = "RemoteCluster"  # a remote cluster's API server cannot be reached (retried)
+    # Plan and children.
+    PLANNED = "Planned"
+    KEPT = "Kept"  # the running plan stays under hysteresis
+    DEPLOYING = "Deploying"
+    DEPLOYED = "Deployed"
+    ALL_READY = "AllReady"
+    WAITING = "Waiting"
+    RESTORED = "Restored"
+    ALL_PRESENT = "AllPresent"
+    SERVING = "Serving"
+    NOT_READY = "NotReady"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"

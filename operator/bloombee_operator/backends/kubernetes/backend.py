@@ -1,0 +1,273 @@
+"""Applying rendered objects to a cluster, and deleting them: the I/O half of the Kubernetes backend.
+
+Server-side apply with the operator's field manager, so fields that others own (an HPA's
+replicas, a mutating webhook's) are left alone and repeated applies are no-ops.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import yaml
+from bloombee_contract.paths import MEASURE_PATH
+from kubernetes import client, config, dynamic
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+
+from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.backends.kubernetes.objects import (
+    LABEL_COMPONENT,
+    STAGE_PORT,
+    Images,
+    Owner,
+    Placement,
+    gateway_url,
+    object_key,
+    probe_name,
+    probe_url,
+    render,
+    render_probes,
+    selector,
+)
+from bloombee_operator.desired import DesiredState
+from bloombee_operator.model_shape import ModelShape, model_shape
+from bloombee_operator.planner.cost import GATEWAY
+from bloombee_operator.reconcile import LinksPending
+
+FIELD_MANAGER = "bloombee-operator"
+
+
+class Cluster:
+    """One cluster's API, reached with a kubernetes ApiClient (in-cluster, kubeconfig, or a Secret's)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.dynamic = dynamic.DynamicClient(api)
+
+    def _resource(self, obj: dict) -> dynamic.Resource:
+        return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+
+    def apply(self, obj: dict) -> None:
+        resource, namespace = self._resource(obj), obj["metadata"]["namespace"]
+        try:
+            resource.server_side_apply(body=obj, namespace=namespace, field_manager=FIELD_MANAGER, force_conflicts=True)
+        except NotFoundError:
+            # A real API server creates on apply; KMock (the test API server) answers 404 instead.
+            resource.create(body=obj, namespace=namespace, field_manager=FIELD_MANAGER)
+
+    def delete(self, obj: dict) -> bool:
+        try:
+            self._resource(obj).delete(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
+        except NotFoundError:
+            return False
+        return True
+
+    def _live(self, obj: dict) -> Any | None:
+        """The object as the API server has it now, or None."""
+        try:
+            return self._resource(obj).get(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
+        except NotFoundError:
+            return None
+
+    def exists(self, obj: dict) -> bool:
+        return self._live(obj) is not None
+
+    def ready_replicas(self, obj: dict) -> int:
+        live = self._live(obj)
+        status = (live.to_dict().get("status") or {}) if live is not None else {}
+        return int(status.get("readyReplicas") or 0)
+
+    def differs(self, obj: dict) -> bool:
+        """Would applying this Deployment change its pods (new, or other containers)?"""
+        live = self._live(obj)
+        if live is None:
+            return True
+        containers = (((live.to_dict().get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers")
+        return containers is None or [(c.get("args"), c.get("image")) for c in containers] != [
+            (c.get("args"), c.get("image")) for c in obj["spec"]["template"]["spec"]["containers"]]  # fmt: skip
+
+    def children(self, label_selector: str, namespace: str) -> list[dict]:
+        """Every object of the kinds the operator creates that carries these labels."""
+        wanted = dict(part.split("=", 1) for part in label_selector.split(","))
+        found = []
+        for api_version, kind in CHILD_KINDS:
+            try:
+                path = self.dynamic.resources.get(api_version=api_version, kind=kind).path(namespace=namespace)
+            except ResourceNotFoundError:
+                continue  # a kind this cluster does not serve (ServiceExport without the MCS API)
+            # Read raw: the dynamic client's list wrapper needs the list's `kind`, which KMock leaves out.
+            items = self._call(path, "GET", query_params=[("labelSelector", label_selector)]).get("items") or []
+            for item in items:  # filtered again here: not every API server honours the selector (KMock)
+                item_labels = (item.get("metadata") or {}).get("labels") or {}
+                if all(item_labels.get(k) == v for k, v in wanted.items()):
+                    found.append({"apiVersion": api_version, "kind": kind, **item})
+        return found
+
+    def proxy_post(self, service: str, namespace: str, path: str, body: dict, timeout_s: float = 120.0) -> dict:
+        """POST through the API server's service proxy to a Service's pods, and read the JSON reply."""
+        url = f"/api/v1/namespaces/{namespace}/services/{service}:{STAGE_PORT}/proxy{path}"
+        return self._call(url, "POST", body=body, timeout_s=timeout_s)
+
+    def _call(self, path: str, method: str, timeout_s: float = 60.0, query_params: list | None = None,
+              body: dict | None = None) -> dict:  # fmt: skip
+        """A raw API request (with the client's credentials), its JSON reply as a dict."""
+        api = self.dynamic.client
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        method, url, headers, data, post = api.param_serialize(method, path, query_params=query_params or [],
+                                                               header_params=headers, body=body,
+                                                               auth_settings=["BearerToken"])  # fmt: skip
+        reply = api.call_api(
+            method, url, header_params=headers, body=data, post_params=post, _request_timeout=timeout_s
+        )
+        payload = reply.read()
+        if reply.status >= 400:
+            raise client.exceptions.ApiException(status=reply.status, reason=payload.decode(errors="replace")[:500])
+        return json.loads(payload)
+
+
+CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
+               ("multicluster.x-k8s.io/v1alpha1", "ServiceExport"))  # fmt: skip
+KUBECONFIG_KEY = "kubeconfig"
+
+
+class RemoteClusterError(RuntimeError):
+    """A remote cluster's kubeconfig Secret is missing or unusable; the message names it."""
+
+
+def remote_client(local: client.ApiClient, namespace: str, secret: str) -> client.ApiClient:
+    """An API client for a remote cluster, from the kubeconfig in a Secret (key ``kubeconfig``)."""
+    try:
+        data = client.CoreV1Api(local).read_namespaced_secret(secret, namespace).data or {}
+    except client.exceptions.ApiException as error:
+        raise RemoteClusterError(f"Secret {namespace}/{secret}: {error.status} {error.reason}") from None
+    if KUBECONFIG_KEY not in data:
+        raise RemoteClusterError(f"Secret {namespace}/{secret} has no key {KUBECONFIG_KEY!r}")
+    try:
+        kubeconfig = yaml.safe_load(base64.b64decode(data[KUBECONFIG_KEY]))
+        return config.new_client_from_config_dict(kubeconfig)
+    except (ValueError, yaml.YAMLError, config.ConfigException) as error:
+        raise RemoteClusterError(f"Secret {namespace}/{secret}: not a usable kubeconfig: {error}") from None
+
+
+class KubernetesBackend:
+    """The reconcile steps' backend (reconcile.Backend) over one or more clusters.
+
+    ``local`` is the operator's own cluster; each remote cluster's API comes from its kubeconfig
+    Secret. Children are applied with server-side apply; the finalizer finds children in every
+    cluster by label (owner references do not cross clusters). One backend serves one resource;
+    the ``resource`` that ``measure_links`` and ``remove`` take (reconcile.Backend) is that one.
+    """
+
+    def __init__(self, local: Cluster, resource: DistributedLLM, owner: Owner, images: Images,
+                 api_key_secret: str | None = None, clients: dict[str, Cluster] | None = None) -> None:  # fmt: skip
+        self.local, self.owner, self.images, self.api_key_secret = local, owner, images, api_key_secret
+        self._resource = resource
+        self.clients = clients if clients is not None else {}  # remote clusters by Secret name, kept by the caller
+
+    def model_shape(self, source: str) -> ModelShape:
+        return model_shape(source)
+
+    def cluster(self, name: str) -> Cluster:
+        """The API of the resource's cluster ``name`` (the operator's own unless it has a kubeconfig)."""
+        spec = next(c for c in self._resource.spec.clusters if c.name == name)
+        if not spec.kubeconfig_secret or name == Placement.of(self._resource).local:
+            return self.local
+        if spec.kubeconfig_secret not in self.clients:
+            namespace = self._resource.metadata.namespace
+            api = remote_client(self.local.dynamic.client, namespace, spec.kubeconfig_secret)
+            self.clients[spec.kubeconfig_secret] = Cluster(api)
+        return self.clients[spec.kubeconfig_secret]
+
+    def _rendered(self, desired: DesiredState) -> dict[str, list[dict]]:
+        return render(desired, self.owner, Placement.of(self._resource), self.images, self.api_key_secret)
+
+    def apply(self, desired: DesiredState) -> list[str]:
+        changed = []
+        rendered = self._rendered(desired)
+        for cluster_name, objects in rendered.items():
+            cluster = self.cluster(cluster_name)
+            for obj in objects:
+                if obj["kind"] == "Deployment" and cluster.differs(obj):
+                    changed.append(obj["metadata"]["name"])
+                cluster.apply(obj)
+        self._delete_stale(desired, rendered)
+        return changed
+
+    def _apis(self, skip_unreachable: bool = False) -> list[Cluster]:
+        """Each API server once: clusters of the spec without a kubeconfig share the operator's."""
+        apis: dict[int, Cluster] = {}
+        for cluster in self._resource.spec.clusters:
+            try:
+                api = self.cluster(cluster.name)
+            except RemoteClusterError:
+                if skip_unreachable:
+                    continue
+                raise
+            apis.setdefault(id(api), api)
+        return list(apis.values())
+
+    def _delete_stale(self, desired: DesiredState, rendered: dict[str, list[dict]]) -> None:
+        """Stages the plan no longer has (fewer stages, or a stage moved to another cluster)."""
+        keep = {(id(self.cluster(c)), object_key(obj)) for c, objects in rendered.items()
+                for obj in objects}  # fmt: skip
+        for cluster in self._apis():
+            for obj in cluster.children(selector(desired.name), desired.namespace):
+                stale = (id(cluster), object_key(obj)) not in keep
+                if stale and obj["metadata"]["labels"].get(LABEL_COMPONENT) == "stage":
+                    cluster.delete(obj)
+
+    def restore(self, desired: DesiredState) -> list[str]:
+        restored = []
+        for cluster_name, objects in self._rendered(desired).items():
+            cluster = self.cluster(cluster_name)
+            for obj in objects:
+                if not cluster.exists(obj):
+                    cluster.apply(obj)
+                    restored.append(f"{obj['kind']} {obj['metadata']['name']}")
+        return restored
+
+    def ready_stages(self, desired: DesiredState) -> int:
+        ready = 0
+        for cluster_name, objects in self._rendered(desired).items():
+            cluster = self.cluster(cluster_name)
+            stages = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] != desired.gateway.name]
+            ready += sum(cluster.ready_replicas(obj) >= 1 for obj in stages)
+        return ready
+
+    def endpoint(self, desired: DesiredState) -> str:
+        return f"{gateway_url(desired, Placement.of(self._resource))}/v1"
+
+    def remove(self, resource: DistributedLLM) -> int:
+        # A remote cluster whose Secret went first cannot be reached: nothing more can be done there.
+        apis = self._apis(skip_unreachable=True)
+        found = selector(resource.metadata.name)
+        return sum(api.delete(obj) for api in apis for obj in api.children(found, resource.metadata.namespace))
+
+    def measure_links(self, resource: DistributedLLM) -> list[dict]:
+        """Probe pods in every cluster; each measures towards the clusters after it, asked through
+        its cluster's API server (the service proxy), so no probe needs to be reachable from here."""
+        placement = Placement.of(resource)
+        probes = render_probes(resource, self.owner, placement, self.images)
+        waiting = []
+        for cluster_name, objects in probes.items():
+            cluster = self.cluster(cluster_name)
+            for obj in objects:
+                cluster.apply(obj)
+            if cluster.ready_replicas(objects[0]) < 1:
+                waiting.append(cluster_name)
+        if waiting:
+            raise LinksPending(f"waiting for the probe pods in {', '.join(waiting)}")
+        names = [c.name for c in resource.spec.clusters]
+        entries = []
+        for index, source in enumerate(names[:-1]):
+            targets = {target: probe_url(resource, target, placement) for target in names[index + 1 :]}
+            body = {"source": source, "targets": targets}
+            cluster = self.cluster(source)
+            reply = cluster.proxy_post(probe_name(resource, source), resource.metadata.namespace, MEASURE_PATH, body)
+            entries += reply["links"]
+        # The gateway runs in the operator's cluster: its links are that cluster's.
+        for entry in list(entries):
+            for end, other in (("from", "to"), ("to", "from")):
+                if entry[end] == placement.local:
+                    entries.append({**entry, "from": GATEWAY, "to": entry[other]})
+        return entries

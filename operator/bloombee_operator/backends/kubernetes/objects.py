@@ -1,0 +1,290 @@
+"""A DesiredState as Kubernetes objects (pure); ``backend.py`` applies them to every cluster.
+
+``render`` is pure: desired state + the owning resource -> the child objects, each labelled and
+owned by the DistributedLLM, grouped by the cluster they go to. Only the plan ConfigMap carries
+the plan's hash, so a new plan rewrites just the objects whose content it changes. Per stage a Deployment and a
+Service (the stage's span, dtype, codec, link and offload budgets in its arguments, exactly the
+flags ``bloombee up`` passes to local processes); the gateway's Deployment and Service; and the
+plan as a ConfigMap. Objects for the operator's own cluster carry an owner reference, so the
+API server's garbage collector removes them with the resource; objects in remote clusters
+cannot (owner references do not cross clusters) and are found by their labels when the
+finalizer cleans up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from bloombee_contract.launch import API_KEY_ENV, CACHE_ENV, LaunchSpec, ProbeLaunch
+from bloombee_contract.paths import HEALTHZ_PATH, READYZ_PATH
+
+from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.desired import DesiredState, StageSpec
+
+STAGE_PORT = 8080
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PLAN = "bloombee.ai/plan-hash"
+MANAGED_BY = {"app.kubernetes.io/name": "bloombee", "app.kubernetes.io/managed-by": "bloombee-operator"}
+CACHE_DIR = "/var/cache/bloombee"
+
+
+@dataclass(frozen=True)
+class Images:
+    stage: str = "ghcr.io/bloombee/stage:0.1.0"
+    gateway: str = "ghcr.io/bloombee/stage:0.1.0"  # the gateway ships in the stage image (same package)
+    pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DistributedLLM the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+    api_version: str = "bloombee.ai/v1alpha1"
+    kind: str = "DistributedLLM"
+
+    def reference(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+
+
+def labels(instance: str, component: str, **extra: str) -> dict[str, str]:
+    return {**MANAGED_BY, LABEL_INSTANCE: instance, LABEL_COMPONENT: component, **extra}
+
+
+def selector(instance: str) -> str:
+    """A label selector for every child of one resource (the finalizer's way into remote clusters)."""
+    return f"{LABEL_INSTANCE}={instance},app.kubernetes.io/managed-by={MANAGED_BY['app.kubernetes.io/managed-by']}"
+
+
+def _metadata(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str]) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": object_labels}
+    if owner is not None:
+        meta["ownerReferences"] = [owner.reference()]
+    return meta
+
+
+def _probe(path: str, port: int, period: int) -> dict:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": 3,
+            "failureThreshold": 3}  # fmt: skip
+
+
+def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, port: int) -> dict:
+    """A container that runs ``launch`` listening on every address at ``port``."""
+    launch = replace(launch, host="0.0.0.0", port=port)  # type: ignore[type-var]
+    return {
+        "name": name,
+        "image": image_ref,
+        "imagePullPolicy": image.pull_policy,
+        "command": ["python", "-m", launch.module],
+        "args": [*launch.subcommand, *launch.args()],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": [{"name": CACHE_ENV, "value": CACHE_DIR}],
+        "readinessProbe": _probe(READYZ_PATH, port, 5),
+        "livenessProbe": {**_probe(HEALTHZ_PATH, port, 10), "initialDelaySeconds": 30},
+        # Converting or loading a model takes a while; a startup probe keeps liveness out of it.
+        "startupProbe": {**_probe(HEALTHZ_PATH, port, 5), "failureThreshold": 120},
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def _deployment(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str],
+                container: dict, replicas: int, node_selector: dict[str, str]) -> dict:  # fmt: skip
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "cache", "emptyDir": {}}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, namespace, owner, object_labels),
+        "spec": {
+            "replicas": replicas,
+            "selector": {
+                "matchLabels": {
+                    LABEL_INSTANCE: object_labels[LABEL_INSTANCE],
+                    LABEL_COMPONENT: object_labels[LABEL_COMPONENT],
+                    "bloombee.ai/name": name,
+                }
+            },
+            "template": {"metadata": {"labels": {**object_labels, "bloombee.ai/name": name}}, "spec": pod_spec},
+        },
+    }
+
+
+def _service(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str], port: int,
+             target: int, service_type: str = "ClusterIP") -> dict:  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, namespace, owner, object_labels),
+        "spec": {
+            "type": service_type,
+            "selector": {LABEL_INSTANCE: object_labels[LABEL_INSTANCE], "bloombee.ai/name": name},
+            "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each cluster's objects go: its node selector and the DNS suffix under which the other
+    clusters reach its Services; ``local`` is the operator's own cluster (the gateway's too)."""
+
+    local: str
+    node_selectors: dict[str, dict[str, str]]
+    service_domains: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, resource: DistributedLLM) -> Placement:
+        clusters = resource.spec.clusters
+        local = next((c.name for c in clusters if not c.kubeconfig_secret), clusters[0].name)
+        return cls(local, {c.name: c.node_selector for c in clusters}, {c.name: c.service_domain for c in clusters})
+
+    def domain(self, cluster: str) -> str:
+        return self.service_domains.get(cluster, "svc")
+
+    def exported(self, cluster: str) -> bool:
+        """Services of a cluster reached through the Multi-Cluster Services API need a ServiceExport."""
+        return self.domain(cluster).endswith("clusterset.local")
+
+
+def service_url(name: str, namespace: str, domain: str, port: int) -> str:
+    return f"http://{name}.{namespace}.{domain}:{port}"
+
+
+def stage_url(desired: DesiredState, stage: StageSpec, placement: Placement) -> str:
+    return service_url(stage.name, desired.namespace, placement.domain(stage.cluster), STAGE_PORT)
+
+
+def gateway_url(desired: DesiredState, placement: Placement) -> str:
+    return service_url(desired.gateway.name, desired.namespace, placement.domain(placement.local), desired.gateway.port)
+
+
+def probe_name(resource: DistributedLLM, cluster: str) -> str:
+    """One per cluster, by its index: two clusters of the spec may be node pools of one API server."""
+    index = [c.name for c in resource.spec.clusters].index(cluster)
+    return f"{resource.metadata.name}-probe-{index}"
+
+
+def probe_url(resource: DistributedLLM, cluster: str, placement: Placement) -> str:
+    namespace = resource.metadata.namespace
+    return service_url(probe_name(resource, cluster), namespace, placement.domain(cluster), STAGE_PORT)
+
+
+def _service_export(service: dict) -> dict:
+    meta = service["metadata"]
+    kept = ("name", "namespace", "labels", "ownerReferences")
+    return {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {key: meta[key] for key in kept if key in meta}}  # fmt: skip
+
+
+def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, images: Images | None = None
+                  ) -> dict[str, list[dict]]:  # fmt: skip
+    """A probe Deployment and Service in every cluster (``bloombee_stage.probe serve``): the ends
+    the links between clusters are measured between. Pure."""
+    images = images or Images()
+    namespace = resource.metadata.namespace
+    object_labels = labels(resource.metadata.name, "probe")
+    by_cluster: dict[str, list[dict]] = {}
+    for cluster in resource.spec.clusters:
+        name = probe_name(resource, cluster.name)
+        owned = owner if cluster.name == placement.local else None
+        container = _container("probe", images, images.stage, ProbeLaunch(), STAGE_PORT)
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            container[probe]["httpGet"]["path"] = HEALTHZ_PATH
+        service = _service(name, namespace, owned, object_labels, STAGE_PORT, STAGE_PORT)
+        by_cluster[cluster.name] = [
+            _deployment(name, namespace, owned, object_labels, container, 1, cluster.node_selector),
+            service,
+            *([_service_export(service)] if placement.exported(cluster.name) else []),
+        ]
+    return by_cluster
+
+
+def render(desired: DesiredState, owner: Owner, placement: Placement, images: Images | None = None,
+           api_key_secret: str | None = None) -> dict[str, list[dict]]:  # fmt: skip
+    """Every child object, by cluster name. Pure: the same inputs give the same objects."""
+    images = images or Images()
+    by_cluster: dict[str, list[dict]] = {}
+    ns = desired.namespace
+
+    def owned(cluster: str) -> Owner | None:
+        return owner if cluster == placement.local else None
+
+    for stage in desired.stages:
+        object_labels = labels(desired.name, "stage", **{"bloombee.ai/stage-index": str(stage.index)})
+        container = _container("stage", images, images.stage, stage.launch(desired.model_source), STAGE_PORT)
+        selector_for = placement.node_selectors.get(stage.cluster, {})
+        by_cluster.setdefault(stage.cluster, []).extend(
+            [
+                _deployment(stage.name, ns, owned(stage.cluster), object_labels, container, 1, selector_for),
+                service := _service(stage.name, ns, owned(stage.cluster), object_labels, STAGE_PORT, STAGE_PORT),
+                *([_service_export(service)] if placement.exported(stage.cluster) else []),
+            ]
+        )
+
+    gateway = desired.gateway
+    object_labels = labels(desired.name, "gateway")
+    urls = tuple((stage_url(desired, s, placement),) for s in desired.stages)
+    launch = gateway.launch(desired.model_source, urls, gateway_url(desired, placement))
+    container = _container("gateway", images, images.gateway, launch, gateway.port)
+    if api_key_secret:
+        container["env"].append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": api_key_secret, "key": "api-key"}}})  # fmt: skip
+    plan = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            f"{desired.name}-plan", ns, owner, labels(desired.name, "plan", **{LABEL_PLAN: desired.plan_hash})
+        ),
+        "data": {
+            "plan.json": json.dumps(
+                {"planHash": desired.plan_hash, "stages": [asdict(stage) for stage in desired.stages]}, indent=2
+            )
+        },
+    }
+    by_cluster.setdefault(placement.local, []).extend(
+        [
+            _deployment(
+                gateway.name,
+                ns,
+                owner,
+                object_labels,
+                container,
+                gateway.replicas,
+                placement.node_selectors.get(placement.local, {}),
+            ),
+            service := _service(
+                gateway.name, ns, owner, object_labels, gateway.port, gateway.port, gateway.service_type
+            ),
+            # the last stage, maybe in another cluster, posts its tokens to the gateway
+            *([_service_export(service)] if placement.exported(placement.local) else []),
+            plan,
+        ]
+    )
+    return by_cluster
+
+
+def object_key(obj: dict) -> tuple[str, str, str]:
+    return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]

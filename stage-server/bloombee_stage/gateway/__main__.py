@@ -1,0 +1,3 @@
+from bloombee_stage.gateway.app import main
+
+main()

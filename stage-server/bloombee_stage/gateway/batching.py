@@ -1,0 +1,207 @@
+"""Micro-batching at the gateway: the next rows of concurrent generations travel as one step.
+
+Continuous batching in decode: a generation queues one row per round (its new tokens plus its
+draft) and waits for that row's tokens; the batcher packs queued rows into steps of at most
+``micro_batch`` rows and keeps up to ``max_in_flight`` steps in the pipeline at once, spreading
+waiting rows evenly over the free slots, so the stages work on different micro-batches back to
+back. Under load that is the plan's n = ceil(generations / micro_batch) full micro-batches; but
+while there are no more generations than steps that keep the slowest stage busy over a round
+trip (Router.steps_to_fill: over a WAN, several per stage), every row leaves at once, since
+nothing is gained by making it wait.
+Generations join and leave between steps simply by queueing rows or not. With
+``micro_batch == 1`` every row is its own step, sent at once (the no-batching baseline).
+
+Only short rows (decode steps and verification of drafts, up to SHORT_ROW positions) are
+packed: a step's cost is mostly reading the weights, which a row of one position barely uses.
+A longer row (a prefill) already uses them fully, so it leaves at once as its own step, never
+waiting for a slot nor dragging short rows through its width; prefills of many generations then
+flow through the stages back to back, as they would without batching.
+Rows share a step only when they share a path: where spans have replicas, each generation is
+pinned at its start to the path routing.Router predicts fastest, queueing included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from bloombee_contract.errors import ErrorCode
+
+from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError
+from bloombee_stage.gateway.routing import Path, Router
+from bloombee_stage.wire.messages import RowMeta
+
+log = logging.getLogger("bloombee.batching")
+
+SHORT_ROW = 16  # rows up to this many positions are packed into micro-batches; longer ones go alone
+NOT_RETRIED = (ErrorCode.PIPELINE_TIMEOUT, ErrorCode.STAGE_UNREACHABLE)  # failures a row alone would meet again
+
+
+@dataclass
+class _Queued:
+    row: RowMeta
+    inputs: list[int]
+    path: Path
+    future: asyncio.Future[list[int]]
+
+
+class MicroBatcher:
+    def __init__(self, pipeline: PipelineClient, router: Router, micro_batch: int = 1,
+                 max_in_flight: int | None = None) -> None:  # fmt: skip
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.pipeline = pipeline
+        self.router = router
+        self.micro_batch = micro_batch
+        self.fixed_in_flight = max_in_flight
+        self.in_flight = 0  # micro-batches of short rows in the pipeline
+        self.long_in_flight = 0  # rows that went alone (prefills)
+        self.active = 0  # generations between open and close
+        self.steps = 0
+        self.rows = 0
+        self._queue: deque[_Queued] = deque()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def steps_in_flight(self) -> int:
+        return self.in_flight + self.long_in_flight
+
+    def max_in_flight(self, path: Path) -> int:
+        if self.fixed_in_flight:
+            return self.fixed_in_flight
+        fill = self.router.steps_to_fill(path) or 0
+        if self.active <= fill:
+            return fill
+        # Under load: the plan's micro-batches, n = ceil(generations / m) full steps chasing each
+        # other round the cycle, as the planner costs them (fewer, fuller steps: a step's cost is
+        # mostly reading the weights, whatever its rows).
+        return math.ceil(self.active / self.micro_batch)
+
+    def open(self) -> Path:
+        """Pin a new generation to the path predicted fastest now."""
+        path = self.router.choose()
+        self.router.acquire(path)
+        self.active += 1
+        return path
+
+    async def step(self, row: RowMeta, inputs: list[int], path: Path) -> list[int]:
+        """The row's tokens, once the step that carried it returns."""
+        if self.micro_batch == 1:
+            return (await self._carry([row], [inputs], path))[0]
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run())
+        queued = _Queued(row, inputs, path, asyncio.get_running_loop().create_future())
+        if row.length > SHORT_ROW:
+            self._dispatch([queued], long=True)
+        else:
+            self._queue.append(queued)
+            self._wake.set()
+        return await queued.future
+
+    async def close(self, session: str, path: Path, park: bool = False) -> None:
+        """A generation ended: free its place; its session is parked on the stages (a fork source) or closed."""
+        self.router.release(path)
+        self.active -= 1
+        urls = self.router.urls(path)
+        await (self.pipeline.park(session, urls) if park else self.pipeline.close(session, urls))
+
+    async def forget(self, session: str, path: Path) -> None:
+        """Close a parked session on its stages."""
+        await self.pipeline.close(session, self.router.urls(path))
+
+    async def _carry(self, rows: list[RowMeta], inputs: list[list[int]], path: Path) -> list[list[int]]:
+        """One step along ``path``; its round trip and compute times feed the router."""
+        self.steps, self.rows = self.steps + 1, self.rows + len(rows)
+        started = time.perf_counter()
+        try:
+            tokens, compute_ms = await self.pipeline.step(rows, inputs, self.router.urls(path))
+        except PipelineError as error:
+            if error.unreachable and self.router.fail(error.unreachable):
+                log.warning("stage replica %s unreachable; new generations avoid it for a while", error.unreachable)
+            raise
+        self.router.observe(path, (time.perf_counter() - started) * 1000, compute_ms)
+        return tokens
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Generations whose step just returned queue their next rows in the next loop turns:
+            # let them, so those rows leave together instead of one by one.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            while self._queue and self._queue[0].future.done():  # its generation was cancelled
+                self._queue.popleft()
+            while self._queue and self.in_flight < (limit := self.max_in_flight(self._queue[0].path)):
+                # Spread the waiting rows over the free slots: a few rows pipeline better as
+                # several small steps (each stage busy with one) than as one step.
+                share = math.ceil(len(self._queue) / (limit - self.in_flight))
+                self._dispatch(self._take(min(self.micro_batch, share)))
+
+    def _take(self, size: int) -> list[_Queued]:
+        """Up to ``size`` queued rows on the first row's path, in order of arrival."""
+        batch = [self._queue.popleft()]
+        passed: list[_Queued] = []
+        while self._queue and len(batch) < size:
+            queued = self._queue.popleft()
+            if queued.future.done():  # its generation was cancelled
+                continue
+            (batch if queued.path == batch[0].path else passed).append(queued)
+        self._queue.extendleft(reversed(passed))  # rows passed over keep their place in line
+        return batch
+
+    def _dispatch(self, batch: list[_Queued], long: bool = False) -> None:
+        if long:
+            self.long_in_flight += 1
+        else:
+            self.in_flight += 1
+        task = asyncio.create_task(self._send(batch, long))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Queued], long: bool) -> None:
+        try:
+            await self._deliver(batch)
+        finally:
+            if long:
+                self.long_in_flight -= 1
+            else:
+                self.in_flight -= 1
+                self._wake.set()
+
+    @staticmethod
+    def _fail(batch: list[_Queued], error: PipelineError) -> None:
+        for queued in batch:
+            if not queued.future.done():
+                queued.future.set_exception(error)
+
+    async def _deliver(self, batch: list[_Queued]) -> None:
+        try:
+            tokens = await self._carry([q.row for q in batch], [q.inputs for q in batch], batch[0].path)
+        except PipelineError as error:
+            if len(batch) > 1 and error.code not in NOT_RETRIED:
+                # One bad row must not fail its neighbours: each row alone meets its own fate.
+                log.info("step of %d rows failed (%s); retrying each row alone", len(batch), error)
+                await asyncio.gather(*(self._deliver([queued]) for queued in batch))
+                return
+            self._fail(batch, error)
+            return
+        except Exception as error:  # a bug here must fail the requests, never leave them waiting
+            log.exception("step of %d rows failed unexpectedly", len(batch))
+            self._fail(batch, PipelineError(f"gateway error while sending a step: {error}", ErrorCode.GATEWAY_ERROR))
+            return
+        for queued, row_tokens in zip(batch, tokens, strict=True):
+            if not queued.future.done():
+                queued.future.set_result(row_tokens)

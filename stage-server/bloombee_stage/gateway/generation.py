@@ -1,0 +1,217 @@
+"""One generation: rounds of draft + step through the pipeline, turned into text with stop strings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from bloombee_contract.errors import ErrorCode
+
+from bloombee_stage.gateway.batching import MicroBatcher
+from bloombee_stage.gateway.drafting import Draft, DraftLength, DraftState, ModelDrafter, prompt_lookup_draft
+from bloombee_stage.gateway.pipeline import PipelineError
+from bloombee_stage.gateway.prefixes import Held, PrefixIndex
+from bloombee_stage.wire.messages import RowMeta, SamplingParams
+
+MAX_REROUTES = 2  # a generation moves to another path at most this often when a stage replica is lost
+
+
+@dataclass
+class TextAssembler:
+    """Accumulates tokens; ``push`` returns the text that is safe to show so far.
+
+    Text is held back while it could still be the start of a stop string, or while it ends in
+    half of a multi-byte character (the tokenizer's replacement character). Decoding is
+    incremental (as transformers' TextStreamer and vLLM do it): each token decodes a short window
+    that starts a few tokens back, so the decoder sees the context a token's spacing depends on,
+    and a long answer costs linear, not quadratic, time.
+    """
+
+    decode: Callable[[list[int]], str]
+    stops: list[str]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (whole characters only)
+    emitted: int = 0  # characters already returned
+    stopped: bool = False
+    _window_start: int = 0  # tokens before this are final in ``text``
+    _window_read: int = 0  # tokens [start, read) decode to the end of ``text``
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        searched_from = len(self.text)
+        if not self._advance(final=False):
+            return ""
+        for stop in self.stops:
+            at = self.text.find(stop, max(0, searched_from - len(stop) + 1))
+            if at != -1:
+                self.stopped = True
+                return self._take(self.text[:at])
+        safe = len(self.text)
+        for stop in self.stops:  # hold back a tail that may grow into a stop string
+            for size in range(min(len(stop) - 1, safe), 0, -1):
+                if self.text.endswith(stop[:size]):
+                    safe -= size
+                    break
+        return self._take(self.text[:safe])
+
+    def finish(self) -> str:
+        """The held-back rest once generation ended without a stop string."""
+        if self.stopped:
+            return ""
+        self._advance(final=True)
+        return self._take(self.text)
+
+    def _advance(self, final: bool) -> bool:
+        """Decode the tokens since the window's start into ``text``; False while a character is unfinished."""
+        window = self.token_ids[self._window_start :]
+        known = self.decode(self.token_ids[self._window_start : self._window_read])
+        decoded = self.decode(window)
+        if (decoded.endswith("\ufffd") and not final) or len(decoded) <= len(known):
+            return False
+        self.text += decoded[len(known) :]
+        self._window_start, self._window_read = self._window_read, len(self.token_ids)
+        return True
+
+    def _take(self, text: str) -> str:
+        if len(text) <= self.emitted:
+            return ""
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
+
+
+@dataclass
+class Generated:
+    """What one generation produced, filled in as it runs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt positions copied from an earlier generation's caches, not computed
+
+
+@dataclass
+class Speculation:
+    """How a generation drafts, and how it fared (for the caller's metrics).
+
+    kind: "none", "prompt-lookup", or a model draft ("early-exit", "model") run by ``drafter``
+    on ``executor`` (the gateway's torch thread, off the event loop).
+    """
+
+    kind: str = "none"
+    length: DraftLength = field(default_factory=DraftLength)
+    drafter: ModelDrafter | None = None
+    executor: Executor | None = None
+    rounds: int = 0
+
+    async def propose(self, state: DraftState | None, context: list[int], room: int, sampling: SamplingParams) -> Draft:
+        count = min(self.length.current, room)
+        if count < 1 or self.kind == "none":
+            return Draft()
+        if self.drafter is None:
+            started = time.perf_counter()
+            return Draft(prompt_lookup_draft(context, count), seconds=time.perf_counter() - started)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.drafter.propose, state, context, count, sampling)
+
+
+async def generate(
+    stepper: MicroBatcher,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: SamplingParams,
+    eos_ids: set[int],
+    assembler: TextAssembler,
+    result: Generated,
+    speculation: Speculation | None = None,
+    prefixes: PrefixIndex | None = None,
+) -> AsyncIterator[str]:
+    """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
+
+    Each round sends the tokens not yet in the stages' caches plus a draft as one row, and keeps
+    what the last stage's verification returns (speculative.py): without a draft a round yields
+    exactly one token, with one up to the draft's length plus one.
+
+    With ``prefixes``, a prompt that starts like a finished generation's context opens its
+    session as a fork of that one (prefixes.py), and this generation's session is kept in turn.
+    """
+    speculation = speculation or Speculation()
+    speculation.length.timed = sampling.greedy or sampling.seed is None  # see DraftLength
+    session = uuid.uuid4().hex
+    path = stepper.open()
+    state = speculation.drafter.new_state() if speculation.drafter is not None else None
+    limit = len(prompt_ids) + max_tokens
+    context, start, pending = list(prompt_ids), 0, list(prompt_ids)
+    fork = prefixes.find(prompt_ids, path) if prefixes is not None else None
+    if fork is not None:
+        start = fork[1]
+        pending = context[start:]
+    reroutes = 0
+    try:
+        while result.finish_reason is None:
+            room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
+            draft = await speculation.propose(state, context, room, sampling)
+            row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
+                          max_length=limit, draft=draft.tokens, draft_probs=draft.probs,
+                          fork=fork[0] if fork else None)  # fmt: skip
+            started = time.perf_counter()
+            try:
+                accepted = await stepper.step(row, pending + draft.tokens, path)
+            except PipelineError as error:
+                if fork is not None and error.code == ErrorCode.FORK_SOURCE_GONE:
+                    # A stage let the source go (memory pressure, idle time-out): compute the prompt after all.
+                    assert prefixes is not None
+                    prefixes.drop(fork[0])
+                    fork, start, pending = None, 0, list(context)
+                    continue
+                if not error.unreachable or reroutes >= MAX_REROUTES:
+                    raise
+                # A stage replica is gone: start over on another path with the whole context so far
+                # (its KV cache was on the lost replica). Tokens already streamed stay valid.
+                reroutes += 1
+                await stepper.close(session, path)
+                session, path, start, pending, fork = uuid.uuid4().hex, stepper.open(), 0, list(context), None
+                continue
+            if fork is not None:
+                result.cached_tokens, fork = fork[1], None  # the session now holds the prefix itself
+            speculation.rounds += 1
+            speculation.length.update(len(draft.tokens), len(accepted) - 1, time.perf_counter() - started,
+                                      draft.seconds)  # fmt: skip
+            start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
+            pending = [accepted[-1]]
+            for token in accepted:
+                result.token_ids.append(token)
+                context.append(token)
+                if token in eos_ids:
+                    result.finish_reason = "stop"
+                    break
+                piece = assembler.push(token)
+                if piece:
+                    result.text += piece
+                    yield piece
+                if assembler.stopped:
+                    result.finish_reason = "stop"
+                    break
+                if len(result.token_ids) >= max_tokens:
+                    result.finish_reason = "length"
+                    break
+        tail = assembler.finish()
+        if tail:
+            result.text += tail
+            yield tail
+    finally:
+        await _end_session(stepper, prefixes, Held(session, path, tuple(context[:start])),
+                           keep=result.finish_reason is not None)  # fmt: skip
+
+
+async def _end_session(stepper: MicroBatcher, prefixes: PrefixIndex | None, held: Held, keep: bool) -> None:
+    """Park a finished generation's session as a fork source, or close it; close those the index lets go."""
+    released = prefixes.hold(held) if prefixes is not None and keep else [held]
+    await stepper.close(held.session, held.path, park=all(other is not held for other in released))
+    for other in released:
+        if other is not held:
+            await stepper.forget(other.session, other.path)

@@ -1,0 +1,3 @@
+from bloombee_stage.model.loading import main
+
+main()

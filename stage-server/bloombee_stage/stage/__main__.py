@@ -1,0 +1,3 @@
+from bloombee_stage.stage.server import main
+
+main()

@@ -1,0 +1,152 @@
+"""Per-session KV caches with an idle time-out and a memory budget shared by all sessions.
+
+A session may start as a fork: a copy of the first positions of another session's cache (a
+prompt prefix the gateway saw computed before), so a shared prefix is computed once. Sessions
+the gateway keeps only as fork sources are parked: they reserve no more than they hold, and
+they are the first to go (least recently used first) when a new step would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bloombee_contract.errors import ErrorCode
+
+
+class SessionError(Exception):
+    """A session request that cannot be served; its code knows the HTTP status to answer with."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+
+@dataclass
+class Session:
+    id: str
+    cache: Any  # transformers DynamicCache
+    length: int = 0
+    reserved: int = 0  # tokens counted against the budget
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    parked: bool = False  # kept only as a fork source: evicted first under budget pressure
+    fork_source: Session | None = None  # copy the first ``fork_length`` positions of this one before computing
+    fork_length: int = 0
+
+
+class SessionStore:
+    """Holds sessions; admits a step only if every session's reserved tokens fit the KV budget."""
+
+    def __init__(
+        self, new_cache: Any, kv_bytes_per_token: int, kv_budget_bytes: int, timeout_s: float, max_length: int
+    ) -> None:
+        self._new_cache = new_cache
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.kv_budget_bytes = kv_budget_bytes
+        self.timeout_s = timeout_s
+        self.max_length = max_length
+        self.sessions: dict[str, Session] = {}
+
+    def reserved_tokens(self) -> int:
+        return sum(s.reserved for s in self.sessions.values())
+
+    def reserved_bytes(self) -> int:
+        return self.reserved_tokens() * self.kv_bytes_per_token
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(
+                f"unknown session {session_id!r} (never opened, closed, or timed out)", ErrorCode.UNKNOWN_SESSION
+            )
+        session.last_used = time.monotonic()
+        return session
+
+    def admit(self, session_id: str, start: int, new_tokens: int, max_length: int | None,
+              fork: str | None = None) -> Session:  # fmt: skip
+        """Find or open the session for a step starting at ``start`` and reserve room for it.
+
+        With ``fork``, a session that holds fewer than ``start`` positions starts as a copy of
+        the first ``start`` positions of session ``fork`` (the compute thread copies them).
+        """
+        if fork is None and start > 0:
+            session = self.get(session_id)
+            if start > session.length:
+                raise SessionError(
+                    f"session {session_id!r} holds {session.length} tokens; a step cannot start at {start}",
+                    ErrorCode.POSITION_GAP,
+                )
+        else:  # a session that starts from nothing or from a fork: opened if new
+            source = self._fork_source(fork, start) if fork is not None else None
+            session = self.sessions.get(session_id)
+            if session is None:
+                session = self.sessions[session_id] = Session(session_id, self._new_cache())
+            if source is None:
+                session.fork_source = None  # a restart from nothing: a fork that never ran is off
+            elif session.length < start:
+                session.fork_source, session.fork_length = source, start
+        session.parked = False
+        end = start + new_tokens
+        limit = min(self.max_length, max_length or self.max_length)
+        if end > limit:
+            raise SessionError(
+                f"session {session_id!r} would reach {end} tokens, the limit is {limit}",
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            )
+        wanted = max(session.reserved, max_length or end, end)
+        extra = (wanted - session.reserved) * self.kv_bytes_per_token
+        self._evict_parked(extra, keep={session.id, fork or ""})
+        if self.reserved_bytes() + extra > self.kv_budget_bytes:
+            if session.length == 0:
+                del self.sessions[session_id]
+            raise SessionError(
+                f"KV budget exceeded: session {session_id!r} needs {extra} more bytes, "
+                f"{self.reserved_bytes()} of {self.kv_budget_bytes} are reserved", ErrorCode.KV_BUDGET_EXCEEDED,
+            )
+        session.reserved = wanted
+        session.last_used = time.monotonic()
+        return session
+
+    def _fork_source(self, fork: str, start: int) -> Session:
+        source = self.sessions.get(fork)
+        if source is None or source.length < start:
+            held = "is gone" if source is None else f"holds only {source.length} tokens"
+            raise SessionError(f"fork source session {fork!r} {held}; cannot copy its first {start} positions",
+                               ErrorCode.FORK_SOURCE_GONE)  # fmt: skip
+        source.last_used = time.monotonic()
+        return source
+
+    def park(self, session_id: str) -> Session:
+        """Keep a session only as a fork source: it reserves what it holds and may be evicted."""
+        session = self.get(session_id)
+        session.parked, session.reserved = True, session.length
+        return session
+
+    def _evict_parked(self, needed: int, keep: set[str]) -> None:
+        """Close parked sessions, least recently used first, until ``needed`` more bytes fit (none if they can't)."""
+        parked = sorted((s for s in self.sessions.values() if s.parked and s.id not in keep and not s.lock.locked()),
+                        key=lambda s: s.last_used)  # fmt: skip
+        freeable = sum(session.reserved for session in parked) * self.kv_bytes_per_token
+        if self.reserved_bytes() + needed - freeable > self.kv_budget_bytes:
+            return
+        for session in parked:
+            if self.reserved_bytes() + needed <= self.kv_budget_bytes:
+                return
+            del self.sessions[session.id]
+
+    def close(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        stale = [sid for sid, s in self.sessions.items() if now - s.last_used > self.timeout_s and not s.lock.locked()]
+        for sid in stale:
+            del self.sessions[sid]
+        return stale

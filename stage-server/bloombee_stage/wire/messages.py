@@ -1,0 +1,119 @@
+"""The inference protocol's messages, shared by the stage server and the gateway.
+
+One step = one frame POSTed to ``/v1/step`` (``bloombee_contract.paths.STEP_PATH``) of the first
+stage. A step is a micro-batch: row i
+of the frame's tensor ([rows, positions] token ids, or [rows, positions, hidden] hidden states)
+belongs to session ``rows[i].session`` and holds ``rows[i].length`` real positions, right-padded
+to the longest row. Its metadata (StepMeta) travels with the hidden states from stage to stage:
+each stage pops itself off ``route`` and pushes its output straight to the next URL; the last
+stage POSTs a ResultMeta frame (the chosen tokens per row) to ``reply_to``. Without
+``reply_to`` the stage answers inline in the HTTP response instead: that is the
+client-relays-every-hop mode Petals uses, kept as the benchmarks' baseline.
+
+Sessions are implicit: a row with ``start == 0`` opens (or resets) one; any row first cuts
+its session's KV cache back to ``start`` tokens, so a rollback rides on the next step for free
+(``/v1/sessions/{id}/rollback`` does it explicitly). A row with ``fork`` opens its session as a
+copy of the first ``start`` positions of the fork's session on each stage, so a prompt prefix
+computed before is not computed again. A row's last ``len(draft)`` positions are
+drafted tokens: the last stage verifies them (``bloombee_stage.stage.verify``) and returns the accepted ones
+plus one token of its own.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_ROWS = 256  # rows (sessions) in one step
+
+
+class SamplingParams(BaseModel):
+    """How the last stage picks a token; temperature 0 means greedy."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+
+class RowMeta(BaseModel):
+    """One session's part of a step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str = Field(min_length=1, max_length=128)
+    start: int = Field(ge=0, description="tokens the session's cache must hold before this step")
+    length: int = Field(ge=1, description="real (unpadded) positions of this row")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    max_length: int | None = Field(default=None, ge=1, description="tokens the session may reach")
+    draft: list[int] = Field(default_factory=list, description="drafted tokens: the row's last len(draft) positions")
+    fork: str | None = Field(default=None, min_length=1, max_length=128,
+                             description="a session on every stage whose first `start` positions this session starts "
+                                         "from when it holds fewer (a prompt prefix computed before)")  # fmt: skip
+    draft_probs: list[list[tuple[int, float]]] | None = Field(
+        default=None, description="the draft's (token, probability) pairs per drafted position; none: one-hot drafts"
+    )
+
+    @model_validator(mode="after")
+    def _draft_fits(self) -> RowMeta:
+        if self.fork is not None and self.start < 1:
+            raise ValueError("a fork copies the first `start` positions of its source, so start must be at least 1")
+        if len(self.draft) >= self.length:
+            raise ValueError(f"a draft of {len(self.draft)} tokens needs at least one position before it")
+        if self.draft_probs is not None and len(self.draft_probs) != len(self.draft):
+            raise ValueError(f"{len(self.draft_probs)} draft distributions for {len(self.draft)} drafted tokens")
+        for pairs in self.draft_probs or []:
+            if any(not 0.0 <= prob <= 1.0 for _, prob in pairs):
+                raise ValueError("draft probabilities must lie in [0, 1]")
+        return self
+
+
+class StepMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0)
+    rows: list[RowMeta] = Field(min_length=1, max_length=MAX_ROWS)
+    route: list[str] = Field(default_factory=list, description="base URLs of the stages after this one")
+    reply_to: str | None = Field(default=None, description="where the last stage sends the result")
+    compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
+
+    @model_validator(mode="after")
+    def _sessions_distinct(self) -> StepMeta:
+        sessions = [row.session for row in self.rows]
+        if len(set(sessions)) != len(sessions):
+            raise ValueError("a session appears in more than one row of the step")
+        return self
+
+    @property
+    def next_url(self) -> str | None:
+        """Where this step goes after the stage that holds it (None: the last stage answers ``reply_to``)."""
+        return self.route[0] if self.route else None
+
+    def onward(self) -> StepMeta:
+        """The metadata the next hop receives: its own URL taken off the route."""
+        return self.model_copy(update={"route": self.route[1:]})
+
+    @property
+    def width(self) -> int:
+        """Positions per row in the frame's tensor."""
+        return max(row.length for row in self.rows)
+
+
+class RowResult(BaseModel):
+    session: str
+    tokens: list[int]
+
+
+class ResultMeta(BaseModel):
+    """Metadata of a result frame (its tensor is empty): tokens per row, or the error that stopped the step."""
+
+    step: int
+    rows: list[RowResult] = Field(default_factory=list)
+    error: str | None = None
+    code: str | None = None
+    stage: str | None = None
+    unreachable: str | None = None  # the URL a stage could not reach, so the gateway can route around it
+    compute_ms: list[float] = Field(default_factory=list)
