@@ -34,7 +34,7 @@ from bloombee_operator.planner import Link, Links, ModelProfile, Node, Options, 
 from bloombee_operator.planner.baselines import BASELINES, uncompressed
 from bloombee_operator.planner.cost import GATEWAY
 from bloombee_operator.planner.dp import batch_sizes
-from bloombee_operator.planner.inputs import codec_candidates
+from bloombee_operator.planner.profile import codec_candidates
 from bloombee_operator.planner.simulator import simulate
 
 ROOT = Path(__file__).resolve().parent.parent

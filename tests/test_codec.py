@@ -17,7 +17,7 @@ from bloombee_contract.codec_cost import (
     wire_seconds,
 )
 from bloombee_operator.planner.cost import Link, hop
-from bloombee_operator.planner.inputs import codec_candidates
+from bloombee_operator.planner.profile import codec_candidates
 from bloombee_stage.wire.codec_stats import CodecStats
 from bloombee_stage.wire.codecs import CODECS, ITEMSIZE, CodecError
 from bloombee_stage.wire.frame import Frame, WireError, decode_frame, encode_frame

@@ -45,7 +45,7 @@ def pydantic_accepts(document: dict) -> bool:
 
 def test_the_committed_crd_is_generated_from_the_models():
     committed = (ROOT / "crds" / "distributedllm.yaml").read_text()
-    assert committed == render(), "run: python -m bloombee_operator.crd > crds/distributedllm.yaml"
+    assert committed == render(), "run: python -m bloombee_operator.api.crd > crds/distributedllm.yaml"
 
 
 def test_the_crd_is_a_valid_kubernetes_object():
@@ -127,3 +127,27 @@ def test_rules_beyond_the_schema_are_cel_rules_with_the_models_messages(change, 
         parse_resource(document)
     rules = {rule["message"] for rule in spec_schema()["x-kubernetes-validations"]}
     assert message in rules  # ... and so does the API server, with the same words
+
+
+def _status_schema() -> dict:
+    return crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def test_the_status_schema_is_the_models_and_refuses_what_they_refuse():
+    """status.plan has a schema now: the API server refuses a plan, phase or condition the code never writes."""
+    from bloombee_contract.status import Phase
+
+    schema = _status_schema()
+    assert schema["properties"]["phase"]["enum"] == [phase.value for phase in Phase]
+    stage = {"node": "eu-0", "cluster": "eu", "layers": [0, 30], "offload": {"weights": 0.0, "kv": 0.5}}
+    plan = {"microBatch": 4, "batch": 8, "predictedTokensPerSecond": 10.0, "predictedLatencyMs": 5.0, "roundMs": 5.0,
+            "stages": [stage]}  # fmt: skip
+    good = {"phase": "Deploying", "plan": plan, "links": [{"from": "eu", "to": "us", "rttMs": 90.0, "mbps": 80.0}]}
+    validator = jsonschema.Draft4Validator(schema)
+    assert validator.is_valid(good)
+    for bad in ({**good, "phase": "MeasuringLinks"},  # what an earlier version wrote; a real API server says 422
+                {**good, "plan": {**plan, "stages": []}},
+                {**good, "plan": {**plan, "stages": [{**plan["stages"][0], "layers": [0]}]}},
+                {**good, "plan": {**plan, "microBatch": 0}},
+                {**good, "links": [{"from": "eu", "to": "us", "rttMs": 90.0}]}):  # fmt: skip
+        assert not validator.is_valid(bad), bad

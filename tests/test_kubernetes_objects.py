@@ -7,6 +7,7 @@ import itertools
 import kubernetes_validate
 import pytest
 from bloombee_operator.api.resource import parse_resource
+from bloombee_operator.api.status import LinkStatus
 from bloombee_operator.backends.kubernetes.objects import (
     LABEL_COMPONENT,
     LABEL_INSTANCE,
@@ -35,8 +36,8 @@ def two_clusters(**spec) -> object:
 
 
 def objects(spans=None, **spec) -> dict[str, list[dict]]:
-    desired = desired_state(two_clusters(**spec), ModelShape(30, 576), spans=spans, num_stages=3,
-                            link_mbps={("eu", "us"): 87.0})  # fmt: skip
+    link = LinkStatus.model_validate({"from": "eu", "to": "us", "rttMs": 90.0, "mbps": 87.0})
+    desired = desired_state(two_clusters(**spec), ModelShape(30, 576), spans=spans, num_stages=3, links=[link])
     return render(desired, OWNER, PLACEMENT, api_key_secret="geo-api-key")
 
 

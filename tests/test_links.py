@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from bloombee_operator.planner.inputs import links_from_entries, parse_links
+from bloombee_operator.planning_inputs import links_from_entries, parse_links
 from bloombee_stage.serving.probe import LinkMeasurementError, Samples, measure, summarise
 from pipelines import post_json
 

@@ -28,7 +28,7 @@ def body(source: str, nodes: list[dict]) -> dict:
 
 
 def apply_outcome(resource: dict, outcome: reconcile.Outcome) -> None:
-    resource["status"] = outcome.applied_to(resource.get("status"))
+    resource["status"] = outcome.applied_to(reconcile.read(resource).status)
 
 
 def chat(endpoint: str) -> dict:
@@ -51,7 +51,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
     backend = LocalBackend(tmp_path / "run", threads_per_stage=1)
     resource = body(str(tiny_dir), TWO_NODES)
     try:
-        created = reconcile.deploy(resource, backend)
+        created = reconcile.deploy(reconcile.read(resource), backend)
         apply_outcome(resource, created)
         plan = resource["status"]["plan"]
         assert [s["layers"] for s in plan["stages"]] == [[0, 2], [2, 6]]
@@ -60,13 +60,13 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         endpoint = resource["status"]["endpoint"]
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
 
-        apply_outcome(resource, reconcile.keep(resource, backend))
+        apply_outcome(resource, reconcile.keep(reconcile.read(resource), backend))
         assert resource["status"]["phase"] == "Ready" and resource["status"]["stagesReady"] == "2/2"
 
         # planner.replanEvery (10m) later the timer plans again; nothing changed, so the plan is
         # kept (hysteresis) and no process restarts.
         pids = {name: p.popen.pid for name, p in backend.processes.items()}
-        later = reconcile.keep(resource, backend, clock=lambda: time.time() + 601)
+        later = reconcile.keep(reconcile.read(resource), backend, clock=lambda: time.time() + 601)
         apply_outcome(resource, later)
         planned = {c["type"]: c for c in resource["status"]["conditions"]}["Planned"]
         assert planned["reason"] == "Kept" and "< 10%" in planned["message"]
@@ -76,7 +76,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         # Stage 0 keeps its span and its process; stage 1 changes; stage 2 is new.
         first_pid = backend.processes["tiny-stage-0"].popen.pid
         resource["spec"]["clusters"][0]["nodes"] = THREE_NODES
-        scaled = reconcile.deploy(resource, backend)
+        scaled = reconcile.deploy(reconcile.read(resource), backend)
         apply_outcome(resource, scaled)
         assert spans(backend) == {"tiny-stage-0": "0:2", "tiny-stage-1": "2:4", "tiny-stage-2": "4:6"}
         assert backend.processes["tiny-stage-0"].popen.pid == first_pid
@@ -89,18 +89,18 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         crashed = backend.processes["tiny-stage-1"]
         os.kill(crashed.popen.pid, signal.SIGKILL)
         crashed.popen.wait()
-        kept = reconcile.keep(resource, backend)
+        kept = reconcile.keep(reconcile.read(resource), backend)
         apply_outcome(resource, kept)
         assert [e.reason for e in kept.events] == ["Restored"] and "tiny-stage-1" in kept.events[0].message
         degraded = {c["type"]: c for c in resource["status"]["conditions"]}["Degraded"]
         assert degraded["status"] == "True" and "tiny-stage-1" in degraded["message"]
         assert backend.processes["tiny-stage-1"].url == crashed.url
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
-        apply_outcome(resource, reconcile.keep(resource, backend))
+        apply_outcome(resource, reconcile.keep(reconcile.read(resource), backend))
         assert resource["status"]["phase"] == "Ready"
 
         processes = list(backend.processes.values())
-        assert reconcile.cleanup(resource, backend) == len(processes) == 4
+        assert reconcile.cleanup(reconcile.read(resource), backend) == len(processes) == 4
         assert not backend.processes and all(p.popen.poll() is not None for p in processes)
     finally:
         backend.stop()
@@ -111,10 +111,10 @@ def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
     resource = body("/nowhere", TWO_NODES)
     resource["spec"]["planner"]["maxMicroBatch"] = 0
     with pytest.raises(reconcile.Permanent) as failed:
-        reconcile.deploy(resource, backend)
+        reconcile.read(resource)
     outcome = failed.value.outcome
     assert outcome.status["phase"] == "Failed"
-    assert "spec.planner.maxMicroBatch" in outcome.conditions[0]["message"]
+    assert "spec.planner.maxMicroBatch" in outcome.conditions[0].message
     assert outcome.events[0].type == "Warning" and outcome.events[0].reason == "InvalidSpec"
     assert not backend.processes
 
@@ -125,7 +125,7 @@ def test_a_demand_larger_than_the_nodes_hold_is_planned_for_what_fits(tmp_path, 
     resource = body(str(tiny_dir), TWO_NODES)
     resource["spec"]["planner"]["concurrency"] = 16
     try:
-        apply_outcome(resource, reconcile.deploy(resource, backend))
+        apply_outcome(resource, reconcile.deploy(reconcile.read(resource), backend))
         plan = resource["status"]["plan"]
         admitted = plan["maxSequences"]
         assert 1 <= admitted == plan["batch"] < 16

@@ -270,7 +270,6 @@ def test_two_clusters_links_probed_plan_spread_remote_children_cleaned_up(tmp_pa
 def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(tmp_path):
     """The Kubernetes backend under the reconcile steps, straight against KMock (no kopf)."""
     from bloombee_operator import reconcile
-    from bloombee_operator.api.resource import parse_resource
     from bloombee_operator.backends.kubernetes.backend import Cluster, KubernetesBackend
     from bloombee_operator.backends.kubernetes.objects import Images, Owner
     from kubernetes import client, config
@@ -278,8 +277,9 @@ def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(tmp_path
     def step(body: dict) -> reconcile.Outcome:
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        outcome = reconcile.deploy(body, KubernetesBackend(Cluster(api), parse_resource(body), owner, Images()))
-        body["status"] = outcome.applied_to(body.get("status"))
+        parsed = reconcile.read(body)
+        outcome = reconcile.deploy(parsed, KubernetesBackend(Cluster(api), parsed, owner, Images()))
+        body["status"] = outcome.applied_to(parsed.status)
         return outcome
 
     def deployed(outcome: reconcile.Outcome) -> str:
@@ -323,18 +323,15 @@ def test_a_due_replan_whose_probes_are_down_still_restores_stages(tmp_path):
         meta = body["metadata"]
         backend = KubernetesBackend(Cluster(api), parse_resource(body), Owner(meta["name"], meta["namespace"],
                                                                               meta["uid"]), Images())  # fmt: skip
-        first = reconcile.deploy(body, backend)
-        body["status"] = first.applied_to(body["status"])
+        first = reconcile.deploy(reconcile.read(body), backend)
+        body["status"] = first.applied_to(reconcile.read(body).status)
         stages = [s for s in _deployments(api) if "-stage-" in s]
         assert len(stages) == 2 and not any("probe" in name for name in _deployments(api))  # links were known
 
         client.AppsV1Api(api).delete_namespaced_deployment(stages[0], NAMESPACE)
-        later = reconcile.keep(body, backend, clock=lambda: clock.time() + 601)  # replanEvery (10m) is due
-        conditions = {c["type"]: c for c in later.conditions}
-        assert (
-            conditions["LinksMeasured"]["status"] == "False"
-            and conditions["LinksMeasured"]["reason"] == "ProbesStarting"
-        )
-        assert conditions["Degraded"]["status"] == "True" and stages[0] in conditions["Degraded"]["message"]
+        later = reconcile.keep(reconcile.read(body), backend, clock=lambda: clock.time() + 601)  # replanEvery is due
+        conditions = {c.type: c for c in later.conditions}
+        assert conditions["LinksMeasured"].status == "False" and conditions["LinksMeasured"].reason == "ProbesStarting"
+        assert conditions["Degraded"].status == "True" and stages[0] in conditions["Degraded"].message
         assert later.status["phase"] == "Degraded" and stages[0] in _deployments(api)
         assert {"duo-probe-0", "duo-probe-1"} <= set(_deployments(api))  # asked for, one per cluster; not up yet

@@ -23,7 +23,7 @@ from bloombee_operator.planner import (
 )
 from bloombee_operator.planner.cost import GATEWAY, best_stage, micro_batches, stage_option
 from bloombee_operator.planner.dp import batch_sizes, micro_batch_sizes
-from bloombee_operator.planner.inputs import codec_candidates
+from bloombee_operator.planner.profile import codec_candidates
 
 MB = 1 << 20
 
@@ -319,7 +319,7 @@ def test_light_load_has_no_queueing_and_cycle_latency():
 
 
 def test_profile_of_smollm2_config():
-    from bloombee_operator.planner.inputs import profile_from_config
+    from bloombee_operator.planner.profile import profile_from_config
 
     config = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
               "num_hidden_layers": 30}  # fmt: skip
@@ -331,7 +331,7 @@ def test_profile_of_smollm2_config():
 
 
 def test_planner_input_files_report_the_bad_field(tmp_path):
-    from bloombee_operator.planner.inputs import load_links, nodes_from_file
+    from bloombee_operator.planning_inputs import load_links, nodes_from_file
 
     (tmp_path / "links.yaml").write_text("links:\n  - {from: eu, to: us, rttMs: -3, mbps: 10}\n")
     with pytest.raises(PlanningError, match=r"links\[0\]\.rttMs"):

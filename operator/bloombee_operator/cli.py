@@ -10,6 +10,7 @@ bloombee plan -f distributedllm.yaml          the DP plan: which node serves whi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -22,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from bloombee_operator import reconcile
-from bloombee_operator.api.resource import ResourceError, load_resource
+from bloombee_operator.api.resource import DistributedLLM, ResourceError, load_resource
+from bloombee_operator.api.status import PlanStatus
 from bloombee_operator.backends.local import LocalBackend, LocalBackendError
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.planner import PlanningError, Workload
@@ -51,26 +53,28 @@ class LocalRun:
     def __init__(self, body: dict, backend: LocalBackend, run_dir: Path) -> None:
         self.body, self.backend, self.status_file = body, backend, run_dir / "status.yaml"
 
+    @property
+    def resource(self) -> DistributedLLM:
+        """The resource with the status written so far, parsed once per step as the operator does."""
+        return reconcile.read(self.body)
+
     def step(self, outcome: reconcile.Outcome) -> None:
-        self.body["status"] = outcome.applied_to(self.body.get("status"))
+        self.body["status"] = outcome.applied_to(self.resource.status)
         self.status_file.parent.mkdir(parents=True, exist_ok=True)
         self.status_file.write_text(yaml.safe_dump(self.body["status"], sort_keys=False))
         for event in outcome.events:
             (log.warning if event.type == "Warning" else log.info)("%s: %s", event.reason, event.message)
 
     def deploy(self) -> None:
-        outcome = reconcile.deploy(self.body, self.backend)
+        outcome = reconcile.deploy(self.resource, self.backend)
         while outcome.retry_after_s is not None:
             self.step(outcome)
             time.sleep(outcome.retry_after_s)
-            outcome = reconcile.deploy(self.body, self.backend)
+            outcome = reconcile.deploy(self.resource, self.backend)
         self.step(outcome)
 
     def keep(self) -> None:
-        self.step(reconcile.keep(self.body, self.backend))
-
-    def cleanup(self) -> int:
-        return reconcile.cleanup(self.body, self.backend)
+        self.step(reconcile.keep(self.resource, self.backend))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -95,9 +99,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         started = time.monotonic()
         run.deploy()
         run.keep()  # readiness into the status file
-        status = run.body["status"]
-        _print_plan(status["plan"])
-        endpoint = status["endpoint"]
+        status = run.resource.status
+        assert status.plan is not None and status.endpoint is not None  # deploy wrote both or raised
+        _print_plan(status.plan)
+        endpoint = status.endpoint
         log.info("pipeline ready in %.1f s; status in %s", time.monotonic() - started, run.status_file)
         model = resource.metadata.name
         if args.ask:
@@ -132,16 +137,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         backend.stop()
 
 
-def _print_plan(plan: dict) -> None:
+def _print_plan(plan: PlanStatus) -> None:
     print(f"{'STAGE':<6} {'NODE':<16} {'CLUSTER':<12} {'LAYERS':<9} {'OFFLOAD W':>9} {'OFFLOAD KV':>10} {'MS':>8}")
-    for index, stage in enumerate(plan["stages"]):
-        span = f"{stage['layers'][0]}-{stage['layers'][1] - 1}"
-        offload = stage["offload"]
-        print(f"{index:<6} {stage['node']:<16} {stage.get('cluster', ''):<12} {span:<9} "
-              f"{offload['weights']:>9.2f} {offload['kv']:>10.2f} {stage['predictedMs']:>8.2f}")  # fmt: skip
-    tokens, latency = plan["predictedTokensPerSecond"], plan["predictedLatencyMs"]
-    print(f"\nmicro-batch {plan['microBatch']} of {plan['batch']} sequences ({plan['method']}); predicted "
-          f"{tokens:.1f} tokens/s, {latency:.1f} ms per token")  # fmt: skip
+    for index, stage in enumerate(plan.stages):
+        span = f"{stage.layers[0]}-{stage.layers[1] - 1}"
+        print(f"{index:<6} {stage.node:<16} {stage.cluster:<12} {span:<9} "
+              f"{stage.offload.weights:>9.2f} {stage.offload.kv:>10.2f} {stage.predicted_ms:>8.2f}")  # fmt: skip
+    print(f"\nmicro-batch {plan.micro_batch} of {plan.batch} sequences ({plan.method}); predicted "
+          f"{plan.predicted_tokens_per_second:.1f} tokens/s, {plan.predicted_latency_ms:.1f} ms per token")  # fmt: skip
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -177,8 +180,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from bloombee_operator.backends.local import model_config
     from bloombee_operator.planner import plan
-    from bloombee_operator.planner.inputs import load_links, nodes_from_file
     from bloombee_operator.planning import admission_note, plan_status, planner_inputs
+    from bloombee_operator.planning_inputs import load_links, nodes_from_file
 
     resource = load_resource(args.file)
     spec = resource.spec
@@ -190,10 +193,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         batch=args.batch or spec.planner.concurrency, context=args.context or spec.planner.context_tokens
     )
     result = plan(inputs.profile, nodes, links, workload, inputs.options)
+    planned = plan_status(result, dataclasses.replace(inputs, nodes=nodes, links=links, workload=workload))
     if args.output == "json":
-        print(json.dumps(plan_status(result, nodes), indent=2))
+        print(json.dumps(planned.dump(), indent=2))
         return 0
-    _print_plan(plan_status(result, nodes))
+    _print_plan(planned)
     admission = admission_note(result.held, workload.batch)
     if admission:
         print(admission)

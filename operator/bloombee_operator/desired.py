@@ -1,37 +1,26 @@
 """Desired state: what must run for a DistributedLLM, decided without any I/O.
 
-``desired_state`` turns the resource, the model's shape and a placement (layer spans) into
-stage and gateway specs. Backends realise those specs: ``backends/local.py`` as processes on
-this machine today; a Kubernetes backend as Deployments and Services with the same names and
-arguments.
+``desired_state`` turns the resource, the model's shape and its plan (``status.plan``) into
+stage and gateway specs; each spec renders the launch spec its server starts from
+(``bloombee_contract.launch``). Backends realise them: ``backends/local.py`` as processes on
+this machine, ``backends/kubernetes`` as Deployments and Services with the same arguments.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS, GatewayLaunch, StageLaunch
 
 from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.api.status import LinkStatus, PlanStage, PlanStatus
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.planner import equal_split
 
 CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """One planned stage: where it runs, its span and its offload budgets (from the planner)."""
-
-    cluster: str
-    layers: tuple[int, int]
-    node: str | None = None
-    offload_weights: float = 0.0
-    offload_kv: float = 0.0
-    kv_budget_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,33 +87,34 @@ def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
 
 
 def desired_state(
-    resource: DistributedLLM, shape: ModelShape, spans: list[tuple[int, int]] | None = None, num_stages: int = 3,
-    link_mbps: Mapping[tuple[str, str], float] | None = None, micro_batch: int | None = None,
-    planned: list[StagePlan] | None = None, relay_hops: tuple[bool, ...] = (), max_sequences: int | None = None,
+    resource: DistributedLLM, shape: ModelShape, plan: PlanStatus | None = None, *, links: Sequence[LinkStatus] = (),
+    spans: list[tuple[int, int]] | None = None, num_stages: int = 3, micro_batch: int | None = None,
 ) -> DesiredState:  # fmt: skip
-    """Stages for ``planned`` (the planner's stages), or for ``spans`` placed on the clusters in turn
-    (default: an equal split over ``num_stages``).
+    """The stages and gateway for ``plan`` (a ``status.plan``: spans, nodes, offload, KV budgets,
+    micro-batch, relay hops, admitted sequences), or without a plan for ``spans`` placed on the
+    clusters in turn (default: an equal split over ``num_stages``) with ``micro_batch`` (default:
+    the resource's ``planner.maxMicroBatch``).
 
-    ``micro_batch``: the plan's micro-batch size, the most rows the gateway packs into one step
-    (default: the resource's ``planner.maxMicroBatch``). ``relay_hops``: the hops the gateway forwards.
-    ``max_sequences``: the sequences the plan admits, shared among the gateway replicas (None: no cap).
-
-    ``link_mbps`` holds measured bandwidths between clusters (either direction); each stage gets
-    that of its link to the next stage, which ``compression: auto`` weighs its codecs against.
+    ``links`` are the measured links between clusters (``status.links``); each stage gets the
+    bandwidth of its link to the next stage, which ``compression: auto`` weighs its codecs against.
     """
-    if planned is None:
+    spec = resource.spec
+    if plan is None:
         if spans is None:
             spans = equal_split(shape.num_layers, min(num_stages, shape.num_layers))
-        clusters = [cluster.name for cluster in resource.spec.clusters]
-        planned = [StagePlan(clusters[index % len(clusters)], span) for index, span in enumerate(spans)]
-    _check_spans([stage.layers for stage in planned], shape.num_layers)
-    known = {cluster.name for cluster in resource.spec.clusters}
-    unknown = sorted({stage.cluster for stage in planned} - known)
+        clusters = [cluster.name for cluster in spec.clusters]
+        placed = [PlanStage(node=clusters[i % len(clusters)], cluster=clusters[i % len(clusters)], layers=span)
+                  for i, span in enumerate(spans)]  # fmt: skip
+        micro_batch, relay_hops, max_sequences = micro_batch or spec.planner.max_micro_batch, (), None
+    else:
+        placed, micro_batch = plan.stages, plan.micro_batch
+        relay_hops, max_sequences = tuple(plan.relay_hops), plan.max_sequences
+    _check_spans([stage.layers for stage in placed], shape.num_layers)
+    unknown = sorted({stage.cluster for stage in placed} - {cluster.name for cluster in spec.clusters})
     if unknown:
         raise ValueError(f"stages placed on clusters {unknown} that spec.clusters does not name")
     name = resource.metadata.name
-    spec = resource.spec
-    placed = [stage.cluster for stage in planned]
+    mbps = {(link.from_, link.to): link.mbps for link in links}
     stages = tuple(
         StageSpec(
             name=f"{name}-stage-{index}",
@@ -133,13 +123,13 @@ def desired_state(
             layers=stage.layers,
             dtype=spec.model.dtype,
             codec=CODEC_FOR_COMPRESSION[spec.compression],
-            micro_batch=micro_batch or spec.planner.max_micro_batch,
-            offload_weights=stage.offload_weights,
-            offload_kv=stage.offload_kv,
-            kv_budget_gib=stage.kv_budget_gib,
-            link_mbps=_onward_link(link_mbps or {}, placed, index),
+            micro_batch=micro_batch,
+            offload_weights=stage.offload.weights,
+            offload_kv=stage.offload.kv,
+            kv_budget_gib=stage.kv_budget_gi_b,
+            link_mbps=_onward_link(mbps, [s.cluster for s in placed], index),
         )
-        for index, stage in enumerate(planned)
+        for index, stage in enumerate(placed)
     )
     if spec.draft.kind == "early-exit" and not 1 <= (spec.draft.layers or 0) < shape.num_layers:
         raise ValueError(f"spec.draft.layers must lie in 1..{shape.num_layers - 1} (the model has {shape.num_layers})")
@@ -152,9 +142,9 @@ def desired_state(
         draft_max=spec.draft.max_tokens,
         draft_layers=spec.draft.layers,
         draft_source=spec.draft.source,
-        micro_batch=micro_batch or spec.planner.max_micro_batch,
+        micro_batch=micro_batch,
         service_type=spec.gateway.service.type,
-        relay_hops=tuple(relay_hops),
+        relay_hops=relay_hops,
         max_sequences=max(1, max_sequences // spec.gateway.replicas) if max_sequences else None,
     )
     return DesiredState(

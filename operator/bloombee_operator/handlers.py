@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -22,7 +23,8 @@ from kubernetes import client, config
 
 from bloombee_operator import reconcile
 from bloombee_operator.api.crd import GROUP, PLURAL, VERSION
-from bloombee_operator.api.resource import ResourceError, parse_resource
+from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.api.status import lenient_status
 from bloombee_operator.backends.kubernetes.backend import Cluster, KubernetesBackend, RemoteClusterError
 from bloombee_operator.backends.kubernetes.objects import Images, Owner
 
@@ -52,44 +54,38 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def _backend(body: Any, memo: kopf.Memo) -> KubernetesBackend | None:
-    meta = body["metadata"]
-    try:
-        resource = parse_resource(dict(body))
-    except ResourceError:
-        return None  # the step itself reports what is wrong
-    owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+def _backend(resource: DistributedLLM, memo: kopf.Memo) -> KubernetesBackend:
+    meta = resource.metadata
+    owner = Owner(name=meta.name, namespace=meta.namespace, uid=meta.uid or "")
     api_key_secret = os.environ.get("BLOOMBEE_API_KEY_SECRET") or None
     return KubernetesBackend(memo.local, resource, owner, memo.images, api_key_secret, memo.remote)
 
 
 def _write(body: Any, patch: kopf.Patch, outcome: reconcile.Outcome) -> None:
-    for key, value in outcome.merged_status(dict(body.get("status") or {})).items():
+    for key, value in outcome.merged_status(lenient_status(body.get("status"))).items():
         patch.status[key] = value
     for event in outcome.events:
         (kopf.warn if event.type == "Warning" else kopf.info)(body, reason=event.reason, message=event.message)
 
 
-def _run(step: Any, body: Any, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
+def _run(step: Callable[[DistributedLLM, KubernetesBackend], reconcile.Outcome], body: Any, patch: kopf.Patch,
+         memo: kopf.Memo) -> None:  # fmt: skip
+    """Parse the resource once, run one reconcile step on it, and write what it says into status."""
     try:
-        outcome = step(dict(body), _backend(body, memo), **kwargs)
+        resource = reconcile.read(body)
+        outcome = step(resource, _backend(resource, memo))
     except reconcile.Permanent as failed:
         _write(body, patch, failed.outcome)
         raise kopf.PermanentError(str(failed)) from None
     except RemoteClusterError as error:
         message = f"{error}; retrying"
         unreachable = reconcile.condition(ConditionType.READY, False, Reason.REMOTE_CLUSTER, message)
-        _write(
-            body,
-            patch,
-            reconcile.Outcome(
-                conditions=[unreachable], events=[reconcile.Event("Warning", Reason.REMOTE_CLUSTER, message)]
-            ),
-        )
+        event = reconcile.Event("Warning", Reason.REMOTE_CLUSTER, message)
+        _write(body, patch, reconcile.Outcome(conditions=[unreachable], events=[event]))
         raise kopf.TemporaryError(str(error), delay=30) from None
     _write(body, patch, outcome)
     if outcome.retry_after_s is not None:
-        raise kopf.TemporaryError(outcome.conditions[0]["message"], delay=outcome.retry_after_s)
+        raise kopf.TemporaryError(outcome.conditions[0].message, delay=outcome.retry_after_s)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -109,6 +105,8 @@ def keep(body: Any, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
 def cleanup(body: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Delete every child. In the operator's cluster owner references would do it too, but remote
     clusters have none, and deleting explicitly does not wait on the garbage collector."""
-    backend = _backend(body, memo)
-    deleted = reconcile.cleanup(dict(body), backend) if backend is not None else 0
-    logger.info("deleted %d children", deleted)
+    try:
+        resource = reconcile.read(body)
+    except reconcile.Permanent:
+        return  # a resource that never parsed never had children
+    logger.info("deleted %d children", reconcile.cleanup(resource, _backend(resource, memo)))

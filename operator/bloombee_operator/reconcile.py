@@ -1,39 +1,44 @@
 """The reconcile loop's steps, shared by the kopf operator and ``bloombee up``.
 
-Each step reads the resource (as the API server or the YAML file has it, status included),
-asks a ``Backend`` to measure or realise things, and returns an ``Outcome``: the status fields to
-write and the events to post. The kopf handlers (``handlers.py``) write those into the resource;
-``bloombee up`` keeps them in a local status file. Decisions stay in pure code (``planning.py``,
-``reconcile.py``); the backend is where the I/O happens:
+Each step takes the resource as parsed once by its caller (status included, typed), asks a
+``Backend`` to measure or realise things, and returns an ``Outcome``: the status fields to write
+and the events to post. The kopf handlers (``handlers.py``) write those into the resource;
+``bloombee up`` (``cli.py``) keeps them in a local status file. Decisions stay in pure code
+(``planning.py``, ``desired.py``); the backend is where the I/O happens:
 
-* ``backends/kubernetes_apply.py`` ``KubernetesBackend``: objects in the clusters, probe pods;
+* ``backends/kubernetes/backend.py`` ``KubernetesBackend``: objects in the clusters, probe pods;
 * ``backends/local.py`` ``LocalBackend``: processes on this machine.
 
 Steps:
 
+* ``read``: the resource from what the API server or the YAML file holds, or a permanent failure;
 * ``deploy`` (create, spec update, resume): measure links where there are several clusters,
   plan (keeping the running plan under hysteresis), apply the desired state;
 * ``keep`` (a timer): re-create what went missing or died; every ``planner.replanEvery``
   re-measure the links and re-plan, adopting a new plan only for a clear gain;
-* ``cleanup`` (deletion): remove everything, in every cluster.
+* ``cleanup`` (deletion): remove everything, in every cluster (a resource that never parsed has
+  nothing to remove).
 """
 
 from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bloombee_contract.status import ConditionStatus, ConditionType, Phase, Reason
 
 from bloombee_operator.api.resource import DistributedLLM, ResourceError, parse_resource
-from bloombee_operator.desired import DesiredState, StagePlan, desired_state
+from bloombee_operator.api.status import Condition, DistributedLLMStatus, LinkStatus, PlanStatus
+from bloombee_operator.desired import DesiredState, desired_state
 from bloombee_operator.model_shape import ModelShape, ModelShapeError
 from bloombee_operator.planner import PlanningError
 from bloombee_operator.planner.replan import PlanDiff
-from bloombee_operator.planning import admission_note, decide, plan_status, stage_plans
+from bloombee_operator.planning import admission_note, decide, plan_status
+
+Clock = Callable[[], float]
 
 
 class Backend(Protocol):
@@ -71,7 +76,7 @@ class Permanent(RuntimeError):
     """The resource cannot be served as written; the outcome says why. Not retried."""
 
     def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.conditions[-1]["message"])
+        super().__init__(outcome.conditions[-1].message)
         self.outcome = outcome
 
 
@@ -84,43 +89,40 @@ class Event:
 
 @dataclass
 class Outcome:
-    status: dict[str, Any] = field(default_factory=dict)
-    conditions: list[dict[str, str]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)  # status fields to write, in their wire shape
+    conditions: list[Condition] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     retry_after_s: float | None = None  # temporary: run the step again after this long
 
-    def merged_status(self, current: dict) -> dict[str, Any]:
+    def merged_status(self, current: DistributedLLMStatus) -> dict[str, Any]:
         """The status fields to write, conditions merged into the current ones."""
         merged = dict(self.status)
         if self.conditions:
-            merged["conditions"] = merge_conditions(current.get("conditions") or [], *self.conditions)
+            merged["conditions"] = [c.dump() for c in merge_conditions(current.conditions, *self.conditions)]
         return merged
 
-    def applied_to(self, current: dict | None) -> dict[str, Any]:
+    def applied_to(self, current: DistributedLLMStatus) -> dict[str, Any]:
         """The whole status after this outcome (where status is a document, not a patch)."""
-        current = current or {}
-        return {**current, **self.merged_status(current)}
+        return {**current.dump(), **self.merged_status(current)}
 
 
-def now_iso(clock: Callable[[], float] = time.time) -> str:
+def now_iso(clock: Clock = time.time) -> str:
     return datetime.datetime.fromtimestamp(clock(), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def condition(type_: ConditionType, status: bool, reason: Reason, message: str,
-              at: str | None = None) -> dict[str, str]:  # fmt: skip
+def condition(type_: ConditionType, status: bool, reason: Reason, message: str, at: str | None = None) -> Condition:
     truth = ConditionStatus.TRUE if status else ConditionStatus.FALSE
-    return {"type": type_.value, "status": truth.value, "reason": reason.value, "message": message,
-            "lastTransitionTime": at or now_iso()}  # fmt: skip
+    return Condition(type=type_, status=truth, reason=reason, message=message, last_transition_time=at or now_iso())
 
 
-def merge_conditions(current: list[dict], *updates: dict) -> list[dict]:
+def merge_conditions(current: list[Condition], *updates: Condition) -> list[Condition]:
     """Replace conditions by type; keep the transition time of one whose status did not change."""
-    merged = {item["type"]: item for item in current or []}
+    merged = {item.type: item for item in current}
     for update in updates:
-        previous = merged.get(update["type"])
-        if previous and previous.get("status") == update["status"]:
-            update = {**update, "lastTransitionTime": previous.get("lastTransitionTime", update["lastTransitionTime"])}
-        merged[update["type"]] = update
+        previous = merged.get(update.type)
+        if previous is not None and previous.status == update.status:
+            update = update.model_copy(update={"last_transition_time": previous.last_transition_time})
+        merged[update.type] = update
     return list(merged.values())
 
 
@@ -131,57 +133,53 @@ def _failed(reason: Reason, message: str) -> Permanent:
     return Permanent(outcome)
 
 
-def _read(body: dict, backend: Backend) -> tuple[DistributedLLM, ModelShape]:
-    meta = body.get("metadata", {})
+def read(body: Mapping[str, Any]) -> DistributedLLM:
+    """The resource in ``body``, parsed once for a whole step; a spec that cannot work is permanent."""
+    meta = body.get("metadata") or {}
     try:
-        resource = parse_resource(dict(body), f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
+        return parse_resource(dict(body), f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
     except ResourceError as error:
         raise _failed(Reason.INVALID_SPEC, str(error)) from None
+
+
+def _shape(resource: DistributedLLM, backend: Backend) -> ModelShape:
     try:
-        return resource, backend.model_shape(resource.spec.model.source)
+        return backend.model_shape(resource.spec.model.source)
     except ModelShapeError as error:
         raise _failed(Reason.MODEL_UNREADABLE, str(error)) from None
 
 
-def desired_from_plan(resource: DistributedLLM, shape: ModelShape, plan: dict, links: list[dict]) -> DesiredState:
-    """The desired state for a ``status.plan`` (what ``deploy`` wrote), so every step rebuilds the
-    same children without planning again."""
-    planned = [StagePlan(s["cluster"], (s["layers"][0], s["layers"][1]), s["node"], s["offload"]["weights"],
-                         s["offload"]["kv"], s.get("kvBudgetGiB")) for s in plan["stages"]]  # fmt: skip
-    mbps = {(link["from"], link["to"]): float(link["mbps"]) for link in links}
-    return desired_state(resource, shape, planned=planned, micro_batch=plan["microBatch"],
-                         relay_hops=tuple(plan.get("relayHops", ())), link_mbps=mbps,
-                         max_sequences=plan.get("maxSequences"))  # fmt: skip
+def _desired(resource: DistributedLLM, shape: ModelShape, plan: PlanStatus, links: list[LinkStatus]) -> DesiredState:
+    try:
+        return desired_state(resource, shape, plan, links=links)
+    except ValueError as error:
+        raise _failed(Reason.UNPLANNABLE, str(error)) from None
 
 
-def _plan(resource: DistributedLLM, shape: ModelShape, links: list[dict], current: dict | None,
-          clock: Callable[[], float]) -> tuple[dict, bool, str, PlanDiff]:  # fmt: skip
+def _plan(resource: DistributedLLM, shape: ModelShape, links: list[LinkStatus],
+          clock: Clock) -> tuple[PlanStatus, bool, str, PlanDiff]:  # fmt: skip
+    current = resource.status.plan
     try:
         decision, inputs = decide(resource, shape, links, current)
     except PlanningError as error:
         raise _failed(Reason.UNPLANNABLE, str(error)) from None
-    if not decision.adopted and current:
-        return {**current, "checkedAt": now_iso(clock)}, False, decision.reason, decision.diff
-    planned = plan_status(decision.plan, inputs.nodes)
-    for entry, stage in zip(planned["stages"], stage_plans(decision.plan, inputs), strict=True):
-        entry["kvBudgetGiB"] = round(stage.kv_budget_gib or 0, 6)
-    planned["maxSequences"] = decision.plan.held  # the sequences the stages' KV budgets hold
-    planned["plannedAt"] = planned["checkedAt"] = now_iso(clock)
-    return planned, True, decision.reason, decision.diff
+    if not decision.adopted and current is not None:
+        return current.model_copy(update={"checked_at": now_iso(clock)}), False, decision.reason, decision.diff
+    return plan_status(decision.plan, inputs, now_iso(clock)), True, decision.reason, decision.diff
 
 
-def _links(resource: DistributedLLM, backend: Backend, clock: Callable[[], float]) -> tuple[list[dict], dict]:
+def _links(resource: DistributedLLM, backend: Backend, clock: Clock) -> tuple[list[LinkStatus], Condition]:
     if len(resource.spec.clusters) < 2:
         message = "one cluster: no links between clusters"
         return [], condition(ConditionType.LINKS_MEASURED, True, Reason.SINGLE_CLUSTER, message, now_iso(clock))
-    links = backend.measure_links(resource)
-    summary = ", ".join(f"{e['from']}->{e['to']} {e['rttMs']:.1f} ms {e['mbps']:.0f} Mbit/s" for e in links)
+    links = [LinkStatus.model_validate(entry) for entry in backend.measure_links(resource)]
+    summary = ", ".join(f"{e.from_}->{e.to} {e.rtt_ms:.1f} ms {e.mbps:.0f} Mbit/s" for e in links)
     return links, condition(ConditionType.LINKS_MEASURED, True, Reason.MEASURED, summary, now_iso(clock))
 
 
-def _unmeasured(resource: DistributedLLM, links: list[dict]) -> bool:
+def _unmeasured(resource: DistributedLLM, links: list[LinkStatus]) -> bool:
     """Whether some cluster of the spec has no measured link (new, or never measured)."""
-    measured = {end for link in links for end in (link["from"], link["to"])}
+    measured = {end for link in links for end in (link.from_, link.to)}
     return len(resource.spec.clusters) < 2 or any(c.name not in measured for c in resource.spec.clusters)
 
 
@@ -189,41 +187,35 @@ def _describe(desired: DesiredState) -> str:
     return ", ".join(f"{s.name} {s.cluster} [{s.layers[0]}, {s.layers[1]})" for s in desired.stages)
 
 
-def deploy(body: dict, backend: Backend, clock: Callable[[], float] = time.time, remeasure: bool = False) -> Outcome:
+def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time, remeasure: bool = False) -> Outcome:
     """Create, update or resume: links, plan, apply."""
-    resource, shape = _read(body, backend)
-    status = body.get("status") or {}
+    shape = _shape(resource, backend)
     outcome = Outcome()
-    links = status.get("links") or []
+    links = resource.status.links
     if remeasure or _unmeasured(resource, links):
         try:
             links, measured = _links(resource, backend, clock)
         except LinksPending as pending:
-            message = str(pending)
-            outcome.conditions = [
-                condition(ConditionType.LINKS_MEASURED, False, Reason.PROBES_STARTING, message, now_iso(clock))
-            ]
-            outcome.status = {"phase": Phase.MEASURING.value}
-            outcome.retry_after_s = 5.0
-            return outcome
+            waiting = condition(ConditionType.LINKS_MEASURED, False, Reason.PROBES_STARTING, str(pending),
+                                now_iso(clock))  # fmt: skip
+            return Outcome(status={"phase": Phase.MEASURING.value}, conditions=[waiting], retry_after_s=5.0)
         outcome.conditions.append(measured)
-        outcome.status["links"] = links
-    planned, adopted, reason, moves = _plan(resource, shape, links, status.get("plan"), clock)
-    try:
-        desired = desired_from_plan(resource, shape, planned, links)
-    except ValueError as error:
-        raise _failed(Reason.UNPLANNABLE, str(error)) from None
+        outcome.status["links"] = [link.dump() for link in links]
+    planned, adopted, reason, moves = _plan(resource, shape, links, clock)
+    desired = _desired(resource, shape, planned, links)
     changed = backend.apply(desired)
-    planned["planHash"] = desired.plan_hash
+    planned = planned.model_copy(update={"plan_hash": desired.plan_hash})
     total = len(desired.stages)
-    at, generation = now_iso(clock), body.get("metadata", {}).get("generation")
-    ready = f"{backend.ready_stages(desired)}/{total}"
-    outcome.status.update({"phase": Phase.DEPLOYING.value, "plan": planned, "endpoint": backend.endpoint(desired),
-                           "stagesReady": ready, "observedGeneration": generation})  # fmt: skip
-    tokens = planned["predictedTokensPerSecond"]
+    at = now_iso(clock)
+    outcome.status.update({"phase": Phase.DEPLOYING.value, "plan": planned.dump(),
+                           "endpoint": backend.endpoint(desired),
+                           "stagesReady": f"{backend.ready_stages(desired)}/{total}"})  # fmt: skip
+    if resource.metadata.generation is not None:
+        outcome.status["observedGeneration"] = resource.metadata.generation
+    tokens = planned.predicted_tokens_per_second
     summary = f"{_describe(desired)}; {tokens:.1f} tokens/s predicted ({reason})"
     asked = resource.spec.planner.concurrency
-    admission = admission_note(planned.get("maxSequences", asked), asked)
+    admission = admission_note(planned.max_sequences or asked, asked)
     if admission:
         summary += f"; {admission}"
     outcome.conditions += [
@@ -233,51 +225,49 @@ def deploy(body: dict, backend: Backend, clock: Callable[[], float] = time.time,
     ]
     if adopted:
         moved = "; ".join(f"{m.node}: load {len(m.load)}, drop {len(m.drop)} layers" for m in moves.moves)
-        outcome.events.append(
-            Event("Normal", Reason.PLANNED, f"{total} stages, {tokens:.1f} tokens/s predicted: {moved or reason}")
-        )
+        message = f"{total} stages, {tokens:.1f} tokens/s predicted: {moved or reason}"
+        outcome.events.append(Event("Normal", Reason.PLANNED, message))
     if changed:
-        outcome.events.append(
-            Event("Normal", Reason.DEPLOYED, f"started or changed {', '.join(changed)} (plan {desired.plan_hash})")
-        )
+        message = f"started or changed {', '.join(changed)} (plan {desired.plan_hash})"
+        outcome.events.append(Event("Normal", Reason.DEPLOYED, message))
     return outcome
 
 
-def _replan_due(status: dict, resource: DistributedLLM, clock: Callable[[], float]) -> bool:
-    checked = (status.get("plan") or {}).get("checkedAt")
-    if not checked:
+def _replan_due(plan: PlanStatus, resource: DistributedLLM, clock: Clock) -> bool:
+    if not plan.checked_at:
         return True
-    at = datetime.datetime.strptime(checked, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    at = datetime.datetime.strptime(plan.checked_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
     return clock() - at.timestamp() >= resource.spec.planner.replan_every_s
 
 
-def keep(body: dict, backend: Backend, clock: Callable[[], float] = time.time) -> Outcome:
+def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -> Outcome:
     """The timer: re-plan when due; re-create what is missing; report readiness."""
-    status = body.get("status") or {}
-    if status.get("phase") == Phase.FAILED or not status.get("plan"):
-        return Outcome()  # never deployed: create/update owns it
-    resource, shape = _read(body, backend)
-    waiting: list[dict[str, str]] = []
-    if _replan_due(status, resource, clock):
-        replanned = deploy(body, backend, clock, remeasure=True)
+    status = resource.status
+    if status.phase in (None, Phase.FAILED):
+        return Outcome()  # never deployed, or cannot be: create/update owns it
+    if status.plan is None:
+        return deploy(resource, backend, clock)  # deployed by a version whose plan this one cannot read
+    waiting: list[Condition] = []
+    if _replan_due(status.plan, resource, clock):
+        replanned = deploy(resource, backend, clock, remeasure=True)
         if replanned.retry_after_s is None:
             return replanned
         waiting = replanned.conditions  # links cannot be measured now: serve on, try at the next tick
+    shape = _shape(resource, backend)
     try:
-        desired = desired_from_plan(resource, shape, status["plan"], status.get("links") or [])
-    except (KeyError, TypeError, ValueError):
-        return deploy(body, backend, clock)  # a plan this version cannot read: plan afresh
+        desired = desired_state(resource, shape, status.plan, links=status.links)
+    except ValueError:
+        return deploy(resource, backend, clock)  # the spec changed under the plan: plan afresh
     restored = backend.restore(desired)
     ready, total = backend.ready_stages(desired), len(desired.stages)
     all_ready = ready == total and not restored
     message = f"{ready} of {total} stages ready" + (f"; re-created {', '.join(restored)}" if restored else "")
     at = now_iso(clock)
-    outcome = Outcome(status={"stagesReady": f"{ready}/{total}",
-                              "phase": _phase(all_ready, restored).value})  # fmt: skip
+    outcome = Outcome(status={"stagesReady": f"{ready}/{total}", "phase": _phase(all_ready, restored).value})
+    stages_ready = Reason.ALL_READY if ready == total else Reason.WAITING
     outcome.conditions = [
         *waiting,
-        condition(ConditionType.STAGES_READY, ready == total, Reason.ALL_READY if ready == total else Reason.WAITING,
-                  message, at),
+        condition(ConditionType.STAGES_READY, ready == total, stages_ready, message, at),
         condition(ConditionType.DEGRADED, bool(restored), Reason.RESTORED if restored else Reason.ALL_PRESENT,
                   message, at),
         condition(ConditionType.READY, all_ready, Reason.SERVING if all_ready else Reason.NOT_READY, message, at),
@@ -291,11 +281,6 @@ def _phase(all_ready: bool, restored: list[str]) -> Phase:
     return Phase.READY if all_ready else Phase.DEGRADED if restored else Phase.DEPLOYING
 
 
-def cleanup(body: dict, backend: Backend) -> int:
-    """Delete every child in every cluster; a resource that never parsed has none."""
-    meta = body.get("metadata", {})
-    try:
-        resource = parse_resource(dict(body), f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}")
-    except ResourceError:
-        return 0
+def cleanup(resource: DistributedLLM, backend: Backend) -> int:
+    """Delete every child in every cluster; return how many."""
     return backend.remove(resource)

@@ -1,12 +1,13 @@
-"""The DistributedLLM CustomResourceDefinition, generated from the pydantic models in resource.py.
+"""The DistributedLLM CustomResourceDefinition, generated from the pydantic models of the API.
 
-One source of truth: the CRD's structural schema is derived from ``DistributedLLMSpec``'s JSON
-schema (references inlined, optional fields as plain properties, JSON Schema's numeric
-``exclusiveMinimum`` as OpenAPI's ``minimum`` + ``exclusiveMinimum: true``), and what a schema
+One source of truth: the CRD's structural schema is derived from the JSON schemas of
+``DistributedLLMSpec`` (resource.py) and ``DistributedLLMStatus`` (status.py): references
+inlined, optional fields as plain properties, JSON Schema's numeric ``exclusiveMinimum`` as
+OpenAPI's ``minimum`` + ``exclusiveMinimum: true``, tuples as fixed-length arrays. What a schema
 cannot say is added as CEL rules (``x-kubernetes-validations``), mirroring the models'
 validators. ``crds/distributedllm.yaml`` and the Helm chart's copy are this module's output:
 
-    python -m bloombee_operator.crd > crds/distributedllm.yaml
+    python -m bloombee_operator.api.crd > crds/distributedllm.yaml
 
 and a test fails when they drift apart.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from bloombee_operator.api.resource import API_VERSION, KIND, DistributedLLMSpec
+from bloombee_operator.api.status import DistributedLLMStatus
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR, SHORT_NAMES = "distributedllms", "distributedllm", ["dllm"]
@@ -71,7 +73,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """A JSON-schema node as a Kubernetes structural-schema node."""
     if "$ref" in node:
         resolved = _structural(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
-        return {**resolved, **{k: v for k, v in node.items() if k in ("default", "description")}}
+        kept = {k: v for k, v in node.items() if k in ("default", "description") and v is not None}
+        return {**resolved, **kept}
     if "anyOf" in node:  # Optional[X]: X itself; absence is the "null"
         options = [option for option in node["anyOf"] if option.get("type") != "null"]
         if len(options) != 1:
@@ -96,7 +99,14 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(node.get("additionalProperties"), dict):
             out["additionalProperties"] = _structural(node["additionalProperties"], defs)
     if node.get("type") == "array":
-        out["items"] = _structural(node["items"], defs)
+        if "prefixItems" in node:  # a tuple: a structural schema has one item schema, so they must agree
+            items = [_structural(item, defs) for item in node["prefixItems"]]
+            if any(item != items[0] for item in items):
+                raise ValueError(f"cannot express the tuple {node['prefixItems']} in a structural schema")
+            out["items"] = items[0]
+        else:
+            out["items"] = _structural(node["items"], defs)
+    out.update({key: value for key, value in node.items() if key.startswith("x-kubernetes-")})
     return out
 
 
@@ -108,40 +118,12 @@ def spec_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    condition = {
-        "type": "object",
-        "required": ["type", "status"],
-        "properties": {
-            "type": {"type": "string"},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer"},
-        },
-    }
-    return {
-        "type": "object",
-        "properties": {
-            "phase": {
-                "type": "string",
-                "enum": ["Pending", "Measuring", "Planning", "Deploying", "Ready", "Degraded", "Failed"],
-            },
-            "observedGeneration": {"type": "integer"},
-            "endpoint": {"type": "string"},
-            "stagesReady": {"type": "string", "description": "ready stages / stages, e.g. 3/3"},
-            "conditions": {
-                "type": "array",
-                "items": condition,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-            # The measured links and the plan are the planner's own shapes; kept whole.
-            "links": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-            "plan": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-        "x-kubernetes-preserve-unknown-fields": True,
-    }
+    schema = DistributedLLMStatus.model_json_schema(by_alias=True, mode="validation")
+    structural = _structural(schema, schema.get("$defs", {}))
+    # kopf keeps a little state of its own under status (its "touch" to wake a delayed handler);
+    # pruning it would leave delayed handlers asleep.
+    structural["x-kubernetes-preserve-unknown-fields"] = True
+    return structural
 
 
 def crd_manifest() -> dict[str, Any]:
@@ -194,7 +176,7 @@ def crd_manifest() -> dict[str, Any]:
 
 
 def render() -> str:
-    header = "# Generated by `python -m bloombee_operator.crd` from resource.py; do not edit by hand.\n"
+    header = "# Generated by `python -m bloombee_operator.api.crd` from api/; do not edit by hand.\n"
     return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=120)
 
 

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from bloombee_operator.api.status import DistributedLLMStatus, lenient_status
 
 API_VERSION = "bloombee.ai/v1alpha1"
 KIND = "DistributedLLM"
@@ -43,7 +46,7 @@ class ModelSpec(_Model):
 class DraftSpec(_Model):
     kind: Literal["none", "early-exit", "prompt-lookup", "model"] = "none"
     layers: int | None = Field(default=None, ge=1)
-    max_tokens: int = Field(default=8, ge=1, le=64)
+    max_tokens: int = Field(default=DEFAULT_DRAFT_TOKENS, ge=1, le=64)
     source: str | None = None
 
     @model_validator(mode="after")
@@ -142,6 +145,8 @@ class ObjectMeta(BaseModel):
 
     name: str
     namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
 
     _name = field_validator("name")(_dns_label)
 
@@ -153,7 +158,12 @@ class DistributedLLM(BaseModel):
     kind: Literal["DistributedLLM"]
     metadata: ObjectMeta
     spec: DistributedLLMSpec
-    status: dict | None = None
+    status: DistributedLLMStatus = Field(default_factory=DistributedLLMStatus)
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _readable_status(cls, value: object) -> DistributedLLMStatus:
+        return lenient_status(value)
 
 
 def parse_resource(document: object, origin: str = "<input>") -> DistributedLLM:

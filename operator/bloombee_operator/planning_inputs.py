@@ -1,4 +1,4 @@
-"""Planner inputs from what users and the operator have: a model config, node hints, measured links.
+"""Planner inputs from what users and the operator have: node hints, measured links, files.
 
 Files read by ``bloombee plan``:
 
@@ -21,14 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from bloombee_contract.codec_cost import DEFAULT_PROFILES, RAW, CodecProfile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.api.status import LinkStatus
 from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, PlanningError
+from bloombee_operator.planner.profile import DTYPE_BYTES, GIB
 
-GIB = 1 << 30
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_MEMORY_GIB = 16.0
 DEFAULT_TFLOPS = 1.0
 ASSUMED_MEMORY_BANDWIDTH = 50e9
@@ -36,44 +35,8 @@ LOCAL_LINK = Link(rtt_s=0.0002, bandwidth=1.25e9)
 UNMEASURED_LINK = Link(rtt_s=0.001, bandwidth=125e6)
 
 
-def codec_candidates(dtype: str, compression: str = "off") -> tuple[CodecProfile, ...]:
-    """What a hop may use under the resource's ``compression``: auto weighs raw and every codec."""
-    measured = DEFAULT_PROFILES.get(dtype, {})
-    if compression == "auto":
-        return (RAW, *measured.values())
-    if compression in measured:
-        return (measured[compression],)
-    return (RAW,)
-
-
-def profile_from_config(config: dict, dtype: str = "float32", compression: str = "off") -> ModelProfile:
-    """Bytes per layer and per token of a Llama-family model, from its config.json."""
-    size = DTYPE_BYTES[dtype]
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    kv_heads = config.get("num_key_value_heads", heads)
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    mlp = 3 * hidden * config["intermediate_size"]
-    return ModelProfile(
-        num_layers=config["num_hidden_layers"],
-        weight_bytes_per_layer=(attention + mlp + 2 * hidden) * size,
-        kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * size,
-        hidden_bytes_per_token=hidden * size,
-        codecs=codec_candidates(dtype, compression),
-    )
-
-
 class _File(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
-
-
-class LinkEntry(_File):
-    from_: str = Field(alias="from")
-    to: str
-    rtt_ms: float = Field(alias="rttMs", ge=0)
-    mbps: float = Field(gt=0)
-    measured_at: str | None = Field(default=None, alias="measuredAt")
 
 
 class NodeEntry(_File):
@@ -88,7 +51,7 @@ class NodeEntry(_File):
     stream_interference: float = Field(default=0.0, alias="streamInterference", ge=0, le=2)
 
 
-def _load_list(path: str | Path, key: str, entry: type[_File]) -> list:
+def _load_list(path: str | Path, key: str, entry: type[BaseModel]) -> list:
     try:
         document = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as error:
@@ -101,7 +64,7 @@ def _load_list(path: str | Path, key: str, entry: type[_File]) -> list:
     return _parse_entries(items, entry, f"{path}: {key}")
 
 
-def _parse_entries(items: list, entry: type[_File], origin: str) -> list:
+def _parse_entries(items: list, entry: type[BaseModel], origin: str) -> list:
     parsed = []
     for index, item in enumerate(items):
         try:
@@ -114,15 +77,15 @@ def _parse_entries(items: list, entry: type[_File], origin: str) -> list:
 
 
 def load_links(path: str | Path | None, clusters: list[str]) -> Links:
-    return links_from_entries(_load_list(path, "links", LinkEntry) if path is not None else [], clusters)
+    return links_from_entries(_load_list(path, "links", LinkStatus) if path is not None else [], clusters)
 
 
-def parse_links(entries: list[dict], origin: str = "status.links") -> list[LinkEntry]:
+def parse_links(entries: list[dict], origin: str = "status.links") -> list[LinkStatus]:
     """Link entries in the ``status.links`` shape, each checked; errors name the entry and field."""
-    return _parse_entries(entries, LinkEntry, origin)
+    return _parse_entries(entries, LinkStatus, origin)
 
 
-def links_from_entries(entries: list[LinkEntry], clusters: list[str]) -> Links:
+def links_from_entries(entries: list[LinkStatus], clusters: list[str]) -> Links:
     """The planner's link matrix: measured links, and assumptions for what was not measured.
 
     A pair of clusters never measured gets ``UNMEASURED_LINK``; the gateway sits in the first
