@@ -1,3 +1,3 @@
-from bloombee_stage.gateway.app import main
+from bloombee_stage.gateway.server import main
 
 main()

@@ -1,16 +1,18 @@
-"""OpenAI-compatible request and response bodies (fields in the order of OpenAI's reference).
+"""What the API accepts and answers: every OpenAI request, response and stream chunk.
 
-Extensions borrowed from vLLM: ``ignore_eos`` (keep going past end-of-sequence, for benchmarks)
-and ``return_token_ids`` (the prompt's and the completion's token ids, for exactness checks).
+Fields follow the order of OpenAI's reference. Extensions borrowed from vLLM: ``ignore_eos``
+(keep going past end-of-sequence, for benchmarks) and ``return_token_ids`` (the prompt's and the
+completion's token ids, for exactness checks); they appear in a response only when asked for.
+The HTTP layer (``app.py``) builds these; the engine (``engine.py``) never sees them.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from bloombee_stage.wire.messages import SamplingParams
 
@@ -77,6 +79,22 @@ class ChatCompletionRequest(_GenerationRequest):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as a chat template takes them (text parts only)."""
+        return [{"role": message.role, "content": message.text()} for message in self.messages]
+
+
+class ResponseBase(BaseModel):
+    """A response body: fields OpenAI defines are always present (``null`` included); the
+    extensions in ``optional`` only when they hold something."""
+
+    optional: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_extensions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {key: value for key, value in data.items() if key not in self.optional or value is not None}
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens whose KV was copied from an earlier generation, not computed
@@ -103,3 +121,89 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "bloombee"
     max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionChoice(ResponseBase):
+    optional: ClassVar[frozenset[str]] = frozenset({"token_ids"})
+
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class CompletionResponse(ResponseBase):
+    """A completion, or one chunk of a streamed one (OpenAI uses the same object for both)."""
+
+    optional: ClassVar[frozenset[str]] = frozenset({"usage", "prompt_token_ids"})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatCompletionChoice(ResponseBase):
+    optional: ClassVar[frozenset[str]] = frozenset({"token_ids"})
+
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(ResponseBase):
+    optional: ClassVar[frozenset[str]] = frozenset({"prompt_token_ids"})
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    prompt_token_ids: list[int] | None = None
+
+
+class DeltaMessage(ResponseBase):
+    """What a stream chunk adds to the message: nothing in the last chunk."""
+
+    optional: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(ResponseBase):
+    optional: ClassVar[frozenset[str]] = frozenset({"token_ids"})
+
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(ResponseBase):
+    optional: ClassVar[frozenset[str]] = frozenset({"usage"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Usage | None = None

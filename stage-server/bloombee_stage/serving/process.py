@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,9 +45,10 @@ async def serve(
     port: int,
     ready_file: str | None,
     role: str,
-    on_bound: Callable[[str], None] | None = None,
+    on_bound: Callable[[str], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; ``on_bound`` learns the URL before the first request is answered."""
+    """Serve until SIGTERM/SIGINT; ``on_bound`` learns the URL (and may start what needs it) before
+    the ready file announces the server."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -55,7 +56,7 @@ async def serve(
     bound = site._server.sockets[0].getsockname()[1]  # port 0 -> the port the OS gave us
     url = f"http://{host}:{bound}"
     if on_bound is not None:
-        on_bound(url)
+        await on_bound(url)
     log.info("%s listening on %s", role, url)
     write_ready_file(ready_file, {"url": url, "port": bound, "pid": os.getpid()})
     stop = asyncio.Event()

@@ -1,0 +1,336 @@
+"""The gateway's generation engine: prompts in, text out, through the chain of stages. No HTTP.
+
+The engine owns every long-lived resource of the gateway in one place: the HTTP client session
+to the stages, the pipeline client and micro-batcher built on it, the draft model's thread, the
+seats, the prefix index and the metrics. ``start`` creates what needs the event loop and the
+gateway's own address; ``stop`` closes all of it. The OpenAI layer (``app.py``) turns requests
+into ``GenerationRequest``s and engine errors into HTTP answers; it never reaches inside.
+
+Each generation runs ``generation.generate``: rounds of draft (``drafting.py``) and step, the
+steps packed with other generations' rows into micro-batches (``batching.py``) along a path over
+the stage replicas chosen at its start (``routing.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from bloombee_contract.errors import ErrorCode
+from bloombee_contract.launch import GatewayLaunch
+from bloombee_contract.paths import INFO_PATH, READYZ_PATH, RESULT_PATH, STEP_PATH
+
+from bloombee_stage.gateway.batching import MicroBatcher
+from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
+from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
+from bloombee_stage.gateway.pipeline import PipelineClient, ResultRouter
+from bloombee_stage.gateway.prefixes import PrefixIndex
+from bloombee_stage.gateway.routing import Router
+from bloombee_stage.serving.metrics import Metrics
+from bloombee_stage.wire.frame import decode_frame, encode_frame
+from bloombee_stage.wire.messages import SamplingParams, StepMeta
+
+log = logging.getLogger("bloombee.gateway")
+
+
+class RequestError(Exception):
+    """A request the engine cannot serve as asked: ``code`` knows the HTTP status, ``param`` names the field."""
+
+    def __init__(self, message: str, code: ErrorCode, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one generation needs, whichever API it came through."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """A stage's answer to a frame the gateway relayed: passed back as it came."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+class GenerationEngine:
+    def __init__(self, tokenizer: Any, model_config: dict, settings: GatewayLaunch,
+                 drafter: ModelDrafter | None = None) -> None:  # fmt: skip
+        if settings.draft in ("early-exit", "model") and drafter is None:
+            raise ValueError(f"draft {settings.draft!r} needs a draft model")
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.drafter = drafter
+        self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
+        eos = model_config.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.results = ResultRouter()
+        self.routing = Router(settings.stages, settings.micro_batch)
+        self.prefixes = PrefixIndex(settings.prefix_cache)
+        self._stage_settings_known = False
+        # Seats for generations: the stages' KV budgets were sized for the plan's admitted sequences,
+        # so a request beyond them waits here for a seat instead of failing at a stage.
+        self.seats = asyncio.Semaphore(settings.max_sequences) if settings.max_sequences else None
+        self.waiting = 0
+        self.metrics = Metrics("bloombee_gateway")
+        self._resources: _Running | None = None
+        self._register_metrics()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, own_url: str) -> None:
+        """Create what lives as long as the server: called once it listens at ``own_url``."""
+        if self._resources is not None:
+            raise RuntimeError("the engine is already started")
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.step_timeout))
+        reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
+        pipeline = PipelineClient(len(self.settings.stages), reply, http, self.results, self.settings.step_timeout,
+                                  relay=self.settings.relay, relay_hops=self.settings.relay_hops)  # fmt: skip
+        batcher = MicroBatcher(pipeline, self.routing, self.settings.micro_batch, self.settings.max_in_flight)
+        draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if self.drafter else None
+        self._resources = _Running(http, batcher, draft_thread)
+
+    async def stop(self) -> None:
+        """Close everything ``start`` made; steps in flight fail rather than hang."""
+        running, self._resources = self._resources, None
+        if running is None:
+            return
+        await running.batcher.stop()
+        await running.http.close()
+        if running.draft_thread is not None:
+            running.draft_thread.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _running(self) -> _Running:
+        if self._resources is None:
+            raise RuntimeError("the engine is not started (start() runs once the server listens)")
+        return self._resources
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.served_model_name:
+            raise RequestError(f"The model `{name}` does not exist. This gateway serves "
+                               f"`{self.settings.served_model_name}`.", ErrorCode.MODEL_NOT_FOUND, "model")  # fmt: skip
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The token ids of a conversation under the model's chat template, ready for its reply."""
+        if not self.tokenizer.chat_template:
+            raise RequestError("this model has no chat template; use /v1/completions", ErrorCode.INVALID_REQUEST,
+                               "messages")  # fmt: skip
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)  # fmt: skip
+        return list(encoded["input_ids"])
+
+    def text_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The token ids of a completion prompt: text to tokenise, or token ids to check."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        vocab = len(self.tokenizer)
+        if any(not 0 <= token < vocab for token in prompt):
+            raise RequestError(f"prompt token ids must lie in 0..{vocab - 1}", ErrorCode.INVALID_REQUEST, "prompt")
+        return list(prompt)
+
+    def token_budget(self, prompt: list[int], asked: int | None) -> int:
+        """The tokens a generation may add: ``asked``, or all the room the context has left."""
+        if not prompt:
+            raise RequestError("the prompt is empty", ErrorCode.INVALID_REQUEST, "prompt")
+        room = self.max_model_len - len(prompt)
+        if room < 1 or (asked is not None and asked > room):
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(prompt) + (asked or 0)} tokens ({len(prompt)} in the prompt, "
+                f"{asked or 0} for the completion).",
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                "max_tokens",
+            )
+        return asked if asked is not None else room
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    async def generate(self, request: GenerationRequest, result: Generated) -> AsyncIterator[str]:
+        """The generation's text as it becomes safe to show; ``result`` fills in as it runs.
+
+        Raises ``PipelineError`` when the stages fail it (before or during the text)."""
+        running = self._running
+        async with self._seat():
+            await self._adopt_stage_settings()
+            assembler = TextAssembler(self.decode, request.stop)
+            eos = set() if request.ignore_eos else self.eos_ids
+            started = time.perf_counter()
+            speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
+                                      running.draft_thread)  # fmt: skip
+            async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling, eos,
+                                        assembler, result, speculation, self.prefixes):  # fmt: skip
+                yield piece
+            self._count(speculation, result, time.perf_counter() - started)
+
+    # -- the stages' side ---------------------------------------------------------------------
+
+    def deliver(self, body: bytes) -> bool:
+        """A result frame from the last stage, to the step waiting for it (raises WireError, ValidationError)."""
+        return self.results.deliver(decode_frame(body))
+
+    async def forward(self, body: bytes) -> Forwarded:
+        """A hop the planner routes through the gateway: pass the frame on to the next URL of its route.
+
+        Raises WireError or ValidationError for a frame that cannot be read, ValueError for one
+        with nowhere to go, and RequestError when the next stage cannot be reached."""
+        frame = decode_frame(body)
+        meta = StepMeta.model_validate(frame.meta)
+        url = meta.next_url
+        if url is None:
+            raise ValueError("forwarded frame has no next hop")
+        frame.meta = meta.onward().model_dump(mode="json")
+        self.metrics.inc("forwarded_total", "Frames relayed through the gateway between stages")
+        try:
+            async with self._running.http.post(url + STEP_PATH, data=encode_frame(frame, frame.codec)) as reply:
+                return Forwarded(reply.status, await reply.read(), reply.content_type)
+        except aiohttp.ClientError as error:  # the stage that sent the frame reports this reason to the gateway
+            raise RequestError(f"gateway could not forward to {url}: {error}", ErrorCode.STAGE_UNREACHABLE) from None
+
+    @property
+    def stage_urls(self) -> list[str]:
+        """Every stage replica's URL, in layer order."""
+        return [url for replicas in self.settings.stages for url in replicas]
+
+    async def stage_readiness(self) -> dict[str, bool]:
+        """Whether each stage replica answers its readiness check now."""
+        http = self._running.http
+
+        async def ready(url: str) -> bool:
+            try:
+                async with http.get(url + READYZ_PATH, timeout=aiohttp.ClientTimeout(total=3)) as reply:
+                    return reply.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                return False
+
+        states = await asyncio.gather(*(ready(url) for url in self.stage_urls))
+        return dict(zip(self.stage_urls, states, strict=True))
+
+    async def _adopt_stage_settings(self) -> None:
+        """Fit what the gateway assumes to what its stages say in /info, once all of them answer.
+
+        The micro-batch is capped at the smallest a stage was planned for: a stage refuses larger
+        steps, and a gateway started by hand with a larger --micro-batch would have every full
+        step refused and retried row by row. Kept sessions are offered as fork sources only while
+        younger than the shortest idle time-out of the stages (which close them after it).
+        """
+        if self._stage_settings_known:
+            return
+        running = self._running
+
+        async def info(url: str) -> dict:
+            async with running.http.get(url + INFO_PATH, timeout=aiohttp.ClientTimeout(total=5)) as reply:
+                return await reply.json() if reply.ok else {}
+
+        try:
+            infos = await asyncio.gather(*(info(url) for url in self.stage_urls))
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return  # a stage is not up yet: ask again with the next request
+        self._stage_settings_known = True
+        limits = [i["micro_batch"] for i in infos if i.get("micro_batch")]
+        if limits and min(limits) < running.batcher.micro_batch:
+            log.warning("--micro-batch %d is larger than a stage's planned %d; using %d", running.batcher.micro_batch,
+                        min(limits), min(limits))  # fmt: skip
+            running.batcher.micro_batch = self.routing.micro_batch = min(limits)
+        timeouts = [i["session_timeout_s"] for i in infos if i.get("session_timeout_s")]
+        if timeouts:
+            self.prefixes.max_idle_s = 0.8 * min(timeouts)  # a margin for the stages' sweep and clock drift
+
+    @contextlib.asynccontextmanager
+    async def _seat(self) -> AsyncIterator[None]:
+        """Holds one of ``max_sequences`` seats for a generation, waiting for one first."""
+        if self.seats is None:
+            yield
+            return
+        self.waiting += 1
+        try:
+            await self.seats.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.seats.release()
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _register_metrics(self) -> None:
+        def batcher(read: Callable[[MicroBatcher], float]) -> Callable[[], float]:
+            return lambda: read(self._resources.batcher) if self._resources else 0
+
+        self.metrics.gauge("steps_sent", "Steps (micro-batches) sent into the pipeline", batcher(lambda b: b.steps))
+        self.metrics.gauge("rows_sent", "Rows (one per generation and round) carried by those steps",
+                           batcher(lambda b: b.rows))  # fmt: skip
+        self.metrics.gauge("steps_in_flight", "Steps in the pipeline now", batcher(lambda b: b.steps_in_flight))
+        self.metrics.gauge("generations_waiting", "Requests waiting for a seat (--max-sequences)",
+                           lambda: self.waiting)  # fmt: skip
+        self.metrics.family("replica_load", "Generations pinned to each stage replica", self._replica_samples("load"))
+        self.metrics.family("replica_service_ms", "Measured forward ms per step of each stage replica",
+                            self._replica_samples("service_ms"))  # fmt: skip
+        self.metrics.family("route_predicted_ms", "Predicted ms of a step on each path, queueing included",
+                            self._path_samples)  # fmt: skip
+        self.metrics.family("route_chosen", "Generations pinned to each path so far", self._chosen_samples)
+
+    def _replica_samples(self, field: str) -> Callable[[], dict]:
+        def read() -> dict:
+            samples = {}
+            for stage, replicas in enumerate(self.routing.replicas):
+                for index, replica in enumerate(replicas):
+                    labels = (("stage", str(stage)), ("replica", str(index)), ("url", replica.url))
+                    samples[labels] = float(getattr(replica, field) or 0)
+            return samples
+
+        return read
+
+    def _chosen_samples(self) -> dict:
+        return {(("path", _path_label(path)),): float(n) for path, n in self.routing.chosen.items()}
+
+    def _path_samples(self) -> dict:
+        paths = itertools.islice(self.routing.paths(), 64)
+        return {(("path", _path_label(path)),): self.routing.predict_ms(path) for path in paths}
+
+    def _count(self, speculation: Speculation, result: Generated, seconds: float) -> None:
+        length = speculation.length
+        self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
+        self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
+        self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
+        self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
+        self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
+        self.metrics.inc("cached_prompt_tokens_total", "Prompt tokens copied from kept sessions, not computed",
+                         result.cached_tokens)  # fmt: skip
+        self.metrics.observe("generation_seconds", "Wall time per generation", seconds)
+
+
+@dataclass
+class _Running:
+    """What the engine holds between ``start`` and ``stop``."""
+
+    http: aiohttp.ClientSession
+    batcher: MicroBatcher
+    draft_thread: ThreadPoolExecutor | None
+
+
+def _path_label(path: tuple[int, ...]) -> str:
+    """A path as the replica index per stage, e.g. ``0.1.0``."""
+    return ".".join(map(str, path))

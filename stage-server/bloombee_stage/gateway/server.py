@@ -1,0 +1,60 @@
+"""The gateway process: read its launch spec, load the tokenizer and any draft model, serve.
+
+    python -m bloombee_stage.gateway --model SOURCE --stages URL,URL --served-model-name NAME
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from bloombee_contract.launch import GatewayLaunch
+from bloombee_contract.model_source import ModelSourceError
+
+from bloombee_stage.gateway.app import create_app
+from bloombee_stage.gateway.drafting import ModelDrafter
+from bloombee_stage.gateway.engine import GenerationEngine
+from bloombee_stage.model.loading import prepare_model, read_config
+from bloombee_stage.model.span import Span, SpanError, StageModel
+from bloombee_stage.serving.process import serve, setup_logging
+
+log = logging.getLogger("bloombee.gateway")
+
+
+def load_drafter(kind: str, model_dir: Path, layers: int | None, source: str | None,
+                 vocab: int) -> ModelDrafter | None:  # fmt: skip
+    """The draft model a kind needs: the target's first ``layers`` layers plus its head, or a small model."""
+    if kind == "early-exit":
+        total = int(read_config(model_dir)["num_hidden_layers"])
+        if layers is None or not 1 <= layers < total:
+            raise ValueError(f"--draft early-exit needs --draft-layers between 1 and {total - 1}")
+        model = StageModel(model_dir, Span(0, layers, total), head=True)
+    elif kind == "model":
+        if not source:
+            raise ValueError("--draft model needs --draft-model SOURCE")
+        draft_dir = prepare_model(source)
+        total = int(read_config(draft_dir)["num_hidden_layers"])
+        model = StageModel(draft_dir, Span(0, total, total))
+        if int(model.config.vocab_size) < vocab:
+            raise ValueError(f"draft model {source!r} has {model.config.vocab_size} tokens; the model has {vocab}: "
+                             "a draft model must share the tokenizer")  # fmt: skip
+    else:
+        return None
+    log.info("draft %s: %d layers loaded in %.1f s", kind, model.span.length, model.load_seconds)
+    return ModelDrafter(model, kind)
+
+
+def main(argv: list[str] | None = None) -> None:
+    launch = GatewayLaunch.parse(argv)
+    setup_logging(launch.log_level)
+    from transformers import AutoTokenizer
+
+    try:
+        model_dir = prepare_model(launch.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        drafter = load_drafter(launch.draft, model_dir, launch.draft_layers, launch.draft_model, len(tokenizer))
+    except (ModelSourceError, SpanError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter)
+    asyncio.run(serve(create_app(engine), launch.host, launch.port, launch.ready_file, "gateway", engine.start))

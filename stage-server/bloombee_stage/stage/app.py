@@ -1,0 +1,135 @@
+"""The stage server's HTTP routes over its service (``service.py``).
+
+Endpoints: ``/healthz``, ``/readyz``, ``/info``, ``/metrics``, ``/probe`` (link measurement),
+``POST /v1/step`` (a wire frame, see ``wire/messages.py``), ``POST /v1/sessions/{id}/rollback``,
+``POST /v1/sessions/{id}/park`` (keep it only as a fork source, see sessions.py) and
+``DELETE /v1/sessions/{id}``. Every refusal is OpenAI's error shape with its code's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from bloombee_contract.errors import ErrorCode, error_body
+from bloombee_contract.paths import CODECS_PATH, INFO_PATH, PARK_PATH, ROLLBACK_PATH, SESSION_PATH, STEP_PATH
+from pydantic import ValidationError
+
+from bloombee_stage.model.span import StageModel, truncate_cache
+from bloombee_stage.serving.probe import add_probe_routes
+from bloombee_stage.serving.process import add_common_routes
+from bloombee_stage.stage.service import StageService, StageSettings
+from bloombee_stage.stage.sessions import SessionError
+from bloombee_stage.wire.codecs import CODECS
+from bloombee_stage.wire.frame import WireError, decode_frame, encode_frame
+from bloombee_stage.wire.messages import StepMeta
+from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
+
+MAX_FRAME_BYTES = 1 << 30
+
+SERVICE = web.AppKey("service", StageService)
+
+
+def _error(message: str, code: ErrorCode) -> web.Response:
+    return web.json_response(error_body(message, code), status=code.status)
+
+
+async def handle_step(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    body = await request.read()
+    try:
+        frame = decode_frame(body)
+        meta = StepMeta.model_validate(frame.meta)
+        inputs = frame_tensor(frame)
+        service.check_inputs(meta, inputs, frame)
+        if frame.codec not in service.settings.accept_codecs:
+            accepted = ", ".join(sorted(service.settings.accept_codecs))
+            raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "
+                            f"peers must ask {CODECS_PATH} when a session opens")  # fmt: skip
+        sessions = service.admit(meta)
+    except WireError as error:
+        service.metrics.inc("errors_total", "Failed steps", code="invalid_frame")
+        return _error(str(error), ErrorCode.INVALID_FRAME)
+    except ValidationError as error:
+        service.metrics.inc("errors_total", "Failed steps", code="invalid_meta")
+        return _error(f"frame metadata: {error}", ErrorCode.INVALID_META)
+    except SessionError as error:
+        service.metrics.inc("errors_total", "Failed steps", code=error.code.value)
+        return _error(str(error), error.code)
+    service.metrics.inc("steps_total", "Accepted steps")
+    if meta.reply_to is None:  # inline answer: the client relays (baseline mode)
+        output, meta = await service.run_step(sessions, meta, inputs)
+        if isinstance(output, list):
+            body = encode_frame(service.result_frame(meta, output))
+        else:
+            body = service.encode_onward(tensor_frame(output, meta.onward().model_dump(mode="json")), frozenset(CODECS))
+        return web.Response(body=body, content_type="application/octet-stream")
+    task = asyncio.create_task(service.push(meta, inputs, sessions))
+    service.tasks.add(task)
+    task.add_done_callback(service.tasks.discard)
+    return web.json_response({"accepted": True, "step": meta.step, "rows": len(meta.rows)}, status=202)
+
+
+async def handle_rollback(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        payload = await request.json()
+        length = int(payload["length"]) if "length" in payload else None
+        drop = int(payload.get("n", 0))
+    except Exception:
+        return _error('body must be JSON {"n": tokens_to_drop} or {"length": tokens_to_keep}', ErrorCode.INVALID_BODY)
+    try:
+        session = service.sessions.get(request.match_info["session"])
+    except SessionError as error:
+        return _error(str(error), error.code)
+    target = length if length is not None else session.length - drop
+    if not 0 <= target <= session.length:
+        return _error(f"cannot roll session back to {target} tokens; it holds {session.length}", ErrorCode.BAD_ROLLBACK)
+    async with session.lock:
+        truncate_cache(session.cache, target)
+        session.length = target
+    return web.json_response({"session": session.id, "length": target})
+
+
+async def handle_park(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        session = service.sessions.park(request.match_info["session"])
+    except SessionError as error:
+        return _error(str(error), error.code)
+    return web.json_response({"session": session.id, "parked": True, "length": session.length})
+
+
+async def handle_close(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    closed = service.sessions.close(request.match_info["session"])
+    return web.json_response({"closed": closed}, status=200 if closed else 404)
+
+
+def create_app(model: StageModel, settings: StageSettings) -> web.Application:
+    app = web.Application(client_max_size=MAX_FRAME_BYTES)
+    service = StageService(model, settings)
+    app[SERVICE] = service
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.json_response({"ready": not service.draining}, status=503 if service.draining else 200)
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response(service.info())
+
+    add_common_routes(app, service.metrics, readyz, settings.accept_codecs)
+    app.router.add_get(INFO_PATH, info)
+    add_probe_routes(app)
+    app.router.add_post(STEP_PATH, handle_step)
+    app.router.add_post(ROLLBACK_PATH, handle_rollback)
+    app.router.add_post(PARK_PATH, handle_park)
+    app.router.add_delete(SESSION_PATH, handle_close)
+    return app

@@ -1,0 +1,346 @@
+"""The stage service: one layer span, its sessions and KV caches, its worker thread, and the
+push of each step's output to the next stage (or of the chosen tokens to the gateway). No HTTP
+routes here: ``app.py`` serves this over HTTP.
+
+A step is validated before it is accepted (frame, metadata, shape, session, budget); once
+accepted the torch work runs on the stage's single worker thread and the output goes to the next
+stage or, from the last stage, to the gateway. A failure after acceptance is reported to the
+gateway as an error result, so the gateway never waits in vain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import torch
+from bloombee_contract.codec_cost import choose_codec
+from bloombee_contract.errors import ErrorCode
+from bloombee_contract.paths import CODECS_PATH, STEP_PATH
+
+from bloombee_stage.model.span import StageModel, truncate_cache
+from bloombee_stage.serving.metrics import Metrics
+from bloombee_stage.serving.process import read_error
+from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
+from bloombee_stage.stage.verify import verify
+from bloombee_stage.wire.codec_stats import CodecStats
+from bloombee_stage.wire.codecs import CODECS
+from bloombee_stage.wire.frame import Frame, WireError, encode_frame
+from bloombee_stage.wire.messages import ResultMeta, RowResult, StepMeta
+from bloombee_stage.wire.tensors import tensor_frame
+
+log = logging.getLogger("bloombee.stage")
+
+
+@dataclass
+class StageSettings:
+    name: str = "stage"
+    codec: str = "raw"  # for frames sent onward: a codec name, or "auto" (codec_policy decides per frame)
+    link_bandwidth: float | None = None  # bytes/s of the link to the next stage, when measured
+    accept_codecs: tuple[str, ...] = tuple(CODECS)  # codecs this stage takes from its peers
+    tier_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s measured at start-up
+    kv_budget_bytes: int = 2 << 30
+    micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
+    session_timeout_s: float = 300.0
+    push_timeout_s: float = 60.0
+
+
+class Refused(RuntimeError):
+    """The next hop answered a step with an error; ``code`` is its reason (e.g. fork_source_gone)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StageService:
+    """Owns the model, the sessions, the worker thread and the outgoing HTTP session."""
+
+    def __init__(self, model: StageModel, settings: StageSettings) -> None:
+        self.model = model
+        self.settings = settings
+        config = model.full_config
+        self.sessions = SessionStore(
+            new_cache=model.new_cache,
+            kv_bytes_per_token=model.kv_bytes_per_token(),
+            kv_budget_bytes=settings.kv_budget_bytes,
+            timeout_s=settings.session_timeout_s,
+            max_length=int(getattr(config, "max_position_embeddings", 1 << 20)),
+        )
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self._http: aiohttp.ClientSession | None = None
+        self._sweeper: asyncio.Task | None = None
+        self.codec_stats = CodecStats(model.dtype_name)
+        self.peer_codecs: dict[str, frozenset[str]] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.draining = False
+        self.metrics = Metrics("bloombee_stage")
+        self.metrics.gauge("sessions", "Open sessions", lambda: len(self.sessions.sessions))
+        self.metrics.gauge("kv_reserved_bytes", "KV cache bytes reserved by sessions", self.sessions.reserved_bytes)
+        self.metrics.gauge("kv_budget_bytes", "KV cache budget", lambda: settings.kv_budget_bytes)
+        self.metrics.gauge("weight_bytes", "Bytes of weights held resident", model.weight_bytes)
+        for tier in ("device", "slots", "host", "disk"):
+            self.metrics.gauge(f"weight_{tier}_bytes", f"Weight bytes in the {tier} tier",
+                               lambda tier=tier: model.weight_tiers()[tier])  # fmt: skip
+        self.metrics.gauge(
+            "kv_offloaded_bytes",
+            "KV cache bytes reserved on disk",
+            lambda: self.sessions.reserved_tokens() * model.kv_bytes_per_token(resident=False),
+        )
+        if model.streamer is not None:
+            stats = model.streamer.stats
+            self.metrics.gauge("offload_read_bytes", "Weight bytes streamed in", lambda: stats.bytes_read)
+            self.metrics.gauge("offload_stall_seconds", "Compute time spent waiting for streamed weights",
+                               lambda: stats.stall_seconds)  # fmt: skip
+
+        self.metrics.gauge("layer_ms", "Measured ms per layer per forward (moving average)", lambda: model.layer_ms)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create what needs the event loop: the session to the next stage, the idle-session sweeper."""
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.push_timeout_s))
+        self._sweeper = asyncio.create_task(self._expire_sessions())
+
+    async def stop(self) -> None:
+        """Refuse new work, cancel what runs, close what ``start`` made and the torch thread."""
+        self.draining = True
+        pending = [task for task in (self._sweeper, *self.tasks) if task is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("the stage service is not started")
+        return self._http
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(self.settings.session_timeout_s / 4, 10.0)))
+            for session_id in self.sessions.expire():
+                log.info("session %s timed out after %.0f s idle", session_id, self.settings.session_timeout_s)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def check_inputs(self, meta: StepMeta, inputs: torch.Tensor, frame: Frame) -> None:
+        span = self.model.span
+        where = frame.describe()
+        planned = self.settings.micro_batch
+        if planned and len(meta.rows) > planned:
+            raise WireError(f"{where}: {len(meta.rows)} rows in one step; this stage was planned for micro-batches "
+                            f"of at most {planned} (its KV and activation budgets assume that)")  # fmt: skip
+        if span.is_first:
+            if frame.dtype not in ("int64", "int32") or inputs.dim() != 2:
+                raise WireError(
+                    f"{where}: the first stage takes token ids [batch, seq] int64, got "
+                    f"{list(frame.shape)} {frame.dtype}"
+                )
+            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.model.config.vocab_size):
+                raise WireError(f"{where}: token id outside 0..{self.model.config.vocab_size - 1}")
+        elif (
+            frame.dtype not in ("float32", "float16", "bfloat16")
+            or inputs.dim() != 3
+            or inputs.shape[-1] != self.model.hidden_size
+        ):
+            raise WireError(
+                f"{where}: expected hidden states [batch, seq, {self.model.hidden_size}] float, got "
+                f"{list(frame.shape)} {frame.dtype}"
+            )
+        if inputs.shape[0] != len(meta.rows) or inputs.shape[1] != meta.width:
+            raise WireError(f"{where}: {len(meta.rows)} rows of up to {meta.width} positions need a tensor "
+                            f"[{len(meta.rows)}, {meta.width}, ...], got {list(frame.shape)}")  # fmt: skip
+        vocab = int(self.model.full_config.vocab_size)
+        for index, row in enumerate(meta.rows):
+            drafted = row.draft + [token for pairs in row.draft_probs or [] for token, _ in pairs]
+            if any(not 0 <= token < vocab for token in drafted):
+                raise WireError(f"{where}: row {index} ({row.session}) drafts a token outside 0..{vocab - 1}")
+        if span.is_last and meta.route:
+            raise WireError(f"{where}: route continues to {meta.route[0]} past the model's last layer")
+        if not span.is_last and not meta.route:
+            raise WireError(f"{where}: route ends at layer {span.end} of {span.total}; no stage holds the rest")
+
+    def admit(self, meta: StepMeta) -> list[Session]:
+        """Open or find every row's session and reserve its room; all rows or none."""
+        admitted: list[Session] = []
+        try:
+            for row in meta.rows:
+                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork))
+        except SessionError:
+            for session in admitted:  # a session this step opened and never used is not left behind
+                if session.length == 0:
+                    self.sessions.close(session.id)
+            raise
+        return admitted
+
+    # -- work -------------------------------------------------------------------------------
+
+    def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[list[int]]:
+        """Runs on the worker thread: hidden states onward, or on the last stage each row's tokens."""
+        for session, row in zip(sessions, meta.rows, strict=True):
+            if session.fork_source is not None:
+                self.model.copy_prefix(session.fork_source.cache, session.cache, session.fork_length)
+                session.length, session.fork_source = session.fork_length, None
+                self.metrics.inc("forked_tokens_total", "Prompt positions copied from a fork source, not computed",
+                                 session.length)  # fmt: skip
+            truncate_cache(session.cache, row.start)
+        lengths = [row.length for row in meta.rows]
+        keep = [len(row.draft) + 1 for row in meta.rows]
+        output = self.model.forward_rows(inputs, [session.cache for session in sessions], lengths, keep)
+        for session, row in zip(sessions, meta.rows, strict=True):
+            session.length = row.start + row.length
+        if isinstance(output, list):
+            return [verify(logits, row) for logits, row in zip(output, meta.rows, strict=True)]
+        return output
+
+    async def run_step(self, sessions: list[Session], meta: StepMeta,
+                       inputs: torch.Tensor) -> tuple[torch.Tensor | list[list[int]], StepMeta]:  # fmt: skip
+        """Compute a step; the metadata that goes on carries this stage's forward time."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        async with contextlib.AsyncExitStack() as held:
+            for session in sorted(sessions, key=lambda s: s.id):  # one order everywhere: no deadlock
+                await held.enter_async_context(session.lock)
+            output = await loop.run_in_executor(self.executor, self._compute, sessions, meta, inputs)
+        seconds = time.perf_counter() - started
+        self.metrics.observe("forward_seconds", "Time in the span's forward pass", seconds)
+        self.metrics.observe("micro_batch_rows", "Rows (sessions) per step", len(meta.rows))
+        self.metrics.inc("tokens_total", "Positions processed", sum(row.length for row in meta.rows))
+        timed = meta.model_copy(update={"compute_ms": [*meta.compute_ms, seconds * 1000]})
+        return output, timed
+
+    def result_frame(self, meta: StepMeta, tokens: list[list[int]]) -> Frame:
+        rows = [RowResult(session=row.session, tokens=chosen) for row, chosen in zip(meta.rows, tokens, strict=True)]
+        result = ResultMeta(step=meta.step, rows=rows, compute_ms=meta.compute_ms)
+        return tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump())
+
+    async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
+        """Background part of an accepted step: compute, then push onward or answer the gateway."""
+        try:
+            output, meta = await self.run_step(sessions, meta, inputs)
+            if isinstance(output, list):
+                await self._post(meta.reply_to, encode_frame(self.result_frame(meta, output)), expect=200)
+                return
+            url = meta.next_url
+            assert url is not None  # check_inputs refused hidden states with nowhere to go
+            accepted = await self.peer_accepts(url)
+            body = self.encode_onward(tensor_frame(output, meta.onward().model_dump(mode="json")), accepted)
+            try:
+                await self._post(url + STEP_PATH, body, expect=202)
+            except aiohttp.ClientConnectionError as error:  # the next stage is gone: the gateway may route around it
+                self.metrics.inc("errors_total", "Failed steps", code="next_unreachable")
+                message = f"cannot reach the next stage {url}: {error}"
+                await self.report(meta, message, ErrorCode.STAGE_UNREACHABLE, unreachable=url)
+        except asyncio.CancelledError:
+            raise
+        except Refused as error:  # the next stage refused the step: its reason goes to the gateway as it is
+            log.warning("step %s (%d rows) refused downstream: %s", meta.step, len(meta.rows), error)
+            self.metrics.inc("errors_total", "Failed steps", code="downstream")
+            await self.report(meta, str(error), error.code)
+        except Exception as error:  # anything that goes wrong after the 202 is reported, never swallowed
+            log.warning("step %s (%d rows) failed: %s", meta.step, len(meta.rows), error)
+            self.metrics.inc("errors_total", "Failed steps", code="downstream")
+            await self.report(meta, str(error), ErrorCode.STAGE_FAILED)
+
+    async def peer_accepts(self, url: str) -> frozenset[str]:
+        """The codecs a peer decodes (asked once per peer; raw alone when it cannot say)."""
+        if url not in self.peer_codecs:
+            try:
+                async with self.http.get(url + CODECS_PATH, timeout=aiohttp.ClientTimeout(total=10)) as reply:
+                    accepted = frozenset((await reply.json())["codecs"]) & set(CODECS) if reply.ok else set()
+            except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as error:
+                log.warning("could not ask %s for its codecs (%s); sending raw frames", url, error)
+                return frozenset({"raw"})
+            self.peer_codecs[url] = frozenset(accepted | {"raw"})
+            log.info("peer %s decodes %s", url, sorted(self.peer_codecs[url]))
+        return self.peer_codecs[url]
+
+    def encode_onward(self, frame: Frame, accepted: frozenset[str]) -> bytes:
+        """Encode a hidden-state frame with the configured codec, or the one ``auto`` finds fastest for the link."""
+        setting = self.settings.codec
+        if setting == "auto":
+            if self.settings.link_bandwidth:
+                self.codec_stats.maybe_sample(frame.data)
+            codec = choose_codec(len(frame.data), self.settings.link_bandwidth, self.codec_stats.profiles, accepted)
+        else:
+            codec = setting if setting in accepted else "raw"
+        body = encode_frame(frame, codec)
+        self.metrics.inc("bytes_sent_total", "Frame bytes sent onward", len(body), codec=codec)
+        self.metrics.inc("raw_bytes_sent_total", "Tensor bytes sent onward before compression", len(frame.data))
+        return body
+
+    async def _post(self, url: str, body: bytes, expect: int) -> None:
+        async with self.http.post(url, data=body, headers={"Content-Type": "application/octet-stream"}) as reply:
+            if reply.status != expect:
+                message, code = await read_error(reply, ErrorCode.STAGE_FAILED)
+                raise Refused(f"{url} answered {reply.status}: {message}", code)
+
+    async def report(self, meta: StepMeta, message: str, code: str, unreachable: str | None = None) -> None:
+        if not meta.reply_to:
+            return
+        result = ResultMeta(step=meta.step, error=message, code=code, stage=self.settings.name, unreachable=unreachable)
+        body = encode_frame(tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump()))
+        try:
+            await self._post(meta.reply_to, body, expect=200)
+        except Exception as error:
+            log.error("could not report failure of step %s to %s: %s", meta.step, meta.reply_to, error)
+
+    def info(self) -> dict[str, Any]:
+        model = self.model
+        return {
+            "name": self.settings.name,
+            "span": [model.span.start, model.span.end],
+            "total_layers": model.span.total,
+            "hidden_size": model.hidden_size,
+            "dtype": model.dtype_name,
+            "device": str(model.device),
+            "codec": self.settings.codec,
+            "micro_batch": self.settings.micro_batch,
+            "session_timeout_s": self.settings.session_timeout_s,
+            "accepts_codecs": sorted(self.settings.accept_codecs),
+            "link_bandwidth": self.settings.link_bandwidth,
+            "codec_profiles": self.codec_stats.describe(),
+            "offload": {
+                "weights": model.offload.weights,
+                "kv": model.offload.kv,
+                "prefetch": model.offload.prefetch,
+                "tier": model.streamer.tier if model.streamer else None,
+                "weight_tiers": model.weight_tiers(),
+                "kv_bytes_per_token": {
+                    "device": model.kv_bytes_per_token(),
+                    "disk": model.kv_bytes_per_token(resident=False),
+                },
+                "tier_bandwidth": self.settings.tier_bandwidth,
+                "stream": model.streamer.describe() if model.streamer else None,
+            },
+            "memory": {
+                "weight_bytes": model.weight_bytes(),
+                "kv_budget_bytes": self.settings.kv_budget_bytes,
+                "kv_reserved_bytes": self.sessions.reserved_bytes(),
+                "kv_bytes_per_token": self.sessions.kv_bytes_per_token,
+                "rss_bytes": _rss_bytes(),
+            },
+            "sessions": len(self.sessions.sessions),
+            "ms_per_layer": model.layer_ms,
+            "load_seconds": model.load_seconds,
+            "torch_threads": torch.get_num_threads(),
+        }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
