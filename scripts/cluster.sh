@@ -26,6 +26,8 @@ Commands:
   status              Show which clusters and processes run.
   -h, --help          This help.
 
+Smoke test of a running cluster (curl only): bash scripts/k8s/smoke.sh [NAME]
+
 Outputs per cluster (in <repo>/.cluster/<name>/):
   kubeconfig          admin kubeconfig (user in group system:masters)
   cluster.env         shell-sourceable ports, URLs and cert paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,3 +142,76 @@ def test_the_status_the_operator_writes_is_taken_and_the_old_phase_refused(api):
         assert refused.value.status == 422, bad
     stored = objects.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "status-check")
     assert stored["status"]["phase"] == "Deploying"  # a refused patch changed nothing
+
+
+@pytest.fixture(scope="module")
+def kubelet(cluster: Path) -> Iterator[str]:
+    """The project's process kubelet on this cluster: pods run as processes in network namespaces."""
+    if os.geteuid() != 0:
+        pytest.skip("the process kubelet makes network namespaces, which needs root (as on the project's machines)")
+    settings = dict(line.split("=", 1) for line in (cluster.parent / "cluster.env").read_text().split())
+    node, bridge = f"{cluster.parent.name}-node", f"bb{os.getpid() % 100000}"
+    command = [sys.executable, "scripts/process_kubelet.py", "--kubeconfig", str(cluster), "--node", node,
+               "--bridge", bridge, "--prefix", f"10.202.{os.getpid() % 200}", "--api-port",
+               settings["API_SERVER"].rsplit(":", 1)[1], "--ca-file", settings["CA_CERT"],
+               "--state-dir", str(cluster.parent / "kubelet"), "--interval", "0.5"]  # fmt: skip
+    with open(cluster.parent / "kubelet.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield node
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def _wait(what: str, check, timeout_s: float = 90.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # bounded polling of the API server
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(api, cluster, kubelet):
+    """A Deployment becomes a Ready pod with its own address; a second pod reaches it by Service name;
+    deleting the Deployment lets the garbage collector remove its pods and the kubelet their processes."""
+    from kubernetes import client
+
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    labels = {"app": "web"}
+    container = {"name": "web", "image": "local/python", "command": ["python", "-m", "http.server", "8080"],
+                 "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}  # fmt: skip
+    apps.create_namespaced_deployment("default", {
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}}})  # fmt: skip
+    core.create_namespaced_service("default", {"metadata": {"name": "web"}, "spec": {
+        "selector": labels, "ports": [{"port": 8080, "targetPort": 8080}]}})  # fmt: skip
+
+    def ready_pod():
+        pods = core.list_namespaced_pod("default", label_selector="app=web").items
+        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        return ready[0] if ready else None
+
+    web = _wait("the web pod to be Ready", ready_pod)
+    assert web.spec.node_name == kubelet and web.status.pod_ip.startswith("10.202.")
+    probe = ("import urllib.request, os; print(urllib.request.urlopen('http://web.default.svc:8080/').status, "
+             "os.environ['POD_NAMESPACE'])")  # fmt: skip
+    core.create_namespaced_pod("default", {"metadata": {"name": "client"}, "spec": {
+        "restartPolicy": "Never", "containers": [{"name": "get", "image": "local/python",
+                                                 "command": ["python", "-c", probe]}]}})  # fmt: skip
+
+    def finished() -> str | None:
+        phase = core.read_namespaced_pod("client", "default").status.phase
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    phase = _wait("the client pod to finish", finished)
+    output = (cluster.parent / "kubelet" / "default_client" / "get.log").read_text()
+    assert phase == "Succeeded" and "200 default" in output, output
+
+    apps.delete_namespaced_deployment("web", "default")
+    _wait("the web pods to be gone", lambda: not core.list_namespaced_pod("default", label_selector="app=web").items)
+    assert subprocess.run(["pgrep", "-f", "http.server 8080"], capture_output=True).returncode != 0
