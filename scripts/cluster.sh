@@ -209,7 +209,7 @@ EOF
 # Generates the cluster PKI. RSA 2048 keeps generation fast; validity is long
 # because clusters are throwaway but may outlive a day in a dev session.
 make_pki() {
-    local pki=$1 svc_ip=$2
+    local pki=$1 svc_ip=$2 host_ip=$3
     mkdir -p "$pki"
     (
         cd "$pki"
@@ -232,7 +232,7 @@ make_pki() {
         sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:$svc_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+subjectAltName=IP:127.0.0.1,IP:$host_ip,IP:$svc_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
         # Serving cert of the controller manager's health/metrics port, so
         # its /healthz verifies against the cluster CA like the API server.
         sign controller-manager-serving "/CN=kube-controller-manager" "basicConstraints=CA:FALSE
@@ -283,6 +283,49 @@ EOF
 # Ctrl-C there) and records its pid. Without job control the background child
 # is never a process-group leader, so setsid execs in place and $! is the pid
 # of the binary itself.
+# The pod network of a cluster: a bridge whose address the API server listens on, so pods in their
+# network namespaces reach it. The first free 10.(200+k).0.0/24 on this machine, so clusters of
+# several checkouts never share one.
+pick_pod_network() {
+    local k
+    for ((k = 0; k < 50; k++)); do
+        if ! ip -4 -o addr show | grep -q " 10\.$((200 + k))\.0\.1/"; then
+            POD_PREFIX=10.$((200 + k)).0
+            BRIDGE=bbp$((200 + k))
+            return 0
+        fi
+    done
+    die "no free pod network among 10.200.0.0/24 .. 10.249.0.0/24"
+}
+
+make_bridge() {
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$POD_PREFIX.1/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+}
+
+# The project's process kubelet (scripts/process_kubelet.py) runs this cluster's pods as processes.
+start_kubelet() { # api_port
+    local python=$REPO_ROOT/.venv/bin/python
+    [[ -x $python ]] || python=python3
+    setsid "$python" "$SCRIPT_DIR/process_kubelet.py" --kubeconfig "$DIR/kubeconfig" --node "$CLUSTER-node" \
+        --bridge "$BRIDGE" --prefix "$POD_PREFIX" --api-port "$1" --ca-file "$DIR/pki/ca.crt" \
+        --state-dir "$DIR/kubelet" </dev/null >>"$DIR/logs/kubelet.log" 2>&1 8>&- 9>&- &
+    echo $! >"$DIR/pids/kubelet.pid"
+}
+
+node_ready() {
+    local body rc=1
+    body=$(mktemp)
+    if [[ $(api "/api/v1/nodes/$CLUSTER-node" "$body") == 200 ]]; then
+        python3 -c 'import json, sys
+conditions = json.load(open(sys.argv[1]))["status"].get("conditions", [])
+sys.exit(not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions))' "$body" && rc=0
+    fi
+    rm -f "$body"
+    return $rc
+}
+
 start_proc() { # name args...
     local name=$1
     shift
@@ -332,7 +375,7 @@ api() { # path [outfile]
 wait_for() { # description check_fn log_component
     local deadline=$(( $(date +%s) + TIMEOUT )) c
     while ! "$2"; do
-        for c in etcd kube-apiserver kube-controller-manager; do
+        for c in etcd kube-apiserver kube-controller-manager kubelet; do
             if [[ -f $DIR/pids/$c.pid ]] && ! proc_alive "$DIR" "$c"; then
                 fail_with_log "$DIR" "$c" "$c exited while waiting for $1"
             fi
@@ -374,11 +417,23 @@ up_one() { # name index
     # ClusterIPs unique if a test ever mixes objects from several clusters.
     local svc_cidr="10.$((96 + idx)).0.0/16" svc_ip="10.$((96 + idx)).0.1"
     ETCD_URL=http://127.0.0.1:$etcd_port
-    API_URL=https://127.0.0.1:$api_port
+    # As root the cluster gets a pod network and a process kubelet, and the API server listens on
+    # the bridge's address (reachable from this machine and from the pods, from nowhere else).
+    local host_ip=127.0.0.1
+    POD_PREFIX="" BRIDGE=""
+    if ((EUID == 0)); then
+        pick_pod_network
+        make_bridge
+        host_ip=$POD_PREFIX.1
+        echo "$BRIDGE" >"$DIR/bridge"
+    else
+        log "$CLUSTER: not root: no pod network and no kubelet (pods stay Pending)"
+    fi
+    API_URL=https://$host_ip:$api_port
     local pki=$DIR/pki
 
     log "$CLUSTER: generating certificates"
-    make_pki "$pki" "$svc_ip"
+    make_pki "$pki" "$svc_ip" "$host_ip"
     write_kubeconfig "$DIR/kubeconfig" "$API_URL" kubernetes-admin \
         "$pki/admin.crt" "$pki/admin.key" "$pki/ca.crt"
     write_kubeconfig "$DIR/controller-manager.kubeconfig" "$API_URL" \
@@ -395,6 +450,8 @@ ADMIN_KEY=$pki/admin.key
 SERVICE_CIDR=$svc_cidr
 ETCD_URL=$ETCD_URL
 KCM_HEALTHZ=https://127.0.0.1:$kcm_port/healthz
+POD_PREFIX=$POD_PREFIX
+BRIDGE=$BRIDGE
 EOF
 
     # Plain HTTP on loopback: etcd is reachable only from this machine and
@@ -415,7 +472,7 @@ EOF
     # Endpoints validation rejects (loopback), and log errors forever.
     log "$CLUSTER: starting kube-apiserver on $API_URL"
     start_proc kube-apiserver \
-        --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+        --bind-address="$host_ip" --advertise-address="$host_ip" \
         --secure-port="$api_port" \
         --etcd-servers="$ETCD_URL" \
         --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
@@ -454,6 +511,11 @@ EOF
         --profiling=false
     wait_for "serviceaccount default/default" default_sa_exists kube-controller-manager
 
+    if [[ -n $BRIDGE ]]; then
+        log "$CLUSTER: starting the process kubelet (pods on $POD_PREFIX.0/24, bridge $BRIDGE)"
+        start_kubelet "$api_port"
+        wait_for "node $CLUSTER-node Ready" node_ready kubelet
+    fi
     log "$CLUSTER: ready at $API_URL (KUBECONFIG=$DIR/kubeconfig)"
 }
 
@@ -494,13 +556,13 @@ cmd_up() {
 
 stop_procs() { # dir
     local dir=$1 c pid i
-    # Reverse start order: controllers first so nothing retries against a
-    # vanished apiserver, and etcd last.
-    for c in kube-controller-manager kube-apiserver etcd; do
+    # Reverse start order: the kubelet first (it stops its pods and their namespaces), controllers
+    # next so nothing retries against a vanished apiserver, and etcd last.
+    for c in kubelet kube-controller-manager kube-apiserver etcd; do
         if proc_alive "$dir" "$c"; then
             pid=$(cat "$dir/pids/$c.pid")
             kill -TERM "$pid" 2>/dev/null || true
-            for ((i = 0; i < 100; i++)); do
+            for ((i = 0; i < 300; i++)); do
                 proc_alive "$dir" "$c" || break
                 sleep 0.1
             done
@@ -514,6 +576,9 @@ stop_procs() { # dir
 
 stop_cluster() { # dir
     stop_procs "$1"
+    if [[ -f $1/bridge ]]; then
+        ip link del "$(cat "$1/bridge")" 2>/dev/null || true
+    fi
     rm -rf "$1"
 }
 
@@ -562,7 +627,7 @@ cmd_status() {
         ready="not ready"
         [[ -n $API_URL ]] && apiserver_ready && ready=ready
         echo "cluster $(basename "$DIR"): ${API_URL:-?} ($ready), kubeconfig $DIR/kubeconfig"
-        for c in etcd kube-apiserver kube-controller-manager; do
+        for c in etcd kube-apiserver kube-controller-manager kubelet; do
             if proc_alive "$DIR" "$c"; then
                 echo "  $c: running (pid $(cat "$DIR/pids/$c.pid"))"
             else

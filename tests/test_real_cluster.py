@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,24 +144,15 @@ def test_the_status_the_operator_writes_is_taken_and_the_old_phase_refused(api):
 
 
 @pytest.fixture(scope="module")
-def kubelet(cluster: Path) -> Iterator[str]:
-    """The project's process kubelet on this cluster: pods run as processes in network namespaces."""
+def kubelet(cluster: Path) -> str:
+    """The node of the cluster's process kubelet (scripts/cluster.sh starts one when run as root)."""
     if os.geteuid() != 0:
         pytest.skip("the process kubelet makes network namespaces, which needs root (as on the project's machines)")
-    settings = dict(line.split("=", 1) for line in (cluster.parent / "cluster.env").read_text().split())
-    node, bridge = f"{cluster.parent.name}-node", f"bb{os.getpid() % 100000}"
-    command = [sys.executable, "scripts/process_kubelet.py", "--kubeconfig", str(cluster), "--node", node,
-               "--bridge", bridge, "--prefix", f"10.202.{os.getpid() % 200}", "--api-port",
-               settings["API_SERVER"].rsplit(":", 1)[1], "--ca-file", settings["CA_CERT"],
-               "--state-dir", str(cluster.parent / "kubelet"), "--interval", "0.5"]  # fmt: skip
-    with open(cluster.parent / "kubelet.log", "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield node
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    return f"{cluster.parent.name}-node"
+
+
+def _settings(cluster: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (cluster.parent / "cluster.env").read_text().split())
 
 
 def _wait(what: str, check, timeout_s: float = 90.0):
@@ -197,7 +187,7 @@ def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(
         return ready[0] if ready else None
 
     web = _wait("the web pod to be Ready", ready_pod)
-    assert web.spec.node_name == kubelet and web.status.pod_ip.startswith("10.202.")
+    assert web.spec.node_name == kubelet and web.status.pod_ip.startswith(_settings(cluster)["POD_PREFIX"] + ".")
     probe = ("import urllib.request, os; print(urllib.request.urlopen('http://web.default.svc:8080/').status, "
              "os.environ['POD_NAMESPACE'])")  # fmt: skip
     core.create_namespaced_pod("default", {"metadata": {"name": "client"}, "spec": {
@@ -215,3 +205,26 @@ def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(
     apps.delete_namespaced_deployment("web", "default")
     _wait("the web pods to be gone", lambda: not core.list_namespaced_pod("default", label_selector="app=web").items)
     assert subprocess.run(["pgrep", "-f", "http.server 8080"], capture_output=True).returncode != 0
+
+
+def test_a_pod_reaches_the_api_server_as_its_service_account(api, cluster, kubelet):
+    """What the operator's pod will need: the API server from inside a pod's network namespace, with
+    the pod's own identity (a TokenRequest token), not the admin's."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    whoami = ("from kubernetes import client, config; config.load_kube_config(); "
+              "review = {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'}; "
+              "print(client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username)"
+              )  # fmt: skip
+    core.create_namespaced_pod("default", {"metadata": {"name": "whoami"}, "spec": {
+        "restartPolicy": "Never", "containers": [{"name": "ask", "image": "local/python",
+                                                 "command": ["python", "-c", whoami]}]}})  # fmt: skip
+
+    def finished() -> str | None:
+        phase = core.read_namespaced_pod("whoami", "default").status.phase
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    phase = _wait("the whoami pod to finish", finished)
+    output = (cluster.parent / "kubelet" / "default_whoami" / "ask.log").read_text()
+    assert phase == "Succeeded" and "system:serviceaccount:default:default" in output, output
