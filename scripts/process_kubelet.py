@@ -7,10 +7,11 @@ kubelet, a scheduler and kube-proxy at once, for one node:
 * binds every pod that has no node to itself (there is no scheduler);
 * runs each container of its pods as a process in a network namespace of the pod's own, with its
   own address on a bridge (``<prefix>.<n>``), the container's command and args (``python`` and
-  ``kopf`` become this machine's), its environment (literal values, Secret keys, a few field
-  references) and, for the pod's service account, a kubeconfig with a token from the TokenRequest
-  API in ``$KUBECONFIG``. Images are not pulled: every container runs this machine's Python
-  environment, and the log says so. A container without a command runs its image's ENTRYPOINT as
+  this environment's console scripts, such as ``kopf`` and ``bloombee``, become this machine's),
+  its environment (literal values, Secret keys, a few field references) and, for the pod's
+  service account, a kubeconfig with a token from the TokenRequest API in ``$KUBECONFIG``.
+  Images are not pulled: every container runs this machine's Python environment, and the log
+  says so. A container without a command runs its image's ENTRYPOINT as
   the project's Dockerfile for that image declares it;
 * reports pod phase, address and readiness (from each container's HTTP readiness probe) back to
   the API server, restarts containers that exit, and stops the processes of deleted pods;
@@ -241,9 +242,13 @@ class Kubelet:
             command = list(self.entrypoints.get(image, []))
             if not command:
                 raise RuntimeError(f"container {spec.name}: no command, and no Dockerfile.{image} with an ENTRYPOINT")
-        programs = {"python": sys.executable, "python3": sys.executable,
-                    "kopf": str(Path(sys.executable).with_name("kopf"))}  # fmt: skip
-        command[0] = programs.get(command[0], command[0])
+        # The image's programs are this environment's: python itself, and the console scripts beside it
+        # (kopf, bloombee, ...).
+        local = Path(sys.executable).with_name(command[0])
+        if command[0] in ("python", "python3"):
+            command[0] = sys.executable
+        elif "/" not in command[0] and local.is_file():
+            command[0] = str(local)
         return [*command, *(spec.args or [])]
 
     def env_of(self, pod: client.V1Pod, spec: client.V1Container, address: str) -> dict[str, str]:

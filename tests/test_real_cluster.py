@@ -9,9 +9,11 @@ version wrote.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,6 +143,7 @@ def test_the_status_the_operator_writes_is_taken_and_the_old_phase_refused(api):
         assert refused.value.status == 422, bad
     stored = objects.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "status-check")
     assert stored["status"]["phase"] == "Deploying"  # a refused patch changed nothing
+    objects.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "status-check")
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +231,52 @@ def test_a_pod_reaches_the_api_server_as_its_service_account(api, cluster, kubel
     phase = _wait("the whoami pod to finish", finished)
     output = (cluster.parent / "kubelet" / "default_whoami" / "ask.log").read_text()
     assert phase == "Succeeded" and "system:serviceaccount:default:default" in output, output
+
+
+@pytest.mark.model
+def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(api, cluster, kubelet,
+                                                                             smollm2_reference):  # fmt: skip
+    """The product as a user reaches it: `helm install` (the operator runs as a pod under the chart's
+    ServiceAccount and ClusterRole), the chart's example DistributedLLM planned and deployed as pods,
+    `Ready` in its status, a chat through the gateway with transformers' greedy tokens, `helm test`,
+    and `kubectl delete` removing every child (the finalizer and the garbage collector)."""
+    from kubernetes import client
+    from test_pipeline_smollm2 import chat_request, reference_tokens
+
+    helm = subprocess.run(["bash", "scripts/cluster.sh", "helm"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300).stdout.strip().splitlines()[-1]  # fmt: skip
+    env = {**os.environ, "KUBECONFIG": str(cluster)}
+    namespace = "bloombee-system"
+    installed = subprocess.run([helm, "install", "bloombee", "charts/bloombee", "--namespace", namespace,
+                                "--create-namespace", "--set", "example.enabled=true"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+    def ready() -> dict | None:
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2").get("status", {})
+        return status if status.get("phase") == "Ready" else None
+
+    status = _wait("the example DistributedLLM to be Ready", ready, timeout_s=900)
+    assert status["stagesReady"] == "3/3" and status["endpoint"] == f"http://smollm2-gateway.{namespace}.svc:8000/v1"
+    (gateway,) = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=gateway").items
+    request = urllib.request.Request(f"http://{gateway.status.pod_ip}:8000/v1/chat/completions",
+                                     data=json.dumps(chat_request("What is the capital of France?")).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        answer = json.loads(reply.read())
+    tokens = answer["choices"][0]["token_ids"]
+    assert tokens == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
+
+    tested = subprocess.run([helm, "test", "bloombee", "--namespace", namespace], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
+
+    objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2")
+    selector = "app.kubernetes.io/instance=smollm2"
+    _wait("every child of the resource to be gone", lambda: not (
+        core.list_namespaced_pod(namespace, label_selector=selector).items
+        or core.list_namespaced_service(namespace, label_selector=selector).items
+        or core.list_namespaced_config_map(namespace, label_selector=selector).items), timeout_s=180)  # fmt: skip
+    assert subprocess.run([helm, "uninstall", "bloombee", "--namespace", namespace], cwd=ROOT, env=env,
+                          capture_output=True, timeout=300).returncode == 0  # fmt: skip
