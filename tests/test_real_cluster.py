@@ -168,6 +168,20 @@ def _wait(what: str, check, timeout_s: float = 90.0):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _run_python_pod(core, cluster: Path, name: str, code: str) -> tuple[str, str]:
+    """Run ``python -c code`` as a pod of its own (restartPolicy Never): its final phase and output."""
+    core.create_namespaced_pod("default", {"metadata": {"name": name}, "spec": {
+        "restartPolicy": "Never", "containers": [{"name": "main", "image": "local/python",
+                                                 "command": ["python", "-c", code]}]}})  # fmt: skip
+
+    def finished() -> str | None:
+        phase = core.read_namespaced_pod(name, "default").status.phase
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    phase = _wait(f"the pod {name} to finish", finished)
+    return phase, (cluster.parent / "kubelet" / f"default_{name}" / "main.log").read_text()
+
+
 def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(api, cluster, kubelet):
     """A Deployment becomes a Ready pod with its own address; a second pod reaches it by Service name;
     deleting the Deployment lets the garbage collector remove its pods and the kubelet their processes."""
@@ -193,16 +207,7 @@ def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(
     assert web.spec.node_name == kubelet and web.status.pod_ip.startswith(_settings(cluster)["POD_PREFIX"] + ".")
     probe = ("import urllib.request, os; print(urllib.request.urlopen('http://web.default.svc:8080/').status, "
              "os.environ['POD_NAMESPACE'])")  # fmt: skip
-    core.create_namespaced_pod("default", {"metadata": {"name": "client"}, "spec": {
-        "restartPolicy": "Never", "containers": [{"name": "get", "image": "local/python",
-                                                 "command": ["python", "-c", probe]}]}})  # fmt: skip
-
-    def finished() -> str | None:
-        phase = core.read_namespaced_pod("client", "default").status.phase
-        return phase if phase in ("Succeeded", "Failed") else None
-
-    phase = _wait("the client pod to finish", finished)
-    output = (cluster.parent / "kubelet" / "default_client" / "get.log").read_text()
+    phase, output = _run_python_pod(core, cluster, "client", probe)
     assert phase == "Succeeded" and "200 default" in output, output
 
     apps.delete_namespaced_deployment("web", "default")
@@ -220,16 +225,7 @@ def test_a_pod_reaches_the_api_server_as_its_service_account(api, cluster, kubel
               "review = {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'}; "
               "print(client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username)"
               )  # fmt: skip
-    core.create_namespaced_pod("default", {"metadata": {"name": "whoami"}, "spec": {
-        "restartPolicy": "Never", "containers": [{"name": "ask", "image": "local/python",
-                                                 "command": ["python", "-c", whoami]}]}})  # fmt: skip
-
-    def finished() -> str | None:
-        phase = core.read_namespaced_pod("whoami", "default").status.phase
-        return phase if phase in ("Succeeded", "Failed") else None
-
-    phase = _wait("the whoami pod to finish", finished)
-    output = (cluster.parent / "kubelet" / "default_whoami" / "ask.log").read_text()
+    phase, output = _run_python_pod(core, cluster, "whoami", whoami)
     assert phase == "Succeeded" and "system:serviceaccount:default:default" in output, output
 
 
