@@ -157,7 +157,7 @@ class LocalBackend:
         command = [*process.command[:-1], str(process.port)]  # a link proxy: its command ends with --port N
         return self._spawn(process.name, command, process.ready_file)
 
-    def _wait_ready(self, processes: list[LocalProcess], ready_path: str | None = "/readyz") -> None:
+    def _wait_ready(self, processes: list[LocalProcess], ready_path: str | None = READYZ_PATH) -> None:
         """Wait for each process's ready file and, unless ``ready_path`` is None, a 200 from that path."""
         deadline = time.monotonic() + self.startup_timeout_s
         pending = list(processes)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
-from bloombee_contract.errors import ErrorCode, error_body, error_type
+from bloombee_contract.errors import ErrorCode, error_body
 from bloombee_contract.paths import RESULT_PATH, STEP_PATH
 from pydantic import BaseModel, ValidationError
 
@@ -43,7 +43,7 @@ from bloombee_stage.gateway.protocol import (
     Usage,
     new_id,
 )
-from bloombee_stage.serving.process import add_common_routes
+from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.wire.frame import WireError
 
 log = logging.getLogger("bloombee.gateway")
@@ -51,10 +51,6 @@ log = logging.getLogger("bloombee.gateway")
 ENGINE = web.AppKey("engine", GenerationEngine)
 _Body = TypeVar("_Body", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error_response(message: str, code: ErrorCode | str | None, status: int, param: str | None = None) -> web.Response:
-    return web.json_response(error_body(message, code, param, error_type(status)), status=status)
 
 
 async def _parse(request: web.Request, model: type[_Body]) -> _Body:
@@ -196,7 +192,7 @@ async def handle_forward(request: web.Request) -> web.Response:
     try:
         forwarded = await request.app[ENGINE].forward(await request.read())
     except (WireError, ValidationError, ValueError) as error:
-        return _error_response(f"forwarded frame: {error}", ErrorCode.INVALID_FRAME, 400)
+        return error_response(f"forwarded frame: {error}", ErrorCode.INVALID_FRAME)
     return web.Response(status=forwarded.status, body=forwarded.body, content_type=forwarded.content_type)
 
 
@@ -204,7 +200,7 @@ async def handle_result(request: web.Request) -> web.Response:
     try:
         delivered = request.app[ENGINE].deliver(await request.read())
     except (WireError, ValidationError) as error:
-        return _error_response(f"result frame: {error}", ErrorCode.INVALID_FRAME, 400)
+        return error_response(f"result frame: {error}", ErrorCode.INVALID_FRAME)
     return web.json_response({"delivered": delivered})
 
 
@@ -219,16 +215,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except RequestError as error:
-        return _error_response(str(error), error.code, error.code.status, error.param)
+        return error_response(str(error), error.code, param=error.param)
     except PipelineError as error:
-        return _error_response(str(error), error.code, error.status)
+        return error_response(str(error), error.code, error.status)
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return _error_response(error.reason, str(error.status), error.status)
+        return error_response(error.reason, str(error.status), error.status)
     except Exception:
         log.exception("unhandled error on %s", request.path)
-        return _error_response("internal error in the gateway", ErrorCode.INTERNAL_ERROR, 500)
+        return error_response("internal error in the gateway", ErrorCode.INTERNAL_ERROR, 500)
 
 
 def _auth_middleware(api_key: str | None) -> Callable:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from bloombee_contract.errors import ErrorCode
+from bloombee_contract.errors import ErrorCode, error_body, error_type
 from bloombee_contract.paths import CODECS_PATH, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
 
 from bloombee_stage.serving.metrics import Metrics
@@ -88,6 +88,17 @@ def add_common_routes(
     app.router.add_get(READYZ_PATH, readyz)
     app.router.add_get(METRICS_PATH, render_metrics)
     app.router.add_get(CODECS_PATH, list_codecs)
+
+
+def error_response(message: str, code: ErrorCode | str | None, status: int | None = None,
+                   param: str | None = None) -> web.Response:  # fmt: skip
+    """OpenAI's error shape as an HTTP answer, with the code's own status unless ``status`` is given
+    (a code a peer reported, or an HTTP error without a code of ours)."""
+    if status is None:
+        if not isinstance(code, ErrorCode):
+            raise ValueError(f"error code {code!r} has no status of its own; pass one")
+        status = code.status
+    return web.json_response(error_body(message, code, param, error_type(status)), status=status)
 
 
 async def read_error(reply: ClientResponse, default_code: ErrorCode) -> tuple[str, str]:

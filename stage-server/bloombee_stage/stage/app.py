@@ -12,13 +12,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from bloombee_contract.errors import ErrorCode, error_body
+from bloombee_contract.errors import ErrorCode
 from bloombee_contract.paths import CODECS_PATH, INFO_PATH, PARK_PATH, ROLLBACK_PATH, SESSION_PATH, STEP_PATH
 from pydantic import ValidationError
 
 from bloombee_stage.model.span import StageModel, truncate_cache
 from bloombee_stage.serving.probe import add_probe_routes
-from bloombee_stage.serving.process import add_common_routes
+from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.stage.service import StageService, StageSettings
 from bloombee_stage.stage.sessions import SessionError
 from bloombee_stage.wire.codecs import CODECS
@@ -29,10 +29,6 @@ from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
 MAX_FRAME_BYTES = 1 << 30
 
 SERVICE = web.AppKey("service", StageService)
-
-
-def _error(message: str, code: ErrorCode) -> web.Response:
-    return web.json_response(error_body(message, code), status=code.status)
 
 
 async def handle_step(request: web.Request) -> web.StreamResponse:
@@ -50,13 +46,13 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
         sessions = service.admit(meta)
     except WireError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_frame")
-        return _error(str(error), ErrorCode.INVALID_FRAME)
+        return error_response(str(error), ErrorCode.INVALID_FRAME)
     except ValidationError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_meta")
-        return _error(f"frame metadata: {error}", ErrorCode.INVALID_META)
+        return error_response(f"frame metadata: {error}", ErrorCode.INVALID_META)
     except SessionError as error:
         service.metrics.inc("errors_total", "Failed steps", code=error.code.value)
-        return _error(str(error), error.code)
+        return error_response(str(error), error.code)
     service.metrics.inc("steps_total", "Accepted steps")
     if meta.reply_to is None:  # inline answer: the client relays (baseline mode)
         output, meta = await service.run_step(sessions, meta, inputs)
@@ -78,14 +74,16 @@ async def handle_rollback(request: web.Request) -> web.Response:
         length = int(payload["length"]) if "length" in payload else None
         drop = int(payload.get("n", 0))
     except Exception:
-        return _error('body must be JSON {"n": tokens_to_drop} or {"length": tokens_to_keep}', ErrorCode.INVALID_BODY)
+        expected = 'body must be JSON {"n": tokens_to_drop} or {"length": tokens_to_keep}'
+        return error_response(expected, ErrorCode.INVALID_BODY)
     try:
         session = service.sessions.get(request.match_info["session"])
     except SessionError as error:
-        return _error(str(error), error.code)
+        return error_response(str(error), error.code)
     target = length if length is not None else session.length - drop
     if not 0 <= target <= session.length:
-        return _error(f"cannot roll session back to {target} tokens; it holds {session.length}", ErrorCode.BAD_ROLLBACK)
+        message = f"cannot roll session back to {target} tokens; it holds {session.length}"
+        return error_response(message, ErrorCode.BAD_ROLLBACK)
     async with session.lock:
         truncate_cache(session.cache, target)
         session.length = target
@@ -97,7 +95,7 @@ async def handle_park(request: web.Request) -> web.Response:
     try:
         session = service.sessions.park(request.match_info["session"])
     except SessionError as error:
-        return _error(str(error), error.code)
+        return error_response(str(error), error.code)
     return web.json_response({"session": session.id, "parked": True, "length": session.length})
 
 
