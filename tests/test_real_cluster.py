@@ -10,52 +10,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-GROUP, VERSION, PLURAL = "bloombee.ai", "v1alpha1", "distributedllms"
+from clusters import GROUP, PLURAL, ROOT, VERSION, helm, needs_root, settings, wait_for
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Path]:
-    """A real control plane of our own for this module: its admin kubeconfig."""
-    name = f"pytest{os.getpid()}"
-    started = subprocess.run(["bash", "scripts/cluster.sh", "up", "--name", name], cwd=ROOT, capture_output=True,
-                             text=True, timeout=480)  # fmt: skip
-    assert started.returncode == 0, started.stderr[-3000:]
-    try:
-        yield ROOT / ".cluster" / name / "kubeconfig"
-    finally:
-        subprocess.run(["bash", "scripts/cluster.sh", "down", "--name", name], cwd=ROOT, capture_output=True,
-                       timeout=120)  # fmt: skip
+def cluster(real_cluster: Path) -> Path:
+    return real_cluster
 
 
 @pytest.fixture(scope="module")
-def api(cluster: Path):
-    from kubernetes import client, config
-
-    api = config.new_client_from_config(str(cluster))
-    crd = yaml.safe_load((ROOT / "crds" / "distributedllm.yaml").read_text())
-    client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # bounded: the CRD is Established within seconds
-        served = client.ApiextensionsV1Api(api).read_custom_resource_definition(crd["metadata"]["name"])
-        if any(c.type == "Established" and c.status == "True" for c in served.status.conditions or []):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the CRD never became Established")
-    return api
+def api(real_api):
+    return real_api
 
 
 def _resource(name: str, **spec: object) -> dict:
@@ -149,23 +122,8 @@ def test_the_status_the_operator_writes_is_taken_and_the_old_phase_refused(api):
 @pytest.fixture(scope="module")
 def kubelet(cluster: Path) -> str:
     """The node of the cluster's process kubelet (scripts/cluster.sh starts one when run as root)."""
-    if os.geteuid() != 0:
-        pytest.skip("the process kubelet makes network namespaces, which needs root (as on the project's machines)")
+    needs_root()
     return f"{cluster.parent.name}-node"
-
-
-def _settings(cluster: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in (cluster.parent / "cluster.env").read_text().split())
-
-
-def _wait(what: str, check, timeout_s: float = 90.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:  # bounded polling of the API server
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _run_python_pod(core, cluster: Path, name: str, code: str) -> tuple[str, str]:
@@ -178,7 +136,7 @@ def _run_python_pod(core, cluster: Path, name: str, code: str) -> tuple[str, str
         phase = core.read_namespaced_pod(name, "default").status.phase
         return phase if phase in ("Succeeded", "Failed") else None
 
-    phase = _wait(f"the pod {name} to finish", finished)
+    phase = wait_for(f"the pod {name} to finish", finished)
     return phase, (cluster.parent / "kubelet" / f"default_{name}" / "main.log").read_text()
 
 
@@ -203,15 +161,15 @@ def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
         return ready[0] if ready else None
 
-    web = _wait("the web pod to be Ready", ready_pod)
-    assert web.spec.node_name == kubelet and web.status.pod_ip.startswith(_settings(cluster)["POD_PREFIX"] + ".")
+    web = wait_for("the web pod to be Ready", ready_pod)
+    assert web.spec.node_name == kubelet and web.status.pod_ip.startswith(settings(cluster)["POD_PREFIX"] + ".")
     probe = ("import urllib.request, os; print(urllib.request.urlopen('http://web.default.svc:8080/').status, "
              "os.environ['POD_NAMESPACE'])")  # fmt: skip
     phase, output = _run_python_pod(core, cluster, "client", probe)
     assert phase == "Succeeded" and "200 default" in output, output
 
     apps.delete_namespaced_deployment("web", "default")
-    _wait("the web pods to be gone", lambda: not core.list_namespaced_pod("default", label_selector="app=web").items)
+    wait_for("the web pods to be gone", lambda: not core.list_namespaced_pod("default", label_selector="app=web").items)
     assert subprocess.run(["pgrep", "-f", "http.server 8080"], capture_output=True).returncode != 0
 
 
@@ -239,13 +197,9 @@ def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(ap
     from kubernetes import client
     from test_pipeline_smollm2 import chat_request, reference_tokens
 
-    helm = subprocess.run(["bash", "scripts/cluster.sh", "helm"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300).stdout.strip().splitlines()[-1]  # fmt: skip
-    env = {**os.environ, "KUBECONFIG": str(cluster)}
     namespace = "bloombee-system"
-    installed = subprocess.run([helm, "install", "bloombee", "charts/bloombee", "--namespace", namespace,
-                                "--create-namespace", "--set", "example.enabled=true"], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    installed = helm(cluster, "install", "bloombee", "charts/bloombee", "--namespace", namespace,
+                     "--create-namespace", "--set", "example.enabled=true")  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
 
@@ -253,7 +207,7 @@ def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(ap
         status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2").get("status", {})
         return status if status.get("phase") == "Ready" else None
 
-    status = _wait("the example DistributedLLM to be Ready", ready, timeout_s=900)
+    status = wait_for("the example DistributedLLM to be Ready", ready, timeout_s=900)
     assert status["stagesReady"] == "3/3" and status["endpoint"] == f"http://smollm2-gateway.{namespace}.svc:8000/v1"
     (gateway,) = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=gateway").items
     request = urllib.request.Request(f"http://{gateway.status.pod_ip}:8000/v1/chat/completions",
@@ -264,15 +218,13 @@ def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(ap
     tokens = answer["choices"][0]["token_ids"]
     assert tokens == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
 
-    tested = subprocess.run([helm, "test", "bloombee", "--namespace", namespace], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    tested = helm(cluster, "test", "bloombee", "--namespace", namespace, timeout_s=600)
     assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
 
     objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2")
     selector = "app.kubernetes.io/instance=smollm2"
-    _wait("every child of the resource to be gone", lambda: not (
+    wait_for("every child of the resource to be gone", lambda: not (
         core.list_namespaced_pod(namespace, label_selector=selector).items
         or core.list_namespaced_service(namespace, label_selector=selector).items
         or core.list_namespaced_config_map(namespace, label_selector=selector).items), timeout_s=180)  # fmt: skip
-    assert subprocess.run([helm, "uninstall", "bloombee", "--namespace", namespace], cwd=ROOT, env=env,
-                          capture_output=True, timeout=300).returncode == 0  # fmt: skip
+    assert helm(cluster, "uninstall", "bloombee", "--namespace", namespace).returncode == 0
