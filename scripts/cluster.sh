@@ -454,8 +454,13 @@ up_one() { # name index
     local host_ip=127.0.0.1
     POD_PREFIX="" BRIDGE=""
     if ((EUID == 0)); then
+        # Checkouts side by side (a CI clone beside a work tree) pick networks at once: one machine-wide
+        # lock makes choosing and taking a /24 one step.
+        exec 7>/run/lock/bloombee-pod-networks.lock
+        flock 7
         pick_pod_network
         make_bridge
+        exec 7>&-
         host_ip=$POD_PREFIX.1
         echo "$BRIDGE" >"$DIR/bridge"
     else

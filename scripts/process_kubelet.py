@@ -9,7 +9,8 @@ kubelet, a scheduler and kube-proxy at once, for one node:
 * runs each container of its pods as a process in a network namespace of the pod's own, with its
   own address on a bridge (``<prefix>.<n>``), the container's command and args (``python`` and
   this environment's console scripts, such as ``kopf`` and ``bloombee``, become this machine's),
-  its environment (literal values, Secret keys, a few field references) and, for the pod's
+  its environment (literal values, Secret keys, a few field references), its Secret volumes
+  (bind-mounted read-only in the process's own mount namespace) and, for the pod's
   service account, a kubeconfig with a token from the TokenRequest API in ``$KUBECONFIG``.
   Images are not pulled: every container runs this machine's Python environment, and the log
   says so. A container without a command runs its image's ENTRYPOINT as
@@ -42,8 +43,10 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -123,8 +126,9 @@ class Container:
     name: str
     command: list[str]
     env: dict[str, str]
-    probe: tuple[str, int] | None  # readiness: (path, port) of an HTTP GET
+    probe: tuple[str, int, str] | None  # readiness: (path, port, scheme) of an HTTP GET
     log_path: Path
+    mounts: list[tuple[Path, str]] = field(default_factory=list)  # (files here, path in the container)
     popen: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -271,9 +275,14 @@ class Kubelet:
 
     def start_pod(self, pod: client.V1Pod) -> None:
         meta = pod.metadata
+        directory = self.state_dir / f"{meta.namespace}_{meta.name}"
+        try:
+            volumes = self.secret_volumes(pod, directory / "volumes")
+        except ApiException as error:  # a Secret not there yet: the pod waits, as with a kubelet
+            log.info("pod %s/%s waits for a Secret: %s", meta.namespace, meta.name, error.reason)
+            return
         netns = f"bb{meta.uid.replace('-', '')[:10]}"
         address = self.bridge.attach(netns)
-        directory = self.state_dir / f"{meta.namespace}_{meta.name}"
         directory.mkdir(parents=True, exist_ok=True)
         running = Pod(meta.uid, meta.namespace, meta.name, netns, address, pod.spec.restart_policy or "Always",
                       dict(meta.labels or {}))
@@ -281,11 +290,29 @@ class Kubelet:
         for spec in pod.spec.containers:
             command = self.command_of(spec)
             env = {**base_env, **self.env_of(pod, spec, address)}
+            mounts = [(volumes[m.name], m.mount_path) for m in spec.volume_mounts or [] if m.name in volumes]
             running.containers.append(Container(spec.name, command, env, self.probe_of(spec),
-                                                directory / f"{spec.name}.log"))  # fmt: skip
+                                                directory / f"{spec.name}.log", mounts))  # fmt: skip
         self.pods[meta.uid] = running
         log.info("pod %s/%s at %s (netns %s); images are not pulled: containers run this machine's Python",
                  meta.namespace, meta.name, address, netns)  # fmt: skip
+
+    def secret_volumes(self, pod: client.V1Pod, root: Path) -> dict[str, Path]:
+        """Each Secret volume's files, written under ``root``: volume name -> directory. (emptyDir
+        volumes are not made: their paths are this machine's.)"""
+        found = {}
+        for volume in pod.spec.volumes or []:
+            if volume.secret is None:
+                continue
+            secret = self.core.read_namespaced_secret(volume.secret.secret_name, pod.metadata.namespace)
+            directory = root / volume.name
+            directory.mkdir(parents=True, exist_ok=True)
+            for key, value in (secret.data or {}).items():
+                path = directory / key
+                path.write_bytes(base64.b64decode(value))
+                path.chmod(volume.secret.default_mode or 0o644)
+            found[volume.name] = directory
+        return found
 
     def command_of(self, spec: client.V1Container) -> list[str]:
         command = list(spec.command or [])
@@ -336,14 +363,14 @@ class Kubelet:
         return {"KUBECONFIG": str(path), "POD_NAMESPACE": pod.metadata.namespace}
 
     @staticmethod
-    def probe_of(spec: client.V1Container) -> tuple[str, int] | None:
+    def probe_of(spec: client.V1Container) -> tuple[str, int, str] | None:
         probe = spec.readiness_probe
         if probe is None or probe.http_get is None:
             return None
         port = probe.http_get.port
         if isinstance(port, str):  # a named port
             port = next(p.container_port for p in spec.ports or [] if p.name == port)
-        return probe.http_get.path or "/", int(port)
+        return probe.http_get.path or "/", int(port), (probe.http_get.scheme or "HTTP").lower()
 
     def supervise(self, pod: Pod) -> None:
         for container in pod.containers:
@@ -366,8 +393,18 @@ class Kubelet:
     def launch(self, pod: Pod, container: Container) -> None:
         environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
                        **container.env}  # fmt: skip
+        command = container.command
+        if container.mounts:
+            # `ip netns exec` gives the process a mount namespace of its own: the Secret's files are
+            # bound over the mount path there only (the empty directory stays on this machine).
+            binds = []
+            for source, target in container.mounts:
+                Path(target).mkdir(parents=True, exist_ok=True)
+                binds.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)} && "
+                             f"mount -o remount,bind,ro {shlex.quote(target)}")  # fmt: skip
+            command = ["sh", "-c", " && ".join([*binds, 'exec "$@"']), "sh", *command]
         with open(container.log_path, "a") as log_file:
-            container.popen = subprocess.Popen(["ip", "netns", "exec", pod.netns, *container.command],
+            container.popen = subprocess.Popen(["ip", "netns", "exec", pod.netns, *command],
                                                stdout=log_file, stderr=subprocess.STDOUT, env=environment,
                                                cwd=container.log_path.parent, start_new_session=True)  # fmt: skip
         container.started_at, container.exit_code = now(), None
@@ -377,9 +414,11 @@ class Kubelet:
     def probe_ready(pod: Pod, container: Container) -> bool:
         if container.probe is None:
             return True
-        path, port = container.probe
+        path, port, scheme = container.probe
+        # As a kubelet does: HTTPS without checking the server's certificate, and without one of ours.
+        context = ssl._create_unverified_context() if scheme == "https" else None
         try:
-            with urllib.request.urlopen(f"http://{pod.address}:{port}{path}", timeout=1) as reply:
+            with urllib.request.urlopen(f"{scheme}://{pod.address}:{port}{path}", timeout=1, context=context) as reply:
                 return 200 <= reply.status < 400
         except OSError:
             return False

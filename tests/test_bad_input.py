@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import signal
+import ssl
 import struct
 import urllib.error
 import urllib.request
@@ -15,7 +18,7 @@ from bloombee_contract.paths import STEP_PATH
 from bloombee_stage.wire.frame import encode_frame, frame_checksum
 from bloombee_stage.wire.messages import RowMeta, StepMeta
 from bloombee_stage.wire.tensors import tensor_frame
-from pipelines import start_pipeline
+from pipelines import post_json, start_pipeline
 
 
 def post_frame(url: str, body: bytes) -> tuple[int, dict]:
@@ -161,7 +164,9 @@ def test_dying_stage_fails_the_request_cleanly(tmp_path, tiny_dir):
         assert status == 503 and error["error"]["code"] == "stage_unreachable"  # and no other path to take
         assert error["error"]["type"] == "server_error"
         assert "doomed-stage-0" in error["error"]["message"]  # the stage that could not push names itself
-        status, error = tiny_chat_named(pipeline, stream=True)  # streaming: the error arrives as a data line
+        status, streamed = tiny_chat_named(pipeline, stream=True)  # streaming: the error arrives as a data line
+        for message in (error["error"]["message"], streamed["error"]["message"]):
+            assert not re.search(r"\b[0-9a-f]{32}\b", message), message  # no session id reaches a client
     finally:
         pipeline.backend.stop()
 
@@ -235,3 +240,99 @@ def test_hops_relayed_through_the_gateway_give_the_same_tokens(tmp_path, tiny_pi
         assert status == 503 and "gateway could not forward to" in error["error"]["message"]
     finally:
         relayed.backend.stop()
+
+
+# -- callers that are not parts of the deployment ---------------------------------------------
+
+
+def _call(url: str, context: ssl.SSLContext, body: bytes | None = None) -> tuple[int, dict]:
+    """GET (or POST ``body``) with ``context``: the status and the JSON answer (a frame: its size)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
+            answer = reply.read()
+            if reply.headers.get_content_type() != "application/json":
+                return reply.status, {"frame_bytes": len(answer)}
+            return reply.status, json.loads(answer or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_a_stage_answers_only_callers_with_the_deployments_certificate(tiny_pipeline, tmp_path):
+    """Mutual TLS on every stage: without a certificate only liveness and readiness answer; a
+    certificate from another CA fails the handshake; plain HTTP gets nothing."""
+    from bloombee_contract.tls import client_context
+    from bloombee_operator.pki import DeploymentCA
+    from pipelines import TEST_TLS
+
+    stage = tiny_pipeline.stage_url(1)
+    assert stage.startswith("https://")
+    anonymous = client_context(TEST_TLS, identify=False)  # trusts the CA, shows no certificate
+    assert _call(stage + "/readyz", anonymous)[0] == 200
+    frame = step_frame(torch.zeros(1, 1, 64), route=[tiny_pipeline.stage_url(2)])
+    for path, body in ((STEP_PATH, frame), ("/info", None), ("/metrics", None), ("/v1/sessions/x/park", b"{}"),
+                       ("/probe/measure", b'{"targets": {"x": "http://127.0.0.1:9"}}')):  # fmt: skip
+        status, answer = _call(stage + path, anonymous, body)
+        assert status == 401 and answer["error"]["code"] == "unauthenticated", (path, status, answer)
+    assert _call(stage + "/info", client_context(TEST_TLS))[0] == 200  # the same, as `operator`
+
+    stranger = DeploymentCA(tmp_path / "other", "other").identity("operator", [])
+    with pytest.raises(urllib.error.URLError) as refused:  # our CA does not know theirs: no handshake
+        _call(stage + "/info", client_context(stranger))
+    assert isinstance(refused.value.reason, ssl.SSLError)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(stage.replace("https://", "http://") + "/info", timeout=10)
+
+
+def test_the_gateway_takes_results_only_from_the_deployment_and_only_on_its_internal_port(tiny_pipeline):
+    """The OpenAI API stays plain HTTP; the path where stages deliver results is not served to
+    anyone there, and on the internal port only to a caller with the deployment's certificate."""
+    from bloombee_contract.paths import RESULT_PATH
+    from bloombee_contract.tls import client_context
+    from pipelines import TEST_TLS
+
+    public = tiny_pipeline.endpoint.removesuffix("/v1")
+    internal = json.loads(tiny_pipeline.backend.processes["tiny-gateway"].ready_file.read_text())["peer_url"]
+    assert public.startswith("http://") and internal.startswith("https://") and internal != public
+    status, answer = post_json(public + RESULT_PATH, b"forged")
+    assert status == 401 and answer["error"]["code"] == "unauthenticated"
+    status, answer = _call(internal + RESULT_PATH, client_context(TEST_TLS, identify=False), b"forged")
+    assert status == 401 and answer["error"]["code"] == "unauthenticated"
+    status, answer = _call(internal + RESULT_PATH, client_context(TEST_TLS), b"forged")
+    assert status == 400 and answer["error"]["code"] == "invalid_frame"  # a part of the deployment: read, refused
+    assert tiny_chat(tiny_pipeline)[0] == 200  # and the pipeline still answers
+
+
+def test_a_gateways_sessions_are_its_own(tiny_pipeline):
+    """A session belongs to the gateway whose certificate opened it: another part of the same
+    deployment can neither continue, fork, roll back, park nor close it (to it, it does not exist)."""
+    from bloombee_contract.tls import client_context
+    from pipelines import TEST_CA
+
+    alice, mallory = (client_context(TEST_CA.identity(f"gateway/{name}", [])) for name in ("alice", "mallory"))
+    stage, route = tiny_pipeline.stage_url(0), [tiny_pipeline.stage_url(1), tiny_pipeline.stage_url(2)]
+    tokens = torch.tensor([[5, 6, 7]])
+    opened = _call(stage + STEP_PATH, alice, step_frame(tokens, route=route, session="alices"))
+    assert opened[0] == 200, opened  # opened, and answered inline
+
+    more = step_frame(torch.tensor([[8]]), route=route, session="alices", start=3)
+    status, answer = _call(stage + STEP_PATH, mallory, more)
+    assert status == 404 and answer["error"]["code"] == "unknown_session"
+    fork = step_frame(tokens, route=route, session="mallorys", fork="alices", start=3)
+    status, answer = _call(stage + STEP_PATH, mallory, fork)
+    assert status == 404 and answer["error"]["code"] == "fork_source_gone"
+    status, answer = _call(stage + STEP_PATH, mallory, step_frame(tokens, route=route, session="alices"))  # restart
+    assert status == 404 and answer["error"]["code"] == "unknown_session"
+    for path, body in (("/rollback", b'{"n": 1}'), ("/park", b"{}")):
+        status, answer = _call(f"{stage}/v1/sessions/alices{path}", mallory, body)
+        assert status == 404 and answer["error"]["code"] == "unknown_session", path
+    closing = urllib.request.Request(f"{stage}/v1/sessions/alices", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(closing, timeout=30, context=mallory)
+    assert refused.value.code == 404
+
+    assert _call(stage + STEP_PATH, alice, more)[0] == 200  # untouched: alice goes on where she was
+    assert _call(f"{stage}/v1/sessions/alices/rollback", alice, b'{"n": 1}') == (200, {"session": "alices",
+                                                                                      "length": 3})  # fmt: skip
+    with urllib.request.urlopen(closing, timeout=30, context=alice) as reply:
+        assert json.loads(reply.read()) == {"closed": True}

@@ -94,9 +94,10 @@ def test_rbac_covers_what_the_operator_does_and_is_not_a_wildcard():
         for verb in ("get", "list", "create", "patch", "delete"):
             assert (group, plural[kind], verb) in granted, (kind, verb)
     needed = {("bloombee.ai", "distributedllms", "watch"), ("bloombee.ai", "distributedllms/status", "patch"),
-              ("", "events", "create"), ("", "secrets", "get"), ("", "services/proxy", "create")}  # fmt: skip
+              ("", "events", "create"), ("", "secrets", "get"), ("", "secrets", "create"), ("", "secrets", "delete"),
+              ("", "services/proxy", "create")}  # fmt: skip
     assert needed <= granted
-    assert ("", "secrets", "list") not in granted  # kubeconfig Secrets are read by name only
+    assert ("", "secrets", "list") not in granted  # Secrets are read, minted and deleted by name only
 
 
 def test_notes_render_and_the_renderer_refuses_what_it_does_not_know():

@@ -23,13 +23,14 @@ CHANGED: dict[type[LaunchSpec], dict] = {
                       port=9001, name="eu-stage-1", threads=3, codec="auto", link_mbps=87.25,
                       accept_codecs=("raw", "zstd"), kv_budget_gib=0.123456789, micro_batch=4, offload_weights=0.25,
                       offload_kv=0.5, offload_tier="host", no_prefetch=True, session_timeout=12.5,
-                      ready_file="/tmp/ready.json", log_level="DEBUG"),
+                      tls_dir="/etc/bloombee/tls", ready_file="/tmp/ready.json", log_level="DEBUG"),
     GatewayLaunch: dict(model="/models/m", stages=(("http://a:1",), ("http://b1:2", "https://b2:3")),
                         served_model_name="chat", host="0.0.0.0", port=8443, public_url="http://gw:8000",
                         step_timeout=30.5, api_key="secret", relay=True, relay_hops=(True, False), draft="early-exit",
                         draft_max=5, draft_layers=12, draft_model="/models/small", micro_batch=6, max_in_flight=2,
-                        prefix_cache=0, max_sequences=9, ready_file="/tmp/gw.json", log_level="WARNING"),
-    ProbeLaunch: dict(host="127.0.0.1", port=0, ready_file="/tmp/probe.json"),
+                        prefix_cache=0, max_sequences=9, internal_port=9443, tls_dir="/tls",
+                        ready_file="/tmp/gw.json", log_level="WARNING"),
+    ProbeLaunch: dict(host="127.0.0.1", port=0, tls_dir="/run/tls", ready_file="/tmp/probe.json"),
 }
 REQUIRED = {
     StageLaunch: dict(model="m", layers=(0, 1)),

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 from bloombee_operator import reconcile
 from bloombee_operator.backends.local import LocalBackend
+from pipelines import TEST_CA
 
 # Tiny Llama layers are ~150 KB of weights and 64 KB of KV (1 sequence x 256 tokens): a node of
 # 0.0008 GiB holds at most 4 layers, one of 0.0005 GiB at most 2, so the plan must use them all.
@@ -48,7 +49,7 @@ def spans(backend: LocalBackend) -> dict[str, str]:
 
 @pytest.mark.model
 def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
-    backend = LocalBackend(tmp_path / "run", threads_per_stage=1)
+    backend = LocalBackend(tmp_path / "run", threads_per_stage=1, ca=TEST_CA)
     resource = body(str(tiny_dir), TWO_NODES)
     try:
         created = reconcile.deploy(reconcile.read(resource), backend)
@@ -107,7 +108,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
 
 
 def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
-    backend = LocalBackend(tmp_path / "run")
+    backend = LocalBackend(tmp_path / "run", ca=TEST_CA)
     resource = body("/nowhere", TWO_NODES)
     resource["spec"]["planner"]["maxMicroBatch"] = 0
     with pytest.raises(reconcile.Permanent) as failed:
@@ -121,7 +122,7 @@ def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
 
 @pytest.mark.model
 def test_a_demand_larger_than_the_nodes_hold_is_planned_for_what_fits(tmp_path, tiny_dir):
-    backend = LocalBackend(tmp_path / "run", threads_per_stage=1)
+    backend = LocalBackend(tmp_path / "run", threads_per_stage=1, ca=TEST_CA)
     resource = body(str(tiny_dir), TWO_NODES)
     resource["spec"]["planner"]["concurrency"] = 16
     try:

@@ -97,6 +97,14 @@ def test_create_ready_restore_and_delete(operator, real_api, tiny_dir):
     assert names <= services(real_api, namespace)
     for name, stage in zip(stages, status["plan"]["stages"], strict=True):
         assert arg(children[name], "--layers") == "{}:{}".format(*stage["layers"])
+    # Every part speaks mutual TLS with a certificate of the resource's own CA, from its Secret.
+    core = client.CoreV1Api(real_api)
+    ca = core.read_namespaced_secret("chat-ca", namespace)
+    assert ca.metadata.owner_references[0].uid == created["metadata"]["uid"]
+    for name in names:
+        volumes = {v.name: v for v in children[name].spec.template.spec.volumes}
+        assert volumes["tls"].secret.secret_name == f"{name}-tls"
+        assert set(core.read_namespaced_secret(f"{name}-tls", namespace).data) == {"ca.crt", "tls.crt", "tls.key"}
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Planned"]["status"] == "True" and "chat-stage-0 home" in conditions["Planned"]["message"]
     assert conditions["LinksMeasured"]["reason"] == "SingleCluster"

@@ -226,5 +226,6 @@ def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(ap
     wait_for("every child of the resource to be gone", lambda: not (
         core.list_namespaced_pod(namespace, label_selector=selector).items
         or core.list_namespaced_service(namespace, label_selector=selector).items
-        or core.list_namespaced_config_map(namespace, label_selector=selector).items), timeout_s=180)  # fmt: skip
+        or core.list_namespaced_config_map(namespace, label_selector=selector).items
+        or core.list_namespaced_secret(namespace, label_selector=selector).items), timeout_s=180)  # fmt: skip
     assert helm(cluster, "uninstall", "bloombee", "--namespace", namespace).returncode == 0

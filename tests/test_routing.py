@@ -13,7 +13,7 @@ from bloombee_operator.backends.local import LocalBackend
 from bloombee_stage.gateway.batching import SHORT_ROW, MicroBatcher
 from bloombee_stage.gateway.routing import Router
 from bloombee_stage.wire.messages import RowMeta
-from pipelines import post_json, read_metrics, start_pipeline
+from pipelines import TEST_CA, post_json, read_metrics, start_pipeline
 
 
 def test_stages_parse_with_replicas():
@@ -68,7 +68,7 @@ def _chat(pipeline_url: str, content: str) -> tuple[int, dict]:
 
 
 def test_replicas_share_generations_and_a_lost_replica_is_routed_around(tmp_path, tiny_dir):
-    backend = LocalBackend(tmp_path, threads_per_stage=1, startup_timeout_s=300)
+    backend = LocalBackend(tmp_path, threads_per_stage=1, startup_timeout_s=300, ca=TEST_CA)
     model = str(tiny_dir)
 
     def stage(name: str, layers: tuple[int, int]) -> object:

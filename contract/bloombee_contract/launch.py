@@ -202,6 +202,11 @@ class LaunchSpec:
 _S = TypeVar("_S", bound=LaunchSpec)
 
 
+def _tls_dir_flag() -> Any:
+    return flag("mutual TLS: a directory with ca.crt, tls.crt and tls.key (bloombee_contract.tls); peers must then "
+                "present a certificate from the same CA", None)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class StageLaunch(LaunchSpec):
     module: ClassVar[str] = "bloombee_stage.stage"
@@ -236,6 +241,7 @@ class StageLaunch(LaunchSpec):
     no_prefetch: bool = flag("load offloaded layers only when due (no overlap)", False, switch=True)
     session_timeout: float = flag("seconds before an idle session closes", 300.0, parse=_positive(float),
                                   show=_float_text)  # fmt: skip
+    tls_dir: str | None = _tls_dir_flag()
     ready_file: str | None = flag("write {url, port, pid} here once listening", None)
     log_level: str = flag("how much to log", "INFO", parse=str.upper, choices=LOG_LEVELS)
 
@@ -274,6 +280,9 @@ class GatewayLaunch(LaunchSpec):
     prefix_cache: int = flag("finished generations whose sessions stay on the stages so a prompt that starts the "
                              "same way copies those positions instead of computing them (0: off)",
                              DEFAULT_PREFIX_CACHE, parse=int)  # fmt: skip
+    internal_port: int = flag("with --tls-dir: the mutual-TLS port where stages deliver results and relayed hops "
+                              "(0 = any free port); --port stays the clients' plain HTTP API", 0, parse=int)
+    tls_dir: str | None = _tls_dir_flag()
     max_sequences: int | None = flag("generations served at once (the plan's admitted sequences, which the stages' "
                                      "KV budgets hold); more requests wait for a seat (default: no cap)", None,
                                      parse=_positive(int))  # fmt: skip
@@ -289,4 +298,5 @@ class ProbeLaunch(LaunchSpec):
 
     host: str = flag("address to bind", "0.0.0.0")
     port: int = flag("port (0 = any free port)", 8080, parse=int)
+    tls_dir: str | None = _tls_dir_flag()
     ready_file: str | None = flag("write {url, port, pid} here once listening", None)

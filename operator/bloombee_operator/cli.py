@@ -83,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A one-shot --ask needs no well-known port; a serving pipeline listens where the resource says.
     port = args.port if args.port is not None else 0 if args.ask else resource.spec.gateway.service.port
     backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads,
-                           link_delay_ms=args.link_delay_ms)  # fmt: skip
+                           link_delay_ms=args.link_delay_ms, tls=not args.no_tls)  # fmt: skip
     run = LocalRun(resource.model_dump(mode="json", by_alias=True, exclude_none=True), backend, run_dir)
     stop_requested = False
 
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="emulate far-apart clusters: add this latency each way on every link (a delaying proxy)",
     )
     up.add_argument("--run-dir", default=None, help="where logs and ready files go (default .bloombee/NAME)")
+    up.add_argument("--no-tls", action="store_true", help="plain HTTP between the parts (default: mutual TLS under "
+                    "a CA made for the run in RUN_DIR/tls; the gateway's API is plain HTTP either way)")
     up.add_argument(
         "--ask", default=None, help="send this chat message once everything is ready, print the reply, stop"
     )

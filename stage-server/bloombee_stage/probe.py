@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 
 from bloombee_contract.launch import ProbeLaunch
+from bloombee_contract.tls import TlsError, TlsFiles
 
 from bloombee_stage.serving.probe import (
     DEFAULT_BULK_BYTES,
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         launch = ProbeLaunch.from_namespace(args)
         setup_logging()
-        asyncio.run(serve(probe_app(), launch.host, launch.port, launch.ready_file, "probe"))
+        try:
+            tls = TlsFiles.at(launch.tls_dir) if launch.tls_dir else None
+        except TlsError as error:
+            raise SystemExit(f"error: {error}") from None
+        asyncio.run(serve(probe_app(tls), launch.host, launch.port, launch.ready_file, "probe", tls=tls))
         return
     try:
         links = asyncio.run(measure(args.source, _targets(args.targets), args.echoes, args.bulk_bytes))

@@ -70,7 +70,8 @@ class LinkDelay:
 
     def target(self) -> tuple[str, int]:
         """Host and port upstream; a ready file is read at each connection (its server may start after us)."""
-        url = self.upstream or json.loads(Path(self.upstream_ready_file).read_text())["url"]
+        announced = {} if self.upstream else json.loads(Path(self.upstream_ready_file).read_text())
+        url = self.upstream or announced.get("peer_url") or announced["url"]
         parts = urlsplit(url)
         return parts.hostname or "127.0.0.1", parts.port or 80
 
@@ -92,10 +93,10 @@ class LinkDelay:
                 stream.close()
 
 
-async def serve(proxy: LinkDelay, host: str, port: int, ready_file: str | None) -> None:
+async def serve(proxy: LinkDelay, host: str, port: int, ready_file: str | None, scheme: str) -> None:
     server = await asyncio.start_server(proxy.handle, host, port)
     bound = server.sockets[0].getsockname()[1]
-    url = f"http://{host}:{bound}"
+    url = f"{scheme}://{host}:{bound}"  # bytes pass through: TLS, if upstream speaks it, is end to end
     log.info("delaying %.1f ms each way on %s -> %s", proxy.delay_s * 1000, url,
              proxy.upstream or proxy.upstream_ready_file)  # fmt: skip
     if ready_file:
@@ -120,11 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", default=None)
+    parser.add_argument("--scheme", choices=("http", "https"), default=None,
+                        help="of the URL announced (default: that of --to; http with --to-ready-file)")
     args = parser.parse_args(argv)
+    scheme = args.scheme or (urlsplit(args.to).scheme if args.to else "http")
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ready = Path(args.to_ready_file) if args.to_ready_file else None
     started = time.monotonic()
-    asyncio.run(serve(LinkDelay(args.delay_ms / 1000, args.to, ready), args.host, args.port, args.ready_file))
+    asyncio.run(serve(LinkDelay(args.delay_ms / 1000, args.to, ready), args.host, args.port, args.ready_file,
+                      scheme))
     log.info("stopped after %.0f s", time.monotonic() - started)
 
 

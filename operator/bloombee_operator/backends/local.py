@@ -3,6 +3,8 @@
 Each stage and the gateway is a child process started from its launch spec
 (``bloombee_contract.launch``) bound to loopback on a free port, announced through a ready file. Logs go to
 ``<run dir>/<name>.log``; a process that dies while starting is reported with the end of its log.
+Every link between them is mutual TLS under a CA minted for the run (``<run dir>/tls/``); the
+gateway's OpenAI API stays plain HTTP on its own port.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -20,12 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bloombee_contract.launch import PREPARE_MODEL_MODULE, LaunchSpec, ProbeLaunch, StageLaunch
+from bloombee_contract.launch import PREPARE_MODEL_MODULE, GatewayLaunch, LaunchSpec, ProbeLaunch, StageLaunch
 from bloombee_contract.paths import HEALTHZ_PATH, MEASURE_PATH, READYZ_PATH
+from bloombee_contract.tls import client_context
 
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.desired import DesiredState, StageSpec
 from bloombee_operator.model_shape import ModelShape
+from bloombee_operator.pki import DeploymentCA
 
 log = logging.getLogger("bloombee.local")
 
@@ -59,20 +64,21 @@ class LocalProcess:
         return int(self.url.rsplit(":", 1)[1]) if self.url else 0
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def _http_ok(url: str, context: ssl.SSLContext | None, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             return reply.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
-def _ask_probe(url: str, source: str, targets: Mapping[str, str], timeout_s: float = 120.0) -> list[dict]:
+def _ask_probe(url: str, source: str, targets: Mapping[str, str], context: ssl.SSLContext | None,
+               timeout_s: float = 120.0) -> list[dict]:  # fmt: skip
     """Have the probe at ``url`` measure its links to ``targets``: ``status.links`` entries."""
     body = json.dumps({"source": source, "targets": dict(targets), "bulkBytes": 1 << 20}).encode()
     request = urllib.request.Request(url + MEASURE_PATH, data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as reply:
             return list(json.loads(reply.read())["links"])
     except urllib.error.HTTPError as error:
         reason = error.read().decode(errors="replace")[:500]
@@ -85,7 +91,8 @@ def _same_but_address(running: LaunchSpec | None, wanted: LaunchSpec) -> bool:
     """Whether a running server was started as ``wanted`` asks, wherever it listens."""
     if running is None or type(running) is not type(wanted):
         return False
-    return replace(running, host="", port=0, ready_file=None) == replace(wanted, host="", port=0, ready_file=None)
+    where = {"host": "", "port": 0, "ready_file": None, "tls_dir": None}
+    return replace(running, **where) == replace(wanted, **where)
 
 
 def model_config(source: str, python: str = sys.executable) -> dict:
@@ -112,6 +119,8 @@ class LocalBackend:
         gateway_args: list[str] | None = None,
         stage_args: Mapping[str, list[str]] | None = None,
         link_delay_ms: float = 0.0,
+        ca: DeploymentCA | None = None,
+        tls: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -125,6 +134,10 @@ class LocalBackend:
         # delaying proxy (link_delay.py), so one machine behaves like far-apart clusters.
         self.link_delay_ms = link_delay_ms
         self.processes: dict[str, LocalProcess] = {}
+        # Every link is mutual TLS under a CA of this run's own (or ``ca``); the backend calls as
+        # `operator`. tls=False: plain HTTP (a benchmark's baseline, or debugging with curl).
+        self.ca = (ca if ca is not None else DeploymentCA(self.run_dir / "tls", self.run_dir.name)) if tls else None
+        self.tls = client_context(self.ca.identity("operator", [])) if self.ca is not None else None
 
     def model_shape(self, source: str) -> ModelShape:
         """Convert the model if needed (one time) and read its shape."""
@@ -133,7 +146,10 @@ class LocalBackend:
     def _launch(self, name: str, launch: LaunchSpec, port: int = 0) -> LocalProcess:
         """Start a data-plane server from its launch spec, on this backend's host and ``port``."""
         ready_file = self._ready_file(name)
-        launch = replace(launch, host=self.host, port=port, ready_file=str(ready_file))  # type: ignore[type-var]
+        role = {StageLaunch: "stage", GatewayLaunch: "gateway", ProbeLaunch: "probe"}[type(launch)]
+        tls = self.ca.identity(f"{role}/{name}", [self.host, "localhost"]) if self.ca is not None else None
+        launch = replace(launch, host=self.host, port=port, ready_file=str(ready_file),  # type: ignore[type-var]
+                         tls_dir=str(tls.directory) if tls is not None else None)  # fmt: skip
         return self._spawn(name, launch.command(self.python), ready_file, launch)
 
     def _spawn(self, name: str, command: list[str], ready_file: Path, launch: LaunchSpec | None = None) -> LocalProcess:
@@ -170,7 +186,7 @@ class LocalBackend:
                     )
                 if process.url is None and process.ready_file.is_file():
                     process.url = json.loads(process.ready_file.read_text())["url"]
-                if process.url and (ready_path is None or _http_ok(process.url + ready_path)):
+                if process.url and (ready_path is None or _http_ok(process.url + ready_path, self.tls)):
                     log.info("%s ready at %s", process.name, process.url)
                     pending.remove(process)
             if time.monotonic() > deadline:
@@ -214,7 +230,8 @@ class LocalBackend:
         if self.link_delay_ms > 0:
             links = [self._ensure_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
             back = self._ensure_link(f"{desired.gateway.name}-link",
-                                     ["--to-ready-file", str(self._ready_file(desired.gateway.name))])  # fmt: skip
+                                     ["--to-ready-file", str(self._ready_file(desired.gateway.name)),
+                                      "--scheme", "https" if self.tls else "http"])  # fmt: skip
             self._wait_ready([*links, back], ready_path=None)
             stage_urls, public_url = [str(p.url) for p in links], str(back.url)
         gateway = desired.gateway
@@ -243,7 +260,8 @@ class LocalBackend:
 
     def ready_stages(self, desired: DesiredState) -> int:
         processes = [self.processes.get(stage.name) for stage in desired.stages]
-        return sum(1 for p in processes if p is not None and p.alive and p.url and _http_ok(p.url + READYZ_PATH))
+        return sum(1 for p in processes
+                   if p is not None and p.alive and p.url and _http_ok(p.url + READYZ_PATH, self.tls))  # fmt: skip
 
     def endpoint(self, desired: DesiredState) -> str:
         gateway = self.processes.get(desired.gateway.name)
@@ -271,7 +289,7 @@ class LocalBackend:
                 self._wait_ready(list(delayed.values()), ready_path=None)
                 targets = {name: str(p.url) for name, p in delayed.items()}
             # from the first cluster (the gateway's) to each other one, as a probe pod there would
-            return _ask_probe(str(probes[clusters[0]].url), clusters[0], targets)
+            return _ask_probe(str(probes[clusters[0]].url), clusters[0], targets, self.tls)
         finally:
             for name in [n for n in self.processes if "-probe-" in n]:
                 self._stop_one(name)

@@ -116,7 +116,7 @@ async def _stream(request: web.Request, pieces: AsyncIterator[BaseModel]) -> web
         async for chunk in pieces:
             await events.send(chunk)
     except PipelineError as error:
-        await events.send(error_body(str(error), error.code, type_="server_error"))
+        await events.send(error_body(error.public_message, error.code, type_="server_error"))
     return await events.close()
 
 
@@ -217,7 +217,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except RequestError as error:
         return error_response(str(error), error.code, param=error.param)
     except PipelineError as error:
-        return error_response(str(error), error.code, error.status)
+        return error_response(error.public_message, error.code, error.status)
     except web.HTTPException as error:
         if error.status < 400:
             raise

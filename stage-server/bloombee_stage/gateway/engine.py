@@ -27,6 +27,7 @@ import aiohttp
 from bloombee_contract.errors import ErrorCode
 from bloombee_contract.launch import GatewayLaunch
 from bloombee_contract.paths import INFO_PATH, READYZ_PATH, RESULT_PATH, STEP_PATH
+from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.batching import MicroBatcher
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
@@ -35,6 +36,7 @@ from bloombee_stage.gateway.pipeline import PipelineClient, ResultRouter
 from bloombee_stage.gateway.prefixes import PrefixIndex
 from bloombee_stage.gateway.routing import Router
 from bloombee_stage.serving.metrics import Metrics
+from bloombee_stage.serving.process import peer_session
 from bloombee_stage.wire.frame import decode_frame, encode_frame
 from bloombee_stage.wire.messages import SamplingParams, StepMeta
 
@@ -100,7 +102,8 @@ class GenerationEngine:
         """Create what lives as long as the server: called once it listens at ``own_url``."""
         if self._resources is not None:
             raise RuntimeError("the engine is already started")
-        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.step_timeout))
+        tls = TlsFiles.at(self.settings.tls_dir) if self.settings.tls_dir else None
+        http = peer_session(aiohttp.ClientTimeout(total=self.settings.step_timeout), tls)
         reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
         pipeline = PipelineClient(len(self.settings.stages), reply, http, self.results, self.settings.step_timeout,
                                   relay=self.settings.relay, relay_hops=self.settings.relay_hops)  # fmt: skip

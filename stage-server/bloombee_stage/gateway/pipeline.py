@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import aiohttp
 import torch
@@ -26,6 +27,9 @@ from bloombee_stage.wire.tensors import tensor_frame
 log = logging.getLogger("bloombee.pipeline")
 
 
+SESSION_ID = re.compile(r"\b[0-9a-f]{32}\b")  # how the gateway names sessions (uuid4 hex)
+
+
 class PipelineError(RuntimeError):
     """A step failed somewhere in the chain; ``code`` is why, and its status what the gateway answers."""
 
@@ -35,6 +39,11 @@ class PipelineError(RuntimeError):
         self.code = code.value if isinstance(code, ErrorCode) else code
         self.status = status_of(self.code)
         self.unreachable = unreachable  # a stage URL that could not be reached, when that was the failure
+
+    @property
+    def public_message(self) -> str:
+        """The message for clients, without session ids: those name sessions on the stages."""
+        return SESSION_ID.sub("<session>", str(self))
 
 
 class ResultRouter:

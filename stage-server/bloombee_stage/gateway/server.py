@@ -11,6 +11,8 @@ from pathlib import Path
 
 from bloombee_contract.launch import GatewayLaunch
 from bloombee_contract.model_source import ModelSourceError
+from bloombee_contract.paths import RESULT_PATH, STEP_PATH
+from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.app import create_app
 from bloombee_stage.gateway.drafting import ModelDrafter
@@ -51,10 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     try:
+        tls = TlsFiles.at(launch.tls_dir) if launch.tls_dir else None
         model_dir = prepare_model(launch.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         drafter = load_drafter(launch.draft, model_dir, launch.draft_layers, launch.draft_model, len(tokenizer))
     except (ModelSourceError, SpanError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter)
-    asyncio.run(serve(create_app(engine), launch.host, launch.port, launch.ready_file, "gateway", engine.start))
+    asyncio.run(serve(create_app(engine), launch.host, launch.port, launch.ready_file, "gateway", engine.start, tls=tls,
+                      internal_port=launch.internal_port, internal_paths=frozenset({RESULT_PATH, STEP_PATH})))

@@ -29,8 +29,12 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from bloombee_contract.paths import HEALTHZ_PATH, MEASURE_PATH, PROBE_PATH, READYZ_PATH
+from bloombee_contract.tls import TlsFiles
+
+from bloombee_stage.serving.process import peer_session
 
 MAX_BULK_BYTES = 256 << 20
+PEER_TLS = web.AppKey("peer_tls", TlsFiles | None)
 DEFAULT_ECHOES = 7
 DEFAULT_BULK_BYTES = 4 << 20
 
@@ -102,12 +106,13 @@ async def sample_link(http: aiohttp.ClientSession, source: str, target: str, url
 
 
 async def measure(source: str, targets: Mapping[str, str], echoes: int = DEFAULT_ECHOES,
-                  bulk_bytes: int = DEFAULT_BULK_BYTES, timeout_s: float = 60.0) -> list[dict]:  # fmt: skip
+                  bulk_bytes: int = DEFAULT_BULK_BYTES, timeout_s: float = 60.0,
+                  tls: TlsFiles | None = None) -> list[dict]:  # fmt: skip
     """``status.links`` entries from ``source`` to every target (name -> probe base URL), one by
     one so the transfers do not share the source's uplink."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     entries = []
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    async with peer_session(timeout, tls) as http:
         for target, url in targets.items():
             entries.append(summarise(await sample_link(http, source, target, url, echoes, bulk_bytes)))
     return entries
@@ -142,21 +147,23 @@ async def handle_measure(request: web.Request) -> web.Response:
     except (ValueError, json.JSONDecodeError) as error:
         return web.json_response({"error": str(error)}, status=400)
     try:
-        links = await measure(source, targets, echoes, bulk)
+        links = await measure(source, targets, echoes, bulk, tls=request.app[PEER_TLS])
     except LinkMeasurementError as error:
         return web.json_response({"error": str(error)}, status=502)
     return web.json_response({"links": links})
 
 
-def add_probe_routes(app: web.Application) -> None:
+def add_probe_routes(app: web.Application, tls: TlsFiles | None = None) -> None:
+    """The probe routes; ``tls``: how measurements from here call the other ends."""
+    app[PEER_TLS] = tls
     app.router.add_route("*", PROBE_PATH, handle_probe)
     app.router.add_post(MEASURE_PATH, handle_measure)
 
 
-def probe_app() -> web.Application:
+def probe_app(tls: TlsFiles | None = None) -> web.Application:
     """The probe pod: nothing but the probe routes and a health check."""
     app = web.Application(client_max_size=MAX_BULK_BYTES + 1024)
-    add_probe_routes(app)
+    add_probe_routes(app, tls)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})

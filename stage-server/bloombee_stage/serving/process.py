@@ -7,13 +7,24 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import web
 from bloombee_contract.errors import ErrorCode, error_body, error_type
-from bloombee_contract.paths import CODECS_PATH, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH
+from bloombee_contract.paths import CODECS_PATH, HEALTHZ_PATH, MEASURE_PATH, METRICS_PATH, READYZ_PATH
+from bloombee_contract.tls import (
+    OPEN_PATHS,
+    SIGNATURE_HEADER,
+    TlsFiles,
+    client_context,
+    common_name,
+    server_context,  # fmt: skip
+    signature_ok,
+)
 
 from bloombee_stage.serving.metrics import Metrics
 from bloombee_stage.wire.codecs import CODECS
@@ -39,6 +50,39 @@ def write_ready_file(path: str | None, payload: dict) -> None:
     os.replace(scratch, target)
 
 
+def peer_session(timeout: aiohttp.ClientTimeout, tls: TlsFiles | None) -> aiohttp.ClientSession:
+    """A client session for calling this deployment's parts: with ``tls``, it checks their
+    certificates against the CA and presents ours."""
+    connector = aiohttp.TCPConnector(ssl=client_context(tls)) if tls is not None else None
+    return aiohttp.ClientSession(timeout=timeout, connector=connector)
+
+
+def require_peer(internal_paths: frozenset[str], measure_key: bytes | None = None) -> Callable:
+    """Refuse, with 401, a caller without a certificate of this deployment's CA on every path of a
+    TLS listener but the open ones (``/healthz``, ``/readyz``), and on ``internal_paths`` anywhere
+    (a gateway's plain public listener never serves its peers' paths). A measurement request that
+    came through an API server's service proxy may instead be signed with ``measure_key``
+    (``bloombee_contract.tls.sign``). The caller's common name is ``request["peer"]``."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable) -> web.StreamResponse:
+        transport = request.transport
+        over_tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+        if (over_tls and request.path not in OPEN_PATHS) or request.path in internal_paths:
+            peer = common_name(transport.get_extra_info("peercert")) if transport is not None else None
+            signature = request.headers.get(SIGNATURE_HEADER)
+            signed = peer is None and measure_key and signature and request.path == MEASURE_PATH
+            if signed and signature_ok(measure_key, signature, await request.read(), time.time()):
+                peer = "operator (signed request)"
+            if peer is None:
+                return error_response(f"{request.path} answers only the parts of this deployment: present a "
+                                      "certificate from its CA", ErrorCode.UNAUTHENTICATED)  # fmt: skip
+            request["peer"] = peer
+        return await handler(request)
+
+    return check
+
+
 async def serve(
     app: web.Application,
     host: str,
@@ -46,19 +90,33 @@ async def serve(
     ready_file: str | None,
     role: str,
     on_bound: Callable[[str], Awaitable[None]] | None = None,
+    tls: TlsFiles | None = None,
+    internal_port: int | None = None,
+    internal_paths: frozenset[str] = frozenset(),
 ) -> None:
-    """Serve until SIGTERM/SIGINT; ``on_bound`` learns the URL (and may start what needs it) before
-    the ready file announces the server."""
+    """Serve until SIGTERM/SIGINT. With ``tls`` the server speaks mutual TLS: on ``port``, or, given
+    ``internal_port``, there while ``port`` stays plain HTTP for clients (a gateway's public API).
+    ``on_bound`` learns the URL peers call (and may start what needs it) before the ready file
+    announces ``{url, peer_url, port, pid}``."""
+    if tls is not None:
+        app.middlewares.append(require_peer(internal_paths, tls.measure_key()))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    context = server_context(tls) if tls is not None else None
+    main_context = context if internal_port is None else None
+    site = web.TCPSite(runner, host, port, ssl_context=main_context)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # port 0 -> the port the OS gave us
-    url = f"http://{host}:{bound}"
+    url = f"{'https' if main_context else 'http'}://{host}:{bound}"
+    peer_url = url
+    if context is not None and internal_port is not None:
+        internal = web.TCPSite(runner, host, internal_port, ssl_context=context)
+        await internal.start()
+        peer_url = f"https://{host}:{internal._server.sockets[0].getsockname()[1]}"
     if on_bound is not None:
-        await on_bound(url)
-    log.info("%s listening on %s", role, url)
-    write_ready_file(ready_file, {"url": url, "port": bound, "pid": os.getpid()})
+        await on_bound(peer_url)
+    log.info("%s listening on %s%s", role, url, f" (peers: {peer_url})" if peer_url != url else "")
+    write_ready_file(ready_file, {"url": url, "peer_url": peer_url, "port": bound, "pid": os.getpid()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

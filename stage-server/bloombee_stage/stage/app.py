@@ -31,12 +31,23 @@ MAX_FRAME_BYTES = 1 << 30
 SERVICE = web.AppKey("service", StageService)
 
 
+def session_owner(request: web.Request, claimed: str | None = None) -> str | None:
+    """Whose sessions a call may touch: the calling gateway (its certificate's name); for a step
+    pushed on by the stage before, the gateway that stage was called by (``claimed``). None when
+    the stage runs without TLS."""
+    peer = request.get("peer")
+    if peer is not None and peer.startswith("stage/"):
+        return claimed
+    return peer
+
+
 async def handle_step(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await request.read()
     try:
         frame = decode_frame(body)
         meta = StepMeta.model_validate(frame.meta)
+        meta = meta.model_copy(update={"owner": session_owner(request, meta.owner)})
         inputs = frame_tensor(frame)
         service.check_inputs(meta, inputs, frame)
         if frame.codec not in service.settings.accept_codecs:
@@ -77,7 +88,7 @@ async def handle_rollback(request: web.Request) -> web.Response:
         expected = 'body must be JSON {"n": tokens_to_drop} or {"length": tokens_to_keep}'
         return error_response(expected, ErrorCode.INVALID_BODY)
     try:
-        session = service.sessions.get(request.match_info["session"])
+        session = service.sessions.get(request.match_info["session"], session_owner(request))
     except SessionError as error:
         return error_response(str(error), error.code)
     target = length if length is not None else session.length - drop
@@ -93,7 +104,7 @@ async def handle_rollback(request: web.Request) -> web.Response:
 async def handle_park(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     try:
-        session = service.sessions.park(request.match_info["session"])
+        session = service.sessions.park(request.match_info["session"], session_owner(request))
     except SessionError as error:
         return error_response(str(error), error.code)
     return web.json_response({"session": session.id, "parked": True, "length": session.length})
@@ -101,7 +112,7 @@ async def handle_park(request: web.Request) -> web.Response:
 
 async def handle_close(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    closed = service.sessions.close(request.match_info["session"])
+    closed = service.sessions.close(request.match_info["session"], session_owner(request))
     return web.json_response({"closed": closed}, status=200 if closed else 404)
 
 
@@ -125,7 +136,7 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
 
     add_common_routes(app, service.metrics, readyz, settings.accept_codecs)
     app.router.add_get(INFO_PATH, info)
-    add_probe_routes(app)
+    add_probe_routes(app, settings.tls)
     app.router.add_post(STEP_PATH, handle_step)
     app.router.add_post(ROLLBACK_PATH, handle_rollback)
     app.router.add_post(PARK_PATH, handle_park)

@@ -11,6 +11,7 @@ import logging
 import torch
 from bloombee_contract.launch import StageLaunch
 from bloombee_contract.model_source import ModelSourceError
+from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.model.loading import prepare_model, read_config
 from bloombee_stage.model.offload import measure_bandwidth
@@ -29,12 +30,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(launch.threads)
     start, end = launch.layers
     try:
+        tls = TlsFiles.at(launch.tls_dir) if launch.tls_dir else None
         model_dir = prepare_model(launch.model)
         total = int(read_config(model_dir)["num_hidden_layers"])
         offload = OffloadSettings(launch.offload_weights, launch.offload_kv, launch.offload_tier,
                                   not launch.no_prefetch)  # fmt: skip
         model = StageModel(model_dir, Span(start, end, total), launch.dtype, launch.device, offload)
-    except (ModelSourceError, SpanError, ValueError) as error:
+    except (ModelSourceError, SpanError, ValueError) as error:  # TlsError is a ValueError
         raise SystemExit(f"error: {error}") from None
     log.info("loaded layers [%d, %d) of %d in %.1f s", start, end, total, model.load_seconds)
     bandwidth = measure_bandwidth(next(model_dir.glob("*.safetensors")))
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         kv_budget_bytes=int(launch.kv_budget_gib * (1 << 30)),
         micro_batch=launch.micro_batch,
         session_timeout_s=launch.session_timeout,
+        tls=tls,
     )
     app = create_app(model, settings)
-    asyncio.run(serve(app, launch.host, launch.port, launch.ready_file, f"stage {launch.name}"))
+    asyncio.run(serve(app, launch.host, launch.port, launch.ready_file, f"stage {launch.name}", tls=tls))

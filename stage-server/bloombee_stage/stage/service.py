@@ -24,10 +24,11 @@ import torch
 from bloombee_contract.codec_cost import choose_codec
 from bloombee_contract.errors import ErrorCode
 from bloombee_contract.paths import CODECS_PATH, STEP_PATH
+from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.model.span import StageModel, truncate_cache
 from bloombee_stage.serving.metrics import Metrics
-from bloombee_stage.serving.process import read_error
+from bloombee_stage.serving.process import peer_session, read_error
 from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
 from bloombee_stage.stage.verify import verify
 from bloombee_stage.wire.codec_stats import CodecStats
@@ -50,6 +51,7 @@ class StageSettings:
     micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
+    tls: TlsFiles | None = None  # mutual TLS towards the next stage and the gateway
 
 
 class Refused(RuntimeError):
@@ -106,7 +108,7 @@ class StageService:
 
     async def start(self) -> None:
         """Create what needs the event loop: the session to the next stage, the idle-session sweeper."""
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.push_timeout_s))
+        self._http = peer_session(aiohttp.ClientTimeout(total=self.settings.push_timeout_s), self.settings.tls)
         self._sweeper = asyncio.create_task(self._expire_sessions())
 
     async def stop(self) -> None:
@@ -172,11 +174,12 @@ class StageService:
             raise WireError(f"{where}: route ends at layer {span.end} of {span.total}; no stage holds the rest")
 
     def admit(self, meta: StepMeta) -> list[Session]:
-        """Open or find every row's session and reserve its room; all rows or none."""
+        """Open or find every row's session (``meta.owner``'s) and reserve its room; all rows or none."""
         admitted: list[Session] = []
         try:
             for row in meta.rows:
-                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork))
+                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork,
+                                                    meta.owner))  # fmt: skip
         except SessionError:
             for session in admitted:  # a session this step opened and never used is not left behind
                 if session.length == 0:

@@ -39,6 +39,7 @@ class Session:
     parked: bool = False  # kept only as a fork source: evicted first under budget pressure
     fork_source: Session | None = None  # copy the first ``fork_length`` positions of this one before computing
     fork_length: int = 0
+    owner: str | None = None  # the gateway whose session it is (from its certificate); None without TLS
 
 
 class SessionStore:
@@ -60,8 +61,13 @@ class SessionStore:
     def reserved_bytes(self) -> int:
         return self.reserved_tokens() * self.kv_bytes_per_token
 
-    def get(self, session_id: str) -> Session:
+    def _find(self, session_id: str, owner: str | None) -> Session | None:
+        """The session, unless another gateway owns it: to a caller, another's session does not exist."""
         session = self.sessions.get(session_id)
+        return session if session is not None and (owner is None or session.owner == owner) else None
+
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        session = self._find(session_id, owner)
         if session is None:
             raise SessionError(
                 f"unknown session {session_id!r} (never opened, closed, or timed out)", ErrorCode.UNKNOWN_SESSION
@@ -70,24 +76,27 @@ class SessionStore:
         return session
 
     def admit(self, session_id: str, start: int, new_tokens: int, max_length: int | None,
-              fork: str | None = None) -> Session:  # fmt: skip
+              fork: str | None = None, owner: str | None = None) -> Session:  # fmt: skip
         """Find or open the session for a step starting at ``start`` and reserve room for it.
 
         With ``fork``, a session that holds fewer than ``start`` positions starts as a copy of
         the first ``start`` positions of session ``fork`` (the compute thread copies them).
+        ``owner``: the calling gateway; a session or fork source of another is refused as unknown.
         """
         if fork is None and start > 0:
-            session = self.get(session_id)
+            session = self.get(session_id, owner)
             if start > session.length:
                 raise SessionError(
                     f"session {session_id!r} holds {session.length} tokens; a step cannot start at {start}",
                     ErrorCode.POSITION_GAP,
                 )
         else:  # a session that starts from nothing or from a fork: opened if new
-            source = self._fork_source(fork, start) if fork is not None else None
+            source = self._fork_source(fork, start, owner) if fork is not None else None
             session = self.sessions.get(session_id)
+            if session is not None and owner is not None and session.owner != owner:
+                raise SessionError(f"unknown session {session_id!r}", ErrorCode.UNKNOWN_SESSION)  # another's id
             if session is None:
-                session = self.sessions[session_id] = Session(session_id, self._new_cache())
+                session = self.sessions[session_id] = Session(session_id, self._new_cache(), owner=owner)
             if source is None:
                 session.fork_source = None  # a restart from nothing: a fork that never ran is off
             elif session.length < start:
@@ -114,8 +123,8 @@ class SessionStore:
         session.last_used = time.monotonic()
         return session
 
-    def _fork_source(self, fork: str, start: int) -> Session:
-        source = self.sessions.get(fork)
+    def _fork_source(self, fork: str, start: int, owner: str | None) -> Session:
+        source = self._find(fork, owner)
         if source is None or source.length < start:
             held = "is gone" if source is None else f"holds only {source.length} tokens"
             raise SessionError(f"fork source session {fork!r} {held}; cannot copy its first {start} positions",
@@ -123,9 +132,9 @@ class SessionStore:
         source.last_used = time.monotonic()
         return source
 
-    def park(self, session_id: str) -> Session:
+    def park(self, session_id: str, owner: str | None = None) -> Session:
         """Keep a session only as a fork source: it reserves what it holds and may be evicted."""
-        session = self.get(session_id)
+        session = self.get(session_id, owner)
         session.parked, session.reserved = True, session.length
         return session
 
@@ -141,8 +150,11 @@ class SessionStore:
                 return
             del self.sessions[session.id]
 
-    def close(self, session_id: str) -> bool:
-        return self.sessions.pop(session_id, None) is not None
+    def close(self, session_id: str, owner: str | None = None) -> bool:
+        if self._find(session_id, owner) is None:
+            return False
+        del self.sessions[session_id]
+        return True
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now

@@ -79,6 +79,8 @@ class StepMeta(BaseModel):
     route: list[str] = Field(default_factory=list, description="base URLs of the stages after this one")
     reply_to: str | None = Field(default=None, description="where the last stage sends the result")
     compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
+    owner: str | None = Field(default=None, max_length=256, description="the gateway whose sessions the rows are; "
+                              "set by the stage a gateway called, from the gateway's certificate")  # fmt: skip
 
     @model_validator(mode="after")
     def _sessions_distinct(self) -> StepMeta:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import yaml
 from bloombee_contract.paths import MEASURE_PATH
+from bloombee_contract.tls import SIGNATURE_HEADER, sign
 from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
@@ -29,7 +31,10 @@ from bloombee_operator.backends.kubernetes.objects import (
     render,
     render_probes,
     selector,
+    service_hosts,
+    tls_secret_name,
 )
+from bloombee_operator.backends.kubernetes.tls_secrets import DeploymentSecrets
 from bloombee_operator.desired import DesiredState
 from bloombee_operator.model_shape import ModelShape, model_shape
 from bloombee_operator.planner.cost import GATEWAY
@@ -53,10 +58,16 @@ class Cluster:
                                               force_conflicts=True)  # fmt: skip
 
     def delete(self, obj: dict) -> bool:
+        """Delete ``obj`` (a Deployment with its TLS Secret: Secrets are never listed); whether it was there."""
+        meta = obj["metadata"]
         try:
-            self._resource(obj).delete(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
+            self._resource(obj).delete(name=meta["name"], namespace=meta["namespace"])
         except NotFoundError:
             return False
+        if obj["kind"] == "Deployment":
+            secret = {"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": tls_secret_name(meta["name"]), "namespace": meta["namespace"]}}  # fmt: skip
+            self.delete(secret)
         return True
 
     def _live(self, obj: dict) -> Any | None:
@@ -65,6 +76,13 @@ class Cluster:
             return self._resource(obj).get(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
         except NotFoundError:
             return None
+
+    def secret_data(self, name: str, namespace: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded; None when there is no such Secret."""
+        live = self._live({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}})
+        if live is None:
+            return None
+        return {key: base64.b64decode(value) for key, value in ((live.to_dict().get("data")) or {}).items()}
 
     def exists(self, obj: dict) -> bool:
         return self._live(obj) is not None
@@ -95,16 +113,23 @@ class Cluster:
             found += [{"apiVersion": api_version, "kind": kind, **item} for item in items]
         return found
 
-    def proxy_post(self, service: str, namespace: str, path: str, body: dict, timeout_s: float = 120.0) -> dict:
-        """POST through the API server's service proxy to a Service's pods, and read the JSON reply."""
-        url = f"/api/v1/namespaces/{namespace}/services/{service}:{STAGE_PORT}/proxy{path}"
-        return self._call(url, "POST", body=body, timeout_s=timeout_s)
+    def proxy_post(self, service: str, namespace: str, path: str, body: dict, timeout_s: float = 120.0,
+                   measure_key: bytes | None = None) -> dict:  # fmt: skip
+        """POST through the API server's service proxy to a Service's pods, and read the JSON reply.
+        With ``measure_key`` the pod speaks TLS and the request is signed with the key (the proxy
+        presents no certificate of ours)."""
+        scheme = "https:" if measure_key else ""
+        url = f"/api/v1/namespaces/{namespace}/services/{scheme}{service}:{STAGE_PORT}/proxy{path}"
+        # Signed over the bytes the client sends: it serialises a JSON body with json.dumps, as here.
+        signed = json.dumps(body).encode()
+        headers = {SIGNATURE_HEADER: sign(measure_key, signed, time.time())} if measure_key else {}
+        return self._call(url, "POST", body=body, timeout_s=timeout_s, headers=headers)
 
     def _call(self, path: str, method: str, timeout_s: float = 60.0, query_params: list | None = None,
-              body: dict | None = None) -> dict:  # fmt: skip
+              body: dict | None = None, headers: dict[str, str] | None = None) -> dict:  # fmt: skip
         """A raw API request (with the client's credentials), its JSON reply as a dict."""
         api = self.dynamic.client
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
         method, url, headers, data, post = api.param_serialize(method, path, query_params=query_params or [],
                                                                header_params=headers, body=body,
                                                                auth_settings=["BearerToken"])  # fmt: skip
@@ -155,6 +180,7 @@ class KubernetesBackend:
         self.local, self.owner, self.images, self.api_key_secret = local, owner, images, api_key_secret
         self._resource = resource
         self.clients = clients if clients is not None else {}  # remote clusters by Secret name, kept by the caller
+        self.secrets = DeploymentSecrets(resource.metadata.name, resource.metadata.namespace, owner)
 
     def model_shape(self, source: str) -> ModelShape:
         return model_shape(source)
@@ -171,11 +197,24 @@ class KubernetesBackend:
         return self.clients[spec.kubeconfig_secret]
 
     def _rendered(self, desired: DesiredState) -> dict[str, list[dict]]:
-        return render(desired, self.owner, Placement.of(self._resource), self.images, self.api_key_secret)
+        return render(desired, self.owner, Placement.of(self._resource), self.images, self.api_key_secret, tls=True)
+
+    def _ensure_tls(self, rendered: dict[str, list[dict]]) -> None:
+        """Every Deployment's TLS Secret in its cluster, for the names its Service is dialled by."""
+        placement = Placement.of(self._resource)
+        namespace = self._resource.metadata.namespace
+        for cluster_name, objects in rendered.items():
+            for obj in (o for o in objects if o["kind"] == "Deployment"):
+                name = obj["metadata"]["name"]
+                hosts = service_hosts(name, namespace, placement.domain(cluster_name))
+                self.secrets.ensure(self.local, self.cluster(cluster_name), name,
+                                    obj["metadata"]["labels"][LABEL_COMPONENT], hosts,
+                                    owned=cluster_name == placement.local)  # fmt: skip
 
     def apply(self, desired: DesiredState) -> list[str]:
         changed = []
         rendered = self._rendered(desired)
+        self._ensure_tls(rendered)
         for cluster_name, objects in rendered.items():
             cluster = self.cluster(cluster_name)
             for obj in objects:
@@ -210,7 +249,9 @@ class KubernetesBackend:
 
     def restore(self, desired: DesiredState) -> list[str]:
         restored = []
-        for cluster_name, objects in self._rendered(desired).items():
+        rendered = self._rendered(desired)
+        self._ensure_tls(rendered)
+        for cluster_name, objects in rendered.items():
             cluster = self.cluster(cluster_name)
             for obj in objects:
                 if not cluster.exists(obj):
@@ -239,7 +280,8 @@ class KubernetesBackend:
         """Probe pods in every cluster; each measures towards the clusters after it, asked through
         its cluster's API server (the service proxy), so no probe needs to be reachable from here."""
         placement = Placement.of(resource)
-        probes = render_probes(resource, self.owner, placement, self.images)
+        probes = render_probes(resource, self.owner, placement, self.images, tls=True)
+        self._ensure_tls(probes)
         waiting = []
         for cluster_name, objects in probes.items():
             cluster = self.cluster(cluster_name)
@@ -252,10 +294,11 @@ class KubernetesBackend:
         names = [c.name for c in resource.spec.clusters]
         entries = []
         for index, source in enumerate(names[:-1]):
-            targets = {target: probe_url(resource, target, placement) for target in names[index + 1 :]}
+            targets = {target: probe_url(resource, target, placement, tls=True) for target in names[index + 1 :]}
             body = {"source": source, "targets": targets}
             cluster = self.cluster(source)
-            reply = cluster.proxy_post(probe_name(resource, source), resource.metadata.namespace, MEASURE_PATH, body)
+            reply = cluster.proxy_post(probe_name(resource, source), resource.metadata.namespace, MEASURE_PATH, body,
+                                       measure_key=self.secrets.measure_key(self.local))  # fmt: skip
             entries += reply["links"]
         # The gateway runs in the operator's cluster: its links are that cluster's.
         for entry in list(entries):

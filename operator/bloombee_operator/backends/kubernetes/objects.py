@@ -24,6 +24,8 @@ from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.desired import DesiredState, StageSpec
 
 STAGE_PORT = 8080
+PEER_PORT = 8443  # a gateway's mutual-TLS port for its stages (its API stays on the service port)
+TLS_DIR = "/etc/bloombee/tls"  # where each pod's TLS Secret (bloombee_contract.tls layout) is mounted
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PLAN = "bloombee.ai/plan-hash"
@@ -69,15 +71,21 @@ def _metadata(name: str, namespace: str, owner: Owner | None, object_labels: dic
     return meta
 
 
-def _probe(path: str, port: int, period: int) -> dict:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": 3,
+def _probe(path: str, port: int, period: int, scheme: str = "HTTP") -> dict:
+    return {"httpGet": {"path": path, "port": port, "scheme": scheme}, "periodSeconds": period, "timeoutSeconds": 3,
             "failureThreshold": 3}  # fmt: skip
 
 
-def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, port: int) -> dict:
-    """A container that runs ``launch`` listening on every address at ``port``."""
+def tls_secret_name(child: str) -> str:
+    """The Secret holding a child's certificate, key and the deployment's CA certificate."""
+    return f"{child}-tls"
+
+
+def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, port: int,
+               scheme: str = "HTTP") -> dict:  # fmt: skip
+    """A container that runs ``launch`` listening on every address at ``port``; ``scheme``: of its probes."""
     launch = replace(launch, host="0.0.0.0", port=port)  # type: ignore[type-var]
-    return {
+    container = {
         "name": name,
         "image": image_ref,
         "imagePullPolicy": image.pull_policy,
@@ -85,10 +93,10 @@ def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, por
         "args": [*launch.subcommand, *launch.args()],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "env": [{"name": CACHE_ENV, "value": CACHE_DIR}],
-        "readinessProbe": _probe(READYZ_PATH, port, 5),
-        "livenessProbe": {**_probe(HEALTHZ_PATH, port, 10), "initialDelaySeconds": 30},
+        "readinessProbe": _probe(READYZ_PATH, port, 5, scheme),
+        "livenessProbe": {**_probe(HEALTHZ_PATH, port, 10, scheme), "initialDelaySeconds": 30},
         # Converting or loading a model takes a while; a startup probe keeps liveness out of it.
-        "startupProbe": {**_probe(HEALTHZ_PATH, port, 5), "failureThreshold": 120},
+        "startupProbe": {**_probe(HEALTHZ_PATH, port, 5, scheme), "failureThreshold": 120},
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
         "securityContext": {
             "runAsNonRoot": True,
@@ -97,6 +105,16 @@ def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, por
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    if getattr(launch, "tls_dir", None):
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    return container
+
+
+def _with_tls(deployment: dict, child: str) -> dict:
+    """Mount the child's TLS Secret into its pods (``TLS_DIR``)."""
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    volumes.append({"name": "tls", "secret": {"secretName": tls_secret_name(child), "defaultMode": 0o400}})
+    return deployment
 
 
 def _deployment(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str],
@@ -133,7 +151,10 @@ def _deployment(name: str, namespace: str, owner: Owner | None, object_labels: d
 
 
 def _service(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str], port: int,
-             target: int, service_type: str = "ClusterIP") -> dict:  # fmt: skip
+             target: int, service_type: str = "ClusterIP", peer_port: int | None = None) -> dict:  # fmt: skip
+    ports = [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}]
+    if peer_port is not None:
+        ports.append({"name": "peer", "port": peer_port, "targetPort": peer_port, "protocol": "TCP"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -141,7 +162,7 @@ def _service(name: str, namespace: str, owner: Owner | None, object_labels: dict
         "spec": {
             "type": service_type,
             "selector": {LABEL_INSTANCE: object_labels[LABEL_INSTANCE], "bloombee.ai/name": name},
-            "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}],
+            "ports": ports,
         },
     }
 
@@ -169,16 +190,28 @@ class Placement:
         return self.domain(cluster).endswith("clusterset.local")
 
 
-def service_url(name: str, namespace: str, domain: str, port: int) -> str:
-    return f"http://{name}.{namespace}.{domain}:{port}"
+def service_url(name: str, namespace: str, domain: str, port: int, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{name}.{namespace}.{domain}:{port}"
 
 
-def stage_url(desired: DesiredState, stage: StageSpec, placement: Placement) -> str:
-    return service_url(stage.name, desired.namespace, placement.domain(stage.cluster), STAGE_PORT)
+def service_hosts(name: str, namespace: str, domain: str) -> list[str]:
+    """The names a child's Service is dialled by: what its certificate must cover."""
+    return sorted({name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local",
+                   f"{name}.{namespace}.{domain}"})  # fmt: skip
+
+
+def stage_url(desired: DesiredState, stage: StageSpec, placement: Placement, tls: bool = False) -> str:
+    return service_url(stage.name, desired.namespace, placement.domain(stage.cluster), STAGE_PORT, tls)
 
 
 def gateway_url(desired: DesiredState, placement: Placement) -> str:
+    """The gateway's OpenAI API (plain HTTP inside the cluster)."""
     return service_url(desired.gateway.name, desired.namespace, placement.domain(placement.local), desired.gateway.port)
+
+
+def gateway_peer_url(desired: DesiredState, placement: Placement) -> str:
+    """Where the stages deliver results: the gateway's mutual-TLS port."""
+    return service_url(desired.gateway.name, desired.namespace, placement.domain(placement.local), PEER_PORT, True)
 
 
 def probe_name(resource: DistributedLLM, cluster: str) -> str:
@@ -187,9 +220,9 @@ def probe_name(resource: DistributedLLM, cluster: str) -> str:
     return f"{resource.metadata.name}-probe-{index}"
 
 
-def probe_url(resource: DistributedLLM, cluster: str, placement: Placement) -> str:
+def probe_url(resource: DistributedLLM, cluster: str, placement: Placement, tls: bool = False) -> str:
     namespace = resource.metadata.namespace
-    return service_url(probe_name(resource, cluster), namespace, placement.domain(cluster), STAGE_PORT)
+    return service_url(probe_name(resource, cluster), namespace, placement.domain(cluster), STAGE_PORT, tls)
 
 
 def _service_export(service: dict) -> dict:
@@ -199,8 +232,8 @@ def _service_export(service: dict) -> dict:
             "metadata": {key: meta[key] for key in kept if key in meta}}  # fmt: skip
 
 
-def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, images: Images | None = None
-                  ) -> dict[str, list[dict]]:  # fmt: skip
+def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, images: Images | None = None,
+                  tls: bool = False) -> dict[str, list[dict]]:  # fmt: skip
     """A probe Deployment and Service in every cluster (``bloombee_stage.probe serve``): the ends
     the links between clusters are measured between. Pure."""
     images = images or Images()
@@ -210,12 +243,14 @@ def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, 
     for cluster in resource.spec.clusters:
         name = probe_name(resource, cluster.name)
         owned = owner if cluster.name == placement.local else None
-        container = _container("probe", images, images.stage, ProbeLaunch(), STAGE_PORT)
+        launch = ProbeLaunch(tls_dir=TLS_DIR if tls else None)
+        container = _container("probe", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             container[probe]["httpGet"]["path"] = HEALTHZ_PATH
         service = _service(name, namespace, owned, object_labels, STAGE_PORT, STAGE_PORT)
+        deployment = _deployment(name, namespace, owned, object_labels, container, 1, cluster.node_selector)
         by_cluster[cluster.name] = [
-            _deployment(name, namespace, owned, object_labels, container, 1, cluster.node_selector),
+            _with_tls(deployment, name) if tls else deployment,
             service,
             *([_service_export(service)] if placement.exported(cluster.name) else []),
         ]
@@ -223,8 +258,10 @@ def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, 
 
 
 def render(desired: DesiredState, owner: Owner, placement: Placement, images: Images | None = None,
-           api_key_secret: str | None = None) -> dict[str, list[dict]]:  # fmt: skip
-    """Every child object, by cluster name. Pure: the same inputs give the same objects."""
+           api_key_secret: str | None = None, tls: bool = False) -> dict[str, list[dict]]:  # fmt: skip
+    """Every child object, by cluster name. Pure: the same inputs give the same objects. With
+    ``tls`` every part speaks mutual TLS with the certificate of its Secret ``<name>-tls`` (which
+    the backend mints: keys are not pure)."""
     images = images or Images()
     by_cluster: dict[str, list[dict]] = {}
     ns = desired.namespace
@@ -234,11 +271,13 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
 
     for stage in desired.stages:
         object_labels = labels(desired.name, "stage", **{"bloombee.ai/stage-index": str(stage.index)})
-        container = _container("stage", images, images.stage, stage.launch(desired.model_source), STAGE_PORT)
+        launch = replace(stage.launch(desired.model_source), tls_dir=TLS_DIR if tls else None)
+        container = _container("stage", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
         selector_for = placement.node_selectors.get(stage.cluster, {})
+        deployment = _deployment(stage.name, ns, owned(stage.cluster), object_labels, container, 1, selector_for)
         by_cluster.setdefault(stage.cluster, []).extend(
             [
-                _deployment(stage.name, ns, owned(stage.cluster), object_labels, container, 1, selector_for),
+                _with_tls(deployment, stage.name) if tls else deployment,
                 service := _service(stage.name, ns, owned(stage.cluster), object_labels, STAGE_PORT, STAGE_PORT),
                 *([_service_export(service)] if placement.exported(stage.cluster) else []),
             ]
@@ -246,9 +285,14 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
 
     gateway = desired.gateway
     object_labels = labels(desired.name, "gateway")
-    urls = tuple((stage_url(desired, s, placement),) for s in desired.stages)
-    launch = gateway.launch(desired.model_source, urls, gateway_url(desired, placement))
+    urls = tuple((stage_url(desired, s, placement, tls),) for s in desired.stages)
+    launch = gateway.launch(desired.model_source, urls, gateway_peer_url(desired, placement) if tls else
+                            gateway_url(desired, placement))  # fmt: skip
+    if tls:
+        launch = replace(launch, tls_dir=TLS_DIR, internal_port=PEER_PORT)
     container = _container("gateway", images, images.gateway, launch, gateway.port)
+    if tls:
+        container["ports"].append({"name": "peer", "containerPort": PEER_PORT, "protocol": "TCP"})
     if api_key_secret:
         container["env"].append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
             "name": api_key_secret, "key": "api-key"}}})  # fmt: skip
@@ -264,20 +308,13 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
             )
         },
     }
+    gateway_deployment = _deployment(gateway.name, ns, owner, object_labels, container, gateway.replicas,
+                                     placement.node_selectors.get(placement.local, {}))  # fmt: skip
     by_cluster.setdefault(placement.local, []).extend(
         [
-            _deployment(
-                gateway.name,
-                ns,
-                owner,
-                object_labels,
-                container,
-                gateway.replicas,
-                placement.node_selectors.get(placement.local, {}),
-            ),
-            service := _service(
-                gateway.name, ns, owner, object_labels, gateway.port, gateway.port, gateway.service_type
-            ),
+            _with_tls(gateway_deployment, gateway.name) if tls else gateway_deployment,
+            service := _service(gateway.name, ns, owner, object_labels, gateway.port, gateway.port,
+                                gateway.service_type, PEER_PORT if tls else None),
             # the last stage, maybe in another cluster, posts its tokens to the gateway
             *([_service_export(service)] if placement.exported(placement.local) else []),
             plan,

@@ -1,0 +1,121 @@
+"""Mutual TLS between the parts of one deployment: the files each part holds, and the contexts.
+
+Every part (stage, gateway, probe, operator) holds a directory with the deployment's CA
+certificate (``ca.crt``), its own certificate signed by that CA (``tls.crt``, whose common name
+says who it is: ``stage/<name>``, ``gateway/<name>``, ``probe/<cluster>``, ``operator``) and its
+key (``tls.key``): the layout of a Kubernetes TLS Secret plus ``ca.crt``. A server asks every
+caller for a certificate; only the liveness and readiness paths answer a caller without one
+(kubelets and load balancers probe without certificates). A client checks the server's
+certificate against the CA and its address. Standard library only: minting certificates is the
+operator's (``bloombee_operator.pki``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from bloombee_contract.paths import HEALTHZ_PATH, READYZ_PATH
+
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+OPEN_PATHS = frozenset({HEALTHZ_PATH, READYZ_PATH})  # answered without a client certificate
+
+
+class TlsError(ValueError):
+    """The TLS files cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    directory: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / CA_FILE
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / CERT_FILE
+
+    @property
+    def key(self) -> Path:
+        return self.directory / KEY_FILE
+
+    def measure_key(self) -> bytes | None:
+        """The deployment's key for signed measurement requests, where it was given one."""
+        path = self.directory / MEASURE_KEY_FILE
+        return path.read_bytes().strip() if path.is_file() else None
+
+    @classmethod
+    def at(cls, directory: str | Path) -> TlsFiles:
+        files = cls(Path(directory))
+        missing = [str(path) for path in (files.ca, files.cert, files.key) if not path.is_file()]
+        if missing:
+            raise TlsError(f"TLS directory {directory}: missing {', '.join(missing)}")
+        return files
+
+
+def server_context(files: TlsFiles) -> ssl.SSLContext:
+    """Serve with our certificate; ask callers for theirs and verify it against the CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_cert_chain(files.cert, files.key)
+        context.load_verify_locations(files.ca)
+    except (ssl.SSLError, OSError) as error:
+        raise TlsError(f"TLS directory {files.directory}: {error}") from None
+    # Optional at the handshake so probes without certificates reach /healthz and /readyz;
+    # every other path refuses a caller without one (serving.process.require_peer).
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context(files: TlsFiles, *, identify: bool = True) -> ssl.SSLContext:
+    """Call servers of the deployment: their certificate must be the CA's, for the address called;
+    ``identify`` presents our own certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if identify:
+        try:
+            context.load_cert_chain(files.cert, files.key)
+        except (ssl.SSLError, OSError) as error:
+            raise TlsError(f"TLS directory {files.directory}: {error}") from None
+    return context
+
+
+def common_name(peercert: dict | None) -> str | None:
+    """The verified peer's common name (``ssl.SSLSocket.getpeercert()``), or None without one."""
+    for rdn in (peercert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+# A request relayed by a Kubernetes API server's service proxy reaches its pod without the
+# caller's certificate (the proxy does not present one). The one such request, the operator
+# asking a probe to measure its links, is signed instead: HMAC-SHA256 with the deployment's
+# measure key (a file beside the certificates) over a timestamp and the body.
+MEASURE_KEY_FILE = "measure.key"
+SIGNATURE_HEADER = "X-Bloombee-Signature"
+SIGNATURE_MAX_AGE_S = 120.0
+
+
+def sign(key: bytes, body: bytes, at: float) -> str:
+    """The header value: ``<unix time>:<hex HMAC-SHA256 of "<time>\\n" + body>``."""
+    stamp = f"{at:.0f}"
+    digest = hmac.new(key, stamp.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+    return f"{stamp}:{digest}"
+
+
+def signature_ok(key: bytes, header: str, body: bytes, now: float, max_age_s: float = SIGNATURE_MAX_AGE_S) -> bool:
+    """Whether ``header`` signs ``body`` with ``key``, made within ``max_age_s`` of ``now``."""
+    stamp, _, _ = header.partition(":")
+    try:
+        at = float(stamp)
+    except ValueError:
+        return False
+    return abs(now - at) <= max_age_s and hmac.compare_digest(header, sign(key, body, at))
