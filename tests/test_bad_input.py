@@ -154,7 +154,8 @@ def test_rollback_endpoint_cuts_the_session(tiny_pipeline):
 
 
 def test_dying_stage_fails_the_request_cleanly(tmp_path, tiny_dir):
-    pipeline = start_pipeline(tmp_path, str(tiny_dir), "doomed")
+    """A stage that dies and is not brought back: the request fails cleanly (--recovery-wait 0: at once)."""
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "doomed", gateway_args=["--recovery-wait", "0"])
     try:
         status, _ = tiny_chat_named(pipeline)
         assert status == 200
@@ -336,3 +337,70 @@ def test_a_gateways_sessions_are_its_own(tiny_pipeline):
                                                                                       "length": 3})  # fmt: skip
     with urllib.request.urlopen(closing, timeout=30, context=alice) as reply:
         assert json.loads(reply.read()) == {"closed": True}
+
+
+def test_a_stage_sends_only_to_parts_of_its_deployment(tiny_pipeline):
+    """Routes, reply addresses and measurement targets are followed only over mutual TLS, so a
+    frame cannot make a stage post hidden states or results to a listener outside the deployment;
+    routes and measurements are bounded."""
+    import socket
+
+    from bloombee_contract.paths import MEASURE_PATH
+    from bloombee_contract.tls import client_context
+    from pipelines import TEST_TLS
+
+    operator = client_context(TEST_TLS)
+    stage, last = tiny_pipeline.stage_url(0), tiny_pipeline.stage_url(2)
+    outside = socket.socket()
+    outside.bind(("127.0.0.1", 0))
+    outside.listen()
+    outside.setblocking(False)
+    listener = f"http://127.0.0.1:{outside.getsockname()[1]}"
+    try:
+        tokens = torch.tensor([[5, 6, 7]])
+        for route, reply_to in (([listener], None), ([tiny_pipeline.stage_url(1), last], listener + "/steal")):
+            meta = StepMeta(step=1, rows=[RowMeta(session="ssrf", start=0, length=3)], route=route, reply_to=reply_to)
+            frame = encode_frame(tensor_frame(tokens, meta.model_dump(mode="json")))
+            status, answer = _call(stage + STEP_PATH, operator, frame)
+            assert status == 400 and "https://" in answer["error"]["message"], answer
+        looping = StepMeta(step=1, rows=[RowMeta(session="loop", start=0, length=3)]).model_dump(mode="json")
+        looping["route"] = [last] * 65  # past MAX_HOPS (the model would refuse to build it)
+        status, answer = _call(stage + STEP_PATH, operator, encode_frame(tensor_frame(tokens, looping)))
+        assert status == 400 and answer["error"]["code"] == "invalid_meta"
+        for body in ({"targets": {"x": listener}}, {"targets": {"x": last}, "bulkBytes": 256 << 20}):
+            status, answer = _call(stage + MEASURE_PATH, operator, json.dumps(body).encode())
+            assert status == 400, answer
+        with pytest.raises(BlockingIOError):
+            outside.accept()  # nothing ever connected to it
+    finally:
+        outside.close()
+
+
+def test_a_stage_lost_mid_generation_costs_no_request(tmp_path, tiny_dir):
+    """A stage SIGKILLed while a generation streams, then restarted as `bloombee up` does: the
+    gateway replays the generation's tokens so far on the restarted stage and the client gets one
+    complete answer, token for token the one a fault-free run gives."""
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "phoenix", num_stages=2)
+    try:
+        body = {"model": "phoenix", "prompt": [11, 12, 13], "max_tokens": 96, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        status, fault_free = pipeline.post("/completions", body)
+        assert status == 200
+        request = urllib.request.Request(pipeline.endpoint + "/completions", data=json.dumps(
+            {**body, "stream": True}).encode(), headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            first = reply.readline()  # the first piece is out: the generation is under way
+            assert first.startswith(b"data: ")
+            stage = pipeline.backend.processes["phoenix-stage-1"].popen
+            stage.send_signal(signal.SIGKILL)
+            stage.wait()
+            assert pipeline.backend.restore(pipeline.desired) == ["phoenix-stage-1"]
+            events = [first.decode(), *(line.decode() for line in reply)]
+        chunks = [json.loads(line[len("data: "):]) for line in events if line.startswith("data: {")]
+        assert not [c for c in chunks if "error" in c], chunks[-1]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["choices"][0]["token_ids"] == fault_free["choices"][0]["token_ids"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == fault_free["choices"][0]["text"]
+        assert pipeline.gateway_metrics()["bloombee_gateway_replays_total"] == 1  # it did start over once
+    finally:
+        pipeline.backend.stop()

@@ -28,8 +28,8 @@ CHANGED: dict[type[LaunchSpec], dict] = {
                         served_model_name="chat", host="0.0.0.0", port=8443, public_url="http://gw:8000",
                         step_timeout=30.5, api_key="secret", relay=True, relay_hops=(True, False), draft="early-exit",
                         draft_max=5, draft_layers=12, draft_model="/models/small", micro_batch=6, max_in_flight=2,
-                        prefix_cache=0, max_sequences=9, internal_port=9443, tls_dir="/tls",
-                        ready_file="/tmp/gw.json", log_level="WARNING"),
+                        prefix_cache=0, max_sequences=9, max_waiting=3, recovery_wait=7.5, internal_port=9443,
+                        tls_dir="/tls", ready_file="/tmp/gw.json", log_level="WARNING"),
     ProbeLaunch: dict(host="127.0.0.1", port=0, tls_dir="/run/tls", ready_file="/tmp/probe.json"),
 }
 REQUIRED = {

@@ -49,7 +49,7 @@ def spans(backend: LocalBackend) -> dict[str, str]:
 
 @pytest.mark.model
 def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
-    backend = LocalBackend(tmp_path / "run", threads_per_stage=1, ca=TEST_CA)
+    backend = LocalBackend(tmp_path / "run", threads_per_stage=1, ca=TEST_CA, hung_after_s=2.0)
     resource = body(str(tiny_dir), TWO_NODES)
     try:
         created = reconcile.deploy(reconcile.read(resource), backend)
@@ -99,6 +99,17 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
         apply_outcome(resource, reconcile.keep(reconcile.read(resource), backend))
         assert resource["status"]["phase"] == "Ready"
+
+        # A stage hangs (SIGSTOP): it is alive but answers nothing; once it has been silent for
+        # hung_after_s, the timer kills and restarts it.
+        hung = backend.processes["tiny-stage-2"]
+        os.kill(hung.popen.pid, signal.SIGSTOP)
+        assert not reconcile.keep(reconcile.read(resource), backend).events  # silent, not yet for long
+        time.sleep(2.5)
+        kept = reconcile.keep(reconcile.read(resource), backend)
+        assert [e.reason for e in kept.events] == ["Restored"] and "tiny-stage-2" in kept.events[0].message
+        assert hung.popen.poll() is not None and backend.processes["tiny-stage-2"].popen.pid != hung.popen.pid
+        assert chat(endpoint)["usage"]["completion_tokens"] == 4
 
         processes = list(backend.processes.values())
         assert reconcile.cleanup(reconcile.read(resource), backend) == len(processes) == 4

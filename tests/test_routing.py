@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -173,8 +176,11 @@ def test_a_gateway_started_with_a_larger_micro_batch_than_its_stages_uses_theirs
 
 def test_requests_beyond_the_gateway_seats_wait_for_one(tmp_path, tiny_dir):
     """--max-sequences 1 (what a plan admitting one sequence sets): while a stage is paused, a second
-    request waits at the gateway for the first one's seat, then both answer as they do alone."""
-    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2, gateway_args=["--max-sequences", "1"])
+    request waits at the gateway for the first one's seat, then both answer as they do alone. The
+    queue is bounded (--max-waiting 1): a third request, streamed or not, is refused at once with
+    429 and Retry-After instead of waiting."""
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2,
+                              gateway_args=["--max-sequences", "1", "--max-waiting", "1"])  # fmt: skip
     try:
         bodies = [{"model": "tiny", "prompt": [600 + n, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
                    "return_token_ids": True} for n in range(2)]  # fmt: skip
@@ -193,6 +199,13 @@ def test_requests_beyond_the_gateway_seats_wait_for_one(tmp_path, tiny_dir):
                     time.sleep(0.1)
                 assert waiting == 1  # one holds the seat (stuck at the paused stage), one waits for it
                 assert not any(future.done() for future in pending)
+                for stream in (False, True):
+                    third = urllib.request.Request(pipeline.endpoint + "/completions", data=json.dumps(
+                        {**bodies[0], "stream": stream}).encode(), headers={"Content-Type": "application/json"})
+                    with pytest.raises(urllib.error.HTTPError) as refused:
+                        urllib.request.urlopen(third, timeout=30)
+                    assert refused.value.code == 429 and int(refused.value.headers["Retry-After"]) >= 1
+                    assert json.loads(refused.value.read())["error"]["code"] == "overloaded"
                 stage.send_signal(signal.SIGCONT)
                 together = [future.result(timeout=120) for future in pending]
         finally:

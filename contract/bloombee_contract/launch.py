@@ -202,6 +202,13 @@ class LaunchSpec:
 _S = TypeVar("_S", bound=LaunchSpec)
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise FlagValueError(f"{text!r}: must not be negative")
+    return value
+
+
 def _tls_dir_flag() -> Any:
     return flag("mutual TLS: a directory with ca.crt, tls.crt and tls.key (bloombee_contract.tls); peers must then "
                 "present a certificate from the same CA", None)  # fmt: skip
@@ -280,6 +287,12 @@ class GatewayLaunch(LaunchSpec):
     prefix_cache: int = flag("finished generations whose sessions stay on the stages so a prompt that starts the "
                              "same way copies those positions instead of computing them (0: off)",
                              DEFAULT_PREFIX_CACHE, parse=int)  # fmt: skip
+    recovery_wait: float = flag("seconds a generation whose stage was lost waits for it (restarted) or a replica to "
+                                "answer again before it replays its tokens there; then it fails (0: fail at once)",
+                                60.0, parse=_non_negative_float, show=_float_text)  # fmt: skip
+    max_waiting: int | None = flag("requests waiting for a seat beyond which a new one is refused at once with 429 "
+                                   "and Retry-After (default: 4 x --max-sequences; no limit without seats)", None,
+                                   parse=_positive(int))  # fmt: skip
     internal_port: int = flag("with --tls-dir: the mutual-TLS port where stages deliver results and relayed hops "
                               "(0 = any free port); --port stays the clients' plain HTTP API", 0, parse=int)
     tls_dir: str | None = _tls_dir_flag()

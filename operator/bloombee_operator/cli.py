@@ -46,6 +46,9 @@ def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, ti
         return json.loads(reply.read())
 
 
+RESTART_BACKOFF_MAX_S = 60.0
+
+
 class LocalRun:
     """The reconcile steps (reconcile.py) driven against local processes, with the status kept in a
     file (``<run dir>/status.yaml``) instead of the API server."""
@@ -117,11 +120,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
         )
         print("Press Ctrl-C to stop. A stage that dies is restarted.")
-        next_check = time.monotonic() + args.check_every
+        next_check, failures = time.monotonic() + args.check_every, 0
         while not stop_requested:
-            if time.monotonic() >= next_check or backend.dead():
-                run.keep()  # restarts what died, re-plans when planner.replanEvery is due
-                next_check = time.monotonic() + args.check_every
+            if time.monotonic() >= next_check or (backend.dead() and failures == 0):
+                try:
+                    run.keep()  # restarts what died or hung, re-plans when planner.replanEvery is due
+                    failures, wait_s = 0, args.check_every
+                except LocalBackendError as error:  # a restart failed: the others serve on; try again later
+                    failures += 1
+                    wait_s = min(RESTART_BACKOFF_MAX_S, 2.0**failures)
+                    log.warning("%s\ntrying again in %.0f s (attempt %d)", error, wait_s, failures + 1)
+                next_check = time.monotonic() + wait_s
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:

@@ -48,6 +48,7 @@ class LocalProcess:
     launch: LaunchSpec | None  # a server of the data plane; None for the backend's own link proxies
     command: list[str]
     url: str | None = None
+    unhealthy_since: float | None = None  # when it last stopped answering /healthz while alive
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -121,6 +122,7 @@ class LocalBackend:
         link_delay_ms: float = 0.0,
         ca: DeploymentCA | None = None,
         tls: bool = True,
+        hung_after_s: float = 30.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -134,6 +136,7 @@ class LocalBackend:
         # delaying proxy (link_delay.py), so one machine behaves like far-apart clusters.
         self.link_delay_ms = link_delay_ms
         self.processes: dict[str, LocalProcess] = {}
+        self.hung_after_s = hung_after_s
         # Every link is mutual TLS under a CA of this run's own (or ``ca``); the backend calls as
         # `operator`. tls=False: plain HTTP (a benchmark's baseline, or debugging with curl).
         self.ca = (ca if ca is not None else DeploymentCA(self.run_dir / "tls", self.run_dir.name)) if tls else None
@@ -247,8 +250,26 @@ class LocalBackend:
         self._wait_ready([self.processes[gateway.name]], ready_path=HEALTHZ_PATH)
         return changed
 
+    def _kill_hung(self, desired: DesiredState) -> None:
+        """A server that has not answered ``/healthz`` for ``hung_after_s`` (stopped, deadlocked) is
+        killed, so it is restarted like one that died."""
+        now = time.monotonic()
+        for process in self.processes.values():
+            if process.launch is None or not process.alive or not process.url:
+                continue
+            if not process.name.startswith(desired.name + "-") or _http_ok(process.url + HEALTHZ_PATH, self.tls, 5.0):
+                process.unhealthy_since = None
+                continue
+            process.unhealthy_since = process.unhealthy_since or now
+            if now - process.unhealthy_since >= self.hung_after_s:
+                log.warning("%s has not answered for %.0f s; killing it to restart it", process.name,
+                            now - process.unhealthy_since)  # fmt: skip
+                process.popen.kill()
+                process.popen.wait()
+
     def restore(self, desired: DesiredState) -> list[str]:
-        """Restart, on their old ports, the processes of ``desired`` that died."""
+        """Restart, on their old ports, the processes of ``desired`` that died or hung."""
+        self._kill_hung(desired)
         dead = [p for p in self.processes.values() if not p.alive and p.name.startswith(desired.name + "-")]
         for process in dead:
             log.warning("%s had died (exit code %s); restarting it on %s", process.name, process.popen.returncode,

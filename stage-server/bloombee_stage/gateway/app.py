@@ -77,6 +77,7 @@ def _usage(prompt: list[int], result: Generated) -> Usage:
 
 def _generation(engine: GenerationEngine, body: ChatCompletionRequest | CompletionRequest,
                 prompt: list[int], asked: int | None) -> GenerationRequest:  # fmt: skip
+    engine.admit()  # before any answer starts: a full queue is a 429, even for a stream
     return GenerationRequest(prompt=prompt, max_tokens=engine.token_budget(prompt, asked),
                              sampling=body.sampling_params(), stop=body.stop_strings(),
                              ignore_eos=body.ignore_eos)  # fmt: skip
@@ -215,7 +216,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except RequestError as error:
-        return error_response(str(error), error.code, param=error.param)
+        response = error_response(str(error), error.code, param=error.param)
+        if error.retry_after_s is not None:
+            response.headers["Retry-After"] = str(error.retry_after_s)
+        return response
     except PipelineError as error:
         return error_response(error.public_message, error.code, error.status)
     except web.HTTPException as error:

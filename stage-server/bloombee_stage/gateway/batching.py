@@ -111,6 +111,10 @@ class MicroBatcher:
         urls = self.router.urls(path)
         await (self.pipeline.park(session, urls) if park else self.pipeline.close(session, urls))
 
+    async def wait_ready(self, path: Path, timeout_s: float) -> bool:
+        """Whether every stage of ``path`` is ready (again) within ``timeout_s``."""
+        return await self.pipeline.wait_ready(self.router.urls(path), timeout_s)
+
     async def forget(self, session: str, path: Path) -> None:
         """Close a parked session on its stages."""
         await self.pipeline.close(session, self.router.urls(path))

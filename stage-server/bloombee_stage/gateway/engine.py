@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Any
 import aiohttp
 from bloombee_contract.errors import ErrorCode
 from bloombee_contract.launch import GatewayLaunch
-from bloombee_contract.paths import INFO_PATH, READYZ_PATH, RESULT_PATH, STEP_PATH
+from bloombee_contract.paths import HEALTHZ_PATH, INFO_PATH, READYZ_PATH, RESULT_PATH, STEP_PATH
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.batching import MicroBatcher
@@ -41,14 +42,19 @@ from bloombee_stage.wire.frame import decode_frame, encode_frame
 from bloombee_stage.wire.messages import SamplingParams, StepMeta
 
 log = logging.getLogger("bloombee.gateway")
+HEARTBEAT_S = 1.0  # how often the gateway asks each stage whether it is alive
+HEARTBEAT_TIMEOUT_S = 3.0  # a busy stage still answers /healthz within this (it is served off the torch thread)
+HEARTBEAT_MISSES = 3  # in a row: the stage is lost
 
 
 class RequestError(Exception):
-    """A request the engine cannot serve as asked: ``code`` knows the HTTP status, ``param`` names the field."""
+    """A request the engine cannot serve as asked: ``code`` knows the HTTP status, ``param`` names the field,
+    ``retry_after_s`` when trying again later can help."""
 
-    def __init__(self, message: str, code: ErrorCode, param: str | None = None) -> None:
+    def __init__(self, message: str, code: ErrorCode, param: str | None = None,
+                 retry_after_s: int | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.code, self.param = code, param
+        self.code, self.param, self.retry_after_s = code, param, retry_after_s
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ class GenerationEngine:
         # so a request beyond them waits here for a seat instead of failing at a stage.
         self.seats = asyncio.Semaphore(settings.max_sequences) if settings.max_sequences else None
         self.waiting = 0
+        # A bounded queue: beyond it a request is refused at once (429), not kept waiting for minutes.
+        default_waiting = 4 * settings.max_sequences if settings.max_sequences else None
+        self.max_waiting = settings.max_waiting or default_waiting
+        self.generation_s = 10.0  # recent wall time per generation (a moving average): for Retry-After
         self.metrics = Metrics("bloombee_gateway")
         self._resources: _Running | None = None
         self._register_metrics()
@@ -109,17 +119,44 @@ class GenerationEngine:
                                   relay=self.settings.relay, relay_hops=self.settings.relay_hops)  # fmt: skip
         batcher = MicroBatcher(pipeline, self.routing, self.settings.micro_batch, self.settings.max_in_flight)
         draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if self.drafter else None
-        self._resources = _Running(http, batcher, draft_thread)
+        heartbeats = asyncio.create_task(self._watch_stages(pipeline))
+        self._resources = _Running(http, batcher, draft_thread, heartbeats)
 
     async def stop(self) -> None:
         """Close everything ``start`` made; steps in flight fail rather than hang."""
         running, self._resources = self._resources, None
         if running is None:
             return
+        running.heartbeats.cancel()
+        await asyncio.gather(running.heartbeats, return_exceptions=True)
         await running.batcher.stop()
         await running.http.close()
         if running.draft_thread is not None:
             running.draft_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_stages(self, pipeline: PipelineClient) -> None:
+        """Every stage's heartbeat (``/healthz``); one that misses ``HEARTBEAT_MISSES`` in a row is
+        lost: the steps that went through it fail at once (their generations replay), instead of
+        waiting out the step timeout. Runs until ``stop``."""
+        misses = dict.fromkeys(self.stage_urls, 0)
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            alive = await asyncio.gather(*(self._beats(pipeline, url) for url in misses))
+            for url, beat in zip(list(misses), alive, strict=True):
+                misses[url] = 0 if beat else misses[url] + 1
+                if misses[url] == HEARTBEAT_MISSES:
+                    log.warning("stage %s missed %d heartbeats: taken as lost", url, HEARTBEAT_MISSES)
+                if misses[url] >= HEARTBEAT_MISSES and pipeline.lost(url):
+                    self.metrics.inc("lost_steps_total", "Steps failed early because a stage stopped answering")
+
+    @staticmethod
+    async def _beats(pipeline: PipelineClient, url: str) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=HEARTBEAT_TIMEOUT_S)
+            async with pipeline.http.get(url + HEALTHZ_PATH, timeout=timeout) as reply:
+                return reply.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
 
     @property
     def _running(self) -> _Running:
@@ -183,7 +220,8 @@ class GenerationEngine:
             speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
                                       running.draft_thread)  # fmt: skip
             async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling, eos,
-                                        assembler, result, speculation, self.prefixes):  # fmt: skip
+                                        assembler, result, speculation, self.prefixes,
+                                        self.settings.recovery_wait):  # fmt: skip
                 yield piece
             self._count(speculation, result, time.perf_counter() - started)
 
@@ -203,6 +241,8 @@ class GenerationEngine:
         url = meta.next_url
         if url is None:
             raise ValueError("forwarded frame has no next hop")
+        if url not in self.stage_urls:  # relay only to this gateway's own stages
+            raise ValueError(f"forwarded frame's next hop {url[:200]!r} is not a stage of this gateway")
         frame.meta = meta.onward().model_dump(mode="json")
         self.metrics.inc("forwarded_total", "Frames relayed through the gateway between stages")
         try:
@@ -260,12 +300,23 @@ class GenerationEngine:
         if timeouts:
             self.prefixes.max_idle_s = 0.8 * min(timeouts)  # a margin for the stages' sweep and clock drift
 
+    def admit(self) -> None:
+        """Refuse a new request at once (429, with when to try again) while the queue for seats is full."""
+        if self.max_waiting is None or self.waiting < self.max_waiting:
+            return
+        seats = max(1, self.settings.max_sequences or 1)
+        retry = max(1, math.ceil(self.generation_s * (self.waiting + 1) / seats))
+        self.metrics.inc("requests_refused_total", "Requests refused because the queue for seats was full")
+        raise RequestError(f"the gateway is at capacity ({self.waiting} requests wait for one of {seats} seats); "
+                           f"try again in {retry} s", ErrorCode.OVERLOADED, retry_after_s=retry)  # fmt: skip
+
     @contextlib.asynccontextmanager
     async def _seat(self) -> AsyncIterator[None]:
         """Holds one of ``max_sequences`` seats for a generation, waiting for one first."""
         if self.seats is None:
             yield
             return
+        self.admit()  # the queue may have filled since the request was admitted
         self.waiting += 1
         try:
             await self.seats.acquire()
@@ -322,7 +373,10 @@ class GenerationEngine:
         self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
         self.metrics.inc("cached_prompt_tokens_total", "Prompt tokens copied from kept sessions, not computed",
                          result.cached_tokens)  # fmt: skip
+        self.metrics.inc("replays_total", "Generations started over on fresh sessions after a stage was lost",
+                         result.replays)  # fmt: skip
         self.metrics.observe("generation_seconds", "Wall time per generation", seconds)
+        self.generation_s = 0.8 * self.generation_s + 0.2 * seconds
 
 
 @dataclass
@@ -332,6 +386,7 @@ class _Running:
     http: aiohttp.ClientSession
     batcher: MicroBatcher
     draft_thread: ThreadPoolExecutor | None
+    heartbeats: asyncio.Task
 
 
 def _path_label(path: tuple[int, ...]) -> str:

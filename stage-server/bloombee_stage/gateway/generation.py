@@ -17,7 +17,11 @@ from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.prefixes import Held, PrefixIndex
 from bloombee_stage.wire.messages import RowMeta, SamplingParams
 
-MAX_REROUTES = 2  # a generation moves to another path at most this often when a stage replica is lost
+MAX_REPLAYS = 4  # a generation starts over (on another path, or the same one once it is back) at most this often
+RECOVERY_WAIT_S = 60.0  # how long a generation waits for a lost stage to be back (restarted) before it fails
+# Failures after which the generation replays its tokens so far on fresh sessions: a stage that is
+# gone (or was restarted and lost its sessions) is not the request's fault.
+REPLAYABLE = frozenset({ErrorCode.STAGE_UNREACHABLE, ErrorCode.UNKNOWN_SESSION})
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Generated:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt positions copied from an earlier generation's caches, not computed
+    replays: int = 0  # times it started over on fresh sessions because a stage was lost
 
 
 @dataclass
@@ -129,6 +134,7 @@ async def generate(
     result: Generated,
     speculation: Speculation | None = None,
     prefixes: PrefixIndex | None = None,
+    recovery_wait_s: float = RECOVERY_WAIT_S,
 ) -> AsyncIterator[str]:
     """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
 
@@ -168,13 +174,17 @@ async def generate(
                     prefixes.drop(fork[0])
                     fork, start, pending = None, 0, list(context)
                     continue
-                if not error.unreachable or reroutes >= MAX_REROUTES:
+                if not (error.unreachable or error.code in REPLAYABLE) or reroutes >= MAX_REPLAYS:
                     raise
-                # A stage replica is gone: start over on another path with the whole context so far
-                # (its KV cache was on the lost replica). Tokens already streamed stay valid.
+                # A stage is gone (its KV cache with it): start over with the whole context so far on
+                # fresh sessions, on another path or on this one once its stages answer again (a
+                # restarted stage). Tokens already streamed stay valid: the replay computes the same.
                 reroutes += 1
+                result.replays += 1
                 await stepper.close(session, path)
                 session, path, start, pending, fork = uuid.uuid4().hex, stepper.open(), 0, list(context), None
+                if not await stepper.wait_ready(path, recovery_wait_s):
+                    raise
                 continue
             if fork is not None:
                 result.cached_tokens, fork = fork[1], None  # the session now holds the prefix itself

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import aiohttp
 import torch
 from bloombee_contract.errors import ErrorCode, status_of
-from bloombee_contract.paths import PARK_PATH, RESULT_PATH, SESSION_PATH, STEP_PATH, session_path
+from bloombee_contract.paths import PARK_PATH, READYZ_PATH, RESULT_PATH, SESSION_PATH, STEP_PATH, session_path
 
 from bloombee_stage.serving.process import read_error
 from bloombee_stage.wire.frame import Frame, decode_frame, encode_frame
@@ -60,6 +61,12 @@ class ResultRouter:
     def forget(self, step: int) -> None:
         self._waiting.pop(step, None)
 
+    def fail(self, step: int, error: Exception) -> None:
+        """End the wait for ``step`` with ``error`` (its result will not come)."""
+        future = self._waiting.pop(step, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
     def deliver(self, frame: Frame) -> bool:
         meta = ResultMeta.model_validate(frame.meta)
         future = self._waiting.pop(meta.step, None)
@@ -94,6 +101,33 @@ class PipelineClient:
         if len(self.relay_hops) != num_stages - 1:
             raise ValueError(f"{len(self.relay_hops)} relay flags for {num_stages} stages")
         self._steps = 0
+        self._pending: dict[int, list[str]] = {}  # steps awaiting their result -> the stages they went through
+
+    def lost(self, url: str) -> int:
+        """Fail at once every step that went through ``url`` (it stopped answering its heartbeat), so
+        their generations replay elsewhere or later instead of waiting out the step timeout."""
+        failed = [step for step, urls in self._pending.items() if url in urls]
+        for step in failed:
+            self.results.fail(step, PipelineError(f"stage {url} stopped answering", ErrorCode.STAGE_UNREACHABLE, url))
+        return len(failed)
+
+    async def wait_ready(self, urls: list[str], timeout_s: float) -> bool:
+        """Whether every stage of ``urls`` answers its readiness check within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = await asyncio.gather(*(self._ready(url) for url in urls))
+            if all(ready):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.5)
+
+    async def _ready(self, url: str) -> bool:
+        try:
+            async with self.http.get(url + READYZ_PATH, timeout=aiohttp.ClientTimeout(total=3)) as reply:
+                return reply.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
 
     def route(self, urls: list[str]) -> list[str]:
         """Where a step goes after the first stage. Hops the planner sends through the gateway (a
@@ -122,6 +156,7 @@ class PipelineClient:
             result = await self._relay(encode_frame(frame), urls)
         else:
             waiter = self.results.expect(meta.step)
+            self._pending[meta.step] = urls
             try:
                 await self._send(urls[0], encode_frame(frame), expect=202)
                 result = await asyncio.wait_for(waiter, self.step_timeout_s)
@@ -133,6 +168,7 @@ class PipelineClient:
                 ) from None
             finally:
                 self.results.forget(meta.step)
+                self._pending.pop(meta.step, None)
         outcome = ResultMeta.model_validate(result.meta)
         if outcome.error:
             raise PipelineError(f"stage {outcome.stage}: {outcome.error}", outcome.code or ErrorCode.STAGE_FAILED,

@@ -33,7 +33,8 @@ from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.serving.process import peer_session
 
-MAX_BULK_BYTES = 256 << 20
+MAX_BULK_BYTES = 16 << 20  # what one measurement may move each way: enough to see 1 Gbit/s, not to flood
+MAX_MEASURE_TARGETS = 32
 PEER_TLS = web.AppKey("peer_tls", TlsFiles | None)
 DEFAULT_ECHOES = 7
 DEFAULT_BULK_BYTES = 4 << 20
@@ -129,21 +130,27 @@ async def handle_probe(request: web.Request) -> web.Response:
     return web.Response(body=bytes(min(max(size, 0), MAX_BULK_BYTES)), content_type="application/octet-stream")
 
 
-def _measure_request(body: object) -> tuple[str, dict[str, str], int, int]:
+def _measure_request(body: object, tls: bool) -> tuple[str, dict[str, str], int, int]:
+    """The measurement asked for; with ``tls`` only towards servers of the deployment (https: the
+    handshake proves it), and never more than a few targets or ``MAX_BULK_BYTES`` each way."""
     if not isinstance(body, dict) or not isinstance(body.get("targets"), dict) or not body["targets"]:
         raise ValueError('expected {"source": "eu", "targets": {"us": "http://host:port"}, ...}')
     targets = body["targets"]
-    if not all(isinstance(k, str) and isinstance(v, str) and v.startswith("http") for k, v in targets.items()):
-        raise ValueError("targets must map cluster names to http(s) URLs")
+    scheme = "https://" if tls else "http"
+    if not all(isinstance(k, str) and isinstance(v, str) and v.startswith(scheme) for k, v in targets.items()):
+        raise ValueError(f"targets must map cluster names to {'https' if tls else 'http(s)'} URLs")
+    if len(targets) > MAX_MEASURE_TARGETS:
+        raise ValueError(f"at most {MAX_MEASURE_TARGETS} targets per request")
     echoes, bulk = body.get("echoes", DEFAULT_ECHOES), body.get("bulkBytes", DEFAULT_BULK_BYTES)
-    if not (isinstance(echoes, int) and 1 <= echoes <= 100 and isinstance(bulk, int) and 1 <= bulk <= MAX_BULK_BYTES):
+    if not (isinstance(echoes, int) and 1 <= echoes <= 100 and isinstance(bulk, int)
+            and 1 <= bulk <= MAX_BULK_BYTES):  # fmt: skip
         raise ValueError(f"echoes must lie in 1..100 and bulkBytes in 1..{MAX_BULK_BYTES}")
     return str(body.get("source", "here")), targets, echoes, bulk
 
 
 async def handle_measure(request: web.Request) -> web.Response:
     try:
-        source, targets, echoes, bulk = _measure_request(await request.json())
+        source, targets, echoes, bulk = _measure_request(await request.json(), request.app[PEER_TLS] is not None)
     except (ValueError, json.JSONDecodeError) as error:
         return web.json_response({"error": str(error)}, status=400)
     try:

@@ -139,6 +139,12 @@ class StageService:
     def check_inputs(self, meta: StepMeta, inputs: torch.Tensor, frame: Frame) -> None:
         span = self.model.span
         where = frame.describe()
+        if self.settings.tls is not None:
+            # Onward only over mutual TLS: whatever the route names must prove it is part of this deployment.
+            plain = [url for url in (*meta.route, meta.reply_to) if url is not None and not url.startswith("https://")]
+            if plain:
+                raise WireError(f"{where}: route and reply_to must be https:// URLs of this deployment's parts "
+                                f"(it speaks mutual TLS), not {plain[0][:200]!r}")  # fmt: skip
         planned = self.settings.micro_batch
         if planned and len(meta.rows) > planned:
             raise WireError(f"{where}: {len(meta.rows)} rows in one step; this stage was planned for micro-batches "

@@ -24,6 +24,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_ROWS = 256  # rows (sessions) in one step
+MAX_HOPS = 64  # stages a step may still visit: a route cannot loop a frame through a stage without end
+MAX_URL = 2048
 
 
 class SamplingParams(BaseModel):
@@ -76,8 +78,9 @@ class StepMeta(BaseModel):
 
     step: int = Field(ge=0)
     rows: list[RowMeta] = Field(min_length=1, max_length=MAX_ROWS)
-    route: list[str] = Field(default_factory=list, description="base URLs of the stages after this one")
-    reply_to: str | None = Field(default=None, description="where the last stage sends the result")
+    route: list[str] = Field(default_factory=list, max_length=MAX_HOPS, description="base URLs of the stages after "
+                             "this one")  # fmt: skip
+    reply_to: str | None = Field(default=None, max_length=MAX_URL, description="where the last stage sends the result")
     compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
     owner: str | None = Field(default=None, max_length=256, description="the gateway whose sessions the rows are; "
                               "set by the stage a gateway called, from the gateway's certificate")  # fmt: skip
