@@ -508,6 +508,11 @@ class Kubelet:
                 resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
     def shutdown(self) -> None:
+        """Stop every pod: all asked at once, so their grace periods run side by side."""
+        for pod in self.pods.values():
+            for container in pod.containers:
+                if container.popen is not None and container.popen.poll() is None:
+                    os.killpg(container.popen.pid, signal.SIGTERM)
         for pod in list(self.pods.values()):
             self.stop_pod(pod)
 

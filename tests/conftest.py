@@ -41,14 +41,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Pat
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_cluster() -> Iterator[Path]:
-    """One real control plane (``scripts/cluster.sh``) for the session: its admin kubeconfig."""
+    """A real control plane (``scripts/cluster.sh``, about 10 s to start) for one module: its admin
+    kubeconfig. Per module, so it does not idle beside the rest of the suite."""
     with control_planes(f"pytest{os.getpid()}") as (kubeconfig,):
         yield kubeconfig
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_api(real_cluster: Path):
     """An admin API client of ``real_cluster``, with the DistributedLLM CRD installed."""
     from kubernetes import config

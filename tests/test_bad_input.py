@@ -227,7 +227,8 @@ def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
 
 def test_hops_relayed_through_the_gateway_give_the_same_tokens(tmp_path, tiny_pipeline):
     """The planner may route a hop through the gateway; the gateway forwards the frame on."""
-    relayed = start_pipeline(tmp_path, tiny_pipeline.source, "tiny", gateway_args=["--relay-hops", "1,0"])
+    relayed = start_pipeline(tmp_path, tiny_pipeline.source, "tiny",
+                             gateway_args=["--relay-hops", "1,0", "--recovery-wait", "0"])  # fmt: skip
     try:
         assert (
             tiny_chat(relayed)[1]["choices"][0]["token_ids"] == tiny_chat(tiny_pipeline)[1]["choices"][0]["token_ids"]
