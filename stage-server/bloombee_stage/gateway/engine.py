@@ -141,22 +141,13 @@ class GenerationEngine:
         misses = dict.fromkeys(self.stage_urls, 0)
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            alive = await asyncio.gather(*(self._beats(pipeline, url) for url in misses))
+            alive = await asyncio.gather(*(pipeline.answers(url, HEALTHZ_PATH, HEARTBEAT_TIMEOUT_S) for url in misses))
             for url, beat in zip(list(misses), alive, strict=True):
                 misses[url] = 0 if beat else misses[url] + 1
                 if misses[url] == HEARTBEAT_MISSES:
                     log.warning("stage %s missed %d heartbeats: taken as lost", url, HEARTBEAT_MISSES)
                 if misses[url] >= HEARTBEAT_MISSES and pipeline.lost(url):
                     self.metrics.inc("lost_steps_total", "Steps failed early because a stage stopped answering")
-
-    @staticmethod
-    async def _beats(pipeline: PipelineClient, url: str) -> bool:
-        try:
-            timeout = aiohttp.ClientTimeout(total=HEARTBEAT_TIMEOUT_S)
-            async with pipeline.http.get(url + HEALTHZ_PATH, timeout=timeout) as reply:
-                return reply.status == 200
-        except (TimeoutError, aiohttp.ClientError):
-            return False
 
     @property
     def _running(self) -> _Running:
@@ -258,16 +249,8 @@ class GenerationEngine:
 
     async def stage_readiness(self) -> dict[str, bool]:
         """Whether each stage replica answers its readiness check now."""
-        http = self._running.http
-
-        async def ready(url: str) -> bool:
-            try:
-                async with http.get(url + READYZ_PATH, timeout=aiohttp.ClientTimeout(total=3)) as reply:
-                    return reply.status == 200
-            except (TimeoutError, aiohttp.ClientError):
-                return False
-
-        states = await asyncio.gather(*(ready(url) for url in self.stage_urls))
+        pipeline = self._running.batcher.pipeline
+        states = await asyncio.gather(*(pipeline.answers(url, READYZ_PATH) for url in self.stage_urls))
         return dict(zip(self.stage_urls, states, strict=True))
 
     async def _adopt_stage_settings(self) -> None:

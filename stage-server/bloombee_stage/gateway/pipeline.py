@@ -115,16 +115,17 @@ class PipelineClient:
         """Whether every stage of ``urls`` answers its readiness check within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            ready = await asyncio.gather(*(self._ready(url) for url in urls))
+            ready = await asyncio.gather(*(self.answers(url, READYZ_PATH) for url in urls))
             if all(ready):
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.5)
 
-    async def _ready(self, url: str) -> bool:
+    async def answers(self, url: str, path: str, timeout_s: float = 3.0) -> bool:
+        """Whether the stage at ``url`` answers 200 on ``path`` (``/readyz``, ``/healthz``) in ``timeout_s``."""
         try:
-            async with self.http.get(url + READYZ_PATH, timeout=aiohttp.ClientTimeout(total=3)) as reply:
+            async with self.http.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout_s)) as reply:
                 return reply.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
