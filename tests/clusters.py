@@ -115,3 +115,11 @@ def ready_pod_ip(api, namespace: str, selector: str) -> str | None:
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
     ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
     return ready[0].status.pod_ip if ready else None
+
+
+def pod_logs(kubeconfig: Path, namespace: str, tail_chars: int = 3000) -> str:
+    """The end of every container log of ``namespace``'s pods on this cluster's process kubelet, for
+    a failure message: a pod's own words are what says why a request through it failed."""
+    logs = sorted((kubeconfig.parent / "kubelet").glob(f"{namespace}_*/*.log"))
+    return "\n".join(f"--- {path.parent.name}/{path.name}\n{path.read_text(errors='replace')[-tail_chars:]}"
+                     for path in logs)  # fmt: skip

@@ -8,6 +8,7 @@ import re
 import signal
 import ssl
 import struct
+import time
 import urllib.error
 import urllib.request
 
@@ -375,6 +376,62 @@ def test_a_stage_sends_only_to_parts_of_its_deployment(tiny_pipeline):
             outside.accept()  # nothing ever connected to it
     finally:
         outside.close()
+
+
+def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(tiny_pipeline):
+    """A gateway just Ready may not be routable yet from the stages (its Service has no endpoint
+    for a moment), or a link blips: the last stage sends the result again on connection errors
+    until the gateway takes it, instead of dropping it and leaving the gateway to time out."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from bloombee_contract.paths import RESULT_PATH
+    from bloombee_contract.tls import client_context, server_context
+    from bloombee_stage.wire.frame import decode_frame
+    from bloombee_stage.wire.messages import ResultMeta
+    from pipelines import TEST_CA, TEST_TLS
+
+    with socket.socket() as reserve:
+        reserve.bind(("127.0.0.1", 0))
+        port = reserve.getsockname()[1]
+    received: list[tuple[str, bytes]] = []
+
+    class Results(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", port), Results, bind_and_activate=False)
+    server.timeout = 45  # handle_request gives up by then: a result that never comes fails the test
+    server.socket = server_context(TEST_CA.identity("late-gateway", ["127.0.0.1"])).wrap_socket(
+        server.socket, server_side=True)  # fmt: skip
+
+    def listen_late() -> None:
+        time.sleep(1.5)  # the step is sent, computed and its result refused (nothing listens) meanwhile
+        server.server_bind()
+        server.server_activate()
+        server.handle_request()
+
+    late = threading.Thread(target=listen_late, daemon=True)
+    late.start()
+    try:
+        route = [tiny_pipeline.stage_url(1), tiny_pipeline.stage_url(2)]
+        meta = StepMeta(step=7, rows=[RowMeta(session="late", start=0, length=3)], route=route,
+                        reply_to=f"https://127.0.0.1:{port}{RESULT_PATH}")  # fmt: skip
+        frame = encode_frame(tensor_frame(torch.tensor([[5, 6, 7]]), meta.model_dump(mode="json")))
+        assert _call(tiny_pipeline.stage_url(0) + STEP_PATH, client_context(TEST_TLS), frame)[0] == 202
+        late.join(timeout=60)
+        assert not late.is_alive() and [path for path, _ in received] == [RESULT_PATH]
+        result = ResultMeta.model_validate(decode_frame(received[0][1]).meta)
+        assert result.error is None and result.step == 7 and [row.session for row in result.rows] == ["late"]
+    finally:
+        server.server_close()
 
 
 def test_a_stage_lost_mid_generation_costs_no_request(tmp_path, tiny_dir):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from clusters import GROUP, PLURAL, ROOT, VERSION, helm, needs_root, settings, wait_for
+from clusters import GROUP, PLURAL, ROOT, VERSION, helm, needs_root, pod_logs, settings, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -213,8 +214,11 @@ def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(ap
     request = urllib.request.Request(f"http://{gateway.status.pod_ip}:8000/v1/chat/completions",
                                      data=json.dumps(chat_request("What is the capital of France?")).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=300) as reply:
-        answer = json.loads(reply.read())
+    try:
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            answer = json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        pytest.fail(f"the chat failed: {error.code} {error.read()[:500]!r}\n{pod_logs(cluster, namespace)}")
     tokens = answer["choices"][0]["token_ids"]
     assert tokens == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
 

@@ -39,6 +39,11 @@ from bloombee_stage.wire.tensors import tensor_frame
 
 log = logging.getLogger("bloombee.stage")
 
+# The gateway can be briefly out of reach although it sent the step: its Service may not route to it
+# yet (just Ready), or a link blips. A result is small and the gateway drops duplicates, so it is
+# sent again for this long before the step is given up (well inside the gateway's step timeout).
+DELIVERY_RETRY_S = 20.0
+
 
 @dataclass
 class StageSettings:
@@ -239,7 +244,7 @@ class StageService:
         try:
             output, meta = await self.run_step(sessions, meta, inputs)
             if isinstance(output, list):
-                await self._post(meta.reply_to, encode_frame(self.result_frame(meta, output)), expect=200)
+                await self.deliver(meta.reply_to, encode_frame(self.result_frame(meta, output)))
                 return
             url = meta.next_url
             assert url is not None  # check_inputs refused hidden states with nowhere to go
@@ -295,13 +300,28 @@ class StageService:
                 message, code = await read_error(reply, ErrorCode.STAGE_FAILED)
                 raise Refused(f"{url} answered {reply.status}: {message}", code)
 
+    async def deliver(self, reply_to: str, body: bytes) -> None:
+        """POST a result frame to the gateway, again on connection errors for ``DELIVERY_RETRY_S``."""
+        deadline, pause = time.monotonic() + DELIVERY_RETRY_S, 0.25
+        while True:  # bounded by the deadline
+            try:
+                await self._post(reply_to, body, expect=200)
+                return
+            except aiohttp.ClientConnectionError as error:
+                if time.monotonic() + pause > deadline:
+                    raise
+                self.metrics.inc("delivery_retries_total", "Result frames sent again after a connection error")
+                log.warning("result not delivered to %s (%s); again in %.2f s", reply_to, error, pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 4.0)
+
     async def report(self, meta: StepMeta, message: str, code: str, unreachable: str | None = None) -> None:
         if not meta.reply_to:
             return
         result = ResultMeta(step=meta.step, error=message, code=code, stage=self.settings.name, unreachable=unreachable)
         body = encode_frame(tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump()))
         try:
-            await self._post(meta.reply_to, body, expect=200)
+            await self.deliver(meta.reply_to, body)
         except Exception as error:
             log.error("could not report failure of step %s to %s: %s", meta.step, meta.reply_to, error)
 
