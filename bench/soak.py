@@ -106,16 +106,6 @@ def clients(endpoint: str, count: int, until: float, max_tokens: int, expected: 
         thread.join(timeout=max(1.0, until - time.monotonic()) + 900)
 
 
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def chaos(backend, stages: list[str], until: float, kill_every: float, log: list[dict]) -> None:
     rng = random.Random(7)
     next_kill, stopped = time.monotonic() + kill_every, False
@@ -150,7 +140,7 @@ def run(count: int, duration_s: float, kill_every: float, max_tokens: int) -> di
     from bloombee_operator.desired import desired_state
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from pipelines import resource_for
+    from pipelines import resource_for, rss_mb
 
     with tempfile.TemporaryDirectory() as run_dir:
         backend = LocalBackend(Path(run_dir), threads_per_stage=1, gateway_args=["--max-sequences", str(count)])

@@ -29,8 +29,10 @@ Commands:
                       MS one way (default 20; scripts/pod_wan.py), and they
                       form one cluster set: Services with a ServiceExport
                       resolve in every cluster as NAME.NS.svc.clusterset.local.
-  down [--name NAME]  Stop the clusters started by `up` (all, or one) and
-                      remove their state under .cluster/ (not the binary cache).
+  down [--name NAME]...
+                      Stop the clusters started by `up` (all, or those named,
+                      side by side) and remove their state under .cluster/
+                      (not the binary cache).
   status              Show which clusters, processes and routers run.
   -h, --help          This help.
 
@@ -696,11 +698,11 @@ stop_cluster() { # dir
 }
 
 cmd_down() {
-    local name="" dir found=0
+    local names=() dir name
     while (($#)); do
         case $1 in
-            --name) name=${2:?--name needs a value}; shift ;;
-            --name=*) name=${1#*=} ;;
+            --name) names+=("${2:?--name needs a value}"); shift ;;
+            --name=*) names+=("${1#*=}") ;;
             -h | --help) usage; exit 0 ;;
             *) die "down: unknown option $1" ;;
         esac
@@ -713,18 +715,20 @@ cmd_down() {
     for dir in "$STATE_ROOT"/*/; do
         [[ -d $dir ]] || continue
         dir=${dir%/}
-        [[ -z $name || $(basename "$dir") == "$name" ]] && stopping+=("$(basename "$dir")")
+        if ((${#names[@]} == 0)) || [[ " ${names[*]} " == *" $(basename "$dir") "* ]]; then
+            stopping+=("$(basename "$dir")")
+        fi
     done
-    ((${#stopping[@]})) && unjoin_clusters "${stopping[@]}"
-    for dir in "$STATE_ROOT"/*/; do
-        [[ -d $dir ]] || continue
-        dir=${dir%/}
-        [[ -z $name || $(basename "$dir") == "$name" ]] || continue
-        found=1
-        log "$(basename "$dir"): stopping"
-        stop_cluster "$dir"
+    ((${#stopping[@]})) || { log "no cluster${names[*]:+ named ${names[*]}}"; return 0; }
+    unjoin_clusters "${stopping[@]}"
+    # Side by side: each cluster's kubelet gives its pods their grace period.
+    local pids=()
+    for name in "${stopping[@]}"; do
+        log "$name: stopping"
+        stop_cluster "$STATE_ROOT/$name" &
+        pids+=($!)
     done
-    ((found)) || log "no cluster${name:+ named $name}"
+    wait "${pids[@]}"
     # Keep nothing behind when all clusters are gone.
     if [[ -z $(find "$STATE_ROOT" -mindepth 1 -maxdepth 1 ! -name .lock) ]]; then
         rm -rf "$STATE_ROOT"

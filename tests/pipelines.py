@@ -129,3 +129,14 @@ def make_tiny_llama(directory: Path, tokenizer_dir: Path, num_layers: int = 6, s
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, directory / name)
     return directory
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident memory in MB (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

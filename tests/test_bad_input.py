@@ -304,6 +304,8 @@ def test_the_gateway_takes_results_only_from_the_deployment_and_only_on_its_inte
     status, answer = _call(internal + RESULT_PATH, client_context(TEST_TLS), b"forged")
     assert status == 400 and answer["error"]["code"] == "invalid_frame"  # a part of the deployment: read, refused
     assert tiny_chat(tiny_pipeline)[0] == 200  # and the pipeline still answers
+    with urllib.request.urlopen(public + "/readyz", timeout=30) as reply:  # anyone may ask; no internal URL leaks
+        assert json.loads(reply.read()) == {"ready": True, "stages_ready": "3/3"}
 
 
 def test_a_gateways_sessions_are_its_own(tiny_pipeline):
@@ -378,6 +380,84 @@ def test_a_stage_sends_only_to_parts_of_its_deployment(tiny_pipeline):
         outside.close()
 
 
+def test_crafted_and_fuzzed_frames_get_4xx_and_cost_no_memory(tiny_pipeline):
+    """Every hostile frame of the issue's list (a zstd bomb, astronomic shapes, 100k-deep or
+    oversized metadata, too many rows or hops, ...) gets a 4xx naming what is wrong, checked before
+    anything is allocated; 3,000 random mutations of good frames get no 5xx and no dropped
+    connection; the stage's memory does not grow and it still answers exactly. bench/fuzz.py sends
+    10^5."""
+    from bloombee_contract.tls import client_context
+    from fuzzing import crafted_frames, good_frame, mutations, post_frames
+    from pipelines import TEST_TLS, rss_mb
+
+    context = client_context(TEST_TLS)
+    status, before = tiny_chat(tiny_pipeline)
+    assert status == 200, before
+    middle = tiny_pipeline.stage_url(1)
+    stage = tiny_pipeline.backend.processes["tiny-stage-1"].popen.pid
+    rss_before = rss_mb(stage)
+    for name, (frame, says) in crafted_frames(64, [tiny_pipeline.stage_url(2)]).items():
+        status, answer = _call(middle + STEP_PATH, context, frame)
+        assert 400 <= status < 500 and says in answer["error"]["message"], (name, status, answer)
+    hidden = good_frame(torch.randn(1, 3, 64), [tiny_pipeline.stage_url(2)])
+    tokens = good_frame(torch.tensor([[5, 6, 7]]), [middle, tiny_pipeline.stage_url(2)])
+    statuses = post_frames(middle, context, mutations(hidden, 1500, seed=1))
+    statuses += post_frames(tiny_pipeline.stage_url(0), context, mutations(tokens, 1500, seed=2))
+    assert sum(statuses.values()) == 3000 and not [s for s in statuses if s == 0 or s >= 500], statuses
+    assert rss_mb(stage) < 1.1 * rss_before + 16  # allocator noise aside, nothing was kept
+    status, after = tiny_chat(tiny_pipeline)
+    assert status == 200 and after["choices"][0]["token_ids"] == before["choices"][0]["token_ids"]
+
+
+def test_a_renewed_certificate_is_served_without_a_restart_or_a_dropped_generation(tiny_pipeline):
+    """New certificate files in a stage's TLS directory (as a renewed Secret's volume) are loaded
+    within seconds: new connections see the new certificate, while a generation streaming through
+    the stage goes on to the same tokens as before, and the pipeline keeps answering."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from bloombee_contract.tls import client_context
+    from bloombee_operator.pki import issue, write_identity
+    from cryptography import x509
+    from pipelines import TEST_CA, TEST_TLS
+
+    stage = urlsplit(tiny_pipeline.stage_url(1))
+
+    def served_serial() -> int:
+        raw = socket.create_connection((stage.hostname, stage.port), timeout=10)
+        with client_context(TEST_TLS).wrap_socket(raw, server_hostname=stage.hostname) as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+    body = {"model": "tiny", "prompt": [21, 22, 23], "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+    status, expected = tiny_pipeline.post("/completions", body)
+    assert status == 200
+    before = served_serial()
+    streamed: list[str] = []
+
+    def stream() -> None:
+        request = urllib.request.Request(tiny_pipeline.endpoint + "/completions", headers={
+            "Content-Type": "application/json"}, data=json.dumps({**body, "stream": True}).encode())  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            streamed.extend(line.decode() for line in reply)
+
+    streaming = threading.Thread(target=stream, daemon=True)
+    streaming.start()
+    directory = TEST_CA.directory / "stage-tiny-stage-1"
+    write_identity(directory, TEST_CA.ca, issue(TEST_CA.ca, "stage/tiny-stage-1", [stage.hostname, "localhost"]))
+    deadline = time.monotonic() + 30
+    while served_serial() == before:  # bounded: servers look every 5 s
+        assert time.monotonic() < deadline, "the stage still serves the old certificate"
+        time.sleep(0.5)
+    streaming.join(timeout=120)
+    chunks = [json.loads(line[len("data: ") :]) for line in streamed if line.startswith("data: {")]
+    assert not [c for c in chunks if "error" in c]
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == expected["choices"][0]["token_ids"]
+    status, again = tiny_pipeline.post("/completions", body)
+    assert status == 200 and again["choices"][0]["token_ids"] == expected["choices"][0]["token_ids"]
+
+
 def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(tiny_pipeline):
     """A gateway just Ready may not be routable yet from the stages (its Service has no endpoint
     for a moment), or a link blips: the last stage sends the result again on connection errors
@@ -432,6 +512,82 @@ def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(ti
         assert result.error is None and result.step == 7 and [row.session for row in result.rows] == ["late"]
     finally:
         server.server_close()
+
+
+def test_a_stage_being_replaced_a_deadline_and_a_client_that_left(tmp_path, tiny_dir):
+    """While a stage misses its heartbeats new requests get 503 with Retry-After at once, and one
+    caught in it ends by its deadline (--request-timeout) instead of waiting out the recovery;
+    once the stage answers again requests are served. A non-streaming request whose client
+    closed its connection stops generating (its seat and KV freed) instead of running on, and the
+    sessions of a gateway that died close once its lease lapses."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    pipeline = start_pipeline(tmp_path, str(tiny_dir), "replaced", num_stages=2,
+                              gateway_args=["--request-timeout", "4"])  # fmt: skip
+    body = {"model": "replaced", "prompt": [11, 12, 13], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    try:
+        assert pipeline.post("/completions", body)[0] == 200
+        stage = pipeline.backend.processes["replaced-stage-1"].popen
+        stage.send_signal(signal.SIGSTOP)
+        caught: list[tuple[int, dict, float]] = []
+
+        def in_flight() -> None:
+            started = time.monotonic()
+            status, answer = pipeline.post("/completions", {**body, "max_tokens": 200}, timeout=120)
+            caught.append((status, answer, time.monotonic() - started))
+
+        thread = threading.Thread(target=in_flight, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # bounded: heartbeats notice within about 3 s
+                request = urllib.request.Request(pipeline.endpoint + "/completions", data=json.dumps(body).encode(),
+                                                 headers={"Content-Type": "application/json"})  # fmt: skip
+                try:
+                    urllib.request.urlopen(request, timeout=2).close()
+                except urllib.error.HTTPError as error:
+                    refused = (error.code, error.headers.get("Retry-After"), json.loads(error.read()))
+                    break
+                except TimeoutError:
+                    pass  # admitted before the loss was noticed: it waits in the pipeline
+                time.sleep(0.5)
+            else:
+                pytest.fail("no request was refused while a stage did not answer")
+            assert refused[:2] == (503, "5") and refused[2]["error"]["code"] == "stage_unreachable", refused
+            thread.join(timeout=60)
+            assert caught and caught[0][0] in (503, 504) and caught[0][2] < 30, caught
+        finally:
+            stage.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while pipeline.post("/completions", body)[0] != 200:  # bounded: heartbeats see it back within 1 s
+            assert time.monotonic() < deadline, "the pipeline did not serve again after the stage came back"
+            time.sleep(0.5)
+
+        gateway = urlsplit(pipeline.endpoint)
+        with socket.create_connection((gateway.hostname, gateway.port), timeout=10) as client:
+            long = json.dumps({**body, "max_tokens": 240}).encode()
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(long)}\r\n\r\n".encode() + long)  # fmt: skip
+            time.sleep(0.3)  # under way, then the client leaves
+        deadline = time.monotonic() + 15
+        while pipeline.gateway_metrics().get("bloombee_gateway_abandoned_total", 0) < 1:
+            assert time.monotonic() < deadline, "the generation of a client that left was not stopped"
+            time.sleep(0.2)
+
+        # The gateway dies: the sessions it kept on the stages (its prefix cache) close once its
+        # lease lapses, instead of holding their KV until the idle time-out.
+        assert pipeline.stage_metrics(1)["bloombee_stage_sessions"] > 0
+        gateway_process = pipeline.backend.processes["replaced-gateway"].popen
+        gateway_process.send_signal(signal.SIGKILL)
+        gateway_process.wait()
+        deadline = time.monotonic() + 30
+        while pipeline.stage_metrics(1)["bloombee_stage_sessions"] > 0:  # bounded: the lease lapses after 10 s
+            assert time.monotonic() < deadline, "the dead gateway's sessions still hold the stage's KV"
+            time.sleep(0.5)
+    finally:
+        pipeline.backend.stop()
 
 
 def test_a_stage_lost_mid_generation_costs_no_request(tmp_path, tiny_dir):

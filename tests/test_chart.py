@@ -88,7 +88,7 @@ def test_rbac_covers_what_the_operator_does_and_is_not_a_wildcard():
                for resource in rule["resources"] for verb in rule["verbs"]}  # fmt: skip
     assert not any("*" in entry for entry in granted)
     plural = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
-              "ServiceExport": "serviceexports"}  # fmt: skip
+              "NetworkPolicy": "networkpolicies", "ServiceExport": "serviceexports"}  # fmt: skip
     for api_version, kind in CHILD_KINDS:  # what the backend applies, lists and deletes
         group = api_version.rpartition("/")[0]
         for verb in ("get", "list", "create", "patch", "delete"):

@@ -65,9 +65,9 @@ def test_children_are_labelled_and_owned_where_owner_references_reach():
 def test_stages_carry_their_span_and_the_gateway_finds_them():
     rendered = objects()
     kinds = sorted((obj["kind"], obj["metadata"]["name"]) for items in rendered.values() for obj in items)
-    assert kinds == sorted([("Deployment", f"geo-stage-{i}") for i in range(3)] + [("Service", f"geo-stage-{i}")
-                           for i in range(3)] + [("Deployment", "geo-gateway"), ("Service", "geo-gateway"),
-                                                 ("ConfigMap", "geo-plan")])  # fmt: skip
+    children = [f"geo-stage-{i}" for i in range(3)] + ["geo-gateway"]
+    assert kinds == sorted([(kind, name) for name in children for kind in ("Deployment", "Service", "NetworkPolicy")]
+                           + [("ConfigMap", "geo-plan")])  # fmt: skip
     deployments = {obj["metadata"]["name"]: obj for items in rendered.values() for obj in items
                    if obj["kind"] == "Deployment"}  # fmt: skip
     middle = deployments["geo-stage-1"]["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -117,3 +117,45 @@ def test_probes_and_cluster_set_domains():
     assert args[args.index("--public-url") + 1] == "http://geo-gateway.llm.svc.clusterset.local:8000"
     exported = {o["metadata"]["name"] for items in rendered.values() for o in items if o["kind"] == "ServiceExport"}
     assert exported == {"geo-stage-0", "geo-stage-1", "geo-gateway"}
+
+
+def _callers(policy: dict) -> dict[int, list[dict] | None]:
+    """Per port, the pods' labels a NetworkPolicy admits (None: anyone)."""
+    return {rule["ports"][0]["port"]: [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+            if "from" in rule else None for rule in policy["spec"]["ingress"]}  # fmt: skip
+
+
+def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_budgets():
+    """A stage admits its gateway, the stage before it and the probes; the gateway's peer port its
+    last stage; a caller in another cluster (no selector here can name it) leaves the port open to
+    mutual TLS alone. Every container requests the memory its plan budgets and has a limit."""
+    local = parse_resource({"apiVersion": "bloombee.ai/v1alpha1", "kind": "DistributedLLM",
+                            "metadata": {"name": "geo", "namespace": "llm"},
+                            "spec": {"model": {"source": "gguf://x/y.gguf"},
+                                     "clusters": [{"name": "eu"}]}})  # fmt: skip
+    desired = desired_state(local, ModelShape(30, 576, 9, 3, 1536), num_stages=3)
+    rendered = render(desired, OWNER, Placement.of(local), tls=True)["eu"]
+    for obj in rendered:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    policies = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "NetworkPolicy"}
+    instance = {LABEL_INSTANCE: "geo"}
+    gateway, probes = {**instance, LABEL_COMPONENT: "gateway"}, {**instance, LABEL_COMPONENT: "probe"}
+    assert _callers(policies["geo-stage-0"]) == {8080: [gateway, probes]}
+    assert _callers(policies["geo-stage-2"]) == {8080: [gateway, probes, {**instance, "bloombee.ai/stage-index": "1"}]}
+    assert _callers(policies["geo-gateway"]) == {8000: None, 8443: [{**instance, "bloombee.ai/stage-index": "2"}]}
+    selected = policies["geo-stage-1"]["spec"]["podSelector"]["matchLabels"]
+    assert selected == {**instance, "bloombee.ai/name": "geo-stage-1"}
+
+    remote = {o["metadata"]["name"]: o for items in objects().values() for o in items if o["kind"] == "NetworkPolicy"}
+    assert _callers(remote["geo-stage-0"])[8080] is not None  # eu, called from eu only
+    assert _callers(remote["geo-stage-1"]) == {8080: None}  # us, called by the gateway in eu
+    assert _callers(remote["geo-stage-2"]) == {8080: None}  # eu, called by stage 1 in us
+
+    per_layer_mib = (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576) * 4 / (1 << 20)
+    containers = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0] for o in rendered
+                  if o["kind"] == "Deployment"}  # fmt: skip
+    stage = containers["geo-stage-0"]["resources"]
+    expected_mib = round((10 * per_layer_mib / 1024 + 2.0 + 0.75) * 100) / 100 * 1024
+    assert stage["requests"]["memory"] == f"{round(expected_mib)}Mi" and stage["requests"]["cpu"] == "1"
+    assert stage["limits"] == {"memory": f"{round(2 * expected_mib)}Mi"}
+    assert all("memory" in c["resources"]["limits"] for c in containers.values())

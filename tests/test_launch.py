@@ -21,14 +21,16 @@ from bloombee_contract.launch import (
 CHANGED: dict[type[LaunchSpec], dict] = {
     StageLaunch: dict(model="gguf://pkg/m.gguf", layers=(3, 17), dtype="bfloat16", device="cuda:1", host="0.0.0.0",
                       port=9001, name="eu-stage-1", threads=3, codec="auto", link_mbps=87.25,
-                      accept_codecs=("raw", "zstd"), kv_budget_gib=0.123456789, micro_batch=4, offload_weights=0.25,
+                      accept_codecs=("raw", "zstd"), kv_budget_gib=0.123456789, kv_owner_share=0.375, micro_batch=4,
+                      offload_weights=0.25,
                       offload_kv=0.5, offload_tier="host", no_prefetch=True, session_timeout=12.5,
                       tls_dir="/etc/bloombee/tls", ready_file="/tmp/ready.json", log_level="DEBUG"),
     GatewayLaunch: dict(model="/models/m", stages=(("http://a:1",), ("http://b1:2", "https://b2:3")),
                         served_model_name="chat", host="0.0.0.0", port=8443, public_url="http://gw:8000",
                         step_timeout=30.5, api_key="secret", relay=True, relay_hops=(True, False), draft="early-exit",
                         draft_max=5, draft_layers=12, draft_model="/models/small", micro_batch=6, max_in_flight=2,
-                        prefix_cache=0, max_sequences=9, max_waiting=3, recovery_wait=7.5, internal_port=9443,
+                        prefix_cache=0, max_sequences=9, max_waiting=3, recovery_wait=7.5, request_timeout=42.5,
+                        default_max_tokens=99, internal_port=9443,
                         tls_dir="/tls", ready_file="/tmp/gw.json", log_level="WARNING"),
     ProbeLaunch: dict(host="127.0.0.1", port=0, tls_dir="/run/tls", ready_file="/tmp/probe.json"),
 }

@@ -183,6 +183,38 @@ def test_session_store_budget_and_limits():
     store.admit("c", 0, 10, max_length=60)
 
 
+def test_one_gateway_reserves_at_most_its_share_of_the_kv_budget():
+    """With kv_owner_share 0.4 no caller's sessions can take more than 40% of a stage's KV: another
+    gateway always finds room, whatever the first one asks for."""
+    store = SessionStore(new_cache=dict, kv_bytes_per_token=10, kv_budget_bytes=1000, timeout_s=60, max_length=64,
+                         owner_budget_bytes=400)  # fmt: skip
+    store.admit("a1", 0, 10, max_length=30, owner="gateway/a")
+    with pytest.raises(SessionError) as caught:
+        store.admit("a2", 0, 10, max_length=30, owner="gateway/a")  # 60 tokens of a's 40
+    assert caught.value.code == "kv_budget_exceeded" and "gateway/a would reserve 600 bytes" in str(caught.value)
+    assert "a2" not in store.sessions
+    store.admit("a2", 0, 10, max_length=10, owner="gateway/a")  # exactly its share
+    store.admit("b1", 0, 10, max_length=40, owner="gateway/b")  # b's share, with the budget not yet full
+    with pytest.raises(SessionError, match="KV quota exceeded"):
+        store.admit("b2", 0, 1, max_length=10, owner="gateway/b")
+
+
+def test_the_sessions_of_a_gateway_that_went_quiet_close():
+    """A gateway's lease is renewed by its steps and heartbeats; once it lapses (the gateway died or
+    restarted) the sessions it opened close, whatever their idle time-out; sessions opened without
+    a lease wait for that time-out."""
+    store = make_store(timeout_s=300)
+    store.admit("old", 0, 4, max_length=None, lease="dead-gateway")
+    store.admit("alive", 0, 4, max_length=None, lease="live-gateway")
+    store.admit("plain", 0, 4, max_length=None)
+    opened = store.sessions["old"].last_used
+    store.renew("live-gateway", now=opened + 8)
+    assert store.expire(now=opened + 5) == []
+    assert store.expire(now=opened + 11) == ["old"]
+    assert sorted(store.sessions) == ["alive", "plain"] and "dead-gateway" not in store.leases
+    assert store.expire(now=opened + 19) == ["alive"]  # that one went quiet too
+
+
 def test_session_store_gaps_unknown_and_expiry():
     store = make_store(timeout_s=5)
     session = store.admit("a", 0, 4, max_length=None)

@@ -174,8 +174,16 @@ def backend_for(api, stored: dict):
 
 
 def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(real_api):
-    """The Kubernetes backend under the reconcile steps (no kopf), with server-side apply."""
+    """The Kubernetes backend under the reconcile steps (no kopf), with server-side apply; the API
+    server takes the children's NetworkPolicies; a TLS Secret whose certificate nears its end is
+    renewed by the keep pass."""
+    import base64
+
     from bloombee_operator import reconcile
+    from bloombee_operator.backends.kubernetes.backend import Cluster
+    from bloombee_operator.backends.kubernetes.tls_secrets import DeploymentSecrets
+    from bloombee_operator.pki import due_for_renewal, issue
+    from kubernetes import client
 
     namespace = "op-replan"
     body = create(real_api, resource("chat", namespace, SMOLLM2))  # its 30 layers split 10/10/10
@@ -191,6 +199,21 @@ def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(real_api
     stages = len(body["status"]["plan"]["stages"])
     assert stages == 3 and f"chat-stage-{stages - 1}" in first, first
     assert step() == ""  # the same plan again: nothing is rewritten
+    policies = client.NetworkingV1Api(real_api).list_namespaced_network_policy(namespace).items
+    assert sorted(p.metadata.name for p in policies) == ["chat-gateway", "chat-stage-0", "chat-stage-1",
+                                                         "chat-stage-2"]  # fmt: skip
+
+    # A certificate near its end is renewed by the next keep pass (and only then).
+    core = client.CoreV1Api(real_api)
+    ca = DeploymentSecrets("chat", namespace, None).ca(Cluster(real_api))[0]
+    expiring = issue(ca, "stage/chat-stage-0", ["chat-stage-0"], days=0)
+    core.patch_namespaced_secret("chat-stage-0-tls", namespace, {"data": {
+        "tls.crt": base64.b64encode(expiring.cert).decode(), "tls.key": base64.b64encode(expiring.key).decode()}})
+    untouched = core.read_namespaced_secret("chat-stage-1-tls", namespace).data["tls.crt"]
+    reconcile.keep(reconcile.read(body), backend_for(real_api, body))
+    renewed = base64.b64decode(core.read_namespaced_secret("chat-stage-0-tls", namespace).data["tls.crt"])
+    assert renewed != expiring.cert and not due_for_renewal(renewed)
+    assert core.read_namespaced_secret("chat-stage-1-tls", namespace).data["tls.crt"] == untouched
     versions = {name: d.metadata.resource_version for name, d in deployments(real_api, namespace).items()}
 
     body["spec"]["clusters"][0]["nodes"] = THREE_NODES[:2]  # one node fewer

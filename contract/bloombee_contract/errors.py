@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     FORK_SOURCE_GONE = "fork_source_gone"
     POSITION_GAP = "position_gap"
     BAD_ROLLBACK = "bad_rollback"
+    BODY_TOO_LARGE = "body_too_large"
     OVERLOADED = "overloaded"  # the gateway's queue is full: try again after Retry-After seconds
     # The pipeline (5xx): another try, or another path, may succeed.
     KV_BUDGET_EXCEEDED = "kv_budget_exceeded"
@@ -59,6 +60,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FORK_SOURCE_GONE: 404,
     ErrorCode.POSITION_GAP: 409,
     ErrorCode.BAD_ROLLBACK: 400,
+    ErrorCode.BODY_TOO_LARGE: 413,
     ErrorCode.OVERLOADED: 429,
     # Full KV budgets heal when other sessions finish: "try again later", not "the server broke".
     ErrorCode.KV_BUDGET_EXCEEDED: 503,

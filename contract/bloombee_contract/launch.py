@@ -239,6 +239,9 @@ class StageLaunch(LaunchSpec):
                                 show=_float_text)  # fmt: skip
     micro_batch: int | None = flag("the plan's micro-batch: refuse steps with more rows (default: any)", None,
                                    parse=_positive(int))  # fmt: skip
+    kv_owner_share: float = flag("most of the KV budget the sessions of one caller (a gateway's certificate) may "
+                                 "reserve, as a fraction; stages shared by several gateways keep room for each",
+                                 1.0, parse=_positive(_fraction), show=_float_text, metavar="S")  # fmt: skip
     offload_weights: float = flag("fraction of the span's layers whose weights stay in the lower tier and stream in",
                                   0.0, parse=_fraction, show=_float_text, metavar="F")  # fmt: skip
     offload_kv: float = flag("fraction of the span's layers whose KV cache stays on disk between steps", 0.0,
@@ -293,6 +296,11 @@ class GatewayLaunch(LaunchSpec):
     max_waiting: int | None = flag("requests waiting for a seat beyond which a new one is refused at once with 429 "
                                    "and Retry-After (default: 4 x --max-sequences; no limit without seats)", None,
                                    parse=_positive(int))  # fmt: skip
+    default_max_tokens: int = flag("tokens a request that names no max_tokens may generate (its sessions reserve KV "
+                                   "for that many, not for the whole context)", 2048, parse=_positive(int))  # fmt: skip
+    request_timeout: float = flag("seconds a request may take from arrival to its last token, its wait for a seat "
+                                  "included; past it the request fails (504), freeing its seat and KV", 600.0,
+                                  parse=_positive(float), show=_float_text)  # fmt: skip
     internal_port: int = flag("with --tls-dir: the mutual-TLS port where stages deliver results and relayed hops "
                               "(0 = any free port); --port stays the clients' plain HTTP API", 0, parse=int)
     tls_dir: str | None = _tls_dir_flag()

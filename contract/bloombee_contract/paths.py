@@ -26,3 +26,7 @@ MEASURE_PATH = "/probe/measure"  # POST {"source", "targets": {name: url}}: meas
 def session_path(template: str, session: str) -> str:
     """A session path with its id filled in, e.g. ``session_path(PARK_PATH, "abc")``."""
     return template.format(session=session)
+# A gateway's heartbeats carry its process's lease; a stage closes the sessions of a lease it has
+# not heard of for LEASE_TIMEOUT_S (the gateway died or restarted).
+LEASE_HEADER = "X-Bloombee-Lease"
+LEASE_TIMEOUT_S = 10.0

@@ -8,13 +8,22 @@ caller for a certificate; only the liveness and readiness paths answer a caller 
 (kubelets and load balancers probe without certificates). A client checks the server's
 certificate against the CA and its address. Standard library only: minting certificates is the
 operator's (``bloombee_operator.pki``).
+
+Certificates rotate without a restart: every context made here is remembered with its directory,
+and ``reload_changed`` (which servers call every few seconds) loads the files again into those
+same contexts when they changed, as a Kubernetes Secret volume changes when the operator renews
+it. New connections use the new certificate; connections already open keep theirs, so no
+generation in flight is dropped. A new CA adds to the trusted ones (both verify during a CA
+rotation) until the process restarts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import ssl
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +31,9 @@ from bloombee_contract.paths import HEALTHZ_PATH, READYZ_PATH
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 OPEN_PATHS = frozenset({HEALTHZ_PATH, READYZ_PATH})  # answered without a client certificate
+
+
+log = logging.getLogger("bloombee.tls")
 
 
 class TlsError(ValueError):
@@ -58,32 +70,74 @@ class TlsFiles:
         return files
 
 
+def _load(context: ssl.SSLContext, files: TlsFiles, identify: bool) -> None:
+    try:
+        if identify:
+            context.load_cert_chain(files.cert, files.key)
+        context.load_verify_locations(files.ca)
+    except (ssl.SSLError, OSError) as error:
+        raise TlsError(f"TLS directory {files.directory}: {error}") from None
+
+
+# Every context made here, by directory, with whether it presents our certificate and the state
+# of the files when they were last loaded: what reload_changed refreshes.
+_made: dict[Path, tuple[tuple, weakref.WeakKeyDictionary[ssl.SSLContext, bool]]] = {}
+
+
+def _stamp(files: TlsFiles) -> tuple:
+    """What changes when any of the three files is replaced (a Secret volume swaps a symlink)."""
+    return tuple((path.stat().st_mtime_ns, path.stat().st_ino, path.stat().st_size)
+                 for path in (files.ca, files.cert, files.key))  # fmt: skip
+
+
+def _remember(context: ssl.SSLContext, files: TlsFiles, identify: bool) -> ssl.SSLContext:
+    directory = files.directory.resolve()
+    if directory not in _made:
+        _made[directory] = (_stamp(files), weakref.WeakKeyDictionary())
+    _made[directory][1][context] = identify
+    return context
+
+
+def reload_changed() -> list[Path]:
+    """Load the files again into every context made from a directory whose files changed; the
+    directories reloaded. A half-written set (a key that does not match its certificate yet) is
+    left for the next call."""
+    reloaded = []
+    for directory, (stamp, contexts) in list(_made.items()):
+        files = TlsFiles(directory)
+        try:
+            now = _stamp(files)
+            if now == stamp:
+                continue
+            for context, identify in list(contexts.items()):
+                _load(context, files, identify)
+        except (OSError, TlsError) as error:
+            log.warning("TLS files in %s changed but cannot be loaded yet: %s", directory, error)
+            continue
+        _made[directory] = (now, contexts)
+        reloaded.append(directory)
+        log.info("TLS files in %s reloaded: new connections use the new certificate", directory)
+    return reloaded
+
+
 def server_context(files: TlsFiles) -> ssl.SSLContext:
     """Serve with our certificate; ask callers for theirs and verify it against the CA."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    try:
-        context.load_cert_chain(files.cert, files.key)
-        context.load_verify_locations(files.ca)
-    except (ssl.SSLError, OSError) as error:
-        raise TlsError(f"TLS directory {files.directory}: {error}") from None
+    _load(context, files, identify=True)
     # Optional at the handshake so probes without certificates reach /healthz and /readyz;
     # every other path refuses a caller without one (serving.process.require_peer).
     context.verify_mode = ssl.CERT_OPTIONAL
-    return context
+    return _remember(context, files, identify=True)
 
 
 def client_context(files: TlsFiles, *, identify: bool = True) -> ssl.SSLContext:
     """Call servers of the deployment: their certificate must be the CA's, for the address called;
     ``identify`` presents our own certificate."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checked, certificate required; no system CAs
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    if identify:
-        try:
-            context.load_cert_chain(files.cert, files.key)
-        except (ssl.SSLError, OSError) as error:
-            raise TlsError(f"TLS directory {files.directory}: {error}") from None
-    return context
+    _load(context, files, identify)
+    return _remember(context, files, identify)
 
 
 def common_name(peercert: dict | None) -> str | None:

@@ -19,6 +19,12 @@ from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import LinkStatus, PlanStage, PlanStatus
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.planner import equal_split
+from bloombee_operator.planner.profile import GIB, profile_from_config
+
+# Python, torch and transformers, the tokenizer, the embeddings or LM head and the activations of
+# a step: a SmolLM2 stage process holds about 0.6 GiB before its span's weights and KV.
+RUNTIME_GIB = 0.75
+DEFAULT_KV_GIB = 2.0  # a stage's KV budget where the plan sizes none (the server's default)
 
 CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
 
@@ -36,6 +42,7 @@ class StageSpec:
     offload_kv: float = 0.0
     kv_budget_gib: float | None = None  # the KV cache the plan sized this stage for (None: the server's default)
     link_mbps: float | None = None  # measured bandwidth to the next stage's cluster (None: same cluster or unknown)
+    memory_gib: float = 0.0  # what its pod requests: resident weights, KV budget and the runtime (memory_estimate_gib)
 
     def launch(self, model_source: str) -> StageLaunch:
         """How its server is started (the backend adds where it listens and its thread count)."""
@@ -59,6 +66,7 @@ class GatewayDesired:
     service_type: str = "ClusterIP"  # how clients reach it in Kubernetes
     relay_hops: tuple[bool, ...] = ()  # per hop between stages: the gateway forwards it (the plan's choice)
     max_sequences: int | None = None  # generations at once per gateway replica; more wait (None: no cap)
+    memory_gib: float = RUNTIME_GIB  # what its pod requests: the runtime and the draft's layers
 
     def launch(self, model_source: str, stages: tuple[tuple[str, ...], ...], public_url: str | None) -> GatewayLaunch:
         """How the gateway is started, given where its stages are and where it is reached from."""
@@ -115,6 +123,7 @@ def desired_state(
         raise ValueError(f"stages placed on clusters {unknown} that spec.clusters does not name")
     name = resource.metadata.name
     mbps = {(link.from_, link.to): link.mbps for link in links}
+    layer_gib = profile_from_config(shape.config(), spec.model.dtype).weight_bytes_per_layer / GIB
     stages = tuple(
         StageSpec(
             name=f"{name}-stage-{index}",
@@ -128,6 +137,10 @@ def desired_state(
             offload_kv=stage.offload.kv,
             kv_budget_gib=stage.kv_budget_gi_b,
             link_mbps=_onward_link(mbps, [s.cluster for s in placed], index),
+            # Offloaded weights and KV still occupy this pod's memory (host tier) unless they go to
+            # disk; the request counts them all, so a pod is never scheduled where it cannot run.
+            memory_gib=round(layer_gib * (stage.layers[1] - stage.layers[0])
+                             + (stage.kv_budget_gi_b or DEFAULT_KV_GIB) + RUNTIME_GIB, 2),
         )
         for index, stage in enumerate(placed)
     )
@@ -146,6 +159,8 @@ def desired_state(
         service_type=spec.gateway.service.type,
         relay_hops=relay_hops,
         max_sequences=max(1, max_sequences // spec.gateway.replicas) if max_sequences else None,
+        memory_gib=round(RUNTIME_GIB + (layer_gib * spec.draft.layers if spec.draft.kind == "early-exit" else 0.0)
+                         + (1.0 if spec.draft.kind == "model" else 0.0), 2),
     )
     return DesiredState(
         name=name,

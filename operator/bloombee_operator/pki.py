@@ -87,6 +87,18 @@ def issue(ca: Identity, common_name: str, hosts: Iterable[str], days: int = LEAF
     return Identity(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+def due_for_renewal(cert_pem: bytes, now: datetime.datetime | None = None) -> bool:
+    """Whether a certificate has less than a third of its lifetime left (or cannot be read): time
+    to issue the next one, which the parts load without a restart (``bloombee_contract.tls``)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return True
+    now = now or _now()
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_after_utc - now < lifetime / 3
+
+
 def write_identity(directory: Path, ca: Identity, identity: Identity) -> TlsFiles:
     """The files a part reads (``bloombee_contract.tls`` layout); the key readable by its owner only."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ What the API accepts and answers is in ``protocol.py``; generating is the engine
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -75,17 +76,28 @@ def _usage(prompt: list[int], result: Generated) -> Usage:
                  prompt_tokens_details=cached)  # fmt: skip
 
 
-def _generation(engine: GenerationEngine, body: ChatCompletionRequest | CompletionRequest,
-                prompt: list[int], asked: int | None) -> GenerationRequest:  # fmt: skip
+async def _generation(engine: GenerationEngine, body: ChatCompletionRequest | CompletionRequest,
+                      prompt: list[int], asked: int | None) -> GenerationRequest:  # fmt: skip
+    await engine.recheck_lost_stages()  # a stage back within the last heartbeat is not refused
     engine.admit()  # before any answer starts: a full queue is a 429, even for a stream
     return GenerationRequest(prompt=prompt, max_tokens=engine.token_budget(prompt, asked),
                              sampling=body.sampling_params(), stop=body.stop_strings(),
                              ignore_eos=body.ignore_eos)  # fmt: skip
 
 
-async def _run_to_end(engine: GenerationEngine, generation: GenerationRequest, result: Generated) -> None:
-    async for _ in engine.generate(generation, result):
-        pass
+class ClientGone(Exception):
+    """The client closed its connection before its (non-streaming) answer was ready."""
+
+
+async def _run_to_end(request: web.Request, generation: GenerationRequest, result: Generated) -> None:
+    """Generate the whole answer; stop, freeing the seat and the sessions' KV, as soon as the
+    client has gone (nobody would read the answer)."""
+    engine = request.app[ENGINE]
+    async with contextlib.aclosing(engine.generate(generation, result)) as pieces:
+        async for _ in pieces:
+            if request.transport is None or request.transport.is_closing():
+                engine.metrics.inc("abandoned_total", "Generations stopped because their client had gone")
+                raise ClientGone
 
 
 class _EventStream:
@@ -114,8 +126,9 @@ async def _stream(request: web.Request, pieces: AsyncIterator[BaseModel]) -> web
     """Send chunks as they come; a failure midway goes out as an error data line before [DONE]."""
     events = await _EventStream.open(request)
     try:
-        async for chunk in pieces:
-            await events.send(chunk)
+        async with contextlib.aclosing(pieces):  # a client that leaves mid-stream ends its generation now
+            async for chunk in pieces:
+                await events.send(chunk)
     except PipelineError as error:
         await events.send(error_body(error.public_message, error.code, type_="server_error"))
     return await events.close()
@@ -125,12 +138,12 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await _parse(request, ChatCompletionRequest)
     engine.check_model(body.model)
-    prompt = engine.chat_prompt(body.conversation())
-    generation = _generation(engine, body, prompt, body.token_limit())
+    prompt = await engine.tokenized(engine.chat_prompt, body.conversation())
+    generation = await _generation(engine, body, prompt, body.token_limit())
     request_id, result = new_id("chatcmpl"), Generated()
     token_ids = (lambda: result.token_ids) if body.return_token_ids else (lambda: None)
     if not body.stream:
-        await _run_to_end(engine, generation, result)
+        await _run_to_end(request, generation, result)
         choice = ChatCompletionChoice(message=AssistantMessage(content=result.text),
                                       finish_reason=result.finish_reason, token_ids=token_ids())  # fmt: skip
         reply = ChatCompletionResponse(id=request_id, model=body.model, choices=[choice], usage=_usage(prompt, result),
@@ -143,8 +156,9 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
 
     async def chunks() -> AsyncIterator[ChatCompletionChunk]:
         yield chunk(DeltaMessage(role="assistant", content=""))
-        async for piece in engine.generate(generation, result):
-            yield chunk(DeltaMessage(role="assistant", content=piece))
+        async with contextlib.aclosing(engine.generate(generation, result)) as pieces:
+            async for piece in pieces:
+                yield chunk(DeltaMessage(role="assistant", content=piece))
         yield chunk(DeltaMessage(), result.finish_reason, token_ids())
         if body.stream_options and body.stream_options.include_usage:
             yield ChatCompletionChunk(id=request_id, model=body.model, choices=[], usage=_usage(prompt, result))
@@ -156,12 +170,12 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     body = await _parse(request, CompletionRequest)
     engine.check_model(body.model)
-    prompt = engine.text_prompt(body.prompt)
-    generation = _generation(engine, body, prompt, body.max_tokens)
+    prompt = await engine.tokenized(engine.text_prompt, body.prompt)
+    generation = await _generation(engine, body, prompt, body.max_tokens)
     request_id, result = new_id("cmpl"), Generated()
     token_ids = (lambda: result.token_ids) if body.return_token_ids else (lambda: None)
     if not body.stream:
-        await _run_to_end(engine, generation, result)
+        await _run_to_end(request, generation, result)
         echoed = body.prompt if body.echo and isinstance(body.prompt, str) else ""
         choice = CompletionChoice(text=echoed + result.text, finish_reason=result.finish_reason,
                                   token_ids=token_ids())  # fmt: skip
@@ -173,8 +187,9 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
         return CompletionResponse(id=request_id, model=body.model, choices=choices, usage=usage)
 
     async def chunks() -> AsyncIterator[CompletionResponse]:
-        async for piece in engine.generate(generation, result):
-            yield chunk([CompletionChoice(text=piece)])
+        async with contextlib.aclosing(engine.generate(generation, result)) as pieces:
+            async for piece in pieces:
+                yield chunk([CompletionChoice(text=piece)])
         yield chunk([CompletionChoice(text="", finish_reason=result.finish_reason, token_ids=token_ids())])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], _usage(prompt, result))
@@ -206,9 +221,12 @@ async def handle_result(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when every stage is. Anyone may ask (a kubelet, a load balancer), so the answer counts
+    the stages instead of naming their internal URLs (the gateway's logs name them)."""
     stages = await request.app[ENGINE].stage_readiness()
     ready = all(stages.values())
-    return web.json_response({"ready": ready, "stages": stages}, status=200 if ready else 503)
+    return web.json_response({"ready": ready, "stages_ready": f"{sum(stages.values())}/{len(stages)}"},
+                             status=200 if ready else 503)  # fmt: skip
 
 
 @web.middleware
@@ -222,10 +240,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     except PipelineError as error:
         return error_response(error.public_message, error.code, error.status)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        return error_response(error.reason, str(error.status), error.status)
+    except web.HTTPException:
+        raise  # serving.process.http_errors gives it OpenAI's shape
+    except ClientGone:
+        return error_response("the client closed the connection", "client_closed_request", 499)
     except Exception:
         log.exception("unhandled error on %s", request.path)
         return error_response("internal error in the gateway", ErrorCode.INTERNAL_ERROR, 500)

@@ -19,10 +19,11 @@ import itertools
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from bloombee_contract.errors import ErrorCode
@@ -33,18 +34,22 @@ from bloombee_contract.tls import TlsFiles
 from bloombee_stage.gateway.batching import MicroBatcher
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
-from bloombee_stage.gateway.pipeline import PipelineClient, ResultRouter
+from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError, ResultRouter
 from bloombee_stage.gateway.prefixes import PrefixIndex
 from bloombee_stage.gateway.routing import Router
 from bloombee_stage.serving.metrics import Metrics
 from bloombee_stage.serving.process import peer_session
-from bloombee_stage.wire.frame import decode_frame, encode_frame
-from bloombee_stage.wire.messages import SamplingParams, StepMeta
+from bloombee_stage.wire.frame import decode_frame, encode_frame, largest_step_bytes
+from bloombee_stage.wire.messages import UNPLANNED_ROWS, SamplingParams, StepMeta
 
 log = logging.getLogger("bloombee.gateway")
 HEARTBEAT_S = 1.0  # how often the gateway asks each stage whether it is alive
 HEARTBEAT_TIMEOUT_S = 3.0  # a busy stage still answers /healthz within this (it is served off the torch thread)
 HEARTBEAT_MISSES = 3  # in a row: the stage is lost
+T = TypeVar("T")
+RETRY_WHILE_REPLACED_S = 5  # Retry-After while a stage is replaced: `bloombee up` restarts one in seconds
+RECHECK_TIMEOUT_S = 1.0  # a lost stage asked again before a request is refused for it
+MAX_RESULT_DATA_BYTES = 1 << 16  # a result carries its tokens in the metadata; its tensor is empty
 
 
 class RequestError(Exception):
@@ -86,11 +91,16 @@ class GenerationEngine:
         self.settings = settings
         self.drafter = drafter
         self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
+        # Frames from the stages are read only up to what they can legally hold (before decoding).
+        hidden = int(model_config.get("hidden_size", 1))
+        self.max_forward_bytes = largest_step_bytes(settings.micro_batch or UNPLANNED_ROWS, self.max_model_len, hidden)
         eos = model_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.results = ResultRouter()
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.lost_urls: set[str] = set()  # stage replicas that missed their last heartbeats
         self.routing = Router(settings.stages, settings.micro_batch)
         self.prefixes = PrefixIndex(settings.prefix_cache)
         self._stage_settings_known = False
@@ -116,7 +126,8 @@ class GenerationEngine:
         http = peer_session(aiohttp.ClientTimeout(total=self.settings.step_timeout), tls)
         reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
         pipeline = PipelineClient(len(self.settings.stages), reply, http, self.results, self.settings.step_timeout,
-                                  relay=self.settings.relay, relay_hops=self.settings.relay_hops)  # fmt: skip
+                                  relay=self.settings.relay, relay_hops=self.settings.relay_hops,
+                                  lease=uuid.uuid4().hex)  # fmt: skip
         batcher = MicroBatcher(pipeline, self.routing, self.settings.micro_batch, self.settings.max_in_flight)
         draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if self.drafter else None
         heartbeats = asyncio.create_task(self._watch_stages(pipeline))
@@ -144,6 +155,7 @@ class GenerationEngine:
             alive = await asyncio.gather(*(pipeline.answers(url, HEALTHZ_PATH, HEARTBEAT_TIMEOUT_S) for url in misses))
             for url, beat in zip(list(misses), alive, strict=True):
                 misses[url] = 0 if beat else misses[url] + 1
+                (self.lost_urls.add if misses[url] >= HEARTBEAT_MISSES else self.lost_urls.discard)(url)
                 if misses[url] == HEARTBEAT_MISSES:
                     log.warning("stage %s missed %d heartbeats: taken as lost", url, HEARTBEAT_MISSES)
                 if misses[url] >= HEARTBEAT_MISSES and pipeline.lost(url):
@@ -161,6 +173,11 @@ class GenerationEngine:
         if name != self.settings.served_model_name:
             raise RequestError(f"The model `{name}` does not exist. This gateway serves "
                                f"`{self.settings.served_model_name}`.", ErrorCode.MODEL_NOT_FOUND, "model")  # fmt: skip
+
+    async def tokenized(self, prompt_ids: Callable[[T], list[int]], prompt: T) -> list[int]:
+        """``prompt_ids(prompt)`` on the tokenizer's own thread: a long prompt must not stall the event
+        loop, and one thread keeps the tokenizer's (not thread-safe) settings out of races."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, prompt_ids, prompt)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The token ids of a conversation under the model's chat template, ready for its reply."""
@@ -181,7 +198,9 @@ class GenerationEngine:
         return list(prompt)
 
     def token_budget(self, prompt: list[int], asked: int | None) -> int:
-        """The tokens a generation may add: ``asked``, or all the room the context has left."""
+        """The tokens a generation may add: ``asked``, or ``--default-max-tokens`` within the room the
+        context has left (every stage reserves KV for it up front: the whole context for every
+        request would let a few requests hold a stage's budget)."""
         if not prompt:
             raise RequestError("the prompt is empty", ErrorCode.INVALID_REQUEST, "prompt")
         room = self.max_model_len - len(prompt)
@@ -193,7 +212,7 @@ class GenerationEngine:
                 ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 "max_tokens",
             )
-        return asked if asked is not None else room
+        return asked if asked is not None else min(room, self.settings.default_max_tokens)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -203,7 +222,8 @@ class GenerationEngine:
 
         Raises ``PipelineError`` when the stages fail it (before or during the text)."""
         running = self._running
-        async with self._seat():
+        deadline = time.monotonic() + self.settings.request_timeout
+        async with self._seat(deadline):
             await self._adopt_stage_settings()
             assembler = TextAssembler(self.decode, request.stop)
             eos = set() if request.ignore_eos else self.eos_ids
@@ -212,7 +232,7 @@ class GenerationEngine:
                                       running.draft_thread)  # fmt: skip
             async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling, eos,
                                         assembler, result, speculation, self.prefixes,
-                                        self.settings.recovery_wait):  # fmt: skip
+                                        self.settings.recovery_wait, deadline):  # fmt: skip
                 yield piece
             self._count(speculation, result, time.perf_counter() - started)
 
@@ -220,14 +240,14 @@ class GenerationEngine:
 
     def deliver(self, body: bytes) -> bool:
         """A result frame from the last stage, to the step waiting for it (raises WireError, ValidationError)."""
-        return self.results.deliver(decode_frame(body))
+        return self.results.deliver(decode_frame(body, MAX_RESULT_DATA_BYTES))
 
     async def forward(self, body: bytes) -> Forwarded:
         """A hop the planner routes through the gateway: pass the frame on to the next URL of its route.
 
         Raises WireError or ValidationError for a frame that cannot be read, ValueError for one
         with nowhere to go, and RequestError when the next stage cannot be reached."""
-        frame = decode_frame(body)
+        frame = decode_frame(body, self.max_forward_bytes)
         meta = StepMeta.model_validate(frame.meta)
         url = meta.next_url
         if url is None:
@@ -283,26 +303,54 @@ class GenerationEngine:
         if timeouts:
             self.prefixes.max_idle_s = 0.8 * min(timeouts)  # a margin for the stages' sweep and clock drift
 
-    def admit(self) -> None:
-        """Refuse a new request at once (429, with when to try again) while the queue for seats is full."""
-        if self.max_waiting is None or self.waiting < self.max_waiting:
+    def _stages_gone(self) -> list[int]:
+        """The stages none of whose replicas answered their last heartbeats."""
+        return [index for index, replicas in enumerate(self.settings.stages)
+                if all(url in self.lost_urls for url in replicas)]  # fmt: skip
+
+    async def recheck_lost_stages(self) -> None:
+        """Ask the replicas of a stage taken as gone once more, briefly, before a request is refused
+        for it: a restarted stage answers before the next heartbeat would tell."""
+        gone = [url for index in self._stages_gone() for url in self.settings.stages[index]]
+        if not gone:
             return
-        seats = max(1, self.settings.max_sequences or 1)
-        retry = max(1, math.ceil(self.generation_s * (self.waiting + 1) / seats))
-        self.metrics.inc("requests_refused_total", "Requests refused because the queue for seats was full")
-        raise RequestError(f"the gateway is at capacity ({self.waiting} requests wait for one of {seats} seats); "
-                           f"try again in {retry} s", ErrorCode.OVERLOADED, retry_after_s=retry)  # fmt: skip
+        pipeline = self._running.batcher.pipeline
+        answered = await asyncio.gather(*(pipeline.answers(url, HEALTHZ_PATH, RECHECK_TIMEOUT_S) for url in gone))
+        self.lost_urls.difference_update(url for url, alive in zip(gone, answered, strict=True) if alive)
+
+    def admit(self) -> None:
+        """Refuse a new request at once, with when to try again, while the queue for seats is full
+        (429) or while a stage has no replica that answers (503: it is being replaced)."""
+        if self.max_waiting is not None and self.waiting >= self.max_waiting:
+            seats = max(1, self.settings.max_sequences or 1)
+            retry = max(1, math.ceil(self.generation_s * (self.waiting + 1) / seats))
+            self.metrics.inc("requests_refused_total", "Requests refused at once", reason="queue_full")
+            raise RequestError(f"the gateway is at capacity ({self.waiting} requests wait for one of {seats} seats); "
+                               f"try again in {retry} s", ErrorCode.OVERLOADED, retry_after_s=retry)  # fmt: skip
+        gone = self._stages_gone()
+        if gone:
+            self.metrics.inc("requests_refused_total", "Requests refused at once", reason="stage_lost")
+            raise RequestError(f"stage {gone[0]} of the pipeline does not answer and is being replaced; try again in "
+                               f"{RETRY_WHILE_REPLACED_S} s", ErrorCode.STAGE_UNREACHABLE,
+                               retry_after_s=RETRY_WHILE_REPLACED_S)  # fmt: skip
 
     @contextlib.asynccontextmanager
-    async def _seat(self) -> AsyncIterator[None]:
-        """Holds one of ``max_sequences`` seats for a generation, waiting for one first."""
+    async def _seat(self, deadline: float) -> AsyncIterator[None]:
+        """Holds one of ``max_sequences`` seats for a generation, waiting for one (until ``deadline``) first."""
         if self.seats is None:
             yield
             return
         self.admit()  # the queue may have filled since the request was admitted
         self.waiting += 1
         try:
-            await self.seats.acquire()
+            # asyncio.timeout, not wait_for: a free seat is taken without yielding to the loop, so the
+            # queue's length (``waiting``) that admit() reads is never inflated by a request that
+            # was about to take one.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self.seats.acquire()
+        except TimeoutError:
+            raise PipelineError(f"no seat became free within the request's {self.settings.request_timeout:.0f} s",
+                                ErrorCode.PIPELINE_TIMEOUT) from None  # fmt: skip
         finally:
             self.waiting -= 1
         try:

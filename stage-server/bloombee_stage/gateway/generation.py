@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -135,6 +136,7 @@ async def generate(
     speculation: Speculation | None = None,
     prefixes: PrefixIndex | None = None,
     recovery_wait_s: float = RECOVERY_WAIT_S,
+    deadline: float = math.inf,
 ) -> AsyncIterator[str]:
     """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
 
@@ -144,6 +146,9 @@ async def generate(
 
     With ``prefixes``, a prompt that starts like a finished generation's context opens its
     session as a fork of that one (prefixes.py), and this generation's session is kept in turn.
+
+    Past ``deadline`` (``time.monotonic()``) the generation fails with ``pipeline_timeout`` before
+    its next round, and a wait for a lost stage ends there too.
     """
     speculation = speculation or Speculation()
     speculation.length.timed = sampling.greedy or sampling.seed is None  # see DraftLength
@@ -159,6 +164,9 @@ async def generate(
     reroutes = 0
     try:
         while result.finish_reason is None:
+            if time.monotonic() > deadline:
+                raise PipelineError(f"the request ran past its deadline after {len(result.token_ids)} tokens",
+                                    ErrorCode.PIPELINE_TIMEOUT)  # fmt: skip
             room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
             draft = await speculation.propose(state, context, room, sampling)
             row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
@@ -183,7 +191,7 @@ async def generate(
                 result.replays += 1
                 await stepper.close(session, path)
                 session, path, start, pending, fork = uuid.uuid4().hex, stepper.open(), 0, list(context), None
-                if not await stepper.wait_ready(path, recovery_wait_s):
+                if not await stepper.wait_ready(path, min(recovery_wait_s, max(0.0, deadline - time.monotonic()))):
                     raise
                 continue
             if fork is not None:

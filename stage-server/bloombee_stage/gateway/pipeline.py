@@ -18,7 +18,15 @@ import time
 import aiohttp
 import torch
 from bloombee_contract.errors import ErrorCode, status_of
-from bloombee_contract.paths import PARK_PATH, READYZ_PATH, RESULT_PATH, SESSION_PATH, STEP_PATH, session_path
+from bloombee_contract.paths import (
+    LEASE_HEADER,
+    PARK_PATH,
+    READYZ_PATH,
+    RESULT_PATH,
+    SESSION_PATH,
+    STEP_PATH,
+    session_path,
+)
 
 from bloombee_stage.serving.process import read_error
 from bloombee_stage.wire.frame import Frame, decode_frame, encode_frame
@@ -88,6 +96,7 @@ class PipelineClient:
         step_timeout_s: float = 120.0,
         relay: bool = False,
         relay_hops: list[bool] | None = None,
+        lease: str | None = None,
     ) -> None:
         if num_stages < 1:
             raise ValueError("a pipeline needs at least one stage")
@@ -98,6 +107,7 @@ class PipelineClient:
         self.step_timeout_s = step_timeout_s
         self.relay = relay
         self.relay_hops = relay_hops or [False] * (num_stages - 1)
+        self.lease = lease  # this gateway process's: its sessions close once its heartbeats stop
         if len(self.relay_hops) != num_stages - 1:
             raise ValueError(f"{len(self.relay_hops)} relay flags for {num_stages} stages")
         self._steps = 0
@@ -123,9 +133,12 @@ class PipelineClient:
             await asyncio.sleep(0.5)
 
     async def answers(self, url: str, path: str, timeout_s: float = 3.0) -> bool:
-        """Whether the stage at ``url`` answers 200 on ``path`` (``/readyz``, ``/healthz``) in ``timeout_s``."""
+        """Whether the stage at ``url`` answers 200 on ``path`` (``/readyz``, ``/healthz``) in ``timeout_s``;
+        the question renews this gateway's lease there."""
+        headers = {LEASE_HEADER: self.lease} if self.lease else None
         try:
-            async with self.http.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout_s)) as reply:
+            async with self.http.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                     headers=headers) as reply:  # fmt: skip
                 return reply.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
@@ -148,7 +161,7 @@ class PipelineClient:
             raise ValueError(f"a path of {len(urls)} URLs through {self.num_stages} stages")
         self._steps += 1
         reply_to = None if self.relay else self.reply_url
-        meta = StepMeta(step=self._steps, rows=rows, route=self.route(urls), reply_to=reply_to)
+        meta = StepMeta(step=self._steps, rows=rows, route=self.route(urls), reply_to=reply_to, lease=self.lease)
         padded = torch.zeros(len(rows), meta.width, dtype=torch.int64)
         for index, tokens in enumerate(inputs):
             padded[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)

@@ -15,14 +15,22 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 from bloombee_contract.errors import ErrorCode, error_body, error_type
-from bloombee_contract.paths import CODECS_PATH, HEALTHZ_PATH, MEASURE_PATH, METRICS_PATH, READYZ_PATH
+from bloombee_contract.paths import (
+    CODECS_PATH,
+    HEALTHZ_PATH,
+    LEASE_HEADER,
+    MEASURE_PATH,
+    METRICS_PATH,
+    READYZ_PATH,
+)
 from bloombee_contract.tls import (
     OPEN_PATHS,
     SIGNATURE_HEADER,
     TlsFiles,
     client_context,
     common_name,
-    server_context,  # fmt: skip
+    reload_changed,
+    server_context,
     signature_ok,
 )
 
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
     from aiohttp import ClientResponse
 
 log = logging.getLogger(__name__)
+TLS_RELOAD_S = 5.0  # how often a server looks whether its certificate files were renewed
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -83,6 +92,20 @@ def require_peer(internal_paths: frozenset[str], measure_key: bytes | None = Non
     return check
 
 
+@web.middleware
+async def http_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """aiohttp's own refusals (unknown path, wrong method, a body past the limit) in OpenAI's error
+    shape like every other refusal, so a client reads one kind of error from every part."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        if error.status == 413:
+            return error_response(f"{error.reason}: {error.text}", ErrorCode.BODY_TOO_LARGE)
+        return error_response(error.reason, str(error.status), error.status)
+
+
 async def serve(
     app: web.Application,
     host: str,
@@ -98,6 +121,7 @@ async def serve(
     ``internal_port``, there while ``port`` stays plain HTTP for clients (a gateway's public API).
     ``on_bound`` learns the URL peers call (and may start what needs it) before the ready file
     announces ``{url, peer_url, port, pid}``."""
+    app.middlewares.insert(0, http_errors)
     if tls is not None:
         app.middlewares.append(require_peer(internal_paths, tls.measure_key()))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -121,22 +145,38 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    rotation = asyncio.create_task(_follow_tls_files()) if tls is not None else None
     await stop.wait()
     log.info("%s shutting down", role)
+    if rotation is not None:
+        rotation.cancel()
     await runner.cleanup()
 
 
+async def _follow_tls_files() -> None:
+    """Renewed certificates (a Secret volume the operator updated) go into this process's TLS
+    contexts, the servers' and the clients', without a restart (``bloombee_contract.tls``)."""
+    while True:
+        await asyncio.sleep(TLS_RELOAD_S)
+        await asyncio.to_thread(reload_changed)
+
+
 def add_common_routes(
-    app: web.Application, metrics: Metrics, readyz: Callable, accepted_codecs: Iterable[str] = tuple(CODECS)
-) -> None:
+    app: web.Application, metrics: Metrics, readyz: Callable, accepted_codecs: Iterable[str] = tuple(CODECS),
+    heard_from: Callable[[str], None] | None = None,
+) -> None:  # fmt: skip
     """``/healthz`` (the process answers), ``/readyz`` (it can serve), ``/metrics`` (Prometheus) and
-    ``/v1/codecs`` (the codecs it decodes, which a peer asks before it sends compressed frames)."""
+    ``/v1/codecs`` (the codecs it decodes, which a peer asks before it sends compressed frames).
+    A heartbeat that carries a lease (``LEASE_HEADER``) goes to ``heard_from``."""
     codecs = sorted(accepted_codecs)
 
     async def list_codecs(_: web.Request) -> web.Response:
         return web.json_response({"codecs": codecs})
 
-    async def healthz(_: web.Request) -> web.Response:
+    async def healthz(request: web.Request) -> web.Response:
+        lease = request.headers.get(LEASE_HEADER)
+        if heard_from is not None and lease and len(lease) <= 64:
+            heard_from(lease)
         return web.json_response({"ok": True})
 
     async def render_metrics(_: web.Request) -> web.Response:

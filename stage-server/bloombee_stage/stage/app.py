@@ -22,13 +22,15 @@ from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.stage.service import StageService, StageSettings
 from bloombee_stage.stage.sessions import SessionError
 from bloombee_stage.wire.codecs import CODECS
-from bloombee_stage.wire.frame import WireError, decode_frame, encode_frame
+from bloombee_stage.wire.frame import WireError, decode_frame, encode_frame, largest_frame_bytes
 from bloombee_stage.wire.messages import StepMeta
 from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
 
-MAX_FRAME_BYTES = 1 << 30
+READ_TIMEOUT_S = 60.0  # a body that trickles in slower than this is a client to drop, not to wait for
+MAX_READING = 4  # step bodies buffered at once; more wait their turn in the kernel's socket buffers
 
 SERVICE = web.AppKey("service", StageService)
+READING = web.AppKey("reading", asyncio.Semaphore)
 
 
 def session_owner(request: web.Request, claimed: str | None = None) -> str | None:
@@ -43,9 +45,13 @@ def session_owner(request: web.Request, claimed: str | None = None) -> str | Non
 
 async def handle_step(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    body = await request.read()
     try:
-        frame = decode_frame(body)
+        async with request.app[READING]:
+            body = await asyncio.wait_for(request.read(), READ_TIMEOUT_S)
+    except TimeoutError:
+        return error_response(f"the frame did not arrive within {READ_TIMEOUT_S:.0f} s", ErrorCode.INVALID_FRAME)
+    try:
+        frame = decode_frame(body, service.max_step_bytes)
         meta = StepMeta.model_validate(frame.meta)
         meta = meta.model_copy(update={"owner": session_owner(request, meta.owner)})
         inputs = frame_tensor(frame)
@@ -117,9 +123,10 @@ async def handle_close(request: web.Request) -> web.Response:
 
 
 def create_app(model: StageModel, settings: StageSettings) -> web.Application:
-    app = web.Application(client_max_size=MAX_FRAME_BYTES)
     service = StageService(model, settings)
+    app = web.Application(client_max_size=largest_frame_bytes(service.max_step_bytes))
     app[SERVICE] = service
+    app[READING] = asyncio.Semaphore(MAX_READING)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await service.start()
@@ -134,7 +141,7 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
     async def info(_: web.Request) -> web.Response:
         return web.json_response(service.info())
 
-    add_common_routes(app, service.metrics, readyz, settings.accept_codecs)
+    add_common_routes(app, service.metrics, readyz, settings.accept_codecs, heard_from=service.sessions.renew)
     app.router.add_get(INFO_PATH, info)
     add_probe_routes(app, settings.tls)
     app.router.add_post(STEP_PATH, handle_step)

@@ -23,7 +23,7 @@ import aiohttp
 import torch
 from bloombee_contract.codec_cost import choose_codec
 from bloombee_contract.errors import ErrorCode
-from bloombee_contract.paths import CODECS_PATH, STEP_PATH
+from bloombee_contract.paths import CODECS_PATH, LEASE_TIMEOUT_S, STEP_PATH
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.model.span import StageModel, truncate_cache
@@ -33,8 +33,8 @@ from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
 from bloombee_stage.stage.verify import verify
 from bloombee_stage.wire.codec_stats import CodecStats
 from bloombee_stage.wire.codecs import CODECS
-from bloombee_stage.wire.frame import Frame, WireError, encode_frame
-from bloombee_stage.wire.messages import ResultMeta, RowResult, StepMeta
+from bloombee_stage.wire.frame import Frame, WireError, encode_frame, largest_step_bytes
+from bloombee_stage.wire.messages import UNPLANNED_ROWS, ResultMeta, RowResult, StepMeta
 from bloombee_stage.wire.tensors import tensor_frame
 
 log = logging.getLogger("bloombee.stage")
@@ -43,6 +43,7 @@ log = logging.getLogger("bloombee.stage")
 # yet (just Ready), or a link blips. A result is small and the gateway drops duplicates, so it is
 # sent again for this long before the step is given up (well inside the gateway's step timeout).
 DELIVERY_RETRY_S = 20.0
+MAX_PEERS = 64  # peers whose codecs are remembered; a deployment has far fewer
 
 
 @dataclass
@@ -53,6 +54,7 @@ class StageSettings:
     accept_codecs: tuple[str, ...] = tuple(CODECS)  # codecs this stage takes from its peers
     tier_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s measured at start-up
     kv_budget_bytes: int = 2 << 30
+    kv_owner_share: float = 1.0  # of the budget, the most one owner's (gateway's) sessions may reserve
     micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
@@ -78,9 +80,15 @@ class StageService:
             new_cache=model.new_cache,
             kv_bytes_per_token=model.kv_bytes_per_token(),
             kv_budget_bytes=settings.kv_budget_bytes,
+            owner_budget_bytes=int(settings.kv_owner_share * settings.kv_budget_bytes),
             timeout_s=settings.session_timeout_s,
             max_length=int(getattr(config, "max_position_embeddings", 1 << 20)),
         )
+        # The largest tensor a step may carry: the planned rows, each at most as long as the context
+        # or the KV budget allows. Frames are checked against it before their payload is decoded.
+        longest = min(self.sessions.max_length, settings.kv_budget_bytes // max(1, model.kv_bytes_per_token()))
+        self.max_step_bytes = largest_step_bytes(settings.micro_batch or UNPLANNED_ROWS, max(1, longest),
+                                                 model.hidden_size)  # fmt: skip
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self._http: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task | None = None
@@ -135,9 +143,10 @@ class StageService:
 
     async def _expire_sessions(self) -> None:
         while True:
-            await asyncio.sleep(max(1.0, min(self.settings.session_timeout_s / 4, 10.0)))
+            await asyncio.sleep(max(1.0, min(self.settings.session_timeout_s / 4, LEASE_TIMEOUT_S / 4)))
             for session_id in self.sessions.expire():
-                log.info("session %s timed out after %.0f s idle", session_id, self.settings.session_timeout_s)
+                log.info("session %s closed: idle for %.0f s, or its gateway's lease lapsed", session_id,
+                         self.settings.session_timeout_s)  # fmt: skip
 
     # -- validation -------------------------------------------------------------------------
 
@@ -190,7 +199,7 @@ class StageService:
         try:
             for row in meta.rows:
                 admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork,
-                                                    meta.owner))  # fmt: skip
+                                                    meta.owner, meta.lease))  # fmt: skip
         except SessionError:
             for session in admitted:  # a session this step opened and never used is not left behind
                 if session.length == 0:
@@ -276,6 +285,8 @@ class StageService:
             except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as error:
                 log.warning("could not ask %s for its codecs (%s); sending raw frames", url, error)
                 return frozenset({"raw"})
+            if len(self.peer_codecs) >= MAX_PEERS:  # bounded: forget the peer asked first
+                self.peer_codecs.pop(next(iter(self.peer_codecs)))
             self.peer_codecs[url] = frozenset(accepted | {"raw"})
             log.info("peer %s decodes %s", url, sorted(self.peer_codecs[url]))
         return self.peer_codecs[url]

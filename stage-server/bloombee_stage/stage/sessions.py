@@ -4,6 +4,9 @@ A session may start as a fork: a copy of the first positions of another session'
 prompt prefix the gateway saw computed before), so a shared prefix is computed once. Sessions
 the gateway keeps only as fork sources are parked: they reserve no more than they hold, and
 they are the first to go (least recently used first) when a new step would exceed the budget.
+A session opened by a gateway carries that gateway process's lease: once the gateway has not been
+heard of (a step or a heartbeat) for ``LEASE_TIMEOUT_S`` its sessions close, so a gateway that
+died or restarted does not leave KV held by sessions nobody will continue.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bloombee_contract.errors import ErrorCode
+from bloombee_contract.paths import LEASE_TIMEOUT_S
+
+MAX_LEASES = 256  # gateway processes remembered; a deployment has a handful
 
 
 class SessionError(Exception):
@@ -40,17 +46,21 @@ class Session:
     fork_source: Session | None = None  # copy the first ``fork_length`` positions of this one before computing
     fork_length: int = 0
     owner: str | None = None  # the gateway whose session it is (from its certificate); None without TLS
+    lease: str | None = None  # the gateway process that opened it; None: only the idle time-out closes it
 
 
 class SessionStore:
     """Holds sessions; admits a step only if every session's reserved tokens fit the KV budget."""
 
     def __init__(
-        self, new_cache: Any, kv_bytes_per_token: int, kv_budget_bytes: int, timeout_s: float, max_length: int
-    ) -> None:
+        self, new_cache: Any, kv_bytes_per_token: int, kv_budget_bytes: int, timeout_s: float, max_length: int,
+        owner_budget_bytes: int | None = None,
+    ) -> None:  # fmt: skip
         self._new_cache = new_cache
         self.kv_bytes_per_token = kv_bytes_per_token
         self.kv_budget_bytes = kv_budget_bytes
+        self.owner_budget_bytes = owner_budget_bytes or kv_budget_bytes  # one owner's quota
+        self.leases: dict[str, float] = {}  # lease -> when its gateway was last heard of (monotonic)
         self.timeout_s = timeout_s
         self.max_length = max_length
         self.sessions: dict[str, Session] = {}
@@ -75,8 +85,14 @@ class SessionStore:
         session.last_used = time.monotonic()
         return session
 
+    def renew(self, lease: str, now: float | None = None) -> None:
+        """The gateway process holding ``lease`` is alive (a step or a heartbeat came from it)."""
+        if lease not in self.leases and len(self.leases) >= MAX_LEASES:  # bounded: forget the oldest
+            self.leases.pop(min(self.leases, key=self.leases.__getitem__))
+        self.leases[lease] = time.monotonic() if now is None else now
+
     def admit(self, session_id: str, start: int, new_tokens: int, max_length: int | None,
-              fork: str | None = None, owner: str | None = None) -> Session:  # fmt: skip
+              fork: str | None = None, owner: str | None = None, lease: str | None = None) -> Session:  # fmt: skip
         """Find or open the session for a step starting at ``start`` and reserve room for it.
 
         With ``fork``, a session that holds fewer than ``start`` positions starts as a copy of
@@ -96,7 +112,7 @@ class SessionStore:
             if session is not None and owner is not None and session.owner != owner:
                 raise SessionError(f"unknown session {session_id!r}", ErrorCode.UNKNOWN_SESSION)  # another's id
             if session is None:
-                session = self.sessions[session_id] = Session(session_id, self._new_cache(), owner=owner)
+                session = self.sessions[session_id] = Session(session_id, self._new_cache(), owner=owner, lease=lease)
             if source is None:
                 session.fork_source = None  # a restart from nothing: a fork that never ran is off
             elif session.length < start:
@@ -119,8 +135,19 @@ class SessionStore:
                 f"KV budget exceeded: session {session_id!r} needs {extra} more bytes, "
                 f"{self.reserved_bytes()} of {self.kv_budget_bytes} are reserved", ErrorCode.KV_BUDGET_EXCEEDED,
             )
+        held = sum(s.reserved for s in self.sessions.values() if s.owner == session.owner) * self.kv_bytes_per_token
+        if session.owner is not None and held + extra > self.owner_budget_bytes:
+            if session.length == 0:
+                del self.sessions[session_id]
+            raise SessionError(
+                f"KV quota exceeded: the sessions of {session.owner} would reserve {held + extra} bytes, each caller "
+                f"may reserve {self.owner_budget_bytes} of the {self.kv_budget_bytes} this stage holds",
+                ErrorCode.KV_BUDGET_EXCEEDED,
+            )
         session.reserved = wanted
         session.last_used = time.monotonic()
+        if session.lease is not None:
+            self.renew(session.lease, session.last_used)
         return session
 
     def _fork_source(self, fork: str, start: int, owner: str | None) -> Session:
@@ -157,8 +184,18 @@ class SessionStore:
         return True
 
     def expire(self, now: float | None = None) -> list[str]:
+        """Close the sessions idle past the time-out, and those whose gateway's lease lapsed."""
         now = time.monotonic() if now is None else now
-        stale = [sid for sid, s in self.sessions.items() if now - s.last_used > self.timeout_s and not s.lock.locked()]
-        for sid in stale:
+
+        def stale(session: Session) -> bool:
+            lapsed = session.lease is not None and now - self.leases.get(session.lease, 0.0) > LEASE_TIMEOUT_S
+            return (now - session.last_used > self.timeout_s or lapsed) and not session.lock.locked()
+
+        closed = [sid for sid, session in self.sessions.items() if stale(session)]
+        for sid in closed:
             del self.sessions[sid]
-        return stale
+        held = {session.lease for session in self.sessions.values()}
+        forgotten = [lease for lease, seen in self.leases.items() if lease not in held and now - seen > LEASE_TIMEOUT_S]
+        for lease in forgotten:
+            del self.leases[lease]
+        return closed

@@ -16,7 +16,10 @@ Layout (little-endian)::
     ...         payload: the tensor's bytes, C order, encoded by the codec
 
 A truncated frame, a bad checksum, an unknown version/dtype/codec or a payload whose decoded
-size disagrees with the shape raises WireError with a message naming the frame.
+size disagrees with the shape raises WireError with a message naming the frame. Sizes are checked
+before anything is allocated: the metadata against ``MAX_META_BYTES``, the shape against the
+reader's ``max_data_bytes`` (what its plan allows, ``largest_step_bytes``), so neither a claimed
+shape nor a compressed payload can make a reader allocate more than a legal frame needs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from bloombee_stage.wire.codecs import CODECS, CODECS_BY_ID, ITEMSIZE, CodecErro
 MAGIC = b"BBWF"
 VERSION = 1
 MAX_NDIM = 8
+MAX_META_BYTES = 1 << 20  # routes of MAX_HOPS URLs and a micro-batch of rows with drafts fit many times over
 _HEADER = struct.Struct("<4sBBBBIQI")
 _CHECKSUM_AT = 20
 DTYPE_IDS = {"float32": 1, "float16": 2, "bfloat16": 3, "int64": 4, "int32": 5, "uint8": 6}
@@ -88,8 +92,21 @@ def frame_checksum(buffer: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(view[_CHECKSUM_AT + 4 :], zlib.crc32(view[:_CHECKSUM_AT]))
 
 
-def decode_frame(buffer: bytes) -> Frame:
-    """Parse and verify a frame; raises WireError naming the frame and the fault."""
+def largest_step_bytes(rows: int, positions: int, hidden_size: int) -> int:
+    """The tensor bytes of the largest legal step: ``rows`` of ``positions`` hidden states in
+    float32 (or token ids in int64, whichever is larger)."""
+    return rows * positions * max(4 * hidden_size, 8)
+
+
+def largest_frame_bytes(max_data_bytes: int) -> int:
+    """The body limit for frames of at most ``max_data_bytes`` of tensor: header, shape, metadata,
+    and the payload with what a codec may add to incompressible data (zstd adds under 1/128)."""
+    return _HEADER.size + 8 * MAX_NDIM + MAX_META_BYTES + max_data_bytes + max_data_bytes // 64 + 4096
+
+
+def decode_frame(buffer: bytes, max_data_bytes: int | None = None) -> Frame:
+    """Parse and verify a frame; raises WireError naming the frame and the fault. A frame whose
+    tensor would exceed ``max_data_bytes`` is refused before its payload is decoded."""
     view = memoryview(buffer)
     if len(view) < _HEADER.size:
         raise WireError(f"frame truncated: {len(view)} bytes, the header alone is {_HEADER.size}")
@@ -100,6 +117,8 @@ def decode_frame(buffer: bytes) -> Frame:
         raise WireError(f"frame version {version} is not supported (this server speaks version {VERSION})")
     if ndim > MAX_NDIM:
         raise WireError(f"frame has {ndim} dimensions, at most {MAX_NDIM}")
+    if meta_len > MAX_META_BYTES:
+        raise WireError(f"frame metadata of {meta_len} bytes, at most {MAX_META_BYTES}")
     shape_end = _HEADER.size + 8 * ndim
     total = shape_end + meta_len + payload_len
     if len(view) != total:
@@ -111,8 +130,10 @@ def decode_frame(buffer: bytes) -> Frame:
         raise WireError(f"frame of {total} bytes has a bad checksum (corrupted in transit)")
     try:
         meta = json.loads(meta_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WireError(f"frame metadata is not JSON: {error}") from None
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSONDecodeError, or an int too long to read
+        raise WireError(f"frame metadata is not JSON: {str(error)[:200]}") from None
+    except RecursionError:
+        raise WireError("frame metadata is nested too deeply") from None
     if not isinstance(meta, dict):
         raise WireError("frame metadata must be a JSON object")
     frame = Frame(meta=meta, shape=tuple(struct.unpack_from(f"<{ndim}Q", view, _HEADER.size)))
@@ -124,6 +145,9 @@ def decode_frame(buffer: bytes) -> Frame:
     codec = CODECS_BY_ID[codec_id]
     frame.codec = codec.name
     expected = math.prod(frame.shape) * ITEMSIZE[frame.dtype]
+    if max_data_bytes is not None and expected > max_data_bytes:
+        raise WireError(f"{frame.describe()}: shape {list(frame.shape)} {frame.dtype} is {expected} bytes; "
+                        f"the largest step this server takes is {max_data_bytes}")  # fmt: skip
     try:
         frame.data = codec.decode(payload, frame.dtype, expected)
     except CodecError as error:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_ROWS = 256  # rows (sessions) in one step
 MAX_HOPS = 64  # stages a step may still visit: a route cannot loop a frame through a stage without end
+UNPLANNED_ROWS = 64  # the most rows a step may carry where the plan sets no micro-batch
 MAX_URL = 2048
 
 
@@ -84,6 +85,8 @@ class StepMeta(BaseModel):
     compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
     owner: str | None = Field(default=None, max_length=256, description="the gateway whose sessions the rows are; "
                               "set by the stage a gateway called, from the gateway's certificate")  # fmt: skip
+    lease: str | None = Field(default=None, max_length=64, description="the gateway process's lease: the sessions "
+                              "it opens close once its heartbeats stop (a restarted gateway does not know them)")
 
     @model_validator(mode="after")
     def _sessions_distinct(self) -> StepMeta:

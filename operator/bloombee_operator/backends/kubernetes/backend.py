@@ -143,6 +143,7 @@ class Cluster:
 
 
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
+               ("networking.k8s.io/v1", "NetworkPolicy"),
                ("multicluster.x-k8s.io/v1alpha1", "ServiceExport"))  # fmt: skip
 KUBECONFIG_KEY = "kubeconfig"
 

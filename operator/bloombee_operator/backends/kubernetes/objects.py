@@ -29,6 +29,8 @@ TLS_DIR = "/etc/bloombee/tls"  # where each pod's TLS Secret (bloombee_contract.
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PLAN = "bloombee.ai/plan-hash"
+LABEL_STAGE_INDEX = "bloombee.ai/stage-index"
+PROBE_GIB = 0.25  # a probe: Python, aiohttp and one bulk transfer of at most 16 MB
 MANAGED_BY = {"app.kubernetes.io/name": "bloombee", "app.kubernetes.io/managed-by": "bloombee-operator"}
 CACHE_DIR = "/var/cache/bloombee"
 
@@ -108,6 +110,43 @@ def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, por
     if getattr(launch, "tls_dir", None):
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     return container
+
+
+def _resources(memory_gib: float, cpu: str = "1") -> dict:
+    """Requests what the plan budgets for the pod; its memory limit leaves room for loading the model
+    (converting a GGUF file peaks above what serving holds). No CPU limit: CFS throttling would
+    stall every token of a pipeline for the rest of its period; the request already reserves a
+    fair share of the node."""
+    memory = f"{max(1, round(memory_gib * 1024))}Mi"
+    limit = f"{max(1, round(2 * memory_gib * 1024))}Mi"
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": limit}}
+
+
+def _ingress_policy(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str],
+                    ports: list[tuple[int, list[dict] | None]]) -> dict:  # fmt: skip
+    """A NetworkPolicy admitting, per port, only the listed peers (None: anyone, for a port every
+    client may call, or one a remote cluster's pod calls, whose address no selector here can name;
+    mutual TLS still decides who is served)."""
+    rules = []
+    for port, peers in ports:
+        rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port}]}
+        if peers is not None:
+            rule["from"] = peers
+        rules.append(rule)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(name, namespace, owner, object_labels),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_INSTANCE: object_labels[LABEL_INSTANCE], "bloombee.ai/name": name}},
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },
+    }
+
+
+def _pods(instance: str, **match: str) -> dict:
+    return {"podSelector": {"matchLabels": {LABEL_INSTANCE: instance, **match}}}
 
 
 def _with_tls(deployment: dict, child: str) -> dict:
@@ -247,6 +286,7 @@ def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, 
         container = _container("probe", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             container[probe]["httpGet"]["path"] = HEALTHZ_PATH
+        container["resources"] = _resources(PROBE_GIB, cpu="100m")
         service = _service(name, namespace, owned, object_labels, STAGE_PORT, STAGE_PORT)
         deployment = _deployment(name, namespace, owned, object_labels, container, 1, cluster.node_selector)
         by_cluster[cluster.name] = [
@@ -270,9 +310,10 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
         return owner if cluster == placement.local else None
 
     for stage in desired.stages:
-        object_labels = labels(desired.name, "stage", **{"bloombee.ai/stage-index": str(stage.index)})
+        object_labels = labels(desired.name, "stage", **{LABEL_STAGE_INDEX: str(stage.index)})
         launch = replace(stage.launch(desired.model_source), tls_dir=TLS_DIR if tls else None)
         container = _container("stage", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
+        container["resources"] = _resources(stage.memory_gib)
         selector_for = placement.node_selectors.get(stage.cluster, {})
         deployment = _deployment(stage.name, ns, owned(stage.cluster), object_labels, container, 1, selector_for)
         by_cluster.setdefault(stage.cluster, []).extend(
@@ -280,6 +321,8 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
                 _with_tls(deployment, stage.name) if tls else deployment,
                 service := _service(stage.name, ns, owned(stage.cluster), object_labels, STAGE_PORT, STAGE_PORT),
                 *([_service_export(service)] if placement.exported(stage.cluster) else []),
+                _ingress_policy(stage.name, ns, owned(stage.cluster), object_labels,
+                                [(STAGE_PORT, _stage_callers(desired, stage, placement))]),
             ]
         )
 
@@ -291,6 +334,7 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
     if tls:
         launch = replace(launch, tls_dir=TLS_DIR, internal_port=PEER_PORT)
     container = _container("gateway", images, images.gateway, launch, gateway.port)
+    container["resources"] = _resources(gateway.memory_gib)
     if tls:
         container["ports"].append({"name": "peer", "containerPort": PEER_PORT, "protocol": "TCP"})
     if api_key_secret:
@@ -317,10 +361,36 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
                                 gateway.service_type, PEER_PORT if tls else None),
             # the last stage, maybe in another cluster, posts its tokens to the gateway
             *([_service_export(service)] if placement.exported(placement.local) else []),
+            # its API is for every client; its peer port for the stages that post to it
+            _ingress_policy(gateway.name, ns, owner, object_labels, [(gateway.port, None)]
+                            + ([(PEER_PORT, _gateway_callers(desired, placement))] if tls else [])),
             plan,
         ]
     )
     return by_cluster
+
+
+def _gateway_callers(desired: DesiredState, placement: Placement) -> list[dict] | None:
+    """Who posts to a gateway's peer port: its last stage (results), and every stage whose hop the
+    plan relays through the gateway; anyone where one of them runs in another cluster."""
+    stages = desired.stages
+    posting = [stage for index, stage in enumerate(stages[:-1]) if index < len(desired.gateway.relay_hops)
+               and desired.gateway.relay_hops[index]] + [stages[-1]]  # fmt: skip
+    if any(stage.cluster != placement.local for stage in posting):
+        return None
+    return [_pods(desired.name, **{LABEL_STAGE_INDEX: str(stage.index)}) for stage in posting]
+
+
+def _stage_callers(desired: DesiredState, stage: StageSpec, placement: Placement) -> list[dict] | None:
+    """Who may call a stage: its gateway (steps, heartbeats, relayed hops), the stage before it, the
+    operator's probes; anyone where one of them runs in another cluster."""
+    callers = [_pods(desired.name, **{LABEL_COMPONENT: "gateway"}), _pods(desired.name, **{LABEL_COMPONENT: "probe"})]
+    clusters = {placement.local, stage.cluster}
+    if stage.index > 0:
+        before = desired.stages[stage.index - 1]
+        callers.append(_pods(desired.name, **{LABEL_STAGE_INDEX: str(before.index)}))
+        clusters.add(before.cluster)
+    return callers if clusters == {stage.cluster} else None
 
 
 def object_key(obj: dict) -> tuple[str, str, str]:

@@ -5,7 +5,9 @@ The CA lives in ``<resource>-ca`` in the operator's cluster, owned by the resour
 collector removes it with the resource); every stage, gateway and probe gets ``<child>-tls`` in
 its own cluster: the CA certificate, its certificate for the names its Service is dialled by, its
 key, and for probes the measure key that signs requests relayed by an API server. A Secret that
-exists is never minted again, so a reconcile does not rotate what pods hold.
+exists is minted again only when its certificate has less than a third of its lifetime left
+(``pki.due_for_renewal``): the kubelet updates the mounted files and the part loads them without
+a restart, so a renewal drops no generation.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from bloombee_contract.tls import CA_FILE, CERT_FILE, KEY_FILE, MEASURE_KEY_FILE
 
 from bloombee_operator.backends.kubernetes.objects import Owner, labels, tls_secret_name
-from bloombee_operator.pki import Identity, issue, new_ca
+from bloombee_operator.pki import Identity, due_for_renewal, issue, new_ca
 
 
 def ca_secret_name(resource: str) -> str:
@@ -55,9 +57,11 @@ class DeploymentSecrets:
 
     def ensure(self, local: Any, cluster: Any, child: str, component: str, hosts: list[str],
                owned: bool) -> bool:  # fmt: skip
-        """``<child>-tls`` in ``cluster``, minted unless it is there; whether it was minted."""
+        """``<child>-tls`` in ``cluster``, minted unless it is there and not due for renewal; whether
+        it was minted."""
         name = tls_secret_name(child)
-        if cluster.secret_data(name, self.namespace) is not None:
+        stored = cluster.secret_data(name, self.namespace)
+        if stored is not None and not due_for_renewal(stored.get(CERT_FILE, b"")):
             return False
         ca, measure_key = self.ca(local)
         part = issue(ca, f"{component}/{child}", hosts)
