@@ -423,11 +423,13 @@ class Kubelet:
         except OSError:
             return False
 
-    def stop_pod(self, pod: Pod, grace_s: float = 10.0) -> None:
+    def stop_pod(self, pod: Pod, grace_s: float = 10.0, deadline: float | None = None) -> None:
+        """SIGTERM, then SIGKILL what still runs after ``grace_s`` (or at ``deadline``, shared by pods
+        stopped together)."""
         for container in pod.containers:
             if container.popen is not None and container.popen.poll() is None:
                 os.killpg(container.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + grace_s if deadline is None else deadline
         for container in pod.containers:
             if container.popen is None:
                 continue
@@ -507,14 +509,15 @@ class Kubelet:
             if not resolv.is_file():
                 resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
-    def shutdown(self) -> None:
-        """Stop every pod: all asked at once, so their grace periods run side by side."""
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop every pod: all asked at once, so their grace periods run side by side (one deadline)."""
+        deadline = time.monotonic() + grace_s
         for pod in self.pods.values():
             for container in pod.containers:
                 if container.popen is not None and container.popen.poll() is None:
                     os.killpg(container.popen.pid, signal.SIGTERM)
         for pod in list(self.pods.values()):
-            self.stop_pod(pod)
+            self.stop_pod(pod, deadline=deadline)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,6 +123,7 @@ class LocalBackend:
         ca: DeploymentCA | None = None,
         tls: bool = True,
         hung_after_s: float = 30.0,
+        namespaces: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -137,6 +138,10 @@ class LocalBackend:
         self.link_delay_ms = link_delay_ms
         self.processes: dict[str, LocalProcess] = {}
         self.hung_after_s = hung_after_s
+        # process name -> (network namespace, its address): that process runs in the namespace
+        # (`ip netns exec`, root only), listening there, e.g. behind real packet delay between
+        # namespaces (../shared/tools/wan/). Whoever calls it must reach that address.
+        self.namespaces = dict(namespaces or {})
         # Every link is mutual TLS under a CA of this run's own (or ``ca``); the backend calls as
         # `operator`. tls=False: plain HTTP (a benchmark's baseline, or debugging with curl).
         self.ca = (ca if ca is not None else DeploymentCA(self.run_dir / "tls", self.run_dir.name)) if tls else None
@@ -150,10 +155,14 @@ class LocalBackend:
         """Start a data-plane server from its launch spec, on this backend's host and ``port``."""
         ready_file = self._ready_file(name)
         role = {StageLaunch: "stage", GatewayLaunch: "gateway", ProbeLaunch: "probe"}[type(launch)]
-        tls = self.ca.identity(f"{role}/{name}", [self.host, "localhost"]) if self.ca is not None else None
-        launch = replace(launch, host=self.host, port=port, ready_file=str(ready_file),  # type: ignore[type-var]
+        namespace, host = self.namespaces.get(name, (None, self.host))
+        tls = self.ca.identity(f"{role}/{name}", [host, "localhost"]) if self.ca is not None else None
+        launch = replace(launch, host=host, port=port, ready_file=str(ready_file),  # type: ignore[type-var]
                          tls_dir=str(tls.directory) if tls is not None else None)  # fmt: skip
-        return self._spawn(name, launch.command(self.python), ready_file, launch)
+        command = launch.command(self.python)
+        if namespace is not None:
+            command = ["ip", "netns", "exec", namespace, *command]
+        return self._spawn(name, command, ready_file, launch)
 
     def _spawn(self, name: str, command: list[str], ready_file: Path, launch: LaunchSpec | None = None) -> LocalProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
