@@ -198,17 +198,17 @@ def test_relay_baseline_gives_the_same_tokens_as_push(tmp_path, tiny_pipeline):
         relayed.backend.stop()
 
 
-def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
-    """A stage with a tiny KV budget refuses a session that would not fit, with the numbers, and stays up."""
+def test_kv_budget_and_peers_are_enforced_over_http(tmp_path, tiny_dir):
+    """A stage with a tiny KV budget refuses a session that would not fit, with the numbers, and stays
+    up; a stage given its peers (--peers) refuses a frame that would reply anywhere else."""
     import subprocess
     import sys
     import time
 
     ready = tmp_path / "ready.json"
     budget = 100 * 1536 / 2**30  # 100 tokens of 1536 bytes
-    command = StageLaunch(model=str(tiny_dir), layers=(0, 6), kv_budget_gib=budget, ready_file=str(ready)).command(
-        sys.executable
-    )
+    command = StageLaunch(model=str(tiny_dir), layers=(0, 6), kv_budget_gib=budget, ready_file=str(ready),
+                          peers=("http://127.0.0.1:1",)).command(sys.executable)  # fmt: skip
     stage = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
@@ -221,6 +221,10 @@ def test_kv_budget_is_enforced_over_http(tmp_path, tiny_dir):
         assert "needs 307200 more bytes, 0 of 153600" in error["error"]["message"]
         status, _ = post_frame(url, step_frame(torch.tensor([[1, 2, 3]]), session="small", max_length=50))
         assert status == 200  # inline (no reply_to): the last stage answers with the token
+        meta = StepMeta(step=2, rows=[RowMeta(session="elsewhere", start=0, length=3)],
+                        reply_to="http://127.0.0.1:9/internal/v1/results")  # fmt: skip
+        status, error = post_frame(url, encode_frame(tensor_frame(torch.tensor([[1, 2, 3]]), meta.model_dump())))
+        assert status == 400 and "is not one of this stage's peers" in error["error"]["message"], error
     finally:
         stage.terminate()
         stage.wait(timeout=30)

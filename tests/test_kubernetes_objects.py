@@ -140,6 +140,12 @@ def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_bu
     policies = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "NetworkPolicy"}
     instance = {LABEL_INSTANCE: "geo"}
     gateway, probes = {**instance, LABEL_COMPONENT: "gateway"}, {**instance, LABEL_COMPONENT: "probe"}
+    stage_args = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["args"] for o in rendered
+                  if o["kind"] == "Deployment" and "-stage-" in o["metadata"]["name"]}  # fmt: skip
+    peers = {name: args[args.index("--peers") + 1] for name, args in stage_args.items()}
+    assert peers == {"geo-stage-0": "https://geo-stage-1.llm.svc:8080,https://geo-gateway.llm.svc:8443",
+                     "geo-stage-1": "https://geo-stage-2.llm.svc:8080,https://geo-gateway.llm.svc:8443",
+                     "geo-stage-2": "https://geo-gateway.llm.svc:8443"}  # fmt: skip
     assert _callers(policies["geo-stage-0"]) == {8080: [gateway, probes]}
     assert _callers(policies["geo-stage-2"]) == {8080: [gateway, probes, {**instance, "bloombee.ai/stage-index": "1"}]}
     assert _callers(policies["geo-gateway"]) == {8000: None, 8443: [{**instance, "bloombee.ai/stage-index": "2"}]}

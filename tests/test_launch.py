@@ -22,6 +22,7 @@ CHANGED: dict[type[LaunchSpec], dict] = {
     StageLaunch: dict(model="gguf://pkg/m.gguf", layers=(3, 17), dtype="bfloat16", device="cuda:1", host="0.0.0.0",
                       port=9001, name="eu-stage-1", threads=3, codec="auto", link_mbps=87.25,
                       accept_codecs=("raw", "zstd"), kv_budget_gib=0.123456789, kv_owner_share=0.375, micro_batch=4,
+                      peers=("https://next:8080", "https://gw:8443"),
                       offload_weights=0.25,
                       offload_kv=0.5, offload_tier="host", no_prefetch=True, session_timeout=12.5,
                       tls_dir="/etc/bloombee/tls", ready_file="/tmp/ready.json", log_level="DEBUG"),

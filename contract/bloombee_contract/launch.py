@@ -82,6 +82,14 @@ def parse_codec_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_url_list(text: str) -> tuple[str, ...]:
+    """``a,b``: base URLs (no trailing slash)."""
+    urls = tuple(url.strip().rstrip("/") for url in text.split(",") if url.strip())
+    if not urls or any("://" not in url for url in urls):
+        raise FlagValueError(f"{text!r}: comma-separated URLs, scheme included")
+    return urls
+
+
 def parse_stage_urls(text: str) -> tuple[tuple[str, ...], ...]:
     """``a,b1|b2,c``: stage URLs in layer order; a span's replicas separated by ``|``."""
     stages = tuple(tuple(url.strip().rstrip("/") for url in part.split("|") if url.strip())
@@ -239,6 +247,10 @@ class StageLaunch(LaunchSpec):
                                 show=_float_text)  # fmt: skip
     micro_batch: int | None = flag("the plan's micro-batch: refuse steps with more rows (default: any)", None,
                                    parse=_positive(int))  # fmt: skip
+    peers: tuple[str, ...] | None = flag("base URLs this stage may send to (the next span's replicas, its gateway); "
+                                         "a frame routed or replying anywhere else is refused (default: any part "
+                                         "of the deployment, as mutual TLS proves)", None, parse=parse_url_list,
+                                         show=",".join)  # fmt: skip
     kv_owner_share: float = flag("most of the KV budget the sessions of one caller (a gateway's certificate) may "
                                  "reserve, as a fraction; stages shared by several gateways keep room for each",
                                  1.0, parse=_positive(_fraction), show=_float_text, metavar="S")  # fmt: skip

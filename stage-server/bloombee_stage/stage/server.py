@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         tier_bandwidth=bandwidth,
         kv_budget_bytes=int(launch.kv_budget_gib * (1 << 30)),
         kv_owner_share=launch.kv_owner_share,
+        peers=frozenset(launch.peers) if launch.peers else None,
         micro_batch=launch.micro_batch,
         session_timeout_s=launch.session_timeout,
         tls=tls,

@@ -23,7 +23,7 @@ import aiohttp
 import torch
 from bloombee_contract.codec_cost import choose_codec
 from bloombee_contract.errors import ErrorCode
-from bloombee_contract.paths import CODECS_PATH, LEASE_TIMEOUT_S, STEP_PATH
+from bloombee_contract.paths import CODECS_PATH, LEASE_TIMEOUT_S, RESULT_PATH, STEP_PATH
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.model.span import StageModel, truncate_cache
@@ -55,6 +55,7 @@ class StageSettings:
     tier_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s measured at start-up
     kv_budget_bytes: int = 2 << 30
     kv_owner_share: float = 1.0  # of the budget, the most one owner's (gateway's) sessions may reserve
+    peers: frozenset[str] | None = None  # the only base URLs a step may go on to or reply to (None: any)
     micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
@@ -159,6 +160,15 @@ class StageService:
             if plain:
                 raise WireError(f"{where}: route and reply_to must be https:// URLs of this deployment's parts "
                                 f"(it speaks mutual TLS), not {plain[0][:200]!r}")  # fmt: skip
+        peers = self.settings.peers
+        if peers is not None:
+            # The plan's peers only: neither a route nor a reply address can make this stage call
+            # another part of the deployment than the next span and its gateway.
+            elsewhere = [url for url in (meta.next_url, meta.reply_to and meta.reply_to.removesuffix(RESULT_PATH))
+                         if url is not None and url not in peers]  # fmt: skip
+            if elsewhere:
+                raise WireError(f"{where}: {elsewhere[0][:200]!r} is not one of this stage's peers "
+                                f"({', '.join(sorted(peers))})")  # fmt: skip
         planned = self.settings.micro_batch
         if planned and len(meta.rows) > planned:
             raise WireError(f"{where}: {len(meta.rows)} rows in one step; this stage was planned for micro-batches "

@@ -312,6 +312,10 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
     for stage in desired.stages:
         object_labels = labels(desired.name, "stage", **{LABEL_STAGE_INDEX: str(stage.index)})
         launch = replace(stage.launch(desired.model_source), tls_dir=TLS_DIR if tls else None)
+        if tls:  # the stage sends only to the next span and its gateway (results, relayed hops, reports)
+            after = desired.stages[stage.index + 1 :][:1]
+            peers = [stage_url(desired, s, placement, tls) for s in after] + [gateway_peer_url(desired, placement)]
+            launch = replace(launch, peers=tuple(peers))
         container = _container("stage", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
         container["resources"] = _resources(stage.memory_gib)
         selector_for = placement.node_selectors.get(stage.cluster, {})
