@@ -347,10 +347,10 @@ def test_a_gateways_sessions_are_its_own(tiny_pipeline):
         assert json.loads(reply.read()) == {"closed": True}
 
 
-def test_a_stage_sends_only_to_parts_of_its_deployment(tiny_pipeline):
+def test_a_stage_sends_only_to_its_plans_peers(tiny_pipeline):
     """Routes, reply addresses and measurement targets are followed only over mutual TLS, so a
     frame cannot make a stage post hidden states or results to a listener outside the deployment;
-    routes and measurements are bounded."""
+    within it, only to the plan's next span and gateway; routes and measurements are bounded."""
     import socket
 
     from bloombee_contract.paths import MEASURE_PATH
@@ -371,6 +371,12 @@ def test_a_stage_sends_only_to_parts_of_its_deployment(tiny_pipeline):
             frame = encode_frame(tensor_frame(tokens, meta.model_dump(mode="json")))
             status, answer = _call(stage + STEP_PATH, operator, frame)
             assert status == 400 and "https://" in answer["error"]["message"], answer
+        # A part of the deployment, over mutual TLS, but not the next span: `bloombee up` gave
+        # each stage its plan's peers (--peers), so stage 0 cannot be made to skip stage 1.
+        skip = StepMeta(step=1, rows=[RowMeta(session="skip", start=0, length=3)], route=[last])
+        skipping = encode_frame(tensor_frame(tokens, skip.model_dump(mode="json")))
+        status, answer = _call(stage + STEP_PATH, operator, skipping)
+        assert status == 400 and "not one of this stage's peers" in answer["error"]["message"], answer
         looping = StepMeta(step=1, rows=[RowMeta(session="loop", start=0, length=3)]).model_dump(mode="json")
         looping["route"] = [last] * 65  # past MAX_HOPS (the model would refuse to build it)
         status, answer = _call(stage + STEP_PATH, operator, encode_frame(tensor_frame(tokens, looping)))
@@ -465,8 +471,9 @@ def test_a_renewed_certificate_is_served_without_a_restart_or_a_dropped_generati
 def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(tiny_pipeline):
     """A gateway just Ready may not be routable yet from the stages (its Service has no endpoint
     for a moment), or a link blips: the last stage sends the result again on connection errors
-    until the gateway takes it, instead of dropping it and leaving the gateway to time out."""
-    import socket
+    until the gateway takes it, instead of dropping it and leaving the gateway to time out. Here
+    the gateway is stopped, and a listener takes its peer port (the only place the stages may
+    reply to) 1.5 s after the step was sent; the gateway is restarted afterwards."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -476,9 +483,8 @@ def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(ti
     from bloombee_stage.wire.messages import ResultMeta
     from pipelines import TEST_CA, TEST_TLS
 
-    with socket.socket() as reserve:
-        reserve.bind(("127.0.0.1", 0))
-        port = reserve.getsockname()[1]
+    backend, gateway = tiny_pipeline.backend, tiny_pipeline.desired.gateway.name
+    port = backend.ports[f"{gateway}-internal"]
     received: list[tuple[str, bytes]] = []
 
     class Results(BaseHTTPRequestHandler):
@@ -491,7 +497,10 @@ def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(ti
         def log_message(self, *args) -> None:
             pass
 
+    backend.processes[gateway].popen.kill()
+    backend.processes[gateway].popen.wait()
     server = HTTPServer(("127.0.0.1", port), Results, bind_and_activate=False)
+    server.allow_reuse_address = True
     server.timeout = 45  # handle_request gives up by then: a result that never comes fails the test
     server.socket = server_context(TEST_CA.identity("late-gateway", ["127.0.0.1"])).wrap_socket(
         server.socket, server_side=True)  # fmt: skip
@@ -516,6 +525,8 @@ def test_a_result_reaches_a_gateway_that_listens_only_after_the_step_was_sent(ti
         assert result.error is None and result.step == 7 and [row.session for row in result.rows] == ["late"]
     finally:
         server.server_close()
+        backend.restore(tiny_pipeline.desired)
+    assert tiny_chat(tiny_pipeline)[0] == 200  # the gateway is back where it was
 
 
 def test_a_stage_being_replaced_a_deadline_and_a_client_that_left(tmp_path, tiny_dir):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -137,6 +138,9 @@ class LocalBackend:
         # delaying proxy (link_delay.py), so one machine behaves like far-apart clusters.
         self.link_delay_ms = link_delay_ms
         self.processes: dict[str, LocalProcess] = {}
+        # Ports are chosen before anything starts and kept for the run, so every stage can be told
+        # its peers' addresses up front (--peers) and a restarted process is found where it was.
+        self.ports: dict[str, int] = {}
         self.hung_after_s = hung_after_s
         # process name -> (network namespace, its address): that process runs in the namespace
         # (`ip netns exec`, root only), listening there, e.g. behind real packet delay between
@@ -150,6 +154,28 @@ class LocalBackend:
     def model_shape(self, source: str) -> ModelShape:
         """Convert the model if needed (one time) and read its shape."""
         return ModelShape.from_config(model_config(source, self.python))
+
+    def _port(self, name: str) -> int:
+        """The port ``name`` listens on for this run: one the OS had free when first asked."""
+        if name not in self.ports:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))  # a namespace's own port space is emptier still
+                self.ports[name] = probe.getsockname()[1]
+        return self.ports[name]
+
+    def _url(self, name: str, scheme: str, host_of: str | None = None) -> str:
+        """Where ``name`` listens (on the host of process ``host_of``, by default its own)."""
+        return f"{scheme}://{self.namespaces.get(host_of or name, (None, self.host))[1]}:{self._port(name)}"
+
+    def _hops(self, desired: DesiredState) -> tuple[list[str], str]:
+        """What the parts dial: each stage's URL (its link proxy's, with a link delay) in layer order,
+        and the URL stages deliver results to (the gateway's mutual-TLS port, or its link proxy)."""
+        scheme = "https" if self.ca is not None else "http"
+        gateway = desired.gateway.name
+        if self.link_delay_ms > 0:
+            return [self._url(f"{s.name}-link", scheme) for s in desired.stages], self._url(f"{gateway}-link", scheme)
+        reply = self._url(f"{gateway}-internal", scheme, gateway) if self.ca is not None else self._url(gateway, scheme)
+        return [self._url(s.name, scheme) for s in desired.stages], reply
 
     def _launch(self, name: str, launch: LaunchSpec, port: int = 0) -> LocalProcess:
         """Start a data-plane server from its launch spec, on this backend's host and ``port``."""
@@ -223,7 +249,11 @@ class LocalBackend:
         was started. A stage keeps its port across restarts, so its link proxy and the gateway still
         reach it; the gateway restarts when the stage list or its own arguments change."""
         threads = self.stage_threads(desired)
-        wanted = {stage.name: self._stage_launch(desired, stage, threads) for stage in desired.stages}
+        if self.gateway_port:
+            self.ports.setdefault(desired.gateway.name, self.gateway_port)
+        hops, reply = self._hops(desired)
+        wanted = {stage.name: replace(self._stage_launch(desired, stage, threads), peers=(*hops[i + 1 : i + 2], reply))
+                  for i, stage in enumerate(desired.stages)}  # fmt: skip
         changed = []
         for name in [n for n in self.processes if self._owned_stage(desired, n) and n.split("-link")[0] not in wanted]:
             self._stop_one(name)
@@ -231,30 +261,30 @@ class LocalBackend:
             current = self.processes.get(name)
             if current is not None and current.alive and _same_but_address(current.launch, launch):
                 continue
-            port = current.port if current is not None else 0
             if current is not None:
                 self._stop_one(name)
-            self._launch(name, launch, port)
+            self._launch(name, launch, self._port(name))
             changed.append(name)
         stages = [self.processes[stage.name] for stage in desired.stages]
         self._wait_ready(stages)
-        stage_urls, public_url = [str(p.url) for p in stages], None
+        public_url = None
         if self.link_delay_ms > 0:
             links = [self._ensure_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
             back = self._ensure_link(f"{desired.gateway.name}-link",
                                      ["--to-ready-file", str(self._ready_file(desired.gateway.name)),
                                       "--scheme", "https" if self.tls else "http"])  # fmt: skip
             self._wait_ready([*links, back], ready_path=None)
-            stage_urls, public_url = [str(p.url) for p in links], str(back.url)
+            public_url = str(back.url)
         gateway = desired.gateway
         current = self.processes.get(gateway.name)
-        launch = gateway.launch(desired.model_source, tuple((url,) for url in stage_urls), public_url)
+        launch = gateway.launch(desired.model_source, tuple((url,) for url in hops), public_url)
+        if self.ca is not None:
+            launch = replace(launch, internal_port=self._port(f"{gateway.name}-internal"))
         launch = launch.with_flags(self.gateway_args)
         if current is None or not current.alive or not _same_but_address(current.launch, launch):
-            port = current.port if current is not None and current.url else self.gateway_port  # clients keep it
             if current is not None:
                 self._stop_one(gateway.name)
-            self._launch(gateway.name, launch, port)
+            self._launch(gateway.name, launch, self._port(gateway.name))  # clients keep it
             changed.append(gateway.name)
         self._wait_ready([self.processes[gateway.name]], ready_path=HEALTHZ_PATH)
         return changed
@@ -338,7 +368,8 @@ class LocalBackend:
     def _start_link(self, name: str, args: list[str]) -> LocalProcess:
         ready_file = self._ready_file(name)
         command = [self.python, "-m", "bloombee_operator.backends.link_delay", *args, "--host", self.host,
-                   "--ready-file", str(ready_file), "--delay-ms", f"{self.link_delay_ms:g}", "--port", "0"]  # fmt: skip
+                   "--ready-file", str(ready_file), "--delay-ms", f"{self.link_delay_ms:g}",
+                   "--port", str(self._port(name) if "-probe-" not in name else 0)]  # fmt: skip
         return self._spawn(name, command, ready_file)
 
     def _ready_file(self, name: str) -> Path:
