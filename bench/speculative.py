@@ -128,7 +128,7 @@ def measure_latency(running: Running, prompts: list[str], new_tokens: int, repea
     return {
         "per_token_ms": statistics.median(per_token) * 1000,
         "per_token_ms_min": min(per_token) * 1000,
-        "tokens_per_round": delta["bloombee_gateway_generated_tokens_total"] / rounds,
+        "tokens_per_round": delta["bloombee_gateway_generation_tokens_total"] / rounds,
         "draft_acceptance": delta["bloombee_gateway_draft_accepted_total"] / proposed if proposed else None,
         "compute_ms_per_round": running.compute_seconds_per_step() * 1000,
         "outputs": outputs,
@@ -153,8 +153,8 @@ def measure_throughput(running: Running, prompts: list[str], new_tokens: int, co
         replies = list(pool.map(lambda content: running.ask(content, new_tokens, ignore_eos=True), contents))
     seconds = time.perf_counter() - started
     after, cpu = running.gateway_metrics(), cpu_seconds(running) - cpu_before
-    steps = after["bloombee_gateway_steps_sent"] - before["bloombee_gateway_steps_sent"]
-    rows = after["bloombee_gateway_rows_sent"] - before["bloombee_gateway_rows_sent"]
+    steps = after["bloombee_gateway_steps_sent_total"] - before["bloombee_gateway_steps_sent_total"]
+    rows = after["bloombee_gateway_rows_sent_total"] - before["bloombee_gateway_rows_sent_total"]
     tokens = sum(len(reply["choices"][0]["token_ids"]) for reply in replies)
     prompt_tokens = sum(reply["usage"]["prompt_tokens"] for reply in replies)
     cached = sum(reply["usage"]["prompt_tokens_details"]["cached_tokens"] for reply in replies)

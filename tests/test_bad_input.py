@@ -587,7 +587,7 @@ def test_a_stage_being_replaced_a_deadline_and_a_client_that_left(tmp_path, tiny
                            + f"Content-Length: {len(long)}\r\n\r\n".encode() + long)  # fmt: skip
             time.sleep(0.3)  # under way, then the client leaves
         deadline = time.monotonic() + 15
-        while pipeline.gateway_metrics().get("bloombee_gateway_abandoned_total", 0) < 1:
+        while pipeline.gateway_metrics().get("bloombee_gateway_requests_aborted_total", 0) < 1:
             assert time.monotonic() < deadline, "the generation of a client that left was not stopped"
             time.sleep(0.2)
 

@@ -93,3 +93,13 @@ def test_errors_arrive_as_the_clients_exceptions(client, keyed_pipeline):
     with pytest.raises(openai.AuthenticationError) as caught:
         stranger.models.list()
     assert caught.value.code == "invalid_api_key"
+
+
+def test_logprobs_under_speculation_are_the_target_models(client, tiny_dir):
+    """Tokens accepted from drafts in a verification pass carry the logprobs the last stage computed
+    from the target's logits at their positions, equal to transformers' log_softmax."""
+    from test_openai_fields import check_completion_logprobs
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    check_completion_logprobs(client, reference, top=2)

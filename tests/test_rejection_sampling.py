@@ -22,7 +22,7 @@ from bloombee_stage.gateway.generation import Generated, Speculation, TextAssemb
 from bloombee_stage.model.sampling import target_probs
 from bloombee_stage.model.span import Span, StageModel, truncate_cache
 from bloombee_stage.stage.verify import verify
-from bloombee_stage.wire.messages import RowMeta, SamplingParams
+from bloombee_stage.wire.messages import RowMeta, RowResult, SamplingParams
 
 PROMPT = [1, 2, 3]
 NEW_TOKENS = 3
@@ -53,11 +53,11 @@ class InProcessStepper:
     def open(self) -> tuple[int, ...]:
         return (0,)
 
-    async def step(self, row: RowMeta, inputs: list[int], path: tuple[int, ...]) -> list[int]:
+    async def step(self, row: RowMeta, inputs: list[int], path: tuple[int, ...]) -> RowResult:
         cache = self.caches.setdefault(row.session, self.model.new_cache())
         truncate_cache(cache, row.start)
         logits = self.model.forward_rows(torch.tensor([inputs]), [cache], [row.length], [len(row.draft) + 1])[0]
-        return self.verifier(logits, row)
+        return RowResult(session=row.session, tokens=self.verifier(logits, row))
 
     async def close(self, session: str, path: tuple[int, ...], park: bool = False) -> None:
         self.caches.pop(session, None)  # no prefix index here: generate() never asks to park

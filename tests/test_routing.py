@@ -94,8 +94,8 @@ def test_replicas_share_generations_and_a_lost_replica_is_routed_around(tmp_path
         metrics = read_metrics(gateway.url)
         assert metrics['bloombee_gateway_route_chosen{path="0.0"}'] > 0
         assert metrics['bloombee_gateway_route_chosen{path="0.1"}'] > 0  # both replicas served generations
-        assert metrics['bloombee_gateway_route_predicted_ms{path="0.1"}'] > 0
-        assert all(metrics[f'bloombee_gateway_replica_service_ms{{stage="1",replica="{i}",url="{url}"}}'] > 0
+        assert metrics['bloombee_gateway_route_predicted_seconds{path="0.1"}'] > 0
+        assert all(metrics[f'bloombee_gateway_replica_service_seconds{{stage="1",replica="{i}",url="{url}"}}'] > 0
                    for i, url in enumerate((replica_a.url, replica_b.url)))  # fmt: skip
 
         replica_b.popen.send_signal(signal.SIGKILL)
@@ -166,7 +166,8 @@ def test_a_gateway_started_with_a_larger_micro_batch_than_its_stages_uses_theirs
             replies = list(pool.map(lambda body: pipeline.post("/completions", body), requests))
         assert all(status == 200 for status, _ in replies), replies
         gateway = pipeline.gateway_metrics()
-        assert gateway["bloombee_gateway_rows_sent"] > gateway["bloombee_gateway_steps_sent"]  # rows shared steps
+        # rows shared steps
+        assert gateway["bloombee_gateway_rows_sent_total"] > gateway["bloombee_gateway_steps_sent_total"]
         for index in range(2):
             stage = pipeline.stage_metrics(index)
             assert stage.get('bloombee_stage_errors_total{code="invalid_frame"}', 0) == 0  # no step was too big
@@ -193,7 +194,7 @@ def test_requests_beyond_the_gateway_seats_wait_for_one(tmp_path, tiny_dir):
                 pending = [pool.submit(pipeline.post, "/completions", body) for body in bodies]
                 waiting = 0.0
                 for _ in range(300):  # up to 30 s for both requests to reach the gateway
-                    waiting = pipeline.gateway_metrics()["bloombee_gateway_generations_waiting"]
+                    waiting = pipeline.gateway_metrics()["bloombee_gateway_requests_waiting"]
                     if waiting == 1:
                         break
                     time.sleep(0.1)
@@ -213,6 +214,6 @@ def test_requests_beyond_the_gateway_seats_wait_for_one(tmp_path, tiny_dir):
         for (_, before), (status, reply) in zip(alone, together, strict=True):
             assert status == 200, reply
             assert reply["choices"][0]["token_ids"] == before["choices"][0]["token_ids"]
-        assert pipeline.gateway_metrics()["bloombee_gateway_generations_waiting"] == 0
+        assert pipeline.gateway_metrics()["bloombee_gateway_requests_waiting"] == 0
     finally:
         pipeline.backend.stop()

@@ -68,7 +68,7 @@ def test_prompt_lookup_gives_the_tokens_of_generate_in_fewer_rounds(tmp_path, sm
             assert status == 200, reply
             assert reply["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, reply["prompt_token_ids"])
         metrics = pipeline.gateway_metrics()
-        generated = metrics["bloombee_gateway_generated_tokens_total"]
+        generated = metrics["bloombee_gateway_generation_tokens_total"]
         assert metrics["bloombee_gateway_draft_accepted_total"] > 0
         assert metrics["bloombee_gateway_rounds_total"] < generated  # some rounds gave several tokens
     finally:
@@ -92,9 +92,10 @@ def test_early_exit_drafts_in_micro_batches_give_the_tokens_of_generate(tmp_path
             expected = reference_tokens(smollm2_reference, reply["prompt_token_ids"], 24)
             assert reply["choices"][0]["token_ids"] == expected
         metrics = pipeline.gateway_metrics()
-        assert metrics["bloombee_gateway_rows_sent"] > metrics["bloombee_gateway_steps_sent"]  # steps were shared
+        # steps were shared
+        assert metrics["bloombee_gateway_rows_sent_total"] > metrics["bloombee_gateway_steps_sent_total"]
         assert metrics["bloombee_gateway_draft_accepted_total"] > 0
-        assert metrics["bloombee_gateway_rounds_total"] < metrics["bloombee_gateway_generated_tokens_total"]
+        assert metrics["bloombee_gateway_rounds_total"] < metrics["bloombee_gateway_generation_tokens_total"]
 
         sampled = chat_request("Tell me a story about a dragon.", temperature=0.8, top_p=0.95, seed=11, max_tokens=20)
         first, again = pipeline.post("/chat/completions", sampled), pipeline.post("/chat/completions", sampled)

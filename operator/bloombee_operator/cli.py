@@ -2,7 +2,7 @@
 
 bloombee up -f distributedllm.yaml            run the pipeline as local processes until Ctrl-C
 bloombee up -f distributedllm.yaml --ask Q    ... answer one chat request, then stop
-bloombee chat "Hello!" --endpoint URL          one chat request to a running gateway
+bloombee chat "Hello!" --endpoint URL --stream one chat request to a running gateway
 bloombee validate -f distributedllm.yaml      check a resource; errors say which field is wrong
 bloombee plan -f distributedllm.yaml          the DP plan: which node serves which layers
 """
@@ -13,14 +13,20 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import yaml
+from bloombee_contract.launch import API_KEY_ENV, LOG_LEVELS
+from bloombee_contract.model_source import ModelSourceError, resolve_source
 
 from bloombee_operator import reconcile
 from bloombee_operator.api.resource import DistributedLLM, ResourceError, load_resource
@@ -32,18 +38,59 @@ from bloombee_operator.planner import PlanningError, Workload
 log = logging.getLogger("bloombee")
 
 
-def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, timeout_s: float = 300.0) -> dict:
-    body = json.dumps({
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }).encode()  # fmt: skip
-    request = urllib.request.Request(
-        f"{endpoint}/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+def chat_once(endpoint: str, model: str, question: str, max_tokens: int = 64, timeout_s: float = 300.0,
+              system: str | None = None, temperature: float = 0.0, api_key: str | None = None) -> dict:
+    """One chat request (not streamed); the reply as the gateway sent it."""
+    with _chat_request(endpoint, model, question, max_tokens, system, temperature, api_key, stream=False,
+                       timeout_s=timeout_s) as reply:  # fmt: skip
         return json.loads(reply.read())
+
+
+def stream_chat(endpoint: str, model: str, question: str, max_tokens: int = 64, system: str | None = None,
+                temperature: float = 0.0, api_key: str | None = None, timeout_s: float = 300.0) -> Iterator[str]:
+    """One chat request, streamed: the text as it comes."""
+    with _chat_request(endpoint, model, question, max_tokens, system, temperature, api_key, stream=True,
+                       timeout_s=timeout_s) as reply:  # fmt: skip
+        for line in reply:
+            data = line.decode().strip().removeprefix("data: ")
+            if not data or data == "[DONE]":
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                raise ChatError(f"the gateway failed midway: {event['error'].get('message')}")
+            for choice in event.get("choices", []):
+                yield choice["delta"].get("content") or ""
+
+
+class ChatError(RuntimeError):
+    """A chat request that failed, with what to do about it."""
+
+
+def _chat_request(endpoint: str, model: str, question: str, max_tokens: int, system: str | None, temperature: float,
+                  api_key: str | None, stream: bool, timeout_s: float) -> Any:  # fmt: skip
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                       "stream": stream}).encode()  # fmt: skip
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(f"{endpoint}/chat/completions", data=body, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as error:
+        raise ChatError(_http_problem(endpoint, error)) from None
+
+
+def _http_problem(endpoint: str, error: urllib.error.HTTPError) -> str:
+    """What an HTTP error from the gateway means, with a hint where the cause is common."""
+    try:
+        detail = json.loads(error.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        detail = error.reason
+    hint = ""
+    if error.code == 404 and not endpoint.rstrip("/").endswith("/v1"):
+        hint = f" (the endpoint is the gateway's /v1 URL: try --endpoint {endpoint.rstrip('/')}/v1)"
+    elif error.code == 401:
+        hint = f" (pass the gateway's key with --api-key or ${API_KEY_ENV})"
+    return f"{error.code} from {endpoint}: {detail}{hint}"
 
 
 RESTART_BACKOFF_MAX_S = 60.0
@@ -85,8 +132,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path(".bloombee") / resource.metadata.name)
     # A one-shot --ask needs no well-known port; a serving pipeline listens where the resource says.
     port = args.port if args.port is not None else 0 if args.ask else resource.spec.gateway.service.port
+    # The key reaches the gateway in its environment (GatewayLaunch.api_key), never on a command line.
     backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads,
-                           link_delay_ms=args.link_delay_ms, tls=not args.no_tls)  # fmt: skip
+                           link_delay_ms=args.link_delay_ms, tls=not args.no_tls, api_key=args.api_key)  # fmt: skip
     run = LocalRun(resource.model_dump(mode="json", by_alias=True, exclude_none=True), backend, run_dir)
     stop_requested = False
 
@@ -109,14 +157,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.info("pipeline ready in %.1f s; status in %s", time.monotonic() - started, run.status_file)
         model = resource.metadata.name
         if args.ask:
-            reply = chat_once(endpoint, model, args.ask, args.max_tokens)
+            reply = chat_once(endpoint, model, args.ask, args.max_tokens, api_key=args.api_key)
             choice = reply["choices"][0]
             print(f"\nQ: {args.ask}\nA: {choice['message']['content']}")
             print(f"   ({reply['usage']['completion_tokens']} tokens, finish_reason={choice['finish_reason']})")
             return 0
         print(f"\nBloomBee is serving `{model}` at {endpoint}\nTry:\n")
+        key = " -H 'Authorization: Bearer $BLOOMBEE_API_KEY'" if args.api_key else ""
         print(
-            f"  curl {endpoint}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"  curl {endpoint}/chat/completions -H 'Content-Type: application/json'{key} \\\n"
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
         )
         print("Press Ctrl-C to stop. A stage that dies is restarted.")
@@ -138,7 +187,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except reconcile.Permanent as failed:
         log.error("%s", failed)
         return 1
-    except (LocalBackendError, urllib.error.URLError, ValueError) as error:
+    except (LocalBackendError, ChatError, urllib.error.URLError, ValueError) as error:
         log.error("%s", error)
         return 1
     finally:
@@ -159,28 +208,45 @@ def _print_plan(plan: PlanStatus) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """One chat request to a running gateway, waiting up to --wait-s for it to come up."""
     deadline = time.monotonic() + args.wait_s
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     while True:
         try:
-            with urllib.request.urlopen(f"{args.endpoint}/models", timeout=10) as reply:
+            request = urllib.request.Request(f"{args.endpoint}/models", headers=headers)
+            with urllib.request.urlopen(request, timeout=10) as reply:
                 models = [m["id"] for m in json.loads(reply.read())["data"]]
             break
+        except urllib.error.HTTPError as error:
+            print(f"error: {_http_problem(args.endpoint, error)}", file=sys.stderr)
+            return 1
         except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
             if time.monotonic() > deadline:
                 print(f"error: {args.endpoint} did not answer in {args.wait_s:.0f} s: {error}", file=sys.stderr)
                 return 1
             time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
     model = args.model or models[0]
+    asked = (args.endpoint, model, args.question, args.max_tokens)
+    settings = {"system": args.system, "temperature": args.temperature, "api_key": args.api_key}
     try:
-        reply = chat_once(args.endpoint, model, args.question, args.max_tokens)
-    except urllib.error.HTTPError as error:
-        print(f"error: {error.code} from {args.endpoint}: {error.read().decode(errors='replace')}", file=sys.stderr)
+        if args.stream:
+            for piece in stream_chat(*asked, **settings):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(chat_once(*asked, **settings)["choices"][0]["message"]["content"])
+    except ChatError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
-    print(reply["choices"][0]["message"]["content"])
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     resource = load_resource(args.file)
+    if not args.no_local_model:
+        try:
+            resolve_source(resource.spec.model.source)
+        except ModelSourceError as error:
+            raise ResourceError(f"{args.file}: spec.model.source: {error} (looked for on this machine; "
+                                "--no-local-model skips this when the model is only in the stage image)") from None
     print(f"{args.file}: DistributedLLM {resource.metadata.namespace}/{resource.metadata.name} is valid")
     print(f"(`bloombee plan -f {args.file}` shows the stages it would run)")
     return 0
@@ -194,6 +260,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     resource = load_resource(args.file)
     spec = resource.spec
+    resolve_source(spec.model.source)  # a missing model says so, before a child process tries it
     inputs = planner_inputs(resource, ModelShape.from_config(model_config(spec.model.source)), [])
     nodes = nodes_from_file(args.nodes) if args.nodes else inputs.nodes
     clusters = sorted({n.cluster for n in nodes}, key=[c.name for c in spec.clusters].index)
@@ -217,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloombee", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--version", action="version", version=f"bloombee {package_version('bloombee')}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="how much to log (any case)")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run a DistributedLLM as local processes (no cluster needed)")
@@ -238,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ask", default=None, help="send this chat message once everything is ready, print the reply, stop"
     )
     up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")
+    up.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help="require `Authorization: Bearer KEY` "
+                    f"on the gateway's API (default: ${API_KEY_ENV}; none: open to whoever reaches the port)")
     up.add_argument("--check-every", type=float, default=10.0,
                     help="seconds between checks that restart dead processes and re-plan when due")  # fmt: skip
     up.set_defaults(handler=cmd_up)
@@ -248,10 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default=None, help="served model name (default: the first the gateway lists)")
     chat.add_argument("--max-tokens", type=int, default=64)
     chat.add_argument("--wait-s", type=float, default=0.0, help="keep trying this long while the gateway starts")
+    chat.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    chat.add_argument("--system", default=None, help="a system message before the question")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); up to 2")
+    chat.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"the gateway's key (default: "
+                      f"${API_KEY_ENV})")  # fmt: skip
     chat.set_defaults(handler=cmd_chat)
 
     validate = commands.add_parser("validate", help="check a DistributedLLM file; errors name the field")
     validate.add_argument("-f", "--file", required=True)
+    validate.add_argument("--no-local-model", action="store_true",
+                          help="do not look for spec.model.source on this machine (it is only in the stage image)")
     validate.set_defaults(handler=cmd_validate)
 
     planner = commands.add_parser("plan", help="run the DP planner for a resource and print the plan")
@@ -273,9 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.handler(args)
-    except (ResourceError, PlanningError) as error:
+    except (ResourceError, PlanningError, ModelSourceError, LocalBackendError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:
+        # The reader left (`bloombee plan -o json | head`): not an error of ours. Python would
+        # report the pipe again while flushing stdout at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

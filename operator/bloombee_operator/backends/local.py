@@ -125,6 +125,7 @@ class LocalBackend:
         tls: bool = True,
         hung_after_s: float = 30.0,
         namespaces: Mapping[str, tuple[str, str]] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.host = host
@@ -142,6 +143,7 @@ class LocalBackend:
         # its peers' addresses up front (--peers) and a restarted process is found where it was.
         self.ports: dict[str, int] = {}
         self.hung_after_s = hung_after_s
+        self.api_key = api_key  # the gateway's --api-key, handed over in its environment
         # process name -> (network namespace, its address): that process runs in the namespace
         # (`ip netns exec`, root only), listening there, e.g. behind real packet delay between
         # namespaces (../shared/tools/wan/). Whoever calls it must reach that address.
@@ -280,6 +282,8 @@ class LocalBackend:
         launch = gateway.launch(desired.model_source, tuple((url,) for url in hops), public_url)
         if self.ca is not None:
             launch = replace(launch, internal_port=self._port(f"{gateway.name}-internal"))
+        if self.api_key:
+            launch = replace(launch, api_key=self.api_key)
         launch = launch.with_flags(self.gateway_args)
         if current is None or not current.alive or not _same_but_address(current.launch, launch):
             if current is not None:

@@ -1,10 +1,12 @@
 """The OpenAI HTTP layer of the gateway: routes, request parsing, responses, streaming, errors.
 
-Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` gives
-SSE), ``/healthz``, ``/readyz`` (every stage ready), ``/metrics``, the internal
-``/internal/v1/results`` where the last stage delivers tokens, and ``/v1/step`` for hops the plan
-relays through the gateway. Every error is OpenAI's JSON error shape, its HTTP status the one its
-code has (``bloombee_contract.errors``).
+Routes: ``/v1/models`` (and ``/v1/models/{id}``), ``/v1/completions``, ``/v1/chat/completions``
+(``stream: true`` gives SSE; ``n`` answers, several prompts, logprobs: ``choices.py``), vLLM's
+``/tokenize``, ``/detokenize``, ``/health`` and ``/version``, ``/healthz``, ``/readyz`` (every
+stage ready), ``/metrics``, the internal ``/internal/v1/results`` where the last stage delivers
+tokens, and ``/v1/step`` for hops the plan relays through the gateway. Every error is OpenAI's
+JSON error shape, its HTTP status the one its code has (``bloombee_contract.errors``). Every
+request has an id (``X-Request-Id``, echoed), on each of its log lines and its access-log line.
 
 What the API accepts and answers is in ``protocol.py``; generating is the engine's
 (``engine.py``). A handler parses, asks the engine, and shapes the answer.
@@ -13,19 +15,36 @@ What the API accepts and answers is in ``protocol.py``; generating is the engine
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from bloombee_contract.errors import ErrorCode, error_body
 from bloombee_contract.paths import RESULT_PATH, STEP_PATH
 from pydantic import BaseModel, ValidationError
 
+from bloombee_stage.gateway.choices import (
+    Choice,
+    CompletionLogprobsWriter,
+    chat_logprobs,
+    joined,
+    merged,
+    run_all,
+    usage,
+)
 from bloombee_stage.gateway.engine import GenerationEngine, GenerationRequest, RequestError
-from bloombee_stage.gateway.generation import Generated
+from bloombee_stage.gateway.generation import Controls
+from bloombee_stage.gateway.http_base import ENGINE, parse_body
+from bloombee_stage.gateway.info_routes import add_info_routes
+from bloombee_stage.gateway.middleware import (
+    ANSWER_KEY,
+    ClientGone,
+    auth_middleware,
+    echo_request_id,
+    errors_middleware,
+    request_context,
+)
 from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.protocol import (
     AssistantMessage,
@@ -34,70 +53,59 @@ from bloombee_stage.gateway.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    ModelCard,
-    ModelList,
-    PromptTokensDetails,
     Usage,
     new_id,
 )
 from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.wire.frame import WireError
+from bloombee_stage.wire.messages import TokenLogprobs
 
 log = logging.getLogger("bloombee.gateway")
 
-ENGINE = web.AppKey("engine", GenerationEngine)
-_Body = TypeVar("_Body", bound=BaseModel)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-async def _parse(request: web.Request, model: type[_Body]) -> _Body:
-    try:
-        payload = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError("request body is not valid JSON", ErrorCode.INVALID_REQUEST) from None
-    if not isinstance(payload, dict):
-        raise RequestError("request body must be a JSON object", ErrorCode.INVALID_REQUEST)
-    try:
-        return model.model_validate(payload)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise RequestError(f"{where}: {first['msg']}", ErrorCode.INVALID_REQUEST, where or None) from None
-
-
-def _usage(prompt: list[int], result: Generated) -> Usage:
-    n = len(result.token_ids)
-    cached = PromptTokensDetails(cached_tokens=result.cached_tokens)
-    return Usage(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n,
-                 prompt_tokens_details=cached)  # fmt: skip
-
-
-async def _generation(engine: GenerationEngine, body: ChatCompletionRequest | CompletionRequest,
-                      prompt: list[int], asked: int | None) -> GenerationRequest:  # fmt: skip
+async def _choices(engine: GenerationEngine, body: ChatCompletionRequest | CompletionRequest,
+                   prompts: list[list[int]], asked: int | None, prompt_logprobs: int | None = None) -> list[Choice]:
+    """``n`` answers to each prompt, checked and admitted before any of them starts."""
+    engine.check_token_ids([token for token, _ in body.sampling_params().logit_bias], "logit_bias")
+    engine.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+    if asked is not None and body.min_tokens > asked:
+        raise RequestError(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({asked})", ErrorCode.INVALID_REQUEST,
+                           "min_tokens")  # fmt: skip
     await engine.recheck_lost_stages()  # a stage back within the last heartbeat is not refused
     engine.admit()  # before any answer starts: a full queue is a 429, even for a stream
-    return GenerationRequest(prompt=prompt, max_tokens=engine.token_budget(prompt, asked),
-                             sampling=body.sampling_params(), stop=body.stop_strings(),
-                             ignore_eos=body.ignore_eos)  # fmt: skip
+    controls = Controls(min_tokens=body.min_tokens, prompt_logprobs=prompt_logprobs)
+    choices: list[Choice] = []
+    for prompt in prompts:
+        budget = engine.token_budget(prompt, asked)
+        if prompt_logprobs is not None:
+            engine.check_prompt_logprobs(prompt, prompt_logprobs)
+        for answer in range(body.n):
+            generation = GenerationRequest(prompt=prompt, max_tokens=budget, sampling=body.sampling_params(answer),
+                                           stop=body.stop_strings(), ignore_eos=body.ignore_eos,
+                                           stop_token_ids=frozenset(body.stop_token_ids or []), controls=controls)
+            choices.append(Choice(len(choices), prompt, generation))
+    return choices
 
 
-class ClientGone(Exception):
-    """The client closed its connection before its (non-streaming) answer was ready."""
-
-
-async def _run_to_end(request: web.Request, generation: GenerationRequest, result: Generated) -> None:
-    """Generate the whole answer; stop, freeing the seat and the sessions' KV, as soon as the
-    client has gone (nobody would read the answer)."""
+async def _run_to_end(request: web.Request, choices: list[Choice]) -> None:
+    """Generate every answer whole; stop all of them, freeing their seats and the sessions' KV, as
+    soon as the client has gone (nobody would read the answers)."""
     engine = request.app[ENGINE]
-    async with contextlib.aclosing(engine.generate(generation, result)) as pieces:
-        async for _ in pieces:
-            if request.transport is None or request.transport.is_closing():
-                engine.metrics.inc("abandoned_total", "Generations stopped because their client had gone")
-                raise ClientGone
+
+    async def one(choice: Choice) -> None:
+        async with contextlib.aclosing(engine.generate(choice.generation, choice.result)) as pieces:
+            async for _ in pieces:
+                if request.transport is None or request.transport.is_closing():
+                    engine.metrics.inc("requests_aborted_total", "Generations stopped because their client had gone")
+                    raise ClientGone
+
+    await run_all([one(choice) for choice in choices])
 
 
 class _EventStream:
@@ -136,71 +144,108 @@ async def _stream(request: web.Request, pieces: AsyncIterator[BaseModel]) -> web
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    body = await _parse(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest)
     engine.check_model(body.model)
     prompt = await engine.tokenized(engine.chat_prompt, body.conversation())
-    generation = await _generation(engine, body, prompt, body.token_limit())
-    request_id, result = new_id("chatcmpl"), Generated()
-    token_ids = (lambda: result.token_ids) if body.return_token_ids else (lambda: None)
+    choices = await _choices(engine, body, [prompt], body.token_limit())
+    request[ANSWER_KEY] = ([prompt], choices)
+    request_id = new_id("chatcmpl")
+    token_ids = (lambda ids: ids) if body.return_token_ids else (lambda ids: None)
+    logprobs = body.top_logprobs_asked() is not None
+
+    def shaped(entries: list[TokenLogprobs]) -> ChatLogprobs | None:
+        return chat_logprobs(entries, engine.token_text) if logprobs else None
+
     if not body.stream:
-        await _run_to_end(request, generation, result)
-        choice = ChatCompletionChoice(message=AssistantMessage(content=result.text),
-                                      finish_reason=result.finish_reason, token_ids=token_ids())  # fmt: skip
-        reply = ChatCompletionResponse(id=request_id, model=body.model, choices=[choice], usage=_usage(prompt, result),
-                                       prompt_token_ids=prompt if body.return_token_ids else None)  # fmt: skip
+        await _run_to_end(request, choices)
+        answers = [ChatCompletionChoice(index=c.index, message=AssistantMessage(content=c.result.text),
+                                        logprobs=shaped(c.result.logprobs), finish_reason=c.result.finish_reason,
+                                        token_ids=token_ids(c.result.token_ids))
+                   for c in choices]  # fmt: skip
+        reply = ChatCompletionResponse(id=request_id, model=body.model, choices=answers,
+                                       usage=usage([prompt], choices), prompt_token_ids=token_ids(prompt))  # fmt: skip
         return web.json_response(reply.model_dump())
 
-    def chunk(delta: DeltaMessage, finish: str | None = None, ids: list[int] | None = None) -> ChatCompletionChunk:
-        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish, token_ids=ids)
-        return ChatCompletionChunk(id=request_id, model=body.model, choices=[choice])
+    def chunk(choice: Choice, delta: DeltaMessage, finish: str | None = None,
+              ids: list[int] | None = None) -> ChatCompletionChunk:  # fmt: skip
+        entries = choice.new_logprobs()
+        answer = ChatCompletionStreamChoice(index=choice.index, delta=delta, finish_reason=finish, token_ids=ids,
+                                            logprobs=shaped(entries) if entries else None)  # fmt: skip
+        return ChatCompletionChunk(id=request_id, model=body.model, choices=[answer])
+
+    async def answer(choice: Choice) -> AsyncIterator[ChatCompletionChunk]:
+        yield chunk(choice, DeltaMessage(role="assistant", content=""))
+        async with contextlib.aclosing(engine.generate(choice.generation, choice.result)) as pieces:
+            async for piece in pieces:
+                yield chunk(choice, DeltaMessage(role="assistant", content=piece))
+        yield chunk(choice, DeltaMessage(), choice.result.finish_reason, token_ids(choice.result.token_ids))
 
     async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        async with contextlib.aclosing(engine.generate(generation, result)) as pieces:
+        async with contextlib.aclosing(merged([answer(choice) for choice in choices])) as pieces:
             async for piece in pieces:
-                yield chunk(DeltaMessage(role="assistant", content=piece))
-        yield chunk(DeltaMessage(), result.finish_reason, token_ids())
+                yield piece
         if body.stream_options and body.stream_options.include_usage:
-            yield ChatCompletionChunk(id=request_id, model=body.model, choices=[], usage=_usage(prompt, result))
+            yield ChatCompletionChunk(id=request_id, model=body.model, choices=[], usage=usage([prompt], choices))
 
     return await _stream(request, chunks())
 
 
 async def handle_completion(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    body = await _parse(request, CompletionRequest)
+    body = await parse_body(request, CompletionRequest)
     engine.check_model(body.model)
-    prompt = await engine.tokenized(engine.text_prompt, body.prompt)
-    generation = await _generation(engine, body, prompt, body.max_tokens)
-    request_id, result = new_id("cmpl"), Generated()
-    token_ids = (lambda: result.token_ids) if body.return_token_ids else (lambda: None)
+    prompts = [await engine.tokenized(engine.text_prompt, prompt) for prompt in body.prompts()]
+    prompt_logprobs = body.logprobs if body.echo else None
+    choices = await _choices(engine, body, prompts, body.max_tokens, prompt_logprobs)
+    request[ANSWER_KEY] = (prompts, choices)
+    texts = [prompt if isinstance(prompt, str) else engine.decode(prompt) for prompt in body.prompts()]
+    request_id = new_id("cmpl")
+    token_ids = (lambda ids: ids) if body.return_token_ids else (lambda ids: None)
+
+    def echoed(choice: Choice) -> str:
+        return texts[choice.index // body.n] if body.echo else ""
+
+    def logprobs(choice: Choice, writer: CompletionLogprobsWriter, first: bool) -> CompletionLogprobs | None:
+        """The logprobs of the tokens not sent yet, after the echoed prompt's in an answer's first part."""
+        if body.logprobs is None:
+            return None
+        parts = [writer.prompt(choice.prompt[0], choice.result.prompt_logprobs or [])] if first and body.echo else []
+        return joined([*parts, writer.tokens(choice.new_logprobs())])
+
     if not body.stream:
-        await _run_to_end(request, generation, result)
-        echoed = body.prompt if body.echo and isinstance(body.prompt, str) else ""
-        choice = CompletionChoice(text=echoed + result.text, finish_reason=result.finish_reason,
-                                  token_ids=token_ids())  # fmt: skip
-        reply = CompletionResponse(id=request_id, model=body.model, choices=[choice], usage=_usage(prompt, result),
-                                   prompt_token_ids=prompt if body.return_token_ids else None)  # fmt: skip
+        await _run_to_end(request, choices)
+        answers = [CompletionChoice(index=c.index, text=echoed(c) + c.result.text,
+                                    logprobs=logprobs(c, CompletionLogprobsWriter(engine.token_text), first=True),
+                                    finish_reason=c.result.finish_reason, token_ids=token_ids(c.result.token_ids),
+                                    prompt_token_ids=token_ids(c.prompt))
+                   for c in choices]  # fmt: skip
+        reply = CompletionResponse(id=request_id, model=body.model, choices=answers, usage=usage(prompts, choices),
+                                   prompt_token_ids=token_ids(prompts[0]) if len(prompts) == 1 else None)  # fmt: skip
         return web.json_response(reply.model_dump())
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=request_id, model=body.model, choices=choices, usage=usage)
 
+    async def answer(choice: Choice) -> AsyncIterator[CompletionResponse]:
+        writer, first = CompletionLogprobsWriter(engine.token_text), True
+        async with contextlib.aclosing(engine.generate(choice.generation, choice.result)) as pieces:
+            async for piece in pieces:  # the echoed prompt goes first, in the answer's first chunk
+                text = (echoed(choice) if first else "") + piece
+                yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=logprobs(choice, writer, first))])
+                first = False
+        last = CompletionChoice(index=choice.index, text=echoed(choice) if first else "",
+                                logprobs=logprobs(choice, writer, first), finish_reason=choice.result.finish_reason,
+                                token_ids=token_ids(choice.result.token_ids))  # fmt: skip
+        yield chunk([last])
+
     async def chunks() -> AsyncIterator[CompletionResponse]:
-        async with contextlib.aclosing(engine.generate(generation, result)) as pieces:
+        async with contextlib.aclosing(merged([answer(choice) for choice in choices])) as pieces:
             async for piece in pieces:
-                yield chunk([CompletionChoice(text=piece)])
-        yield chunk([CompletionChoice(text="", finish_reason=result.finish_reason, token_ids=token_ids())])
+                yield piece
         if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], _usage(prompt, result))
+            yield chunk([], usage(prompts, choices))
 
     return await _stream(request, chunks())
-
-
-async def handle_models(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    card = ModelCard(id=engine.settings.served_model_name, max_model_len=engine.max_model_len)
-    return web.json_response(ModelList(data=[card]).model_dump())
 
 
 async def handle_forward(request: web.Request) -> web.Response:
@@ -229,52 +274,20 @@ async def readyz(request: web.Request) -> web.Response:
                              status=200 if ready else 503)  # fmt: skip
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except RequestError as error:
-        response = error_response(str(error), error.code, param=error.param)
-        if error.retry_after_s is not None:
-            response.headers["Retry-After"] = str(error.retry_after_s)
-        return response
-    except PipelineError as error:
-        return error_response(error.public_message, error.code, error.status)
-    except web.HTTPException:
-        raise  # serving.process.http_errors gives it OpenAI's shape
-    except ClientGone:
-        return error_response("the client closed the connection", "client_closed_request", 499)
-    except Exception:
-        log.exception("unhandled error on %s", request.path)
-        return error_response("internal error in the gateway", ErrorCode.INTERNAL_ERROR, 500)
-
-
-def _auth_middleware(api_key: str | None) -> Callable:
-    expected = f"Bearer {api_key}".encode()
-
-    @web.middleware
-    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if api_key and request.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
-            raise RequestError("Incorrect API key provided.", ErrorCode.INVALID_API_KEY)
-        return await handler(request)
-
-    return check_key
-
-
 def create_app(engine: GenerationEngine) -> web.Application:
     """The gateway's routes over ``engine``; the engine is started once the server listens and
     stopped when the app shuts down."""
-    app = web.Application(middlewares=[errors_middleware, _auth_middleware(engine.settings.api_key)],
+    app = web.Application(middlewares=[request_context, errors_middleware, auth_middleware(engine.settings.api_key)],
                           client_max_size=64 << 20)  # fmt: skip
     app[ENGINE] = engine
+    app.on_response_prepare.append(echo_request_id)
 
     async def stop_engine(_: web.Application) -> None:
         await engine.stop()
 
     app.on_cleanup.append(stop_engine)
     add_common_routes(app, engine.metrics, readyz)
-    app.router.add_get("/v1/models", handle_models)
+    add_info_routes(app)
     app.router.add_post("/v1/completions", handle_completion)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_post(RESULT_PATH, handle_result)

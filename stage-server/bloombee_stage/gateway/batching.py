@@ -33,7 +33,7 @@ from bloombee_contract.errors import ErrorCode
 
 from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError
 from bloombee_stage.gateway.routing import Path, Router
-from bloombee_stage.wire.messages import RowMeta
+from bloombee_stage.wire.messages import RowMeta, RowResult
 
 log = logging.getLogger("bloombee.batching")
 
@@ -46,7 +46,7 @@ class _Queued:
     row: RowMeta
     inputs: list[int]
     path: Path
-    future: asyncio.Future[list[int]]
+    future: asyncio.Future[RowResult]
 
 
 class MicroBatcher:
@@ -90,8 +90,8 @@ class MicroBatcher:
         self.active += 1
         return path
 
-    async def step(self, row: RowMeta, inputs: list[int], path: Path) -> list[int]:
-        """The row's tokens, once the step that carried it returns."""
+    async def step(self, row: RowMeta, inputs: list[int], path: Path) -> RowResult:
+        """The row's result (its tokens), once the step that carried it returns."""
         if self.micro_batch == 1:
             return (await self._carry([row], [inputs], path))[0]
         if self._loop_task is None or self._loop_task.done():
@@ -119,18 +119,18 @@ class MicroBatcher:
         """Close a parked session on its stages."""
         await self.pipeline.close(session, self.router.urls(path))
 
-    async def _carry(self, rows: list[RowMeta], inputs: list[list[int]], path: Path) -> list[list[int]]:
+    async def _carry(self, rows: list[RowMeta], inputs: list[list[int]], path: Path) -> list[RowResult]:
         """One step along ``path``; its round trip and compute times feed the router."""
         self.steps, self.rows = self.steps + 1, self.rows + len(rows)
         started = time.perf_counter()
         try:
-            tokens, compute_ms = await self.pipeline.step(rows, inputs, self.router.urls(path))
+            results, compute_ms = await self.pipeline.step(rows, inputs, self.router.urls(path))
         except PipelineError as error:
             if error.unreachable and self.router.fail(error.unreachable):
                 log.warning("stage replica %s unreachable; new generations avoid it for a while", error.unreachable)
             raise
         self.router.observe(path, (time.perf_counter() - started) * 1000, compute_ms)
-        return tokens
+        return results
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
@@ -193,7 +193,7 @@ class MicroBatcher:
 
     async def _deliver(self, batch: list[_Queued]) -> None:
         try:
-            tokens = await self._carry([q.row for q in batch], [q.inputs for q in batch], batch[0].path)
+            results = await self._carry([q.row for q in batch], [q.inputs for q in batch], batch[0].path)
         except PipelineError as error:
             if len(batch) > 1 and error.code not in NOT_RETRIED:
                 # One bad row must not fail its neighbours: each row alone meets its own fate.
@@ -206,6 +206,6 @@ class MicroBatcher:
             log.exception("step of %d rows failed unexpectedly", len(batch))
             self._fail(batch, PipelineError(f"gateway error while sending a step: {error}", ErrorCode.GATEWAY_ERROR))
             return
-        for queued, row_tokens in zip(batch, tokens, strict=True):
+        for queued, result in zip(batch, results, strict=True):
             if not queued.future.done():
-                queued.future.set_result(row_tokens)
+                queued.future.set_result(result)

@@ -33,7 +33,7 @@ from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.batching import MicroBatcher
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
-from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
+from bloombee_stage.gateway.generation import Controls, Generated, Speculation, TextAssembler, generate
 from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError, ResultRouter
 from bloombee_stage.gateway.prefixes import PrefixIndex
 from bloombee_stage.gateway.routing import Router
@@ -50,6 +50,8 @@ T = TypeVar("T")
 RETRY_WHILE_REPLACED_S = 5  # Retry-After while a stage is replaced: `bloombee up` restarts one in seconds
 RECHECK_TIMEOUT_S = 1.0  # a lost stage asked again before a request is refused for it
 MAX_RESULT_DATA_BYTES = 1 << 16  # a result carries its tokens in the metadata; its tensor is empty
+LOGPROB_JSON_BYTES = 32  # one (token, logprob) pair in a result's metadata, at most
+MAX_PROMPT_LOGPROBS_BYTES = 3 << 20  # of a result's metadata (wire.frame.MAX_META_BYTES: 4 MiB)
 
 
 class RequestError(Exception):
@@ -71,6 +73,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # end the generation like end-of-sequence
+    controls: Controls = field(default_factory=Controls)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class GenerationEngine:
         # so a request beyond them waits here for a seat instead of failing at a stage.
         self.seats = asyncio.Semaphore(settings.max_sequences) if settings.max_sequences else None
         self.waiting = 0
+        self.running = 0
         # A bounded queue: beyond it a request is refused at once (429), not kept waiting for minutes.
         default_waiting = 4 * settings.max_sequences if settings.max_sequences else None
         self.max_waiting = settings.max_waiting or default_waiting
@@ -179,19 +184,19 @@ class GenerationEngine:
         loop, and one thread keeps the tokenizer's (not thread-safe) settings out of races."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, prompt_ids, prompt)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The token ids of a conversation under the model's chat template, ready for its reply."""
         if not self.tokenizer.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", ErrorCode.INVALID_REQUEST,
                                "messages")  # fmt: skip
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)  # fmt: skip
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, return_dict=True)  # fmt: skip
         return list(encoded["input_ids"])
 
-    def text_prompt(self, prompt: str | list[int]) -> list[int]:
+    def text_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """The token ids of a completion prompt: text to tokenise, or token ids to check."""
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         vocab = len(self.tokenizer)
         if any(not 0 <= token < vocab for token in prompt):
             raise RequestError(f"prompt token ids must lie in 0..{vocab - 1}", ErrorCode.INVALID_REQUEST, "prompt")
@@ -217,24 +222,54 @@ class GenerationEngine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included (how logprobs name tokens)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [token for token in token_ids if not 0 <= token < vocab]
+        if bad:
+            raise RequestError(f"{param}: token id {bad[0]} is not in this model's vocabulary (0..{vocab - 1})",
+                               ErrorCode.INVALID_REQUEST, param)  # fmt: skip
+
+    def check_prompt_logprobs(self, prompt: list[int], top: int) -> None:
+        """A prompt's logprobs travel back in one result's metadata: refuse what would not fit."""
+        size = len(prompt) * (top + 1) * LOGPROB_JSON_BYTES
+        if size > MAX_PROMPT_LOGPROBS_BYTES:
+            most = max(0, MAX_PROMPT_LOGPROBS_BYTES // (len(prompt) * LOGPROB_JSON_BYTES) - 1)
+            raise RequestError(f"logprobs: echoing the logprobs of a {len(prompt)}-token prompt with {top} "
+                               f"alternatives each is too much for one answer; ask for at most {most}",
+                               ErrorCode.INVALID_REQUEST, "logprobs")  # fmt: skip
+
     async def generate(self, request: GenerationRequest, result: Generated) -> AsyncIterator[str]:
         """The generation's text as it becomes safe to show; ``result`` fills in as it runs.
 
         Raises ``PipelineError`` when the stages fail it (before or during the text)."""
         running = self._running
-        deadline = time.monotonic() + self.settings.request_timeout
-        async with self._seat(deadline):
-            await self._adopt_stage_settings()
-            assembler = TextAssembler(self.decode, request.stop)
-            eos = set() if request.ignore_eos else self.eos_ids
-            started = time.perf_counter()
-            speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max), self.drafter,
-                                      running.draft_thread)  # fmt: skip
-            async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling, eos,
-                                        assembler, result, speculation, self.prefixes,
-                                        self.settings.recovery_wait, deadline):  # fmt: skip
-                yield piece
-            self._count(speculation, result, time.perf_counter() - started)
+        arrived = time.monotonic()
+        deadline = arrived + self.settings.request_timeout
+        try:
+            async with self._seat(deadline):
+                self.running += 1
+                try:
+                    await self._adopt_stage_settings()
+                    self.metrics.observe("request_queue_time_seconds", "Time a request waited for a seat",
+                                         time.monotonic() - arrived)  # fmt: skip
+                    assembler = TextAssembler(self.decode, request.stop)
+                    eos = (set() if request.ignore_eos else self.eos_ids) | request.stop_token_ids
+                    speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max),
+                                              self.drafter, running.draft_thread)  # fmt: skip
+                    async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling,
+                                                eos, assembler, result, speculation, self.prefixes,
+                                                self.settings.recovery_wait, deadline, request.controls):  # fmt: skip
+                        yield piece
+                finally:
+                    self.running -= 1
+        except PipelineError as error:
+            self.metrics.inc("requests_failed_total", "Generations the pipeline failed", code=str(error.code))
+            raise
+        self._count(len(request.prompt), speculation, result, arrived)
 
     # -- the stages' side ---------------------------------------------------------------------
 
@@ -364,26 +399,27 @@ class GenerationEngine:
         def batcher(read: Callable[[MicroBatcher], float]) -> Callable[[], float]:
             return lambda: read(self._resources.batcher) if self._resources else 0
 
-        self.metrics.gauge("steps_sent", "Steps (micro-batches) sent into the pipeline", batcher(lambda b: b.steps))
-        self.metrics.gauge("rows_sent", "Rows (one per generation and round) carried by those steps",
-                           batcher(lambda b: b.rows))  # fmt: skip
+        self.metrics.counted("steps_sent_total", "Steps (micro-batches) sent into the pipeline",
+                             batcher(lambda b: b.steps))  # fmt: skip
+        self.metrics.counted("rows_sent_total", "Rows (one per generation and round) carried by those steps",
+                             batcher(lambda b: b.rows))  # fmt: skip
         self.metrics.gauge("steps_in_flight", "Steps in the pipeline now", batcher(lambda b: b.steps_in_flight))
-        self.metrics.gauge("generations_waiting", "Requests waiting for a seat (--max-sequences)",
-                           lambda: self.waiting)  # fmt: skip
+        self.metrics.gauge("requests_waiting", "Requests waiting for a seat (--max-sequences)", lambda: self.waiting)
+        self.metrics.gauge("requests_running", "Generations holding a seat", lambda: self.running)
         self.metrics.family("replica_load", "Generations pinned to each stage replica", self._replica_samples("load"))
-        self.metrics.family("replica_service_ms", "Measured forward ms per step of each stage replica",
-                            self._replica_samples("service_ms"))  # fmt: skip
-        self.metrics.family("route_predicted_ms", "Predicted ms of a step on each path, queueing included",
+        self.metrics.family("replica_service_seconds", "Measured forward seconds per step of each stage replica",
+                            self._replica_samples("service_ms", 1e-3))  # fmt: skip
+        self.metrics.family("route_predicted_seconds", "Predicted seconds of a step on each path, queueing included",
                             self._path_samples)  # fmt: skip
         self.metrics.family("route_chosen", "Generations pinned to each path so far", self._chosen_samples)
 
-    def _replica_samples(self, field: str) -> Callable[[], dict]:
+    def _replica_samples(self, field: str, scale: float = 1.0) -> Callable[[], dict]:
         def read() -> dict:
             samples = {}
             for stage, replicas in enumerate(self.routing.replicas):
                 for index, replica in enumerate(replicas):
                     labels = (("stage", str(stage)), ("replica", str(index)), ("url", replica.url))
-                    samples[labels] = float(getattr(replica, field) or 0)
+                    samples[labels] = float(getattr(replica, field) or 0) * scale
             return samples
 
         return read
@@ -393,21 +429,29 @@ class GenerationEngine:
 
     def _path_samples(self) -> dict:
         paths = itertools.islice(self.routing.paths(), 64)
-        return {(("path", _path_label(path)),): self.routing.predict_ms(path) for path in paths}
+        return {(("path", _path_label(path)),): self.routing.predict_ms(path) / 1000 for path in paths}
 
-    def _count(self, speculation: Speculation, result: Generated, seconds: float) -> None:
-        length = speculation.length
+    def _count(self, prompt_tokens: int, speculation: Speculation, result: Generated, arrived: float) -> None:
+        """A finished generation's counts and latencies (vLLM's metrics, under this gateway's prefix)."""
+        length, now = speculation.length, time.monotonic()
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
         self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
         self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
         self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
-        self.metrics.inc("generated_tokens_total", "Tokens generated", len(result.token_ids))
+        self.metrics.inc("prompt_tokens_total", "Prompt tokens of finished generations", prompt_tokens)
+        self.metrics.inc("generation_tokens_total", "Tokens generated", len(result.token_ids))
         self.metrics.inc("cached_prompt_tokens_total", "Prompt tokens copied from kept sessions, not computed",
                          result.cached_tokens)  # fmt: skip
         self.metrics.inc("replays_total", "Generations started over on fresh sessions after a stage was lost",
                          result.replays)  # fmt: skip
-        self.metrics.observe("generation_seconds", "Wall time per generation", seconds)
-        self.generation_s = 0.8 * self.generation_s + 0.2 * seconds
+        self.metrics.observe("e2e_request_latency_seconds", "Time from arrival to the last token", now - arrived)
+        if result.first_token_at is not None:
+            self.metrics.observe("time_to_first_token_seconds", "Time from arrival to the first token",
+                                 result.first_token_at - arrived)  # fmt: skip
+            if len(result.token_ids) > 1:
+                self.metrics.observe("inter_token_latency_seconds", "Mean time between a generation's tokens after "
+                                     "its first", (now - result.first_token_at) / (len(result.token_ids) - 1))
+        self.generation_s = 0.8 * self.generation_s + 0.2 * (now - arrived)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from bloombee_stage.gateway.batching import MicroBatcher
 from bloombee_stage.gateway.drafting import Draft, DraftLength, DraftState, ModelDrafter, prompt_lookup_draft
 from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.prefixes import Held, PrefixIndex
-from bloombee_stage.wire.messages import RowMeta, SamplingParams
+from bloombee_stage.wire.messages import RowMeta, SamplingParams, TokenContext, TokenLogprobs
 
 MAX_REPLAYS = 4  # a generation starts over (on another path, or the same one once it is back) at most this often
 RECOVERY_WAIT_S = 60.0  # how long a generation waits for a lost stage to be back (restarted) before it fails
@@ -98,6 +99,28 @@ class Generated:
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt positions copied from an earlier generation's caches, not computed
     replays: int = 0  # times it started over on fresh sessions because a stage was lost
+    first_token_at: float | None = None  # time.monotonic() when its first token came back
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # the prompt's tokens after its first, when asked
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What a generation asks of the last stage besides its sampling parameters."""
+
+    min_tokens: int = 0  # end-of-sequence (and stop tokens) are not chosen before this many tokens
+    prompt_logprobs: int | None = None  # the prompt's logprobs with this many alternatives (echo)
+
+    def context(self, sampling: SamplingParams, prompt: list[int], result: Generated,
+                suppress: set[int]) -> TokenContext | None:  # fmt: skip
+        """What the next row must tell the last stage's logits processors (None: nothing)."""
+        left = max(0, self.min_tokens - len(result.token_ids))
+        wants_prompt = self.prompt_logprobs is not None and result.prompt_logprobs is None
+        if not (sampling.penalized or left or wants_prompt):
+            return None
+        return TokenContext(prompt=prompt if wants_prompt or sampling.repetition_penalty != 1.0 else [],
+                            generated=sorted(Counter(result.token_ids).items()) if sampling.penalized else [],
+                            min_tokens_left=left, suppress=sorted(suppress) if left else [])  # fmt: skip
 
 
 @dataclass
@@ -137,6 +160,7 @@ async def generate(
     prefixes: PrefixIndex | None = None,
     recovery_wait_s: float = RECOVERY_WAIT_S,
     deadline: float = math.inf,
+    controls: Controls | None = None,
 ) -> AsyncIterator[str]:
     """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
 
@@ -148,9 +172,13 @@ async def generate(
     session as a fork of that one (prefixes.py), and this generation's session is kept in turn.
 
     Past ``deadline`` (``time.monotonic()``) the generation fails with ``pipeline_timeout`` before
-    its next round, and a wait for a lost stage ends there too.
+    its next round, and a wait for a lost stage ends there too. ``controls``: min_tokens and the
+    prompt's logprobs (a prompt whose logprobs are asked is computed, never forked).
     """
     speculation = speculation or Speculation()
+    controls = controls or Controls()
+    if controls.prompt_logprobs is not None:
+        prefixes = None
     speculation.length.timed = sampling.greedy or sampling.seed is None  # see DraftLength
     session = uuid.uuid4().hex
     path = stepper.open()
@@ -169,12 +197,15 @@ async def generate(
                                     ErrorCode.PIPELINE_TIMEOUT)  # fmt: skip
             room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
             draft = await speculation.propose(state, context, room, sampling)
+            token_context = controls.context(sampling, prompt_ids, result, eos_ids)
+            asks_prompt = start == 0 and token_context is not None and result.prompt_logprobs is None
             row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
                           max_length=limit, draft=draft.tokens, draft_probs=draft.probs,
-                          fork=fork[0] if fork else None)  # fmt: skip
+                          fork=fork[0] if fork else None, context=token_context,
+                          prompt_logprobs=controls.prompt_logprobs if asks_prompt else None)  # fmt: skip
             started = time.perf_counter()
             try:
-                accepted = await stepper.step(row, pending + draft.tokens, path)
+                outcome = await stepper.step(row, pending + draft.tokens, path)
             except PipelineError as error:
                 if fork is not None and error.code == ErrorCode.FORK_SOURCE_GONE:
                     # A stage let the source go (memory pressure, idle time-out): compute the prompt after all.
@@ -196,13 +227,20 @@ async def generate(
                 continue
             if fork is not None:
                 result.cached_tokens, fork = fork[1], None  # the session now holds the prefix itself
+            accepted = outcome.tokens
+            if result.first_token_at is None:
+                result.first_token_at = time.monotonic()
+            if outcome.prompt_logprobs is not None and result.prompt_logprobs is None:
+                result.prompt_logprobs = outcome.prompt_logprobs
             speculation.rounds += 1
             speculation.length.update(len(draft.tokens), len(accepted) - 1, time.perf_counter() - started,
                                       draft.seconds)  # fmt: skip
             start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
             pending = [accepted[-1]]
-            for token in accepted:
+            for index, token in enumerate(accepted):
                 result.token_ids.append(token)
+                if outcome.logprobs is not None:
+                    result.logprobs.append(outcome.logprobs[index])
                 context.append(token)
                 if token in eos_ids:
                     result.finish_reason = "stop"

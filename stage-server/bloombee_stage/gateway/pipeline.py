@@ -30,7 +30,7 @@ from bloombee_contract.paths import (
 
 from bloombee_stage.serving.process import read_error
 from bloombee_stage.wire.frame import Frame, decode_frame, encode_frame
-from bloombee_stage.wire.messages import ResultMeta, RowMeta, StepMeta
+from bloombee_stage.wire.messages import ResultMeta, RowMeta, RowResult, StepMeta
 from bloombee_stage.wire.tensors import tensor_frame
 
 log = logging.getLogger("bloombee.pipeline")
@@ -151,11 +151,11 @@ class PipelineClient:
                 for hop in ([gateway_url, url] if via else [url])]  # fmt: skip
 
     async def step(self, rows: list[RowMeta], inputs: list[list[int]],
-                   urls: list[str]) -> tuple[list[list[int]], list[float]]:  # fmt: skip
+                   urls: list[str]) -> tuple[list[RowResult], list[float]]:  # fmt: skip
         """Send one micro-batch along ``urls`` (row i appends ``inputs[i]`` to session ``rows[i].session``).
 
-        Returns each row's tokens (the verified draft prefix plus the model's next token) and
-        each stage's forward milliseconds.
+        Returns each row's result (its tokens: the verified draft prefix plus the model's next
+        token; logprobs where asked) and each stage's forward milliseconds.
         """
         if len(urls) != self.num_stages:
             raise ValueError(f"a path of {len(urls)} URLs through {self.num_stages} stages")
@@ -187,7 +187,7 @@ class PipelineClient:
         if outcome.error:
             raise PipelineError(f"stage {outcome.stage}: {outcome.error}", outcome.code or ErrorCode.STAGE_FAILED,
                                 outcome.unreachable)  # fmt: skip
-        by_session = {row.session: row.tokens for row in outcome.rows}
+        by_session = {row.session: row for row in outcome.rows}
         missing = [row.session for row in rows if row.session not in by_session]
         if missing:
             raise PipelineError(f"the result of step {meta.step} lacks sessions {missing}", ErrorCode.BAD_RESULT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -44,8 +45,21 @@ log = logging.getLogger(__name__)
 TLS_RELOAD_S = 5.0  # how often a server looks whether its certificate files were renewed
 
 
+# The request a log line belongs to (the gateway's X-Request-Id), for every line logged while serving it.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+class _RequestContext(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        record.request = f" [request {request_id}]" if request_id else ""
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s%(request)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RequestContext())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -27,10 +27,10 @@ from bloombee_contract.paths import CODECS_PATH, LEASE_TIMEOUT_S, RESULT_PATH, S
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.model.span import StageModel, truncate_cache
-from bloombee_stage.serving.metrics import Metrics
+from bloombee_stage.serving.metrics import COUNT_BUCKETS, Metrics
 from bloombee_stage.serving.process import peer_session, read_error
 from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
-from bloombee_stage.stage.verify import verify
+from bloombee_stage.stage.verify import decide
 from bloombee_stage.wire.codec_stats import CodecStats
 from bloombee_stage.wire.codecs import CODECS
 from bloombee_stage.wire.frame import Frame, WireError, encode_frame, largest_step_bytes
@@ -112,11 +112,12 @@ class StageService:
         )
         if model.streamer is not None:
             stats = model.streamer.stats
-            self.metrics.gauge("offload_read_bytes", "Weight bytes streamed in", lambda: stats.bytes_read)
-            self.metrics.gauge("offload_stall_seconds", "Compute time spent waiting for streamed weights",
-                               lambda: stats.stall_seconds)  # fmt: skip
+            self.metrics.counted("offload_read_bytes_total", "Weight bytes streamed in", lambda: stats.bytes_read)
+            self.metrics.counted("offload_stall_seconds_total", "Compute time spent waiting for streamed weights",
+                                 lambda: stats.stall_seconds)  # fmt: skip
 
-        self.metrics.gauge("layer_ms", "Measured ms per layer per forward (moving average)", lambda: model.layer_ms)
+        self.metrics.gauge("layer_seconds", "Measured seconds per layer per forward (moving average)",
+                           lambda: model.layer_ms / 1000)  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -198,6 +199,10 @@ class StageService:
             drafted = row.draft + [token for pairs in row.draft_probs or [] for token, _ in pairs]
             if any(not 0 <= token < vocab for token in drafted):
                 raise WireError(f"{where}: row {index} ({row.session}) drafts a token outside 0..{vocab - 1}")
+            named = [token for token, _ in row.sampling.logit_bias] + (row.context.token_ids() if row.context else [])
+            if any(not 0 <= token < vocab for token in named):
+                raise WireError(f"{where}: row {index} ({row.session}) names a token outside 0..{vocab - 1} in its "
+                                "sampling parameters or context")  # fmt: skip
         if span.is_last and meta.route:
             raise WireError(f"{where}: route continues to {meta.route[0]} past the model's last layer")
         if not span.is_last and not meta.route:
@@ -219,8 +224,8 @@ class StageService:
 
     # -- work -------------------------------------------------------------------------------
 
-    def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[list[int]]:
-        """Runs on the worker thread: hidden states onward, or on the last stage each row's tokens."""
+    def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[RowResult]:
+        """Runs on the worker thread: hidden states onward, or on the last stage each row's result."""
         for session, row in zip(sessions, meta.rows, strict=True):
             if session.fork_source is not None:
                 self.model.copy_prefix(session.fork_source.cache, session.cache, session.fork_length)
@@ -229,16 +234,16 @@ class StageService:
                                  session.length)  # fmt: skip
             truncate_cache(session.cache, row.start)
         lengths = [row.length for row in meta.rows]
-        keep = [len(row.draft) + 1 for row in meta.rows]
+        keep = [row.length if row.prompt_logprobs is not None else len(row.draft) + 1 for row in meta.rows]
         output = self.model.forward_rows(inputs, [session.cache for session in sessions], lengths, keep)
         for session, row in zip(sessions, meta.rows, strict=True):
             session.length = row.start + row.length
         if isinstance(output, list):
-            return [verify(logits, row) for logits, row in zip(output, meta.rows, strict=True)]
+            return [decide(logits, row) for logits, row in zip(output, meta.rows, strict=True)]
         return output
 
     async def run_step(self, sessions: list[Session], meta: StepMeta,
-                       inputs: torch.Tensor) -> tuple[torch.Tensor | list[list[int]], StepMeta]:  # fmt: skip
+                       inputs: torch.Tensor) -> tuple[torch.Tensor | list[RowResult], StepMeta]:  # fmt: skip
         """Compute a step; the metadata that goes on carries this stage's forward time."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -248,15 +253,14 @@ class StageService:
             output = await loop.run_in_executor(self.executor, self._compute, sessions, meta, inputs)
         seconds = time.perf_counter() - started
         self.metrics.observe("forward_seconds", "Time in the span's forward pass", seconds)
-        self.metrics.observe("micro_batch_rows", "Rows (sessions) per step", len(meta.rows))
+        self.metrics.observe("micro_batch_rows", "Rows (sessions) per step", len(meta.rows), COUNT_BUCKETS)
         self.metrics.inc("tokens_total", "Positions processed", sum(row.length for row in meta.rows))
         timed = meta.model_copy(update={"compute_ms": [*meta.compute_ms, seconds * 1000]})
         return output, timed
 
-    def result_frame(self, meta: StepMeta, tokens: list[list[int]]) -> Frame:
-        rows = [RowResult(session=row.session, tokens=chosen) for row, chosen in zip(meta.rows, tokens, strict=True)]
+    def result_frame(self, meta: StepMeta, rows: list[RowResult]) -> Frame:
         result = ResultMeta(step=meta.step, rows=rows, compute_ms=meta.compute_ms)
-        return tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump())
+        return tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump(exclude_none=True))
 
     async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
         """Background part of an accepted step: compute, then push onward or answer the gateway."""

@@ -19,8 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from bloombee_stage.model.sampling import draw, position_generator, shared_length, target_probs
-from bloombee_stage.wire.messages import RowMeta
+from bloombee_stage.model.sampling import (
+    draw,
+    position_generator,
+    processed_logits,
+    shared_length,
+    target_probs,
+    token_logprobs,
+)
+from bloombee_stage.wire.messages import RowMeta, RowResult
 
 
 def accept_greedy(draft: list[int], predicted: list[int]) -> list[int]:
@@ -31,7 +38,7 @@ def accept_greedy(draft: list[int], predicted: list[int]) -> list[int]:
 
 
 def verify(logits: torch.Tensor, row: RowMeta) -> list[int]:
-    """The tokens a row yields: logits [len(draft) + 1, vocab] are the model's at the row's last positions."""
+    """The tokens a row yields: logits [len(draft) + 1, vocab] are the row's last positions', processed."""
     draft, params = row.draft, row.sampling
     if logits.shape[0] != len(draft) + 1:
         raise ValueError(f"{logits.shape[0]} positions of logits for a draft of {len(draft)}; expected one more")
@@ -58,3 +65,18 @@ def verify(logits: torch.Tensor, row: RowMeta) -> list[int]:
         return tokens
     tokens.append(draw(target[len(draft)], position_generator(params, first + len(draft))))
     return tokens
+
+
+def decide(logits: torch.Tensor, row: RowMeta) -> RowResult:
+    """What the last stage returns for a row: its tokens (``verify``), their logprobs if asked, and
+    the prompt's if asked. ``logits`` hold the row's last ``len(draft) + 1`` positions, or all of
+    them when the row asks for its prompt's logprobs."""
+    window = logits[-(len(row.draft) + 1) :]
+    tokens = verify(processed_logits(window, row), row)
+    result = RowResult(session=row.session, tokens=tokens)
+    if row.sampling.logprobs is not None:
+        result.logprobs = token_logprobs(window[: len(tokens)], tokens, row.sampling.logprobs)
+    if row.prompt_logprobs is not None and row.context is not None:
+        following = row.context.prompt[row.start + 1 : row.start + row.length - len(row.draft)]
+        result.prompt_logprobs = token_logprobs(logits[: len(following)], following, row.prompt_logprobs)
+    return result

@@ -36,7 +36,7 @@ from bloombee_stage.wire.codecs import CODECS, CODECS_BY_ID, ITEMSIZE, CodecErro
 MAGIC = b"BBWF"
 VERSION = 1
 MAX_NDIM = 8
-MAX_META_BYTES = 1 << 20  # routes of MAX_HOPS URLs and a micro-batch of rows with drafts fit many times over
+MAX_META_BYTES = 4 << 20  # routes, rows with drafts and contexts, a result with its prompt logprobs
 _HEADER = struct.Struct("<4sBBBBIQI")
 _CHECKSUM_AT = 20
 DTYPE_IDS = {"float32": 1, "float16": 2, "bfloat16": 3, "int64": 4, "int32": 5, "uint8": 6}

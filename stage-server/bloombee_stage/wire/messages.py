@@ -21,7 +21,7 @@ plus one token of its own.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_ROWS = 256  # rows (sessions) in one step
 MAX_HOPS = 64  # stages a step may still visit: a route cannot loop a frame through a stage without end
@@ -29,17 +29,68 @@ UNPLANNED_ROWS = 64  # the most rows a step may carry where the plan sets no mic
 MAX_URL = 2048
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per position a result may carry (OpenAI's limit)
+MAX_LOGIT_BIAS = 300  # biased tokens per request (OpenAI's limit)
+MAX_CONTEXT_TOKENS = 1 << 17  # token ids in one row's TokenContext (a context is far shorter)
+
+
 class SamplingParams(BaseModel):
-    """How the last stage picks a token; temperature 0 means greedy."""
+    """How the last stage picks a token (``model/sampling.py``); temperature 0 means greedy."""
 
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    top_k: int = Field(default=0, ge=0, description="keep the k likeliest tokens (0: all)")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p x the "
+                         "likeliest")  # fmt: skip
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    logit_bias: list[tuple[int, float]] = Field(default_factory=list, max_length=MAX_LOGIT_BIAS)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="return each chosen token's "
+                                 "logprob and this many likeliest alternatives")  # fmt: skip
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, value: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        if any(not -100.0 <= bias <= 100.0 for _, bias in value):
+            raise ValueError("logit biases must lie in [-100, 100]")
+        return value
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether the completion so far changes the logits (the row then carries a TokenContext)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+class TokenContext(BaseModel):
+    """What the last stage's logits processors need of a row's text so far; sent only when a
+    processor needs it, so a stage keeps no per-session history and a replay needs nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: list[int] = Field(default_factory=list, max_length=MAX_CONTEXT_TOKENS,
+                              description="the prompt's tokens, in order (repetition penalty, prompt logprobs)")
+    generated: list[tuple[int, int]] = Field(default_factory=list, max_length=MAX_CONTEXT_TOKENS,
+                                             description="(token, count) of the completion so far")
+    min_tokens_left: int = Field(default=0, ge=0, description="positions of this row's window, from its first, "
+                                 "at which `suppress` may not be chosen (min_tokens)")  # fmt: skip
+    suppress: list[int] = Field(default_factory=list, max_length=MAX_LOGIT_BIAS)
+
+    def token_ids(self) -> list[int]:
+        return [*self.prompt, *(token for token, _ in self.generated), *self.suppress]
+
+
+class TokenLogprobs(BaseModel):
+    """A token's logprob under the model at its position, and the likeliest tokens there."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
 
 
 class RowMeta(BaseModel):
@@ -59,6 +110,10 @@ class RowMeta(BaseModel):
     draft_probs: list[list[tuple[int, float]]] | None = Field(
         default=None, description="the draft's (token, probability) pairs per drafted position; none: one-hot drafts"
     )
+    context: TokenContext | None = Field(default=None, description="the text so far, for logits processors")
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="also return the "
+                                        "logprob of every prompt token this row computes (from `context.prompt`) "
+                                        "with this many alternatives")  # fmt: skip
 
     @model_validator(mode="after")
     def _draft_fits(self) -> RowMeta:
@@ -68,6 +123,8 @@ class RowMeta(BaseModel):
             raise ValueError(f"a draft of {len(self.draft)} tokens needs at least one position before it")
         if self.draft_probs is not None and len(self.draft_probs) != len(self.draft):
             raise ValueError(f"{len(self.draft_probs)} draft distributions for {len(self.draft)} drafted tokens")
+        if self.prompt_logprobs is not None and (self.context is None or not self.context.prompt):
+            raise ValueError("prompt_logprobs needs the prompt's tokens in context.prompt")
         for pairs in self.draft_probs or []:
             if any(not 0.0 <= prob <= 1.0 for _, prob in pairs):
                 raise ValueError("draft probabilities must lie in [0, 1]")
@@ -113,6 +170,8 @@ class StepMeta(BaseModel):
 class RowResult(BaseModel):
     session: str
     tokens: list[int]
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the row's sampling asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt positions 1.., when the row asked
 
 
 class ResultMeta(BaseModel):
