@@ -35,14 +35,10 @@ def _row(sampling: SamplingParams, context: TokenContext | None = None, draft: l
                    draft=draft, context=context)  # fmt: skip
 
 
-def _counts(tokens: list[int]) -> list[tuple[int, int]]:
-    return sorted((token, tokens.count(token)) for token in set(tokens))
-
-
 def test_repetition_penalty_equals_transformers_over_prompt_and_completion():
     logits = _logits()
     sampling = SamplingParams(repetition_penalty=1.7)
-    context = TokenContext(prompt=PROMPT, generated=_counts(GENERATED))
+    context = TokenContext(prompt=PROMPT, completion=GENERATED)
     ours = processed_logits(logits, _row(sampling, context))
     theirs = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([PROMPT + GENERATED]), logits.clone())
     torch.testing.assert_close(ours, theirs)
@@ -54,18 +50,18 @@ def test_a_drafted_position_sees_the_draft_before_it():
     draft = [77, 77, 3]
     logits = _logits(len(draft) + 1)
     sampling = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25)
-    ours = processed_logits(logits, _row(sampling, TokenContext(prompt=PROMPT, generated=_counts(GENERATED)), draft))
+    ours = processed_logits(logits, _row(sampling, TokenContext(prompt=PROMPT, completion=GENERATED), draft))
     for position in range(len(draft) + 1):
         seen = GENERATED + draft[:position]
         alone = processed_logits(logits[position : position + 1],
-                                 _row(sampling, TokenContext(prompt=PROMPT, generated=_counts(seen))))  # fmt: skip
+                                 _row(sampling, TokenContext(prompt=PROMPT, completion=seen)))  # fmt: skip
         torch.testing.assert_close(ours[position : position + 1], alone)
 
 
 def test_presence_and_frequency_penalties_follow_openais_definition():
     logits = _logits()
     sampling = SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4)
-    ours = processed_logits(logits, _row(sampling, TokenContext(generated=_counts(GENERATED))))
+    ours = processed_logits(logits, _row(sampling, TokenContext(completion=GENERATED)))
     expected = logits.clone()
     for token in set(GENERATED):
         expected[0, token] -= 0.7 + (-0.4) * GENERATED.count(token)

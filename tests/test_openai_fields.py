@@ -149,10 +149,11 @@ def test_presence_and_frequency_penalties_change_greedy_output_as_defined(client
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}),
-    ("guided_json", {"type": "object"}),
+    ("tool_choice", "required"),  # with no tools to call
+    ("functions", [{"name": "f"}]),
+    ("response_format", {"type": "xml"}),
+    ("guided_regex", "[unclosed"),
+    ("guided_json", {"type": 5}),
     ("best_of", 3),
     ("use_beam_search", True),
     ("no_such_field", 1),
@@ -230,3 +231,74 @@ def test_metrics_a_vllm_operator_recognises(fields_pipeline, client):
     assert not [line for line in text.splitlines() if "_ms" in line.split(" ")[0]]  # seconds everywhere
     stage = fields_pipeline.stage_metrics(0)
     assert stage["bloombee_stage_forward_seconds_count"] >= 1 and "bloombee_stage_layer_seconds" in stage
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                           "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["answer", "count"], "additionalProperties": False}
+
+
+def check_structured_output(client: openai.OpenAI, **extra) -> None:
+    """Each kind of constraint holds on a random model's answer (which, free, would be noise)."""
+    import json
+    import re
+
+    import jsonschema
+
+    def ask(**fields) -> str:
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "answer"}],
+                                               max_tokens=60, **fields, **extra)  # fmt: skip
+        assert reply.choices[0].finish_reason == "stop", repr(reply.choices[0].message.content)
+        return reply.choices[0].message.content
+
+    schema = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+    for temperature in (0.0, 1.0):
+        jsonschema.validate(json.loads(ask(response_format=schema, temperature=temperature, seed=3)), SCHEMA)
+    assert isinstance(json.loads(ask(response_format={"type": "json_object"}, temperature=0)), dict)
+    assert ask(extra_body={"guided_choice": ["red", "green", "blue"]}, temperature=1.0) in ("red", "green", "blue")
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", ask(extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"}, temperature=0))
+
+
+def test_structured_output_follows_the_schema_regex_and_choices(client):
+    check_structured_output(client)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"enum": ["Paris", "Rome"]},
+                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                                "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tools_required_and_named_calls_parse_and_follow_the_schema(client):
+    import json
+
+    import jsonschema
+
+    messages = [{"role": "user", "content": "weather in Paris for 3 days?"}]
+    for choice, expected in (("required", {"get_weather", "get_time"}),
+                             ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"})):
+        reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                               tool_choice=choice, max_tokens=60, temperature=0)  # fmt: skip
+        answer = reply.choices[0]
+        assert answer.finish_reason == "tool_calls" and answer.message.content is None, answer
+        call = answer.message.tool_calls[0]
+        assert call.function.name in expected and call.id.startswith("call_")
+        if call.function.name == "get_weather":
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = list(client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER],
+                                                   tool_choice="required", max_tokens=60, temperature=0,
+                                                   stream=True))  # fmt: skip
+    calls = [c for chunk in streamed for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back into the conversation, rendered as the model saw them
+    follow_up = [*messages, {"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": '{"sky": "clear"}'}]
+    reply = client.chat.completions.create(model="tiny", messages=follow_up, tools=[WEATHER], max_tokens=5)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="required",
+                                       response_format={"type": "json_object"})  # fmt: skip
+    assert refused.value.param == "tool_choice"

@@ -47,6 +47,7 @@ from bloombee_stage.gateway.middleware import (
 )
 from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.protocol import (
+    STRUCTURED_FIELDS,
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -62,6 +63,9 @@ from bloombee_stage.gateway.protocol import (
     Usage,
     new_id,
 )
+from bloombee_stage.gateway.tools import parse_call
+from bloombee_stage.model.grammar import GrammarError
+from bloombee_stage.model.grammar import check as check_grammar
 from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.wire.frame import WireError
 from bloombee_stage.wire.messages import TokenLogprobs
@@ -74,6 +78,13 @@ async def _choices(engine: GenerationEngine, body: ChatCompletionRequest | Compl
     """``n`` answers to each prompt, checked and admitted before any of them starts."""
     engine.check_token_ids([token for token, _ in body.sampling_params().logit_bias], "logit_bias")
     engine.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+    grammar = body.grammar()
+    if grammar is not None:
+        try:
+            check_grammar(grammar)
+        except GrammarError as error:
+            field = next(name for name in STRUCTURED_FIELDS if getattr(body, name) is not None)
+            raise RequestError(f"{field}: {error}", ErrorCode.INVALID_REQUEST, field) from None
     if asked is not None and body.min_tokens > asked:
         raise RequestError(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({asked})", ErrorCode.INVALID_REQUEST,
                            "min_tokens")  # fmt: skip
@@ -153,15 +164,26 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     token_ids = (lambda ids: ids) if body.return_token_ids else (lambda ids: None)
     logprobs = body.top_logprobs_asked() is not None
 
+    tools = body.active_tools()
+
     def shaped(entries: list[TokenLogprobs]) -> ChatLogprobs | None:
         return chat_logprobs(entries, engine.token_text) if logprobs else None
 
+    def tool_call(choice: Choice) -> dict | None:
+        """The call a finished answer makes, when tools are on and it is one (tools.py)."""
+        return parse_call(choice.result.text, tools) if tools else None
+
+    def finish(choice: Choice) -> str | None:
+        return "tool_calls" if tool_call(choice) else choice.result.finish_reason
+
     if not body.stream:
         await _run_to_end(request, choices)
-        answers = [ChatCompletionChoice(index=c.index, message=AssistantMessage(content=c.result.text),
-                                        logprobs=shaped(c.result.logprobs), finish_reason=c.result.finish_reason,
-                                        token_ids=token_ids(c.result.token_ids))
-                   for c in choices]  # fmt: skip
+        answers = []
+        for c in choices:
+            call = tool_call(c)
+            message = AssistantMessage(content=None if call else c.result.text, tool_calls=[call] if call else None)
+            answers.append(ChatCompletionChoice(index=c.index, message=message, logprobs=shaped(c.result.logprobs),
+                                                finish_reason=finish(c), token_ids=token_ids(c.result.token_ids)))
         reply = ChatCompletionResponse(id=request_id, model=body.model, choices=answers,
                                        usage=usage([prompt], choices), prompt_token_ids=token_ids(prompt))  # fmt: skip
         return web.json_response(reply.model_dump())
@@ -177,8 +199,14 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         yield chunk(choice, DeltaMessage(role="assistant", content=""))
         async with contextlib.aclosing(engine.generate(choice.generation, choice.result)) as pieces:
             async for piece in pieces:
-                yield chunk(choice, DeltaMessage(role="assistant", content=piece))
-        yield chunk(choice, DeltaMessage(), choice.result.finish_reason, token_ids(choice.result.token_ids))
+                if not tools:  # with tools, whether the answer is a call is known at its end
+                    yield chunk(choice, DeltaMessage(role="assistant", content=piece))
+        call = tool_call(choice)
+        if call:
+            yield chunk(choice, DeltaMessage(role="assistant", tool_calls=[{"index": 0, **call}]))
+        elif tools:
+            yield chunk(choice, DeltaMessage(role="assistant", content=choice.result.text))
+        yield chunk(choice, DeltaMessage(), finish(choice), token_ids(choice.result.token_ids))
 
     async def chunks() -> AsyncIterator[ChatCompletionChunk]:
         async with contextlib.aclosing(merged([answer(choice) for choice in choices])) as pieces:

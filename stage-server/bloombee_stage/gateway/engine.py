@@ -289,7 +289,7 @@ class GenerationEngine:
             raise ValueError("forwarded frame has no next hop")
         if url not in self.stage_urls:  # relay only to this gateway's own stages
             raise ValueError(f"forwarded frame's next hop {url[:200]!r} is not a stage of this gateway")
-        frame.meta = meta.onward().model_dump(mode="json")
+        frame.meta = meta.onward().wire()
         self.metrics.inc("forwarded_total", "Frames relayed through the gateway between stages")
         try:
             async with self._running.http.post(url + STEP_PATH, data=encode_frame(frame, frame.codec)) as reply:

@@ -6,7 +6,6 @@ import asyncio
 import math
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -116,10 +115,11 @@ class Controls:
         """What the next row must tell the last stage's logits processors (None: nothing)."""
         left = max(0, self.min_tokens - len(result.token_ids))
         wants_prompt = self.prompt_logprobs is not None and result.prompt_logprobs is None
-        if not (sampling.penalized or left or wants_prompt):
+        wants_completion = sampling.penalized or sampling.grammar is not None
+        if not (wants_completion or left or wants_prompt):
             return None
         return TokenContext(prompt=prompt if wants_prompt or sampling.repetition_penalty != 1.0 else [],
-                            generated=sorted(Counter(result.token_ids).items()) if sampling.penalized else [],
+                            completion=list(result.token_ids) if wants_completion else [],
                             min_tokens_left=left, suppress=sorted(suppress) if left else [])  # fmt: skip
 
 

@@ -165,7 +165,7 @@ class PipelineClient:
         padded = torch.zeros(len(rows), meta.width, dtype=torch.int64)
         for index, tokens in enumerate(inputs):
             padded[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-        frame = tensor_frame(padded, meta.model_dump(mode="json"))
+        frame = tensor_frame(padded, meta.wire())
         if self.relay:
             result = await self._relay(encode_frame(frame), urls)
         else:

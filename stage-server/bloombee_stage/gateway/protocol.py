@@ -11,6 +11,7 @@ The HTTP layer (``app.py``) builds these; the engine (``engine.py``) never sees 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -25,10 +26,31 @@ from pydantic import (
     model_validator,
 )
 
-from bloombee_stage.wire.messages import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from bloombee_stage.gateway.tools import call_grammar, call_text, with_tools
+from bloombee_stage.wire.messages import MAX_GRAMMAR_CHARS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Grammar, SamplingParams
 
+STRUCTURED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "response_format")
 MAX_CHOICES = 16  # n: independent answers to one prompt
 MAX_PROMPTS = 64  # prompts in one completions request
+
+
+# JSON as json.dumps writes it, on one line: a model left free to add whitespace (llguidance's
+# default) may add nothing else until max_tokens.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _json_grammar(schema: dict[str, Any] | str, field: str) -> Grammar:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as error:
+            raise FieldError(field, f"{field}: not JSON: {error}") from None
+    if not isinstance(schema, dict):
+        raise FieldError(field, f"{field}: a JSON schema is an object")
+    text = json.dumps({**schema, "x-guidance": {**JSON_LAYOUT, **schema.get("x-guidance", {})}})
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise FieldError(field, f"{field}: a schema of at most {MAX_GRAMMAR_CHARS} characters")
+    return Grammar(kind="json_schema", text=text)
 
 
 class FieldError(ValueError):
@@ -60,19 +82,30 @@ class OpenAIBase(BaseModel):
         return data
 
 
-_TOOLS = "tools and function calling are not implemented yet; describe the tool in the prompt instead"
-_STRUCTURED = "structured output (JSON mode, schemas, grammars) is not implemented yet"
+_FUNCTIONS = "the deprecated `functions` API is not implemented; use `tools`"
 _ALWAYS_NULL: tuple[Any, ...] = (None,)
+
+
+class FunctionCall(OpenAIBase):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(OpenAIBase):
+    index: int | None = None  # its place in a stream's deltas, when a client sends a streamed call back
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(OpenAIBase):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         "name": (_ALWAYS_NULL, "participant names are not passed to the chat template"),
-        "tool_calls": ((None, []), _TOOLS),
-        "tool_call_id": (_ALWAYS_NULL, _TOOLS),
-        "function_call": (_ALWAYS_NULL, _TOOLS),
+        "function_call": (_ALWAYS_NULL, _FUNCTIONS),
         "refusal": (_ALWAYS_NULL, "refusals are not passed to the chat template"),
         "audio": (_ALWAYS_NULL, "this model reads text only"),
     }
@@ -87,9 +120,10 @@ class ChatMessage(OpenAIBase):
         return value
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part["text"] for part in self.content)
-        return self.content or ""
+        parts = self.content if isinstance(self.content, list) else [{"text": self.content or ""}]
+        text = "".join(part["text"] for part in parts)
+        calls = [call_text(call.function.name, call.function.arguments) for call in self.tool_calls or []]
+        return "\n".join(part for part in (text, *calls) if part)
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -101,6 +135,27 @@ class StreamOptions(OpenAIBase):
     include_usage: bool = False
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         "continuous_usage_stats": ((False, None), "usage is reported once, in the last chunk")}
+
+
+class ToolFunctionDefinition(OpenAIBase):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments always follow the schema when a call is required
+
+
+class ToolDefinition(OpenAIBase):
+    type: Literal["function"] = "function"
+    function: ToolFunctionDefinition
+
+
+class _NamedFunction(OpenAIBase):
+    name: str
+
+
+class NamedToolChoice(OpenAIBase):
+    type: Literal["function"] = "function"
+    function: _NamedFunction
 
 
 class _GenerationRequest(OpenAIBase):
@@ -131,13 +186,16 @@ class _GenerationRequest(OpenAIBase):
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    # Structured output (one at a time): OpenAI's response_format, or vLLM's guided decoding.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=256)
+    guided_grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
-        "guided_json": (_ALWAYS_NULL, _STRUCTURED),
-        "guided_regex": (_ALWAYS_NULL, _STRUCTURED),
-        "guided_choice": (_ALWAYS_NULL, _STRUCTURED),
-        "guided_grammar": (_ALWAYS_NULL, _STRUCTURED),
-        "structured_outputs": (_ALWAYS_NULL, _STRUCTURED),
+        "structured_outputs": (_ALWAYS_NULL, "use response_format or guided_json / guided_regex / guided_choice / "
+                                             "guided_grammar"),
         "use_beam_search": ((None, False), "beam search is not implemented"),
         "length_penalty": ((None, 1, 1.0), "length_penalty applies to beam search, which is not implemented"),
         "include_stop_str_in_output": ((None, False), "stop strings are always left out of the output"),
@@ -160,6 +218,46 @@ class _GenerationRequest(OpenAIBase):
             raise ValueError("biases must lie in [-100, 100]")
         return value
 
+    @model_validator(mode="after")
+    def _one_structure(self) -> _GenerationRequest:
+        asked = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if "response_format" in asked and self.response_format.get("type") == "text":  # type: ignore[union-attr]
+            asked.remove("response_format")
+        if len(asked) > 1:
+            raise FieldError(asked[1], f"{asked[1]}: at most one structured-output constraint per request "
+                                       f"(also given: {asked[0]})")  # fmt: skip
+        if asked and self.ignore_eos:
+            raise FieldError("ignore_eos", "ignore_eos: a structured answer ends where its grammar ends")
+        self.grammar()  # a malformed response_format is refused here, naming it
+        return self
+
+    def grammar(self) -> Grammar | None:
+        """The structure the answer must have, as the last stage enforces it (None: free text)."""
+        if self.guided_json is not None:
+            return _json_grammar(self.guided_json, "guided_json")
+        if self.guided_regex is not None:
+            return Grammar(kind="regex", text=self.guided_regex)
+        if self.guided_choice is not None:
+            choices = " | ".join(json.dumps(choice) for choice in self.guided_choice)  # Lark string literals
+            return Grammar(kind="lark", text=f"start: {choices}")
+        if self.guided_grammar is not None:
+            return Grammar(kind="lark", text=self.guided_grammar)
+        if self.response_format is None:
+            return None
+        kind = self.response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return _json_grammar({"type": "object"}, "response_format")
+        if kind == "json_schema":
+            spec = self.response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise FieldError("response_format", "response_format: json_schema needs {\"name\": ..., \"schema\": "
+                                                    "{...}}")  # fmt: skip
+            return _json_grammar(spec.get("schema", {}), "response_format")
+        raise FieldError("response_format", f"response_format: type {str(kind)[:40]!r} is not one of text, "
+                                            "json_object, json_schema")  # fmt: skip
+
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
@@ -177,6 +275,7 @@ class _GenerationRequest(OpenAIBase):
             top_k=max(0, self.top_k or 0), min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logit_bias=sorted((self.logit_bias or {}).items()), logprobs=self.top_logprobs_asked(),
+            grammar=self.grammar(),
         )
 
 
@@ -217,15 +316,14 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     modalities: list[Literal["text"]] | None = None
-    parallel_tool_calls: bool | None = None  # concerns tool calls, which are refused
-    response_format: dict | None = None
+    parallel_tool_calls: bool | None = None  # accepted: an answer holds at most one call either way
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         **_GenerationRequest.unsupported,
-        "tools": ((None, []), _TOOLS),
-        "tool_choice": ((None, "none"), _TOOLS),
-        "functions": ((None, []), _TOOLS),
-        "function_call": ((None, "none"), _TOOLS),
+        "functions": ((None, []), _FUNCTIONS),
+        "function_call": ((None, "none"), _FUNCTIONS),
         "audio": (_ALWAYS_NULL, "this model answers in text only"),
         "prediction": (_ALWAYS_NULL, "predicted outputs are not implemented; speculation drafts on its own"),
         "reasoning_effort": (_ALWAYS_NULL, "this model does not reason in a separate channel"),
@@ -239,10 +337,14 @@ class ChatCompletionRequest(_GenerationRequest):
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise Unsupported("response_format", f"`response_format` of type "
-                                                 f"{str(self.response_format.get('type'))[:40]!r} is not supported "
-                                                 f"by this server: {_STRUCTURED}")  # fmt: skip
+        forcing = self.tool_choice not in (None, "none", "auto")
+        if forcing and not self.tools:
+            raise FieldError("tool_choice", "tool_choice: a call is required but `tools` names none")
+        if isinstance(self.tool_choice, NamedToolChoice) and not self.forced_tools():
+            raise FieldError("tool_choice", f"tool_choice: no tool named {self.tool_choice.function.name!r}")
+        if forcing and super().grammar() is not None:
+            raise FieldError("tool_choice", "tool_choice: a required call already fixes the answer's structure; "
+                                            "drop response_format / guided_*")  # fmt: skip
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs: needs `logprobs: true`")
         return self
@@ -250,11 +352,28 @@ class ChatCompletionRequest(_GenerationRequest):
     def top_logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def active_tools(self) -> list[dict[str, Any]]:
+        """The tools the model is told about (none when ``tool_choice`` is ``none``)."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+
+    def forced_tools(self) -> list[dict[str, Any]]:
+        """The tools the answer must call one of (``required``, or the one named); none: free."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [tool for tool in self.active_tools() if tool["name"] == self.tool_choice.function.name]
+        return self.active_tools() if self.tool_choice == "required" else []
+
+    def grammar(self) -> Grammar | None:
+        forced = self.forced_tools()
+        return call_grammar(forced, JSON_LAYOUT) if forced else super().grammar()
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def conversation(self) -> list[dict[str, str]]:
-        return conversation(self.messages)
+        tools = self.active_tools()
+        return with_tools(conversation(self.messages), tools) if tools else conversation(self.messages)
 
 
 class TokenizeRequest(OpenAIBase):
@@ -383,9 +502,12 @@ class CompletionResponse(ResponseBase):
     prompt_token_ids: list[int] | None = None
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(ResponseBase):
+    optional: ClassVar[frozenset[str]] = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionChoice(ResponseBase):
@@ -413,10 +535,11 @@ class ChatCompletionResponse(ResponseBase):
 class DeltaMessage(ResponseBase):
     """What a stream chunk adds to the message: nothing in the last chunk."""
 
-    optional: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+    optional: ClassVar[frozenset[str]] = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # with its "index"
 
 
 class ChatCompletionStreamChoice(ResponseBase):

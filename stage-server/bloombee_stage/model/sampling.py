@@ -35,7 +35,7 @@ def processed_logits(logits: torch.Tensor, row: RowMeta) -> torch.Tensor:
         scores[:, token] += bias
     if context is None:
         return scores
-    generated = Counter(dict(context.generated))
+    generated = Counter(context.completion)
     prompt = torch.tensor(sorted(set(context.prompt)), dtype=torch.long)
     suppress = torch.tensor(context.suppress, dtype=torch.long)
     for position in range(scores.shape[0]):

@@ -76,7 +76,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
         if isinstance(output, list):
             body = encode_frame(service.result_frame(meta, output))
         else:
-            body = service.encode_onward(tensor_frame(output, meta.onward().model_dump(mode="json")), frozenset(CODECS))
+            body = service.encode_onward(tensor_frame(output, meta.onward().wire()), frozenset(CODECS))
         return web.Response(body=body, content_type="application/octet-stream")
     task = asyncio.create_task(service.push(meta, inputs, sessions))
     service.tasks.add(task)

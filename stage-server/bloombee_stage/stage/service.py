@@ -26,6 +26,8 @@ from bloombee_contract.errors import ErrorCode
 from bloombee_contract.paths import CODECS_PATH, LEASE_TIMEOUT_S, RESULT_PATH, STEP_PATH
 from bloombee_contract.tls import TlsFiles
 
+from bloombee_stage.model.grammar import GrammarError, GrammarMasks
+from bloombee_stage.model.grammar import check as check_grammar
 from bloombee_stage.model.span import StageModel, truncate_cache
 from bloombee_stage.serving.metrics import COUNT_BUCKETS, Metrics
 from bloombee_stage.serving.process import peer_session, read_error
@@ -76,6 +78,8 @@ class StageService:
     def __init__(self, model: StageModel, settings: StageSettings) -> None:
         self.model = model
         self.settings = settings
+        # Structured output is enforced where the token is chosen: on the last stage, per session.
+        self.grammars = GrammarMasks(model.model_dir) if model.span.is_last else None
         config = model.full_config
         self.sessions = SessionStore(
             new_cache=model.new_cache,
@@ -199,6 +203,15 @@ class StageService:
             drafted = row.draft + [token for pairs in row.draft_probs or [] for token, _ in pairs]
             if any(not 0 <= token < vocab for token in drafted):
                 raise WireError(f"{where}: row {index} ({row.session}) drafts a token outside 0..{vocab - 1}")
+            if row.sampling.grammar is not None and span.is_last:  # the stage that chooses tokens applies it
+                if row.context is None:
+                    raise WireError(f"{where}: row {index} ({row.session}) has a grammar but no context (its "
+                                    "completion so far)")  # fmt: skip
+                else:
+                    try:
+                        check_grammar(row.sampling.grammar)
+                    except GrammarError as error:
+                        raise WireError(f"{where}: row {index} ({row.session}): {error}") from None
             named = [token for token, _ in row.sampling.logit_bias] + (row.context.token_ids() if row.context else [])
             if any(not 0 <= token < vocab for token in named):
                 raise WireError(f"{where}: row {index} ({row.session}) names a token outside 0..{vocab - 1} in its "
@@ -239,7 +252,7 @@ class StageService:
         for session, row in zip(sessions, meta.rows, strict=True):
             session.length = row.start + row.length
         if isinstance(output, list):
-            return [decide(logits, row) for logits, row in zip(output, meta.rows, strict=True)]
+            return [decide(logits, row, self.grammars) for logits, row in zip(output, meta.rows, strict=True)]
         return output
 
     async def run_step(self, sessions: list[Session], meta: StepMeta,
@@ -272,7 +285,7 @@ class StageService:
             url = meta.next_url
             assert url is not None  # check_inputs refused hidden states with nowhere to go
             accepted = await self.peer_accepts(url)
-            body = self.encode_onward(tensor_frame(output, meta.onward().model_dump(mode="json")), accepted)
+            body = self.encode_onward(tensor_frame(output, meta.onward().wire()), accepted)
             try:
                 await self._post(url + STEP_PATH, body, expect=202)
             except aiohttp.ClientConnectionError as error:  # the next stage is gone: the gateway may route around it

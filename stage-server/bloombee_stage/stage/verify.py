@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from bloombee_stage.model.grammar import GrammarError, GrammarMasks
 from bloombee_stage.model.sampling import (
     draw,
     position_generator,
@@ -67,12 +68,18 @@ def verify(logits: torch.Tensor, row: RowMeta) -> list[int]:
     return tokens
 
 
-def decide(logits: torch.Tensor, row: RowMeta) -> RowResult:
+def decide(logits: torch.Tensor, row: RowMeta, grammars: GrammarMasks | None = None) -> RowResult:
     """What the last stage returns for a row: its tokens (``verify``), their logprobs if asked, and
     the prompt's if asked. ``logits`` hold the row's last ``len(draft) + 1`` positions, or all of
-    them when the row asks for its prompt's logprobs."""
+    them when the row asks for its prompt's logprobs. A row with a grammar has what it forbids
+    masked first (``grammars``: the stage's matchers)."""
     window = logits[-(len(row.draft) + 1) :]
-    tokens = verify(processed_logits(window, row), row)
+    chosen_from = window
+    if row.sampling.grammar is not None:
+        if grammars is None or row.context is None:
+            raise GrammarError("a row with a grammar reached a stage that does not choose tokens")
+        chosen_from = grammars.mask(window, row.session, row.sampling.grammar, row.context.completion, row.draft)
+    tokens = verify(processed_logits(chosen_from, row), row)
     result = RowResult(session=row.session, tokens=tokens)
     if row.sampling.logprobs is not None:
         result.logprobs = token_logprobs(window[: len(tokens)], tokens, row.sampling.logprobs)

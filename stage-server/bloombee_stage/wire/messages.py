@@ -21,6 +21,8 @@ plus one token of its own.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_ROWS = 256  # rows (sessions) in one step
@@ -32,6 +34,18 @@ MAX_URL = 2048
 MAX_TOP_LOGPROBS = 20  # alternatives per position a result may carry (OpenAI's limit)
 MAX_LOGIT_BIAS = 300  # biased tokens per request (OpenAI's limit)
 MAX_CONTEXT_TOKENS = 1 << 17  # token ids in one row's TokenContext (a context is far shorter)
+
+
+MAX_GRAMMAR_CHARS = 1 << 16
+
+
+class Grammar(BaseModel):
+    """Structured output: what the text must match (``model/grammar.py``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["json_schema", "regex", "lark"]
+    text: str = Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
 
 class SamplingParams(BaseModel):
@@ -49,6 +63,7 @@ class SamplingParams(BaseModel):
     logit_bias: list[tuple[int, float]] = Field(default_factory=list, max_length=MAX_LOGIT_BIAS)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="return each chosen token's "
                                  "logprob and this many likeliest alternatives")  # fmt: skip
+    grammar: Grammar | None = Field(default=None, description="the text must match this (structured output)")
 
     @field_validator("logit_bias")
     @classmethod
@@ -75,14 +90,14 @@ class TokenContext(BaseModel):
 
     prompt: list[int] = Field(default_factory=list, max_length=MAX_CONTEXT_TOKENS,
                               description="the prompt's tokens, in order (repetition penalty, prompt logprobs)")
-    generated: list[tuple[int, int]] = Field(default_factory=list, max_length=MAX_CONTEXT_TOKENS,
-                                             description="(token, count) of the completion so far")
+    completion: list[int] = Field(default_factory=list, max_length=MAX_CONTEXT_TOKENS,
+                                  description="the completion so far, in order (penalties, grammar)")
     min_tokens_left: int = Field(default=0, ge=0, description="positions of this row's window, from its first, "
                                  "at which `suppress` may not be chosen (min_tokens)")  # fmt: skip
     suppress: list[int] = Field(default_factory=list, max_length=MAX_LOGIT_BIAS)
 
     def token_ids(self) -> list[int]:
-        return [*self.prompt, *(token for token, _ in self.generated), *self.suppress]
+        return [*self.prompt, *self.completion, *self.suppress]
 
 
 class TokenLogprobs(BaseModel):
@@ -160,6 +175,10 @@ class StepMeta(BaseModel):
     def onward(self) -> StepMeta:
         """The metadata the next hop receives: its own URL taken off the route."""
         return self.model_copy(update={"route": self.route[1:]})
+
+    def wire(self) -> dict:
+        """The metadata as a frame carries it: what a reader would not assume (defaults) left out."""
+        return self.model_dump(mode="json", exclude_defaults=True)
 
     @property
     def width(self) -> int:
