@@ -82,7 +82,7 @@ def test_bad_flag_values_say_what_is_wrong(capsys):
         parse_span("10")
     with pytest.raises(SystemExit):
         GatewayLaunch.parse(["--model", "m", "--served-model-name", "x", "--stages", "ftp://a"])
-    assert "--stages: stage URL 'ftp://a' must start with http:// or https://" in capsys.readouterr().err
+    assert "--stages: URL 'ftp://a' must start with http:// or https://" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec_type", list(CHANGED), ids=lambda t: t.__name__)

@@ -82,23 +82,27 @@ def parse_codec_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _base_url(url: str) -> str:
+    """A peer's base URL as it is compared and dialled: http(s), no trailing slash."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise FlagValueError(f"URL {url!r} must start with http:// or https://")
+    return url
+
+
 def parse_url_list(text: str) -> tuple[str, ...]:
-    """``a,b``: base URLs (no trailing slash)."""
-    urls = tuple(url.strip().rstrip("/") for url in text.split(",") if url.strip())
-    if not urls or any("://" not in url for url in urls):
-        raise FlagValueError(f"{text!r}: comma-separated URLs, scheme included")
+    """``a,b``: base URLs."""
+    urls = tuple(_base_url(url) for url in text.split(",") if url.strip())
+    if not urls:
+        raise FlagValueError(f"{text!r}: comma-separated URLs")
     return urls
 
 
 def parse_stage_urls(text: str) -> tuple[tuple[str, ...], ...]:
     """``a,b1|b2,c``: stage URLs in layer order; a span's replicas separated by ``|``."""
-    stages = tuple(tuple(url.strip().rstrip("/") for url in part.split("|") if url.strip())
-                   for part in text.split(","))  # fmt: skip
+    stages = tuple(tuple(_base_url(url) for url in part.split("|") if url.strip()) for part in text.split(","))
     if not stages or any(not replicas for replicas in stages):
         raise FlagValueError(f"{text!r}: every stage needs at least one URL")
-    for url in (url for replicas in stages for url in replicas):
-        if not url.startswith(("http://", "https://")):
-            raise FlagValueError(f"stage URL {url!r} must start with http:// or https://")
     return stages
 
 

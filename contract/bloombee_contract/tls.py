@@ -86,8 +86,8 @@ _made: dict[Path, tuple[tuple, weakref.WeakKeyDictionary[ssl.SSLContext, bool]]]
 
 def _stamp(files: TlsFiles) -> tuple:
     """What changes when any of the three files is replaced (a Secret volume swaps a symlink)."""
-    return tuple((path.stat().st_mtime_ns, path.stat().st_ino, path.stat().st_size)
-                 for path in (files.ca, files.cert, files.key))  # fmt: skip
+    stats = [path.stat() for path in (files.ca, files.cert, files.key)]
+    return tuple((stat.st_mtime_ns, stat.st_ino, stat.st_size) for stat in stats)
 
 
 def _remember(context: ssl.SSLContext, files: TlsFiles, identify: bool) -> ssl.SSLContext:

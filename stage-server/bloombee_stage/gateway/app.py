@@ -48,16 +48,18 @@ from bloombee_stage.gateway.middleware import (
 from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.protocol import (
     STRUCTURED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from bloombee_stage.gateway.responses import (
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatLogprobs,
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     Usage,

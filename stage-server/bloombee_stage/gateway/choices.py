@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from bloombee_stage.gateway.engine import GenerationRequest
 from bloombee_stage.gateway.generation import Generated
-from bloombee_stage.gateway.protocol import (
+from bloombee_stage.gateway.responses import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,

@@ -96,7 +96,9 @@ class GenerationEngine:
         self.drafter = drafter
         self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
         # Frames from the stages are read only up to what they can legally hold (before decoding).
-        hidden = int(model_config.get("hidden_size", 1))
+        if "hidden_size" not in model_config:
+            raise ValueError("the model's config.json has no hidden_size: relayed frames could not be bounded")
+        hidden = int(model_config["hidden_size"])
         self.max_forward_bytes = largest_step_bytes(settings.micro_batch or UNPLANNED_ROWS, self.max_model_len, hidden)
         eos = model_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

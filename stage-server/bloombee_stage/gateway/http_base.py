@@ -11,7 +11,9 @@ from bloombee_contract.errors import ErrorCode
 from pydantic import BaseModel, ValidationError
 
 from bloombee_stage.gateway.engine import GenerationEngine, RequestError
-from bloombee_stage.gateway.protocol import FieldError
+from bloombee_stage.gateway.protocol import (
+    FieldError,
+)
 
 ENGINE = web.AppKey("engine", GenerationEngine)
 _Body = TypeVar("_Body", bound=BaseModel)

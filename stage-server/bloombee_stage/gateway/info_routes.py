@@ -12,10 +12,12 @@ from bloombee_stage.gateway.engine import GenerationEngine
 from bloombee_stage.gateway.http_base import ENGINE, json_object, parse_body
 from bloombee_stage.gateway.protocol import (
     DetokenizeRequest,
-    ModelCard,
-    ModelList,
     TokenizeChatRequest,
     TokenizeRequest,
+)
+from bloombee_stage.gateway.responses import (
+    ModelCard,
+    ModelList,
     TokenizeResponse,
 )
 

@@ -13,7 +13,9 @@ from bloombee_contract.errors import ErrorCode
 from bloombee_stage.gateway.choices import usage
 from bloombee_stage.gateway.engine import RequestError
 from bloombee_stage.gateway.pipeline import PipelineError
-from bloombee_stage.gateway.protocol import new_id
+from bloombee_stage.gateway.responses import (
+    new_id,
+)
 from bloombee_stage.serving.process import REQUEST_ID, error_response
 
 log = logging.getLogger("bloombee.gateway")
