@@ -95,7 +95,7 @@ def test_replicas_share_generations_and_a_lost_replica_is_routed_around(tmp_path
         assert metrics['bloombee_gateway_route_chosen{path="0.0"}'] > 0
         assert metrics['bloombee_gateway_route_chosen{path="0.1"}'] > 0  # both replicas served generations
         assert metrics['bloombee_gateway_route_predicted_seconds{path="0.1"}'] > 0
-        assert all(metrics[f'bloombee_gateway_replica_service_seconds{{stage="1",replica="{i}",url="{url}"}}'] > 0
+        assert all(metrics[f'bloombee_gateway_replica_service_seconds{{replica="{i}",stage="1",url="{url}"}}'] > 0
                    for i, url in enumerate((replica_a.url, replica_b.url)))  # fmt: skip
 
         replica_b.popen.send_signal(signal.SIGKILL)

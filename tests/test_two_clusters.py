@@ -96,7 +96,10 @@ def test_the_two_cluster_example_across_a_delayed_link(clusters, smollm2_referen
                                                  enumerate(stored.status.plan.stages) if s.cluster == "us"}  # fmt: skip
     assert all(not d.metadata.owner_references for d in remote)
 
-    gateway = k8s.ready_pod_ip(eu, NAMESPACE, "app.kubernetes.io/component=gateway")
+    # Ready counts the stages; the gateway's own readiness probe (every stage answering it) may trail it.
+    gateway = k8s.wait_for("the gateway pod to be Ready",
+                           lambda: k8s.ready_pod_ip(eu, NAMESPACE, "app.kubernetes.io/component=gateway"),
+                           timeout_s=300, interval_s=1)  # fmt: skip
     question = chat_request("What is the capital of France?", model=NAME)
     request = urllib.request.Request(f"http://{gateway}:8000/v1/chat/completions", data=json.dumps(question).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
