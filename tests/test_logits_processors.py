@@ -115,3 +115,13 @@ def test_logprobs_are_the_models_log_softmax_with_the_likeliest_alternatives():
         assert [token for token, _ in entry.top] == best.indices.tolist()
         assert [value for _, value in entry.top] == pytest.approx(best.values.tolist(), abs=1e-6)
     assert [entry.top for entry in token_logprobs(logits, [1, 2, 3], top=0)] == [[], [], []]
+
+
+def test_a_row_with_a_grammar_must_carry_its_completion():
+    from bloombee_stage.wire.messages import Grammar
+    from pydantic import ValidationError
+
+    grammar = SamplingParams(grammar=Grammar(kind="regex", text="[a-z]+"))
+    with pytest.raises(ValidationError, match=r"context\.completion"):
+        RowMeta(session="s", start=0, length=1, sampling=grammar)
+    RowMeta(session="s", start=0, length=1, sampling=grammar, context=TokenContext())

@@ -302,3 +302,7 @@ def test_tools_required_and_named_calls_parse_and_follow_the_schema(client):
         client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="required",
                                        response_format={"type": "json_object"})  # fmt: skip
     assert refused.value.param == "tool_choice"
+    broken = {"type": "function", "function": {"name": "broken", "parameters": {"type": 5}}}
+    with pytest.raises(openai.BadRequestError) as refused:  # a tool schema that does not compile names `tools`
+        client.chat.completions.create(model="tiny", messages=messages, tools=[broken], tool_choice="required")
+    assert refused.value.param == "tools" and "does not compile" in refused.value.message

@@ -269,17 +269,17 @@ class LocalBackend:
             changed.append(name)
         stages = [self.processes[stage.name] for stage in desired.stages]
         self._wait_ready(stages)
-        public_url = None
         if self.link_delay_ms > 0:
             links = [self._ensure_link(f"{p.name}-link", ["--to", str(p.url)]) for p in stages]
             back = self._ensure_link(f"{desired.gateway.name}-link",
                                      ["--to-ready-file", str(self._ready_file(desired.gateway.name)),
                                       "--scheme", "https" if self.tls else "http"])  # fmt: skip
             self._wait_ready([*links, back], ready_path=None)
-            public_url = str(back.url)
         gateway = desired.gateway
         current = self.processes.get(gateway.name)
-        launch = gateway.launch(desired.model_source, tuple((url,) for url in hops), public_url)
+        # Behind a link delay the stages reply through the gateway's proxy, whose URL it must tell them.
+        launch = gateway.launch(desired.model_source, tuple((url,) for url in hops),
+                                reply if self.link_delay_ms > 0 else None)  # fmt: skip
         if self.ca is not None:
             launch = replace(launch, internal_port=self._port(f"{gateway.name}-internal"))
         if self.api_key:
@@ -367,13 +367,14 @@ class LocalBackend:
             return current
         if current is not None:
             self._stop_one(name)
-        return self._start_link(name, args)
+        return self._start_link(name, args, self._port(name))
 
-    def _start_link(self, name: str, args: list[str]) -> LocalProcess:
+    def _start_link(self, name: str, args: list[str], port: int = 0) -> LocalProcess:
+        """A delaying proxy on ``port`` (0: any; a deployment's links keep theirs, see ``_port``)."""
         ready_file = self._ready_file(name)
         command = [self.python, "-m", "bloombee_operator.backends.link_delay", *args, "--host", self.host,
                    "--ready-file", str(ready_file), "--delay-ms", f"{self.link_delay_ms:g}",
-                   "--port", str(self._port(name) if "-probe-" not in name else 0)]  # fmt: skip
+                   "--port", str(port)]  # fmt: skip
         return self._spawn(name, command, ready_file)
 
     def _ready_file(self, name: str) -> Path:

@@ -47,7 +47,6 @@ from bloombee_stage.gateway.middleware import (
 )
 from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.protocol import (
-    STRUCTURED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
 )
@@ -85,7 +84,7 @@ async def _choices(engine: GenerationEngine, body: ChatCompletionRequest | Compl
         try:
             check_grammar(grammar)
         except GrammarError as error:
-            field = next(name for name in STRUCTURED_FIELDS if getattr(body, name) is not None)
+            field = body.structure_field()
             raise RequestError(f"{field}: {error}", ErrorCode.INVALID_REQUEST, field) from None
     if asked is not None and body.min_tokens > asked:
         raise RequestError(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({asked})", ErrorCode.INVALID_REQUEST,
@@ -175,8 +174,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         """The call a finished answer makes, when tools are on and it is one (tools.py)."""
         return parse_call(choice.result.text, tools) if tools else None
 
-    def finish(choice: Choice) -> str | None:
-        return "tool_calls" if tool_call(choice) else choice.result.finish_reason
+    def finish(choice: Choice, call: dict | None) -> str | None:
+        return "tool_calls" if call else choice.result.finish_reason
 
     if not body.stream:
         await _run_to_end(request, choices)
@@ -185,7 +184,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             call = tool_call(c)
             message = AssistantMessage(content=None if call else c.result.text, tool_calls=[call] if call else None)
             answers.append(ChatCompletionChoice(index=c.index, message=message, logprobs=shaped(c.result.logprobs),
-                                                finish_reason=finish(c), token_ids=token_ids(c.result.token_ids)))
+                                                finish_reason=finish(c, call), token_ids=token_ids(c.result.token_ids)))
         reply = ChatCompletionResponse(id=request_id, model=body.model, choices=answers,
                                        usage=usage([prompt], choices), prompt_token_ids=token_ids(prompt))  # fmt: skip
         return web.json_response(reply.model_dump())
@@ -208,7 +207,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             yield chunk(choice, DeltaMessage(role="assistant", tool_calls=[{"index": 0, **call}]))
         elif tools:
             yield chunk(choice, DeltaMessage(role="assistant", content=choice.result.text))
-        yield chunk(choice, DeltaMessage(), finish(choice), token_ids(choice.result.token_ids))
+        yield chunk(choice, DeltaMessage(), finish(choice, call), token_ids(choice.result.token_ids))
 
     async def chunks() -> AsyncIterator[ChatCompletionChunk]:
         async with contextlib.aclosing(merged([answer(choice) for choice in choices])) as pieces:

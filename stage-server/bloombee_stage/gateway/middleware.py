@@ -24,7 +24,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_KEY, ANSWER_KEY = "bloombee.request_id", "bloombee.answer"  # a request's id; its prompts and choices
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 128
-KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards: everything that uses the model
+API_PATHS = ("/v1/", "/tokenize", "/detokenize")  # the model's API: what --api-key guards and the access log records
 
 
 class ClientGone(Exception):
@@ -68,7 +68,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = error.status
         raise
     finally:
-        _access_log(request, status, time.monotonic() - started, started)
+        _access_log(request, status, started)
         REQUEST_ID.reset(reset)
 
 
@@ -77,10 +77,11 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers[REQUEST_ID_HEADER] = request[REQUEST_KEY]
 
 
-def _access_log(request: web.Request, status: int, seconds: float, started: float) -> None:
+def _access_log(request: web.Request, status: int, started: float) -> None:
     """One line per API request: status, tokens in and out, time to first token, duration, finish reasons."""
-    if not request.path.startswith(("/v1/", "/tokenize", "/detokenize")):
+    if not request.path.startswith(API_PATHS):
         return
+    seconds = time.monotonic() - started
     answer = request.get(ANSWER_KEY)
     if answer is None:
         log.info("%s %s %d in %.3f s", request.method, request.path, status, seconds)
@@ -100,7 +101,7 @@ def auth_middleware(api_key: str | None) -> Callable:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").encode()
-        if api_key and request.path.startswith(KEYED_PATHS) and not hmac.compare_digest(given, expected):
+        if api_key and request.path.startswith(API_PATHS) and not hmac.compare_digest(given, expected):
             raise RequestError("Incorrect API key provided.", ErrorCode.INVALID_API_KEY)
         return await handler(request)
 

@@ -214,11 +214,21 @@ class _GenerationRequest(OpenAIBase):
             raise ValueError("biases must lie in [-100, 100]")
         return value
 
-    @model_validator(mode="after")
-    def _one_structure(self) -> _GenerationRequest:
+    def _structure_fields(self) -> list[str]:
+        """The structured-output fields this request sets (``response_format: text`` sets none)."""
         asked = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
         if "response_format" in asked and self.response_format.get("type") == "text":  # type: ignore[union-attr]
             asked.remove("response_format")
+        return asked
+
+    def structure_field(self) -> str | None:
+        """The field ``grammar()`` comes from, for an error that names it."""
+        asked = self._structure_fields()
+        return asked[0] if asked else None
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> _GenerationRequest:
+        asked = self._structure_fields()
         if len(asked) > 1:
             raise FieldError(asked[1], f"{asked[1]}: at most one structured-output constraint per request "
                                        f"(also given: {asked[0]})")  # fmt: skip
@@ -363,6 +373,9 @@ class ChatCompletionRequest(_GenerationRequest):
     def grammar(self) -> Grammar | None:
         forced = self.forced_tools()
         return call_grammar(forced, JSON_LAYOUT) if forced else super().grammar()
+
+    def structure_field(self) -> str | None:
+        return "tools" if self.forced_tools() else super().structure_field()
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -204,14 +204,10 @@ class StageService:
             if any(not 0 <= token < vocab for token in drafted):
                 raise WireError(f"{where}: row {index} ({row.session}) drafts a token outside 0..{vocab - 1}")
             if row.sampling.grammar is not None and span.is_last:  # the stage that chooses tokens applies it
-                if row.context is None:
-                    raise WireError(f"{where}: row {index} ({row.session}) has a grammar but no context (its "
-                                    "completion so far)")  # fmt: skip
-                else:
-                    try:
-                        check_grammar(row.sampling.grammar)
-                    except GrammarError as error:
-                        raise WireError(f"{where}: row {index} ({row.session}): {error}") from None
+                try:
+                    check_grammar(row.sampling.grammar)
+                except GrammarError as error:
+                    raise WireError(f"{where}: row {index} ({row.session}): {error}") from None
             named = [token for token, _ in row.sampling.logit_bias] + (row.context.token_ids() if row.context else [])
             if any(not 0 <= token < vocab for token in named):
                 raise WireError(f"{where}: row {index} ({row.session}) names a token outside 0..{vocab - 1} in its "

@@ -76,8 +76,9 @@ def decide(logits: torch.Tensor, row: RowMeta, grammars: GrammarMasks | None = N
     window = logits[-(len(row.draft) + 1) :]
     chosen_from = window
     if row.sampling.grammar is not None:
-        if grammars is None or row.context is None:
+        if grammars is None:
             raise GrammarError("a row with a grammar reached a stage that does not choose tokens")
+        assert row.context is not None  # RowMeta requires it with a grammar
         chosen_from = grammars.mask(window, row.session, row.sampling.grammar, row.context.completion, row.draft)
     tokens = verify(processed_logits(chosen_from, row), row)
     result = RowResult(session=row.session, tokens=tokens)

@@ -140,6 +140,8 @@ class RowMeta(BaseModel):
             raise ValueError(f"{len(self.draft_probs)} draft distributions for {len(self.draft)} drafted tokens")
         if self.prompt_logprobs is not None and (self.context is None or not self.context.prompt):
             raise ValueError("prompt_logprobs needs the prompt's tokens in context.prompt")
+        if self.sampling.grammar is not None and self.context is None:
+            raise ValueError("a grammar needs the completion so far in context.completion")
         for pairs in self.draft_probs or []:
             if any(not 0.0 <= prob <= 1.0 for _, prob in pairs):
                 raise ValueError("draft probabilities must lie in [0, 1]")
