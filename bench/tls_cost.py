@@ -33,13 +33,14 @@ STAGES = 3
 
 
 @contextmanager
-def packet_delay(delay_ms: float) -> Iterator[None]:
-    """Namespaces h0..h3 joined with ``delay_ms`` one way between every pair, for the block's length."""
-    router = subprocess.Popen([sys.executable, str(TUNDELAY), "up", str(STAGES), f"{delay_ms:g}"],
+def packet_delay(delay_ms: float, namespaces: int = STAGES + 1) -> Iterator[None]:
+    """Namespaces h0..h(n-1) joined with ``delay_ms`` one way between every pair, for the block's length."""
+    last = namespaces - 1
+    router = subprocess.Popen([sys.executable, str(TUNDELAY), "up", str(last), f"{delay_ms:g}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while f"h{STAGES}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
+        while f"h{last}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
             if router.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("tundelay_n.py did not bring the namespaces up (root is needed)")
             time.sleep(0.2)

@@ -312,6 +312,38 @@ def test_the_gateway_takes_results_only_from_the_deployment_and_only_on_its_inte
         assert json.loads(reply.read()) == {"ready": True, "stages_ready": "3/3"}
 
 
+def test_profiling_runs_and_the_gateways_measurements_are_for_the_operator_only(tiny_pipeline):
+    """``POST /profile`` times the span for whoever plans: the operator; another part of the
+    deployment gets 403, a stranger 401, a run larger than its bounds 400. The gateway's ``/info``
+    (what it measured of its rounds) is on its internal port only."""
+    from bloombee_contract.tls import client_context
+    from pipelines import TEST_CA, TEST_TLS
+
+    stage = tiny_pipeline.stage_url(2)
+    operator, gateway = client_context(TEST_TLS), client_context(TEST_CA.identity("gateway/other", []))
+    run = json.dumps({"rows": [1, 2], "repeats": 2}).encode()
+    assert _call(stage + "/profile", client_context(TEST_TLS, identify=False), run)[0] == 401
+    status, answer = _call(stage + "/profile", gateway, run)
+    assert status == 403 and answer["error"]["code"] == "forbidden" and "gateway/other" in answer["error"]["message"]
+    for bad in ({"rows": [0]}, {"rows": [1], "repeats": 65}, {"rows": [1, 2, 4, 8], "repeats": 17}, {"rows": "x"}):
+        status, answer = _call(stage + "/profile", operator, json.dumps(bad).encode())
+        assert status == 400 and answer["error"]["code"] == "invalid_body", (bad, answer)
+    status, answer = _call(stage + "/profile", operator, run)
+    assert status == 200 and answer["last"] is True and answer["seconds"] > 0
+    assert [size for size, _ in answer["profile"]["layerMsAt"]] == [1, 2] and answer["profile"]["samples"] == 4
+    assert [size for size, _ in answer["profile"]["stepMsAt"]] == [1, 2]  # the last stage's head
+
+    assert tiny_chat(tiny_pipeline)[0] == 200
+    public = tiny_pipeline.endpoint.removesuffix("/v1")
+    internal = json.loads(tiny_pipeline.backend.processes["tiny-gateway"].ready_file.read_text())["peer_url"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(public + "/info", timeout=30)
+    assert refused.value.code == 401
+    status, answer = _call(internal + "/info", operator)
+    assert status == 200 and answer["profile"]["steps"] > 0 and answer["profile"]["crossings"] == 4
+    assert answer["profile"]["transportMs"] > 0 and answer["profile"]["turnaroundMs"] >= 0
+
+
 def test_a_gateways_sessions_are_its_own(tiny_pipeline):
     """A session belongs to the gateway whose certificate opened it: another part of the same
     deployment can neither continue, fork, roll back, park nor close it (to it, it does not exist)."""

@@ -118,6 +118,57 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         backend.stop()
 
 
+@pytest.mark.model
+def test_the_parts_measure_themselves_and_the_plan_is_costed_on_it(tmp_path, tiny_dir):
+    """Planned on hints first; once every stage is ready, their profiling runs (alone, then all at
+    once) fill status.profiles and the plan's predictions become the model's on them; after
+    traffic, the next due re-plan adds what the gateway measured of its rounds."""
+    from bloombee_operator.planner import evaluate
+    from bloombee_operator.planning import plan_from_status, planner_inputs
+
+    backend = LocalBackend(tmp_path / "run", threads_per_stage=1, ca=TEST_CA)
+    resource = body(str(tiny_dir), TWO_NODES)
+    try:
+        apply_outcome(resource, reconcile.deploy(reconcile.read(resource), backend))
+        hinted = resource["status"]["plan"]["predictedLatencyMs"]
+        apply_outcome(resource, reconcile.keep(reconcile.read(resource), backend))
+        assert resource["status"]["phase"] == "Ready" and "profiles" not in resource["status"]
+        calibrated = reconcile.keep(reconcile.read(resource), backend)  # the first calibration
+        apply_outcome(resource, calibrated)
+        profiles = resource["status"]["profiles"]
+        nodes = [stage["node"] for stage in resource["status"]["plan"]["stages"]]
+        assert [entry["node"] for entry in profiles["nodes"]] == nodes
+        for entry in profiles["nodes"]:
+            assert [size for size, ms in entry["layerMsAt"] if ms > 0] == [1, 2, 4, 8]  # maxMicroBatch 8
+        assert "headMsAt" in profiles["nodes"][-1] and "headMs" not in profiles["nodes"][0]
+        (host,) = profiles["hosts"]
+        assert host["allNodes"] and host["stages"] == 2 and host["parallelism"] > 0
+        assert "gateway" not in profiles  # nothing has been asked yet
+
+        # status.plan is what the model predicts of the running plan on those measurements
+        current = reconcile.read(resource)
+        inputs = planner_inputs(current, backend.model_shape(str(tiny_dir)), current.status.links,
+                                current.status.profiles)  # fmt: skip
+        running = plan_from_status(current.status.plan)
+        again = evaluate(inputs.profile, {n.name: n for n in inputs.nodes}, inputs.links,
+                         [s.node for s in running.stages], [s.layers[1] - s.layers[0] for s in running.stages],
+                         running.micro_batch, running.batch, inputs.workload.context, options=inputs.options,
+                         relay=running.relay_hops, resident=current.status.plan.max_sequences)  # fmt: skip
+        assert current.status.plan.predicted_latency_ms == pytest.approx(again.latency_s * 1000, abs=1e-3)
+        assert current.status.plan.predicted_latency_ms != hinted
+
+        endpoint = resource["status"]["endpoint"]
+        for _ in range(2):
+            assert chat(endpoint)["usage"]["completion_tokens"] == 4
+        later = reconcile.keep(reconcile.read(resource), backend, clock=lambda: time.time() + 601)
+        apply_outcome(resource, later)
+        gateway = resource["status"]["profiles"]["gateway"]
+        assert gateway["steps"] > 0 and gateway["transportMs"] > 0 and gateway["frameMs"] >= 0
+        assert gateway["roundOverheadMs"] >= 0
+    finally:
+        backend.stop()
+
+
 def test_a_bad_resource_fails_permanently_with_the_field_named(tmp_path):
     backend = LocalBackend(tmp_path / "run", ca=TEST_CA)
     resource = body("/nowhere", TWO_NODES)

@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     INVALID_META = "invalid_meta"
     INVALID_API_KEY = "invalid_api_key"
     UNAUTHENTICATED = "unauthenticated"  # a peer path called without this deployment's certificate
+    FORBIDDEN = "forbidden"  # a part of the deployment calling a path that is not for it
     MODEL_NOT_FOUND = "model_not_found"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     UNKNOWN_SESSION = "unknown_session"
@@ -54,6 +55,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_META: 400,
     ErrorCode.INVALID_API_KEY: 401,
     ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403,
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
     ErrorCode.UNKNOWN_SESSION: 404,

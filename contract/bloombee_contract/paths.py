@@ -14,6 +14,7 @@ INFO_PATH = "/info"  # GET span, dtype, memory, measured ms per layer, codec pro
 SESSION_PATH = "/v1/sessions/{session}"  # DELETE closes a session
 ROLLBACK_PATH = SESSION_PATH + "/rollback"  # POST {"n": tokens to drop} or {"length": tokens to keep}
 PARK_PATH = SESSION_PATH + "/park"  # POST: keep the session only as a fork source
+PROFILE_PATH = "/profile"  # POST {"rows": [...], "repeats": N}: a timed run of the span (the operator only)
 
 # Gateways.
 RESULT_PATH = "/internal/v1/results"  # POST a result frame: where the last stage delivers tokens

@@ -153,6 +153,8 @@ def common_name(peercert: dict | None) -> str | None:
 # caller's certificate (the proxy does not present one). The one such request, the operator
 # asking a probe to measure its links, is signed instead: HMAC-SHA256 with the deployment's
 # measure key (a file beside the certificates) over a timestamp and the body.
+OPERATOR_IDENTITY = "operator"  # the operator's certificate's common name
+SIGNED_OPERATOR = "operator (signed request)"  # the caller of a signed request
 MEASURE_KEY_FILE = "measure.key"
 SIGNATURE_HEADER = "X-Bloombee-Signature"
 SIGNATURE_MAX_AGE_S = 120.0

@@ -133,7 +133,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A one-shot --ask needs no well-known port; a serving pipeline listens where the resource says.
     port = args.port if args.port is not None else 0 if args.ask else resource.spec.gateway.service.port
     # The key reaches the gateway in its environment (GatewayLaunch.api_key), never on a command line.
-    backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=args.threads,
+    # Each node of the resource is a share of this machine's cores, whatever the plan places on it,
+    # so what a node measures of itself holds for every plan (a stage's speed is its node's).
+    threads = args.threads or max(1, (os.cpu_count() or 1) // resource.spec.node_count)
+    backend = LocalBackend(run_dir, host=args.host, gateway_port=port, threads_per_stage=threads,
                            link_delay_ms=args.link_delay_ms, tls=not args.no_tls, api_key=args.api_key)  # fmt: skip
     run = LocalRun(resource.model_dump(mode="json", by_alias=True, exclude_none=True), backend, run_dir)
     stop_requested = False
@@ -150,6 +153,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         started = time.monotonic()
         run.deploy()
         run.keep()  # readiness into the status file
+        run.keep()  # the stages' profiling runs, and the plan's predictions on what they measured
         status = run.resource.status
         assert status.plan is not None and status.endpoint is not None  # deploy wrote both or raised
         _print_plan(status.plan)
@@ -293,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-f", "--file", required=True, help="DistributedLLM YAML (the same file kubectl applies)")
     up.add_argument("--host", default="127.0.0.1", help="address every process binds to (default loopback)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default: spec.gateway.service.port; 0 = any)")
-    up.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: cores / stages)")
+    up.add_argument("--threads", type=int, default=None,
+                    help="torch threads per stage (default: cores / the resource's nodes)")
     up.add_argument(
         "--link-delay-ms",
         type=float,

@@ -43,6 +43,7 @@ class StageSpec:
     kv_budget_gib: float | None = None  # the KV cache the plan sized this stage for (None: the server's default)
     link_mbps: float | None = None  # measured bandwidth to the next stage's cluster (None: same cluster or unknown)
     memory_gib: float = 0.0  # what its pod requests: resident weights, KV budget and the runtime (memory_estimate_gib)
+    node: str = ""  # the planner's node serving it (status.plan), whose measured profile it reports
 
     def launch(self, model_source: str) -> StageLaunch:
         """How its server is started (the backend adds where it listens and its thread count)."""
@@ -87,6 +88,7 @@ class DesiredState:
     stages: tuple[StageSpec, ...]  # in pipeline order: stage i serves the span after stage i - 1
     gateway: GatewayDesired
     plan_hash: str = field(default="")
+    max_micro_batch: int = 8  # planner.maxMicroBatch: the step sizes a profiling run times
 
 
 def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
@@ -128,6 +130,7 @@ def desired_state(
         StageSpec(
             name=f"{name}-stage-{index}",
             index=index,
+            node=stage.node,
             cluster=stage.cluster,
             layers=stage.layers,
             dtype=spec.model.dtype,
@@ -169,6 +172,7 @@ def desired_state(
         stages=stages,
         gateway=gateway,
         plan_hash=_plan_hash(stages),
+        max_micro_batch=spec.planner.max_micro_batch,
     )
 
 

@@ -111,6 +111,9 @@ def write_identity(directory: Path, ca: Identity, identity: Identity) -> TlsFile
     return TlsFiles.at(directory)
 
 
+HOSTS_FILE = "hosts"  # beside a part's certificate: the names it was issued for
+
+
 class DeploymentCA:
     """One deployment's CA kept in a directory (``ca/``), and a TLS directory per part beside it.
 
@@ -129,7 +132,15 @@ class DeploymentCA:
     def identity(self, common_name: str, hosts: Iterable[str]) -> TlsFiles:
         """The TLS directory of the part ``common_name`` (``stage/eu-0``), made on first use."""
         directory = self.directory / common_name.replace("/", "-")
+        hosts = sorted(set(hosts))
+        issued_for = directory / HOSTS_FILE
         try:
-            return TlsFiles.at(directory)
-        except ValueError:
-            return write_identity(directory, self.ca, issue(self.ca, common_name, hosts))
+            files = TlsFiles.at(directory)
+            # a part that moved (another address, e.g. another network namespace) needs a certificate for it
+            if set(hosts) <= set(issued_for.read_text().split()):
+                return files
+        except (ValueError, OSError):
+            pass
+        files = write_identity(directory, self.ca, issue(self.ca, common_name, hosts))
+        issued_for.write_text("\n".join(hosts) + "\n")
+        return files

@@ -18,14 +18,15 @@ measured links sits in the first cluster.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bloombee_operator.api.resource import DistributedLLM
-from bloombee_operator.api.status import LinkStatus
-from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, PlanningError
+from bloombee_operator.api.status import LinkStatus, NodeProfile, ProfilesStatus
+from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, Options, PlanningError
 from bloombee_operator.planner.profile import DTYPE_BYTES, GIB
 
 DEFAULT_MEMORY_GIB = 16.0
@@ -98,7 +99,7 @@ def links_from_entries(entries: list[LinkStatus], clusters: list[str]) -> Links:
         for b in clusters[index + 1 :]:
             links.between.setdefault((a, b), UNMEASURED_LINK)
         if (GATEWAY, a) not in links.between and (a, GATEWAY) not in links.between:
-            links.between[(GATEWAY, a)] = LOCAL_LINK if a == clusters[0] else links.get(clusters[0], a)
+            links.between[(GATEWAY, a)] = links.get(clusters[0], a)  # within the first cluster: its own links
     return links
 
 
@@ -130,3 +131,87 @@ def nodes_from_resource(resource: DistributedLLM, model: ModelProfile) -> list[N
             nodes.append(Node(name, cluster.name, memory, model.weight_bytes_per_layer / ASSUMED_MEMORY_BANDWIDTH,
                               flops_per_token / (tflops * 1e12)))  # fmt: skip
     return nodes
+
+
+def with_profiles(nodes: list[Node], links: Links, options: Options,
+                  profiles: ProfilesStatus | None) -> tuple[list[Node], Links, Options]:  # fmt: skip
+    """The planner's inputs with measured costs in place of hints where ``status.profiles`` has them.
+
+    Stages that share a host run on the same cores, so their per-layer costs are the host's: the
+    profiles of one host are pooled (a mean weighted by samples), which also keeps measurement
+    noise from telling alike nodes apart and moving layers between them for nothing. A node's LM
+    head, should it become the last stage, is costed as the measured head of its host, or of the
+    first measured host scaled by how much slower or faster its layers are (the head reads
+    weights as the layers do). A node never measured runs on the host that holds every node, where
+    there is one (``bloombee up``), or keeps its hints.
+    """
+    if profiles is None or not profiles.nodes:
+        return nodes, links, options
+    pooled = {key: _pooled(group) for key, group in _by_host(profiles.nodes).items()}
+    reference = next((p for p in pooled.values() if p.head_ms is not None and p.ms_per_layer > 0), None)
+    host_of = {p.node: p.host or p.node for p in profiles.nodes}
+    everywhere = next((host.name for host in profiles.hosts if host.all_nodes), None)
+    updated = []
+    for node in nodes:
+        profile = pooled.get(host_of.get(node.name, everywhere or ""))
+        if profile is not None:
+            node = replace(node, seconds_per_layer=profile.ms_per_layer / 1000, host=profile.host,
+                           seconds_per_layer_token=profile.ms_per_layer_token / 1000 or node.seconds_per_layer_token,
+                           step_seconds=profile.step_ms / 1000, layer_points=_seconds(profile.layer_ms_at))  # fmt: skip
+        head = profile if profile is not None and profile.head_ms is not None else reference
+        if head is not None:
+            scale = 1.0 if head is profile else node.seconds_per_layer * 1000 / head.ms_per_layer
+            node = replace(node, head_seconds=(head.head_ms or 0.0) * scale / 1000,
+                           head_seconds_per_token=(head.head_ms_per_token or 0.0) * scale / 1000,
+                           head_points=_seconds(head.head_ms_at, scale))  # fmt: skip
+        updated.append(node)
+    hosts = {host.name: host.parallelism for host in profiles.hosts}
+    gateway = profiles.gateway
+    if gateway is not None:
+        links = replace(links, frame_s=gateway.frame_ms / 1000)
+        options = replace(options, round_overhead_s=gateway.round_overhead_ms / 1000)
+    return updated, links, replace(options, host_parallelism=hosts)
+
+
+def _seconds(points: list[tuple[float, float]], scale: float = 1.0) -> tuple[tuple[float, float], ...]:
+    return tuple((tokens, ms * scale / 1000) for tokens, ms in sorted(points))
+
+
+def _mean_points(lists: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Points at each step size any list has, averaged over the lists that have it."""
+    at: dict[float, list[float]] = {}
+    for points in lists:
+        for tokens, ms in points:
+            at.setdefault(tokens, []).append(ms)
+    return [(tokens, sum(values) / len(values)) for tokens, values in sorted(at.items())]
+
+
+def _by_host(profiles: list[NodeProfile]) -> dict[str, list[NodeProfile]]:
+    """Profiles grouped by the host they share; a node without a host is a group of its own."""
+    groups: dict[str, list[NodeProfile]] = {}
+    for profile in profiles:
+        groups.setdefault(profile.host or profile.node, []).append(profile)
+    return groups
+
+
+def _pooled(group: list[NodeProfile]) -> NodeProfile:
+    """One profile for the stages of one host: per-layer and per-step costs averaged by samples,
+    the head from the stage that ran it."""
+    weights = [max(1, p.samples) for p in group]
+    total = sum(weights)
+
+    def mean(values: list[float], of: list[int]) -> float:
+        return sum(v * w for v, w in zip(values, of, strict=True)) / max(1, sum(of))
+
+    steps = [(p.step_ms, w) for p, w in zip(group, weights, strict=True) if p.head_ms is None]
+    heads = [p for p in group if p.head_ms is not None]
+    return group[0].model_copy(update={
+        "ms_per_layer": mean([p.ms_per_layer for p in group], weights),
+        "ms_per_layer_token": mean([p.ms_per_layer_token for p in group], weights),
+        "step_ms": mean([s for s, _ in steps], [w for _, w in steps]) if steps else 0.0,
+        "head_ms": heads[0].head_ms if heads else None,
+        "head_ms_per_token": heads[0].head_ms_per_token if heads else None,
+        "layer_ms_at": _mean_points([p.layer_ms_at for p in group]),
+        "head_ms_at": heads[0].head_ms_at if heads else [],
+        "samples": total,
+    })  # fmt: skip

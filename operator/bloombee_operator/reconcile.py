@@ -14,8 +14,9 @@ Steps:
 * ``read``: the resource from what the API server or the YAML file holds, or a permanent failure;
 * ``deploy`` (create, spec update, resume): measure links where there are several clusters,
   plan (keeping the running plan under hysteresis), apply the desired state;
-* ``keep`` (a timer): re-create what went missing or died; every ``planner.replanEvery``
-  re-measure the links and re-plan, adopting a new plan only for a clear gain;
+* ``keep`` (a timer): re-create what went missing or died; once all is ready the first time, and
+  every ``planner.replanEvery`` after, re-measure the links and the parts' own costs
+  (``status.profiles``) and re-plan, adopting a new plan only for a clear gain;
 * ``cleanup`` (deletion): remove everything, in every cluster (a resource that never parsed has
   nothing to remove).
 """
@@ -31,12 +32,12 @@ from typing import Any, Protocol
 from bloombee_contract.status import ConditionStatus, ConditionType, Phase, Reason
 
 from bloombee_operator.api.resource import DistributedLLM, ResourceError, parse_resource
-from bloombee_operator.api.status import Condition, DistributedLLMStatus, LinkStatus, PlanStatus
+from bloombee_operator.api.status import Condition, DistributedLLMStatus, LinkStatus, PlanStatus, ProfilesStatus
 from bloombee_operator.desired import DesiredState, desired_state
 from bloombee_operator.model_shape import ModelShape, ModelShapeError
 from bloombee_operator.planner import PlanningError
 from bloombee_operator.planner.replan import PlanDiff
-from bloombee_operator.planning import admission_note, decide, plan_status
+from bloombee_operator.planning import admission_note, decide, gateway_profile, plan_status, planner_inputs
 
 Clock = Callable[[], float]
 
@@ -49,6 +50,16 @@ class Backend(Protocol):
     def measure_links(self, resource: DistributedLLM) -> list[dict]:
         """``status.links`` entries between the resource's clusters (raises ``LinksPending`` when
         the probes are not up yet)."""
+        ...
+
+    def local_links(self, resource: DistributedLLM) -> list[dict]:
+        """``status.links`` entries of a cluster with itself, where its own links are not the
+        usual local ones (``bloombee up --link-delay-ms``); usually none."""
+        ...
+
+    def measure_profiles(self, desired: DesiredState) -> dict | None:
+        """``status.profiles`` (wire shape, the gateway's part as it measured it) for the running
+        ``desired``, or None when they cannot be measured now."""
         ...
 
     def apply(self, desired: DesiredState) -> list[str]:
@@ -156,22 +167,50 @@ def _desired(resource: DistributedLLM, shape: ModelShape, plan: PlanStatus, link
         raise _failed(Reason.UNPLANNABLE, str(error)) from None
 
 
-def _plan(resource: DistributedLLM, shape: ModelShape, links: list[LinkStatus],
+def _plan(resource: DistributedLLM, shape: ModelShape, links: list[LinkStatus], profiles: ProfilesStatus | None,
           clock: Clock) -> tuple[PlanStatus, bool, str, PlanDiff]:  # fmt: skip
     current = resource.status.plan
     try:
-        decision, inputs = decide(resource, shape, links, current)
+        decision, inputs = decide(resource, shape, links, current, profiles)
     except PlanningError as error:
         raise _failed(Reason.UNPLANNABLE, str(error)) from None
     if not decision.adopted and current is not None:
-        return current.model_copy(update={"checked_at": now_iso(clock)}), False, decision.reason, decision.diff
+        # The same stages, their predictions brought up to date with what was measured since.
+        kept = plan_status(decision.plan, inputs, current.planned_at)
+        return kept.model_copy(update={"checked_at": now_iso(clock)}), False, decision.reason, decision.diff
     return plan_status(decision.plan, inputs, now_iso(clock)), True, decision.reason, decision.diff
+
+
+def _profiles(resource: DistributedLLM, backend: Backend, shape: ModelShape,
+              links: list[LinkStatus]) -> ProfilesStatus | None:  # fmt: skip
+    """What the running stages and gateway measure of themselves now; when they cannot say, what
+    was measured before, or an empty profile (so a backend that cannot profile is asked again only
+    when a re-plan is due); None before anything runs."""
+    current = resource.status.plan
+    if current is None:
+        return None
+    try:
+        measured = backend.measure_profiles(desired_state(resource, shape, current, links=links))
+    except ValueError:
+        measured = None
+    if measured is None:
+        return resource.status.profiles or ProfilesStatus()
+    gateway = measured.pop("gateway", None)
+    profiles = ProfilesStatus.model_validate(measured)
+    if gateway:
+        inputs = planner_inputs(resource, shape, links, profiles)
+        profiles.gateway = gateway_profile(gateway, inputs, current)
+    elif resource.status.profiles is not None:
+        profiles.gateway = resource.status.profiles.gateway  # no traffic since: what was measured before
+    return profiles
 
 
 def _links(resource: DistributedLLM, backend: Backend, clock: Clock) -> tuple[list[LinkStatus], Condition]:
     if len(resource.spec.clusters) < 2:
-        message = "one cluster: no links between clusters"
-        return [], condition(ConditionType.LINKS_MEASURED, True, Reason.SINGLE_CLUSTER, message, now_iso(clock))
+        links = [LinkStatus.model_validate(entry) for entry in backend.local_links(resource)]
+        message = "one cluster: no links between clusters" + "".join(
+            f"; within {e.from_} {e.rtt_ms:.1f} ms round trip" for e in links)  # fmt: skip
+        return links, condition(ConditionType.LINKS_MEASURED, True, Reason.SINGLE_CLUSTER, message, now_iso(clock))
     links = [LinkStatus.model_validate(entry) for entry in backend.measure_links(resource)]
     summary = ", ".join(f"{e.from_}->{e.to} {e.rtt_ms:.1f} ms {e.mbps:.0f} Mbit/s" for e in links)
     return links, condition(ConditionType.LINKS_MEASURED, True, Reason.MEASURED, summary, now_iso(clock))
@@ -187,8 +226,10 @@ def _describe(desired: DesiredState) -> str:
     return ", ".join(f"{s.name} {s.cluster} [{s.layers[0]}, {s.layers[1]})" for s in desired.stages)
 
 
-def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time, remeasure: bool = False) -> Outcome:
-    """Create, update or resume: links, plan, apply."""
+def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time, remeasure: bool = False,
+           reprofile: bool = False) -> Outcome:  # fmt: skip
+    """Create, update or resume: links (again with ``remeasure``), the parts' own costs (with
+    ``reprofile``, from what runs now), plan, apply."""
     shape = _shape(resource, backend)
     outcome = Outcome()
     links = resource.status.links
@@ -201,7 +242,13 @@ def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time,
             return Outcome(status={"phase": Phase.MEASURING.value}, conditions=[waiting], retry_after_s=5.0)
         outcome.conditions.append(measured)
         outcome.status["links"] = [link.dump() for link in links]
-    planned, adopted, reason, moves = _plan(resource, shape, links, clock)
+    profiles = resource.status.profiles
+    if reprofile:
+        measured = _profiles(resource, backend, shape, links)
+        if measured is not None:
+            profiles = measured
+            outcome.status["profiles"] = profiles.dump()
+    planned, adopted, reason, moves = _plan(resource, shape, links, profiles, clock)
     desired = _desired(resource, shape, planned, links)
     changed = backend.apply(desired)
     planned = planned.model_copy(update={"plan_hash": desired.plan_hash})
@@ -248,8 +295,9 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
     if status.plan is None:
         return deploy(resource, backend, clock)  # deployed by a version whose plan this one cannot read
     waiting: list[Condition] = []
-    if _replan_due(status.plan, resource, clock):
-        replanned = deploy(resource, backend, clock, remeasure=True)
+    due = _replan_due(status.plan, resource, clock)
+    if due or (status.profiles is None and status.phase == Phase.READY):  # first calibration once all is up
+        replanned = deploy(resource, backend, clock, remeasure=due, reprofile=True)
         if replanned.retry_after_s is None:
             return replanned
         waiting = replanned.conditions  # links cannot be measured now: serve on, try at the next tick

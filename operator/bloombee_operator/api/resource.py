@@ -132,6 +132,11 @@ class DistributedLLMSpec(_Model):
     compression: Literal["auto", "off", "zstd", "byteplane", "exponent"] = "auto"
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 
+    @property
+    def node_count(self) -> int:
+        """The nodes the planner may place stages on: each hint, and one for a cluster without hints."""
+        return sum(max(1, len(cluster.nodes)) for cluster in self.clusters)
+
     @field_validator("clusters")
     @classmethod
     def _unique_clusters(cls, clusters: list[ClusterSpec]) -> list[ClusterSpec]:

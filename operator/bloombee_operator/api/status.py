@@ -79,6 +79,62 @@ class PlanStatus(_Status):
     plan_hash: str | None = None
 
 
+class NodeProfile(_Status):
+    """A stage's measured costs (its ``/profile`` run), in the planner's terms (``planner/cost.py``)."""
+
+    node: str
+    host: str | None = Field(default=None, description="the machine it shares with other stages, if any")
+    ms_per_layer: float = Field(ge=0, description="a: per layer and step")
+    ms_per_layer_token: float = Field(default=0.0, ge=0, description="b: per layer and token of the step")
+    step_ms: float = Field(default=0.0, ge=0, description="s: per step outside the layers")
+    head_ms: float | None = Field(default=None, ge=0, description="g: the LM head per step, measured where last")
+    head_ms_per_token: float | None = Field(default=None, ge=0, description="p: and per token")
+    layer_ms_at: list[tuple[float, float]] = Field(default_factory=list, description="[tokens, ms per layer] "
+                                                    "measured; the planner interpolates between them")  # fmt: skip
+    head_ms_at: list[tuple[float, float]] = Field(default_factory=list, description="[tokens, ms of the head]")
+    samples: int = Field(default=0, ge=0)
+    measured_at: str | None = None
+
+    @classmethod
+    def from_run(cls, node: str, host: str | None, run: dict[str, Any]) -> NodeProfile:
+        """From a stage's ``/profile`` answer: the last stage's cost beside its layers is its head's."""
+        fitted = run["profile"]
+        entry = cls(node=node, host=host, ms_per_layer=fitted["msPerLayer"],
+                    ms_per_layer_token=fitted["msPerLayerToken"], samples=fitted["samples"],
+                    measured_at=fitted.get("measuredAt"))  # fmt: skip
+        entry.layer_ms_at = [tuple(point) for point in fitted.get("layerMsAt", [])]
+        if run.get("last"):
+            return entry.model_copy(update={"head_ms": fitted["stepMs"], "head_ms_per_token": fitted["stepMsPerToken"],
+                                            "head_ms_at": [tuple(point) for point in fitted.get("stepMsAt", [])]})
+        return entry.model_copy(update={"step_ms": fitted["stepMs"]})
+
+
+class HostProfile(_Status):
+    name: str
+    parallelism: float = Field(gt=0, description="stages' worth of work it does at once (all its stages "
+                                                  "profiled together against each alone)")  # fmt: skip
+    stages: int = Field(default=1, ge=1)
+    all_nodes: bool = Field(default=False, description="every node of the resource runs here (bloombee up)")
+
+
+class GatewayProfile(_Status):
+    """What a round costs beside the stages' compute, from the gateway's traffic."""
+
+    frame_ms: float = Field(ge=0, description="o: each crossing's fixed cost (transport less the links' delay)")
+    round_overhead_ms: float = Field(ge=0, description="g: the gateway's own part of a round")
+    transport_ms: float = Field(default=0.0, ge=0, description="a step's round trip less its stages' compute")
+    steps: int = Field(default=0, ge=0)
+    measured_at: str | None = None
+
+
+class ProfilesStatus(_Status):
+    """``status.profiles``: measured costs the planner uses in place of the spec's hints."""
+
+    nodes: list[NodeProfile] = Field(default_factory=list)
+    hosts: list[HostProfile] = Field(default_factory=list)
+    gateway: GatewayProfile | None = None
+
+
 class DistributedLLMStatus(_Status):
     phase: Phase | None = None
     observed_generation: int | None = None
@@ -87,6 +143,7 @@ class DistributedLLMStatus(_Status):
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})  # fmt: skip
     links: list[LinkStatus] = Field(default_factory=list)
+    profiles: ProfilesStatus | None = None
     plan: PlanStatus | None = None
 
 

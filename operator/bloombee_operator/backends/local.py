@@ -21,17 +21,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bloombee_contract.launch import PREPARE_MODEL_MODULE, GatewayLaunch, LaunchSpec, ProbeLaunch, StageLaunch
-from bloombee_contract.paths import HEALTHZ_PATH, MEASURE_PATH, READYZ_PATH
+from bloombee_contract.paths import HEALTHZ_PATH, INFO_PATH, MEASURE_PATH, PROFILE_PATH, READYZ_PATH
 from bloombee_contract.tls import client_context
 
 from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.api.status import NodeProfile
 from bloombee_operator.desired import DesiredState, StageSpec
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.pki import DeploymentCA
+from bloombee_operator.planning import profile_request
 
 log = logging.getLogger("bloombee.local")
 
@@ -89,6 +92,16 @@ def _ask_probe(url: str, source: str, targets: Mapping[str, str], context: ssl.S
         raise LocalBackendError(f"measuring links from {source} through {url}: {error}") from None
 
 
+LOOPBACK_RTT_MS = 0.2  # the planner's local link (planning_inputs.LOCAL_LINK), which the delay adds to
+LOOPBACK_MBPS = 10000.0
+
+
+def _post_json(url: str, body: dict, context: ssl.SSLContext | None, timeout: float = 120.0) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
+        return json.loads(reply.read())
+
+
 def _same_but_address(running: LaunchSpec | None, wanted: LaunchSpec) -> bool:
     """Whether a running server was started as ``wanted`` asks, wherever it listens."""
     if running is None or type(running) is not type(wanted):
@@ -125,6 +138,7 @@ class LocalBackend:
         tls: bool = True,
         hung_after_s: float = 30.0,
         namespaces: Mapping[str, tuple[str, str]] | None = None,
+        cluster_namespaces: Mapping[str, tuple[str, str]] | None = None,
         api_key: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -148,6 +162,9 @@ class LocalBackend:
         # (`ip netns exec`, root only), listening there, e.g. behind real packet delay between
         # namespaces (../shared/tools/wan/). Whoever calls it must reach that address.
         self.namespaces = dict(namespaces or {})
+        # cluster -> (network namespace, address): where the stages and probe of each cluster run;
+        # the gateway runs in the first cluster's (far-apart clusters on one machine).
+        self.cluster_namespaces = dict(cluster_namespaces or {})
         # Every link is mutual TLS under a CA of this run's own (or ``ca``); the backend calls as
         # `operator`. tls=False: plain HTTP (a benchmark's baseline, or debugging with curl).
         self.ca = (ca if ca is not None else DeploymentCA(self.run_dir / "tls", self.run_dir.name)) if tls else None
@@ -156,6 +173,15 @@ class LocalBackend:
     def model_shape(self, source: str) -> ModelShape:
         """Convert the model if needed (one time) and read its shape."""
         return ModelShape.from_config(model_config(source, self.python))
+
+    def _place(self, process: str, cluster: str | None) -> None:
+        """Run ``process`` in its cluster's namespace, where clusters have namespaces."""
+        if cluster is not None and cluster in self.cluster_namespaces:
+            self.namespaces[process] = self.cluster_namespaces[cluster]
+
+    @property
+    def first_cluster(self) -> str | None:
+        return next(iter(self.cluster_namespaces), None)
 
     def _port(self, name: str) -> int:
         """The port ``name`` listens on for this run: one the OS had free when first asked."""
@@ -251,6 +277,9 @@ class LocalBackend:
         was started. A stage keeps its port across restarts, so its link proxy and the gateway still
         reach it; the gateway restarts when the stage list or its own arguments change."""
         threads = self.stage_threads(desired)
+        self._place(desired.gateway.name, self.first_cluster)
+        for stage in desired.stages:
+            self._place(stage.name, stage.cluster)
         if self.gateway_port:
             self.ports.setdefault(desired.gateway.name, self.gateway_port)
         hops, reply = self._hops(desired)
@@ -338,10 +367,20 @@ class LocalBackend:
         self.stop()
         return count
 
+    def local_links(self, resource: DistributedLLM) -> list[dict]:
+        """Behind a link delay every link of a cluster is as slow as one between clusters: each
+        cluster with itself at twice the delay (plus loopback's own) round trip."""
+        if self.link_delay_ms <= 0:
+            return []
+        rtt_ms = 2 * self.link_delay_ms + LOOPBACK_RTT_MS
+        return [{"from": c.name, "to": c.name, "rttMs": rtt_ms, "mbps": LOOPBACK_MBPS} for c in resource.spec.clusters]
+
     def measure_links(self, resource: DistributedLLM) -> list[dict]:
         """Every cluster is this machine: one probe process per cluster after the first (behind a
         link delay when emulating far-apart clusters), measured from here for real."""
         clusters = [cluster.name for cluster in resource.spec.clusters]
+        for name in clusters:
+            self._place(f"{resource.metadata.name}-probe-{name}", name)
         probes = {name: self._launch(f"{resource.metadata.name}-probe-{name}", ProbeLaunch())
                   for name in clusters}  # fmt: skip
         try:
@@ -353,10 +392,47 @@ class LocalBackend:
                 self._wait_ready(list(delayed.values()), ready_path=None)
                 targets = {name: str(p.url) for name, p in delayed.items()}
             # from the first cluster (the gateway's) to each other one, as a probe pod there would
-            return _ask_probe(str(probes[clusters[0]].url), clusters[0], targets, self.tls)
+            return _ask_probe(str(probes[clusters[0]].url), clusters[0], targets, self.tls) + self.local_links(resource)
         finally:
             for name in [n for n in self.processes if "-probe-" in n]:
                 self._stop_one(name)
+
+    def measure_profiles(self, desired: DesiredState) -> dict | None:
+        """``status.profiles`` for the running stages (None until every one answers): each stage's
+        profiling run alone, then all at once (they share this machine: how much of their work it
+        does at once is its ``parallelism``), and what the gateway measured of its rounds."""
+        stages = [self.processes.get(stage.name) for stage in desired.stages]
+        if any(p is None or not p.alive or not p.url for p in stages):
+            return None
+        urls = [str(p.url) for p in stages if p is not None]
+        body = profile_request(desired.max_micro_batch)
+        try:
+            alone = [_post_json(url + PROFILE_PATH, body, self.tls) for url in urls]
+            with ThreadPoolExecutor(len(urls)) as pool:
+                together = list(pool.map(lambda url: _post_json(url + PROFILE_PATH, body, self.tls), urls))
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            log.warning("could not profile the stages (%s); planning on what was known", error)
+            return None
+        host = socket.gethostname()
+        parallelism = sum(run["seconds"] for run in alone) / max(run["seconds"] for run in together)
+        profiles = {
+            "nodes": [NodeProfile.from_run(stage.node, host, run).dump()
+                      for stage, run in zip(desired.stages, alone, strict=True)],
+            "hosts": [{"name": host, "parallelism": round(max(parallelism, 1e-3), 3), "stages": len(urls),
+                       "allNodes": True}],
+        }
+        gateway = self.processes.get(desired.gateway.name)
+        if gateway is not None and gateway.alive and gateway.url:
+            internal = self._url(f"{desired.gateway.name}-internal", "https") if self.ca is not None else gateway.url
+            try:
+                with urllib.request.urlopen(internal + INFO_PATH, timeout=10, context=self.tls) as reply:
+                    measured = json.loads(reply.read()).get("profile") or {}
+            except (urllib.error.URLError, OSError, ValueError) as error:
+                log.warning("could not ask the gateway what it measured (%s)", error)
+                measured = {}
+            if measured.get("steps"):
+                profiles["gateway"] = measured
+        return profiles
 
     def _owned_stage(self, desired: DesiredState, name: str) -> bool:
         return name.startswith(f"{desired.name}-stage-")

@@ -116,7 +116,7 @@ def route(model: ModelProfile, nodes: list[Node], links: Links, workload: Worklo
 
 
 def _block_throughput(node: Node, batch: int) -> float:
-    return 1.0 / (node.seconds_per_layer + node.seconds_per_layer_token * batch)
+    return 1.0 / node.layer(batch)
 
 
 def petals_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options,
@@ -139,7 +139,7 @@ def petals_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: 
 def sun_greedy_plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workload, options: Options,
                     relay: bool = True) -> Plan:  # fmt: skip
     batch = options.effective_batch(workload)
-    ranked = sorted(nodes, key=lambda n: n.seconds_per_layer + n.seconds_per_layer_token * batch)
+    ranked = sorted(nodes, key=lambda n: n.layer(batch))
     windows: dict[str, tuple[int, int]] = {}
     next_block = 0
     for node in ranked:

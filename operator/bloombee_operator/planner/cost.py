@@ -27,6 +27,20 @@ fraction f_kv (fractions of the stage's bytes kept in host memory or on disk):
                     node, where the copy and the layer's own weight reads share memory
                     bandwidth (bench/offload.py measures it)
 
+Measured deployments add what a step costs outside its layers (cost.py's fixed terms, each 0
+unless measured, ``planning_inputs`` fills them from the stages' and the gateway's profiles):
+
+    s_u          per step on node u outside its layers (decoding the frame, sessions): stage time + s_u
+    head_u(m)    the final norm, LM head and token choice, on the last stage only: g_u + p_u * m
+    o            per crossing: HTTP, TLS and (de)serialisation of one frame, added to each hop
+    g            the gateway's own part of a round (results to the next step: tokens, streaming,
+                 drafting), added to C once
+
+Stages that share a host (``bloombee up`` runs every stage on one machine) also share its cores:
+a host that does ``P_h`` stages' worth of work at once (measured: the stages' profiling run alone
+and all together) needs at least n * (sum of its stages' times) / P_h per round, a third bound
+on T beside C and n * beta.
+
 A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
 gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. With compression,
 hidden states of x = m * h bytes cost rtt_uv / 2 + o + x / e + x / (r * bw_uv) + x / d instead
@@ -43,7 +57,7 @@ cycle gateway -> stage 1 -> ... -> stage P -> gateway, so
 
     C  = sum of stage times + sum of hop times        one micro-batch's trip round the cycle
     beta = max(stage times, link busy times)          the bottleneck resource per micro-batch
-    T  = max(C, n * beta)                             seconds per round
+    T  = max(C, n * beta, host bounds)                seconds per round
     tokens/s = B / T,   per-token latency = T
 
 Objective "throughput" maximises B / T, with the workload's B as the demand: the plan may
@@ -87,6 +101,37 @@ class Node:
     seconds_per_layer_token: float  # b: extra cost per token in the micro-batch
     host_bandwidth: float = 2e9  # bytes/s for streaming offloaded weights/KV
     stream_interference: float = 0.0  # share of streaming time that also delays compute (CPU nodes: > 0)
+    step_seconds: float = 0.0  # s: per step outside the layers
+    head_seconds: float = 0.0  # g: the LM head's fixed cost per step, when this node serves the last layer
+    head_seconds_per_token: float = 0.0  # p: and per token
+    host: str | None = None  # the machine it shares with other nodes (None: a machine of its own)
+    # Measured (tokens, seconds) points, where they exist, in place of the lines above: a step's
+    # cost is not linear in its tokens on every device (one row and several take different kernels)
+    layer_points: tuple[tuple[float, float], ...] = ()  # seconds per layer
+    head_points: tuple[tuple[float, float], ...] = ()
+
+    def layer(self, micro_batch: float) -> float:
+        """Seconds per layer for a micro-batch of ``micro_batch`` tokens."""
+        if self.layer_points:
+            return interpolate(self.layer_points, micro_batch)
+        return self.seconds_per_layer + self.seconds_per_layer_token * micro_batch
+
+    def head(self, micro_batch: float) -> float:
+        if self.head_points:
+            return interpolate(self.head_points, micro_batch)
+        return self.head_seconds + self.head_seconds_per_token * micro_batch
+
+
+def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear through ``points`` (sorted by x), extended past the ends by the nearest
+    segment (flat with one point); never below 0."""
+    if len(points) == 1:
+        return points[0][1]
+    index = 1
+    while index < len(points) - 1 and x > points[index][0]:
+        index += 1
+    (x0, y0), (x1, y1) = points[index - 1], points[index]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0)) if x1 != x0 else y1
 
 
 @dataclass(frozen=True)
@@ -97,14 +142,16 @@ class Link:
 
 @dataclass
 class Links:
-    """Links between clusters; nodes of one cluster share ``local``."""
+    """Links between clusters; nodes of one cluster share ``local`` unless ``between`` has the
+    cluster with itself (a cluster whose own links are slow, as under ``bloombee up --link-delay-ms``)."""
 
     between: dict[tuple[str, str], Link] = field(default_factory=dict)
     local: Link = field(default_factory=lambda: Link(rtt_s=0.0002, bandwidth=1.25e9))
+    frame_s: float = 0.0  # o: each crossing's fixed cost in the processes at its ends (measured)
 
     def get(self, a: str, b: str) -> Link:
         if a == b:
-            return self.local
+            return self.between.get((a, a), self.local)
         link = self.between.get((a, b)) or self.between.get((b, a))
         if link is None:
             raise PlanningError(f"no measured link between clusters {a!r} and {b!r}")
@@ -125,6 +172,8 @@ class Options:
     offload_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     exact_node_limit: int = 12  # up to this many nodes the node order is searched exactly (~1 s at 12)
     relay_hops: bool = True  # may a hop go through the gateway when that is faster than the direct link
+    round_overhead_s: float = 0.0  # g: the gateway's own part of every round (measured)
+    host_parallelism: dict[str, float] = field(default_factory=dict)  # P_h per shared host (measured)
 
     def effective_batch(self, workload: Workload) -> int:
         return 1 if self.objective == "latency" else workload.batch
@@ -194,7 +243,7 @@ def stage_option(
     kv = layers * model.kv_bytes_per_token_per_layer * context * resident
     if weights * (1 - offload_weights) + kv * (1 - offload_kv) > node.memory_bytes:
         return math.inf
-    compute = layers * (node.seconds_per_layer + node.seconds_per_layer_token * micro_batch)
+    compute = layers * node.layer(micro_batch) + node.step_seconds
     n = micro_batches(batch, micro_batch)
     streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / resident
     stream = streamed / node.host_bandwidth
@@ -219,10 +268,11 @@ def best_stage(
     return best
 
 
-def hop(link: Link, payload_bytes: float, codecs: tuple[CodecProfile, ...] = (RAW,)) -> tuple[float, float]:
+def hop(link: Link, payload_bytes: float, codecs: tuple[CodecProfile, ...] = (RAW,),
+        frame_s: float = 0.0) -> tuple[float, float]:  # fmt: skip
     """(latency, busy time) of sending ``payload_bytes`` over ``link`` with the fastest of ``codecs``."""
     codec = min(codecs, key=lambda profile: wire_seconds(payload_bytes, link.bandwidth, profile))
-    return link.rtt_s / 2 + wire_seconds(
+    return link.rtt_s / 2 + frame_s + wire_seconds(
         payload_bytes, link.bandwidth, codec
     ), payload_bytes / codec.ratio / link.bandwidth
 
@@ -237,7 +287,7 @@ def crossing(links: Links, source: str, target: str, payload_bytes: float, via_g
     """(latency, busy time) of one hop between clusters; relayed, busy is that of its busier link."""
     latency = busy = 0.0
     for a, b in hop_path(source, target, via_gateway):
-        hop_latency, hop_busy = hop(links.get(a, b), payload_bytes, codecs)
+        hop_latency, hop_busy = hop(links.get(a, b), payload_bytes, codecs, links.frame_s)
         latency, busy = latency + hop_latency, max(busy, hop_busy)
     return latency, busy
 
@@ -287,16 +337,30 @@ def evaluate(
         else:
             f_w, f_kv = offloads[index]
             seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident)
+        if index == len(order) - 1:
+            seconds += node.head(micro_batch)
         cycle += seconds
         bottleneck = max(bottleneck, seconds)
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
         start += layers
     for leg in legs(model, nodes, order, relay):
         for source, target, per_token, codecs in leg:
-            latency, busy = hop(links.get(source, target), micro_batch * per_token, codecs)
+            latency, busy = hop(links.get(source, target), micro_batch * per_token, codecs, links.frame_s)
             cycle += latency
             bottleneck = max(bottleneck, busy)
+    cycle += options.round_overhead_s
     n = micro_batches(batch, micro_batch)
+    shared = host_bound([nodes[s.node].host for s in stages], [s.seconds for s in stages], n, options)
     flags = relay_flags(relay, len(order))
-    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck), method, flags,
-                resident if resident and resident != batch else None)  # fmt: skip
+    return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck, shared), method,
+                flags, resident if resident and resident != batch else None)  # fmt: skip
+
+
+def host_bound(hosts: list[str | None], seconds: list[float], n: int, options: Options) -> float:
+    """The least round a shared host allows: n micro-batches through each of its stages, at
+    ``options.host_parallelism[host]`` stages' worth of work at once (0 where no host is shared)."""
+    work: dict[str, float] = {}
+    for host, stage_seconds in zip(hosts, seconds, strict=True):
+        if host is not None and host in options.host_parallelism:
+            work[host] = work.get(host, 0.0) + stage_seconds
+    return max((n * total / options.host_parallelism[host] for host, total in work.items()), default=0.0)

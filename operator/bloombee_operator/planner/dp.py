@@ -31,6 +31,12 @@ Node order:
   score, chain their clusters by nearest round-trip time from the gateway (fastest nodes first
   within a cluster), and run the DP over that fixed order where any node may be skipped.
 
+Stages on a shared host (cost.py's host bound) are not a DP dimension: each chain the DP finds for
+a micro-batch size is held to its host bound before sizes are compared, and the DP runs again on
+the first k nodes for every k, since the bound can favour fewer stages than the cycle does.
+Among alike nodes of one host (``bloombee up``) that is exact (tested against brute force);
+across unlike nodes of one host it can miss a split that balances the host better.
+
 Layers are assumed alike (the same cost per layer), which holds for decoder-only transformers.
 """
 
@@ -74,6 +80,7 @@ class _Tables:
     out_latency: np.ndarray  # [N] node -> gateway
     out_busy: np.ndarray
     twin_before: np.ndarray  # [N] the previous node alike in every respect (cluster, memory, speeds), or -1
+    stage_last: np.ndarray  # [N, L+1] as ``stage``, for the last stage: its LM head included
 
 
 def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, context: int, options: Options,
@@ -81,13 +88,13 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
     """Vectorised cost.best_stage for every node and every layer count: seconds [N, L+1]."""
     layers = np.arange(model.num_layers + 1, dtype=float)[None, :]
     memory = np.array([n.memory_bytes for n in nodes])[:, None]
-    a = np.array([n.seconds_per_layer for n in nodes])[:, None]
-    b = np.array([n.seconds_per_layer_token for n in nodes])[:, None]
+    per_layer = np.array([n.layer(m) for n in nodes])[:, None]
     host = np.array([n.host_bandwidth for n in nodes])[:, None]
     interference = np.array([n.stream_interference for n in nodes])[:, None]
     weights = layers * model.weight_bytes_per_layer
     kv = layers * model.kv_bytes_per_token_per_layer * context * resident
-    compute = layers * (a + b * m)
+    step = np.array([n.step_seconds for n in nodes])[:, None]
+    compute = layers * per_layer + step
     n = micro_batches(batch, m)
     best = np.full((len(nodes), model.num_layers + 1), INF)
     for f_w in options.offload_choices():
@@ -112,6 +119,7 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
     for i, u in enumerate(nodes):
         in_latency[i], in_busy[i] = crossing(links, GATEWAY, u.cluster, m * TOKEN_BYTES)
         out_latency[i], out_busy[i] = crossing(links, u.cluster, GATEWAY, m * TOKEN_BYTES)
+        out_latency[i] += options.round_overhead_s  # the gateway's own part: once per round
         for j, v in enumerate(nodes):
             for via_gateway in (False, True) if options.relay_hops else (False,):
                 key = (u.cluster, v.cluster, via_gateway)
@@ -126,11 +134,13 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
     twin_before = np.full(count, -1)
     for i, u in enumerate(nodes):
         alike = (u.cluster, u.memory_bytes, u.seconds_per_layer, u.seconds_per_layer_token, u.host_bandwidth,
-                 u.stream_interference)  # fmt: skip
+                 u.stream_interference, u.step_seconds, u.head_seconds, u.head_seconds_per_token, u.host,
+                 u.layer_points, u.head_points)  # fmt: skip
         twin_before[i] = last_alike.get(alike, -1)
         last_alike[alike] = i
+    heads = np.array([u.head(m) for u in nodes])[:, None]
     return _Tables(stage, hop_latency, hop_busy, relay_latency, relay_busy, in_latency, in_busy, out_latency,
-                   out_busy, twin_before)  # fmt: skip
+                   out_busy, twin_before, stage + heads)  # fmt: skip
 
 
 def _hops_under(tables: _Tables, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +175,10 @@ def _best_chain(tables: _Tables, tau: float, order_free: bool, ceiling: float = 
     return _subsets(tables, tau, ceiling) if order_free else _in_order(tables, tau)
 
 
-def _stage_under(tables: _Tables, tau: float) -> np.ndarray:
-    return np.where(tables.stage <= tau, tables.stage, INF)
+def _stage_under(tables: _Tables, tau: float, last: bool = False) -> np.ndarray:
+    """Stage times within ``tau``; ``last``: of the stage that serves the last layer, head included."""
+    table = tables.stage_last if last else tables.stage
+    return np.where(table <= tau, table, INF)
 
 
 def _finish(tables: _Tables, tau: float, covered_all: np.ndarray) -> tuple[float, tuple[int, ...] | None]:
@@ -191,6 +203,7 @@ def _subsets(tables: _Tables, tau: float, ceiling: float = INF) -> tuple[float, 
     count, width = tables.stage.shape
     layers = width - 1
     stage = _stage_under(tables, tau)
+    stage_last = _stage_under(tables, tau, last=True)
     bound, _ = _in_order(tables, tau)
     bound = min(bound, ceiling)
     fastest = _cheapest_layer(stage)
@@ -211,6 +224,7 @@ def _subsets(tables: _Tables, tau: float, ceiling: float = INF) -> tuple[float, 
     for v in range(count):
         if tables.in_busy[v] <= tau and tables.twin_before[v] < 0:
             cost[1 << v, v] = tables.in_latency[v] + stage[v]
+            cost[1 << v, v, layers] = tables.in_latency[v] + stage_last[v, layers]
             taken[1 << v, v] = np.arange(width)
     masks = np.arange(size)
     ranks = np.array([bin(mask).count("1") for mask in range(size)])
@@ -238,6 +252,7 @@ def _subsets(tables: _Tables, tau: float, ceiling: float = INF) -> tuple[float, 
             padded = np.concatenate([np.full((arrive.shape[0], reach), INF), arrive], axis=1)
             windows = np.lib.stride_tricks.sliding_window_view(padded, reach + 1, axis=1)
             candidates = windows + stage[v, reach::-1][:, None, :]
+            candidates[:, layers, :] = windows[:, layers, :] + stage_last[v, reach::-1]  # v serves the last layer
             pick = candidates.argmin(axis=2)
             best = np.take_along_axis(candidates, pick[:, :, None], axis=2)[:, :, 0]
             best_l = reach - pick
@@ -268,7 +283,10 @@ def _in_order(tables: _Tables, tau: float) -> tuple[float, list[tuple[int, int]]
     count, width = tables.stage.shape
     layers = width - 1
     stage = _stage_under(tables, tau)
+    stage_last = _stage_under(tables, tau, last=True)
     grow = [_toeplitz(stage[v]) for v in range(count)]
+    for v in range(count):  # arriving at the last layer, v serves it: its head included
+        grow[v][:, layers] = _toeplitz(stage_last[v])[:, layers]
     hop_latency, _ = _hops_under(tables, tau)
     cost = np.full((count, width), INF)
     parent = np.full((count, width), -1, dtype=int)
@@ -276,6 +294,7 @@ def _in_order(tables: _Tables, tau: float) -> tuple[float, list[tuple[int, int]]
     for v in range(count):
         if tables.in_busy[v] <= tau:
             cost[v] = tables.in_latency[v] + stage[v]
+            cost[v, layers] = tables.in_latency[v] + stage_last[v, layers]
         for u in range(v):  # every u < v is final: all its predecessors came before it
             if np.isfinite(hop_latency[u, v]) and np.isfinite(cost[u, :layers]).any():
                 values, covered_before = _min_plus(cost[u] + hop_latency[u, v], grow[v])
@@ -300,7 +319,9 @@ def _in_order(tables: _Tables, tau: float) -> tuple[float, list[tuple[int, int]]
 
 def _candidate_taus(tables: _Tables) -> np.ndarray:
     relay = tables.relay_busy[np.isfinite(tables.relay_busy)]
-    values = np.concatenate([tables.stage[np.isfinite(tables.stage)], tables.hop_busy.ravel(), relay, tables.in_busy])
+    last = tables.stage_last[np.isfinite(tables.stage_last)]
+    values = np.concatenate([tables.stage[np.isfinite(tables.stage)], last, tables.hop_busy.ravel(), relay,
+                             tables.in_busy])  # fmt: skip
     return np.unique(values)
 
 
@@ -360,6 +381,11 @@ def _plan_for_micro_batch(tables: _Tables, n: int, order_free: bool, incumbent: 
     return best_value, best_chain, best_tau
 
 
+def _chain_relays(tables: _Tables, tau: float, chain: list[tuple[int, int]]) -> list[bool]:
+    _, relayed = _hops_under(tables, tau)
+    return [bool(relayed[u, v]) for (u, _), (v, _) in itertools.pairwise(chain)]
+
+
 def micro_batch_sizes(batch: int, max_micro_batch: int) -> list[int]:
     return sorted({math.ceil(batch / n) for n in range(1, batch + 1)} & set(range(1, max_micro_batch + 1)))
 
@@ -405,12 +431,16 @@ def _rate_ceiling(model: ModelProfile, nodes: list[Node], links: Links, batch: i
     """
     layers = model.num_layers
     trip = 2 * min(links.get(GATEWAY, node.cluster).rtt_s / 2 for node in nodes) + layers * min(
-        node.seconds_per_layer + node.seconds_per_layer_token for node in nodes
+        node.layer(1) for node in nodes
     )
-    fastest_a = min(node.seconds_per_layer for node in nodes)
-    fastest_b = min(node.seconds_per_layer_token for node in nodes)
-    micro = math.ceil(batch / min(options.max_micro_batch, batch))
-    compute = layers * (micro * fastest_a + batch * fastest_b) / min(len(nodes), layers)
+    if any(node.layer_points for node in nodes):  # measured points: the cheapest token any step size gives
+        sizes = range(1, min(options.max_micro_batch, batch) + 1)
+        compute = layers * batch * min(node.layer(m) / m for node in nodes for m in sizes) / min(len(nodes), layers)
+    else:
+        fastest_a = min(node.seconds_per_layer for node in nodes)
+        fastest_b = min(node.seconds_per_layer_token for node in nodes)
+        micro = math.ceil(batch / min(options.max_micro_batch, batch))
+        compute = layers * (micro * fastest_a + batch * fastest_b) / min(len(nodes), layers)
     needed = layers * (model.weight_bytes_per_layer + model.kv_bytes_per_token_per_layer * context * resident)
     over = max(0.0, needed - sum(node.memory_bytes for node in nodes))
     if over and max(options.offload_choices()) == 0:
@@ -433,26 +463,35 @@ def plan(model: ModelProfile, nodes: list[Node], links: Links, workload: Workloa
     exact = len(nodes) <= options.exact_node_limit
     candidates = nodes if exact else heuristic_order(nodes, links, model, 2 * options.exact_node_limit)
     best_rate, best = 0.0, None
+    # A shared host's bound favours fewer stages (less work outside the layers) where the DP,
+    # minimising the cycle, would spread layers over every node: try the first k nodes too.
+    pools = [candidates] + ([candidates[:k] for k in range(1, len(candidates))] if options.host_parallelism else [])
     ceilings = {batch: _rate_ceiling(model, candidates, links, batch, workload.context, options,
                                      options.held(workload, batch)) for batch in batch_sizes(demand)}  # fmt: skip
     for batch in sorted(ceilings, key=lambda size: (-ceilings[size], -size)):  # most promising first
         if ceilings[batch] <= best_rate:
             break  # neither this size nor any after it can do better
-        for m in micro_batch_sizes(batch, options.max_micro_batch):
-            tables = _tables(model, candidates, links, m, batch, workload.context, options,
+        for m, pool in itertools.product(micro_batch_sizes(batch, options.max_micro_batch), pools):
+            tables = _tables(model, pool, links, m, batch, workload.context, options,
                              options.held(workload, batch))  # fmt: skip
             # a round slower than this gives fewer tokens/s than the best plan so far
             incumbent = batch / best_rate if best_rate else INF
             value, chain, tau = _plan_for_micro_batch(tables, micro_batches(batch, m), exact, incumbent)
+            if chain and options.host_parallelism:
+                # what the DP leaves out, a shared host's bound: the chain's exact round, so sizes and
+                # pools compare on what the plan costs
+                value = evaluate(model, {n.name: n for n in pool}, links, [pool[i].name for i, _ in chain],
+                                 [layers for _, layers in chain], m, batch, workload.context, options=options,
+                                 relay=tuple(bool(r) for r in _chain_relays(tables, tau, chain)),
+                                 resident=options.held(workload, batch)).round_s  # fmt: skip
             if chain and batch / value > best_rate:
-                _, relayed = _hops_under(tables, tau)
-                flags = tuple(bool(relayed[u, v]) for (u, _), (v, _) in itertools.pairwise(chain))
-                best_rate, best = batch / value, (batch, m, chain, flags)
+                flags = tuple(_chain_relays(tables, tau, chain))
+                order = [pool[i].name for i, _ in chain]
+                best_rate, best = batch / value, (batch, m, chain, flags, order)
     if best is None:
         raise PlanningError(_shortfall(model, nodes, workload.context, options.held(workload, 1), options))
-    batch, m, chain, flags = best
+    batch, m, chain, flags, order = best
     by_name = {n.name: n for n in nodes}
-    order = [candidates[i].name for i, _ in chain]
     spans = [layers for _, layers in chain]
     return evaluate(model, by_name, links, order, spans, m, batch, workload.context,
                     method="dp-exact" if exact else "dp-heuristic", options=options, relay=flags,

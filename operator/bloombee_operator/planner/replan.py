@@ -81,7 +81,7 @@ def recost(current: Plan, model: ModelProfile, nodes: list[Node], links: Links, 
         again = evaluate(model, by_name, links, [s.node for s in current.stages],
                          [s.layers[1] - s.layers[0] for s in current.stages], current.micro_batch, batch,
                          workload.context, offloads=[(s.offload_weights, s.offload_kv) for s in current.stages],
-                         method=current.method, relay=current.relay_hops,
+                         method=current.method, options=options, relay=current.relay_hops,
                          resident=options.held(workload, batch))  # fmt: skip
     except PlanningError:
         return None

@@ -18,7 +18,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
-from bloombee_operator.planner.cost import Links, ModelProfile, Node, Plan, hop, legs, stage_option
+from bloombee_operator.planner.cost import Links, ModelProfile, Node, Options, Plan, hop, legs, stage_option
 
 
 @dataclass
@@ -43,10 +43,16 @@ class _Request:
 def simulate(
     plan: Plan, model: ModelProfile, nodes: dict[str, Node], links: Links, context: int,
     arrival_rate: float, requests: int = 200, tokens_per_request: int = 32, seed: int = 0,
+    options: Options | None = None,
 ) -> SimulationResult:  # fmt: skip
-    """Run ``requests`` requests of ``tokens_per_request`` tokens arriving at ``arrival_rate`` per second."""
+    """Run ``requests`` requests of ``tokens_per_request`` tokens arriving at ``arrival_rate`` per second.
+
+    With ``options`` their measured terms apply: the gateway's part of each round, and stages of a
+    shared host slowed while more of its stages compute at once than it does in parallel.
+    """
+    options = options or Options()
     rng = random.Random(seed)
-    seats = plan.micro_batch
+    seats = math.ceil(plan.micro_batch)
     slots: list[list[_Request]] = [[] for _ in range(math.ceil(plan.batch / plan.micro_batch))]
     waiting: list[_Request] = []
     stage_free = [0.0] * len(plan.stages)
@@ -65,7 +71,7 @@ def simulate(
     def cross(position: int, now: float, occupants: int) -> float:
         """Send a slot over the leg into ``position`` (each crossing a FIFO wire); return its arrival time."""
         for crossing, (source, target, per_token, codecs) in enumerate(trip[position]):
-            latency, busy = hop(links.get(source, target), occupants * per_token, codecs)
+            latency, busy = hop(links.get(source, target), occupants * per_token, codecs, links.frame_s)
             start = max(now, link_free.get((position, crossing), 0.0))
             link_free[(position, crossing)] = start + busy
             now = start + latency
@@ -73,7 +79,7 @@ def simulate(
 
     def seat_and_go(slot: int, now: float) -> None:
         nonlocal tie
-        while waiting and len(slots[slot]) < seats:
+        while waiting and len(slots[slot]) < seats and sum(map(len, slots)) < plan.batch:
             request = waiting.pop(0)
             request.seated_at = request.last_token_at = now
             slots[slot].append(request)
@@ -96,7 +102,14 @@ def simulate(
             layers = stage.layers[1] - stage.layers[0]
             seconds = stage_option(model, node, layers, occupants, plan.batch, context, stage.offload_weights,
                                    stage.offload_kv, plan.held)  # fmt: skip
-            done = max(now, stage_free[position]) + seconds
+            if position == len(plan.stages) - 1:
+                seconds += node.head(occupants)
+            start = max(now, stage_free[position])
+            if node.host in options.host_parallelism:  # the host's other stages computing then share its cores
+                busy = sum(1 for other, free in zip(plan.stages, stage_free, strict=True)
+                           if free > start and other is not stage and nodes[other.node].host == node.host)  # fmt: skip
+                seconds *= max(1.0, (busy + 1) / options.host_parallelism[node.host])
+            done = start + seconds
             stage_free[position] = done
             heapq.heappush(events, (cross(position + 1, done, occupants), tie := tie + 1, "stage", slot, position + 1))
             continue
@@ -107,7 +120,7 @@ def simulate(
         finished += [r for r in slots[slot] if r.remaining == 0]
         slots[slot] = [r for r in slots[slot] if r.remaining > 0]
         moving[slot] = False
-        seat_and_go(slot, now)
+        seat_and_go(slot, now + options.round_overhead_s)
 
     gaps = sorted(g for r in finished for g in r.gaps)
     first = min(r.arrival for r in finished)

@@ -4,7 +4,8 @@ Routes: ``/v1/models`` (and ``/v1/models/{id}``), ``/v1/completions``, ``/v1/cha
 (``stream: true`` gives SSE; ``n`` answers, several prompts, logprobs: ``choices.py``), vLLM's
 ``/tokenize``, ``/detokenize``, ``/health`` and ``/version``, ``/healthz``, ``/readyz`` (every
 stage ready), ``/metrics``, the internal ``/internal/v1/results`` where the last stage delivers
-tokens, and ``/v1/step`` for hops the plan relays through the gateway. Every error is OpenAI's
+tokens, ``/v1/step`` for hops the plan relays through the gateway, and ``/info`` (internal: what
+the gateway measured of its rounds, for the planner). Every error is OpenAI's
 JSON error shape, its HTTP status the one its code has (``bloombee_contract.errors``). Every
 request has an id (``X-Request-Id``, echoed), on each of its log lines and its access-log line.
 
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from bloombee_contract.errors import ErrorCode, error_body
-from bloombee_contract.paths import RESULT_PATH, STEP_PATH
+from bloombee_contract.paths import INFO_PATH, RESULT_PATH, STEP_PATH
 from pydantic import BaseModel, ValidationError
 
 from bloombee_stage.gateway.choices import (
@@ -303,6 +304,11 @@ async def readyz(request: web.Request) -> web.Response:
                              status=200 if ready else 503)  # fmt: skip
 
 
+async def handle_info(request: web.Request) -> web.Response:
+    """For the operator, on the internal listener only: what this gateway measured (``engine.profile``)."""
+    return web.json_response({"profile": request.app[ENGINE].profile()})
+
+
 def create_app(engine: GenerationEngine) -> web.Application:
     """The gateway's routes over ``engine``; the engine is started once the server listens and
     stopped when the app shuts down."""
@@ -321,4 +327,5 @@ def create_app(engine: GenerationEngine) -> web.Application:
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_post(RESULT_PATH, handle_result)
     app.router.add_post(STEP_PATH, handle_forward)
+    app.router.add_get(INFO_PATH, handle_info)
     return app

@@ -37,6 +37,9 @@ from bloombee_stage.wire.messages import RowMeta, RowResult
 
 log = logging.getLogger("bloombee.batching")
 
+MAX_TRACKED = 65536  # sessions whose last result time is kept (bounded; one entry per open generation)
+GATHER_S = 0.003  # how long a packed step waits for its generations' stragglers
+GATHER_POLL_S = 0.0005
 SHORT_ROW = 16  # rows up to this many positions are packed into micro-batches; longer ones go alone
 NOT_RETRIED = (ErrorCode.PIPELINE_TIMEOUT, ErrorCode.STAGE_UNREACHABLE)  # failures a row alone would meet again
 
@@ -60,10 +63,13 @@ class MicroBatcher:
         self.fixed_in_flight = max_in_flight
         self.in_flight = 0  # micro-batches of short rows in the pipeline
         self.long_in_flight = 0  # rows that went alone (prefills)
+        self.rows_in_flight = 0  # rows of all the steps in the pipeline
         self.active = 0  # generations between open and close
         self.steps = 0
         self.rows = 0
         self._queue: deque[_Queued] = deque()
+        self._returned: dict[str, float] = {}  # session -> when its last result came back
+        self.turnaround_ms: deque[float] = deque(maxlen=512)  # from a row's result to its next row
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -92,6 +98,15 @@ class MicroBatcher:
 
     async def step(self, row: RowMeta, inputs: list[int], path: Path) -> RowResult:
         """The row's result (its tokens), once the step that carried it returns."""
+        returned = self._returned.pop(row.session, None)
+        if returned is not None:  # the gateway's own part of the round: this row's last result to now
+            self.turnaround_ms.append((time.perf_counter() - returned) * 1000)
+        result = await self._step(row, inputs, path)
+        if len(self._returned) < MAX_TRACKED:
+            self._returned[row.session] = time.perf_counter()
+        return result
+
+    async def _step(self, row: RowMeta, inputs: list[int], path: Path) -> RowResult:
         if self.micro_batch == 1:
             return (await self._carry([row], [inputs], path))[0]
         if self._loop_task is None or self._loop_task.done():
@@ -108,6 +123,7 @@ class MicroBatcher:
         """A generation ended: free its place; its session is parked on the stages (a fork source) or closed."""
         self.router.release(path)
         self.active -= 1
+        self._returned.pop(session, None)
         urls = self.router.urls(path)
         await (self.pipeline.park(session, urls) if park else self.pipeline.close(session, urls))
 
@@ -146,6 +162,7 @@ class MicroBatcher:
             # let them, so those rows leave together instead of one by one.
             for _ in range(3):
                 await asyncio.sleep(0)
+            await self._gather_stragglers()
             while self._queue and self._queue[0].future.done():  # its generation was cancelled
                 self._queue.popleft()
             while self._queue and self.in_flight < (limit := self.max_in_flight(self._queue[0].path)):
@@ -153,6 +170,19 @@ class MicroBatcher:
                 # several small steps (each stage busy with one) than as one step.
                 share = math.ceil(len(self._queue) / (limit - self.in_flight))
                 self._dispatch(self._take(min(self.micro_batch, share)))
+
+    async def _gather_stragglers(self) -> None:
+        """Where rows are packed (more generations than steps in flight), wait briefly for the
+        generations still between their result and their next row (streaming a token, a draft), so
+        the step leaves full instead of as a full step and a straggler's step: a step's cost is
+        mostly reading the weights, so the straggler's alone costs nearly a whole round."""
+        if not self._queue or self.in_flight >= (limit := self.max_in_flight(self._queue[0].path)):
+            return
+        if limit >= self.active:
+            return  # every row leaves at once anyway
+        deadline = time.monotonic() + GATHER_S
+        while self.active - self.rows_in_flight - len(self._queue) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(GATHER_POLL_S)
 
     def _take(self, size: int) -> list[_Queued]:
         """Up to ``size`` queued rows on the first row's path, in order of arrival."""
@@ -167,6 +197,7 @@ class MicroBatcher:
         return batch
 
     def _dispatch(self, batch: list[_Queued], long: bool = False) -> None:
+        self.rows_in_flight += len(batch)
         if long:
             self.long_in_flight += 1
         else:
@@ -179,6 +210,7 @@ class MicroBatcher:
         try:
             await self._deliver(batch)
         finally:
+            self.rows_in_flight -= len(batch)
             if long:
                 self.long_in_flight -= 1
             else:

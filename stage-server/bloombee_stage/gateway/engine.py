@@ -395,6 +395,22 @@ class GenerationEngine:
         finally:
             self.seats.release()
 
+    def profile(self) -> dict[str, Any]:
+        """What a round costs beside the stages' compute, measured on traffic (the gateway's ``/info``):
+        ``transportMs``, a step's round trip less its stages' compute (links, and each crossing's
+        HTTP, TLS and (de)serialisation), over ``crossings`` crossings; ``turnaroundMs``, the
+        gateway's own part of a round (a row's result to its next row: tokens, streaming, drafting)."""
+        if self._resources is None or not self.routing.link_ms:
+            return {}
+        turnaround = sorted(self._resources.batcher.turnaround_ms)
+        return {
+            "transportMs": round(min(self.routing.link_ms.values()), 4),
+            "crossings": len(self.settings.stages) + 1,
+            "turnaroundMs": round(turnaround[len(turnaround) // 2], 4) if turnaround else 0.0,
+            "steps": self._resources.batcher.steps,
+            "measuredAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
     # -- metrics ------------------------------------------------------------------------------
 
     def _register_metrics(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bloombee_contract.launch import GatewayLaunch
 from bloombee_contract.model_source import ModelSourceError
-from bloombee_contract.paths import RESULT_PATH, STEP_PATH
+from bloombee_contract.paths import INFO_PATH, RESULT_PATH, STEP_PATH
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.app import create_app
@@ -60,5 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ModelSourceError, SpanError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter)
+    internal = frozenset({RESULT_PATH, STEP_PATH, INFO_PATH})
     asyncio.run(serve(create_app(engine), launch.host, launch.port, launch.ready_file, "gateway", engine.start, tls=tls,
-                      internal_port=launch.internal_port, internal_paths=frozenset({RESULT_PATH, STEP_PATH})))
+                      internal_port=launch.internal_port, internal_paths=internal))

@@ -214,6 +214,7 @@ class StageModel:
         self.model = model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - started
         self.layer_ms = 0.0  # running mean of measured ms per layer per forward
+        self.last_layers_s = (0.0, 0.0)  # the last forward's decoder layers: wall and thread-CPU seconds
 
     @property
     def hidden_size(self) -> int:
@@ -281,7 +282,7 @@ class StageModel:
         [keep[b], vocab] tensor per row.
         """
         body = self.model.model
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         rows, width = inputs.shape[0], inputs.shape[1]
         hidden = body.embed_tokens(inputs.to(self.device)) if self.span.is_first else inputs.to(self.device, self.dtype)
         if rows == 1:  # one session: transformers' own mask and cache path, exactly as generate runs it
@@ -309,7 +310,8 @@ class StageModel:
                     self._page_out(cache, index)
             if self.streamer is not None:
                 self.streamer.after(index)
-        elapsed_ms = (time.perf_counter() - started) * 1000 / self.span.length
+        self.last_layers_s = (time.perf_counter() - started, time.thread_time() - started_cpu)
+        elapsed_ms = self.last_layers_s[0] * 1000 / self.span.length
         self.layer_ms = elapsed_ms if self.layer_ms == 0 else 0.9 * self.layer_ms + 0.1 * elapsed_ms
         if not self.has_head:
             if hidden.shape[1] < width:  # the one-row path ran on the real positions only

@@ -22,11 +22,13 @@ from bloombee_contract.paths import (
     LEASE_HEADER,
     MEASURE_PATH,
     METRICS_PATH,
+    PROFILE_PATH,
     READYZ_PATH,
 )
 from bloombee_contract.tls import (
     OPEN_PATHS,
     SIGNATURE_HEADER,
+    SIGNED_OPERATOR,
     TlsFiles,
     client_context,
     common_name,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from aiohttp import ClientResponse
 
 log = logging.getLogger(__name__)
+SIGNED_PATHS = frozenset({MEASURE_PATH, PROFILE_PATH})  # what the operator may call through a service proxy
 TLS_RELOAD_S = 5.0  # how often a server looks whether its certificate files were renewed
 
 
@@ -83,8 +86,8 @@ def peer_session(timeout: aiohttp.ClientTimeout, tls: TlsFiles | None) -> aiohtt
 def require_peer(internal_paths: frozenset[str], measure_key: bytes | None = None) -> Callable:
     """Refuse, with 401, a caller without a certificate of this deployment's CA on every path of a
     TLS listener but the open ones (``/healthz``, ``/readyz``), and on ``internal_paths`` anywhere
-    (a gateway's plain public listener never serves its peers' paths). A measurement request that
-    came through an API server's service proxy may instead be signed with ``measure_key``
+    (a gateway's plain public listener never serves its peers' paths). A measurement or profiling
+    request that came through an API server's service proxy may instead be signed with ``measure_key``
     (``bloombee_contract.tls.sign``). The caller's common name is ``request["peer"]``."""
 
     @web.middleware
@@ -94,9 +97,9 @@ def require_peer(internal_paths: frozenset[str], measure_key: bytes | None = Non
         if (over_tls and request.path not in OPEN_PATHS) or request.path in internal_paths:
             peer = common_name(transport.get_extra_info("peercert")) if transport is not None else None
             signature = request.headers.get(SIGNATURE_HEADER)
-            signed = peer is None and measure_key and signature and request.path == MEASURE_PATH
+            signed = peer is None and measure_key and signature and request.path in SIGNED_PATHS
             if signed and signature_ok(measure_key, signature, await request.read(), time.time()):
-                peer = "operator (signed request)"
+                peer = SIGNED_OPERATOR
             if peer is None:
                 return error_response(f"{request.path} answers only the parts of this deployment: present a "
                                       "certificate from its CA", ErrorCode.UNAUTHENTICATED)  # fmt: skip

@@ -3,7 +3,8 @@
 Endpoints: ``/healthz``, ``/readyz``, ``/info``, ``/metrics``, ``/probe`` (link measurement),
 ``POST /v1/step`` (a wire frame, see ``wire/messages.py``), ``POST /v1/sessions/{id}/rollback``,
 ``POST /v1/sessions/{id}/park`` (keep it only as a fork source, see sessions.py) and
-``DELETE /v1/sessions/{id}``. Every refusal is OpenAI's error shape with its code's status.
+``DELETE /v1/sessions/{id}``, ``POST /profile`` (a timed run of the span for the planner, the
+operator only). Every refusal is OpenAI's error shape with its code's status.
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from bloombee_contract.errors import ErrorCode
-from bloombee_contract.paths import CODECS_PATH, INFO_PATH, PARK_PATH, ROLLBACK_PATH, SESSION_PATH, STEP_PATH
+from bloombee_contract.paths import (
+    CODECS_PATH,
+    INFO_PATH,
+    PARK_PATH,
+    PROFILE_PATH,
+    ROLLBACK_PATH,
+    SESSION_PATH,
+    STEP_PATH,
+)
+from bloombee_contract.tls import OPERATOR_IDENTITY, SIGNED_OPERATOR
 from pydantic import ValidationError
 
 from bloombee_stage.model.span import StageModel, truncate_cache
 from bloombee_stage.serving.probe import add_probe_routes
 from bloombee_stage.serving.process import add_common_routes, error_response
-from bloombee_stage.stage.service import StageService, StageSettings
+from bloombee_stage.stage.service import MAX_PROFILE_ROWS, MAX_PROFILE_STEPS, StageService, StageSettings
 from bloombee_stage.stage.sessions import SessionError
 from bloombee_stage.wire.codecs import CODECS
 from bloombee_stage.wire.frame import WireError, decode_frame, encode_frame, largest_frame_bytes
@@ -122,6 +132,29 @@ async def handle_close(request: web.Request) -> web.Response:
     return web.json_response({"closed": closed}, status=200 if closed else 404)
 
 
+async def handle_profile(request: web.Request) -> web.Response:
+    """A profiling run (``StageService.profile_run``) for whoever plans: the operator, or anyone
+    when the stage runs without TLS. Bounded: at most
+    ``MAX_PROFILE_STEPS`` timed steps of at most ``MAX_PROFILE_ROWS`` rows."""
+    service = request.app[SERVICE]
+    if request.get("peer") not in (None, OPERATOR_IDENTITY, SIGNED_OPERATOR):
+        return error_response(f"{PROFILE_PATH} is for the operator, not {request.get('peer')}", ErrorCode.FORBIDDEN)
+    most = MAX_PROFILE_ROWS  # a run's caches hold a few dozen positions per row: small
+    try:
+        payload = await request.json()
+        rows = [int(count) for count in payload.get("rows", [1, 2, 4])]
+        repeats = int(payload.get("repeats", 4))
+    except Exception:
+        return error_response('body must be JSON {"rows": [row counts], "repeats": N}', ErrorCode.INVALID_BODY)
+    if not rows or any(not 1 <= count <= most for count in rows) or not 1 <= repeats <= MAX_PROFILE_STEPS:
+        return error_response(f"rows must each be 1..{most} and repeats 1.."
+                              f"{MAX_PROFILE_STEPS}; got rows {rows[:8]}, repeats {repeats}", ErrorCode.INVALID_BODY)
+    if len(rows) * repeats > MAX_PROFILE_STEPS:
+        return error_response(f"at most {MAX_PROFILE_STEPS} timed steps per run; asked {len(rows) * repeats}",
+                              ErrorCode.INVALID_BODY)  # fmt: skip
+    return web.json_response(await service.profile_run(rows, repeats))
+
+
 def create_app(model: StageModel, settings: StageSettings) -> web.Application:
     service = StageService(model, settings)
     app = web.Application(client_max_size=largest_frame_bytes(service.max_step_bytes))
@@ -145,6 +178,7 @@ def create_app(model: StageModel, settings: StageSettings) -> web.Application:
     app.router.add_get(INFO_PATH, info)
     add_probe_routes(app, settings.tls)
     app.router.add_post(STEP_PATH, handle_step)
+    app.router.add_post(PROFILE_PATH, handle_profile)
     app.router.add_post(ROLLBACK_PATH, handle_rollback)
     app.router.add_post(PARK_PATH, handle_park)
     app.router.add_delete(SESSION_PATH, handle_close)

@@ -29,6 +29,7 @@ from bloombee_contract.tls import TlsFiles
 from bloombee_stage.model.grammar import GrammarError, GrammarMasks
 from bloombee_stage.model.grammar import check as check_grammar
 from bloombee_stage.model.span import StageModel, truncate_cache
+from bloombee_stage.serving.costs import CostRecorder, StepCost, Stopwatch
 from bloombee_stage.serving.metrics import COUNT_BUCKETS, Metrics
 from bloombee_stage.serving.process import peer_session, read_error
 from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
@@ -38,6 +39,11 @@ from bloombee_stage.wire.codecs import CODECS
 from bloombee_stage.wire.frame import Frame, WireError, encode_frame, largest_step_bytes
 from bloombee_stage.wire.messages import UNPLANNED_ROWS, ResultMeta, RowResult, StepMeta
 from bloombee_stage.wire.tensors import tensor_frame
+
+PROFILE_CONTEXT = 16  # positions in each cache before a profiling run's timed decode steps
+PROFILE_WARMUP = 2  # untimed steps of each size first
+MAX_PROFILE_STEPS = 64  # rows sizes x repeats a profiling run may ask for
+MAX_PROFILE_ROWS = 256  # rows of one timed step (planner.maxMicroBatch's limit)
 
 log = logging.getLogger("bloombee.stage")
 
@@ -95,6 +101,7 @@ class StageService:
         self.max_step_bytes = largest_step_bytes(settings.micro_batch or UNPLANNED_ROWS, max(1, longest),
                                                  model.hidden_size)  # fmt: skip
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.costs = CostRecorder(model.span.length)
         self._http: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task | None = None
         self.codec_stats = CodecStats(model.dtype_name)
@@ -235,6 +242,7 @@ class StageService:
 
     def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[RowResult]:
         """Runs on the worker thread: hidden states onward, or on the last stage each row's result."""
+        watch = Stopwatch()
         for session, row in zip(sessions, meta.rows, strict=True):
             if session.fork_source is not None:
                 self.model.copy_prefix(session.fork_source.cache, session.cache, session.fork_length)
@@ -248,8 +256,45 @@ class StageService:
         for session, row in zip(sessions, meta.rows, strict=True):
             session.length = row.start + row.length
         if isinstance(output, list):
-            return [decide(logits, row, self.grammars) for logits, row in zip(output, meta.rows, strict=True)]
+            output = [decide(logits, row, self.grammars) for logits, row in zip(output, meta.rows, strict=True)]
+        wall, cpu = watch.lap()
+        layers_wall, layers_cpu = self.model.last_layers_s
+        self.costs.record(StepCost(sum(lengths), len(lengths), layers_wall, layers_cpu,
+                                   max(0.0, wall - layers_wall), max(0.0, cpu - layers_cpu)))  # fmt: skip
         return output
+
+    async def profile_run(self, rows: list[int], repeats: int) -> dict[str, Any]:
+        """Time decode steps of ``rows`` rows on this span, on the compute thread between traffic's
+        steps: the planner's terms for this stage with nothing of ours competing (``/profile``)."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        fitted = await loop.run_in_executor(self.executor, self._profile_steps, rows, repeats)
+        return {"profile": fitted, "seconds": round(time.perf_counter() - started, 4), "last": self.model.span.is_last}
+
+    def _profile_steps(self, rows: list[int], repeats: int) -> dict[str, object]:
+        recorder = CostRecorder(self.model.span.length)
+        for count in rows:
+            caches = [self.model.new_cache() for _ in range(count)]
+            # a short context first, so the timed steps attend over something, as decode steps do
+            self.model.forward_rows(self._dummy_inputs(count, PROFILE_CONTEXT), caches, [PROFILE_CONTEXT] * count)
+            for timed in range(PROFILE_WARMUP + repeats):
+                watch = Stopwatch()
+                output = self.model.forward_rows(self._dummy_inputs(count, 1), caches, [1] * count)
+                if isinstance(output, list):  # the last stage also picks a token per row
+                    [int(logits[-1].argmax()) for logits in output]
+                wall, cpu = watch.lap()
+                layers_wall, layers_cpu = self.model.last_layers_s
+                if timed < PROFILE_WARMUP:  # the first steps of a size allocate what later ones reuse
+                    continue
+                recorder.record(StepCost(count, count, layers_wall, layers_cpu, max(0.0, wall - layers_wall),
+                                         max(0.0, cpu - layers_cpu)))  # fmt: skip
+        return recorder.fit()
+
+    def _dummy_inputs(self, rows: int, positions: int) -> torch.Tensor:
+        if self.model.span.is_first:
+            return torch.zeros(rows, positions, dtype=torch.int64)
+        generator = torch.Generator().manual_seed(rows * 1000 + positions)
+        return torch.randn(rows, positions, self.model.hidden_size, generator=generator)
 
     async def run_step(self, sessions: list[Session], meta: StepMeta,
                        inputs: torch.Tensor) -> tuple[torch.Tensor | list[RowResult], StepMeta]:  # fmt: skip
@@ -396,6 +441,7 @@ class StageService:
             },
             "sessions": len(self.sessions.sessions),
             "ms_per_layer": model.layer_ms,
+            "profile": self.costs.fit(),
             "load_seconds": model.load_seconds,
             "torch_threads": torch.get_num_threads(),
         }

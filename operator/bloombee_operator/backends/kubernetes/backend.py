@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from typing import Any
 
 import yaml
-from bloombee_contract.paths import MEASURE_PATH
+from bloombee_contract.paths import MEASURE_PATH, PROFILE_PATH
 from bloombee_contract.tls import SIGNATURE_HEADER, sign
 from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 from bloombee_operator.api.resource import DistributedLLM
+from bloombee_operator.api.status import NodeProfile
 from bloombee_operator.backends.kubernetes.objects import (
     LABEL_COMPONENT,
     STAGE_PORT,
@@ -38,6 +40,7 @@ from bloombee_operator.backends.kubernetes.tls_secrets import DeploymentSecrets
 from bloombee_operator.desired import DesiredState
 from bloombee_operator.model_shape import ModelShape, model_shape
 from bloombee_operator.planner.cost import GATEWAY
+from bloombee_operator.planning import profile_request
 from bloombee_operator.reconcile import LinksPending
 
 FIELD_MANAGER = "bloombee-operator"
@@ -141,6 +144,8 @@ class Cluster:
             raise client.exceptions.ApiException(status=reply.status, reason=payload.decode(errors="replace")[:500])
         return json.loads(payload)
 
+
+log = logging.getLogger("bloombee.kubernetes")
 
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
                ("networking.k8s.io/v1", "NetworkPolicy"),
@@ -276,6 +281,28 @@ class KubernetesBackend:
         apis = self._apis(skip_unreachable=True)
         found = selector(resource.metadata.name)
         return sum(api.delete(obj) for api in apis for obj in api.children(found, resource.metadata.namespace))
+
+    def local_links(self, resource: DistributedLLM) -> list[dict]:
+        return []  # a cluster's own network: the planner's local link
+
+    def measure_profiles(self, desired: DesiredState) -> dict | None:
+        """Each stage's profiling run, asked through its cluster's API server (signed, as the probes'
+        measurements are). Stages run on nodes of their own here, so no host is shared, and the
+        gateway's measurements are not collected yet."""
+        if self.ready_stages(desired) < len(desired.stages):
+            return None
+        key = self.secrets.measure_key(self.local)
+        nodes = []
+        body = profile_request(desired.max_micro_batch)
+        for stage in desired.stages:
+            try:
+                run = self.cluster(stage.cluster).proxy_post(stage.name, desired.namespace, PROFILE_PATH, body,
+                                                             measure_key=key)  # fmt: skip
+            except (client.exceptions.ApiException, OSError, ValueError) as error:
+                log.warning("could not profile %s (%s); planning on what was known", stage.name, error)
+                return None
+            nodes.append(NodeProfile.from_run(stage.node, None, run).dump())
+        return {"nodes": nodes}
 
     def measure_links(self, resource: DistributedLLM) -> list[dict]:
         """Probe pods in every cluster; each measures towards the clusters after it, asked through

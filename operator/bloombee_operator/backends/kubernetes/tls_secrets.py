@@ -66,7 +66,7 @@ class DeploymentSecrets:
         ca, measure_key = self.ca(local)
         part = issue(ca, f"{component}/{child}", hosts)
         files = {CA_FILE: ca.cert, CERT_FILE: part.cert, KEY_FILE: part.key}
-        if component == "probe":
+        if component in ("probe", "stage"):  # what the operator asks through a service proxy, signed
             files[MEASURE_KEY_FILE] = measure_key
         cluster.apply(secret_body(name, self.namespace, self.owner if owned else None,
                                   labels(self.resource, component), files))  # fmt: skip

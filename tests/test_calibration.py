@@ -1,0 +1,159 @@
+"""Measured costs in the planner (issue: plans that match what runs): the stages' fit of their
+costs, the cost model's measured terms, the DP on them against brute force, and how status.profiles
+and link delays reach the planner's inputs. Pure functions; the pipeline's own measurements are in
+test_local_control.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+
+import pytest
+from bloombee_operator.api.resource import parse_resource
+from bloombee_operator.api.status import GatewayProfile, HostProfile, LinkStatus, NodeProfile, ProfilesStatus
+from bloombee_operator.planner import Link, Links, ModelProfile, Node, Options, Workload, evaluate, plan
+from bloombee_operator.planner.cost import GATEWAY, host_bound, interpolate
+from bloombee_operator.planning import PlannerInputs, at_load, plan_status, profile_request
+from bloombee_operator.planning_inputs import links_from_entries, with_profiles
+from bloombee_stage.serving.costs import CostRecorder, StepCost, fit_line
+from test_planner import brute_force
+
+
+def test_a_line_is_recovered_and_a_pause_does_not_move_it():
+    line = fit_line([(1, 3.0), (2, 5.0), (4, 9.0)])
+    assert (line.fixed, line.per_token) == pytest.approx((1.0, 2.0))
+    assert fit_line([(2, 4.0), (2, 6.0)]).per_token == 0 and fit_line([(2, 4.0)]).fixed == 4.0  # one size: all fixed
+    # a fit through a negative fixed cost is taken through the origin instead
+    through_origin = fit_line([(1, 0.5), (2, 3.0)])
+    assert through_origin.fixed == 0 and through_origin.per_token == pytest.approx((0.5 + 6) / 5)
+    recorder = CostRecorder(layers=2)
+    for tokens, seconds in [(1, 0.002), (1, 0.002), (1, 0.5), (2, 0.004), (2, 0.004), (2, 0.004)]:
+        recorder.record(StepCost(tokens, tokens, seconds, seconds, 0.001, 0.001))
+    fitted = recorder.fit()
+    # medians per step size: the one 0.5 s pause among the one-token steps is not in the fit
+    assert fitted["layerMsAt"] == [[1, 1.0], [2, 2.0]] and fitted["msPerLayerToken"] == pytest.approx(1.0)
+    assert fitted["stepMs"] == pytest.approx(1.0) and fitted["samples"] == 6
+
+
+def test_interpolation_between_and_past_the_measured_sizes():
+    points = ((1.0, 2.0), (2.0, 3.0), (4.0, 3.5))
+    assert [interpolate(points, x) for x in (1, 1.5, 2, 3, 4, 8)] == pytest.approx([2, 2.5, 3, 3.25, 3.5, 4.5])
+    assert interpolate(((1.0, 2.0),), 5) == 2.0
+    node = Node("n", "c", 1e9, 0.001, 0.0005, layer_points=points, head_points=((1.0, 10.0), (2.0, 12.0)))
+    assert node.layer(3) == pytest.approx(3.25) and node.head(2) == 12.0
+    assert Node("n", "c", 1e9, 0.001, 0.0005).layer(3) == pytest.approx(0.0025)
+
+
+MODEL = ModelProfile(num_layers=6, weight_bytes_per_layer=1e6, kv_bytes_per_token_per_layer=1e3,
+                     hidden_bytes_per_token=2e3)  # fmt: skip
+
+
+def test_measured_terms_add_where_the_model_says():
+    node = Node("a", "c", 1e9, 0.002, 0.001)
+    measured = dataclasses.replace(node, step_seconds=0.003, head_seconds=0.010, head_seconds_per_token=0.001)
+    links = Links(between={(GATEWAY, "c"): Link(0.001, 1e12)}, local=Link(0.001, 1e12))
+    base = evaluate(MODEL, {"a": node}, links, ["a"], [6], 2, 4, 64)
+    options = Options(round_overhead_s=0.004)
+    framed = dataclasses.replace(links, frame_s=0.0005)
+    full = evaluate(MODEL, {"a": measured}, framed, ["a"], [6], 2, 4, 64, options=options)
+    # one stage: step + head(2) on it, two crossings (in and out) with their frame cost, the gateway once
+    assert full.cycle_s - base.cycle_s == pytest.approx(0.003 + 0.012 + 2 * 0.0005 + 0.004)
+    assert full.stages[0].seconds - base.stages[0].seconds == pytest.approx(0.015)
+
+
+def test_a_shared_host_bounds_the_round():
+    nodes = {name: Node(name, "c", 1e9, 0.002, 0.0, host="box") for name in "ab"}
+    links = Links(between={(GATEWAY, "c"): Link(0.0, 1e12)}, local=Link(0.0, 1e12))
+    free = evaluate(MODEL, nodes, links, ["a", "b"], [3, 3], 1, 4, 64)
+    shared = evaluate(MODEL, nodes, links, ["a", "b"], [3, 3], 1, 4, 64, options=Options(host_parallelism={"box": 1.0}))
+    # four micro-batches each through both stages of 6 ms, on a host that does one at a time
+    assert free.round_s == pytest.approx(4 * 0.006) and shared.round_s == pytest.approx(4 * 0.012)
+    assert host_bound(["box", None], [0.006, 0.006], 4, Options(host_parallelism={"box": 2.0})) == pytest.approx(0.012)
+
+
+def measured_instance(rng: random.Random):
+    """Alike measured nodes on one host (what ``bloombee up`` plans), with random measured terms."""
+    count = rng.randint(1, 3)
+    points = tuple(sorted((float(m), rng.uniform(0.001, 0.004) * (1 + 0.2 * m)) for m in rng.sample([1, 2, 4], 2)))
+    head = ((1.0, rng.uniform(0.0, 0.02)), (4.0, rng.uniform(0.02, 0.05)))
+    node = Node("n", "c", rng.choice([2e7, 6e7, 1e9]), points[0][1], 0.0, step_seconds=rng.uniform(0, 0.003),
+                host="box", layer_points=points, head_points=head)  # fmt: skip
+    nodes = [dataclasses.replace(node, name=f"n{i}") for i in range(count)]
+    rtt = rng.choice([0.0002, 0.05])
+    links = Links(between={(GATEWAY, "c"): Link(rtt, 1e9)}, local=Link(rtt, 1e9), frame_s=rng.uniform(0, 0.003))
+    options = Options(max_micro_batch=4, allow_offload=False, relay_hops=False, round_overhead_s=rng.uniform(0, 0.002),
+                      host_parallelism={"box": rng.uniform(0.8, 2.0)})  # fmt: skip
+    return MODEL, nodes, links, Workload(batch=rng.choice([1, 4, 8]), context=256), options
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_dp_on_measured_costs_on_a_shared_host_equals_brute_force(seed):
+    model, nodes, links, workload, options = measured_instance(random.Random(f"measured-{seed}"))
+    expected = brute_force(model, nodes, links, workload, options)
+    result = plan(model, nodes, links, workload, options)
+    assert result.tokens_per_second == pytest.approx(expected, rel=1e-9)
+
+
+def resource(delay_nodes: int = 3) -> object:
+    return parse_resource({
+        "apiVersion": "bloombee.ai/v1alpha1", "kind": "DistributedLLM", "metadata": {"name": "m"},
+        "spec": {"model": {"source": "/m"},
+                 "clusters": [{"name": "home", "nodes": [{"name": n, "memoryGiB": 1} for n in "abc"[:delay_nodes]]}]},
+    }, "m")  # fmt: skip
+
+
+def test_profiles_of_one_host_are_pooled_and_cover_its_unmeasured_nodes():
+    nodes = [Node(f"home-{n}", "home", 1e9, 0.0003, 0.0001) for n in "abc"]
+    profiles = ProfilesStatus(
+        nodes=[NodeProfile(node="home-a", host="box", ms_per_layer=2.0, ms_per_layer_token=0.4, step_ms=0.2,
+                           layer_ms_at=[(1, 2.0), (2, 3.0)], samples=10),
+               NodeProfile(node="home-b", host="box", ms_per_layer=4.0, ms_per_layer_token=0.2, head_ms=10.0,
+                           head_ms_per_token=2.0, layer_ms_at=[(1, 4.0), (4, 5.0)], head_ms_at=[(1, 11.0)],
+                           samples=30)],
+        hosts=[HostProfile(name="box", parallelism=1.5, stages=2, all_nodes=True)],
+        gateway=GatewayProfile(frame_ms=1.5, round_overhead_ms=0.5),
+    )  # fmt: skip
+    updated, links, options = with_profiles(nodes, Links(), Options(), profiles)
+    a, b, c = updated
+    assert a == dataclasses.replace(b, name=a.name) == dataclasses.replace(c, name=a.name)  # c too: one host
+    assert a.host == "box" and a.seconds_per_layer == pytest.approx((2.0 * 10 + 4.0 * 30) / 40 / 1000)
+    assert [x for point in a.layer_points for x in point] == pytest.approx([1, 0.003, 2, 0.003, 4, 0.005])
+    assert a.head_points[0] == pytest.approx((1, 0.011)) and a.step_seconds == pytest.approx(0.0002)
+    assert links.frame_s == pytest.approx(0.0015) and options.round_overhead_s == pytest.approx(0.0005)
+    assert options.host_parallelism == {"box": 1.5}
+    assert with_profiles(nodes, Links(), Options(), None)[0] == nodes
+
+
+def test_a_link_delay_is_planned_as_the_links_of_that_delay():
+    entries = [LinkStatus.model_validate({"from": "home", "to": "home", "rttMs": 50.2, "mbps": 10000})]
+    links = links_from_entries(entries, ["home"])
+    assert links.get("home", "home").rtt_s == pytest.approx(0.0502)
+    assert links.get(GATEWAY, "home").rtt_s == pytest.approx(0.0502)  # the gateway's links are the cluster's
+    node = Node("a", "home", 1e9, 0.001, 0.0)
+    planned = evaluate(MODEL, {"a": node}, links, ["a"], [6], 1, 1, 64)
+    assert planned.latency_s >= 0.0502  # in and out: half a round trip each
+
+
+def test_at_load_splits_rows_as_the_gateway_does():
+    nodes = [Node(f"home-{n}", "home", 1e9, 0.002, 0.0005) for n in "ab"]
+    local = Link(0.0002, 1e9)
+    inputs = PlannerInputs(MODEL, nodes, Links(between={(GATEWAY, "home"): local}, local=local), Workload(8, 64),
+                           Options(max_micro_batch=4))  # fmt: skip
+    planned = plan_status(evaluate(MODEL, {n.name: n for n in nodes}, inputs.links, ["home-a", "home-b"], [3, 3],
+                                   4, 8, 64), inputs)  # fmt: skip
+    one = at_load(planned, inputs, 1)
+    assert (one.batch, one.micro_batch) == (1, 1)
+    # two stages fill with two steps in flight: up to two generations go as steps of their own
+    assert (at_load(planned, inputs, 2).micro_batch, at_load(planned, inputs, 2).batch) == (1, 2)
+    six = at_load(planned, inputs, 6)
+    assert six.micro_batch == pytest.approx(3) and math.ceil(6 / six.micro_batch) == 2
+    assert at_load(planned, inputs, 64).batch == 8  # no more than the plan admits
+
+
+def test_a_profiling_run_times_every_size_the_planner_may_choose():
+    assert profile_request(8) == {"rows": [1, 2, 4, 8], "repeats": 6}
+    assert profile_request(6)["rows"] == [1, 2, 4, 6] and profile_request(1) == {"rows": [1], "repeats": 24}
+    assert all(len(profile_request(m)["rows"]) * profile_request(m)["repeats"] <= 64 for m in range(1, 257))
+    assert list(itertools.chain(profile_request(256)["rows"])) == [1 << k for k in range(9)]
