@@ -17,7 +17,7 @@ from bloombee_operator.planner import Link, Links, ModelProfile, Node, Options, 
 from bloombee_operator.planner.cost import GATEWAY, host_bound, interpolate
 from bloombee_operator.planning import PlannerInputs, at_load, plan_status, profile_request
 from bloombee_operator.planning_inputs import links_from_entries, with_profiles
-from bloombee_stage.serving.costs import CostRecorder, StepCost, fit_line
+from bloombee_stage.serving.costs import CostRecorder, LinkRecorder, StepCost, fit_line
 from test_planner import brute_force
 
 
@@ -35,6 +35,15 @@ def test_a_line_is_recovered_and_a_pause_does_not_move_it():
     # medians per step size: the one 0.5 s pause among the one-token steps is not in the fit
     assert fitted["layerMsAt"] == [[1, 1.0], [2, 2.0]] and fitted["msPerLayerToken"] == pytest.approx(1.0)
     assert fitted["stepMs"] == pytest.approx(1.0) and fitted["samples"] == 6
+
+
+def test_the_onward_link_is_fitted_from_the_frames_sent():
+    link = LinkRecorder()
+    for size, seconds in [(1000, 0.011), (1000, 0.011), (1000, 0.9), (2000, 0.012), (3000, 0.013)]:
+        link.record(size, seconds)
+    fitted = link.fit()  # 10 ms round trip, 1 MB/s: 8 Mbit/s; the 0.9 s outlier is not the median
+    assert fitted["rttMs"] == pytest.approx(10.0) and fitted["mbps"] == pytest.approx(8.0) and fitted["samples"] == 5
+    assert LinkRecorder().fit() == {}
 
 
 def test_interpolation_between_and_past_the_measured_sizes():

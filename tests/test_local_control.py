@@ -165,6 +165,8 @@ def test_the_parts_measure_themselves_and_the_plan_is_costed_on_it(tmp_path, tin
         gateway = resource["status"]["profiles"]["gateway"]
         assert gateway["steps"] > 0 and gateway["transportMs"] > 0 and gateway["frameMs"] >= 0
         assert gateway["roundOverheadMs"] >= 0
+        first = resource["status"]["profiles"]["nodes"][0]  # it pushed frames onward: its link as they found it
+        assert first["onwardRttMs"] > 0 and "onwardRttMs" not in resource["status"]["profiles"]["nodes"][-1]
     finally:
         backend.stop()
 

@@ -122,6 +122,13 @@ def test_create_ready_restore_and_delete(operator, real_api, tiny_dir):
     assert status["stagesReady"] == f"{len(stages)}/{len(stages)}"
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
 
+    def profiled() -> list | None:  # the first calibration: each stage's /profile, through the service proxy
+        return (get_resource(real_api, namespace, "chat")["status"].get("profiles") or {}).get("nodes") or None
+
+    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=120)
+    assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
+    assert all(n["layerMsAt"] for n in nodes) and nodes[-1]["headMsAt"]
+
     client.AppsV1Api(real_api).delete_namespaced_deployment(stages[-1], namespace)
 
     def degraded() -> list[dict]:

@@ -222,6 +222,14 @@ def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(ap
     tokens = answer["choices"][0]["token_ids"]
     assert tokens == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
 
+    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2").get("status", {})
+        return (status.get("profiles") or {}).get("nodes") or None
+
+    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
+    assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
+    assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
+
     tested = helm(cluster, "test", "bloombee", "--namespace", namespace, timeout_s=600)
     assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
 

@@ -181,8 +181,8 @@ def _plan(resource: DistributedLLM, shape: ModelShape, links: list[LinkStatus], 
     return plan_status(decision.plan, inputs, now_iso(clock)), True, decision.reason, decision.diff
 
 
-def _profiles(resource: DistributedLLM, backend: Backend, shape: ModelShape,
-              links: list[LinkStatus]) -> ProfilesStatus | None:  # fmt: skip
+def _profiles(resource: DistributedLLM, backend: Backend, shape: ModelShape, links: list[LinkStatus],
+              clock: Clock) -> ProfilesStatus | None:  # fmt: skip
     """What the running stages and gateway measure of themselves now; when they cannot say, what
     was measured before, or an empty profile (so a backend that cannot profile is asked again only
     when a re-plan is due); None before anything runs."""
@@ -194,9 +194,9 @@ def _profiles(resource: DistributedLLM, backend: Backend, shape: ModelShape,
     except ValueError:
         measured = None
     if measured is None:
-        return resource.status.profiles or ProfilesStatus()
+        return (resource.status.profiles or ProfilesStatus()).model_copy(update={"measured_at": now_iso(clock)})
     gateway = measured.pop("gateway", None)
-    profiles = ProfilesStatus.model_validate(measured)
+    profiles = ProfilesStatus.model_validate({**measured, "measuredAt": now_iso(clock)})
     if gateway:
         inputs = planner_inputs(resource, shape, links, profiles)
         profiles.gateway = gateway_profile(gateway, inputs, current)
@@ -244,7 +244,7 @@ def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time,
         outcome.status["links"] = [link.dump() for link in links]
     profiles = resource.status.profiles
     if reprofile:
-        measured = _profiles(resource, backend, shape, links)
+        measured = _profiles(resource, backend, shape, links, clock)
         if measured is not None:
             profiles = measured
             outcome.status["profiles"] = profiles.dump()
@@ -296,7 +296,8 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
         return deploy(resource, backend, clock)  # deployed by a version whose plan this one cannot read
     waiting: list[Condition] = []
     due = _replan_due(status.plan, resource, clock)
-    if due or (status.profiles is None and status.phase == Phase.READY):  # first calibration once all is up
+    never_profiled = status.profiles is None or status.profiles.measured_at is None
+    if due or (never_profiled and status.phase == Phase.READY):  # the first calibration, once all is up
         replanned = deploy(resource, backend, clock, remeasure=due, reprofile=True)
         if replanned.retry_after_s is None:
             return replanned

@@ -92,16 +92,23 @@ class NodeProfile(_Status):
     layer_ms_at: list[tuple[float, float]] = Field(default_factory=list, description="[tokens, ms per layer] "
                                                     "measured; the planner interpolates between them")  # fmt: skip
     head_ms_at: list[tuple[float, float]] = Field(default_factory=list, description="[tokens, ms of the head]")
+    onward_rtt_ms: float | None = Field(default=None, ge=0, description="the link to the next part as its "
+                                        "frames found it: round trip, HTTP and TLS included")  # fmt: skip
+    onward_mbps: float | None = Field(default=None, gt=0)
     samples: int = Field(default=0, ge=0)
     measured_at: str | None = None
 
     @classmethod
-    def from_run(cls, node: str, host: str | None, run: dict[str, Any]) -> NodeProfile:
-        """From a stage's ``/profile`` answer: the last stage's cost beside its layers is its head's."""
+    def from_run(cls, node: str, host: str | None, run: dict[str, Any], served: dict[str, Any] | None = None,
+                 ) -> NodeProfile:  # fmt: skip
+        """From a stage's ``/profile`` answer (the last stage's cost beside its layers is its head's),
+        and its ``/info`` profile of the traffic it served (``served``: its onward link)."""
         fitted = run["profile"]
+        onward = (served or {}).get("onward") or {}
         entry = cls(node=node, host=host, ms_per_layer=fitted["msPerLayer"],
                     ms_per_layer_token=fitted["msPerLayerToken"], samples=fitted["samples"],
-                    measured_at=fitted.get("measuredAt"))  # fmt: skip
+                    measured_at=fitted.get("measuredAt"), onward_rtt_ms=onward.get("rttMs"),
+                    onward_mbps=onward.get("mbps"))  # fmt: skip
         entry.layer_ms_at = [tuple(point) for point in fitted.get("layerMsAt", [])]
         if run.get("last"):
             return entry.model_copy(update={"head_ms": fitted["stepMs"], "head_ms_per_token": fitted["stepMsPerToken"],
@@ -133,6 +140,8 @@ class ProfilesStatus(_Status):
     nodes: list[NodeProfile] = Field(default_factory=list)
     hosts: list[HostProfile] = Field(default_factory=list)
     gateway: GatewayProfile | None = None
+    measured_at: str | None = Field(default=None, description="when the parts were last asked (empty lists: "
+                                    "they could not say then)")  # fmt: skip
 
 
 class DistributedLLMStatus(_Status):

@@ -117,6 +117,29 @@ class CostRecorder:
         }
 
 
+class LinkRecorder:
+    """What sending a frame onward took (POST until the next part acknowledged it), fitted as
+    seconds = round trip + bytes / bandwidth: the onward link as the traffic finds it, with the
+    HTTP, TLS and frame decoding at both ends included in the round trip."""
+
+    def __init__(self, window: int = 512) -> None:
+        self.sends: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def record(self, frame_bytes: int, seconds: float) -> None:
+        self.sends.append((frame_bytes, seconds))
+
+    def fit(self) -> dict[str, object]:
+        if not self.sends:
+            return {}
+        by_size: dict[int, list[float]] = {}
+        for size, seconds in self.sends:
+            by_size.setdefault(size, []).append(seconds)
+        line = fit_line([(size, statistics.median(times)) for size, times in by_size.items()])
+        mbps = 8 / line.per_token / 1e6 if line.per_token > 0 else None  # per byte here: bytes/s -> Mbit/s
+        return {"rttMs": round(line.fixed * 1000, 4), "mbps": round(mbps, 1) if mbps else None,
+                "samples": len(self.sends), "meanBytes": round(sum(s for s, _ in self.sends) / len(self.sends))}
+
+
 class Stopwatch:
     """Wall and thread-CPU seconds since the last ``lap`` (or since it was made)."""
 

@@ -29,7 +29,7 @@ from bloombee_contract.tls import TlsFiles
 from bloombee_stage.model.grammar import GrammarError, GrammarMasks
 from bloombee_stage.model.grammar import check as check_grammar
 from bloombee_stage.model.span import StageModel, truncate_cache
-from bloombee_stage.serving.costs import CostRecorder, StepCost, Stopwatch
+from bloombee_stage.serving.costs import CostRecorder, LinkRecorder, StepCost, Stopwatch
 from bloombee_stage.serving.metrics import COUNT_BUCKETS, Metrics
 from bloombee_stage.serving.process import peer_session, read_error
 from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
@@ -102,6 +102,7 @@ class StageService:
                                                  model.hidden_size)  # fmt: skip
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.costs = CostRecorder(model.span.length)
+        self.onward = LinkRecorder()  # frames pushed to the next stage: the onward link from traffic
         self._http: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task | None = None
         self.codec_stats = CodecStats(model.dtype_name)
@@ -129,6 +130,13 @@ class StageService:
 
         self.metrics.gauge("layer_seconds", "Measured seconds per layer per forward (moving average)",
                            lambda: model.layer_ms / 1000)  # fmt: skip
+        for name, term, help_text in (
+            ("fitted_layer_seconds", "msPerLayer", "Fitted seconds per layer and step, on the steps served"),
+            ("fitted_layer_token_seconds", "msPerLayerToken", "Fitted seconds per layer and token of a step"),
+        ):
+            self.metrics.gauge(name, help_text, lambda term=term: (self.costs.fit().get(term) or 0.0) / 1000)
+        self.metrics.gauge("onward_rtt_seconds", "Onward link's round trip as frames sent onward find it",
+                           lambda: (self.onward.fit().get("rttMs") or 0.0) / 1000)  # fmt: skip
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -328,7 +336,9 @@ class StageService:
             accepted = await self.peer_accepts(url)
             body = self.encode_onward(tensor_frame(output, meta.onward().wire()), accepted)
             try:
+                sent = time.perf_counter()
                 await self._post(url + STEP_PATH, body, expect=202)
+                self.onward.record(len(body), time.perf_counter() - sent)
             except aiohttp.ClientConnectionError as error:  # the next stage is gone: the gateway may route around it
                 self.metrics.inc("errors_total", "Failed steps", code="next_unreachable")
                 message = f"cannot reach the next stage {url}: {error}"
@@ -441,7 +451,7 @@ class StageService:
             },
             "sessions": len(self.sessions.sessions),
             "ms_per_layer": model.layer_ms,
-            "profile": self.costs.fit(),
+            "profile": {**self.costs.fit(), "onward": self.onward.fit()},
             "load_seconds": model.load_seconds,
             "torch_threads": torch.get_num_threads(),
         }
