@@ -169,7 +169,7 @@ def measure(name: str, new_tokens: int, rounds: int) -> list[dict]:
             run.keep()  # first calibration: profiling runs, re-plan under hysteresis
             endpoint, model = run.resource.status.endpoint, run.resource.metadata.name
             print(f"[{name}] warm-up traffic, then the gateway's measurements", flush=True)
-            load(endpoint, model, 4, 16, 1)
+            load(endpoint, model, 4, 32, 2)
             run.step(reconcile.deploy(run.resource, run.backend, reprofile=True))
             rows = []
             for clients in CONCURRENCY:

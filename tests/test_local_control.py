@@ -141,6 +141,7 @@ def test_the_parts_measure_themselves_and_the_plan_is_costed_on_it(tmp_path, tin
         for entry in profiles["nodes"]:
             assert [size for size, ms in entry["layerMsAt"] if ms > 0] == [1, 2, 4, 8]  # maxMicroBatch 8
         assert "headMsAt" in profiles["nodes"][-1] and "headMs" not in profiles["nodes"][0]
+        assert all(entry["hostGBps"] > 0 for entry in profiles["nodes"])  # each stage's streaming rate
         (host,) = profiles["hosts"]
         assert host["allNodes"] and host["stages"] == 2 and host["parallelism"] > 0
         assert "gateway" not in profiles  # nothing has been asked yet

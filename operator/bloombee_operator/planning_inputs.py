@@ -155,9 +155,11 @@ def with_profiles(nodes: list[Node], links: Links, options: Options,
     for node in nodes:
         profile = pooled.get(host_of.get(node.name, everywhere or ""))
         if profile is not None:
+            streams = profile.host_gbps * 1e9 if profile.host_gbps else node.host_bandwidth
             node = replace(node, seconds_per_layer=profile.ms_per_layer / 1000, host=profile.host,
                            seconds_per_layer_token=profile.ms_per_layer_token / 1000 or node.seconds_per_layer_token,
-                           step_seconds=profile.step_ms / 1000, layer_points=_seconds(profile.layer_ms_at))  # fmt: skip
+                           step_seconds=profile.step_ms / 1000, layer_points=_seconds(profile.layer_ms_at),
+                           host_bandwidth=streams)  # fmt: skip
         head = profile if profile is not None and profile.head_ms is not None else reference
         if head is not None:
             scale = 1.0 if head is profile else node.seconds_per_layer * 1000 / head.ms_per_layer
@@ -212,6 +214,7 @@ def _pooled(group: list[NodeProfile]) -> NodeProfile:
         "head_ms": heads[0].head_ms if heads else None,
         "head_ms_per_token": heads[0].head_ms_per_token if heads else None,
         "layer_ms_at": _mean_points([p.layer_ms_at for p in group]),
+        "host_gbps": min((p.host_gbps for p in group if p.host_gbps), default=None),
         "head_ms_at": heads[0].head_ms_at if heads else [],
         "samples": total,
     })  # fmt: skip

@@ -95,6 +95,8 @@ class NodeProfile(_Status):
     onward_rtt_ms: float | None = Field(default=None, ge=0, description="the link to the next part as its "
                                         "frames found it: round trip, HTTP and TLS included")  # fmt: skip
     onward_mbps: float | None = Field(default=None, gt=0)
+    host_gbps: float | None = Field(default=None, gt=0, description="the rate it streams offloaded weights and "
+                                    "KV at (measured at its start)")  # fmt: skip
     samples: int = Field(default=0, ge=0)
     measured_at: str | None = None
 
@@ -109,6 +111,8 @@ class NodeProfile(_Status):
                     ms_per_layer_token=fitted["msPerLayerToken"], samples=fitted["samples"],
                     measured_at=fitted.get("measuredAt"), onward_rtt_ms=onward.get("rttMs"),
                     onward_mbps=onward.get("mbps"))  # fmt: skip
+        stream = (served or {}).get("streamBps")
+        entry.host_gbps = round(stream / 1e9, 3) if stream else None
         entry.layer_ms_at = [tuple(point) for point in fitted.get("layerMsAt", [])]
         if run.get("last"):
             return entry.model_copy(update={"head_ms": fitted["stepMs"], "head_ms_per_token": fitted["stepMsPerToken"],

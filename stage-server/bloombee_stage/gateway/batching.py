@@ -70,6 +70,7 @@ class MicroBatcher:
         self._queue: deque[_Queued] = deque()
         self._returned: dict[str, float] = {}  # session -> when its last result came back
         self.turnaround_ms: deque[float] = deque(maxlen=512)  # from a row's result to its next row
+        self.transport_ms: deque[float] = deque(maxlen=512)  # a step's round trip less its stages' compute
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -145,7 +146,9 @@ class MicroBatcher:
             if error.unreachable and self.router.fail(error.unreachable):
                 log.warning("stage replica %s unreachable; new generations avoid it for a while", error.unreachable)
             raise
-        self.router.observe(path, (time.perf_counter() - started) * 1000, compute_ms)
+        round_ms = (time.perf_counter() - started) * 1000
+        self.router.observe(path, round_ms, compute_ms)
+        self.transport_ms.append(max(0.0, round_ms - sum(compute_ms)))
         return results
 
     async def stop(self) -> None:

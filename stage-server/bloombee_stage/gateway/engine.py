@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import math
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -397,17 +398,18 @@ class GenerationEngine:
 
     def profile(self) -> dict[str, Any]:
         """What a round costs beside the stages' compute, measured on traffic (the gateway's ``/info``):
-        ``transportMs``, a step's round trip less its stages' compute (links, and each crossing's
+        ``transportMs``, the median of recent steps' round trips less their stages' compute (links, each crossing's
         HTTP, TLS and (de)serialisation), over ``crossings`` crossings; ``turnaroundMs``, the
         gateway's own part of a round (a row's result to its next row: tokens, streaming, drafting)."""
-        if self._resources is None or not self.routing.link_ms:
+        batcher = self._resources.batcher if self._resources is not None else None
+        if batcher is None or not batcher.transport_ms:
             return {}
-        turnaround = sorted(self._resources.batcher.turnaround_ms)
+        turnaround = list(batcher.turnaround_ms)
         return {
-            "transportMs": round(min(self.routing.link_ms.values()), 4),
+            "transportMs": round(statistics.median(batcher.transport_ms), 4),
             "crossings": len(self.settings.stages) + 1,
-            "turnaroundMs": round(turnaround[len(turnaround) // 2], 4) if turnaround else 0.0,
-            "steps": self._resources.batcher.steps,
+            "turnaroundMs": round(statistics.median(turnaround), 4) if turnaround else 0.0,
+            "steps": batcher.steps,
             "measuredAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 

@@ -28,6 +28,7 @@ from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.model.grammar import GrammarError, GrammarMasks
 from bloombee_stage.model.grammar import check as check_grammar
+from bloombee_stage.model.offload import stream_bandwidth
 from bloombee_stage.model.span import StageModel, truncate_cache
 from bloombee_stage.serving.costs import CostRecorder, LinkRecorder, StepCost, Stopwatch
 from bloombee_stage.serving.metrics import COUNT_BUCKETS, Metrics
@@ -414,6 +415,17 @@ class StageService:
         except Exception as error:
             log.error("could not report failure of step %s to %s: %s", meta.step, meta.reply_to, error)
 
+    def stream_bps(self) -> float | None:
+        """The rate this stage streams offloaded weights and KV at (measured at start-up, for the
+        tier it streams from, or would), the planner's host bandwidth; None where unmeasured."""
+        bandwidth = self.settings.tier_bandwidth
+        if not bandwidth:
+            return None
+        model = self.model
+        tier = model.streamer.tier if model.streamer else ("host" if model.device.type == "cuda" else "disk")
+        offloaded = model.streamer.offloaded_bytes() if model.streamer else model.weight_bytes()
+        return round(stream_bandwidth(bandwidth, tier, offloaded))
+
     def info(self) -> dict[str, Any]:
         model = self.model
         return {
@@ -451,7 +463,7 @@ class StageService:
             },
             "sessions": len(self.sessions.sessions),
             "ms_per_layer": model.layer_ms,
-            "profile": {**self.costs.fit(), "onward": self.onward.fit()},
+            "profile": {**self.costs.fit(), "onward": self.onward.fit(), "streamBps": self.stream_bps()},
             "load_seconds": model.load_seconds,
             "torch_threads": torch.get_num_threads(),
         }
