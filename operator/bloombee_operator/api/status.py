@@ -95,8 +95,8 @@ class NodeProfile(_Status):
     onward_rtt_ms: float | None = Field(default=None, ge=0, description="the link to the next part as its "
                                         "frames found it: round trip, HTTP and TLS included")  # fmt: skip
     onward_mbps: float | None = Field(default=None, gt=0)
-    host_gbps: float | None = Field(default=None, gt=0, description="the rate it streams offloaded weights and "
-                                    "KV at (measured at its start)")  # fmt: skip
+    host_gbps: float | None = Field(default=None, gt=0, alias="hostGBps", description="the rate it streams "
+                                    "offloaded weights and KV at (measured at its start)")  # fmt: skip
     samples: int = Field(default=0, ge=0)
     measured_at: str | None = None
 
