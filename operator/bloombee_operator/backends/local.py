@@ -35,6 +35,7 @@ from bloombee_operator.desired import DesiredState, StageSpec
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.pki import DeploymentCA
 from bloombee_operator.planning import profile_request
+from bloombee_operator.planning_inputs import LOCAL_LINK
 
 log = logging.getLogger("bloombee.local")
 
@@ -92,7 +93,7 @@ def _ask_probe(url: str, source: str, targets: Mapping[str, str], context: ssl.S
         raise LocalBackendError(f"measuring links from {source} through {url}: {error}") from None
 
 
-LOOPBACK_RTT_MS = 0.2  # the planner's local link (planning_inputs.LOCAL_LINK), which the delay adds to
+LOOPBACK_RTT_MS = LOCAL_LINK.rtt_s * 1000  # the planner's own local link, which the delay adds to
 LOOPBACK_MBPS = 10000.0
 
 
