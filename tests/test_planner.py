@@ -21,7 +21,7 @@ from bloombee_operator.planner import (
     evaluate,
     plan,
 )
-from bloombee_operator.planner.cost import GATEWAY, best_stage, micro_batches, stage_option
+from bloombee_operator.planner.cost import GATEWAY, Speculation, best_stage, micro_batches, stage_option
 from bloombee_operator.planner.dp import batch_sizes, micro_batch_sizes
 from bloombee_operator.planner.profile import codec_candidates
 
@@ -99,7 +99,7 @@ def brute_force(model, nodes, links, workload, options, keep_order: list[str] | 
                         result = evaluate(model, by_name, links, list(order), spans, m, batch, workload.context,
                                           options=options, relay=relay,
                                           resident=options.held(workload, batch))  # fmt: skip
-                        best = max(best, batch / result.round_s)
+                        best = max(best, result.tokens_per_second)
     return best
 
 
@@ -442,3 +442,36 @@ def test_heuristic_fixed_order_dp_equals_brute_force_over_that_order(seed):
     result = plan(model, nodes, links, workload, options)
     assert result.method == "dp-heuristic"
     assert result.tokens_per_second == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_with_speculation_equals_brute_force(seed):
+    """Speculation's drafted positions ride every step (compute, head, links) and a round yields
+    several tokens: the DP's optimum under that cost is still brute force's."""
+    rng = random.Random(1000 + seed)
+    model, nodes, links, workload, options = random_instance(rng)
+    speculation = Speculation(tokens_per_round=rng.uniform(1.0, 4.0), drafted=rng.choice([0.0, 2.0, 7.5]),
+                              draft_s=rng.uniform(0.0, 0.01))  # fmt: skip
+    options = replace(options, speculation=speculation)
+    expected = brute_force(model, nodes, links, workload, options)
+    if expected == 0:
+        return
+    result = plan(model, nodes, links, workload, options)
+    assert result.tokens_per_second == pytest.approx(expected, rel=1e-9)
+    assert result.latency_s == pytest.approx(result.round_s / speculation.tokens_per_round)
+
+
+def test_speculation_costs_its_drafts_and_shares_the_round_among_its_tokens():
+    model, nodes, links, workload, options = random_instance(random.Random(7))
+    by_name = {n.name: n for n in nodes}
+    order = [nodes[0].name]
+    plain = evaluate(model, by_name, links, order, [model.num_layers], 1, 1, workload.context, options=options)
+    drafted = replace(options, speculation=Speculation(tokens_per_round=2.5, drafted=7.0, draft_s=0.004))
+    speculated = evaluate(model, by_name, links, order, [model.num_layers], 1, 1, workload.context, options=drafted)
+    assert speculated.round_s > plain.round_s + 0.004  # 8 positions a step instead of 1, and the drafting
+    nothing = replace(options, speculation=Speculation())
+    same = evaluate(model, by_name, links, order, [model.num_layers], 1, 1, workload.context, options=nothing)
+    assert same.round_s == plain.round_s and same.latency_s == plain.round_s
+    assert speculated.latency_s == pytest.approx(speculated.round_s / 2.5)
+    assert speculated.tokens_per_second == pytest.approx(2.5 / speculated.round_s)
+

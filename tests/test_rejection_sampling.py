@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,19 +26,6 @@ from bloombee_stage.wire.messages import RowMeta, RowResult, SamplingParams
 PROMPT = [1, 2, 3]
 NEW_TOKENS = 3
 VOCAB = 8
-
-
-@pytest.fixture(scope="module")
-def tiny_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, initializer_range=0.5)  # fmt: skip
-    directory = tmp_path_factory.mktemp("tiny-vocab")
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    return directory
 
 
 class InProcessStepper:

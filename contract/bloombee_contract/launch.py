@@ -23,7 +23,8 @@ from bloombee_contract.codec_cost import CODEC_NAMES
 
 DTYPES = ("float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model")
+DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model", "head")
+DEFAULT_TREE_WIDTH = 4  # candidates per tree node a draft head proposes
 STAGE_CODECS = (*CODEC_NAMES, "auto")  # what a stage may send onward; auto decides per frame
 DEFAULT_DRAFT_TOKENS = 8  # longest draft per round, unless the resource says otherwise
 DEFAULT_GATEWAY_PORT = 8000
@@ -293,9 +294,13 @@ class GatewayLaunch(LaunchSpec):
         "comma-separated 0/1 per hop between stages: 1 routes that hop through this gateway (from the plan)", None,
         parse=parse_hops, show=show_hops)  # fmt: skip
     draft: str = flag("speculative decoding: draft tokens by prompt lookup, by the model's first --draft-layers "
-                      "layers and its head (early-exit), or by a small model (--draft-model); the pipeline verifies "
+                      "layers and its head (early-exit), by a small model (--draft-model), or by the trained draft "
+                      "head that ships with the model (head: token trees, --draft-width wide); the pipeline verifies "
                       "them in one pass (greedy: same tokens; sampling: same distribution)", "none",
                       choices=DRAFT_KINDS)  # fmt: skip
+    draft_width: int = flag("head: candidates per tree node (1: a chain)", DEFAULT_TREE_WIDTH, parse=_positive(int))
+    draft_head: str | None = flag("head: directory of a trained draft head (default: the one shipped with BloomBee; "
+                                  "scripts/train_draft_head.py --out DIR makes one)", None)
     draft_max: int = flag("longest draft per round (adapts below it)", DEFAULT_DRAFT_TOKENS, parse=_positive(int))
     draft_layers: int | None = flag("early-exit: layers of the model to draft with", None, parse=_positive(int))
     draft_model: str | None = flag("model draft: source of a small model with the same tokenizer", None)

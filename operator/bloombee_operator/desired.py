@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS, GatewayLaunch, StageLaunch
+from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS, DEFAULT_TREE_WIDTH, GatewayLaunch, StageLaunch
 
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import LinkStatus, PlanStage, PlanStatus
@@ -61,6 +61,7 @@ class GatewayDesired:
     replicas: int
     draft: str = "none"
     draft_max: int = DEFAULT_DRAFT_TOKENS
+    draft_width: int = DEFAULT_TREE_WIDTH
     draft_layers: int | None = None  # early-exit: the model's first layers that draft
     draft_source: str | None = None  # model draft: the small model's source
     micro_batch: int = 1  # rows per step: the plan's micro-batch size
@@ -73,7 +74,7 @@ class GatewayDesired:
         """How the gateway is started, given where its stages are and where it is reached from."""
         return GatewayLaunch(
             model=model_source, stages=stages, served_model_name=self.served_model_name, port=self.port,
-            public_url=public_url, draft=self.draft, draft_max=self.draft_max,
+            public_url=public_url, draft=self.draft, draft_max=self.draft_max, draft_width=self.draft_width,
             draft_layers=self.draft_layers if self.draft == "early-exit" else None,
             draft_model=self.draft_source if self.draft == "model" else None, micro_batch=self.micro_batch,
             relay_hops=self.relay_hops if any(self.relay_hops) else None, max_sequences=self.max_sequences,
@@ -156,6 +157,7 @@ def desired_state(
         replicas=spec.gateway.replicas,
         draft=spec.draft.kind,
         draft_max=spec.draft.max_tokens,
+        draft_width=spec.draft.tree_width,
         draft_layers=spec.draft.layers,
         draft_source=spec.draft.source,
         micro_batch=micro_batch,

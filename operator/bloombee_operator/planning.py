@@ -71,7 +71,10 @@ def gateway_profile(measured: dict, inputs: PlannerInputs, plan: PlanStatus) -> 
     transport = float(measured.get("transportMs", 0.0))
     return GatewayProfile(frame_ms=round(max(0.0, transport - flight * 1000) / max(1, crossings), 4),
                           round_overhead_ms=float(measured.get("turnaroundMs", 0.0)), transport_ms=transport,
-                          steps=int(measured.get("steps", 0)), measured_at=measured.get("measuredAt"))  # fmt: skip
+                          steps=int(measured.get("steps", 0)), measured_at=measured.get("measuredAt"),
+                          tokens_per_round=measured.get("tokensPerRound"),
+                          drafted_per_round=measured.get("draftedPerRound"),
+                          draft_ms=measured.get("draftMsPerRound"))  # fmt: skip
 
 
 def at_load(plan: PlanStatus, inputs: PlannerInputs, concurrency: int) -> Plan:
@@ -144,6 +147,7 @@ def plan_status(plan: Plan, inputs: PlannerInputs, at: str | None = None) -> Pla
         predicted_tokens_per_second=round(plan.tokens_per_second, 3),
         predicted_latency_ms=round(plan.latency_s * 1000, 3),
         round_ms=round(plan.round_s * 1000, 3),
+        tokens_per_round=round(plan.tokens_per_round, 4),
         cycle_ms=round(plan.cycle_s * 1000, 3),
         bottleneck_ms=round(plan.bottleneck_s * 1000, 3),
         relay_hops=list(plan.relay_hops),
@@ -160,4 +164,5 @@ def plan_from_status(status: PlanStatus | None) -> Plan | None:
     stages = tuple(StageChoice(s.node, s.layers, s.offload.weights, s.offload.kv, s.predicted_ms / 1000)
                    for s in status.stages)  # fmt: skip
     return Plan(stages, status.micro_batch, status.batch, status.cycle_ms / 1000, status.bottleneck_ms / 1000,
-                status.round_ms / 1000, status.method, tuple(status.relay_hops))  # fmt: skip
+                status.round_ms / 1000, status.method, tuple(status.relay_hops), None,
+                status.tokens_per_round)  # fmt: skip

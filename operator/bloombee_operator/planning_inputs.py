@@ -26,7 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import LinkStatus, NodeProfile, ProfilesStatus
-from bloombee_operator.planner.cost import GATEWAY, Link, Links, ModelProfile, Node, Options, PlanningError
+from bloombee_operator.planner.cost import (
+    GATEWAY,
+    Link,
+    Links,
+    ModelProfile,
+    Node,
+    Options,
+    PlanningError,
+    Speculation,
+)
 from bloombee_operator.planner.profile import DTYPE_BYTES, GIB
 
 DEFAULT_MEMORY_GIB = 16.0
@@ -172,6 +181,10 @@ def with_profiles(nodes: list[Node], links: Links, options: Options,
     if gateway is not None:
         links = replace(links, frame_s=gateway.frame_ms / 1000)
         options = replace(options, round_overhead_s=gateway.round_overhead_ms / 1000)
+        if gateway.tokens_per_round is not None:  # speculation as it ran: tokens per round, and its costs
+            options = replace(options, speculation=Speculation(gateway.tokens_per_round,
+                                                               gateway.drafted_per_round or 0.0,
+                                                               (gateway.draft_ms or 0.0) / 1000))  # fmt: skip
     return updated, links, replace(options, host_parallelism=hosts)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS
+from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS, DEFAULT_TREE_WIDTH
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -45,9 +45,11 @@ class ModelSpec(_Model):
 
 
 class DraftSpec(_Model):
-    kind: Literal["none", "early-exit", "prompt-lookup", "model"] = "none"
+    kind: Literal["none", "early-exit", "prompt-lookup", "model", "head"] = "none"
     layers: int | None = Field(default=None, ge=1)
     max_tokens: int = Field(default=DEFAULT_DRAFT_TOKENS, ge=1, le=64)
+    tree_width: int = Field(default=DEFAULT_TREE_WIDTH, ge=1, le=16, description="head: candidates per tree node "
+                            "(1: a chain)")  # fmt: skip
     source: str | None = None
 
     @model_validator(mode="after")

@@ -72,6 +72,8 @@ class PlanStatus(_Status):
     round_ms: float = Field(ge=0)
     cycle_ms: float = Field(default=0.0, ge=0)
     bottleneck_ms: float = Field(default=0.0, ge=0)
+    tokens_per_round: float = Field(default=1.0, ge=1, description="tokens a round yields per sequence "
+                                    "(speculation, as the gateway measured it)")  # fmt: skip
     relay_hops: list[bool] = Field(default_factory=list, description="per hop between stages: through the gateway")
     stages: list[PlanStage] = Field(min_length=1)
     planned_at: str | None = None
@@ -134,6 +136,10 @@ class GatewayProfile(_Status):
     frame_ms: float = Field(ge=0, description="o: each crossing's fixed cost (transport less the links' delay)")
     round_overhead_ms: float = Field(ge=0, description="g: the gateway's own part of a round")
     transport_ms: float = Field(default=0.0, ge=0, description="a step's round trip less its stages' compute")
+    tokens_per_round: float | None = Field(default=None, ge=1, description="speculation: tokens per row and round")
+    drafted_per_round: float | None = Field(default=None, ge=0, description="speculation: drafted tokens per row "
+                                            "and round (the stages compute them too)")  # fmt: skip
+    draft_ms: float | None = Field(default=None, ge=0, description="speculation: drafting per round")
     steps: int = Field(default=0, ge=0)
     measured_at: str | None = None
 

@@ -165,6 +165,22 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding as the gateway runs it (measured on its traffic): each row carries
+    ``drafted`` tokens beside its own, so the stages compute 1 + drafted positions per row and the
+    links carry as many, and a round yields ``tokens_per_round`` tokens per row; drafting costs
+    the gateway ``draft_s`` per round. The default is no speculation."""
+
+    tokens_per_round: float = 1.0
+    drafted: float = 0.0
+    draft_s: float = 0.0
+
+    @property
+    def positions(self) -> float:
+        return 1.0 + self.drafted
+
+
+@dataclass(frozen=True)
 class Options:
     objective: str = "throughput"  # or "latency"
     max_micro_batch: int = 8
@@ -174,6 +190,11 @@ class Options:
     relay_hops: bool = True  # may a hop go through the gateway when that is faster than the direct link
     round_overhead_s: float = 0.0  # g: the gateway's own part of every round (measured)
     host_parallelism: dict[str, float] = field(default_factory=dict)  # P_h per shared host (measured)
+    speculation: Speculation = field(default_factory=Speculation)
+
+    def step_tokens(self, micro_batch: float) -> float:
+        """Positions a step of ``micro_batch`` rows computes: each row's token and its draft."""
+        return micro_batch * self.speculation.positions
 
     def effective_batch(self, workload: Workload) -> int:
         return 1 if self.objective == "latency" else workload.batch
@@ -208,6 +229,7 @@ class Plan:
     method: str = "dp"
     relay_hops: tuple[bool, ...] = ()  # per hop between stages: through the gateway instead of direct
     resident: int | None = None  # sequences whose KV the stages hold (Options.held); None: ``batch``
+    tokens_per_round: float = 1.0  # per row, with speculation (Options.speculation)
 
     @property
     def held(self) -> int:
@@ -219,11 +241,12 @@ class Plan:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.batch / self.round_s
+        return self.batch * self.tokens_per_round / self.round_s
 
     @property
     def latency_s(self) -> float:
-        return self.round_s
+        """Per token: a round, shared by the tokens it yields."""
+        return self.round_s / self.tokens_per_round
 
 
 def micro_batches(batch: int, micro_batch: int) -> int:
@@ -232,18 +255,19 @@ def micro_batches(batch: int, micro_batch: int) -> int:
 
 def stage_option(
     model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int,
-    offload_weights: float, offload_kv: float, resident: int | None = None,
+    offload_weights: float, offload_kv: float, resident: int | None = None, positions: float | None = None,
 ) -> float:  # fmt: skip
     """Seconds per micro-batch for ``node`` serving ``layers`` layers, or inf when it does not fit.
 
-    ``resident``: sequences whose KV is held (default ``batch``); a micro-batch pages in its own share.
+    ``resident``: sequences whose KV is held (default ``batch``); a micro-batch pages in its own
+    share. ``positions``: what the step computes, when more than its rows (speculation).
     """
     resident = resident or batch
     weights = layers * model.weight_bytes_per_layer
     kv = layers * model.kv_bytes_per_token_per_layer * context * resident
     if weights * (1 - offload_weights) + kv * (1 - offload_kv) > node.memory_bytes:
         return math.inf
-    compute = layers * node.layer(micro_batch) + node.step_seconds
+    compute = layers * node.layer(positions or micro_batch) + node.step_seconds
     n = micro_batches(batch, micro_batch)
     streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / resident
     stream = streamed / node.host_bandwidth
@@ -262,7 +286,8 @@ def best_stage(
     best = (math.inf, 0.0, 0.0)
     for f_w in options.offload_choices():
         for f_kv in options.offload_choices():
-            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident)
+            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident,
+                                   options.step_tokens(micro_batch))  # fmt: skip
             if seconds < best[0]:
                 best = (seconds, f_w, f_kv)
     return best
@@ -336,24 +361,27 @@ def evaluate(
             seconds, f_w, f_kv = best_stage(model, node, layers, micro_batch, batch, context, options, resident)
         else:
             f_w, f_kv = offloads[index]
-            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident)
+            seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident,
+                                   options.step_tokens(micro_batch))  # fmt: skip
         if index == len(order) - 1:
-            seconds += node.head(micro_batch)
+            seconds += node.head(options.step_tokens(micro_batch))
         cycle += seconds
         bottleneck = max(bottleneck, seconds)
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
         start += layers
     for leg in legs(model, nodes, order, relay):
         for source, target, per_token, codecs in leg:
-            latency, busy = hop(links.get(source, target), micro_batch * per_token, codecs, links.frame_s)
+            latency, busy = hop(links.get(source, target), options.step_tokens(micro_batch) * per_token, codecs,
+                                links.frame_s)  # fmt: skip
             cycle += latency
             bottleneck = max(bottleneck, busy)
-    cycle += options.round_overhead_s
+    cycle += options.round_overhead_s + options.speculation.draft_s
     n = micro_batches(batch, micro_batch)
     shared = host_bound([nodes[s.node].host for s in stages], [s.seconds for s in stages], n, options)
     flags = relay_flags(relay, len(order))
     return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck, shared), method,
-                flags, resident if resident and resident != batch else None)  # fmt: skip
+                flags, resident if resident and resident != batch else None,
+                options.speculation.tokens_per_round)  # fmt: skip
 
 
 def host_bound(hosts: list[str | None], seconds: list[float], n: int, options: Options) -> float:

@@ -88,7 +88,7 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
     """Vectorised cost.best_stage for every node and every layer count: seconds [N, L+1]."""
     layers = np.arange(model.num_layers + 1, dtype=float)[None, :]
     memory = np.array([n.memory_bytes for n in nodes])[:, None]
-    per_layer = np.array([n.layer(m) for n in nodes])[:, None]
+    per_layer = np.array([n.layer(options.step_tokens(m)) for n in nodes])[:, None]
     host = np.array([n.host_bandwidth for n in nodes])[:, None]
     interference = np.array([n.stream_interference for n in nodes])[:, None]
     weights = layers * model.weight_bytes_per_layer
@@ -114,12 +114,14 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
     hop_latency, hop_busy = np.zeros((count, count)), np.zeros((count, count))
     relay_latency, relay_busy = np.full((count, count), INF), np.full((count, count), INF)
     in_latency, in_busy, out_latency, out_busy = (np.zeros(count) for _ in range(4))
-    hidden = m * model.hidden_bytes_per_token
+    positions = options.step_tokens(m)  # with speculation, each row's draft rides along
+    hidden = positions * model.hidden_bytes_per_token
     by_clusters: dict[tuple[str, str, bool], tuple[float, float]] = {}
     for i, u in enumerate(nodes):
-        in_latency[i], in_busy[i] = crossing(links, GATEWAY, u.cluster, m * TOKEN_BYTES)
-        out_latency[i], out_busy[i] = crossing(links, u.cluster, GATEWAY, m * TOKEN_BYTES)
-        out_latency[i] += options.round_overhead_s  # the gateway's own part: once per round
+        in_latency[i], in_busy[i] = crossing(links, GATEWAY, u.cluster, positions * TOKEN_BYTES)
+        out_latency[i], out_busy[i] = crossing(links, u.cluster, GATEWAY, positions * TOKEN_BYTES)
+        # the gateway's own part and its drafting: once per round
+        out_latency[i] += options.round_overhead_s + options.speculation.draft_s
         for j, v in enumerate(nodes):
             for via_gateway in (False, True) if options.relay_hops else (False,):
                 key = (u.cluster, v.cluster, via_gateway)
@@ -138,7 +140,7 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
                  u.layer_points, u.head_points)  # fmt: skip
         twin_before[i] = last_alike.get(alike, -1)
         last_alike[alike] = i
-    heads = np.array([u.head(m) for u in nodes])[:, None]
+    heads = np.array([u.head(positions) for u in nodes])[:, None]
     return _Tables(stage, hop_latency, hop_busy, relay_latency, relay_busy, in_latency, in_busy, out_latency,
                    out_busy, twin_before, stage + heads)  # fmt: skip
 

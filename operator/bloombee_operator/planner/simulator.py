@@ -34,9 +34,10 @@ class SimulationResult:
 @dataclass
 class _Request:
     arrival: float
-    remaining: int
+    remaining: float
     seated_at: float = 0.0
     last_token_at: float = 0.0
+    tokens: float = 0.0
     gaps: list[float] = field(default_factory=list)
 
 
@@ -71,7 +72,8 @@ def simulate(
     def cross(position: int, now: float, occupants: int) -> float:
         """Send a slot over the leg into ``position`` (each crossing a FIFO wire); return its arrival time."""
         for crossing, (source, target, per_token, codecs) in enumerate(trip[position]):
-            latency, busy = hop(links.get(source, target), occupants * per_token, codecs, links.frame_s)
+            latency, busy = hop(links.get(source, target), options.step_tokens(occupants) * per_token, codecs,
+                                links.frame_s)  # fmt: skip
             start = max(now, link_free.get((position, crossing), 0.0))
             link_free[(position, crossing)] = start + busy
             now = start + latency
@@ -101,9 +103,9 @@ def simulate(
             node = nodes[stage.node]
             layers = stage.layers[1] - stage.layers[0]
             seconds = stage_option(model, node, layers, occupants, plan.batch, context, stage.offload_weights,
-                                   stage.offload_kv, plan.held)  # fmt: skip
+                                   stage.offload_kv, plan.held, options.step_tokens(occupants))  # fmt: skip
             if position == len(plan.stages) - 1:
-                seconds += node.head(occupants)
+                seconds += node.head(options.step_tokens(occupants))
             start = max(now, stage_free[position])
             if node.host in options.host_parallelism:  # the host's other stages computing then share its cores
                 busy = sum(1 for other, free in zip(plan.stages, stage_free, strict=True)
@@ -113,20 +115,22 @@ def simulate(
             stage_free[position] = done
             heapq.heappush(events, (cross(position + 1, done, occupants), tie := tie + 1, "stage", slot, position + 1))
             continue
-        for request in slots[slot]:  # back at the gateway: one token each
-            request.gaps.append(now - request.last_token_at)
+        yielded = options.speculation.tokens_per_round
+        for request in slots[slot]:  # back at the gateway: one token each, more with speculation
+            request.gaps.append((now - request.last_token_at) / yielded)
             request.last_token_at = now
-            request.remaining -= 1
-        finished += [r for r in slots[slot] if r.remaining == 0]
+            request.remaining -= yielded
+            request.tokens += yielded
+        finished += [r for r in slots[slot] if r.remaining <= 0]
         slots[slot] = [r for r in slots[slot] if r.remaining > 0]
         moving[slot] = False
-        seat_and_go(slot, now + options.round_overhead_s)
+        seat_and_go(slot, now + options.round_overhead_s + options.speculation.draft_s)
 
     gaps = sorted(g for r in finished for g in r.gaps)
     first = min(r.arrival for r in finished)
     last = max(r.last_token_at for r in finished)
     return SimulationResult(
-        tokens_per_second=sum(len(r.gaps) for r in finished) / (last - first),
+        tokens_per_second=sum(r.tokens for r in finished) / (last - first),
         mean_token_latency_s=statistics.fmean(gaps),
         p95_token_latency_s=gaps[int(0.95 * (len(gaps) - 1))],
         mean_queue_wait_s=statistics.fmean(r.seated_at - r.arrival for r in finished),

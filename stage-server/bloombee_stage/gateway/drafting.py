@@ -48,6 +48,8 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     probs: list[list[tuple[int, float]]] | None = None  # per token: the (token, prob) pairs it was drawn from
     seconds: float = 0.0
+    tree: list[int] | None = None  # parents, when the draft is a tree (RowMeta.tree)
+    predicted: float = 0.0  # the draft head's expected accepted tokens (sum of path probabilities)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from bloombee_contract.paths import HEALTHZ_PATH, INFO_PATH, READYZ_PATH, RESULT
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.batching import MicroBatcher
+from bloombee_stage.gateway.draft_tree import HeadDrafter
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Controls, Generated, Speculation, TextAssembler, generate
 from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError, ResultRouter
@@ -41,7 +42,13 @@ from bloombee_stage.gateway.routing import Router
 from bloombee_stage.serving.metrics import Metrics
 from bloombee_stage.serving.process import peer_session
 from bloombee_stage.wire.frame import decode_frame, encode_frame, largest_step_bytes
-from bloombee_stage.wire.messages import UNPLANNED_ROWS, SamplingParams, StepMeta
+from bloombee_stage.wire.messages import (
+    MAX_DRAFT_TOKENS,
+    MAX_FEATURE_POSITIONS,
+    UNPLANNED_ROWS,
+    SamplingParams,
+    StepMeta,
+)
 
 log = logging.getLogger("bloombee.gateway")
 HEARTBEAT_S = 1.0  # how often the gateway asks each stage whether it is alive
@@ -89,18 +96,25 @@ class Forwarded:
 
 class GenerationEngine:
     def __init__(self, tokenizer: Any, model_config: dict, settings: GatewayLaunch,
-                 drafter: ModelDrafter | None = None) -> None:  # fmt: skip
+                 drafter: ModelDrafter | None = None, head: HeadDrafter | None = None) -> None:  # fmt: skip
         if settings.draft in ("early-exit", "model") and drafter is None:
             raise ValueError(f"draft {settings.draft!r} needs a draft model")
+        if settings.draft == "head" and head is None:
+            raise ValueError("draft 'head' needs the trained draft head")
         self.tokenizer = tokenizer
         self.settings = settings
         self.drafter = drafter
+        self.head = head
         self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
         # Frames from the stages are read only up to what they can legally hold (before decoding).
         if "hidden_size" not in model_config:
             raise ValueError("the model's config.json has no hidden_size: relayed frames could not be bounded")
         hidden = int(model_config["hidden_size"])
         self.max_forward_bytes = largest_step_bytes(settings.micro_batch or UNPLANNED_ROWS, self.max_model_len, hidden)
+        # A result carries its tokens in the metadata and, for a draft head, float16 hidden states.
+        rows = settings.micro_batch or UNPLANNED_ROWS
+        self.max_result_bytes = MAX_RESULT_DATA_BYTES + (
+            rows * (MAX_FEATURE_POSITIONS + MAX_DRAFT_TOKENS) * hidden * 2 if head is not None else 0)
         eos = model_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -120,6 +134,7 @@ class GenerationEngine:
         default_waiting = 4 * settings.max_sequences if settings.max_sequences else None
         self.max_waiting = settings.max_waiting or default_waiting
         self.generation_s = 10.0  # recent wall time per generation (a moving average): for Retry-After
+        self.speculated = {"rounds": 0, "tokens": 0, "drafted": 0, "draft_s": 0.0}  # totals, for profile()
         self.metrics = Metrics("bloombee_gateway")
         self._resources: _Running | None = None
         self._register_metrics()
@@ -137,7 +152,8 @@ class GenerationEngine:
                                   relay=self.settings.relay, relay_hops=self.settings.relay_hops,
                                   lease=uuid.uuid4().hex)  # fmt: skip
         batcher = MicroBatcher(pipeline, self.routing, self.settings.micro_batch, self.settings.max_in_flight)
-        draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if self.drafter else None
+        drafts = self.drafter is not None or self.head is not None
+        draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if drafts else None
         heartbeats = asyncio.create_task(self._watch_stages(pipeline))
         self._resources = _Running(http, batcher, draft_thread, heartbeats)
 
@@ -262,7 +278,8 @@ class GenerationEngine:
                     assembler = TextAssembler(self.decode, request.stop)
                     eos = (set() if request.ignore_eos else self.eos_ids) | request.stop_token_ids
                     speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max),
-                                              self.drafter, running.draft_thread)  # fmt: skip
+                                              self.drafter, running.draft_thread, head=self.head,
+                                              width=self.settings.draft_width, load=lambda: self.running)  # fmt: skip
                     async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling,
                                                 eos, assembler, result, speculation, self.prefixes,
                                                 self.settings.recovery_wait, deadline, request.controls):  # fmt: skip
@@ -278,7 +295,7 @@ class GenerationEngine:
 
     def deliver(self, body: bytes) -> bool:
         """A result frame from the last stage, to the step waiting for it (raises WireError, ValidationError)."""
-        return self.results.deliver(decode_frame(body, MAX_RESULT_DATA_BYTES))
+        return self.results.deliver(decode_frame(body, self.max_result_bytes))
 
     async def forward(self, body: bytes) -> Forwarded:
         """A hop the planner routes through the gateway: pass the frame on to the next URL of its route.
@@ -405,7 +422,14 @@ class GenerationEngine:
         if batcher is None or not batcher.transport_ms:
             return {}
         turnaround = list(batcher.turnaround_ms)
+        rounds = self.speculated["rounds"]
+        speculation = {} if not rounds or self.settings.draft == "none" else {
+            "tokensPerRound": round(max(1.0, self.speculated["tokens"] / rounds), 4),
+            "draftedPerRound": round(self.speculated["drafted"] / rounds, 4),
+            "draftMsPerRound": round(self.speculated["draft_s"] * 1000 / rounds, 4),
+        }  # fmt: skip
         return {
+            **speculation,
             "transportMs": round(statistics.median(batcher.transport_ms), 4),
             "crossings": len(self.settings.stages) + 1,
             "turnaroundMs": round(statistics.median(turnaround), 4) if turnaround else 0.0,
@@ -455,8 +479,12 @@ class GenerationEngine:
         """A finished generation's counts and latencies (vLLM's metrics, under this gateway's prefix)."""
         length, now = speculation.length, time.monotonic()
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
+        for key, value in (("rounds", speculation.rounds), ("tokens", len(result.token_ids)),
+                           ("drafted", length.proposed), ("draft_s", speculation.draft_seconds)):  # fmt: skip
+            self.speculated[key] += value
         self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
         self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
+        self.metrics.inc("draft_seconds_total", "Time spent drafting at the gateway", speculation.draft_seconds)
         self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
         self.metrics.inc("prompt_tokens_total", "Prompt tokens of finished generations", prompt_tokens)
         self.metrics.inc("generation_tokens_total", "Tokens generated", len(result.token_ids))

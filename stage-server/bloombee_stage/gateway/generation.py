@@ -13,10 +13,18 @@ from dataclasses import dataclass, field
 from bloombee_contract.errors import ErrorCode
 
 from bloombee_stage.gateway.batching import MicroBatcher
+from bloombee_stage.gateway.draft_tree import HeadDrafter, HeadState, TreeBudget
 from bloombee_stage.gateway.drafting import Draft, DraftLength, DraftState, ModelDrafter, prompt_lookup_draft
 from bloombee_stage.gateway.pipeline import PipelineError
 from bloombee_stage.gateway.prefixes import Held, PrefixIndex
-from bloombee_stage.wire.messages import RowMeta, SamplingParams, TokenContext, TokenLogprobs
+from bloombee_stage.wire.messages import (
+    MAX_FEATURE_POSITIONS,
+    RowMeta,
+    RowResult,
+    SamplingParams,
+    TokenContext,
+    TokenLogprobs,
+)
 
 MAX_REPLAYS = 4  # a generation starts over (on another path, or the same one once it is back) at most this often
 RECOVERY_WAIT_S = 60.0  # how long a generation waits for a lost stage to be back (restarted) before it fails
@@ -127,8 +135,10 @@ class Controls:
 class Speculation:
     """How a generation drafts, and how it fared (for the caller's metrics).
 
-    kind: "none", "prompt-lookup", or a model draft ("early-exit", "model") run by ``drafter``
-    on ``executor`` (the gateway's torch thread, off the event loop).
+    kind: "none", "prompt-lookup", a model draft ("early-exit", "model") run by ``drafter``, or
+    the trained head ("head", ``head``: a tree ``width`` wide, a chain when 1, sized each round by
+    ``budget``), on ``executor`` (the gateway's torch thread, off the event loop). ``load``: how
+    many generations share the pipeline now (trees shrink as it fills).
     """
 
     kind: str = "none"
@@ -136,16 +146,59 @@ class Speculation:
     drafter: ModelDrafter | None = None
     executor: Executor | None = None
     rounds: int = 0
+    draft_seconds: float = 0.0
+    head: HeadDrafter | None = None
+    width: int = 4
+    budget: TreeBudget = field(default_factory=TreeBudget)
+    load: Callable[[], int] = lambda: 1
 
-    async def propose(self, state: DraftState | None, context: list[int], room: int, sampling: SamplingParams) -> Draft:
+    def new_state(self) -> DraftState | HeadState | None:
+        if self.head is not None:
+            return self.head.new_state()
+        return self.drafter.new_state() if self.drafter is not None else None
+
+    @property
+    def wants_features(self) -> bool:
+        return self.head is not None
+
+    async def propose(self, state: DraftState | HeadState | None, context: list[int], room: int,
+                      sampling: SamplingParams, chain_only: bool = False,
+                      positions: int | None = None) -> Draft:  # fmt: skip
+        """A draft of at most ``room`` tokens deep; a tree has at most ``positions`` nodes (the
+        session's room for positions; a chain's depth is its size)."""
+        if self.kind == "none":
+            return Draft()
+        if self.head is not None:
+            assert isinstance(state, HeadState)
+            depth = min(self.length.maximum, room)
+            if depth < 1:
+                return Draft()
+            loop = asyncio.get_running_loop()
+            width = 1 if chain_only else self.width
+            tree = await loop.run_in_executor(self.executor, self.head.tree, state, depth, width, self.budget.maximum)
+            size = self.budget.size(tree.path_probs, self.load(), tree.seconds)
+            tree = tree.top(min(size, room if positions is None else positions))
+            return Draft(tree.tokens, seconds=tree.seconds, tree=tree.parents if width > 1 and tree.tokens else None,
+                         predicted=sum(tree.path_probs))  # fmt: skip
         count = min(self.length.current, room)
-        if count < 1 or self.kind == "none":
+        if count < 1:
             return Draft()
         if self.drafter is None:
             started = time.perf_counter()
             return Draft(prompt_lookup_draft(context, count), seconds=time.perf_counter() - started)
         loop = asyncio.get_running_loop()
+        assert isinstance(state, DraftState)
         return await loop.run_in_executor(self.executor, self.drafter.propose, state, context, count, sampling)
+
+    async def observe(self, state: DraftState | HeadState | None, sent: list[int], outcome: RowResult) -> None:
+        """Feed the head the hidden states the last stage returned, paired with the tokens after them."""
+        if self.head is None or not outcome.features or outcome.hidden is None:
+            return
+        assert isinstance(state, HeadState)
+        verified = [*sent, *outcome.tokens]  # the row's undrafted tokens, the accepted drafts, the new token
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.head.observe, state, outcome.hidden,
+                                   verified[-outcome.features :])  # fmt: skip
 
 
 async def generate(
@@ -179,10 +232,15 @@ async def generate(
     controls = controls or Controls()
     if controls.prompt_logprobs is not None:
         prefixes = None
-    speculation.length.timed = sampling.greedy or sampling.seed is None  # see DraftLength
+    if speculation.wants_features and not sampling.greedy and sampling.seed is not None:
+        # A seeded draw repeats only with the same drafts; the head drafts from the hidden states
+        # of the positions this generation computes, which a fork would leave out.
+        prefixes = None
+    speculation.length.timed = speculation.budget.timed = sampling.greedy or sampling.seed is None  # see DraftLength
     session = uuid.uuid4().hex
     path = stepper.open()
-    state = speculation.drafter.new_state() if speculation.drafter is not None else None
+    state = speculation.new_state()
+    tree_path: list[int] = []  # the last round's accepted tree nodes: the stages keep their KV
     limit = len(prompt_ids) + max_tokens
     context, start, pending = list(prompt_ids), 0, list(prompt_ids)
     fork = prefixes.find(prompt_ids, path) if prefixes is not None else None
@@ -196,12 +254,16 @@ async def generate(
                 raise PipelineError(f"the request ran past its deadline after {len(result.token_ids)} tokens",
                                     ErrorCode.PIPELINE_TIMEOUT)  # fmt: skip
             room = min(limit - start - len(pending), max_tokens - len(result.token_ids) - 1)
-            draft = await speculation.propose(state, context, room, sampling)
             token_context = controls.context(sampling, prompt_ids, result, eos_ids)
+            chain_only = token_context is not None or sampling.grammar is not None  # they judge a chain
+            draft = await speculation.propose(state, context, room, sampling, chain_only,
+                                              positions=limit - start - len(pending))  # fmt: skip
             asks_prompt = start == 0 and token_context is not None and result.prompt_logprobs is None
+            features = min(len(pending), MAX_FEATURE_POSITIONS) if speculation.wants_features else 0
             row = RowMeta(session=session, start=start, length=len(pending) + len(draft.tokens), sampling=sampling,
-                          max_length=limit, draft=draft.tokens, draft_probs=draft.probs,
-                          fork=fork[0] if fork else None, context=token_context,
+                          max_length=limit, draft=draft.tokens, draft_probs=draft.probs, tree=draft.tree,
+                          tree_path=tree_path, features=features, fork=fork[0] if fork else None,
+                          context=token_context,
                           prompt_logprobs=controls.prompt_logprobs if asks_prompt else None)  # fmt: skip
             started = time.perf_counter()
             try:
@@ -212,6 +274,7 @@ async def generate(
                     assert prefixes is not None
                     prefixes.drop(fork[0])
                     fork, start, pending = None, 0, list(context)
+                    state, tree_path = speculation.new_state(), []
                     continue
                 if not (error.unreachable or error.code in REPLAYABLE) or reroutes >= MAX_REPLAYS:
                     raise
@@ -222,6 +285,7 @@ async def generate(
                 result.replays += 1
                 await stepper.close(session, path)
                 session, path, start, pending, fork = uuid.uuid4().hex, stepper.open(), 0, list(context), None
+                state, tree_path = speculation.new_state(), []
                 if not await stepper.wait_ready(path, min(recovery_wait_s, max(0.0, deadline - time.monotonic()))):
                     raise
                 continue
@@ -233,8 +297,12 @@ async def generate(
             if outcome.prompt_logprobs is not None and result.prompt_logprobs is None:
                 result.prompt_logprobs = outcome.prompt_logprobs
             speculation.rounds += 1
-            speculation.length.update(len(draft.tokens), len(accepted) - 1, time.perf_counter() - started,
-                                      draft.seconds)  # fmt: skip
+            speculation.draft_seconds += draft.seconds
+            round_s = time.perf_counter() - started
+            speculation.length.update(len(draft.tokens), len(accepted) - 1, round_s, draft.seconds)
+            speculation.budget.update(draft.predicted, len(accepted) - 1, len(draft.tokens), round_s)
+            await speculation.observe(state, pending, outcome)
+            tree_path = list(outcome.path or []) if draft.tree is not None else []
             start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
             pending = [accepted[-1]]
             for index, token in enumerate(accepted):
@@ -260,7 +328,8 @@ async def generate(
             result.text += tail
             yield tail
     finally:
-        await _end_session(stepper, prefixes, Held(session, path, tuple(context[:start])),
+        # The last tree's accepted nodes were never moved into place: only the positions before them are kept.
+        await _end_session(stepper, prefixes, Held(session, path, tuple(context[: start - len(tree_path)])),
                            keep=result.finish_reason is not None)  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from bloombee_contract.paths import (
 from bloombee_stage.serving.process import read_error
 from bloombee_stage.wire.frame import Frame, decode_frame, encode_frame
 from bloombee_stage.wire.messages import ResultMeta, RowMeta, RowResult, StepMeta
-from bloombee_stage.wire.tensors import tensor_frame
+from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
 
 log = logging.getLogger("bloombee.pipeline")
 
@@ -187,6 +187,7 @@ class PipelineClient:
         if outcome.error:
             raise PipelineError(f"stage {outcome.stage}: {outcome.error}", outcome.code or ErrorCode.STAGE_FAILED,
                                 outcome.unreachable)  # fmt: skip
+        attach_hidden(outcome.rows, result, meta.step)
         by_session = {row.session: row for row in outcome.rows}
         missing = [row.session for row in rows if row.session not in by_session]
         if missing:
@@ -229,3 +230,18 @@ class PipelineClient:
                 log.debug("%s %s on %s failed: %s", method, path, url, error)
 
         await asyncio.gather(*(one(url) for url in urls))
+
+
+def attach_hidden(rows: list[RowResult], frame: Frame, step: int) -> None:
+    """Give each row its hidden states from the result frame's tensor (``RowResult.features`` rows
+    each, in row order), checking that the tensor holds exactly those."""
+    wanted = sum(row.features for row in rows)
+    if not wanted:
+        return
+    if frame.dtype != "float16" or len(frame.shape) != 2 or frame.shape[0] != wanted:
+        raise PipelineError(f"the result of step {step} should carry {wanted} hidden states as float16 "
+                            f"[{wanted}, hidden], not {frame.dtype} {list(frame.shape)}",
+                            ErrorCode.BAD_RESULT)  # fmt: skip
+    states = frame_tensor(frame).split([row.features for row in rows])
+    for row, part in zip(rows, states, strict=True):
+        row.hidden = part

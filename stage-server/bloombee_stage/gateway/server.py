@@ -15,8 +15,10 @@ from bloombee_contract.paths import INFO_PATH, RESULT_PATH, STEP_PATH
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.app import create_app
+from bloombee_stage.gateway.draft_tree import HeadDrafter
 from bloombee_stage.gateway.drafting import ModelDrafter
 from bloombee_stage.gateway.engine import GenerationEngine
+from bloombee_stage.model.draft_head import load_for_model
 from bloombee_stage.model.loading import prepare_model, read_config
 from bloombee_stage.model.span import Span, SpanError, StageModel
 from bloombee_stage.serving.process import serve, setup_logging
@@ -57,9 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = prepare_model(launch.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         drafter = load_drafter(launch.draft, model_dir, launch.draft_layers, launch.draft_model, len(tokenizer))
-    except (ModelSourceError, SpanError, ValueError) as error:
+        head = None
+        if launch.draft == "head":
+            head = HeadDrafter(load_for_model(model_dir, Path(launch.draft_head)) if launch.draft_head
+                               else load_for_model(model_dir))  # fmt: skip
+    except (ModelSourceError, SpanError, ValueError) as error:  # DraftHeadError is a ValueError
         raise SystemExit(f"error: {error}") from None
-    engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter)
+    engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter, head)
     internal = frozenset({RESULT_PATH, STEP_PATH, INFO_PATH})
     asyncio.run(serve(create_app(engine), launch.host, launch.port, launch.ready_file, "gateway", engine.start, tls=tls,
                       internal_port=launch.internal_port, internal_paths=internal))

@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -272,28 +273,56 @@ class StageModel:
             layer.keys, layer.values = keys, values
 
     @torch.inference_mode()
+    def keep_path(self, cache: DynamicCache, base: int, nodes: list[int]) -> None:
+        """``keep_path`` on a session's cache, its offloaded layers paged in for it."""
+        paged = [index for index in self.kv_offloaded if cache.layers[index].is_initialized]
+        for index in paged:
+            self._page_in(cache, index)
+        keep_path(cache, base, nodes)
+        for index in paged:
+            self._page_out(cache, index)
+
+    @torch.inference_mode()
     def forward_rows(self, inputs: torch.Tensor, caches: list[DynamicCache], lengths: list[int],
-                     keep: list[int] | None = None) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
+                     keep: list[int] | None = None, trees: list[list[int] | None] | None = None,
+                     features: list[int] | None = None) -> Any:  # fmt: skip
         """Run the span on a micro-batch: row b appends ``lengths[b]`` positions of ``inputs`` to ``caches[b]``.
 
         inputs: token ids [rows, positions] (first stage) or hidden states [rows, positions,
         hidden], each row right-padded. Returns hidden states [rows, positions, hidden] (padding
         zeroed), or with a head the logits of each row's last ``keep[b]`` real positions, one
         [keep[b], vocab] tensor per row.
+
+        ``trees[b]``: row b's last ``len(trees[b])`` positions are a draft tree (parents as in
+        ``RowMeta.tree``): each node attends to the row's earlier positions and its ancestors
+        only, at the position of its depth (``tree_layout``); all nodes enter the cache, and the
+        next step keeps the accepted path (``keep_path``). ``features[b]`` (a head only): also
+        return the final hidden state (after the norm: what the head reads) of row b's last
+        ``features[b]`` positions, as a second list.
         """
         body = self.model.model
         started, started_cpu = time.perf_counter(), time.thread_time()
         rows, width = inputs.shape[0], inputs.shape[1]
         hidden = body.embed_tokens(inputs.to(self.device)) if self.span.is_first else inputs.to(self.device, self.dtype)
-        if rows == 1:  # one session: transformers' own mask and cache path, exactly as generate runs it
+        layouts = [tree_layout(length, tree) if tree else None
+                   for length, tree in zip(lengths, trees or [None] * rows, strict=True)]  # fmt: skip
+        if rows == 1 and layouts[0] is not None:  # one session's tree: its own mask and positions
+            hidden = hidden[:, : lengths[0]]
+            past = caches[0].get_seq_length()
+            offsets, allowed = layouts[0]
+            position_ids = (past + offsets).to(self.device).unsqueeze(0)
+            seen = torch.ones(lengths[0], past, dtype=torch.bool)
+            mask = torch.cat([seen, allowed], dim=1).to(self.device).view(1, 1, lengths[0], -1)
+            layer_cache: DynamicCache | _PaddedRows = caches[0]
+        elif rows == 1:  # one session: transformers' own mask and cache path, exactly as generate runs it
             hidden = hidden[:, : lengths[0]]
             past = caches[0].get_seq_length()
             position_ids = torch.arange(past, past + lengths[0], device=self.device).unsqueeze(0)
             mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
                                       past_key_values=caches[0], position_ids=position_ids)  # fmt: skip
-            layer_cache: DynamicCache | _PaddedRows = caches[0]
+            layer_cache = caches[0]
         else:
-            layer_cache = _PaddedRows(caches, lengths)
+            layer_cache = _PaddedRows(caches, lengths, layouts)
             position_ids = layer_cache.position_ids(width, self.device)
             mask = layer_cache.mask(width, self.device)
         position_embeddings = body.rotary_emb(hidden, position_ids=position_ids)
@@ -320,10 +349,19 @@ class StageModel:
                 hidden[row, length:] = 0
             return hidden
         keep = keep or [1] * rows
-        picked = torch.cat([hidden[row, length - kept : length] for row, (length, kept)
-                            in enumerate(zip(lengths, keep, strict=True))])  # fmt: skip
-        logits = self.model.lm_head(body.norm(picked))
-        return list(logits.split(keep))
+        wanted = features or [0] * rows
+        wide = [max(kept, asked) for kept, asked in zip(keep, wanted, strict=True)]
+        picked = torch.cat([hidden[row, length - width : length] for row, (length, width)
+                            in enumerate(zip(lengths, wide, strict=True))])  # fmt: skip
+        normed = body.norm(picked).split(wide)
+        if wide == keep:
+            logits = self.model.lm_head(torch.cat(normed)).split(keep)
+        else:  # the head only where logits are wanted: it costs far more than the norm
+            logits = self.model.lm_head(torch.cat([part[width - kept :] for part, width, kept
+                                                   in zip(normed, wide, keep, strict=True)])).split(keep)  # fmt: skip
+        if features is None:
+            return list(logits)
+        return list(logits), [part[width - asked :] for part, width, asked in zip(normed, wide, wanted, strict=True)]
 
     def forward(self, inputs: torch.Tensor, cache: DynamicCache, keep_last: int = 1) -> torch.Tensor:
         """One session: ``inputs`` [1, positions(, hidden)]; logits come back as [1, keep_last, vocab]."""
@@ -342,14 +380,20 @@ class _PaddedRows:
     positions causal.
     """
 
-    def __init__(self, caches: list[DynamicCache], lengths: list[int]) -> None:
+    def __init__(self, caches: list[DynamicCache], lengths: list[int],
+                 layouts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> None:  # fmt: skip
         self.caches = caches
         self.lengths = lengths
+        self.layouts = layouts or [None] * len(caches)
         self.pasts = [cache.get_seq_length() for cache in caches]
         self.longest = max(self.pasts)
 
     def position_ids(self, width: int, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.pasts, device=device).unsqueeze(1) + torch.arange(width, device=device)
+        offsets = torch.arange(width).repeat(len(self.caches), 1)
+        for row, layout in enumerate(self.layouts):
+            if layout is not None:
+                offsets[row, : self.lengths[row]] = layout[0]
+        return (torch.tensor(self.pasts).unsqueeze(1) + offsets).to(device)
 
     def mask(self, width: int, device: torch.device) -> torch.Tensor:
         """bool [rows, 1, width, longest + width]: True where a query may attend."""
@@ -360,6 +404,10 @@ class _PaddedRows:
         in_past = (columns < self.longest) & (columns >= self.longest - past)
         new = columns - self.longest
         in_new = (new >= 0) & (new <= queries) & (new < real)
+        for row, layout in enumerate(self.layouts):
+            if layout is not None:  # a draft tree: its nodes see their ancestors only
+                length = self.lengths[row]
+                in_new[row, :length, self.longest : self.longest + length] = layout[1].to(device)
         return (in_past | in_new).unsqueeze(1)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object,
@@ -387,6 +435,38 @@ class _PaddedRows:
             own = batch[row : row + 1, :, pad : self.longest + self.lengths[row]]
             setattr(layer, kind, own if shared else own.clone())
         return batch
+
+
+def tree_layout(length: int, tree: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row of ``length`` new positions whose last ``len(tree)`` are a draft tree: each position's
+    offset from the row's first (its depth along its path) and bool [length, length], which new
+    positions each may attend to (itself and its ancestors; the undrafted positions are a chain)."""
+    first = length - len(tree)
+    parents = list(range(-1, first - 1)) + [first - 1 if parent < 0 else first + parent for parent in tree]
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    offsets = torch.zeros(length, dtype=torch.int64)
+    for index, parent in enumerate(parents):
+        if parent >= 0:
+            allowed[index] = allowed[parent]
+            offsets[index] = offsets[parent] + 1
+        allowed[index, index] = True
+    return offsets, allowed
+
+
+def keep_path(cache: DynamicCache, base: int, nodes: list[int]) -> None:
+    """Move the KV of a draft tree's accepted ``nodes`` (cache positions ``base + node``) to
+    ``base, base + 1, ...``; the caller then cuts the cache at the accepted length."""
+    if not nodes or nodes == list(range(len(nodes))):
+        return
+    index = torch.tensor([base + node for node in nodes])
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.is_meta:
+            continue
+        for kind in ("keys", "values"):
+            held = getattr(layer, kind)
+            moved = held.index_select(2, index.to(held.device))
+            kept = torch.cat([held[:, :, :base], moved, held[:, :, base + len(nodes) :]], dim=2)
+            setattr(layer, kind, kept)
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:

@@ -38,7 +38,7 @@ from bloombee_stage.stage.verify import decide
 from bloombee_stage.wire.codec_stats import CodecStats
 from bloombee_stage.wire.codecs import CODECS
 from bloombee_stage.wire.frame import Frame, WireError, encode_frame, largest_step_bytes
-from bloombee_stage.wire.messages import UNPLANNED_ROWS, ResultMeta, RowResult, StepMeta
+from bloombee_stage.wire.messages import UNPLANNED_ROWS, ResultMeta, RowMeta, RowResult, StepMeta
 from bloombee_stage.wire.tensors import tensor_frame
 
 PROFILE_CONTEXT = 16  # positions in each cache before a profiling run's timed decode steps
@@ -238,8 +238,12 @@ class StageService:
         admitted: list[Session] = []
         try:
             for row in meta.rows:
-                admitted.append(self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork,
-                                                    meta.owner, meta.lease))  # fmt: skip
+                session = self.sessions.admit(row.session, row.start, row.length, row.max_length, row.fork,
+                                              meta.owner, meta.lease)  # fmt: skip
+                admitted.append(session)
+                if row.tree_path and row.start - len(row.tree_path) + row.tree_path[-1] >= session.length:
+                    raise SessionError(f"session {row.session!r} holds {session.length} positions; its tree_path "
+                                       f"names node {row.tree_path[-1]} of a tree past them", ErrorCode.POSITION_GAP)
         except SessionError:
             for session in admitted:  # a session this step opened and never used is not left behind
                 if session.length == 0:
@@ -258,14 +262,25 @@ class StageService:
                 session.length, session.fork_source = session.fork_length, None
                 self.metrics.inc("forked_tokens_total", "Prompt positions copied from a fork source, not computed",
                                  session.length)  # fmt: skip
+            if row.tree_path:  # the last step's accepted tree nodes, moved before `start`
+                self.model.keep_path(session.cache, row.start - len(row.tree_path), row.tree_path)
             truncate_cache(session.cache, row.start)
         lengths = [row.length for row in meta.rows]
         keep = [row.length if row.prompt_logprobs is not None else len(row.draft) + 1 for row in meta.rows]
-        output = self.model.forward_rows(inputs, [session.cache for session in sessions], lengths, keep)
+        trees = [row.tree for row in meta.rows]
+        features = [row.features + len(row.draft) if row.features else 0 for row in meta.rows]
+        asks = self.model.has_head and any(features)
+        output = self.model.forward_rows(inputs, [session.cache for session in sessions], lengths, keep, trees,
+                                         features if asks else None)  # fmt: skip
         for session, row in zip(sessions, meta.rows, strict=True):
             session.length = row.start + row.length
+        if asks:
+            output, hidden = output
         if isinstance(output, list):
             output = [decide(logits, row, self.grammars) for logits, row in zip(output, meta.rows, strict=True)]
+            if asks:
+                for result, row, states in zip(output, meta.rows, hidden, strict=True):
+                    attach_features(result, row, states)
         wall, cpu = watch.lap()
         layers_wall, layers_cpu = self.model.last_layers_s
         self.costs.record(StepCost(sum(lengths), len(lengths), layers_wall, layers_cpu,
@@ -322,8 +337,12 @@ class StageService:
         return output, timed
 
     def result_frame(self, meta: StepMeta, rows: list[RowResult]) -> Frame:
+        """The rows' tokens in the metadata; their hidden states, where asked, as the tensor (float16
+        [sum of rows' features, hidden], in row order)."""
         result = ResultMeta(step=meta.step, rows=rows, compute_ms=meta.compute_ms)
-        return tensor_frame(torch.empty(0, dtype=torch.int64), result.model_dump(exclude_none=True))
+        states = [row.hidden for row in rows if row.features]
+        tensor = torch.cat(states).to(torch.float16) if states else torch.empty(0, dtype=torch.int64)
+        return tensor_frame(tensor, result.model_dump(exclude_none=True, exclude_defaults=True))
 
     async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
         """Background part of an accepted step: compute, then push onward or answer the gateway."""
@@ -467,6 +486,17 @@ class StageService:
             "load_seconds": model.load_seconds,
             "torch_threads": torch.get_num_threads(),
         }
+
+
+def attach_features(result: RowResult, row: RowMeta, states: torch.Tensor) -> None:
+    """The hidden states a draft head needs from a verified row: its last ``row.features``
+    undrafted positions, then its accepted drafted ones (``states``: the row's last
+    ``features + len(draft)`` positions)."""
+    undrafted = states[: row.features]
+    accepted = result.path if result.path is not None else list(range(len(result.tokens) - 1))
+    drafted = states[row.features :][accepted] if accepted else states[:0]
+    result.hidden = torch.cat([undrafted, drafted]).cpu()
+    result.features = int(result.hidden.shape[0])
 
 
 def _rss_bytes() -> int:

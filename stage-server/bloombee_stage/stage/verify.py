@@ -12,6 +12,12 @@ every stage's KV cache back to the accepted length.
   is drawn from max(0, p - q), renormalised. The output then follows the target distribution p
   exactly, whatever the draft's q. Deterministic drafts (prompt lookup) have a one-hot q.
 
+* A draft tree (``RowMeta.tree``) is walked from its root: at each node the model's own token
+  (greedy) is looked for among the node's children; sampled rows check the children in order as
+  fixed candidates, each accepted with its probability under what is left of p (rejected ones
+  are removed and p renormalised), which draws exactly from p (SpecInfer's multi-candidate
+  rejection with one-hot drafts). The accepted nodes go back in ``RowResult.path``.
+
 The drafts themselves are made at the gateway (``bloombee_stage.gateway.drafting``).
 """
 
@@ -68,6 +74,49 @@ def verify(logits: torch.Tensor, row: RowMeta) -> list[int]:
     return tokens
 
 
+def verify_tree(logits: torch.Tensor, row: RowMeta) -> tuple[list[int], list[int]]:
+    """(tokens, accepted nodes) of a tree row: logits [1 + len(draft), vocab], row 0 the position
+    before the tree, row 1 + i node i's."""
+    draft, params, tree = row.draft, row.sampling, row.tree
+    assert tree is not None
+    if logits.shape[0] != len(draft) + 1:
+        raise ValueError(f"{logits.shape[0]} positions of logits for a tree of {len(draft)}; expected one more")
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(tree):
+        children.setdefault(parent, []).append(node)
+    first = row.start + row.length - len(draft) - 1
+    tokens: list[int] = []
+    path: list[int] = []
+    node = -1
+    while True:
+        scores = logits[node + 1]
+        candidates = children.get(node, [])
+        if params.greedy:
+            choice = int(scores.argmax())
+            follow = next((child for child in candidates if draft[child] == choice), None)
+            tokens.append(choice)
+            if follow is None:
+                return tokens, path
+            path.append(follow)
+            node = follow
+            continue
+        generator = position_generator(params, first + len(path))
+        p = target_probs(scores.unsqueeze(0), params)[0].clone()
+        follow = None
+        for child in candidates:
+            token = draft[child]
+            if float(torch.rand((), generator=generator)) < float(p[token]) / float(p.sum()):
+                follow = child
+                break
+            p[token] = 0.0
+        if follow is None:
+            tokens.append(draw(p, generator))
+            return tokens, path
+        tokens.append(draft[follow])
+        path.append(follow)
+        node = follow
+
+
 def decide(logits: torch.Tensor, row: RowMeta, grammars: GrammarMasks | None = None) -> RowResult:
     """What the last stage returns for a row: its tokens (``verify``), their logprobs if asked, and
     the prompt's if asked. ``logits`` hold the row's last ``len(draft) + 1`` positions, or all of
@@ -80,10 +129,16 @@ def decide(logits: torch.Tensor, row: RowMeta, grammars: GrammarMasks | None = N
             raise GrammarError("a row with a grammar reached a stage that does not choose tokens")
         assert row.context is not None  # RowMeta requires it with a grammar
         chosen_from = grammars.mask(window, row.session, row.sampling.grammar, row.context.completion, row.draft)
-    tokens = verify(processed_logits(chosen_from, row), row)
-    result = RowResult(session=row.session, tokens=tokens)
+    if row.tree is not None:  # no context or grammar (RowMeta refuses them with a tree)
+        tokens, path = verify_tree(processed_logits(window, row), row)
+        result = RowResult(session=row.session, tokens=tokens, path=path)
+        along = window[[0, *(1 + node for node in path)]]
+    else:
+        tokens = verify(processed_logits(chosen_from, row), row)
+        result = RowResult(session=row.session, tokens=tokens)
+        along = window[: len(tokens)]
     if row.sampling.logprobs is not None:
-        result.logprobs = token_logprobs(window[: len(tokens)], tokens, row.sampling.logprobs)
+        result.logprobs = token_logprobs(along, tokens, row.sampling.logprobs)
     if row.prompt_logprobs is not None and row.context is not None:
         following = row.context.prompt[row.start + 1 : row.start + row.length - len(row.draft)]
         result.prompt_logprobs = token_logprobs(logits[: len(following)], following, row.prompt_logprobs)

@@ -21,7 +21,7 @@ plus one token of its own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +34,8 @@ MAX_URL = 2048
 MAX_TOP_LOGPROBS = 20  # alternatives per position a result may carry (OpenAI's limit)
 MAX_LOGIT_BIAS = 300  # biased tokens per request (OpenAI's limit)
 MAX_CONTEXT_TOKENS = 1 << 17  # token ids in one row's TokenContext (a context is far shorter)
+MAX_FEATURE_POSITIONS = 64  # undrafted positions per row whose final hidden state a result may carry
+MAX_DRAFT_TOKENS = 256  # drafted tokens (chain or tree) in one row
 
 
 MAX_GRAMMAR_CHARS = 1 << 16
@@ -118,7 +120,17 @@ class RowMeta(BaseModel):
     length: int = Field(ge=1, description="real (unpadded) positions of this row")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_length: int | None = Field(default=None, ge=1, description="tokens the session may reach")
-    draft: list[int] = Field(default_factory=list, description="drafted tokens: the row's last len(draft) positions")
+    draft: list[int] = Field(default_factory=list, max_length=MAX_DRAFT_TOKENS,
+                             description="drafted tokens: the row's last len(draft) positions")
+    tree: list[int] | None = Field(default=None, max_length=MAX_DRAFT_TOKENS,
+                                   description="the draft as a tree: draft[i] follows draft[tree[i]] (-1: the row's "
+                                               "last undrafted position); none: a chain")  # fmt: skip
+    tree_path: list[int] = Field(default_factory=list, max_length=MAX_DRAFT_TOKENS,
+                                 description="the previous step's accepted tree nodes (indices into its draft, in "
+                                             "order): their KV moves to the positions just before `start`")  # fmt: skip
+    features: int = Field(default=0, ge=0, le=MAX_FEATURE_POSITIONS,
+                          description="return the final hidden state of this many of the row's last undrafted "
+                                      "positions and of its accepted drafted ones (for the gateway's draft head)")
     fork: str | None = Field(default=None, min_length=1, max_length=128,
                              description="a session on every stage whose first `start` positions this session starts "
                                          "from when it holds fewer (a prompt prefix computed before)")  # fmt: skip
@@ -136,6 +148,23 @@ class RowMeta(BaseModel):
             raise ValueError("a fork copies the first `start` positions of its source, so start must be at least 1")
         if len(self.draft) >= self.length:
             raise ValueError(f"a draft of {len(self.draft)} tokens needs at least one position before it")
+        if self.tree is not None:
+            if len(self.tree) != len(self.draft):
+                raise ValueError(f"a tree of {len(self.tree)} parents for {len(self.draft)} drafted tokens")
+            if any(not -1 <= parent < index for index, parent in enumerate(self.tree)):
+                raise ValueError("tree parents must come before their children: -1 <= tree[i] < i")
+            if self.draft_probs is not None:
+                raise ValueError("a tree's drafts are verified as fixed candidates; draft_probs is for chains")
+            if self.context is not None or self.sampling.grammar is not None:
+                raise ValueError("a tree draft cannot carry a context or grammar (they judge a chain); draft a chain")
+        if any(b <= a for a, b in zip(self.tree_path, self.tree_path[1:], strict=False)) or any(
+                node < 0 for node in self.tree_path):  # fmt: skip
+            raise ValueError("tree_path must name distinct tree nodes in increasing order")
+        if len(self.tree_path) > self.start:
+            raise ValueError(f"tree_path names {len(self.tree_path)} nodes before position {self.start}")
+        if self.features > self.length - len(self.draft):
+            raise ValueError(f"features: {self.features} undrafted positions asked of a row that has "
+                             f"{self.length - len(self.draft)}")
         if self.draft_probs is not None and len(self.draft_probs) != len(self.draft):
             raise ValueError(f"{len(self.draft_probs)} draft distributions for {len(self.draft)} drafted tokens")
         if self.prompt_logprobs is not None and (self.context is None or not self.context.prompt):
@@ -189,8 +218,13 @@ class StepMeta(BaseModel):
 
 
 class RowResult(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     session: str
     tokens: list[int]
+    path: list[int] | None = None  # a tree row's accepted nodes (indices into its draft), in order
+    features: int = 0  # rows of the result frame's tensor that are this row's hidden states, in row order
+    hidden: Any = Field(default=None, exclude=True)  # those rows, attached by the gateway once read
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the row's sampling asked
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt positions 1.., when the row asked
 

