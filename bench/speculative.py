@@ -93,12 +93,13 @@ class Running:
         real packet delay between them (``packet_delay``), instead of the delaying proxy."""
         from bloombee_operator.backends.local import LocalBackend
         from bloombee_operator.desired import desired_state
-        from pipelines import resource_for
+        from pipelines import TEST_CA, resource_for  # (its CA is the one urllib here presents and trusts)
 
         placed = {"host": "10.77.0.2", "namespaces": {f"smollm2-stage-{i}": (f"h{i + 1}", f"10.77.{i + 1}.2")
                                                       for i in range(3)}} if wan else {}  # fmt: skip
         self.backend = LocalBackend(run_dir, threads_per_stage=1, link_delay_ms=0.0 if wan else delay_ms,
-                                    gateway_args=gateway_args, startup_timeout_s=600, **placed)  # fmt: skip
+                                    gateway_args=gateway_args, startup_timeout_s=600, ca=TEST_CA,
+                                    **placed)  # fmt: skip
         desired = desired_state(resource_for(SMOLLM2), self.backend.model_shape(SMOLLM2), num_stages=3)
         self.endpoint = self.backend.start(desired)
         self.stage_names = [stage.name for stage in desired.stages]

@@ -41,6 +41,7 @@ class TreeDraft:
     parents: list[int] = field(default_factory=list)  # index into tokens; -1: the last accepted token
     path_probs: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    calls: int = 0  # head calls it took
 
     def top(self, size: int) -> TreeDraft:
         """The ``size`` nodes of highest path probability (and any ancestor a tie left out),
@@ -103,7 +104,10 @@ class HeadDrafter:
         return self.tree(state, depth=depth, width=1, size=depth).tokens
 
     @torch.inference_mode()
-    def tree(self, state: HeadState, depth: int, width: int, size: int) -> TreeDraft:
+    def tree(self, state: HeadState, depth: int, width: int, size: int, level_gain: float = 0.0) -> TreeDraft:
+        """A tree of at most ``depth`` levels; a level is expanded only while the likeliest
+        ``width`` nodes of the newest one together reach ``level_gain`` path probability (what one
+        more head call must be worth, ``TreeBudget.level_gain``)."""
         started = time.perf_counter()
         if state.last_out is None or depth < 1 or size < 1:
             return TreeDraft()
@@ -124,10 +128,12 @@ class HeadDrafter:
             layer.append(len(node_tokens) - 1)
         parent_out = {-1: state.last_out}
         processed: list[int] = []  # node indices in the order they entered the head's cache
+        calls = 0
         for level in range(1, depth):
             expand = sorted(layer, key=lambda node: -node_scores[node])[:width]
-            if not expand:
+            if not expand or sum(math.exp(node_scores[node]) for node in expand) < level_gain:
                 break
+            calls += 1
             outputs = self._run_nodes(state, expand, node_tokens, node_parents, node_depths, parent_out, processed)
             logps = self._log_probs(outputs)
             candidates = []
@@ -146,7 +152,7 @@ class HeadDrafter:
                 layer.append(len(node_tokens) - 1)
         everything = TreeDraft(node_tokens, node_parents, [math.exp(score) for score in node_scores])
         draft = everything.top(size)
-        draft.seconds = time.perf_counter() - started
+        draft.seconds, draft.calls = time.perf_counter() - started, calls
         return draft
 
     def _run_nodes(self, state: HeadState, nodes: list[int], tokens: list[int], parents: list[int],
@@ -194,6 +200,14 @@ class TreeBudget:
     samples: list[tuple[int, float]] = field(default_factory=list)
     predicted: float = 0.0
     accepted: int = 0
+    call_s: float = 0.005  # one head call (a tree level), measured
+    tokens: float = 1.5  # per round, running
+
+    def level_gain(self) -> float:
+        """The path probability one more tree level must add to pay for its head call: a level
+        adding g expected tokens for c seconds raises tokens per second while g / c beats the
+        rate so far, tokens / round_s."""
+        return self.call_s * self.tokens / (self.round_s * self.calibration)
 
     def size(self, path_probs: list[float], load: int = 1, draft_s: float = 0.0) -> int:
         ranked = sorted(path_probs, reverse=True)[: self.maximum]
@@ -208,7 +222,11 @@ class TreeBudget:
                 best, best_rate = count, rate
         return best
 
-    def update(self, predicted: float, accepted: int, nodes: int, round_s: float | None) -> None:
+    def update(self, predicted: float, accepted: int, nodes: int, round_s: float | None, calls: int = 0,
+               draft_s: float = 0.0) -> None:  # fmt: skip
+        self.tokens = 0.8 * self.tokens + 0.2 * (accepted + 1)
+        if calls and self.timed:
+            self.call_s = 0.8 * self.call_s + 0.2 * draft_s / (calls + 1)
         if nodes:
             self.predicted += predicted
             self.accepted += accepted

@@ -50,6 +50,7 @@ class Draft:
     seconds: float = 0.0
     tree: list[int] | None = None  # parents, when the draft is a tree (RowMeta.tree)
     predicted: float = 0.0  # the draft head's expected accepted tokens (sum of path probabilities)
+    calls: int = 0  # the draft head's calls for its tree's levels
 
 
 @dataclass

@@ -175,11 +175,12 @@ class Speculation:
                 return Draft()
             loop = asyncio.get_running_loop()
             width = 1 if chain_only else self.width
-            tree = await loop.run_in_executor(self.executor, self.head.tree, state, depth, width, self.budget.maximum)
+            tree = await loop.run_in_executor(self.executor, self.head.tree, state, depth, width, self.budget.maximum,
+                                              self.budget.level_gain())  # fmt: skip
             size = self.budget.size(tree.path_probs, self.load(), tree.seconds)
             tree = tree.top(min(size, room if positions is None else positions))
             return Draft(tree.tokens, seconds=tree.seconds, tree=tree.parents if width > 1 and tree.tokens else None,
-                         predicted=sum(tree.path_probs))  # fmt: skip
+                         predicted=sum(tree.path_probs), calls=tree.calls)  # fmt: skip
         count = min(self.length.current, room)
         if count < 1:
             return Draft()
@@ -300,7 +301,8 @@ async def generate(
             speculation.draft_seconds += draft.seconds
             round_s = time.perf_counter() - started
             speculation.length.update(len(draft.tokens), len(accepted) - 1, round_s, draft.seconds)
-            speculation.budget.update(draft.predicted, len(accepted) - 1, len(draft.tokens), round_s)
+            speculation.budget.update(draft.predicted, len(accepted) - 1, len(draft.tokens), round_s, draft.calls,
+                                      draft.seconds)  # fmt: skip
             await speculation.observe(state, pending, outcome)
             tree_path = list(outcome.path or []) if draft.tree is not None else []
             start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
