@@ -256,6 +256,7 @@ def test_the_shipped_head_drafts_trees_through_real_stages(tmp_path, smollm2_ref
     hidden states back from the last one, greedy tokens exactly generate's, alone and batched."""
     from pipelines import SMOLLM2, start_pipeline
     from test_pipeline_smollm2 import chat_request, reference_tokens
+    from test_speculative import assert_batched_greedy
 
     gateway_args = ["--draft", "head", "--micro-batch", "4", "--max-in-flight", "1"]
     pipeline = start_pipeline(tmp_path, SMOLLM2, "smollm2", gateway_args=gateway_args)
@@ -270,17 +271,7 @@ def test_the_shipped_head_drafts_trees_through_real_stages(tmp_path, smollm2_ref
 
         prompts = ["Write a short poem about the sea.", "What is the capital of France?",
                    "Give me three tips for sleeping well.", "Describe a sunset."]  # fmt: skip
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            replies = list(pool.map(lambda p: pipeline.post("/chat/completions", chat_request(p, max_tokens=24)),
-                                    prompts))  # fmt: skip
-        for status, reply in replies:
-            assert status == 200, reply
-            expected = reference_tokens(smollm2_reference, reply["prompt_token_ids"], 24)
-            assert reply["choices"][0]["token_ids"] == expected
-        metrics = pipeline.gateway_metrics()
-        assert metrics["bloombee_gateway_rows_sent_total"] > metrics["bloombee_gateway_steps_sent_total"]
+        assert_batched_greedy(pipeline, smollm2_reference, prompts)
 
         sampled = chat_request("Tell me a story about a dragon.", temperature=0.8, top_p=0.95, seed=11, max_tokens=20)
         first, again = pipeline.post("/chat/completions", sampled), pipeline.post("/chat/completions", sampled)

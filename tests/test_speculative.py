@@ -84,16 +84,7 @@ def test_early_exit_drafts_in_micro_batches_give_the_tokens_of_generate(tmp_path
     try:
         prompts = ["Write a short poem about the sea.", "List three colours of the rainbow.",
                    "What is the capital of France?", "Repeat after me: red, green, blue, red, green."]  # fmt: skip
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            replies = list(pool.map(lambda p: pipeline.post("/chat/completions", chat_request(p, max_tokens=24)),
-                                    prompts))  # fmt: skip
-        for status, reply in replies:
-            assert status == 200, reply
-            expected = reference_tokens(smollm2_reference, reply["prompt_token_ids"], 24)
-            assert reply["choices"][0]["token_ids"] == expected
-        metrics = pipeline.gateway_metrics()
-        # steps were shared
-        assert metrics["bloombee_gateway_rows_sent_total"] > metrics["bloombee_gateway_steps_sent_total"]
+        metrics = assert_batched_greedy(pipeline, smollm2_reference, prompts)
         assert metrics["bloombee_gateway_draft_accepted_total"] > 0
         assert metrics["bloombee_gateway_rounds_total"] < metrics["bloombee_gateway_generation_tokens_total"]
 
@@ -103,3 +94,18 @@ def test_early_exit_drafts_in_micro_batches_give_the_tokens_of_generate(tmp_path
         assert len(first[1]["choices"][0]["token_ids"]) == 20
     finally:
         pipeline.backend.stop()
+
+
+def assert_batched_greedy(pipeline, reference, prompts: list[str], max_tokens: int = 24) -> dict[str, float]:
+    """The prompts at once (their rows share steps): each answer is generate's, token for token.
+    Returns the gateway's metrics after them."""
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        replies = list(pool.map(lambda p: pipeline.post("/chat/completions", chat_request(p, max_tokens=max_tokens)),
+                                prompts))  # fmt: skip
+    for status, reply in replies:
+        assert status == 200, reply
+        assert reply["choices"][0]["token_ids"] == reference_tokens(reference, reply["prompt_token_ids"], max_tokens)
+    metrics = pipeline.gateway_metrics()
+    assert metrics["bloombee_gateway_rows_sent_total"] > metrics["bloombee_gateway_steps_sent_total"]  # shared steps
+    return metrics
+
