@@ -444,7 +444,8 @@ def test_heuristic_fixed_order_dp_equals_brute_force_over_that_order(seed):
     assert result.tokens_per_second == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("seed", range(40))
+# 20 instances: brute force takes ~45 s for them on 2 cores (seed 23 of 40 alone took 48 s)
+@pytest.mark.parametrize("seed", range(20))
 def test_dp_with_speculation_equals_brute_force(seed):
     """Speculation's drafted positions ride every step (compute, head, links) and a round yields
     several tokens: the DP's optimum under that cost is still brute force's."""
