@@ -86,9 +86,6 @@ class DraftHead(torch.nn.Module):
         columns = lm_head.detach().to(torch.float32)[self.vocab_ids].T.contiguous()
         self.register_buffer("head_columns", columns, persistent=False)
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: tensor for name, tensor in self.state_dict().items()}
-
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor,
                 mask: torch.Tensor | None, cache: DynamicCache | None = None) -> torch.Tensor:  # fmt: skip
         """features [B, T, H] (f[t]) and tokens [B, T] (x[t+1]) -> predicted f[t+1], [B, T, H].
@@ -114,7 +111,7 @@ class DraftHead(torch.nn.Module):
 def save_head(head: DraftHead, directory: Path, card: dict) -> HeadCard:
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
-    state = {name: tensor.detach().contiguous() for name, tensor in head.trainable_state().items()}
+    state = {name: tensor.detach().contiguous() for name, tensor in head.state_dict().items()}
     state = {name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
              for name, tensor in state.items()}  # fmt: skip
     save_file(state, weights)
