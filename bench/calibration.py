@@ -16,8 +16,9 @@ load (``planning.at_load``):
 
     hints     from the resource's hints alone, as a fresh deployment is planned
     feedback  from ``status.profiles`` after feedback: each stage's profiling run alone and all
-              together (the host's parallelism), and the gateway's transport and turnaround
-              measured on warm-up traffic
+              together (the host's parallelism), and the gateway's transport, turnaround and
+              prompt turnover (prompt positions per round) measured on warm-up traffic of the
+              same shape
     simulated the discrete-event simulator on the same measured inputs
 
     python bench/calibration.py [--deployments local local-25ms two-clusters] [--new-tokens 48]
@@ -109,7 +110,7 @@ def traffic(run) -> list[dict]:
     return found
 
 
-def predictions(run, concurrency: int) -> dict:
+def predictions(run, concurrency: int, new_tokens: int) -> dict:
     """What the model says of the running plan at ``concurrency``: from hints, and from the profiles."""
     from bloombee_operator.planner.simulator import simulate
     from bloombee_operator.planning import at_load, planner_inputs
@@ -125,7 +126,7 @@ def predictions(run, concurrency: int) -> dict:
         if name == "feedback":
             nodes = {node.name: node for node in inputs.nodes}
             simulated = simulate(costed, inputs.profile, nodes, inputs.links, inputs.workload.context,
-                                 arrival_rate=1e6, requests=concurrency * 4, tokens_per_request=32,
+                                 arrival_rate=1e6, requests=concurrency * 4, tokens_per_request=new_tokens,
                                  options=inputs.options)  # fmt: skip
             out["simulated"] = {"per_token_ms": simulated.mean_token_latency_s * 1000,
                                 "tokens_per_s": simulated.tokens_per_second}  # fmt: skip
@@ -169,7 +170,7 @@ def measure(name: str, new_tokens: int, rounds: int) -> list[dict]:
             run.keep()  # first calibration: profiling runs, re-plan under hysteresis
             endpoint, model = run.resource.status.endpoint, run.resource.metadata.name
             print(f"[{name}] warm-up traffic, then the gateway's measurements", flush=True)
-            load(endpoint, model, 4, 32, 2)
+            load(endpoint, model, 4, new_tokens, 2)  # requests of the measured shape: prompts turn over alike
             run.step(reconcile.deploy(run.resource, run.backend, reprofile=True))
             rows = []
             for clients in CONCURRENCY:
@@ -179,7 +180,7 @@ def measure(name: str, new_tokens: int, rounds: int) -> list[dict]:
                 steps = after[0] - before[0]
                 measured["rows_per_step"] = (after[1] - before[1]) / steps if steps else None
                 measured["stages"] = traffic(run)
-                predicted = predictions(run, clients)
+                predicted = predictions(run, clients, new_tokens)
                 row = {"deployment": name, "concurrency": clients, "measured": measured, **predicted}
                 for kind in ("hints", "feedback", "simulated"):
                     for metric in ("per_token_ms", "tokens_per_s"):

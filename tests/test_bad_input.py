@@ -332,6 +332,7 @@ def test_profiling_runs_and_the_gateways_measurements_are_for_the_operator_only(
     assert status == 200 and answer["last"] is True and answer["seconds"] > 0
     assert [size for size, _ in answer["profile"]["layerMsAt"]] == [1, 2] and answer["profile"]["samples"] == 4
     assert [size for size, _ in answer["profile"]["stepMsAt"]] == [1, 2]  # the last stage's head
+    assert {"onward", "streamBps"} <= set(answer["served"])  # beside it, what its traffic measured (/info's)
 
     assert tiny_chat(tiny_pipeline)[0] == 200
     public = tiny_pipeline.endpoint.removesuffix("/v1")

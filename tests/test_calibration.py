@@ -166,3 +166,26 @@ def test_a_profiling_run_times_every_size_the_planner_may_choose():
     assert profile_request(6)["rows"] == [1, 2, 4, 6] and profile_request(1) == {"rows": [1], "repeats": 24}
     assert all(len(profile_request(m)["rows"]) * profile_request(m)["repeats"] <= 64 for m in range(1, 257))
     assert list(itertools.chain(profile_request(256)["rows"])) == [1 << k for k in range(9)]
+
+
+def test_the_profiling_run_is_scaled_to_the_level_its_traffic_measured():
+    """The run gives the cost's shape at every size; traffic's medians, at the sizes it ran often
+    enough inside the run's range, give its level (the run times a stage alone; traffic shares the
+    cores). The head is scaled by its own traffic, and a stage without such traffic keeps its run."""
+    profiled = [[1, 2.0], [2, 3.0], [4, 4.0], [8, 6.0]]
+    heads = [[1, 10.0], [4, 16.0], [8, 24.0]]
+    served = {"layerMsAt": [[1, 2.4], [3, 9.9], [4, 4.8], [20, 30.0]], "stepMsAt": [[1, 15.0], [4, 24.0], [20, 1.0]],
+              "stepsAt": [[1, 10], [3, 4], [4, 30], [20, 50]], "onward": {"rttMs": 3.0, "mbps": 90.0},
+              "streamBps": 2e9}  # fmt: skip
+    run = {"profile": {"msPerLayer": 1.5, "msPerLayerToken": 0.5, "stepMs": 9.0, "stepMsPerToken": 2.0,
+                       "layerMsAt": profiled, "stepMsAt": heads, "samples": 12}, "last": True, "served": served}  # fmt: skip
+    entry = NodeProfile.from_run("home-a", "box", run)
+    # size 3 ran 4 times (too few) and 20 lies past the run's sizes: only sizes 1 and 4 count, both x1.2
+    assert entry.traffic_scale == pytest.approx(1.2) and entry.head_traffic_scale == pytest.approx(1.5)
+    assert (entry.ms_per_layer, entry.ms_per_layer_token) == (pytest.approx(1.8), pytest.approx(0.6))
+    assert entry.layer_ms_at == [(1, pytest.approx(2.4)), (2, pytest.approx(3.6)), (4, pytest.approx(4.8)),
+                                 (8, pytest.approx(7.2))]  # fmt: skip
+    assert (entry.head_ms, entry.head_ms_per_token) == (pytest.approx(13.5), pytest.approx(3.0))
+    assert (entry.onward_rtt_ms, entry.host_gbps) == (3.0, 2.0)
+    quiet = NodeProfile.from_run("home-a", "box", {**run, "served": {"stepsAt": [[4, 3]], "layerMsAt": [[4, 99.0]]}})
+    assert quiet.traffic_scale == 1.0 and quiet.ms_per_layer == 1.5 and quiet.layer_ms_at[2] == (4, 4.0)

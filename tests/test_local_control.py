@@ -159,13 +159,16 @@ def test_the_parts_measure_themselves_and_the_plan_is_costed_on_it(tmp_path, tin
         assert current.status.plan.predicted_latency_ms != hinted
 
         endpoint = resource["status"]["endpoint"]
-        for _ in range(2):
-            assert chat(endpoint)["usage"]["completion_tokens"] == 4
+        usages = [chat(endpoint)["usage"] for _ in range(2)]
+        assert [usage["completion_tokens"] for usage in usages] == [4, 4]
         later = reconcile.keep(reconcile.read(resource), backend, clock=lambda: time.time() + 601)
         apply_outcome(resource, later)
         gateway = resource["status"]["profiles"]["gateway"]
         assert gateway["steps"] > 0 and gateway["transportMs"] > 0 and gateway["frameMs"] >= 0
         assert gateway["roundOverheadMs"] >= 0
+        # the prompts the stages computed (a prefix-cache hit is not computed), over 8 rounds (no drafting)
+        computed = sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        assert computed > 0 and gateway["prefillPerRound"] == pytest.approx(computed / 8, abs=1e-4)
         first = resource["status"]["profiles"]["nodes"][0]  # it pushed frames onward: its link as they found it
         assert first["onwardRttMs"] > 0 and "onwardRttMs" not in resource["status"]["profiles"]["nodes"][-1]
     finally:

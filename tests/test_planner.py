@@ -16,6 +16,7 @@ from bloombee_operator.planner import (
     ModelProfile,
     Node,
     Options,
+    Plan,
     PlanningError,
     Workload,
     evaluate,
@@ -453,13 +454,31 @@ def test_dp_with_speculation_equals_brute_force(seed):
     model, nodes, links, workload, options = random_instance(rng)
     speculation = Speculation(tokens_per_round=rng.uniform(1.0, 4.0), drafted=rng.choice([0.0, 2.0, 7.5]),
                               draft_s=rng.uniform(0.0, 0.01))  # fmt: skip
-    options = replace(options, speculation=speculation)
+    options = replace(options, speculation=speculation, prefill_per_round=rng.choice([0.0, 0.4]))
     expected = brute_force(model, nodes, links, workload, options)
     if expected == 0:
         return
     result = plan(model, nodes, links, workload, options)
     assert result.tokens_per_second == pytest.approx(expected, rel=1e-9)
     assert result.latency_s == pytest.approx(result.round_s / speculation.tokens_per_round)
+
+
+def test_prompts_of_sequences_turning_over_cost_their_positions_in_every_step():
+    """q prompt positions per row and round cost what q drafted positions cost (compute, head,
+    links), without the drafting's time or its extra tokens."""
+    model, nodes, links, workload, options = random_instance(random.Random(11))
+    by_name = {n.name: n for n in nodes}
+
+    def costed(changed: Options) -> Plan:
+        return evaluate(model, by_name, links, [nodes[0].name], [model.num_layers], 4, 8, workload.context,
+                        options=changed)  # fmt: skip
+
+    plain, turning = costed(options), costed(replace(options, prefill_per_round=1.5))
+    as_drafts = costed(replace(options, speculation=Speculation(drafted=1.5)))
+    assert math.isfinite(plain.round_s) and turning.round_s > plain.round_s
+    assert (turning.cycle_s, turning.bottleneck_s, turning.round_s) == (as_drafts.cycle_s, as_drafts.bottleneck_s,
+                                                                         as_drafts.round_s)  # fmt: skip
+    assert turning.tokens_per_second == pytest.approx(8 / turning.round_s)
 
 
 def test_speculation_costs_its_drafts_and_shares_the_round_among_its_tokens():

@@ -74,7 +74,8 @@ def gateway_profile(measured: dict, inputs: PlannerInputs, plan: PlanStatus) -> 
                           steps=int(measured.get("steps", 0)), measured_at=measured.get("measuredAt"),
                           tokens_per_round=measured.get("tokensPerRound"),
                           drafted_per_round=measured.get("draftedPerRound"),
-                          draft_ms=measured.get("draftMsPerRound"))  # fmt: skip
+                          draft_ms=measured.get("draftMsPerRound"),
+                          prefill_per_round=measured.get("prefillPerRound"))  # fmt: skip
 
 
 def at_load(plan: PlanStatus, inputs: PlannerInputs, concurrency: int) -> Plan:

@@ -17,6 +17,8 @@ from bloombee_contract.status import ConditionStatus, ConditionType, Phase, Reas
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from bloombee_operator.planner.cost import interpolate
+
 
 class _Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
@@ -100,26 +102,64 @@ class NodeProfile(_Status):
     host_gbps: float | None = Field(default=None, gt=0, alias="hostGBps", description="the rate it streams "
                                     "offloaded weights and KV at (measured at its start)")  # fmt: skip
     samples: int = Field(default=0, ge=0)
+    traffic_scale: float = Field(default=1.0, gt=0, description="its traffic's step times over its profiling "
+                                 "run's (the layer costs above include it)")  # fmt: skip
+    head_traffic_scale: float | None = Field(default=None, gt=0, description="the same for its head")
     measured_at: str | None = None
 
     @classmethod
-    def from_run(cls, node: str, host: str | None, run: dict[str, Any], served: dict[str, Any] | None = None,
-                 ) -> NodeProfile:  # fmt: skip
-        """From a stage's ``/profile`` answer (the last stage's cost beside its layers is its head's),
-        and its ``/info`` profile of the traffic it served (``served``: its onward link)."""
+    def from_run(cls, node: str, host: str | None, run: dict[str, Any]) -> NodeProfile:
+        """From a stage's ``/profile`` answer: its profiling run (the last stage's cost beside its
+        layers is its head's), scaled to what the traffic it served measured where that traffic has
+        enough steps of the run's sizes (``traffic_scale``); its onward link and streaming rate
+        from that traffic."""
         fitted = run["profile"]
-        onward = (served or {}).get("onward") or {}
-        entry = cls(node=node, host=host, ms_per_layer=fitted["msPerLayer"],
-                    ms_per_layer_token=fitted["msPerLayerToken"], samples=fitted["samples"],
+        served = run.get("served") or {}
+        onward = served.get("onward") or {}
+        layers = traffic_scale(fitted.get("layerMsAt", []), served.get("layerMsAt", []), served.get("stepsAt", []))
+        entry = cls(node=node, host=host, ms_per_layer=round(fitted["msPerLayer"] * layers, 4),
+                    ms_per_layer_token=round(fitted["msPerLayerToken"] * layers, 5), samples=fitted["samples"],
                     measured_at=fitted.get("measuredAt"), onward_rtt_ms=onward.get("rttMs"),
-                    onward_mbps=onward.get("mbps"))  # fmt: skip
-        stream = (served or {}).get("streamBps")
+                    onward_mbps=onward.get("mbps"), traffic_scale=layers)  # fmt: skip
+        stream = served.get("streamBps")
         entry.host_gbps = round(stream / 1e9, 3) if stream else None
-        entry.layer_ms_at = [tuple(point) for point in fitted.get("layerMsAt", [])]
+        entry.layer_ms_at = [(tokens, round(ms * layers, 4)) for tokens, ms in fitted.get("layerMsAt", [])]
         if run.get("last"):
-            return entry.model_copy(update={"head_ms": fitted["stepMs"], "head_ms_per_token": fitted["stepMsPerToken"],
-                                            "head_ms_at": [tuple(point) for point in fitted.get("stepMsAt", [])]})
+            head = traffic_scale(fitted.get("stepMsAt", []), served.get("stepMsAt", []), served.get("stepsAt", []))
+            return entry.model_copy(update={
+                "head_ms": round(fitted["stepMs"] * head, 4),
+                "head_ms_per_token": round(fitted["stepMsPerToken"] * head, 5),
+                "head_ms_at": [(tokens, round(ms * head, 4)) for tokens, ms in fitted.get("stepMsAt", [])],
+                "head_traffic_scale": head,
+            })  # fmt: skip
         return entry.model_copy(update={"step_ms": fitted["stepMs"]})
+
+
+MIN_TRAFFIC_STEPS = 8  # steps of one size before traffic's median of it is trusted
+
+
+def traffic_scale(profiled: list[list[float]], served: list[list[float]], counts: list[list[float]]) -> float:
+    """How much slower (above 1) or faster steps ran under traffic than in the profiling run: the
+    mean over the step sizes traffic ran at least ``MIN_TRAFFIC_STEPS`` times within the run's
+    range of served ms / the run's ms interpolated there, weighted by those counts; 1 without any.
+
+    The profiling run times a stage alone on the compute thread; under traffic the same steps share
+    the cores with the gateway, the links' ends and the other stages, and carry rows of unlike
+    lengths, which the run does not. The run keeps the shape of the cost (its sizes span every step
+    size the planner may choose); traffic sets its level."""
+    points = sorted((float(tokens), float(ms)) for tokens, ms in profiled)
+    steps = {float(tokens): count for tokens, count in counts}
+    if not points:
+        return 1.0
+    weighted = total = 0.0
+    for tokens, ms in served:
+        count = steps.get(float(tokens), 0)
+        if count < MIN_TRAFFIC_STEPS or not points[0][0] <= tokens <= points[-1][0]:
+            continue
+        expected = interpolate(tuple(points), float(tokens))
+        if expected > 0 and ms > 0:
+            weighted, total = weighted + count * ms / expected, total + count
+    return round(weighted / total, 4) if total else 1.0
 
 
 class HostProfile(_Status):
@@ -140,6 +180,8 @@ class GatewayProfile(_Status):
     drafted_per_round: float | None = Field(default=None, ge=0, description="speculation: drafted tokens per row "
                                             "and round (the stages compute them too)")  # fmt: skip
     draft_ms: float | None = Field(default=None, ge=0, description="speculation: drafting per round")
+    prefill_per_round: float | None = Field(default=None, ge=0, description="q: prompt positions computed per "
+                                            "row and round (sequences turning over)")  # fmt: skip
     steps: int = Field(default=0, ge=0)
     measured_at: str | None = None
 

@@ -417,8 +417,8 @@ class LocalBackend:
         host = socket.gethostname()
         parallelism = sum(run["seconds"] for run in alone) / max(run["seconds"] for run in together)
         profiles = {
-            "nodes": [NodeProfile.from_run(stage.node, host, run, self._served(url)).dump()
-                      for stage, run, url in zip(desired.stages, alone, urls, strict=True)],
+            "nodes": [NodeProfile.from_run(stage.node, host, run).dump()
+                      for stage, run in zip(desired.stages, alone, strict=True)],
             "hosts": [{"name": host, "parallelism": round(max(parallelism, 1e-3), 3), "stages": len(urls),
                        "allNodes": True}],
         }
@@ -434,14 +434,6 @@ class LocalBackend:
             if measured.get("steps"):
                 profiles["gateway"] = measured
         return profiles
-
-    def _served(self, url: str) -> dict | None:
-        """What a stage measured of the traffic it served (its ``/info`` profile), or None."""
-        try:
-            with urllib.request.urlopen(url + INFO_PATH, timeout=10, context=self.tls) as reply:
-                return json.loads(reply.read()).get("profile")
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
 
     def _owned_stage(self, desired: DesiredState, name: str) -> bool:
         return name.startswith(f"{desired.name}-stage-")

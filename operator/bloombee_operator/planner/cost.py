@@ -35,6 +35,11 @@ unless measured, ``planning_inputs`` fills them from the stages' and the gateway
     o            per crossing: HTTP, TLS and (de)serialisation of one frame, added to each hop
     g            the gateway's own part of a round (results to the next step: tokens, streaming,
                  drafting), added to C once
+    q            prompt positions per row and round (the gateway's prompt positions computed over
+                 its rounds): sequences finish and new ones start, and their prompts take stage
+                 time too. They are costed as q more positions in every row of every step, as a
+                 chunked prefill would run them; the gateway sends a long prompt as a step of its
+                 own, which pays a step's fixed cost once more (small beside its positions)
 
 Stages that share a host (``bloombee up`` runs every stage on one machine) also share its cores:
 a host that does ``P_h`` stages' worth of work at once (measured: the stages' profiling run alone
@@ -191,10 +196,12 @@ class Options:
     round_overhead_s: float = 0.0  # g: the gateway's own part of every round (measured)
     host_parallelism: dict[str, float] = field(default_factory=dict)  # P_h per shared host (measured)
     speculation: Speculation = field(default_factory=Speculation)
+    prefill_per_round: float = 0.0  # prompt positions per row and round: sequences turning over (measured)
 
     def step_tokens(self, micro_batch: float) -> float:
-        """Positions a step of ``micro_batch`` rows computes: each row's token and its draft."""
-        return micro_batch * self.speculation.positions
+        """Positions a step of ``micro_batch`` rows computes: each row's token, its draft and its
+        share of the prompts of the sequences that replace finished ones."""
+        return micro_batch * (self.speculation.positions + self.prefill_per_round)
 
     def effective_batch(self, workload: Workload) -> int:
         return 1 if self.objective == "latency" else workload.batch

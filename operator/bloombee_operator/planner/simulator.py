@@ -7,7 +7,8 @@ plan relays), each stage a FIFO server taking
 ``cost.stage_option`` seconds for the slot's current occupancy, each link a FIFO wire busy for
 bytes / bandwidth plus half the round-trip time of flight. Back at the gateway every occupant
 gets one token; finished requests leave and waiting ones take their seats (continuous
-batching). Prefill is not modelled: each request's prompt is taken as already cached.
+batching). Prompts are costed as the planner costs them (``Options.prefill_per_round``: their
+positions spread over the rounds), not as steps of their own.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class GenerationEngine:
         default_waiting = 4 * settings.max_sequences if settings.max_sequences else None
         self.max_waiting = settings.max_waiting or default_waiting
         self.generation_s = 10.0  # recent wall time per generation (a moving average): for Retry-After
-        self.speculated = {"rounds": 0, "tokens": 0, "drafted": 0, "draft_s": 0.0}  # totals, for profile()
+        self.totals = {"rounds": 0, "tokens": 0, "drafted": 0, "draft_s": 0.0, "prefilled": 0}  # for profile()
         self.metrics = Metrics("bloombee_gateway")
         self._resources: _Running | None = None
         self._register_metrics()
@@ -417,19 +417,23 @@ class GenerationEngine:
         """What a round costs beside the stages' compute, measured on traffic (the gateway's ``/info``):
         ``transportMs``, the median of recent steps' round trips less their stages' compute (links, each crossing's
         HTTP, TLS and (de)serialisation), over ``crossings`` crossings; ``turnaroundMs``, the
-        gateway's own part of a round (a row's result to its next row: tokens, streaming, drafting)."""
+        gateway's own part of a round (a row's result to its next row: tokens, streaming, drafting);
+        ``prefillPerRound``, the prompt positions the stages computed per round of the generations
+        (how fast sequences turn over); with drafting, its tokens, drafts and time per round."""
         batcher = self._resources.batcher if self._resources is not None else None
         if batcher is None or not batcher.transport_ms:
             return {}
         turnaround = list(batcher.turnaround_ms)
-        rounds = self.speculated["rounds"]
-        speculation = {} if not rounds or self.settings.draft == "none" else {
-            "tokensPerRound": round(max(1.0, self.speculated["tokens"] / rounds), 4),
-            "draftedPerRound": round(self.speculated["drafted"] / rounds, 4),
-            "draftMsPerRound": round(self.speculated["draft_s"] * 1000 / rounds, 4),
+        rounds = self.totals["rounds"]
+        per_round = {} if not rounds or self.settings.draft == "none" else {
+            "tokensPerRound": round(max(1.0, self.totals["tokens"] / rounds), 4),
+            "draftedPerRound": round(self.totals["drafted"] / rounds, 4),
+            "draftMsPerRound": round(self.totals["draft_s"] * 1000 / rounds, 4),
         }  # fmt: skip
+        if rounds:  # prompts as the stages computed them (prefix-cache hits excluded), per round
+            per_round["prefillPerRound"] = round(self.totals["prefilled"] / rounds, 4)
         return {
-            **speculation,
+            **per_round,
             "transportMs": round(statistics.median(batcher.transport_ms), 4),
             "crossings": len(self.settings.stages) + 1,
             "turnaroundMs": round(statistics.median(turnaround), 4) if turnaround else 0.0,
@@ -480,8 +484,9 @@ class GenerationEngine:
         length, now = speculation.length, time.monotonic()
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
         for key, value in (("rounds", speculation.rounds), ("tokens", len(result.token_ids)),
-                           ("drafted", length.proposed), ("draft_s", speculation.draft_seconds)):  # fmt: skip
-            self.speculated[key] += value
+                           ("drafted", length.proposed), ("draft_s", speculation.draft_seconds),
+                           ("prefilled", max(0, prompt_tokens - result.cached_tokens))):  # fmt: skip
+            self.totals[key] += value
         self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
         self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
         self.metrics.inc("draft_seconds_total", "Time spent drafting at the gateway", speculation.draft_seconds)

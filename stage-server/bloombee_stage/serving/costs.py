@@ -107,6 +107,7 @@ class CostRecorder:
             "cpuMsPerLayerToken": round(layer_cpu.per_token * 1000, 5),
             "layerMsAt": points(lambda s: s.layers_wall_s / self.layers),  # [tokens, median ms per layer]
             "stepMsAt": points(lambda s: s.other_wall_s),
+            "stepsAt": [[tokens, len(group)] for tokens, group in sorted(by_tokens.items())],  # how many of each
             "stepMs": round(other_wall.fixed * 1000, 4),
             "stepMsPerToken": round(other_wall.per_token * 1000, 5),
             "wallPerCpu": round(wall / cpu, 3) if cpu > 0 else None,

@@ -293,7 +293,8 @@ class StageService:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         fitted = await loop.run_in_executor(self.executor, self._profile_steps, rows, repeats)
-        return {"profile": fitted, "seconds": round(time.perf_counter() - started, 4), "last": self.model.span.is_last}
+        return {"profile": fitted, "seconds": round(time.perf_counter() - started, 4), "last": self.model.span.is_last,
+                "served": self.served_profile()}  # fmt: skip
 
     def _profile_steps(self, rows: list[int], repeats: int) -> dict[str, object]:
         recorder = CostRecorder(self.model.span.length)
@@ -445,6 +446,11 @@ class StageService:
         offloaded = model.streamer.offloaded_bytes() if model.streamer else model.weight_bytes()
         return round(stream_bandwidth(bandwidth, tier, offloaded))
 
+    def served_profile(self) -> dict[str, Any]:
+        """What this stage measured of the traffic it served: its steps' costs, its onward link, the
+        rate it streams offloaded bytes at (``/info``'s profile, and beside each ``/profile`` run)."""
+        return {**self.costs.fit(), "onward": self.onward.fit(), "streamBps": self.stream_bps()}
+
     def info(self) -> dict[str, Any]:
         model = self.model
         return {
@@ -482,7 +488,7 @@ class StageService:
             },
             "sessions": len(self.sessions.sessions),
             "ms_per_layer": model.layer_ms,
-            "profile": {**self.costs.fit(), "onward": self.onward.fit(), "streamBps": self.stream_bps()},
+            "profile": self.served_profile(),
             "load_seconds": model.load_seconds,
             "torch_threads": torch.get_num_threads(),
         }

@@ -286,9 +286,10 @@ class KubernetesBackend:
         return []  # a cluster's own network: the planner's local link
 
     def measure_profiles(self, desired: DesiredState) -> dict | None:
-        """Each stage's profiling run, asked through its cluster's API server (signed, as the probes'
-        measurements are). Stages run on nodes of their own here, so no host is shared, and the
-        gateway's measurements are not collected yet."""
+        """Each stage's profiling run and what it measured of its traffic, asked through its
+        cluster's API server (signed, as the probes' measurements are). Stages run on nodes of their
+        own here, so no host is shared; the gateway's measurements are not collected yet (its
+        ``/info`` is on its mutual-TLS port, which the service proxy cannot present a certificate to)."""
         if self.ready_stages(desired) < len(desired.stages):
             return None
         key = self.secrets.measure_key(self.local)
