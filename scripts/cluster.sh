@@ -366,7 +366,15 @@ start_proc() { # name args...
     # 8>&- 9>&-: the daemons must not inherit our lock files' descriptors, or
     # they would hold the .cluster lock forever and block every later up/down.
     setsid "$BIN_DIR/$name" "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 8>&- 9>&- &
-    echo $! >"$DIR/pids/$name.pid"
+    local pid=$! tries=0
+    echo "$pid" >"$DIR/pids/$name.pid"
+    # Until the child has exec'd, its command line is still this script's, which proc_alive reads
+    # as "not ours" (a busy machine once failed a start as "etcd exited" with an empty log): wait
+    # for the exec, at most 10 s.
+    while ((tries++ < 200)) && kill -0 "$pid" 2>/dev/null &&
+        ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$DIR/"; do
+        sleep 0.05
+    done
 }
 
 # True if the pid file's process is alive and really one of ours: every
