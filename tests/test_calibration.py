@@ -15,7 +15,7 @@ from bloombee_operator.api.resource import parse_resource
 from bloombee_operator.api.status import GatewayProfile, HostProfile, LinkStatus, NodeProfile, ProfilesStatus
 from bloombee_operator.planner import Link, Links, ModelProfile, Node, Options, Workload, evaluate, plan
 from bloombee_operator.planner.cost import GATEWAY, host_bound, interpolate
-from bloombee_operator.planning import PlannerInputs, at_load, plan_status, profile_request
+from bloombee_operator.planning import PlannerInputs, at_load, gateway_profile, plan_status, profile_request
 from bloombee_operator.planning_inputs import links_from_entries, with_profiles
 from bloombee_stage.serving.costs import CostRecorder, LinkRecorder, StepCost, fit_line
 from test_planner import brute_force
@@ -178,7 +178,8 @@ def test_the_profiling_run_is_scaled_to_the_level_its_traffic_measured():
               "stepsAt": [[1, 10], [3, 4], [4, 30], [20, 50]], "onward": {"rttMs": 3.0, "mbps": 90.0},
               "streamBps": 2e9}  # fmt: skip
     run = {"profile": {"msPerLayer": 1.5, "msPerLayerToken": 0.5, "stepMs": 9.0, "stepMsPerToken": 2.0,
-                       "layerMsAt": profiled, "stepMsAt": heads, "samples": 12}, "last": True, "served": served}  # fmt: skip
+                       "layerMsAt": profiled, "stepMsAt": heads, "samples": 12},
+           "last": True, "served": served}  # fmt: skip
     entry = NodeProfile.from_run("home-a", "box", run)
     # size 3 ran 4 times (too few) and 20 lies past the run's sizes: only sizes 1 and 4 count, both x1.2
     assert entry.traffic_scale == pytest.approx(1.2) and entry.head_traffic_scale == pytest.approx(1.5)
@@ -189,3 +190,20 @@ def test_the_profiling_run_is_scaled_to_the_level_its_traffic_measured():
     assert (entry.onward_rtt_ms, entry.host_gbps) == (3.0, 2.0)
     quiet = NodeProfile.from_run("home-a", "box", {**run, "served": {"stepsAt": [[4, 3]], "layerMsAt": [[4, 99.0]]}})
     assert quiet.traffic_scale == 1.0 and quiet.ms_per_layer == 1.5 and quiet.layer_ms_at[2] == (4, 4.0)
+
+
+def test_the_gateways_measurements_become_the_models_terms():
+    """Transport less the links' own flight, shared over the crossings, is each crossing's cost o;
+    the turnaround less its drafting (costed on its own) is the round's overhead g."""
+    nodes = [Node(f"home-{n}", "home", 1e9, 0.002, 0.0005) for n in "ab"]
+    link = Link(0.010, 1e12)  # 5 ms each way, bytes for free
+    inputs = PlannerInputs(MODEL, nodes, Links(between={(GATEWAY, "home"): link}, local=link), Workload(8, 64),
+                           Options(max_micro_batch=4))  # fmt: skip
+    planned = plan_status(evaluate(MODEL, {n.name: n for n in nodes}, inputs.links, ["home-a", "home-b"], [3, 3],
+                                   4, 8, 64), inputs)  # fmt: skip
+    measured = {"transportMs": 21.0, "turnaroundMs": 6.5, "draftMsPerRound": 2.5, "tokensPerRound": 1.8,
+                "prefillPerRound": 0.2, "steps": 40}  # fmt: skip
+    gateway = gateway_profile(measured, inputs, planned)
+    assert gateway.frame_ms == pytest.approx((21.0 - 3 * 5.0) / 3)  # three crossings of 5 ms flight each
+    assert gateway.round_overhead_ms == pytest.approx(4.0) and gateway.draft_ms == 2.5
+    assert gateway_profile({"turnaroundMs": 1.0, "draftMsPerRound": 3.0}, inputs, planned).round_overhead_ms == 0.0

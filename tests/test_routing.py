@@ -155,6 +155,30 @@ def test_short_rows_share_micro_batches_and_prefills_never_wait():
     assert all(len(step) == 1 for step in every if max(step) > SHORT_ROW)
 
 
+def test_the_gateways_part_of_a_round_is_timed_per_step_from_its_rows_results():
+    """The round's own overhead g, as a packed step lives it: from the first of its rows' results
+    to the step leaving (streaming, drafting, gathering), once per step, not once per row."""
+
+    async def scenario() -> tuple[list[float], list[list[int]]]:
+        held = _HeldSteps()
+        held.release.set()
+        batcher = MicroBatcher(held, Router([["a"]]), micro_batch=2, max_in_flight=1)  # type: ignore[arg-type]
+
+        async def generation(name: str, pause_s: float) -> None:
+            path = batcher.open()
+            for _ in range(2):
+                await batcher.step(RowMeta(session=name, start=0, length=1), [1], path)
+                await asyncio.sleep(pause_s)  # this generation's own work before its next row
+
+        await asyncio.gather(generation("one", 0.05), generation("two", 0.05))
+        await batcher.stop()
+        return list(batcher.turnaround_ms), held.steps
+
+    turnaround, steps = asyncio.run(scenario())
+    assert steps == [[1, 1], [1, 1]]  # both rounds' rows left together
+    assert len(turnaround) == 1 and 45.0 <= turnaround[0] < 1000.0  # the second step, 50 ms after the first
+
+
 def test_a_gateway_started_with_a_larger_micro_batch_than_its_stages_uses_theirs(tmp_path, tiny_dir):
     planned = {"micro_batch": 2}
     pipeline = start_pipeline(tmp_path, str(tiny_dir), "tiny", num_stages=2, gateway_args=["--micro-batch", "4"],

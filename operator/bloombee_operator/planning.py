@@ -59,7 +59,8 @@ def profile_request(max_micro_batch: int, steps: int = 24) -> dict:
 def gateway_profile(measured: dict, inputs: PlannerInputs, plan: PlanStatus) -> GatewayProfile:
     """The gateway's measurements in the planner's terms: its transport time less what the links
     themselves take (half their round trip and the bytes, per crossing of ``plan``), shared out
-    over the crossings, is each crossing's fixed cost ``o``."""
+    over the crossings, is each crossing's fixed cost ``o``; its turnaround less the drafting in it
+    (costed on its own, as speculation's ``draft_s``) is the round's own overhead ``g``."""
     nodes = {node.name: node for node in inputs.nodes}
     order = [stage.node for stage in plan.stages]
     flight = 0.0
@@ -70,7 +71,9 @@ def gateway_profile(measured: dict, inputs: PlannerInputs, plan: PlanStatus) -> 
             crossings += 1
     transport = float(measured.get("transportMs", 0.0))
     return GatewayProfile(frame_ms=round(max(0.0, transport - flight * 1000) / max(1, crossings), 4),
-                          round_overhead_ms=float(measured.get("turnaroundMs", 0.0)), transport_ms=transport,
+                          round_overhead_ms=round(max(0.0, float(measured.get("turnaroundMs", 0.0))
+                                                      - float(measured.get("draftMsPerRound") or 0.0)), 4),
+                          transport_ms=transport,
                           steps=int(measured.get("steps", 0)), measured_at=measured.get("measuredAt"),
                           tokens_per_round=measured.get("tokensPerRound"),
                           drafted_per_round=measured.get("draftedPerRound"),

@@ -50,6 +50,7 @@ class _Queued:
     inputs: list[int]
     path: Path
     future: asyncio.Future[RowResult]
+    returned: float | None = None  # when the generation's previous row came back (None: its first)
 
 
 class MicroBatcher:
@@ -69,7 +70,7 @@ class MicroBatcher:
         self.rows = 0
         self._queue: deque[_Queued] = deque()
         self._returned: dict[str, float] = {}  # session -> when its last result came back
-        self.turnaround_ms: deque[float] = deque(maxlen=512)  # from a row's result to its next row
+        self.turnaround_ms: deque[float] = deque(maxlen=512)  # from a step's rows' results to the step leaving
         self.transport_ms: deque[float] = deque(maxlen=512)  # a step's round trip less its stages' compute
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -99,20 +100,18 @@ class MicroBatcher:
 
     async def step(self, row: RowMeta, inputs: list[int], path: Path) -> RowResult:
         """The row's result (its tokens), once the step that carried it returns."""
-        returned = self._returned.pop(row.session, None)
-        if returned is not None:  # the gateway's own part of the round: this row's last result to now
-            self.turnaround_ms.append((time.perf_counter() - returned) * 1000)
-        result = await self._step(row, inputs, path)
+        result = await self._step(row, inputs, path, self._returned.pop(row.session, None))
         if len(self._returned) < MAX_TRACKED:
             self._returned[row.session] = time.perf_counter()
         return result
 
-    async def _step(self, row: RowMeta, inputs: list[int], path: Path) -> RowResult:
+    async def _step(self, row: RowMeta, inputs: list[int], path: Path, returned: float | None) -> RowResult:
         if self.micro_batch == 1:
+            self._note_turnaround([returned])
             return (await self._carry([row], [inputs], path))[0]
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
-        queued = _Queued(row, inputs, path, asyncio.get_running_loop().create_future())
+        queued = _Queued(row, inputs, path, asyncio.get_running_loop().create_future(), returned)
         if row.length > SHORT_ROW:
             self._dispatch([queued], long=True)
         else:
@@ -199,7 +198,15 @@ class MicroBatcher:
         self._queue.extendleft(reversed(passed))  # rows passed over keep their place in line
         return batch
 
+    def _note_turnaround(self, returned: list[float | None]) -> None:
+        """The gateway's own part of a round, as the step leaving now lived it: from the first of its
+        rows' previous results (tokens streamed, drafts made, rows gathered) to now."""
+        known = [when for when in returned if when is not None]
+        if known:
+            self.turnaround_ms.append((time.perf_counter() - min(known)) * 1000)
+
     def _dispatch(self, batch: list[_Queued], long: bool = False) -> None:
+        self._note_turnaround([queued.returned for queued in batch])
         self.rows_in_flight += len(batch)
         if long:
             self.long_in_flight += 1

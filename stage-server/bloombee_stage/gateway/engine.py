@@ -417,7 +417,8 @@ class GenerationEngine:
         """What a round costs beside the stages' compute, measured on traffic (the gateway's ``/info``):
         ``transportMs``, the median of recent steps' round trips less their stages' compute (links, each crossing's
         HTTP, TLS and (de)serialisation), over ``crossings`` crossings; ``turnaroundMs``, the
-        gateway's own part of a round (a row's result to its next row: tokens, streaming, drafting);
+        mean of the gateway's own part of a round (a step's rows' results to the step leaving:
+        tokens, streaming, drafting, gathering; a mean, as it adds to every round);
         ``prefillPerRound``, the prompt positions the stages computed per round of the generations
         (how fast sequences turn over); with drafting, its tokens, drafts and time per round."""
         batcher = self._resources.batcher if self._resources is not None else None
@@ -436,7 +437,7 @@ class GenerationEngine:
             **per_round,
             "transportMs": round(statistics.median(batcher.transport_ms), 4),
             "crossings": len(self.settings.stages) + 1,
-            "turnaroundMs": round(statistics.median(turnaround), 4) if turnaround else 0.0,
+            "turnaroundMs": round(statistics.fmean(turnaround), 4) if turnaround else 0.0,
             "steps": batcher.steps,
             "measuredAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
