@@ -454,7 +454,8 @@ def test_dp_with_speculation_equals_brute_force(seed):
     model, nodes, links, workload, options = random_instance(rng)
     speculation = Speculation(tokens_per_round=rng.uniform(1.0, 4.0), drafted=rng.choice([0.0, 2.0, 7.5]),
                               draft_s=rng.uniform(0.0, 0.01))  # fmt: skip
-    options = replace(options, speculation=speculation, prefill_per_round=rng.choice([0.0, 0.4]))
+    options = replace(options, speculation=speculation, prefill_per_round=rng.choice([0.0, 0.4]),
+                      prompt_positions=rng.choice([1.0, 6.0, 30.0]))  # fmt: skip
     expected = brute_force(model, nodes, links, workload, options)
     if expected == 0:
         return
@@ -479,6 +480,32 @@ def test_prompts_of_sequences_turning_over_cost_their_positions_in_every_step():
     assert (turning.cycle_s, turning.bottleneck_s, turning.round_s) == (as_drafts.cycle_s, as_drafts.bottleneck_s,
                                                                          as_drafts.round_s)  # fmt: skip
     assert turning.tokens_per_second == pytest.approx(8 / turning.round_s)
+
+
+def test_prompts_are_costed_packed_into_steps_when_short_and_as_steps_of_their_own_when_long():
+    """m * q / P prompts per step: a short one (P <= SHORT_ROW) adds its positions to the step it
+    rides, a long one costs a step of P positions; neither adds rows to the LM head. Measured
+    costs jump from one row to two (GEMV to GEMM on a CPU), which spreading q over every row would
+    charge at the jump's slope."""
+    node = Node("n", "c", 1e12, 0.0, 0.0, layer_points=((1, 0.002), (2, 0.004), (8, 0.005), (64, 0.012)),
+                head_points=((1, 0.010), (8, 0.030)))  # fmt: skip
+    model = ModelProfile(num_layers=10, weight_bytes_per_layer=1.0, kv_bytes_per_token_per_layer=1.0,
+                         hidden_bytes_per_token=1.0)  # fmt: skip
+    link = Link(0.0, 1e15)
+
+    def round_s(micro_batch: int, **changes: float) -> float:
+        options = replace(Options(allow_offload=False), **changes)
+        return evaluate(model, {"n": node}, Links(between={(GATEWAY, "c"): link}, local=link), ["n"], [10],
+                        micro_batch, micro_batch, 16, options=options).round_s  # fmt: skip
+
+    plain = round_s(1)
+    assert plain == pytest.approx(10 * 0.002 + 0.010)
+    # one prompt of 8 positions every 40 rounds of a lone row (q = 0.2): packed, 8 positions more
+    packed = round_s(1, prefill_per_round=0.2, prompt_positions=8.0)
+    assert packed - plain == pytest.approx(0.2 / 8 * 10 * (node.layer(9) - node.layer(1)))
+    assert packed - plain < round_s(1, prefill_per_round=0.2) - plain  # spread over every row at the jump
+    alone = round_s(4, prefill_per_round=0.2, prompt_positions=40.0)
+    assert alone - round_s(4) == pytest.approx(4 * 0.2 / 40 * 10 * node.layer(40))
 
 
 def test_speculation_costs_its_drafts_and_shares_the_round_among_its_tokens():

@@ -70,15 +70,21 @@ def gateway_profile(measured: dict, inputs: PlannerInputs, plan: PlanStatus) -> 
             flight += hop(inputs.links.get(source, target), per_token, codecs)[0]
             crossings += 1
     transport = float(measured.get("transportMs", 0.0))
+
+    def less_drafting(turnaround_ms: float) -> float:
+        return round(max(0.0, float(turnaround_ms) - float(measured.get("draftMsPerRound") or 0.0)), 4)
+
     return GatewayProfile(frame_ms=round(max(0.0, transport - flight * 1000) / max(1, crossings), 4),
-                          round_overhead_ms=round(max(0.0, float(measured.get("turnaroundMs", 0.0))
-                                                      - float(measured.get("draftMsPerRound") or 0.0)), 4),
+                          round_overhead_ms=less_drafting(measured.get("turnaroundMs") or 0.0),
+                          alone_overhead_ms=less_drafting(measured["rowTurnaroundMs"])
+                          if "rowTurnaroundMs" in measured else None,
                           transport_ms=transport,
                           steps=int(measured.get("steps", 0)), measured_at=measured.get("measuredAt"),
                           tokens_per_round=measured.get("tokensPerRound"),
                           drafted_per_round=measured.get("draftedPerRound"),
                           draft_ms=measured.get("draftMsPerRound"),
-                          prefill_per_round=measured.get("prefillPerRound"))  # fmt: skip
+                          prefill_per_round=measured.get("prefillPerRound"),
+                          prompt_positions=measured.get("promptPositions") or None)  # fmt: skip
 
 
 def at_load(plan: PlanStatus, inputs: PlannerInputs, concurrency: int) -> Plan:

@@ -180,8 +180,10 @@ def with_profiles(nodes: list[Node], links: Links, options: Options,
     gateway = profiles.gateway
     if gateway is not None:
         links = replace(links, frame_s=gateway.frame_ms / 1000)
-        options = replace(options, round_overhead_s=gateway.round_overhead_ms / 1000,
-                          prefill_per_round=gateway.prefill_per_round or 0.0)  # fmt: skip
+        alone = gateway.alone_overhead_ms / 1000 if gateway.alone_overhead_ms is not None else None
+        options = replace(options, round_overhead_s=gateway.round_overhead_ms / 1000, alone_overhead_s=alone,
+                          prefill_per_round=gateway.prefill_per_round or 0.0,
+                          prompt_positions=gateway.prompt_positions or 1.0)  # fmt: skip
         if gateway.tokens_per_round is not None:  # speculation as it ran: tokens per round, and its costs
             options = replace(options, speculation=Speculation(gateway.tokens_per_round,
                                                                gateway.drafted_per_round or 0.0,

@@ -174,7 +174,10 @@ class GatewayProfile(_Status):
     """What a round costs beside the stages' compute, from the gateway's traffic."""
 
     frame_ms: float = Field(ge=0, description="o: each crossing's fixed cost (transport less the links' delay)")
-    round_overhead_ms: float = Field(ge=0, description="g: the gateway's own part of a round")
+    round_overhead_ms: float = Field(ge=0, description="g: the gateway's own part of a round (a packed step's "
+                                     "results to the step leaving)")  # fmt: skip
+    alone_overhead_ms: float | None = Field(default=None, ge=0, description="g for a row that leaves alone (a "
+                                            "generation's result to its next row)")  # fmt: skip
     transport_ms: float = Field(default=0.0, ge=0, description="a step's round trip less its stages' compute")
     tokens_per_round: float | None = Field(default=None, ge=1, description="speculation: tokens per row and round")
     drafted_per_round: float | None = Field(default=None, ge=0, description="speculation: drafted tokens per row "
@@ -182,6 +185,8 @@ class GatewayProfile(_Status):
     draft_ms: float | None = Field(default=None, ge=0, description="speculation: drafting per round")
     prefill_per_round: float | None = Field(default=None, ge=0, description="q: prompt positions computed per "
                                             "row and round (sequences turning over)")  # fmt: skip
+    prompt_positions: float | None = Field(default=None, gt=0, description="P: positions computed per prompt "
+                                           "(short ones are packed with other rows, long ones go alone)")  # fmt: skip
     steps: int = Field(default=0, ge=0)
     measured_at: str | None = None
 

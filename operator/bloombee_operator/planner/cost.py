@@ -33,13 +33,16 @@ unless measured, ``planning_inputs`` fills them from the stages' and the gateway
     s_u          per step on node u outside its layers (decoding the frame, sessions): stage time + s_u
     head_u(m)    the final norm, LM head and token choice, on the last stage only: g_u + p_u * m
     o            per crossing: HTTP, TLS and (de)serialisation of one frame, added to each hop
-    g            the gateway's own part of a round (results to the next step: tokens, streaming,
-                 drafting), added to C once
-    q            prompt positions per row and round (the gateway's prompt positions computed over
-                 its rounds): sequences finish and new ones start, and their prompts take stage
-                 time too. They are costed as q more positions in every row of every step, as a
-                 chunked prefill would run them; the gateway sends a long prompt as a step of its
-                 own, which pays a step's fixed cost once more (small beside its positions)
+    g            the gateway's own part of a round (a step's rows' results to the step leaving:
+                 tokens, streaming, drafting, gathering the rows), added to C once; rows that
+                 leave alone (micro-batch 1) are not gathered and have a g of their own
+    q, P         prompt positions per row and round, and per prompt (the gateway's prompt
+                 positions computed over its rounds and its prompts): sequences finish and new ones
+                 start, and their prompts take stage time too. A step of m rows carries m * q / P
+                 prompts: a short one (P <= SHORT_ROW, as the gateway packs rows) adds P positions
+                 to the step it rides, a long one is a step of P positions of its own. Spreading
+                 q over every row instead would charge it at the slope of the cost at m rows, which
+                 on a CPU jumps from one row to two (GEMV to GEMM)
 
 Stages that share a host (``bloombee up`` runs every stage on one machine) also share its cores:
 a host that does ``P_h`` stages' worth of work at once (measured: the stages' profiling run alone
@@ -78,6 +81,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from bloombee_contract.batching import SHORT_ROW
 from bloombee_contract.codec_cost import RAW, CodecProfile, wire_seconds
 
 GATEWAY = "gateway"
@@ -193,15 +197,39 @@ class Options:
     offload_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     exact_node_limit: int = 12  # up to this many nodes the node order is searched exactly (~1 s at 12)
     relay_hops: bool = True  # may a hop go through the gateway when that is faster than the direct link
-    round_overhead_s: float = 0.0  # g: the gateway's own part of every round (measured)
+    round_overhead_s: float = 0.0  # g: the gateway's own part of every round of packed steps (measured)
+    alone_overhead_s: float | None = None  # g where each row leaves alone (micro-batch 1; None: as packed)
     host_parallelism: dict[str, float] = field(default_factory=dict)  # P_h per shared host (measured)
     speculation: Speculation = field(default_factory=Speculation)
-    prefill_per_round: float = 0.0  # prompt positions per row and round: sequences turning over (measured)
+    prefill_per_round: float = 0.0  # q: prompt positions per row and round: sequences turning over (measured)
+    prompt_positions: float = 1.0  # P: positions per prompt (measured); q / P prompts per row and round
 
     def step_tokens(self, micro_batch: float) -> float:
-        """Positions a step of ``micro_batch`` rows computes: each row's token, its draft and its
+        """Positions a step of ``micro_batch`` rows carries: each row's token, its draft and its
         share of the prompts of the sequences that replace finished ones."""
         return micro_batch * (self.speculation.positions + self.prefill_per_round)
+
+    def layer_seconds(self, node: Node, micro_batch: float) -> float:
+        """Seconds per layer of a step of ``micro_batch`` rows (with their drafts), and its share of
+        the prompts: m * q / P prompts of P positions per step, each packed into the step as one
+        more row when short (``SHORT_ROW``, as the gateway packs them) or a step of its own."""
+        positions = micro_batch * self.speculation.positions
+        alone = node.layer(positions)
+        if not self.prefill_per_round:
+            return alone
+        prompts = micro_batch * self.prefill_per_round / self.prompt_positions
+        if self.prompt_positions <= SHORT_ROW:
+            return alone + prompts * (node.layer(positions + self.prompt_positions) - alone)
+        return alone + prompts * node.layer(self.prompt_positions)
+
+    def head_seconds(self, node: Node, micro_batch: float) -> float:
+        """The LM head of such a step: every row's positions (a prompt adds only its last, its row's own)."""
+        return node.head(micro_batch * self.speculation.positions)
+
+    def overhead_s(self, micro_batch: float) -> float:
+        """The gateway's own part of a round: rows that leave alone do not wait to be gathered."""
+        alone = self.alone_overhead_s if micro_batch <= 1 else None
+        return (self.round_overhead_s if alone is None else alone) + self.speculation.draft_s
 
     def effective_batch(self, workload: Workload) -> int:
         return 1 if self.objective == "latency" else workload.batch
@@ -262,19 +290,20 @@ def micro_batches(batch: int, micro_batch: int) -> int:
 
 def stage_option(
     model: ModelProfile, node: Node, layers: int, micro_batch: int, batch: int, context: int,
-    offload_weights: float, offload_kv: float, resident: int | None = None, positions: float | None = None,
+    offload_weights: float, offload_kv: float, resident: int | None = None, per_layer: float | None = None,
 ) -> float:  # fmt: skip
     """Seconds per micro-batch for ``node`` serving ``layers`` layers, or inf when it does not fit.
 
     ``resident``: sequences whose KV is held (default ``batch``); a micro-batch pages in its own
-    share. ``positions``: what the step computes, when more than its rows (speculation).
+    share. ``per_layer``: a layer's seconds for the step, when more than its rows' (drafts and
+    prompts: ``Options.layer_seconds``).
     """
     resident = resident or batch
     weights = layers * model.weight_bytes_per_layer
     kv = layers * model.kv_bytes_per_token_per_layer * context * resident
     if weights * (1 - offload_weights) + kv * (1 - offload_kv) > node.memory_bytes:
         return math.inf
-    compute = layers * node.layer(positions or micro_batch) + node.step_seconds
+    compute = layers * (node.layer(micro_batch) if per_layer is None else per_layer) + node.step_seconds
     n = micro_batches(batch, micro_batch)
     streamed = weights * offload_weights / n + kv * offload_kv * micro_batch / resident
     stream = streamed / node.host_bandwidth
@@ -294,7 +323,7 @@ def best_stage(
     for f_w in options.offload_choices():
         for f_kv in options.offload_choices():
             seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident,
-                                   options.step_tokens(micro_batch))  # fmt: skip
+                                   options.layer_seconds(node, micro_batch))  # fmt: skip
             if seconds < best[0]:
                 best = (seconds, f_w, f_kv)
     return best
@@ -369,9 +398,9 @@ def evaluate(
         else:
             f_w, f_kv = offloads[index]
             seconds = stage_option(model, node, layers, micro_batch, batch, context, f_w, f_kv, resident,
-                                   options.step_tokens(micro_batch))  # fmt: skip
+                                   options.layer_seconds(node, micro_batch))  # fmt: skip
         if index == len(order) - 1:
-            seconds += node.head(options.step_tokens(micro_batch))
+            seconds += options.head_seconds(node, micro_batch)
         cycle += seconds
         bottleneck = max(bottleneck, seconds)
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
@@ -382,7 +411,7 @@ def evaluate(
                                 links.frame_s)  # fmt: skip
             cycle += latency
             bottleneck = max(bottleneck, busy)
-    cycle += options.round_overhead_s + options.speculation.draft_s
+    cycle += options.overhead_s(micro_batch)
     n = micro_batches(batch, micro_batch)
     shared = host_bound([nodes[s.node].host for s in stages], [s.seconds for s in stages], n, options)
     flags = relay_flags(relay, len(order))

@@ -88,7 +88,7 @@ def stage_table(model: ModelProfile, nodes: list[Node], m: int, batch: int, cont
     """Vectorised cost.best_stage for every node and every layer count: seconds [N, L+1]."""
     layers = np.arange(model.num_layers + 1, dtype=float)[None, :]
     memory = np.array([n.memory_bytes for n in nodes])[:, None]
-    per_layer = np.array([n.layer(options.step_tokens(m)) for n in nodes])[:, None]
+    per_layer = np.array([options.layer_seconds(n, m) for n in nodes])[:, None]
     host = np.array([n.host_bandwidth for n in nodes])[:, None]
     interference = np.array([n.stream_interference for n in nodes])[:, None]
     weights = layers * model.weight_bytes_per_layer
@@ -121,7 +121,7 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
         in_latency[i], in_busy[i] = crossing(links, GATEWAY, u.cluster, positions * TOKEN_BYTES)
         out_latency[i], out_busy[i] = crossing(links, u.cluster, GATEWAY, positions * TOKEN_BYTES)
         # the gateway's own part and its drafting: once per round
-        out_latency[i] += options.round_overhead_s + options.speculation.draft_s
+        out_latency[i] += options.overhead_s(m)
         for j, v in enumerate(nodes):
             for via_gateway in (False, True) if options.relay_hops else (False,):
                 key = (u.cluster, v.cluster, via_gateway)
@@ -140,7 +140,7 @@ def _tables(model: ModelProfile, nodes: list[Node], links: Links, m: int, batch:
                  u.layer_points, u.head_points)  # fmt: skip
         twin_before[i] = last_alike.get(alike, -1)
         last_alike[alike] = i
-    heads = np.array([u.head(positions) for u in nodes])[:, None]
+    heads = np.array([options.head_seconds(u, m) for u in nodes])[:, None]
     return _Tables(stage, hop_latency, hop_busy, relay_latency, relay_busy, in_latency, in_busy, out_latency,
                    out_busy, twin_before, stage + heads)  # fmt: skip
 

@@ -7,8 +7,8 @@ plan relays), each stage a FIFO server taking
 ``cost.stage_option`` seconds for the slot's current occupancy, each link a FIFO wire busy for
 bytes / bandwidth plus half the round-trip time of flight. Back at the gateway every occupant
 gets one token; finished requests leave and waiting ones take their seats (continuous
-batching). Prompts are costed as the planner costs them (``Options.prefill_per_round``: their
-positions spread over the rounds), not as steps of their own.
+batching). Prompts are costed as the planner costs them (``Options.layer_seconds``: their
+measured share of every step, packed or as steps of their own), not as events of their own.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def simulate(
             node = nodes[stage.node]
             layers = stage.layers[1] - stage.layers[0]
             seconds = stage_option(model, node, layers, occupants, plan.batch, context, stage.offload_weights,
-                                   stage.offload_kv, plan.held, options.step_tokens(occupants))  # fmt: skip
+                                   stage.offload_kv, plan.held, options.layer_seconds(node, occupants))  # fmt: skip
             if position == len(plan.stages) - 1:
-                seconds += node.head(options.step_tokens(occupants))
+                seconds += options.head_seconds(node, occupants)
             start = max(now, stage_free[position])
             if node.host in options.host_parallelism:  # the host's other stages computing then share its cores
                 busy = sum(1 for other, free in zip(plan.stages, stage_free, strict=True)
@@ -125,7 +125,7 @@ def simulate(
         finished += [r for r in slots[slot] if r.remaining <= 0]
         slots[slot] = [r for r in slots[slot] if r.remaining > 0]
         moving[slot] = False
-        seat_and_go(slot, now + options.round_overhead_s + options.speculation.draft_s)
+        seat_and_go(slot, now + options.overhead_s(occupants))
 
     gaps = sorted(g for r in finished for g in r.gaps)
     first = min(r.arrival for r in finished)

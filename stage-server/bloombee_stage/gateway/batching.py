@@ -29,6 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from bloombee_contract.batching import SHORT_ROW
 from bloombee_contract.errors import ErrorCode
 
 from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError
@@ -40,7 +41,6 @@ log = logging.getLogger("bloombee.batching")
 MAX_TRACKED = 65536  # sessions whose last result time is kept (bounded; one entry per open generation)
 GATHER_S = 0.003  # how long a packed step waits for its generations' stragglers
 GATHER_POLL_S = 0.0005
-SHORT_ROW = 16  # rows up to this many positions are packed into micro-batches; longer ones go alone
 NOT_RETRIED = (ErrorCode.PIPELINE_TIMEOUT, ErrorCode.STAGE_UNREACHABLE)  # failures a row alone would meet again
 
 
@@ -71,6 +71,7 @@ class MicroBatcher:
         self._queue: deque[_Queued] = deque()
         self._returned: dict[str, float] = {}  # session -> when its last result came back
         self.turnaround_ms: deque[float] = deque(maxlen=512)  # from a step's rows' results to the step leaving
+        self.row_turnaround_ms: deque[float] = deque(maxlen=512)  # from a row's result to its next row, queued
         self.transport_ms: deque[float] = deque(maxlen=512)  # a step's round trip less its stages' compute
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -100,7 +101,10 @@ class MicroBatcher:
 
     async def step(self, row: RowMeta, inputs: list[int], path: Path) -> RowResult:
         """The row's result (its tokens), once the step that carried it returns."""
-        result = await self._step(row, inputs, path, self._returned.pop(row.session, None))
+        returned = self._returned.pop(row.session, None)
+        if returned is not None:  # the generation's own work between its rounds (streaming, drafting)
+            self.row_turnaround_ms.append((time.perf_counter() - returned) * 1000)
+        result = await self._step(row, inputs, path, returned)
         if len(self._returned) < MAX_TRACKED:
             self._returned[row.session] = time.perf_counter()
         return result

@@ -134,7 +134,7 @@ class GenerationEngine:
         default_waiting = 4 * settings.max_sequences if settings.max_sequences else None
         self.max_waiting = settings.max_waiting or default_waiting
         self.generation_s = 10.0  # recent wall time per generation (a moving average): for Retry-After
-        self.totals = {"rounds": 0, "tokens": 0, "drafted": 0, "draft_s": 0.0, "prefilled": 0}  # for profile()
+        self.totals = dict(rounds=0, tokens=0, drafted=0, draft_s=0.0, prefilled=0, prompts=0)  # for profile()
         self.metrics = Metrics("bloombee_gateway")
         self._resources: _Running | None = None
         self._register_metrics()
@@ -419,12 +419,15 @@ class GenerationEngine:
         HTTP, TLS and (de)serialisation), over ``crossings`` crossings; ``turnaroundMs``, the
         mean of the gateway's own part of a round (a step's rows' results to the step leaving:
         tokens, streaming, drafting, gathering; a mean, as it adds to every round);
-        ``prefillPerRound``, the prompt positions the stages computed per round of the generations
-        (how fast sequences turn over); with drafting, its tokens, drafts and time per round."""
+        ``rowTurnaroundMs``, the mean of a generation's own part (its row's result to its next row
+        queued: what a row that leaves alone waits); ``prefillPerRound``, the prompt positions the
+        stages computed per round of the generations (how fast sequences turn over), and
+        ``promptPositions`` per prompt (whether prompts are packed with other rows or go alone);
+        with drafting, its tokens, drafts and time per round."""
         batcher = self._resources.batcher if self._resources is not None else None
         if batcher is None or not batcher.transport_ms:
             return {}
-        turnaround = list(batcher.turnaround_ms)
+        turnaround, alone = list(batcher.turnaround_ms), list(batcher.row_turnaround_ms)
         rounds = self.totals["rounds"]
         per_round = {} if not rounds or self.settings.draft == "none" else {
             "tokensPerRound": round(max(1.0, self.totals["tokens"] / rounds), 4),
@@ -433,11 +436,14 @@ class GenerationEngine:
         }  # fmt: skip
         if rounds:  # prompts as the stages computed them (prefix-cache hits excluded), per round
             per_round["prefillPerRound"] = round(self.totals["prefilled"] / rounds, 4)
+        if self.totals["prompts"]:
+            per_round["promptPositions"] = round(self.totals["prefilled"] / self.totals["prompts"], 4)
         return {
             **per_round,
             "transportMs": round(statistics.median(batcher.transport_ms), 4),
             "crossings": len(self.settings.stages) + 1,
             "turnaroundMs": round(statistics.fmean(turnaround), 4) if turnaround else 0.0,
+            "rowTurnaroundMs": round(statistics.fmean(alone), 4) if alone else 0.0,
             "steps": batcher.steps,
             "measuredAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -484,9 +490,10 @@ class GenerationEngine:
         """A finished generation's counts and latencies (vLLM's metrics, under this gateway's prefix)."""
         length, now = speculation.length, time.monotonic()
         self.metrics.inc("rounds_total", "Pipeline round trips of generations", speculation.rounds)
+        prefilled = max(0, prompt_tokens - result.cached_tokens)
         for key, value in (("rounds", speculation.rounds), ("tokens", len(result.token_ids)),
                            ("drafted", length.proposed), ("draft_s", speculation.draft_seconds),
-                           ("prefilled", max(0, prompt_tokens - result.cached_tokens))):  # fmt: skip
+                           ("prefilled", prefilled), ("prompts", 1 if prefilled else 0)):  # fmt: skip
             self.totals[key] += value
         self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
         self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
