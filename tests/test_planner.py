@@ -465,8 +465,10 @@ def test_dp_with_speculation_equals_brute_force(seed):
 
 
 def test_prompts_of_sequences_turning_over_cost_their_positions_in_every_step():
-    """q prompt positions per row and round cost what q drafted positions cost (compute, head,
-    links), without the drafting's time or its extra tokens."""
+    """With the prompt length unmeasured (P = 1) and costs linear in positions, q prompt positions
+    per row and round cost what q drafted positions cost (compute, links; this instance's heads
+    cost nothing per position, and prompts add no head rows), without the drafting's time or its
+    extra tokens."""
     model, nodes, links, workload, options = random_instance(random.Random(11))
     by_name = {n.name: n for n in nodes}
 

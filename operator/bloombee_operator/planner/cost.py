@@ -214,13 +214,13 @@ class Options:
         the prompts: m * q / P prompts of P positions per step, each packed into the step as one
         more row when short (``SHORT_ROW``, as the gateway packs them) or a step of its own."""
         positions = micro_batch * self.speculation.positions
-        alone = node.layer(positions)
+        rows_only = node.layer(positions)
         if not self.prefill_per_round:
-            return alone
+            return rows_only
         prompts = micro_batch * self.prefill_per_round / self.prompt_positions
         if self.prompt_positions <= SHORT_ROW:
-            return alone + prompts * (node.layer(positions + self.prompt_positions) - alone)
-        return alone + prompts * node.layer(self.prompt_positions)
+            return rows_only + prompts * (node.layer(positions + self.prompt_positions) - rows_only)
+        return rows_only + prompts * node.layer(self.prompt_positions)
 
     def head_seconds(self, node: Node, micro_batch: float) -> float:
         """The LM head of such a step: every row's positions (a prompt adds only its last, its row's own)."""
