@@ -15,10 +15,11 @@ requests of (last token - first token) / (N - 1), from the stream) and tokens/s 
 load (``planning.at_load``):
 
     hints     from the resource's hints alone, as a fresh deployment is planned
-    feedback  from ``status.profiles`` after feedback: each stage's profiling run alone and all
-              together (the host's parallelism), and the gateway's transport, turnaround and
-              prompt turnover (prompt positions per round) measured on warm-up traffic of the
-              same shape
+    feedback  from ``status.profiles`` after feedback: each stage's profiling run, scaled to its
+              steps that ran alone in warm-up traffic of the same shape (one row, one
+              micro-batch in flight, then all), with traffic's own cost at the sizes it ran
+              often; the host's parallelism from that traffic's steps beside each other; and
+              the gateway's transport, turnaround and prompt turnover
     simulated the discrete-event simulator on the same measured inputs
 
     python bench/calibration.py [--deployments local local-25ms two-clusters] [--new-tokens 48]
@@ -169,8 +170,12 @@ def measure(name: str, new_tokens: int, rounds: int) -> list[dict]:
             run.keep()
             run.keep()  # first calibration: profiling runs, re-plan under hysteresis
             endpoint, model = run.resource.status.endpoint, run.resource.metadata.name
+            plan = run.resource.status.plan
             print(f"[{name}] warm-up traffic, then the gateway's measurements", flush=True)
-            load(endpoint, model, 4, new_tokens, 2)  # requests of the measured shape: prompts turn over alike
+            # requests of the measured shape (prompts turn over alike): one row, then one micro-batch in
+            # flight (steps alone on each stage), then every micro-batch (the same sizes beside each other)
+            for clients in sorted({1, plan.micro_batch, plan.batch}):
+                load(endpoint, model, clients, new_tokens, 2)
             run.step(reconcile.deploy(run.resource, run.backend, reprofile=True))
             rows = []
             for clients in CONCURRENCY:

@@ -14,9 +14,10 @@ import pytest
 from bloombee_operator.api.resource import parse_resource
 from bloombee_operator.api.status import GatewayProfile, HostProfile, LinkStatus, NodeProfile, ProfilesStatus
 from bloombee_operator.planner import Link, Links, ModelProfile, Node, Options, Workload, evaluate, plan
-from bloombee_operator.planner.cost import GATEWAY, host_bound, interpolate
+from bloombee_operator.planner.cost import GATEWAY, host_bound, interpolate, shared_slowdown
 from bloombee_operator.planning import PlannerInputs, at_load, gateway_profile, plan_status, profile_request
 from bloombee_operator.planning_inputs import links_from_entries, with_profiles
+from bloombee_operator.shared_host import overlap_counts, traffic_parallelism
 from bloombee_stage.serving.costs import CostRecorder, LinkRecorder, StepCost, fit_line
 from test_planner import brute_force
 
@@ -80,6 +81,21 @@ def test_a_shared_host_bounds_the_round():
     # four micro-batches each through both stages of 6 ms, on a host that does one at a time
     assert free.round_s == pytest.approx(4 * 0.006) and shared.round_s == pytest.approx(4 * 0.012)
     assert host_bound(["box", None], [0.006, 0.006], 4, Options(host_parallelism={"box": 2.0})) == pytest.approx(0.012)
+
+
+def test_micro_batches_in_flight_on_a_shared_host_slow_each_others_trip():
+    """With two micro-batches in flight both stages of the host compute at once, each at 2 / 1.6 of
+    its time alone (the round is then that trip, above the host bound); one micro-batch runs alone."""
+    nodes = {name: Node(name, "c", 1e9, 0.002, 0.0, host="box") for name in "ab"}
+    links = Links(between={(GATEWAY, "c"): Link(0.0, 1e12)}, local=Link(0.0, 1e12))
+    options = Options(host_parallelism={"box": 1.6})
+    alone = evaluate(MODEL, nodes, links, ["a", "b"], [3, 3], 4, 4, 64, options=options)
+    beside = evaluate(MODEL, nodes, links, ["a", "b"], [3, 3], 2, 4, 64, options=options)
+    free = evaluate(MODEL, nodes, links, ["a", "b"], [3, 3], 2, 4, 64)
+    assert alone.cycle_s == pytest.approx(2 * 0.006)
+    assert beside.cycle_s == pytest.approx(free.cycle_s * 2 / 1.6) and beside.round_s == pytest.approx(beside.cycle_s)
+    assert shared_slowdown(["box", "box", "box", None], 2, options) == {"box": pytest.approx(2 / 1.6)}
+    assert shared_slowdown(["box", None], 4, options) == {}  # one stage there: nothing beside it
 
 
 def measured_instance(rng: random.Random):
@@ -171,21 +187,25 @@ def test_a_profiling_run_times_every_size_the_planner_may_choose():
 def test_the_profiling_run_is_scaled_to_the_level_its_traffic_measured():
     """The run gives the cost's shape at every size; traffic's medians, at the sizes it ran often
     enough inside the run's range, give its level (the run times a stage alone; traffic shares the
-    cores). The head is scaled by its own traffic, and a stage without such traffic keeps its run."""
+    cores) and stand in for the run's own points there. The head is scaled by its own traffic, and
+    a stage without such traffic keeps its run."""
     profiled = [[1, 2.0], [2, 3.0], [4, 4.0], [8, 6.0]]
     heads = [[1, 10.0], [4, 16.0], [8, 24.0]]
-    served = {"layerMsAt": [[1, 2.4], [3, 9.9], [4, 4.8], [20, 30.0]], "stepMsAt": [[1, 15.0], [4, 24.0], [20, 1.0]],
+    served = {"layerMsAt": [[1, 2.6], [3, 9.9], [4, 4.8], [20, 30.0]], "stepMsAt": [[1, 15.0], [4, 24.0], [20, 1.0]],
               "stepsAt": [[1, 10], [3, 4], [4, 30], [20, 50]], "onward": {"rttMs": 3.0, "mbps": 90.0},
               "streamBps": 2e9}  # fmt: skip
     run = {"profile": {"msPerLayer": 1.5, "msPerLayerToken": 0.5, "stepMs": 9.0, "stepMsPerToken": 2.0,
                        "layerMsAt": profiled, "stepMsAt": heads, "samples": 12},
            "last": True, "served": served}  # fmt: skip
     entry = NodeProfile.from_run("home-a", "box", run)
-    # size 3 ran 4 times (too few) and 20 lies past the run's sizes: only sizes 1 and 4 count, both x1.2
-    assert entry.traffic_scale == pytest.approx(1.2) and entry.head_traffic_scale == pytest.approx(1.5)
-    assert (entry.ms_per_layer, entry.ms_per_layer_token) == (pytest.approx(1.8), pytest.approx(0.6))
-    assert entry.layer_ms_at == [(1, pytest.approx(2.4)), (2, pytest.approx(3.6)), (4, pytest.approx(4.8)),
-                                 (8, pytest.approx(7.2))]  # fmt: skip
+    # size 3 ran 4 times (too few) and 20 lies past the run's sizes: only sizes 1 (x1.3, 10 steps)
+    # and 4 (x1.2, 30 steps) count; where they ran, their own medians are the cost
+    scale = (10 * 1.3 + 30 * 1.2) / 40
+    assert entry.traffic_scale == pytest.approx(scale) and entry.head_traffic_scale == pytest.approx(1.5)
+    assert (entry.ms_per_layer, entry.ms_per_layer_token) == (pytest.approx(1.5 * scale), pytest.approx(0.5 * scale))
+    assert entry.layer_ms_at == [(1, pytest.approx(2.6)), (2, pytest.approx(3.0 * scale)), (4, pytest.approx(4.8)),
+                                 (8, pytest.approx(6.0 * scale))]  # fmt: skip
+    assert entry.head_ms_at == [(1, pytest.approx(15.0)), (4, pytest.approx(24.0)), (8, pytest.approx(36.0))]
     assert (entry.head_ms, entry.head_ms_per_token) == (pytest.approx(13.5), pytest.approx(3.0))
     assert (entry.onward_rtt_ms, entry.host_gbps) == (3.0, 2.0)
     quiet = NodeProfile.from_run("home-a", "box", {**run, "served": {"stepsAt": [[4, 3]], "layerMsAt": [[4, 99.0]]}})
@@ -207,3 +227,47 @@ def test_the_gateways_measurements_become_the_models_terms():
     assert gateway.frame_ms == pytest.approx((21.0 - 3 * 5.0) / 3)  # three crossings of 5 ms flight each
     assert gateway.round_overhead_ms == pytest.approx(4.0) and gateway.draft_ms == 2.5
     assert gateway_profile({"turnaroundMs": 1.0, "draftMsPerRound": 3.0}, inputs, planned).round_overhead_ms == 0.0
+
+
+def test_overlap_counts_how_many_other_stages_computed_during_each_step():
+    # [started, seconds, per layer, outside the layers, tokens]; a: two steps, b: one across both
+    a = [[0.0, 1.0, 0.1, 0.0, 1], [2.0, 1.0, 0.1, 0.0, 1]]
+    b = [[0.5, 2.0, 0.1, 0.0, 1]]
+    c = [[2.25, 0.5, 0.1, 0.0, 1], [5.0, 1.0, 0.1, 0.0, 1]]
+    counts = overlap_counts([a, b, c])
+    assert counts[0] == pytest.approx([0.5, 0.5 + 0.5])  # b half of each; c half of the second
+    assert counts[1] == pytest.approx([(0.5 + 0.5 + 0.25) / 2])  # a for 1 s of its 2, c for 0.25 s
+    assert counts[2] == pytest.approx([1.0 + 0.5, 0.0])
+    assert overlap_counts([a, []]) == [[0.0, 0.0], []]
+
+
+def served_steps(start: float, sizes_ms: list[tuple[int, float]], gap: float) -> list[list[float]]:
+    """Back-to-back steps of the given (tokens, ms per layer), one layer each, ``gap`` s apart."""
+    steps, now = [], start
+    for tokens, ms in sizes_ms:
+        steps.append([now, ms / 1000, ms / 1000, 0.0, tokens])
+        now += ms / 1000 + gap
+    return steps
+
+
+def test_the_hosts_parallelism_comes_from_steps_beside_each_other_against_the_same_size_alone():
+    """Two stages of one machine: their 4-token steps cost 3 ms alone and 3.6 ms while the other
+    computes (x1.2: 2 / 1.2 stages' worth of work at once); their level alone scales the run."""
+    alone_a = served_steps(0.0, [(4, 3.0)] * 10, 0.01)  # b idle meanwhile
+    alone_b = served_steps(1.0, [(4, 3.0)] * 10, 0.01)  # and a
+    together_a = served_steps(2.0, [(4, 3.6)] * 10, 0.0)  # both, at once
+    together_b = served_steps(2.0, [(4, 3.6)] * 10, 0.0)
+    runs = [{"profile": {"msPerLayer": 2.0, "msPerLayerToken": 0.25, "stepMs": 0.0, "stepMsPerToken": 0.0,
+                         "layerMsAt": [[1, 2.25], [4, 2.5]], "stepMsAt": [[1, 0.0], [4, 0.0]], "samples": 12},
+             "served": {"busy": alone + together, "layerMsAt": [[4, 3.3]], "stepsAt": [[4, 20]]}}
+            for alone, together in ((alone_a, together_a), (alone_b, together_b))]  # fmt: skip
+    cut, parallelism, compared = traffic_parallelism(runs)
+    assert parallelism == pytest.approx(2 / 1.2) and compared == 20
+    assert cut[0]["served"]["layerMsAt"] == [[4.0, pytest.approx(3.0)]] and cut[0]["served"]["stepsAt"] == [[4.0, 10]]
+    assert NodeProfile.from_run("a", "box", cut[0]).traffic_scale == pytest.approx(3.0 / 2.5)
+    # a size never seen alone is not compared: no parallelism from traffic, and the runs keep what they ran alone
+    only_together = [{**run, "served": {"busy": together}}
+                     for run, together in zip(runs, (together_a, together_b), strict=True)]  # fmt: skip
+    assert traffic_parallelism(only_together)[1:] == (None, 0)
+    # a stage that does not say when its steps ran keeps every served step
+    assert traffic_parallelism([{"served": {"stepsAt": [[4, 9]]}}])[0] == [{"served": {"stepsAt": [[4, 9]]}}]

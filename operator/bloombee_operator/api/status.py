@@ -111,8 +111,8 @@ class NodeProfile(_Status):
     def from_run(cls, node: str, host: str | None, run: dict[str, Any]) -> NodeProfile:
         """From a stage's ``/profile`` answer: its profiling run (the last stage's cost beside its
         layers is its head's), scaled to what the traffic it served measured where that traffic has
-        enough steps of the run's sizes (``traffic_scale``); its onward link and streaming rate
-        from that traffic."""
+        enough steps of the run's sizes (``traffic_scale``), traffic's own cost at those sizes
+        (``traffic_points``); its onward link and streaming rate from that traffic."""
         fitted = run["profile"]
         served = run.get("served") or {}
         onward = served.get("onward") or {}
@@ -123,13 +123,14 @@ class NodeProfile(_Status):
                     onward_mbps=onward.get("mbps"), traffic_scale=layers)  # fmt: skip
         stream = served.get("streamBps")
         entry.host_gbps = round(stream / 1e9, 3) if stream else None
-        entry.layer_ms_at = [(tokens, round(ms * layers, 4)) for tokens, ms in fitted.get("layerMsAt", [])]
+        counts = served.get("stepsAt", [])
+        entry.layer_ms_at = traffic_points(fitted.get("layerMsAt", []), served.get("layerMsAt", []), counts, layers)
         if run.get("last"):
-            head = traffic_scale(fitted.get("stepMsAt", []), served.get("stepMsAt", []), served.get("stepsAt", []))
+            head = traffic_scale(fitted.get("stepMsAt", []), served.get("stepMsAt", []), counts)
             return entry.model_copy(update={
                 "head_ms": round(fitted["stepMs"] * head, 4),
                 "head_ms_per_token": round(fitted["stepMsPerToken"] * head, 5),
-                "head_ms_at": [(tokens, round(ms * head, 4)) for tokens, ms in fitted.get("stepMsAt", [])],
+                "head_ms_at": traffic_points(fitted.get("stepMsAt", []), served.get("stepMsAt", []), counts, head),
                 "head_traffic_scale": head,
             })  # fmt: skip
         return entry.model_copy(update={"step_ms": fitted["stepMs"]})
@@ -162,12 +163,31 @@ def traffic_scale(profiled: list[list[float]], served: list[list[float]], counts
     return round(weighted / total, 4) if total else 1.0
 
 
+def traffic_points(profiled: list[list[float]], served: list[list[float]], counts: list[list[float]],
+                   scale: float) -> list[tuple[float, float]]:  # fmt: skip
+    """The cost at each step size as traffic found it: traffic's own median at the sizes it ran at
+    least ``MIN_TRAFFIC_STEPS`` times within the run's range, the run's points scaled to traffic's
+    level (``traffic_scale``) at the others. A profiling run is short, and one noisy size in it
+    would otherwise stand for every step of that size the plan runs."""
+    sizes = sorted(float(tokens) for tokens, _ in profiled)
+    steps = {float(tokens): count for tokens, count in counts}
+    measured = {float(tokens): float(ms) for tokens, ms in served
+                if sizes and steps.get(float(tokens), 0) >= MIN_TRAFFIC_STEPS and sizes[0] <= tokens <= sizes[-1]}
+    points = {float(tokens): ms * scale for tokens, ms in profiled if float(tokens) not in measured} | measured
+    return [(tokens, round(ms, 4)) for tokens, ms in sorted(points.items())]
+
+
 class HostProfile(_Status):
     name: str
-    parallelism: float = Field(gt=0, description="stages' worth of work it does at once (all its stages "
-                                                  "profiled together against each alone)")  # fmt: skip
+    parallelism: float = Field(gt=0, description="stages' worth of work it does at once: from traffic (its "
+                               "stages' steps beside each other against steps alone) or else their profiling "
+                               "run together against each alone")  # fmt: skip
     stages: int = Field(default=1, ge=1)
     all_nodes: bool = Field(default=False, description="every node of the resource runs here (bloombee up)")
+    profiled: float | None = Field(default=None, gt=0, description="what its stages' profiling run "
+                                   "together gave (parallelism is traffic's where overlappedSteps > 0)")  # fmt: skip
+    overlapped_steps: int = Field(default=0, ge=0, description="steps its stages served while another of "
+                                  "them computed, compared with steps of the same size served alone")  # fmt: skip
 
 
 class GatewayProfile(_Status):

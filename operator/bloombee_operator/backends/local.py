@@ -36,6 +36,7 @@ from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.pki import DeploymentCA
 from bloombee_operator.planning import profile_request
 from bloombee_operator.planning_inputs import LOCAL_LINK
+from bloombee_operator.shared_host import traffic_parallelism
 
 log = logging.getLogger("bloombee.local")
 
@@ -401,7 +402,8 @@ class LocalBackend:
     def measure_profiles(self, desired: DesiredState) -> dict | None:
         """``status.profiles`` for the running stages (None until every one answers): each stage's
         profiling run alone, then all at once (they share this machine: how much of their work it
-        does at once is its ``parallelism``), and what the gateway measured of its rounds."""
+        does at once is its ``parallelism``, from their traffic where it ran steps both alone and
+        beside each other, see ``shared_host``), and what the gateway measured of its rounds."""
         stages = [self.processes.get(stage.name) for stage in desired.stages]
         if any(p is None or not p.alive or not p.url for p in stages):
             return None
@@ -416,11 +418,13 @@ class LocalBackend:
             return None
         host = socket.gethostname()
         parallelism = sum(run["seconds"] for run in alone) / max(run["seconds"] for run in together)
+        runs, on_traffic, overlapped = traffic_parallelism(alone)
         profiles = {
             "nodes": [NodeProfile.from_run(stage.node, host, run).dump()
-                      for stage, run in zip(desired.stages, alone, strict=True)],
-            "hosts": [{"name": host, "parallelism": round(max(parallelism, 1e-3), 3), "stages": len(urls),
-                       "allNodes": True}],
+                      for stage, run in zip(desired.stages, runs, strict=True)],
+            "hosts": [{"name": host, "parallelism": round(max(on_traffic or parallelism, 1e-3), 3),
+                       "stages": len(urls), "allNodes": True, "profiled": round(parallelism, 3),
+                       "overlappedSteps": overlapped}],
         }
         gateway = self.processes.get(desired.gateway.name)
         if gateway is not None and gateway.alive and gateway.url:

@@ -45,9 +45,13 @@ unless measured, ``planning_inputs`` fills them from the stages' and the gateway
                  on a CPU jumps from one row to two (GEMV to GEMM)
 
 Stages that share a host (``bloombee up`` runs every stage on one machine) also share its cores:
-a host that does ``P_h`` stages' worth of work at once (measured: the stages' profiling run alone
-and all together) needs at least n * (sum of its stages' times) / P_h per round, a third bound
-on T beside C and n * beta.
+a host that does ``P_h`` stages' worth of work at once (measured on traffic: its stages' steps
+beside each other against the same steps alone; or their profiling run alone and all together)
+needs at least n * (sum of its stages' times) / P_h per round, a third bound on T beside C and
+n * beta. And with n >= 2 micro-batches in flight its stages compute beside each other, so a
+micro-batch's trip is slower too: in C each of the host's stage times counts min(n, k_h) / P_h
+times (at least once), k_h the plan's stages there (the simulator slows each step by how many
+of them compute at that moment).
 
 A hop u->v costs rtt_uv / 2 + m * h / bw_uv (the gateway sends token ids, 8 bytes a token, and
 gets token ids back). A link is busy for m * h / bw_uv of that per micro-batch. With compression,
@@ -391,6 +395,7 @@ def evaluate(
     if sum(spans) != model.num_layers or any(s < 1 for s in spans) or len(spans) != len(order):
         raise PlanningError(f"spans {spans} do not give each of {len(order)} stages >= 1 of {model.num_layers} layers")
     stages, cycle, bottleneck, start = [], 0.0, 0.0, 0
+    slowdown = shared_slowdown([nodes[name].host for name in order], micro_batches(batch, micro_batch), options)
     for index, (name, layers) in enumerate(zip(order, spans, strict=True)):
         node = nodes[name]
         if offloads is None:
@@ -401,7 +406,7 @@ def evaluate(
                                    options.layer_seconds(node, micro_batch))  # fmt: skip
         if index == len(order) - 1:
             seconds += options.head_seconds(node, micro_batch)
-        cycle += seconds
+        cycle += seconds * slowdown.get(node.host or "", 1.0)
         bottleneck = max(bottleneck, seconds)
         stages.append(StageChoice(name, (start, start + layers), f_w, f_kv, seconds))
         start += layers
@@ -418,6 +423,17 @@ def evaluate(
     return Plan(tuple(stages), micro_batch, batch, cycle, bottleneck, max(cycle, n * bottleneck, shared), method,
                 flags, resident if resident and resident != batch else None,
                 options.speculation.tokens_per_round)  # fmt: skip
+
+
+def shared_slowdown(hosts: list[str | None], n: int, options: Options) -> dict[str, float]:
+    """Per shared host, how much slower its stages compute while ``n`` micro-batches are in flight:
+    min(n, its stages in the plan) of them compute at once, each at that over its parallelism."""
+    stages: dict[str, int] = {}
+    for host in hosts:
+        if host is not None and host in options.host_parallelism:
+            stages[host] = stages.get(host, 0) + 1
+    return {host: max(1.0, min(n, count) / options.host_parallelism[host])
+            for host, count in stages.items() if min(n, count) >= 2}  # fmt: skip
 
 
 def host_bound(hosts: list[str | None], seconds: list[float], n: int, options: Options) -> float:

@@ -30,6 +30,7 @@ class StepCost:
     layers_cpu_s: float
     other_wall_s: float  # the rest of the step on the compute thread (head, token choice)
     other_cpu_s: float
+    started: float = 0.0  # time.monotonic() as it began: one clock for every process of a machine
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,15 @@ class CostRecorder:
         }
 
 
+    def busy(self) -> list[list[float]]:
+        """When each recent step ran and what it cost, ``[started, seconds, seconds per layer, seconds
+        outside the layers, tokens]``: with every stage of a machine answering, whoever plans can
+        tell the steps that ran beside another stage's from those that ran alone."""
+        return [[round(s.started, 6), round(s.layers_wall_s + s.other_wall_s, 6),
+                 round(s.layers_wall_s / self.layers, 7), round(s.other_wall_s, 6), s.tokens]
+                for s in self.steps]  # fmt: skip
+
+
 class LinkRecorder:
     """What sending a frame onward took (POST until the next part acknowledged it), fitted as
     seconds = round trip + bytes / bandwidth: the onward link as the traffic finds it, with the
@@ -142,9 +152,10 @@ class LinkRecorder:
 
 
 class Stopwatch:
-    """Wall and thread-CPU seconds since the last ``lap`` (or since it was made)."""
+    """Wall and thread-CPU seconds since the last ``lap`` (or since it was made, at ``started``)."""
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
         self.wall, self.cpu = time.perf_counter(), time.thread_time()
 
     def lap(self) -> tuple[float, float]:

@@ -283,8 +283,8 @@ class StageService:
                     attach_features(result, row, states)
         wall, cpu = watch.lap()
         layers_wall, layers_cpu = self.model.last_layers_s
-        self.costs.record(StepCost(sum(lengths), len(lengths), layers_wall, layers_cpu,
-                                   max(0.0, wall - layers_wall), max(0.0, cpu - layers_cpu)))  # fmt: skip
+        self.costs.record(StepCost(sum(lengths), len(lengths), layers_wall, layers_cpu, max(0.0, wall - layers_wall),
+                                   max(0.0, cpu - layers_cpu), watch.started))  # fmt: skip
         return output
 
     async def profile_run(self, rows: list[int], repeats: int) -> dict[str, Any]:
@@ -294,7 +294,7 @@ class StageService:
         started = time.perf_counter()
         fitted = await loop.run_in_executor(self.executor, self._profile_steps, rows, repeats)
         return {"profile": fitted, "seconds": round(time.perf_counter() - started, 4), "last": self.model.span.is_last,
-                "served": self.served_profile()}  # fmt: skip
+                "served": {**self.served_profile(), "busy": self.costs.busy()}}  # fmt: skip
 
     def _profile_steps(self, rows: list[int], repeats: int) -> dict[str, object]:
         recorder = CostRecorder(self.model.span.length)
