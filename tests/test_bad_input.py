@@ -337,10 +337,13 @@ def test_profiling_runs_and_the_gateways_measurements_are_for_the_operator_only(
     before_chat = time.monotonic()
     assert tiny_chat(tiny_pipeline)[0] == 200
     # and when each step it served ran, on the machine's clock (this process reads the same one)
-    busy = _call(stage + "/profile", operator, run)[1]["served"]["busy"]
-    chat_steps = [step for step in busy if step[0] >= before_chat]
+    after_chat = _call(stage + "/profile", operator, run)[1]
+    chat_steps = [step for step in after_chat["served"]["busy"] if step[0] >= before_chat]
     assert chat_steps and all(start + seconds <= time.monotonic() and seconds > 0 and tokens >= 1
                               for start, seconds, _, _, tokens in chat_steps)  # fmt: skip
+    # and the run's caches held as many positions as its traffic's rows did (+1 per timed step: 2 untimed first)
+    context = round(after_chat["served"]["meanContext"])
+    assert context > 0 and after_chat["profile"]["meanContext"] == pytest.approx(context + 1 + 2.5)
     public = tiny_pipeline.endpoint.removesuffix("/v1")
     internal = json.loads(tiny_pipeline.backend.processes["tiny-gateway"].ready_file.read_text())["peer_url"]
     with pytest.raises(urllib.error.HTTPError) as refused:

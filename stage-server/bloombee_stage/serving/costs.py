@@ -31,6 +31,7 @@ class StepCost:
     other_wall_s: float  # the rest of the step on the compute thread (head, token choice)
     other_cpu_s: float
     started: float = 0.0  # time.monotonic() as it began: one clock for every process of a machine
+    context: float = 0.0  # positions each row's cache held after it, on average (what attention read)
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,14 @@ class CostRecorder:
             "samples": len(steps),
             "tokensSpread": round(layer_wall.spread, 3),
             "meanTokens": round(sum(s.tokens for s in steps) / len(steps), 3),
+            "meanContext": round(self.mean_context(), 1),
             "measuredAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.measured_at or time.time())),
         }
 
+
+    def mean_context(self) -> float:
+        """Positions a row's cache held in the recent steps, on average (0 before any step)."""
+        return sum(s.context for s in self.steps) / len(self.steps) if self.steps else 0.0
 
     def busy(self) -> list[list[float]]:
         """When each recent step ran and what it cost, ``[started, seconds, seconds per layer, seconds

@@ -139,7 +139,7 @@ async def handle_profile(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if request.get("peer") not in (None, OPERATOR_IDENTITY, SIGNED_OPERATOR):
         return error_response(f"{PROFILE_PATH} is for the operator, not {request.get('peer')}", ErrorCode.FORBIDDEN)
-    most = MAX_PROFILE_ROWS  # a run's caches hold a few dozen positions per row: small
+    most = MAX_PROFILE_ROWS  # its caches hold at most MAX_PROFILE_POSITIONS positions in all: small
     try:
         payload = await request.json()
         rows = [int(count) for count in payload.get("rows", [1, 2, 4])]

@@ -41,7 +41,8 @@ from bloombee_stage.wire.frame import Frame, WireError, encode_frame, largest_st
 from bloombee_stage.wire.messages import UNPLANNED_ROWS, ResultMeta, RowMeta, RowResult, StepMeta
 from bloombee_stage.wire.tensors import tensor_frame
 
-PROFILE_CONTEXT = 16  # positions in each cache before a profiling run's timed decode steps
+PROFILE_CONTEXT = 16  # positions in each cache before a profiling run's timed steps, until traffic says
+MAX_PROFILE_POSITIONS = 8192  # positions a profiling run's caches may hold, all rows together
 PROFILE_WARMUP = 2  # untimed steps of each size first
 MAX_PROFILE_STEPS = 64  # rows sizes x repeats a profiling run may ask for
 MAX_PROFILE_ROWS = 256  # rows of one timed step (planner.maxMicroBatch's limit)
@@ -283,8 +284,9 @@ class StageService:
                     attach_features(result, row, states)
         wall, cpu = watch.lap()
         layers_wall, layers_cpu = self.model.last_layers_s
+        context = sum(session.length for session in sessions) / len(sessions)
         self.costs.record(StepCost(sum(lengths), len(lengths), layers_wall, layers_cpu, max(0.0, wall - layers_wall),
-                                   max(0.0, cpu - layers_cpu), watch.started))  # fmt: skip
+                                   max(0.0, cpu - layers_cpu), watch.started, context))  # fmt: skip
         return output
 
     async def profile_run(self, rows: list[int], repeats: int) -> dict[str, Any]:
@@ -298,10 +300,14 @@ class StageService:
 
     def _profile_steps(self, rows: list[int], repeats: int) -> dict[str, object]:
         recorder = CostRecorder(self.model.span.length)
+        # a context first, so the timed steps attend over what decode steps attend over: as long as
+        # traffic's rows held (gathering rows' caches for a step costs with their length), within a
+        # bound on the positions a run holds
+        served = round(self.costs.mean_context()) or PROFILE_CONTEXT
         for count in rows:
+            context = max(1, min(served, MAX_PROFILE_POSITIONS // count))
             caches = [self.model.new_cache() for _ in range(count)]
-            # a short context first, so the timed steps attend over something, as decode steps do
-            self.model.forward_rows(self._dummy_inputs(count, PROFILE_CONTEXT), caches, [PROFILE_CONTEXT] * count)
+            self.model.forward_rows(self._dummy_inputs(count, context), caches, [context] * count)
             for timed in range(PROFILE_WARMUP + repeats):
                 watch = Stopwatch()
                 output = self.model.forward_rows(self._dummy_inputs(count, 1), caches, [1] * count)
@@ -312,7 +318,7 @@ class StageService:
                 if timed < PROFILE_WARMUP:  # the first steps of a size allocate what later ones reuse
                     continue
                 recorder.record(StepCost(count, count, layers_wall, layers_cpu, max(0.0, wall - layers_wall),
-                                         max(0.0, cpu - layers_cpu)))  # fmt: skip
+                                         max(0.0, cpu - layers_cpu), context=context + 1 + timed))  # fmt: skip
         return recorder.fit()
 
     def _dummy_inputs(self, rows: int, positions: int) -> torch.Tensor:
