@@ -51,16 +51,16 @@ def overlap_counts(busy: list[list[list[float]]]) -> list[list[float]]:
     return counts
 
 
-def _medians(steps: list[list[float]], keep: list[bool], column: int) -> dict[float, tuple[float, int]]:
-    """(median of ``column``, count) per step size (tokens, the last column) among the kept steps."""
+Sizes = dict[float, tuple[float, int]]  # step size (tokens) -> (median ms, steps)
+
+
+def _medians(steps: list[list[float]], keep: list[bool], column: int) -> Sizes:
+    """(median of ``column`` in ms, count) per step size (tokens, the last column) among the kept steps."""
     by_size: dict[float, list[float]] = {}
     for step, kept in zip(steps, keep, strict=True):
         if kept:
-            by_size.setdefault(float(step[-1]), []).append(step[column])
+            by_size.setdefault(float(step[-1]), []).append(step[column] * 1000)
     return {size: (statistics.median(values), len(values)) for size, values in by_size.items()}
-
-
-Sizes = dict[float, tuple[float, int]]  # step size (tokens) -> (median ms per layer, steps)
 
 
 def split_served(run: dict[str, Any], overlaps: list[float]) -> tuple[dict[str, Any], Sizes, Sizes]:
@@ -73,15 +73,10 @@ def split_served(run: dict[str, Any], overlaps: list[float]) -> tuple[dict[str, 
         return run, {}, {}
     alone = [x < ALONE_BELOW for x in overlaps]
     layers, other = _medians(busy, alone, 2), _medians(busy, alone, 3)
-    alone_served = {**served, "layerMsAt": [[size, ms * 1000] for size, (ms, _) in sorted(layers.items())],
-                    "stepMsAt": [[size, ms * 1000] for size, (ms, _) in sorted(other.items())],
+    alone_served = {**served, "layerMsAt": [[size, ms] for size, (ms, _) in sorted(layers.items())],
+                    "stepMsAt": [[size, ms] for size, (ms, _) in sorted(other.items())],
                     "stepsAt": [[size, count] for size, (_, count) in sorted(layers.items())]}  # fmt: skip
-    beside = _medians(busy, [x > BESIDE_ABOVE for x in overlaps], 2)
-
-    def in_ms(sizes: dict[float, tuple[float, int]]) -> Sizes:
-        return {size: (ms * 1000, count) for size, (ms, count) in sizes.items()}
-
-    return {**run, "served": alone_served}, in_ms(layers), in_ms(beside)
+    return {**run, "served": alone_served}, layers, _medians(busy, [x > BESIDE_ABOVE for x in overlaps], 2)
 
 
 def traffic_parallelism(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float | None, int]:

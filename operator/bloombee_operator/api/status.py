@@ -139,25 +139,29 @@ class NodeProfile(_Status):
 MIN_TRAFFIC_STEPS = 8  # steps of one size before traffic's median of it is trusted
 
 
+def trusted_sizes(profiled: list[list[float]], served: list[list[float]],
+                  counts: list[list[float]]) -> dict[float, tuple[float, float]]:  # fmt: skip
+    """Traffic's median ms and step count at each size it ran at least ``MIN_TRAFFIC_STEPS`` times
+    within the profiling run's range of sizes (the only sizes traffic's figures stand for)."""
+    sizes = sorted(float(tokens) for tokens, _ in profiled)
+    steps = {float(tokens): count for tokens, count in counts}
+    return {float(tokens): (float(ms), steps[float(tokens)]) for tokens, ms in served
+            if sizes and steps.get(float(tokens), 0) >= MIN_TRAFFIC_STEPS and sizes[0] <= tokens <= sizes[-1]}
+
+
 def traffic_scale(profiled: list[list[float]], served: list[list[float]], counts: list[list[float]]) -> float:
     """How much slower (above 1) or faster steps ran under traffic than in the profiling run: the
-    mean over the step sizes traffic ran at least ``MIN_TRAFFIC_STEPS`` times within the run's
-    range of served ms / the run's ms interpolated there, weighted by those counts; 1 without any.
+    mean over the step sizes traffic ran often enough (``trusted_sizes``) of served ms / the run's
+    ms interpolated there, weighted by those counts; 1 without any.
 
     The profiling run times a stage alone on the compute thread; under traffic the same steps share
     the cores with the gateway, the links' ends and the other stages, and carry rows of unlike
     lengths, which the run does not. The run keeps the shape of the cost (its sizes span every step
     size the planner may choose); traffic sets its level."""
-    points = sorted((float(tokens), float(ms)) for tokens, ms in profiled)
-    steps = {float(tokens): count for tokens, count in counts}
-    if not points:
-        return 1.0
+    points = tuple(sorted((float(tokens), float(ms)) for tokens, ms in profiled))
     weighted = total = 0.0
-    for tokens, ms in served:
-        count = steps.get(float(tokens), 0)
-        if count < MIN_TRAFFIC_STEPS or not points[0][0] <= tokens <= points[-1][0]:
-            continue
-        expected = interpolate(tuple(points), float(tokens))
+    for tokens, (ms, count) in trusted_sizes(profiled, served, counts).items():
+        expected = interpolate(points, tokens)
         if expected > 0 and ms > 0:
             weighted, total = weighted + count * ms / expected, total + count
     return round(weighted / total, 4) if total else 1.0
@@ -165,14 +169,11 @@ def traffic_scale(profiled: list[list[float]], served: list[list[float]], counts
 
 def traffic_points(profiled: list[list[float]], served: list[list[float]], counts: list[list[float]],
                    scale: float) -> list[tuple[float, float]]:  # fmt: skip
-    """The cost at each step size as traffic found it: traffic's own median at the sizes it ran at
-    least ``MIN_TRAFFIC_STEPS`` times within the run's range, the run's points scaled to traffic's
-    level (``traffic_scale``) at the others. A profiling run is short, and one noisy size in it
-    would otherwise stand for every step of that size the plan runs."""
-    sizes = sorted(float(tokens) for tokens, _ in profiled)
-    steps = {float(tokens): count for tokens, count in counts}
-    measured = {float(tokens): float(ms) for tokens, ms in served
-                if sizes and steps.get(float(tokens), 0) >= MIN_TRAFFIC_STEPS and sizes[0] <= tokens <= sizes[-1]}
+    """The cost at each step size as traffic found it: traffic's own median at the sizes it ran
+    often enough (``trusted_sizes``), the run's points scaled to traffic's level (``traffic_scale``)
+    at the others. A profiling run is short, and one noisy size in it would otherwise stand for
+    every step of that size the plan runs."""
+    measured = {tokens: ms for tokens, (ms, _) in trusted_sizes(profiled, served, counts).items()}
     points = {float(tokens): ms * scale for tokens, ms in profiled if float(tokens) not in measured} | measured
     return [(tokens, round(ms, 4)) for tokens, ms in sorted(points.items())]
 

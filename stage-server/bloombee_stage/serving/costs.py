@@ -120,7 +120,6 @@ class CostRecorder:
             "measuredAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.measured_at or time.time())),
         }
 
-
     def mean_context(self) -> float:
         """Positions a row's cache held in the recent steps, on average (0 before any step)."""
         return sum(s.context for s in self.steps) / len(self.steps) if self.steps else 0.0
