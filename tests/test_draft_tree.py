@@ -123,9 +123,12 @@ def test_tree_budget_sends_nodes_while_they_pay_and_fewer_under_load():
 
 
 def test_a_tree_keeps_the_likeliest_nodes_and_their_ancestors():
-    tree = TreeDraft(tokens=[5, 6, 7, 8], parents=[-1, -1, 0, 2], path_probs=[0.5, 0.4, 0.45, 0.45])
+    tree = TreeDraft(tokens=[5, 6, 7, 8], parents=[-1, -1, 0, 2], path_probs=[0.5, 0.4, 0.45, 0.45], seconds=0.01,
+                     calls=2)  # fmt: skip
     top = tree.top(2)
     assert top.tokens == [5, 7] and top.parents == [-1, 0]
+    # what drafting cost travels with the pruned tree, so TreeBudget learns the head-call time
+    assert (top.seconds, top.calls) == (0.01, 2)
     top3 = tree.top(3)
     assert top3.tokens == [5, 7, 8] and top3.parents == [-1, 0, 1]
 

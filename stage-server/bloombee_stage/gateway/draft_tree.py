@@ -58,7 +58,7 @@ class TreeDraft:
         index = {node: new for new, node in enumerate(ordered)}
         return TreeDraft([self.tokens[node] for node in ordered],
                          [index[self.parents[node]] if self.parents[node] >= 0 else -1 for node in ordered],
-                         [self.path_probs[node] for node in ordered], self.seconds)  # fmt: skip
+                         [self.path_probs[node] for node in ordered], self.seconds, self.calls)  # fmt: skip
 
     def depth(self, index: int) -> int:
         depth = 1
