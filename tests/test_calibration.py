@@ -36,6 +36,11 @@ def test_a_line_is_recovered_and_a_pause_does_not_move_it():
     # medians per step size: the one 0.5 s pause among the one-token steps is not in the fit
     assert fitted["layerMsAt"] == [[1, 1.0], [2, 2.0]] and fitted["msPerLayerToken"] == pytest.approx(1.0)
     assert fitted["stepMs"] == pytest.approx(1.0) and fitted["samples"] == 6
+    # the fit is kept until the next step (a metrics scrape reads it once per term)
+    fitted["samples"] = -1
+    assert recorder.fit()["samples"] == 6
+    recorder.record(StepCost(4, 4, 0.008, 0.008, 0.001, 0.001))
+    assert recorder.fit()["samples"] == 7 and recorder.fit()["layerMsAt"][-1] == [4, 4.0]
 
 
 def test_the_onward_link_is_fitted_from_the_frames_sent():

@@ -73,13 +73,21 @@ class CostRecorder:
         self.layers = max(1, layers)
         self.steps: deque[StepCost] = deque(maxlen=window)
         self.measured_at: float | None = None
+        self.recorded = 0
+        self.fitted: tuple[int, dict[str, object]] = (0, {})  # every metrics scrape reads it, per term
 
     def record(self, cost: StepCost) -> None:
         self.steps.append(cost)
         self.measured_at = time.time()
+        self.recorded += 1
 
     def fit(self) -> dict[str, object]:
         """The planner's terms in milliseconds (the ``profile`` of ``/info``); empty before any step."""
+        if self.fitted[0] != self.recorded:
+            self.fitted = (self.recorded, self.fit_now())
+        return dict(self.fitted[1])
+
+    def fit_now(self) -> dict[str, object]:
         if not self.steps:
             return {}
         steps = list(self.steps)
