@@ -20,8 +20,9 @@ Self-distillation, in four resumable steps under ``--work`` (each step's output 
 Then the held-back answers are drafted as the gateway drafts (a chain of ``--eval-depth`` from
 every 4th position, teacher features behind it) and the accepted lengths are reported; the
 weights and a card (checksum, recipe, held-back acceptance) go to the package's ``weights/``.
-On 2 CPU cores the defaults take about an hour: ~9 min for the model to write 1200 prompts, ~26
-min to answer all 1840 (96 tokens, batches of 32), ~2 min of features, the 25 min of training.
+On 2 CPU cores the defaults took 66 min: 9 for the model to write 1200 prompts, 21 to answer all
+1840 (96 tokens, batches of 32), 10 of features, the 25 of training (3.3 epochs) and 1 of the
+held-back drafting. The shipped head is these defaults' result.
 
     python scripts/train_draft_head.py [--minutes 25] [--prompts 640] [--self-written 1200]
 """
