@@ -317,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     data_seconds = time.perf_counter() - started
     # Answers are made for every prompt (so the cache does not depend on the bench); what is near
     # a prompt the bench measures on is left out of training and of the held-back split alike.
-    kept = [not near_any(text, BENCHMARK_PROMPTS) for text in texts]
-    split = len(data["train"])
-    train = [record for record, keep in zip(data["train"], kept[:split], strict=True) if keep]
-    templated, held_kept = len(templated_held), kept[split:]
-    held_templated = [r for r, keep in zip(data["held"][:templated], held_kept[:templated], strict=True) if keep]
-    held_written = [r for r, keep in zip(data["held"][templated:], held_kept[templated:], strict=True) if keep]
+    def away_from_bench(records: list[dict], prompts_of: list[str]) -> list[dict]:
+        return [r for r, text in zip(records, prompts_of, strict=True) if not near_any(text, BENCHMARK_PROMPTS)]
+
+    train = away_from_bench(data["train"], templated_train + written_train)
+    held_templated = away_from_bench(data["held"][: len(templated_held)], templated_held)
+    held_written = away_from_bench(data["held"][len(templated_held) :], written_held)
     held = held_templated + held_written
-    print(f"left out {kept.count(False)} prompts near the bench's (bench/prompt_sets.py)")
+    left_out = len(texts) - len(train) - len(held)
+    print(f"left out {left_out} prompts near the bench's (bench/prompt_sets.py)")
     answer_tokens = Counter(token for record in train for token in record["tokens"][record["prompt_length"] :].tolist())
     vocab_ids = torch.tensor([token for token, _ in answer_tokens.most_common(args.vocab)], dtype=torch.int64)
     vocab_index = torch.full((model.config.vocab_size,), -1, dtype=torch.int64)
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                "templated": heldout_acceptance(head, held_templated, args.eval_depth)}  # fmt: skip
     print(f"held back: {json.dumps(heldout)}")
     recipe = {"script": "scripts/train_draft_head.py", "model": SMOLLM2, "prompts": args.prompts,
-              "selfWrittenPrompts": args.self_written, "leftOutNearBench": kept.count(False),
+              "selfWrittenPrompts": args.self_written, "leftOutNearBench": left_out,
               "trainAnswers": len(train), "heldAnswers": len(held), "trainPositions": positions,
               "newTokens": args.new_tokens, "vocab": args.vocab, "vocabCoverage": round(coverage, 4),
               "depth": args.depth, "epochs": round(epochs_done, 2), "lr": args.lr, "noise": args.noise,
