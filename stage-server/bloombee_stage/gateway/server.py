@@ -18,7 +18,7 @@ from bloombee_stage.gateway.app import create_app
 from bloombee_stage.gateway.draft_tree import HeadDrafter
 from bloombee_stage.gateway.drafting import ModelDrafter
 from bloombee_stage.gateway.engine import GenerationEngine
-from bloombee_stage.model.draft_head import load_for_model
+from bloombee_stage.model.draft_head import fastest_dtype, load_for_model
 from bloombee_stage.model.loading import prepare_model, read_config
 from bloombee_stage.model.span import Span, SpanError, StageModel
 from bloombee_stage.serving.process import serve, setup_logging
@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         drafter = load_drafter(launch.draft, model_dir, launch.draft_layers, launch.draft_model, len(tokenizer))
         head = None
         if launch.draft == "head":
-            head = HeadDrafter(load_for_model(model_dir, Path(launch.draft_head)) if launch.draft_head
-                               else load_for_model(model_dir))  # fmt: skip
+            trained = load_for_model(model_dir, *([Path(launch.draft_head)] if launch.draft_head else []))
+            dtype = fastest_dtype(trained)
+            log.info("draft head: %d-token draft vocabulary, computing in %s", trained.vocab_ids.numel(), dtype)
+            head = HeadDrafter(trained.compute_in(dtype))
     except (ModelSourceError, SpanError, ValueError) as error:  # DraftHeadError is a ValueError
         raise SystemExit(f"error: {error}") from None
     engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter, head)
