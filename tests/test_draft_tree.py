@@ -191,6 +191,33 @@ def _run(stepper, head: DraftHead, prompt: list[int], tokens: int, sampling: Sam
     return asyncio.run(one())
 
 
+def test_a_forked_head_state_drafts_like_one_that_saw_every_position(tiny_vocab_dir):
+    """A generation forking a finished one's prefix takes the head's pairs before the fork from
+    the finished generation's state (prefixes.py): drafting after it matches a head that observed
+    every position itself, in float32 and bfloat16 alike."""
+    model = StageModel(tiny_vocab_dir, Span(0, 2, 2))
+    for dtype in (torch.float32, torch.bfloat16):
+        drafter = HeadDrafter(_random_head(model, list(range(0, VOCAB, 2)), seed=3).compute_in(dtype))
+        torch.manual_seed(4)
+        features = torch.randn(20, model.hidden_size)
+        tokens = torch.randint(0, VOCAB, (20,)).tolist()
+        whole = drafter.new_state()
+        drafter.observe(whole, features[:12], tokens[:12], position=5)  # a prompt's last 12 positions, from 5
+        drafter.observe(whole, features[12:], tokens[12:], position=17)
+        with pytest.raises(ValueError, match="from position 30; the head has seen 5..24"):
+            drafter.observe(drafter.prefix(whole, 25), features[:1], tokens[:1], position=30)
+        assert drafter.prefix(whole, 5) is None and drafter.prefix(whole, 26) is None  # pairs it never saw
+
+        forked = drafter.prefix(whole, 14)
+        assert (forked.start, forked.length, forked.last_out) == (5, 9, None)
+        assert drafter.tree(forked, depth=3, width=2, size=6).tokens == []  # nothing to draft from yet
+        drafter.observe(forked, features[9:], tokens[9:], position=14)
+        expected, got = (drafter.tree(state, depth=3, width=2, size=6) for state in (whole, forked))
+        assert got.tokens == expected.tokens and got.parents == expected.parents
+        assert got.path_probs == pytest.approx(expected.path_probs, rel=1e-3 if dtype == torch.float32 else 0.05)
+        assert whole.length == 20  # forking copied the held state's cache, it did not cut it
+
+
 def test_sampling_through_trees_follows_the_target_distribution(tiny_vocab_dir):
     target = StageModel(tiny_vocab_dir, Span(0, 2, 2))
     head = _random_head(target, list(range(VOCAB)))

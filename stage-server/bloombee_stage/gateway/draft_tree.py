@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from bloombee_stage.model.draft_head import DraftHead
-from bloombee_stage.model.span import truncate_cache
+from bloombee_stage.model.span import copy_layer_prefix, truncate_cache
 
 
 @dataclass
@@ -33,6 +33,7 @@ class HeadState:
     cache: DynamicCache
     length: int = 0
     last_out: torch.Tensor | None = None  # [H]: predicted f for the position after the last observed pair
+    start: int = 0  # the position of the first observed pair's hidden state
 
 
 @dataclass
@@ -78,22 +79,43 @@ class HeadDrafter:
         return HeadState(self.head.new_cache())
 
     @torch.inference_mode()
-    def observe(self, state: HeadState, features: torch.Tensor, tokens: list[int]) -> None:
+    def observe(self, state: HeadState, features: torch.Tensor, tokens: list[int], position: int | None = None) -> None:
         """Append pairs (features[i], tokens[i]): the target's hidden state at a position and the
-        token the model chose after it. Drafted positions from the last round are dropped first."""
+        token the model chose after it; ``position``: the first pair's position, which must follow
+        the pairs already observed. Drafted positions from the last round are dropped first."""
         truncate_cache(state.cache, state.length)
         count = len(tokens)
         if count == 0:
             return
         if features.shape[0] != count:
             raise ValueError(f"{features.shape[0]} hidden states for {count} tokens")
+        if position is not None:
+            if state.length == 0:
+                state.start = position
+            elif position != state.start + state.length:
+                raise ValueError(f"hidden states from position {position}; the head has seen "
+                                 f"{state.start}..{state.start + state.length - 1}")  # fmt: skip
         positions = torch.arange(state.length + 1, state.length + 1 + count).unsqueeze(0)
         mask = torch.ones(count, state.length + count, dtype=torch.bool)
         mask[:, state.length :] = torch.ones(count, count, dtype=torch.bool).tril()
-        out = self.head(features.to(torch.float32).unsqueeze(0), torch.tensor([tokens]), positions,
+        out = self.head(features.unsqueeze(0), torch.tensor([tokens]), positions,
                         mask.view(1, 1, count, -1), state.cache)  # fmt: skip
         state.length += count
         state.last_out = out[0, -1]
+
+    @torch.inference_mode()
+    def prefix(self, state: HeadState, end: int) -> HeadState | None:
+        """A copy of ``state`` holding only its pairs at positions before ``end``, for a generation
+        that forks a finished one's first ``end`` positions (prefixes.py) and so never sees their
+        hidden states; None if ``state`` did not observe all of them. The copy drafts once it has
+        observed the fork's first computed position."""
+        count = end - state.start
+        if count < 1 or count > state.length:
+            return None
+        copy = HeadState(self.head.new_cache(), length=count, start=state.start)
+        for held, layer in zip(state.cache.layers, copy.cache.layers, strict=True):
+            copy_layer_prefix(held, layer, count)
+        return copy
 
     def _log_probs(self, outputs: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.head.draft_logits(outputs), dim=-1)

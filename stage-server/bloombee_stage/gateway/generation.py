@@ -191,15 +191,31 @@ class Speculation:
         assert isinstance(state, DraftState)
         return await loop.run_in_executor(self.executor, self.drafter.propose, state, context, count, sampling)
 
-    async def observe(self, state: DraftState | HeadState | None, sent: list[int], outcome: RowResult) -> None:
-        """Feed the head the hidden states the last stage returned, paired with the tokens after them."""
+    async def observe(self, state: DraftState | HeadState | None, sent: list[int], outcome: RowResult,
+                      position: int) -> None:  # fmt: skip
+        """Feed the head the hidden states the last stage returned (the first at ``position``),
+        paired with the tokens after them."""
         if self.head is None or not outcome.features or outcome.hidden is None:
             return
         assert isinstance(state, HeadState)
         verified = [*sent, *outcome.tokens]  # the row's undrafted tokens, the accepted drafts, the new token
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.head.observe, state, outcome.hidden,
-                                   verified[-outcome.features :])  # fmt: skip
+                                   verified[-outcome.features :], position)  # fmt: skip
+
+    async def resume(self, held: object | None, shared: int,
+                     prompt_length: int) -> tuple[int, DraftState | HeadState | None]:  # fmt: skip
+        """Positions to fork of a held session sharing ``shared`` with the prompt, and the draft
+        state to start with: the held generation's head state cut one position short, so the
+        pipeline computes that position again and returns its hidden state, which pairs with
+        this prompt's next token (the held one's may differ). Without one (or when the rest of
+        the prompt is longer than a round returns hidden states for) the head starts empty and
+        drafts from the prompt's last positions only."""
+        if self.head is None or not isinstance(held, HeadState) or prompt_length - shared + 1 > MAX_FEATURE_POSITIONS:
+            return shared, self.new_state()
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(self.executor, self.head.prefix, held, shared - 1)
+        return (shared, self.new_state()) if state is None else (shared - 1, state)
 
 
 async def generate(
@@ -246,7 +262,10 @@ async def generate(
     context, start, pending = list(prompt_ids), 0, list(prompt_ids)
     fork = prefixes.find(prompt_ids, path) if prefixes is not None else None
     if fork is not None:
-        start = fork[1]
+        assert prefixes is not None
+        shared, state = await speculation.resume(prefixes.draft_state(fork[0]), fork[1], len(prompt_ids))
+        fork = (fork[0], shared)
+        start = shared
         pending = context[start:]
     reroutes = 0
     try:
@@ -303,7 +322,7 @@ async def generate(
             speculation.length.update(len(draft.tokens), len(accepted) - 1, round_s, draft.seconds)
             speculation.budget.update(draft.predicted, len(accepted) - 1, len(draft.tokens), round_s, draft.calls,
                                       draft.seconds)  # fmt: skip
-            await speculation.observe(state, pending, outcome)
+            await speculation.observe(state, pending, outcome, start + len(pending) - features)
             tree_path = list(outcome.path or []) if draft.tree is not None else []
             start += len(pending) + len(accepted) - 1  # the last accepted token is not in any cache yet
             pending = [accepted[-1]]
@@ -331,7 +350,7 @@ async def generate(
             yield tail
     finally:
         # The last tree's accepted nodes were never moved into place: only the positions before them are kept.
-        await _end_session(stepper, prefixes, Held(session, path, tuple(context[: start - len(tree_path)])),
+        await _end_session(stepper, prefixes, Held(session, path, tuple(context[: start - len(tree_path)]), state),
                            keep=result.finish_reason is not None)  # fmt: skip
 
 

@@ -33,6 +33,7 @@ class Held:
     session: str
     path: Path
     tokens: tuple[int, ...]  # the positions the session's caches hold
+    draft: object | None = field(default=None, compare=False)  # the draft head's state (HeadState) at the end
     used: float = field(default=0.0, compare=False)  # when it was last held or forked from (the index's clock)
 
 
@@ -81,6 +82,11 @@ class PrefixIndex:
         while len(self._held) > self.capacity:
             released.append(self._held.popitem(last=False)[1])
         return released
+
+    def draft_state(self, session: str) -> object | None:
+        """The held session's draft head state, if it is held and kept one."""
+        held = self._held.get(session)
+        return held.draft if held is not None else None
 
     def drop(self, session: str) -> None:
         """Forget a session the stages no longer hold."""

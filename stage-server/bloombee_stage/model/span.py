@@ -265,12 +265,9 @@ class StageModel:
             offloaded = index in self.kv_offloaded
             if offloaded:
                 self._page_in(source, index)
-            keys, values = held.keys[:, :, :length].clone(), held.values[:, :, :length].clone()
+            copy_layer_prefix(held, layer, length)
             if offloaded:
                 self._page_out(source, index)
-            if not layer.is_initialized:
-                layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
 
     @torch.inference_mode()
     def keep_path(self, cache: DynamicCache, base: int, nodes: list[int]) -> None:
@@ -467,6 +464,14 @@ def keep_path(cache: DynamicCache, base: int, nodes: list[int]) -> None:
             moved = held.index_select(2, index.to(held.device))
             kept = torch.cat([held[:, :, :base], moved, held[:, :, base + len(nodes) :]], dim=2)
             setattr(layer, kind, kept)
+
+
+def copy_layer_prefix(source: Any, target: Any, length: int) -> None:
+    """Make cache layer ``target`` hold a copy of the first ``length`` positions of ``source``."""
+    keys, values = source.keys[:, :, :length].clone(), source.values[:, :, :length].clone()
+    if not target.is_initialized:
+        target.lazy_initialization(keys, values)
+    target.keys, target.values = keys, values
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:
