@@ -204,7 +204,7 @@ def test_a_forked_head_state_drafts_like_one_that_saw_every_position(tiny_vocab_
         whole = drafter.new_state()
         drafter.observe(whole, features[:12], tokens[:12], position=5)  # a prompt's last 12 positions, from 5
         drafter.observe(whole, features[12:], tokens[12:], position=17)
-        with pytest.raises(ValueError, match="from position 30; the head has seen 5..24"):
+        with pytest.raises(ValueError, match=r"from position 30; the head has seen 5\.\.24"):
             drafter.observe(drafter.prefix(whole, 25), features[:1], tokens[:1], position=30)
         assert drafter.prefix(whole, 5) is None and drafter.prefix(whole, 26) is None  # pairs it never saw
 
