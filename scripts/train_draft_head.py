@@ -230,32 +230,65 @@ def sequence_loss(head, record: dict, vocab_index: torch.Tensor, depth: int, noi
 
 
 @torch.no_grad()
+def accepted_along(tokens: list[int], parents: list[int], answer: list[int]) -> int:
+    """How many of ``answer``'s tokens a draft tree (``tokens``, ``parents``) holds as one path from its root."""
+    parent, count = -1, 0
+    while count < len(answer):
+        children = [node for node, up in enumerate(parents) if up == parent and tokens[node] == answer[count]]
+        if not children:
+            break
+        parent, count = children[0], count + 1
+    return count
+
+
+def replay_rounds(drafter, record: dict, depth: int, width: int = 1, size: int | None = None) -> tuple[int, int, int]:
+    """(rounds, tokens, drafted nodes) of the record's answer generated round by round as the gateway
+    does: the head has seen the hidden states up to the last accepted token, drafts, the drafts on
+    the answer's path are kept and the model's next token follows. The prompt's round (one token,
+    no draft) counts, as in bench/speculative.py."""
+    tokens, features, prompt_end = record["tokens"].tolist(), record["features"].float(), record["prompt_length"]
+    state = drafter.new_state()
+    drafter.observe(state, features[:prompt_end], tokens[1 : prompt_end + 1], position=0)
+    rounds, produced, drafted, base = 1, 1, 0, prompt_end  # the prompt's round gave tokens[prompt_end]
+    while base + 1 < len(tokens):
+        tree = drafter.tree(state, depth=depth, width=width, size=size or depth)
+        count = min(accepted_along(tree.tokens, tree.parents, tokens[base + 1 :]), len(tokens) - base - 2)
+        rounds, produced, drafted = rounds + 1, produced + count + 1, drafted + len(tree.tokens)
+        drafter.observe(state, features[base : base + count + 1], tokens[base + 1 : base + count + 2], position=base)
+        base += count + 1
+    return rounds, produced, drafted
+
+
+def accepted_from_positions(drafter, record: dict, depth: int, width: int = 1, size: int | None = None,
+                            stride: int = 4) -> list[int]:  # fmt: skip
+    """Drafts accepted from every ``stride``-th answer position, each with everything before it seen
+    (teacher features). Higher than rounds give: a round starts right after a rejected draft."""
+    tokens, features, prompt_end = record["tokens"].tolist(), record["features"].float(), record["prompt_length"]
+    accepted = []
+    for base in range(prompt_end, len(tokens) - depth - 1, stride):
+        state = drafter.new_state()
+        drafter.observe(state, features[:base], tokens[1 : base + 1])  # pairs (f[t], x[t+1]) for t < base
+        tree = drafter.tree(state, depth=depth, width=width, size=size or depth)
+        accepted.append(accepted_along(tree.tokens, tree.parents, tokens[base + 1 :]))
+    return accepted
+
+
 def heldout_acceptance(head, records: list[dict], depth: int, stride: int = 4) -> dict:
-    """Draft chains of ``depth`` from every ``stride``-th answer position (teacher features
-    behind), as the gateway does; the accepted length against the model's own choices."""
+    """Chains of ``depth`` on held-back answers: tokens per round when generating round by round,
+    and the histogram of drafts accepted from every ``stride``-th position."""
     from bloombee_stage.gateway.draft_tree import HeadDrafter
 
     drafter = HeadDrafter(head)
     accepted: list[int] = []
+    rounds = produced = 0
     for record in tqdm(records, desc="held-back acceptance", unit="answer"):
-        tokens = record["tokens"].tolist()
-        features = record["features"].float()
-        choice = record["choice"].tolist()
-        prompt_end = record["prompt_length"]
-        for base in range(prompt_end, len(tokens) - depth - 1, stride):
-            state = drafter.new_state()
-            drafter.observe(state, features[: base], tokens[1 : base + 1])  # pairs (f[t], x[t+1]) for t < base
-            draft = drafter.chain(state, depth)
-            count = 0
-            for index, token in enumerate(draft):
-                if token != choice[base + index]:  # the model's greedy token for position base + 1 + index
-                    break
-                count += 1
-            accepted.append(count)
+        accepted += accepted_from_positions(drafter, record, depth, stride=stride)
+        one = replay_rounds(drafter, record, depth)
+        rounds, produced = rounds + one[0], produced + one[1]
     histogram = Counter(accepted)
     mean = sum(accepted) / max(1, len(accepted))
-    return {"positions": len(accepted), "depth": depth, "meanAccepted": round(mean, 3),
-            "tokensPerRound": round(mean + 1, 3),
+    return {"depth": depth, "rounds": rounds, "tokensPerRound": round(produced / max(1, rounds), 3),
+            "positions": len(accepted), "meanAcceptedFromPositions": round(mean, 3),
             "acceptedHistogram": {str(k): histogram[k] for k in range(depth + 1)}}  # fmt: skip
 
 

@@ -282,23 +282,53 @@ def test_a_head_with_a_wrong_checksum_or_model_is_refused(tmp_path, tiny_vocab_d
         load_head(target.full_config, embedding, lm_head, tmp_path)
 
 
+def _training_script():
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("train_draft_head", root / "scripts" / "train_draft_head.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_training_leaves_out_prompts_near_the_benchs():
     """The bench's open chat is drafted by a head that never saw those requests: the training
     script drops every prompt near one (its own self-written ones included), and its templated
     prompts share no topic with them."""
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from prompt_sets import BENCHMARK_PROMPTS, near_any
 
     assert all(near_any(prompt, [prompt]) for prompt in BENCHMARK_PROMPTS)
     assert near_any("Can you provide some tips on how to improve my public speaking skills?", BENCHMARK_PROMPTS)
     assert near_any("I'm planning a weekend camping trip to the beach.", BENCHMARK_PROMPTS)
     assert not near_any("Write a short story that involves whales.", BENCHMARK_PROMPTS)  # a form, not a topic
-    spec = importlib.util.spec_from_file_location("train_draft_head", root / "scripts" / "train_draft_head.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    train, held = script.prompts(640)
+    train, held = _training_script().prompts(640)
     assert len(train) + len(held) == 640 and not any(near_any(prompt, BENCHMARK_PROMPTS) for prompt in train + held)
+
+
+def test_replayed_rounds_count_what_the_gateway_would_keep(tiny_vocab_dir):
+    """The acceptance measure of training and of bench/draft_acceptance.py: a tree keeps the
+    answer's path from its root; a replayed answer yields every one of its tokens, one round per
+    rejection, and the prompt's round counts."""
+    script = _training_script()
+    assert script.accepted_along([5, 6, 7, 8], [-1, -1, 1, 2], [6, 7, 8, 1]) == 3
+    assert script.accepted_along([5, 6, 7], [-1, 0, -1], [7, 9]) == 1
+    assert script.accepted_along([5, 6], [-1, 0], [6, 5]) == 0
+    model = StageModel(tiny_vocab_dir, Span(0, 2, 2))
+    drafter = HeadDrafter(_random_head(model, list(range(VOCAB)), seed=5))
+    torch.manual_seed(6)
+    record = {"tokens": torch.randint(0, VOCAB, (30,)), "features": torch.randn(30, model.hidden_size),
+              "prompt_length": 10}  # fmt: skip
+    rounds, produced, drafted = script.replay_rounds(drafter, record, depth=3, width=2, size=5)
+    assert produced == 20 and 1 < rounds <= 20 and drafted <= 5 * (rounds - 1)
+    # a draft that is the answer itself: every round keeps its whole chain of 3, and 1 more
+    answer = record["tokens"].tolist()
+
+    class Oracle(HeadDrafter):
+        def tree(self, state, depth, width, size, level_gain=0.0):
+            return TreeDraft(answer[state.start + state.length + 1 :][:depth], list(range(-1, depth - 1)))
+
+    rounds, produced, drafted = script.replay_rounds(Oracle(drafter.head), record, depth=3)
+    assert (rounds, produced) == (1 + 5, 20)  # 19 tokens after the prompt's: 4 rounds of 4, one of 3
 
 
 @pytest.mark.model
