@@ -14,6 +14,7 @@ import torch
 from bloombee_stage.gateway.draft_tree import HeadDrafter, TreeBudget, TreeDraft
 from bloombee_stage.gateway.drafting import DraftLength
 from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
+from bloombee_stage.gateway.prefixes import PrefixIndex
 from bloombee_stage.model.draft_head import DraftHead, DraftHeadError, load_head, save_head
 from bloombee_stage.model.span import Span, StageModel, keep_path, tree_layout, truncate_cache
 from bloombee_stage.stage.service import attach_features
@@ -153,11 +154,16 @@ class TreeStepper:
         self.trees = 0
         self.drafted = 0
         self.kept = 0
+        self.rows: list[RowMeta] = []
 
     def open(self) -> tuple[int, ...]:
         return (0,)
 
     async def step(self, row: RowMeta, inputs: list[int], path: tuple[int, ...]) -> RowResult:
+        self.rows.append(row)
+        if row.fork is not None and row.session not in self.caches:  # a parked session's first positions
+            self.caches[row.session] = self.model.new_cache()
+            self.model.copy_prefix(self.caches[row.fork], self.caches[row.session], row.start)
         cache = self.caches.setdefault(row.session, self.model.new_cache())
         if row.tree_path:
             keep_path(cache, row.start - len(row.tree_path), row.tree_path)
@@ -175,16 +181,21 @@ class TreeStepper:
         return result
 
     async def close(self, session: str, path: tuple[int, ...], park: bool = False) -> None:
+        if not park:
+            self.caches.pop(session, None)
+
+    async def forget(self, session: str, path: tuple[int, ...]) -> None:
         self.caches.pop(session, None)
 
 
-def _run(stepper, head: DraftHead, prompt: list[int], tokens: int, sampling: SamplingParams) -> Generated:
+def _run(stepper, head: DraftHead, prompt: list[int], tokens: int, sampling: SamplingParams,
+         prefixes: PrefixIndex | None = None) -> Generated:  # fmt: skip
     async def one() -> Generated:
         result = Generated()
         speculation = Speculation("head", DraftLength(maximum=4), head=HeadDrafter(head), width=3,
                                   budget=TreeBudget(maximum=12))  # fmt: skip
         async for _ in generate(stepper, prompt, tokens, sampling, set(), TextAssembler(str, []), result,
-                                speculation):  # fmt: skip
+                                speculation, prefixes):  # fmt: skip
             pass
         return result
 
@@ -216,6 +227,26 @@ def test_a_forked_head_state_drafts_like_one_that_saw_every_position(tiny_vocab_
         assert got.tokens == expected.tokens and got.parents == expected.parents
         assert got.path_probs == pytest.approx(expected.path_probs, rel=1e-3 if dtype == torch.float32 else 0.05)
         assert whole.length == 20  # forking copied the held state's cache, it did not cut it
+
+
+def test_a_fork_of_a_finished_generation_hands_the_head_its_prefix(tiny_vocab_dir):
+    """A prompt that starts like a finished generation's forks its session (prefixes.py), one
+    position short of what they share, and its head starts from the finished one's pairs: the
+    head state it leaves behind covers the prompt from position 0, although the stages computed
+    only the positions after the fork. The tokens are the model's own either way."""
+    model = StageModel(tiny_vocab_dir, Span(0, 2, 2))
+    head = _random_head(model, list(range(VOCAB)), seed=7)
+    greedy = SamplingParams(temperature=0.0)
+    first, second = [*PROMPT, 3, 6, 7], [*PROMPT, 3, 6, 5, 5]
+    alone = _run(TreeStepper(model), head, second, 10, greedy)
+    stepper, prefixes = TreeStepper(model), PrefixIndex(4, min_shared=4)
+    _run(stepper, head, first, 10, greedy, prefixes)
+    forked = _run(stepper, head, second, 10, greedy, prefixes)
+    assert forked.token_ids == alone.token_ids
+    fork = next(row for row in stepper.rows if row.fork is not None)
+    assert fork.start == len(PROMPT) + 2 - 1  # they share PROMPT + [3, 6]; the last shared position is computed
+    state = prefixes.draft_state(fork.session)
+    assert state is not None and state.start == 0 and state.length >= len(second)
 
 
 def test_sampling_through_trees_follows_the_target_distribution(tiny_vocab_dir):
