@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from bloombee_stage.gateway.draft_tree import HeadDrafter, TreeBudget, TreeDraft
-from bloombee_stage.gateway.drafting import DraftLength
+from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
 from bloombee_stage.gateway.prefixes import PrefixIndex
 from bloombee_stage.model.draft_head import DraftHead, DraftHeadError, load_head, save_head
@@ -188,6 +188,11 @@ class TreeStepper:
         self.caches.pop(session, None)
 
 
+async def _drain(pieces) -> None:
+    async for _ in pieces:
+        pass
+
+
 def _run(stepper, head: DraftHead, prompt: list[int], tokens: int, sampling: SamplingParams,
          prefixes: PrefixIndex | None = None) -> Generated:  # fmt: skip
     async def one() -> Generated:
@@ -247,6 +252,14 @@ def test_a_fork_of_a_finished_generation_hands_the_head_its_prefix(tiny_vocab_di
     assert fork.start == len(PROMPT) + 2 - 1  # they share PROMPT + [3, 6]; the last shared position is computed
     state = prefixes.draft_state(fork.session)
     assert state is not None and state.start == 0 and state.length >= len(second)
+
+    # a draft model's own KV cache is not kept with a parked session: only a head's state is resumed
+    drafter = ModelDrafter(StageModel(tiny_vocab_dir, Span(0, 1, 2), head=True), "early-exit")
+    speculation = Speculation("early-exit", DraftLength(maximum=2), drafter=drafter)
+    stepper.rows.clear()
+    asyncio.run(_drain(generate(stepper, [*first, 1], 4, greedy, set(), TextAssembler(str, []), Generated(),
+                                speculation, prefixes)))  # fmt: skip
+    assert prefixes.draft_state(stepper.rows[0].session) is None
 
 
 def test_sampling_through_trees_follows_the_target_distribution(tiny_vocab_dir):

@@ -350,7 +350,9 @@ async def generate(
             yield tail
     finally:
         # The last tree's accepted nodes were never moved into place: only the positions before them are kept.
-        await _end_session(stepper, prefixes, Held(session, path, tuple(context[: start - len(tree_path)]), state),
+        # Only a head's state is kept with the session (a fork resumes it); a draft model's KV cache is not.
+        kept_state = state if isinstance(state, HeadState) else None
+        await _end_session(stepper, prefixes, Held(session, path, tuple(context[: start - len(tree_path)]), kept_state),
                            keep=result.finish_reason is not None)  # fmt: skip
 
 
