@@ -45,9 +45,21 @@ class Shape:
     size: int
 
 
-SHAPES = [Shape("chain of 4", 4, 1, 4), Shape("chain of 8", 8, 1, 8)] + [
+SHAPES = [Shape("chain of 8", 8, 1, 8), Shape("chain of 4", 4, 1, 4)] + [
     Shape(f"tree of {size}", 8, 4, size) for size in (4, 8, 16, 32, 64)
 ]
+
+
+def parse_shape(text: str) -> Shape:
+    """DEPTH:WIDTH:SIZE, e.g. 8:3:16 (width 1 is a chain)."""
+    try:
+        depth, width, size = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DEPTH:WIDTH:SIZE, e.g. 8:3:16") from None
+    if min(depth, width, size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: depth, width and size must be at least 1")
+    return Shape(f"chain of {depth}" if width == 1 else f"tree of {size}, width {width}, depth {depth}",
+                 depth, width, size)  # fmt: skip
 
 
 def main() -> None:
@@ -56,6 +68,11 @@ def main() -> None:
                         choices=["grounded", "open-ended", "open-chat"])  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64, help="longest answer (as bench/speculative.py)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the head's")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES,
+                        help="drafts as DEPTH:WIDTH:SIZE, the first the baseline (default: chains of 8 and 4, "
+                        "width-4 trees of 4 to 64)")
+    parser.add_argument("--head", type=Path, default=None,
+                        help="a trained head's directory (train_draft_head.py --out; default: the shipped one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "draft_acceptance.json"))
     args = parser.parse_args()
@@ -72,7 +89,8 @@ def main() -> None:
     model_dir = prepare_model(training.SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    head = load_head(model.config, model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach())
+    head = load_head(model.config, model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach(),
+                     *([args.head] if args.head else []))  # fmt: skip
     drafter = HeadDrafter(head.compute_in(getattr(torch, args.dtype)))
 
     every_set = {"grounded": GROUNDED, "open-ended": OPEN_ENDED, "open-chat": OPEN_CHAT}
@@ -85,7 +103,7 @@ def main() -> None:
             chat = [{"role": "user", "content": text}]
             record["prompt_length"] = len(tokenizer.apply_chat_template(chat, add_generation_prompt=True,
                                                                         return_dict=True)["input_ids"])  # fmt: skip
-        for shape in SHAPES:
+        for shape in args.shapes:
             started = time.perf_counter()
             rounds = produced = drafted = 0
             for record in records:
@@ -100,22 +118,22 @@ def main() -> None:
                             "tokens_per_round_from_every_second_position": 1 + sum(anywhere) / len(anywhere),
                             "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip
             print(f"  {set_name} {shape.name}: {produced / rounds:.2f} tokens a round", file=sys.stderr, flush=True)
-    for row in results:
-        chain = next(other for other in results
-                     if other["prompts"] == row["prompts"] and other["draft"] == "chain of 8")  # fmt: skip
-        row["vs_chain_of_8"] = row["tokens_per_round"] / chain["tokens_per_round"]
+    for row in results:  # the baseline: the first shape (by default the chain of 8, the gateway's longest), same run
+        first = next(other for other in results if other["prompts"] == row["prompts"])
+        row["vs_first"] = row["tokens_per_round"] / first["tokens_per_round"]
 
-    report = {"benchmark": "draft_acceptance", "model": training.SMOLLM2, "head": json.loads(
-        (ROOT / "stage-server/bloombee_stage/model/weights/draft-head.json").read_text())["sha256"],
+    card = (args.head or ROOT / "stage-server/bloombee_stage/model/weights") / "draft-head.json"
+    report = {"benchmark": "draft_acceptance", "model": training.SMOLLM2,
+        "head": json.loads(card.read_text())["sha256"],
         "head_dtype": args.dtype, "new_tokens": args.new_tokens,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "results": results}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print("| prompts | draft | tokens/round | drafted/round | vs chain of 8 | from every 2nd position |")
+    print(f"| prompts | draft | tokens/round | drafted/round | vs {args.shapes[0].name} | from every 2nd position |")
     print("|---|---|---|---|---|---|")
     for row in results:
         print(f"| {row['prompts']} | {row['draft']} | {row['tokens_per_round']:.2f} | {row['drafted_per_round']:.1f} | "
-              f"{row['vs_chain_of_8']:.2f}x | {row['tokens_per_round_from_every_second_position']:.2f} |")
+              f"{row['vs_first']:.2f}x | {row['tokens_per_round_from_every_second_position']:.2f} |")
     print(f"wrote {args.out}")
 
 
