@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from bloombee_stage.gateway.draft_tree import HeadDrafter
-    from bloombee_stage.model.draft_head import load_head
+    from bloombee_stage.model.draft_head import CARD_FILE, WEIGHTS_DIR, load_head
     from bloombee_stage.model.loading import prepare_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,10 +99,7 @@ def main() -> None:
         texts = every_set[set_name]
         records = training.extract_features(model, training.generate_answers(model, tokenizer, texts, args.new_tokens,
                                                                              len(texts)), len(texts))  # fmt: skip
-        for text, record in zip(texts, records, strict=True):
-            chat = [{"role": "user", "content": text}]
-            record["prompt_length"] = len(tokenizer.apply_chat_template(chat, add_generation_prompt=True,
-                                                                        return_dict=True)["input_ids"])  # fmt: skip
+        training.mark_prompt_lengths(tokenizer, texts, records)
         for shape in args.shapes:
             started = time.perf_counter()
             rounds = produced = drafted = 0
@@ -122,7 +119,7 @@ def main() -> None:
         first = next(other for other in results if other["prompts"] == row["prompts"])
         row["vs_first"] = row["tokens_per_round"] / first["tokens_per_round"]
 
-    card = (args.head or ROOT / "stage-server/bloombee_stage/model/weights") / "draft-head.json"
+    card = (args.head or WEIGHTS_DIR) / CARD_FILE
     report = {"benchmark": "draft_acceptance", "model": training.SMOLLM2,
         "head": json.loads(card.read_text())["sha256"],
         "head_dtype": args.dtype, "new_tokens": args.new_tokens,

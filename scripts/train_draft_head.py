@@ -147,6 +147,14 @@ def generate_answers(model, tokenizer, texts: list[str], new_tokens: int, batch:
     return sequences
 
 
+def mark_prompt_lengths(tokenizer, texts: list[str], records: list[dict]) -> None:
+    """Each record's ``prompt_length``: its prompt's positions under the chat template."""
+    for text, record in zip(texts, records, strict=True):
+        chat = [{"role": "user", "content": text}]
+        record["prompt_length"] = len(tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                                    return_dict=True)["input_ids"])  # fmt: skip
+
+
 def extract_features(model, sequences: list[list[int]], batch: int) -> list[dict]:
     """Per sequence: tokens, the final hidden state the head reads (fp16), and the model's argmax."""
     records = []
@@ -343,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         split = len(templated_train) + len(written_train)
         data = {"train": records[:split], "held": records[split:]}
         torch.save(data, data_path)
-    for text, record in zip(texts, data["train"] + data["held"], strict=True):
-        chat = [{"role": "user", "content": text}]
-        encoded = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
-        record["prompt_length"] = len(encoded["input_ids"])
+    mark_prompt_lengths(tokenizer, texts, data["train"] + data["held"])
     data_seconds = time.perf_counter() - started
     # Answers are made for every prompt (so the cache does not depend on the bench); what is near
     # a prompt the bench measures on is left out of training and of the held-back split alike.
