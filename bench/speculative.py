@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--wan", action="store_true", help="real packet delay between namespaces, not the proxy "
                         "(root; ../shared/tools/wan/)")  # fmt: skip
     parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)  # --wan's own re-run in h0
+    parser.add_argument("--draft-head", default=None, help="the trained head's directory (default: the shipped one)")
     parser.add_argument("--out", default=None, help="default: bench/results/speculative[_wan].json")
     args = parser.parse_args()
     args.out = args.out or str(ROOT / "bench" / "results" / f"speculative{'_wan' if args.wan else ''}.json")
@@ -211,6 +212,9 @@ def main() -> None:
         ("trained head (tree)", ["--draft", "head", "--micro-batch", "1"]),
         ("the model itself (upper bound)", ["--draft", "model", "--draft-model", SMOLLM2, "--micro-batch", "1"]),
     ]  # fmt: skip
+    if args.draft_head:
+        drafts = [(name, [*gateway, "--draft-head", args.draft_head] if "head" in gateway else gateway)
+                  for name, gateway in drafts]  # fmt: skip
     if args.drafts:
         drafts = [draft for draft in drafts if draft[0] == "no draft" or draft[0] in args.drafts]
     latency: list[dict] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from bloombee_stage.model.offload import (
     safetensors_locations,
     spread,
 )
+from bloombee_stage.model.packed import PackedSwitch, pack_linears, should_pack
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -164,10 +166,11 @@ class StageModel:
 
     ``head``: the span also holds the final norm and LM head although it does not end at the
     last layer (an early-exit draft model); the span that ends at the last layer always does.
+    ``packed``: "auto", "on" or "off": pre-packed weights for steps of a few positions (packed.py).
     """
 
     def __init__(self, model_dir: Path, span: Span, dtype: str = "float32", device: str | None = None,
-                 offload: OffloadSettings | None = None, head: bool = False) -> None:  # fmt: skip
+                 offload: OffloadSettings | None = None, head: bool = False, packed: str = "auto") -> None:  # fmt: skip
         if dtype not in DTYPES:
             raise SpanError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
         self.model_dir = Path(model_dir)
@@ -213,6 +216,11 @@ class StageModel:
             self.streamer = WeightStreamer(body.layers, _offloaded_locations(available, span, offloaded), tier,
                                            self.dtype, self.device, self.offload.prefetch)  # fmt: skip
         self.model = model.to(self.device).eval()
+        # Steps of a few positions (drafts, micro-batches) run on weights packed once for them,
+        # unless the plan streams weights: then memory is what is short.
+        self.packed: PackedSwitch | None = None
+        if not offloaded and should_pack(self.device, self.dtype, self.weight_bytes(), packed):
+            self.packed = pack_linears(self.model)
         self.load_seconds = time.perf_counter() - started
         self.layer_ms = 0.0  # running mean of measured ms per layer per forward
         self.last_layers_s = (0.0, 0.0)  # the last forward's decoder layers: wall and thread-CPU seconds
@@ -236,8 +244,10 @@ class StageModel:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def weight_tiers(self) -> dict[str, int]:
-        """Weight bytes per tier: resident, the two streaming slots, and the lower tier."""
-        tiers = {"device": self.weight_bytes(), "slots": 0, "host": 0, "disk": 0}
+        """Weight bytes per tier: resident, the two streaming slots, the lower tier, and the packed
+        copy for steps of a few positions (packed.py)."""
+        tiers = {"device": self.weight_bytes(), "slots": 0, "host": 0, "disk": 0,
+                 "packed": self.packed.packed_bytes if self.packed else 0}
         if self.streamer is not None:
             tiers["slots"] = self.streamer.slot_bytes()
             tiers[self.streamer.tier] = self.streamer.offloaded_bytes()
@@ -282,7 +292,7 @@ class StageModel:
     @torch.inference_mode()
     def forward_rows(self, inputs: torch.Tensor, caches: list[DynamicCache], lengths: list[int],
                      keep: list[int] | None = None, trees: list[list[int] | None] | None = None,
-                     features: list[int] | None = None) -> Any:  # fmt: skip
+                     features: list[int] | None = None, verifying: bool = False) -> Any:  # fmt: skip
         """Run the span on a micro-batch: row b appends ``lengths[b]`` positions of ``inputs`` to ``caches[b]``.
 
         inputs: token ids [rows, positions] (first stage) or hidden states [rows, positions,
@@ -296,7 +306,18 @@ class StageModel:
         next step keeps the accepted path (``keep_path``). ``features[b]`` (a head only): also
         return the final hidden state (after the norm: what the head reads) of row b's last
         ``features[b]`` positions, as a second list.
+
+        ``verifying``: the step checks drafted positions. Such steps and micro-batches run on the
+        packed weights where there are some (packed.py); one session's plain step runs exactly
+        as transformers' ``generate`` does.
         """
+        few_positions = verifying or inputs.shape[0] > 1 or any(trees or [])
+        with self.packed.turned(few_positions) if self.packed else nullcontext():
+            return self._forward_rows(inputs, caches, lengths, keep, trees, features)
+
+    def _forward_rows(self, inputs: torch.Tensor, caches: list[DynamicCache], lengths: list[int],
+                      keep: list[int] | None, trees: list[list[int] | None] | None,
+                      features: list[int] | None) -> Any:  # fmt: skip
         body = self.model.model
         started, started_cpu = time.perf_counter(), time.thread_time()
         rows, width = inputs.shape[0], inputs.shape[1]

@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         total = int(read_config(model_dir)["num_hidden_layers"])
         offload = OffloadSettings(launch.offload_weights, launch.offload_kv, launch.offload_tier,
                                   not launch.no_prefetch)  # fmt: skip
-        model = StageModel(model_dir, Span(start, end, total), launch.dtype, launch.device, offload)
+        model = StageModel(model_dir, Span(start, end, total), launch.dtype, launch.device, offload,
+                           packed=launch.packed_weights)  # fmt: skip
     except (ModelSourceError, SpanError, ValueError) as error:  # TlsError is a ValueError
         raise SystemExit(f"error: {error}") from None
-    log.info("loaded layers [%d, %d) of %d in %.1f s", start, end, total, model.load_seconds)
+    log.info("loaded layers [%d, %d) of %d in %.1f s%s", start, end, total, model.load_seconds,
+             f"; {model.packed.packed_bytes / 1e6:.0f} MB packed for drafts and micro-batches" if model.packed else "")
     bandwidth = measure_bandwidth(next(model_dir.glob("*.safetensors")))
     log.info("tier bandwidths: %s", {key: f"{value / 1e9:.2f} GB/s" for key, value in bandwidth.items()})
     settings = StageSettings(

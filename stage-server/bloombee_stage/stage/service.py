@@ -116,7 +116,7 @@ class StageService:
         self.metrics.gauge("kv_reserved_bytes", "KV cache bytes reserved by sessions", self.sessions.reserved_bytes)
         self.metrics.gauge("kv_budget_bytes", "KV cache budget", lambda: settings.kv_budget_bytes)
         self.metrics.gauge("weight_bytes", "Bytes of weights held resident", model.weight_bytes)
-        for tier in ("device", "slots", "host", "disk"):
+        for tier in ("device", "slots", "host", "disk", "packed"):
             self.metrics.gauge(f"weight_{tier}_bytes", f"Weight bytes in the {tier} tier",
                                lambda tier=tier: model.weight_tiers()[tier])  # fmt: skip
         self.metrics.gauge(
@@ -272,7 +272,7 @@ class StageService:
         features = [row.features + len(row.draft) if row.features else 0 for row in meta.rows]
         asks = self.model.has_head and any(features)
         output = self.model.forward_rows(inputs, [session.cache for session in sessions], lengths, keep, trees,
-                                         features if asks else None)  # fmt: skip
+                                         features if asks else None, any(row.draft for row in meta.rows))  # fmt: skip
         for session, row in zip(sessions, meta.rows, strict=True):
             session.length = row.start + row.length
         if asks:
