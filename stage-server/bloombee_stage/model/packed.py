@@ -13,7 +13,7 @@ One session's steps without a draft (a prompt, a plain decode step) keep transfo
 ``linear``, so they stay bit-for-bit what ``generate`` computes; packed steps differ from it by
 float rounding only (about 1e-4 on SmolLM2's logits), as any batched kernel does. The packed
 copy costs memory once more the size of the packed weights, so it is made only when the host
-has room for it many times over (``PACK_HEADROOM``).
+has room for it twice over (``PACK_HEADROOM``), and never where the plan streams weights.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its layout for; any count from 1 runs on it
 MAX_PACKED_ROWS = 64  # above this a step is a prompt, where the plain kernel is as fast
-PACK_HEADROOM = 4  # pack only when available memory exceeds this many times the packed bytes
+PACK_HEADROOM = 2  # pack only when available memory exceeds this many times the packed bytes
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
