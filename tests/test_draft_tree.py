@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bloombee_stage.gateway.draft_tree import HeadDrafter, TreeBudget, TreeDraft
+from bloombee_stage.gateway.draft_tree import CARRIED_PREDICTED, HeadDrafter, TreeBudget, TreeDraft
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
 from bloombee_stage.gateway.prefixes import PrefixIndex
@@ -123,6 +123,21 @@ def test_tree_budget_sends_nodes_while_they_pay_and_fewer_under_load():
     for nodes, seconds in [(0, 0.1), (10, 0.15), (20, 0.2), (5, 0.125)]:
         budget.update(predicted=1.0, accepted=1, nodes=nodes, round_s=seconds)
     assert budget.node_s == pytest.approx(0.005) and budget.round_s == pytest.approx(0.1)
+
+
+def test_a_new_generation_starts_from_the_last_ones_costs_with_a_short_calibration_memory():
+    finished = TreeBudget()
+    for nodes, seconds in [(4, 0.19), (12, 0.21), (8, 0.2), (16, 0.22)]:  # a 180 ms round, 2.5 ms a node
+        finished.update(predicted=3.0, accepted=1, nodes=nodes, round_s=seconds)
+    assert finished.calibration == pytest.approx(1 / 3)
+    carried = finished.carried()
+    assert (carried.round_s, carried.node_s) == (finished.round_s, finished.node_s)
+    assert carried.round_s == pytest.approx(0.18) and carried.node_s == pytest.approx(0.0025)
+    assert carried.samples == finished.samples and carried.samples is not finished.samples
+    assert carried.predicted == pytest.approx(CARRIED_PREDICTED)  # 12 predicted tokens' history cut to 8
+    carried.update(predicted=2.0, accepted=2, nodes=8, round_s=0.2)  # the new text is easier to guess
+    assert carried.calibration == pytest.approx((8 / 3 + 2) / (8 + 2))  # (6 / 14 had it kept it all)
+    assert finished.calibration == pytest.approx(1 / 3) and len(finished.samples) == 4  # the old one untouched
 
 
 def test_a_tree_keeps_the_likeliest_nodes_and_their_ancestors():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -200,6 +200,9 @@ class HeadDrafter:
         return out[0]
 
 
+CARRIED_PREDICTED = 8.0  # expected tokens of calibration history a new generation inherits
+
+
 @dataclass
 class TreeBudget:
     """How many of a tree's nodes to send, per round: the size of most expected tokens per second.
@@ -208,7 +211,9 @@ class TreeBudget:
     ``calibration`` (accepted tokens over the predicted sum, a running ratio) corrects the head's
     over- or under-confidence. A round of n nodes is expected to yield 1 + c x (sum of the n
     likeliest path probabilities) tokens and to cost ``round_s`` + n x ``node_s`` (+ the draft's
-    own time), both fitted on this generation's rounds (round time against nodes sent). Under
+    own time), both fitted on the latest rounds (round time against nodes sent). A generation
+    starts from the last finished one's estimates (``carried``): the pipeline and the head are
+    the same, and a 64-token answer has too few rounds to fit them from priors alone. Under
     load a node costs every row in the step, so its cost counts once per generation running:
     speculation backs off as the pipeline fills. ``timed=False`` keeps the costs at their priors
     (a seeded sampled request must draw the same tokens when repeated; see ``DraftLength``).
@@ -221,9 +226,16 @@ class TreeBudget:
     node_s: float = 0.002
     samples: list[tuple[int, float]] = field(default_factory=list)
     predicted: float = 0.0
-    accepted: int = 0
+    accepted: float = 0.0
     call_s: float = 0.005  # one head call (a tree level), measured
     tokens: float = 1.5  # per round, running
+
+    def carried(self) -> TreeBudget:
+        """A new generation's budget, starting from this one's measurements; its calibration keeps
+        at most CARRIED_PREDICTED tokens' worth of history, so it still follows the new text."""
+        scale = min(1.0, CARRIED_PREDICTED / self.predicted) if self.predicted > 0 else 1.0
+        return replace(self, samples=list(self.samples), predicted=self.predicted * scale,
+                       accepted=self.accepted * scale)  # fmt: skip
 
     def level_gain(self) -> float:
         """The path probability one more tree level must add to pay for its head call: a level

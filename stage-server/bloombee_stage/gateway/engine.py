@@ -33,7 +33,7 @@ from bloombee_contract.paths import HEALTHZ_PATH, INFO_PATH, READYZ_PATH, RESULT
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.batching import MicroBatcher
-from bloombee_stage.gateway.draft_tree import HeadDrafter
+from bloombee_stage.gateway.draft_tree import HeadDrafter, TreeBudget
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Controls, Generated, Speculation, TextAssembler, generate
 from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError, ResultRouter
@@ -105,6 +105,7 @@ class GenerationEngine:
         self.settings = settings
         self.drafter = drafter
         self.head = head
+        self.tree_budget = TreeBudget()  # the latest finished generation's tree costs and calibration
         self.max_model_len = int(model_config.get("max_position_embeddings", 2048))
         # Frames from the stages are read only up to what they can legally hold (before decoding).
         if "hidden_size" not in model_config:
@@ -279,11 +280,14 @@ class GenerationEngine:
                     eos = (set() if request.ignore_eos else self.eos_ids) | request.stop_token_ids
                     speculation = Speculation(self.settings.draft, DraftLength(self.settings.draft_max),
                                               self.drafter, running.draft_thread, head=self.head,
-                                              width=self.settings.draft_width, load=lambda: self.running)  # fmt: skip
+                                              width=self.settings.draft_width, budget=self.tree_budget.carried(),
+                                              load=lambda: self.running)  # fmt: skip
                     async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling,
                                                 eos, assembler, result, speculation, self.prefixes,
                                                 self.settings.recovery_wait, deadline, request.controls):  # fmt: skip
                         yield piece
+                    if speculation.budget.timed:  # the next generation starts from what this one measured
+                        self.tree_budget = speculation.budget
                 finally:
                     self.running -= 1
         except PipelineError as error:

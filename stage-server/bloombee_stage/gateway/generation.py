@@ -253,7 +253,9 @@ async def generate(
         # A seeded draw repeats only with the same drafts; the head drafts from the hidden states
         # of the positions this generation computes, which a fork would leave out.
         prefixes = None
-    speculation.length.timed = speculation.budget.timed = sampling.greedy or sampling.seed is None  # see DraftLength
+    if not (sampling.greedy or sampling.seed is None):  # sizes from the tokens alone: see DraftLength
+        speculation.length.timed = False
+        speculation.budget = TreeBudget(maximum=speculation.budget.maximum, timed=False)  # not carried timings
     session = uuid.uuid4().hex
     path = stepper.open()
     state = speculation.new_state()
