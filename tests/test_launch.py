@@ -24,7 +24,7 @@ CHANGED: dict[type[LaunchSpec], dict] = {
                       accept_codecs=("raw", "zstd"), kv_budget_gib=0.123456789, kv_owner_share=0.375, micro_batch=4,
                       peers=("https://next:8080", "https://gw:8443"),
                       offload_weights=0.25,
-                      offload_kv=0.5, offload_tier="host", no_prefetch=True, session_timeout=12.5,
+                      offload_kv=0.5, offload_tier="host", no_prefetch=True, packed_weights="off", session_timeout=12.5,
                       tls_dir="/etc/bloombee/tls", ready_file="/tmp/ready.json", log_level="DEBUG"),
     GatewayLaunch: dict(model="/models/m", stages=(("http://a:1",), ("http://b1:2", "https://b2:3")),
                         served_model_name="chat", host="0.0.0.0", port=8443, public_url="http://gw:8000",
