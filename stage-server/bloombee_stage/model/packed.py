@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
+from bloombee_stage.model.offload import available_memory
+
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its layout for; any count from 1 runs on it
 MAX_PACKED_ROWS = 64  # above this a step is a prompt, where the plain kernel is as fast
 PACK_HEADROOM = 2  # pack only when available memory exceeds this many times the packed bytes
@@ -44,16 +46,10 @@ def _read_number(path: str) -> int | None:
 
 
 def available_memory_bytes() -> int | None:
-    """What this process may still allocate: the host's MemAvailable, or less where a container's
-    memory limit (cgroup v2, else v1) leaves less; None where neither can be read."""
-    free = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """What this process may still allocate: the host's MemAvailable (``offload.available_memory``),
+    or less where a container's memory limit (cgroup v2, else v1) leaves less; None where neither
+    can be read."""
+    free = available_memory() or None  # 0: no /proc/meminfo
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
