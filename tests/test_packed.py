@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bloombee_stage.model.packed import MAX_PACKED_ROWS, PackedLinear, PackedSwitch
-from bloombee_stage.model.span import OffloadSettings, Span, StageModel
+from bloombee_stage.model.span import OffloadSettings, Span, SpanError, StageModel
 
 
 def test_a_packed_linear_matches_linear_and_is_exact_where_it_stays_off():
@@ -34,6 +34,8 @@ def test_a_stage_packs_on_cpu_unless_told_not_to_or_it_streams_weights(tiny_dir,
     assert len(linears) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the LM head
     assert packed.weight_tiers()["packed"] == sum(m.weight.numel() * 4 for m in linears)
     assert StageModel(tiny_dir, Span(3, 6, 6), packed="off").packed is None
+    with pytest.raises(SpanError, match="packed 'yes' not one of"):
+        StageModel(tiny_dir, Span(3, 6, 6), packed="yes")
     streaming = StageModel(tiny_dir, Span(3, 6, 6), offload=OffloadSettings(weights=0.5, kv_dir=tmp_path))
     assert streaming.packed is None  # memory is short where the plan streams weights
 
