@@ -390,6 +390,53 @@ def test_replayed_rounds_count_what_the_gateway_would_keep(tiny_vocab_dir):
     assert (rounds, produced) == (1 + 5, 20)  # 19 tokens after the prompt's: 4 rounds of 4, one of 3
 
 
+def test_training_runs_each_unrolled_block_once_for_the_loss_of_a_full_pass(tiny_vocab_dir):
+    """The training loss runs block s (the head's own s-th unrolled prediction) on its rows only,
+    attending to earlier blocks through the cache; loss and gradients are those of running every
+    block so far in one pass with the unrolled mask."""
+    script = _training_script()
+    model = StageModel(tiny_vocab_dir, Span(0, 2, 2))
+    head = _random_head(model, list(range(0, VOCAB, 2)), seed=3).train()
+    torch.manual_seed(4)
+    length, depth, weights = 12, 3, [1.0, 0.8, 0.6]
+    record = {"tokens": torch.randint(0, VOCAB, (length + 1,)), "features": torch.randn(length + 1, model.hidden_size),
+              "choice": torch.randint(0, VOCAB, (length + 1,))}  # fmt: skip
+    vocab_index = torch.full((VOCAB,), -1, dtype=torch.int64)
+    vocab_index[head.vocab_ids] = torch.arange(head.vocab_ids.numel())
+
+    def full_passes() -> torch.Tensor:
+        tokens, features = record["tokens"], record["features"]
+        mask = script.unrolled_mask(length, depth).view(1, 1, depth * length, depth * length)
+        inputs_f, inputs_x, positions = [features[:length]], [tokens[1:]], [torch.arange(1, length + 1)]
+        total = torch.zeros(())
+        for block in range(depth):
+            width = (block + 1) * length
+            out = head(torch.cat(inputs_f).unsqueeze(0), torch.cat(inputs_x).unsqueeze(0),
+                       torch.cat(positions).unsqueeze(0), mask[:, :, :width, :width])[0, block * length :]  # fmt: skip
+            valid = length - block
+            target_x = vocab_index[record["choice"][block + 1 : block + 1 + valid]]
+            known = target_x >= 0
+            logits = head.draft_logits(out[:valid])
+            total = total + weights[block] * (
+                torch.nn.functional.smooth_l1_loss(out[:valid], features[block + 1 : block + 1 + valid])
+                + 0.1 * torch.nn.functional.cross_entropy(logits[known], target_x[known]))  # fmt: skip
+            shift = out[: length - block - 1]
+            inputs_f.append(torch.cat([shift, shift.new_zeros(block + 1, shift.shape[1])]))
+            inputs_x.append(torch.cat([tokens[block + 2 :], tokens.new_zeros(block + 1)]))
+            positions.append(torch.arange(2 + block, length + 2 + block))
+        return total
+
+    reference = full_passes()
+    reference.backward()
+    expected_grad = head.fc.weight.grad.clone()
+    head.zero_grad()
+    loss, scores = script.sequence_loss(head, record, vocab_index, depth, 0.0, weights)
+    loss.backward()
+    assert torch.allclose(loss, reference, atol=1e-6)
+    assert torch.allclose(head.fc.weight.grad, expected_grad, atol=1e-5)
+    assert [counted for _, counted in scores] == [length, length - 1, length - 2]
+
+
 @pytest.mark.model
 def test_the_shipped_head_drafts_trees_through_real_stages(tmp_path, smollm2_reference):
     """Three stage servers and the gateway with the trained head: trees verified on every stage,
