@@ -6,7 +6,8 @@ import gc
 
 import pytest
 import torch
-from bloombee_stage.model.offload import spread
+from bloombee_stage.model import offload
+from bloombee_stage.model.offload import available_memory, spread
 from pipelines import SMOLLM2, start_pipeline
 from test_pipeline_smollm2 import completion_request, reference_tokens
 
@@ -18,6 +19,23 @@ PROMPT_IDS = [504, 3458, 282, 4649, 314, 253, 3104, 30, 378, 3458, 282]
 ])  # fmt: skip
 def test_offloaded_layers_are_spread_through_the_span(count, fraction, expected):
     assert spread(count, fraction) == expected
+
+
+@pytest.mark.parametrize(("limit", "usage", "expected"),
+                         [("max", "5", "host"), ("1000", "400", 600), ("100", "400", 0)])  # fmt: skip
+def test_available_memory_is_the_containers_room_where_that_is_less(tmp_path, monkeypatch, limit, usage, expected):
+    """A pod reads the host's MemAvailable; its cgroup's limit minus usage is what it may still
+    take (packing and the streaming rate's cached-or-not are judged against it)."""
+    (tmp_path / "max").write_text(limit + "\n")
+    (tmp_path / "current").write_text(usage + "\n")
+    monkeypatch.setattr(offload, "CGROUP_MEMORY_FILES", ((str(tmp_path / "missing"), str(tmp_path / "missing")),))
+    host = available_memory()
+    assert host > 0  # this machine has /proc/meminfo and no readable limit at these paths
+    monkeypatch.setattr(offload, "CGROUP_MEMORY_FILES", ((str(tmp_path / "max"), str(tmp_path / "current")),))
+    if expected == "host":  # "max": no limit, MemAvailable stands (it moves a little between reads)
+        assert abs(available_memory() - host) < host // 10
+    else:
+        assert available_memory() == expected
 
 
 def test_a_fraction_outside_zero_to_one_is_refused():

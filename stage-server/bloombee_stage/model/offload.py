@@ -310,16 +310,43 @@ def measure_bandwidth(path: Path, nbytes: int = 64 << 20) -> dict[str, float]:
     return result
 
 
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+CGROUP_MEMORY_FILES = (  # (limit, usage): cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
 def available_memory() -> int:
-    """Bytes the kernel could hand out now (MemAvailable), 0 where /proc/meminfo is missing."""
+    """Bytes this process could still be handed: the host's MemAvailable, or less where its
+    container's memory limit (cgroup v2, else v1) leaves less; 0 where neither can be read.
+
+    A pod sees the host's /proc/meminfo, so the limit is what counts there; the page cache is
+    charged to the cgroup too, which is why offloaded files are judged cached against this."""
+    free = None
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return 0
+    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+        limit, usage = _read_number(limit_file), _read_number(usage_file)
+        if limit is not None and usage is not None:
+            room = max(0, limit - usage)
+            free = room if free is None else min(free, room)
+            break
+    return free or 0
 
 
 def stream_bandwidth(bandwidth: dict[str, float], tier: str, offloaded_bytes: int) -> float:

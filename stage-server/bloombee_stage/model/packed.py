@@ -37,31 +37,6 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
 
 
-def _read_number(path: str) -> int | None:
-    try:
-        with open(path) as file:
-            text = file.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
-
-
-def available_memory_bytes() -> int | None:
-    """What this process may still allocate: the host's MemAvailable (``offload.available_memory``),
-    or less where a container's memory limit (cgroup v2, else v1) leaves less; None where neither
-    can be read."""
-    free = available_memory() or None  # 0: no /proc/meminfo
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
-        limit, usage = _read_number(limit_file), _read_number(usage_file)
-        if limit is not None and usage is not None:
-            room = max(0, limit - usage)
-            free = room if free is None else min(free, room)
-            break
-    return free
-
-
 class PackedLinear(torch.nn.Module):
     """An ``nn.Linear`` that keeps its own weight (same parameter name, same state dict) and a
     oneDNN-packed copy, used while ``switch.on`` for inputs of 2 to MAX_PACKED_ROWS rows."""
@@ -116,5 +91,5 @@ def should_pack(device: torch.device, dtype: torch.dtype, weight_bytes: int, set
         return False
     if setting == "on":
         return True
-    free = available_memory_bytes()
-    return free is None or free > PACK_HEADROOM * weight_bytes
+    free = available_memory()  # 0: unknown
+    return not free or free > PACK_HEADROOM * weight_bytes
