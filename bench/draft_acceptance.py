@@ -43,23 +43,28 @@ class Shape:
     depth: int
     width: int
     size: int
+    lookup: int = 0  # nodes of prompt lookup's continuation added to the tree, as the gateway does
 
 
 SHAPES = [Shape("chain of 8", 8, 1, 8), Shape("chain of 4", 4, 1, 4)] + [
-    Shape(f"tree of {size}", 8, 4, size) for size in (4, 8, 16, 32, 64)
-]
+    Shape(f"tree of {size}", 8, 4, size) for size in (4, 8, 12, 16, 32, 64)
+] + [Shape(f"tree of {size} + lookup branch", 8, 4, size, 4) for size in (12, 16)]
 
 
 def parse_shape(text: str) -> Shape:
-    """DEPTH:WIDTH:SIZE, e.g. 8:3:16 (width 1 is a chain)."""
+    """DEPTH:WIDTH:SIZE[:LOOKUP], e.g. 8:3:16 (width 1 is a chain) or 8:4:12:4 (plus up to 4 lookup nodes)."""
     try:
-        depth, width, size = (int(part) for part in text.split(":"))
+        numbers = [int(part) for part in text.split(":")]
+        depth, width, size = numbers[:3]
+        lookup = numbers[3] if len(numbers) == 4 else 0
+        if len(numbers) not in (3, 4):
+            raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected DEPTH:WIDTH:SIZE, e.g. 8:3:16") from None
-    if min(depth, width, size) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: depth, width and size must be at least 1")
-    return Shape(f"chain of {depth}" if width == 1 else f"tree of {size}, width {width}, depth {depth}",
-                 depth, width, size)  # fmt: skip
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DEPTH:WIDTH:SIZE[:LOOKUP], e.g. 8:3:16") from None
+    if min(depth, width, size) < 1 or lookup < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: depth, width and size must be at least 1, lookup at least 0")
+    name = f"chain of {depth}" if width == 1 else f"tree of {size}, width {width}, depth {depth}"
+    return Shape(name + (f" + {lookup} lookup" if lookup else ""), depth, width, size, lookup)
 
 
 def main() -> None:
@@ -104,13 +109,14 @@ def main() -> None:
             started = time.perf_counter()
             rounds = produced = drafted = 0
             for record in records:
-                one = training.replay_rounds(drafter, record, shape.depth, shape.width, shape.size)
+                one = training.replay_rounds(drafter, record, shape.depth, shape.width, shape.size, shape.lookup)
                 rounds, produced, drafted = rounds + one[0], produced + one[1], drafted + one[2]
             anywhere = [count for record in records
                         for count in training.accepted_from_positions(drafter, record, shape.depth, shape.width,
                                                                       shape.size, stride=2)]  # fmt: skip
             results.append({"prompts": set_name, "draft": shape.name, "depth": shape.depth, "width": shape.width,
-                            "size": shape.size, "answers": len(records), "tokens": produced, "rounds": rounds,
+                            "size": shape.size, "lookup": shape.lookup, "answers": len(records), "tokens": produced,
+                            "rounds": rounds,
                             "tokens_per_round": produced / rounds, "drafted_per_round": drafted / rounds,
                             "tokens_per_round_from_every_second_position": 1 + sum(anywhere) / len(anywhere),
                             "seconds": round(time.perf_counter() - started, 1)})  # fmt: skip

@@ -128,6 +128,9 @@ def measure_latency(running: Running, prompts: list[str], new_tokens: int, repea
         "draft_acceptance": delta["bloombee_gateway_draft_accepted_total"] / proposed if proposed else None,
         "drafted_per_round": proposed / rounds,
         "draft_ms_per_round": delta.get("bloombee_gateway_draft_seconds_total", 0.0) * 1000 / rounds,
+        "lookup_branch_per_round": delta.get("bloombee_gateway_draft_lookup_branch_proposed_total", 0.0) / rounds,
+        "lookup_branch_accepted_per_round": delta.get("bloombee_gateway_draft_lookup_branch_accepted_total", 0.0)
+        / rounds,
         "compute_ms_per_round": running.compute_seconds_per_step() * 1000,
         "outputs": outputs,
     }

@@ -21,9 +21,11 @@ Then the held-back answers are drafted as the gateway drafts (a chain of ``--eva
 every 4th position, teacher features behind it) and the accepted lengths are reported; the
 weights and a card (checksum, recipe, held-back acceptance) go to the package's ``weights/``.
 On 2 CPU cores the defaults take about 80 min: 9 for the model to write 1200 prompts, 21 to answer
-all 1840 (96 tokens, batches of 32), 10 of features, the 35 of training (4.7 of the 6 epochs fit)
-and 1 to 7 of the held-back drafting. The shipped head is these defaults' result (25 min of
-training, 3.3 epochs, gave 0.1 to 0.2 fewer tokens a round on open chat).
+all 1840 (96 tokens, batches of 32), 10 of features, the 35 of training (6.0 of the 7 epochs fit:
+each unrolled block runs once, attending to the blocks before it through the head's cache) and
+about 5 of the held-back drafting. The shipped head is these defaults' result (the same 35 min
+when every pass re-ran the earlier blocks fitted 4.7 epochs, and held-back chains of 5 gave
+2.08 and 1.75 tokens a round against this head's 2.10 and 1.78).
 
     python scripts/train_draft_head.py [--minutes 35] [--prompts 640] [--self-written 1200]
 """
@@ -250,17 +252,23 @@ def accepted_along(tokens: list[int], parents: list[int], answer: list[int]) -> 
     return count
 
 
-def replay_rounds(drafter, record: dict, depth: int, width: int = 1, size: int | None = None) -> tuple[int, int, int]:
+def replay_rounds(drafter, record: dict, depth: int, width: int = 1, size: int | None = None,
+                  lookup: int = 0) -> tuple[int, int, int]:  # fmt: skip
     """(rounds, tokens, drafted nodes) of the record's answer generated round by round as the gateway
-    does: the head has seen the hidden states up to the last accepted token, drafts, the drafts on
-    the answer's path are kept and the model's next token follows. The prompt's round (one token,
-    no draft) counts, as in bench/speculative.py."""
+    does: the head has seen the hidden states up to the last accepted token, drafts (a tree also
+    carries up to ``lookup`` nodes of prompt lookup's continuation), the drafts on the answer's
+    path are kept and the model's next token follows. The prompt's round (one token, no draft)
+    counts, as in bench/speculative.py."""
+    from bloombee_stage.gateway.drafting import prompt_lookup_draft
+
     tokens, features, prompt_end = record["tokens"].tolist(), record["features"].float(), record["prompt_length"]
     state = drafter.new_state()
     drafter.observe(state, features[:prompt_end], tokens[1 : prompt_end + 1], position=0)
     rounds, produced, drafted, base = 1, 1, 0, prompt_end  # the prompt's round gave tokens[prompt_end]
     while base + 1 < len(tokens):
         tree = drafter.tree(state, depth=depth, width=width, size=size or depth)
+        if lookup:
+            tree = tree.with_branch(prompt_lookup_draft(tokens[: base + 1], depth), lookup)
         count = min(accepted_along(tree.tokens, tree.parents, tokens[base + 1 :]), len(tokens) - base - 2)
         rounds, produced, drafted = rounds + 1, produced + count + 1, drafted + len(tree.tokens)
         drafter.observe(state, features[base : base + count + 1], tokens[base + 1 : base + count + 2], position=base)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from bloombee_stage.gateway.draft_tree import CARRIED_PREDICTED, HeadDrafter, TreeBudget, TreeDraft
-from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
+from bloombee_stage.gateway.drafting import Draft, DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Generated, Speculation, TextAssembler, generate
 from bloombee_stage.gateway.prefixes import PrefixIndex
 from bloombee_stage.model.draft_head import DraftHead, DraftHeadError, load_head, save_head
@@ -151,6 +151,22 @@ def test_a_tree_keeps_the_likeliest_nodes_and_their_ancestors():
     assert top3.tokens == [5, 7, 8] and top3.parents == [-1, 0, 1]
 
 
+def test_a_lookup_branch_shares_the_trees_nodes_and_is_appended_after_them():
+    tree = TreeDraft(tokens=[5, 6, 7, 8], parents=[-1, -1, 0, 2], path_probs=[0.5, 0.4, 0.45, 0.3], calls=2)
+    merged = tree.with_branch([5, 7, 9, 4, 3], most=2)
+    # 5 and 7 are the tree's nodes 0 and 2; 9 and 4 are new under node 2; 3 is past the limit
+    assert merged.tokens == [5, 6, 7, 8, 9, 4] and merged.parents == [-1, -1, 0, 2, 2, 4]
+    assert merged.path_probs[4:] == [0.0, 0.0] and merged.calls == 2
+    assert tree.with_branch([6, 1], most=0).tokens == tree.tokens  # shared only: nothing to add
+    assert tree.with_branch([], most=4).parents == tree.parents
+    new_root = tree.with_branch([2, 5], most=4)  # a different first token: a branch from the root
+    assert new_root.tokens[4:] == [2, 5] and new_root.parents[4:] == [-1, 4]
+    # the head's calibration counts only its own accepted nodes
+    draft = Draft(tokens=merged.tokens, tree=merged.parents, head_nodes=4)
+    assert draft.head_accepted([0, 2, 4, 5], 4) == 2 and draft.head_accepted([1], 1) == 1
+    assert Draft(tokens=[1, 2]).head_accepted(None, 2) == 2
+
+
 def _random_head(model: StageModel, vocab_ids: list[int], seed: int = 0) -> DraftHead:
     torch.manual_seed(seed)
     embedding = model.model.model.embed_tokens.weight.detach()
@@ -209,11 +225,13 @@ async def _drain(pieces) -> None:
 
 
 def _run(stepper, head: DraftHead, prompt: list[int], tokens: int, sampling: SamplingParams,
-         prefixes: PrefixIndex | None = None) -> Generated:  # fmt: skip
+         prefixes: PrefixIndex | None = None, speculations: list[Speculation] | None = None) -> Generated:  # fmt: skip
     async def one() -> Generated:
         result = Generated()
         speculation = Speculation("head", DraftLength(maximum=4), head=HeadDrafter(head), width=3,
                                   budget=TreeBudget(maximum=12))  # fmt: skip
+        if speculations is not None:
+            speculations.append(speculation)
         async for _ in generate(stepper, prompt, tokens, sampling, set(), TextAssembler(str, []), result,
                                 speculation, prefixes):  # fmt: skip
             pass
@@ -278,15 +296,21 @@ def test_a_fork_of_a_finished_generation_hands_the_head_its_prefix(tiny_vocab_di
 
 
 def test_sampling_through_trees_follows_the_target_distribution(tiny_vocab_dir):
+    """Head trees, with prompt lookup's branch in them (the prompt repeats itself, so lookup
+    proposes), keep the target distribution; a verifier that ignores candidates' order does not."""
     target = StageModel(tiny_vocab_dir, Span(0, 2, 2))
     head = _random_head(target, list(range(VOCAB)))
     params = {"temperature": 1.0}
-    exact = exact_distribution(target, SamplingParams(**params))
+    prompt = [*PROMPT, *PROMPT[:2]]
+    exact = exact_distribution(target, SamplingParams(**params), prompt)
+
+    speculations: list[Speculation] = []
 
     def sample(stepper: TreeStepper, draws: int) -> Counter:
         counts: Counter = Counter()
         for seed in range(draws):
-            generated = _run(stepper, head, PROMPT, NEW_TOKENS, SamplingParams(seed=seed, **params))
+            generated = _run(stepper, head, prompt, NEW_TOKENS, SamplingParams(seed=seed, **params),
+                             speculations=speculations)  # fmt: skip
             counts[tuple(generated.token_ids)] += 1
         return counts
 
@@ -295,6 +319,8 @@ def test_sampling_through_trees_follows_the_target_distribution(tiny_vocab_dir):
     assert chi_square_p_value(sample(stepper, draws), exact, draws) > 1e-3
     # trees were drafted, and verification kept some of their nodes and refused others
     assert stepper.trees >= draws and 0 < stepper.kept < stepper.drafted
+    # prompt lookup's branches were in those trees, and some of their nodes were kept
+    assert 0 < sum(one.branch_accepted for one in speculations) < sum(one.branch_nodes for one in speculations)
 
     def first_candidates(logits: torch.Tensor, row: RowMeta) -> RowResult:
         """A wrong verifier: it follows every node's first child, then takes the model's likeliest token."""

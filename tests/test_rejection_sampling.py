@@ -49,22 +49,23 @@ class InProcessStepper:
         self.caches.pop(session, None)  # no prefix index here: generate() never asks to park
 
 
-def exact_distribution(model: StageModel, params: SamplingParams) -> dict[tuple[int, ...], float]:
-    """P(t1, t2, t3) of the target with temperature and top-p, by enumerating every prefix."""
+def exact_distribution(model: StageModel, params: SamplingParams, prompt: list[int] = PROMPT,
+                       ) -> dict[tuple[int, ...], float]:  # fmt: skip
+    """P(t1, t2, t3) of the target after ``prompt`` with temperature and top-p, by enumerating every prefix."""
 
     def next_probs(context: list[int]) -> torch.Tensor:
         return target_probs(model.forward(torch.tensor([context]), model.new_cache())[0, -1], params)
 
     exact: dict[tuple[int, ...], float] = {}
-    first = next_probs(PROMPT)
+    first = next_probs(prompt)
     for t1 in range(VOCAB):
         if first[t1] == 0:
             continue
-        second = next_probs([*PROMPT, t1])
+        second = next_probs([*prompt, t1])
         for t2 in range(VOCAB):
             if second[t2] == 0:
                 continue
-            third = next_probs([*PROMPT, t1, t2])
+            third = next_probs([*prompt, t1, t2])
             for t3 in range(VOCAB):
                 exact[(t1, t2, t3)] = float(first[t1] * second[t2] * third[t3])
     return exact

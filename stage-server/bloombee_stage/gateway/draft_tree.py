@@ -61,6 +61,25 @@ class TreeDraft:
                          [index[self.parents[node]] if self.parents[node] >= 0 else -1 for node in ordered],
                          [self.path_probs[node] for node in ordered], self.seconds, self.calls)  # fmt: skip
 
+    def with_branch(self, chain: list[int], most: int) -> TreeDraft:
+        """This tree with ``chain`` (another drafter's guess, e.g. prompt lookup) as a path from
+        the root: nodes already on that path are shared, and at most ``most`` new ones are
+        appended, after every node of this tree (so ``parents[i] < i`` holds and the head's nodes
+        keep their indices). Appended nodes get path probability 0: the head did not predict them."""
+        tokens, parents, probs = list(self.tokens), list(self.parents), list(self.path_probs)
+        parent, added = -1, 0
+        for token in chain:
+            shared = next((node for node, up in enumerate(parents) if up == parent and tokens[node] == token), None)
+            if shared is None:
+                if added >= most:
+                    break
+                tokens.append(token)
+                parents.append(parent)
+                probs.append(0.0)
+                shared, added = len(tokens) - 1, added + 1
+            parent = shared
+        return TreeDraft(tokens, parents, probs, self.seconds, self.calls)
+
     def depth(self, index: int) -> int:
         depth = 1
         while self.parents[index] >= 0:

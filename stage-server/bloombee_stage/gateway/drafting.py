@@ -51,6 +51,14 @@ class Draft:
     tree: list[int] | None = None  # parents, when the draft is a tree (RowMeta.tree)
     predicted: float = 0.0  # the draft head's expected accepted tokens (sum of path probabilities)
     calls: int = 0  # the draft head's calls for its tree's levels
+    head_nodes: int | None = None  # a head tree's own nodes come first; later ones are another drafter's branch
+
+    def head_accepted(self, path: list[int] | None, accepted: int) -> int:
+        """How many of the ``accepted`` drafts were the head's own nodes (``path``: the accepted
+        tree nodes), the ones its path probabilities predicted."""
+        if self.head_nodes is None or path is None:
+            return accepted
+        return sum(1 for node in path if node < self.head_nodes)
 
 
 @dataclass

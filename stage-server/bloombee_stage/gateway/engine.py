@@ -502,6 +502,10 @@ class GenerationEngine:
         self.metrics.inc("draft_proposed_total", "Drafted tokens sent for verification", length.proposed)
         self.metrics.inc("draft_accepted_total", "Drafted tokens the model agreed with", length.accepted)
         self.metrics.inc("draft_seconds_total", "Time spent drafting at the gateway", speculation.draft_seconds)
+        self.metrics.inc("draft_lookup_branch_proposed_total", "Prompt lookup's tokens added to draft-head trees",
+                         speculation.branch_nodes)  # fmt: skip
+        self.metrics.inc("draft_lookup_branch_accepted_total", "Of those, tokens the model agreed with",
+                         speculation.branch_accepted)  # fmt: skip
         self.metrics.inc("requests_total", "Finished generations", finish_reason=result.finish_reason or "none")
         self.metrics.inc("prompt_tokens_total", "Prompt tokens of finished generations", prompt_tokens)
         self.metrics.inc("generation_tokens_total", "Tokens generated", len(result.token_ids))
