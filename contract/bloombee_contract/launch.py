@@ -27,6 +27,7 @@ DRAFT_KINDS = ("none", "prompt-lookup", "early-exit", "model", "head")
 DEFAULT_TREE_WIDTH = 4  # candidates per tree node a draft head proposes
 STAGE_CODECS = (*CODEC_NAMES, "auto")  # what a stage may send onward; auto decides per frame
 DEFAULT_DRAFT_TOKENS = 8  # longest draft per round, unless the resource says otherwise
+PACKED_WEIGHTS_SETTINGS = ("auto", "on", "off")  # a stage's --packed-weights (bloombee_stage.model.packed)
 DEFAULT_GATEWAY_PORT = 8000
 DEFAULT_PREFIX_CACHE = 32
 API_KEY_ENV = "BLOOMBEE_API_KEY"  # the gateway's key comes from the environment (a Secret), never argv
@@ -269,7 +270,7 @@ class StageLaunch(LaunchSpec):
     packed_weights: str = flag("a second copy of the weights packed for steps of a few positions (drafts to verify, "
                                "micro-batches), on CPUs: 8 positions then cost ~1.0x one instead of ~1.6x; auto: "
                                "when no weights stream and memory has room", "auto",
-                               choices=("auto", "on", "off"))  # fmt: skip
+                               choices=PACKED_WEIGHTS_SETTINGS)  # fmt: skip
     session_timeout: float = flag("seconds before an idle session closes", 300.0, parse=_positive(float),
                                   show=_float_text)  # fmt: skip
     tls_dir: str | None = _tls_dir_flag()

@@ -29,7 +29,6 @@ PACK_ROWS_HINT = 16  # the row count oneDNN chooses its layout for; any count fr
 MAX_PACKED_ROWS = 64  # above this a step is a prompt, where the plain kernel is as fast
 PACK_HEADROOM = 2  # pack only when available memory exceeds this many times the packed bytes
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-PACK_SETTINGS = ("auto", "on", "off")
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bloombee_contract.launch import PACKED_WEIGHTS_SETTINGS
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
@@ -38,7 +39,7 @@ from bloombee_stage.model.offload import (
     safetensors_locations,
     spread,
 )
-from bloombee_stage.model.packed import PACK_SETTINGS, PackedSwitch, pack_linears, should_pack
+from bloombee_stage.model.packed import PackedSwitch, pack_linears, should_pack
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -173,8 +174,8 @@ class StageModel:
                  offload: OffloadSettings | None = None, head: bool = False, packed: str = "auto") -> None:  # fmt: skip
         if dtype not in DTYPES:
             raise SpanError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
-        if packed not in PACK_SETTINGS:
-            raise SpanError(f"packed {packed!r} not one of {list(PACK_SETTINGS)}")
+        if packed not in PACKED_WEIGHTS_SETTINGS:
+            raise SpanError(f"packed {packed!r} not one of {list(PACKED_WEIGHTS_SETTINGS)}")
         self.model_dir = Path(model_dir)
         self.span = span
         self.dtype_name = dtype
