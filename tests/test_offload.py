@@ -8,6 +8,7 @@ import pytest
 import torch
 from bloombee_stage.model import offload
 from bloombee_stage.model.offload import available_memory, spread
+from bloombee_stage.model.packed import should_pack
 from pipelines import SMOLLM2, start_pipeline
 from test_pipeline_smollm2 import completion_request, reference_tokens
 
@@ -36,6 +37,8 @@ def test_available_memory_is_the_containers_room_where_that_is_less(tmp_path, mo
         assert abs(available_memory() - host) < host // 10
     else:
         assert available_memory() == expected
+        # a container at (or past) its limit has no room for a packed copy of any size
+        assert should_pack(torch.device("cpu"), torch.float32, 100) is (expected > 200)
 
 
 def test_a_fraction_outside_zero_to_one_is_refused():

@@ -325,9 +325,10 @@ CGROUP_MEMORY_FILES = (  # (limit, usage): cgroup v2, then v1
 )
 
 
-def available_memory() -> int:
+def available_memory() -> int | None:
     """Bytes this process could still be handed: the host's MemAvailable, or less where its
-    container's memory limit (cgroup v2, else v1) leaves less; 0 where neither can be read.
+    container's memory limit (cgroup v2, else v1) leaves less; None where neither can be read
+    (0 is a full container, not an unknown).
 
     A pod sees the host's /proc/meminfo, so the limit is what counts there; the page cache is
     charged to the cgroup too, which is why offloaded files are judged cached against this."""
@@ -346,7 +347,7 @@ def available_memory() -> int:
             room = max(0, limit - usage)
             free = room if free is None else min(free, room)
             break
-    return free or 0
+    return free
 
 
 def stream_bandwidth(bandwidth: dict[str, float], tier: str, offloaded_bytes: int) -> float:
@@ -354,7 +355,7 @@ def stream_bandwidth(bandwidth: dict[str, float], tier: str, offloaded_bytes: in
     if tier == "host":
         rate = bandwidth["host_copy_bps"]
     else:
-        cached = offloaded_bytes < available_memory()
+        cached = offloaded_bytes < (available_memory() or 0)  # unknown memory: assume the disk's rate
         rate = bandwidth["cached_read_bps"] if cached else bandwidth["disk_read_bps"]
     if "host_to_device_bps" in bandwidth:  # under CUDA the lower tier feeds a host-to-device copy
         rate = bandwidth["host_to_device_bps"] if tier == "host" else min(rate, bandwidth["host_to_device_bps"])

@@ -90,5 +90,5 @@ def should_pack(device: torch.device, dtype: torch.dtype, weight_bytes: int, set
         return False
     if setting == "on":
         return True
-    free = available_memory()  # 0: unknown
-    return not free or free > PACK_HEADROOM * weight_bytes
+    free = available_memory()
+    return free is None or free > PACK_HEADROOM * weight_bytes
