@@ -182,10 +182,10 @@ class Speculation:
                                               self.budget.level_gain())  # fmt: skip
             size = self.budget.size(tree.path_probs, self.load(), tree.seconds)
             most = room if positions is None else positions
-            predicted = bool(tree.tokens)  # False before the head has seen a hidden state
+            head_guessed = bool(tree.tokens)  # False before the head has seen a hidden state
             tree = tree.top(min(size, most))
             head_nodes = len(tree.tokens)
-            if width > 1 and (head_nodes or not predicted):  # where the budget sends no node, lookup backs off too
+            if width > 1 and (head_nodes or not head_guessed):  # where the budget sends no node, lookup backs off too
                 # Lookup finds what the answer copies from the text so far (names, code, the question's
                 # words); on the bench's open chat its branch added 0.07 to 0.12 tokens a round to a
                 # head tree for under one more node a round (bench/draft_acceptance.py).
