@@ -196,9 +196,7 @@ class TreeStepper:
             self.caches[row.session] = self.model.new_cache()
             self.model.copy_prefix(self.caches[row.fork], self.caches[row.session], row.start)
         cache = self.caches.setdefault(row.session, self.model.new_cache())
-        if row.tree_path:
-            keep_path(cache, row.start - len(row.tree_path), row.tree_path)
-        truncate_cache(cache, row.start)
+        self.model.rewind(cache, row.start, row.tree_path)  # as the stage does
         self.trees += row.tree is not None
         features = [row.features + len(row.draft)] if row.features else None
         output = self.model.forward_rows(torch.tensor([inputs]), [cache], [row.length], [len(row.draft) + 1],

@@ -107,3 +107,27 @@ def test_a_streaming_stage_stays_within_its_memory_while_serving_more_weights(tm
         assert streaming["offload"]["stream"]["bytes_read"] >= 29 * 14_155_776  # every layer came in at least once
     finally:
         pipeline.backend.stop()
+
+
+@pytest.mark.parametrize("kv", [0.5, 1.0])
+def test_a_trees_accepted_path_moves_in_an_offloaded_kv_cache_as_in_a_resident_one(tiny_dir, tmp_path, kv):
+    """The cause of wrong tokens with draft trees on offloaded KV: a step only appends to a layer's
+    file, so the accepted path moved into place in memory never reached the file, and the next
+    page-in read the tree's first nodes instead. ``rewind`` writes the moved positions back."""
+    from bloombee_stage.model.span import OffloadSettings, Span, StageModel
+
+    resident = StageModel(tiny_dir, Span(0, 6, 6), packed="off")
+    offloaded = StageModel(tiny_dir, Span(0, 6, 6), packed="off", offload=OffloadSettings(kv=kv, kv_dir=tmp_path))
+    prompt, tree_tokens, tree = [5, 9, 14, 3, 7], [11, 12, 13, 21, 22], [-1, -1, 0, 1, 1]
+    outputs = []
+    for model in (resident, offloaded):
+        cache = model.new_cache()
+        model.forward_rows(torch.tensor([prompt]), [cache], [len(prompt)], [1])
+        model.forward_rows(torch.tensor([[42, *tree_tokens]]), [cache], [6], [6], [tree])  # a tree after token 42
+        model.rewind(cache, len(prompt) + 3, [1, 4])  # kept: node 1, then its child node 4
+        outputs.append(model.forward_rows(torch.tensor([[30, 31]]), [cache], [2], [2])[0])
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    again = StageModel(tiny_dir, Span(0, 6, 6), packed="off")
+    cache = again.new_cache()  # the same tokens as a chain: what the kept path must equal
+    again.forward_rows(torch.tensor([[*prompt, 42, 12, 22]]), [cache], [8], [1])
+    assert torch.allclose(again.forward_rows(torch.tensor([[30, 31]]), [cache], [2], [2])[0], outputs[0], atol=1e-4)

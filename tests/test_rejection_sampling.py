@@ -50,24 +50,25 @@ class InProcessStepper:
 
 
 def exact_distribution(model: StageModel, params: SamplingParams, prompt: list[int] = PROMPT,
-                       ) -> dict[tuple[int, ...], float]:  # fmt: skip
-    """P(t1, t2, t3) of the target after ``prompt`` with temperature and top-p, by enumerating every prefix."""
+                       tokens: int = NEW_TOKENS) -> dict[tuple[int, ...], float]:  # fmt: skip
+    """P(t1, ..., t_tokens) of the target after ``prompt`` with temperature and top-p, by
+    enumerating every prefix of nonzero probability."""
 
     def next_probs(context: list[int]) -> torch.Tensor:
         return target_probs(model.forward(torch.tensor([context]), model.new_cache())[0, -1], params)
 
     exact: dict[tuple[int, ...], float] = {}
-    first = next_probs(prompt)
-    for t1 in range(VOCAB):
-        if first[t1] == 0:
-            continue
-        second = next_probs([*prompt, t1])
-        for t2 in range(VOCAB):
-            if second[t2] == 0:
-                continue
-            third = next_probs([*prompt, t1, t2])
-            for t3 in range(VOCAB):
-                exact[(t1, t2, t3)] = float(first[t1] * second[t2] * third[t3])
+
+    def extend(drawn: tuple[int, ...], probability: float) -> None:
+        if len(drawn) == tokens:
+            exact[drawn] = probability
+            return
+        probs = next_probs([*prompt, *drawn])
+        for token in range(VOCAB):
+            if probs[token] > 0:
+                extend((*drawn, token), probability * float(probs[token]))
+
+    extend((), 1.0)
     return exact
 
 

@@ -269,7 +269,7 @@ class StageLaunch(LaunchSpec):
     no_prefetch: bool = flag("load offloaded layers only when due (no overlap)", False, switch=True)
     packed_weights: str = flag("a second copy of the weights packed for steps of a few positions (drafts to verify, "
                                "micro-batches), on CPUs: 8 positions then cost ~1.0x one instead of ~1.6x; auto: "
-                               "when no weights stream and memory has room", "auto",
+                               "when no weights stream and memory has room; on: refused with --offload-weights", "auto",
                                choices=PACKED_WEIGHTS_SETTINGS)  # fmt: skip
     session_timeout: float = flag("seconds before an idle session closes", 300.0, parse=_positive(float),
                                   show=_float_text)  # fmt: skip

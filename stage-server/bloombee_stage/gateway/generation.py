@@ -152,6 +152,7 @@ class Speculation:
     width: int = 4
     budget: TreeBudget = field(default_factory=TreeBudget)
     load: Callable[[], int] = lambda: 1
+    lookup_branch: int = LOOKUP_BRANCH_NODES  # most nodes of prompt lookup's continuation a head tree carries
     branch_nodes: int = 0  # prompt lookup's nodes added to head trees, and how many of them were accepted
     branch_accepted: int = 0
 
@@ -185,12 +186,13 @@ class Speculation:
             head_guessed = bool(tree.tokens)  # False before the head has seen a hidden state
             tree = tree.top(min(size, most))
             head_nodes = len(tree.tokens)
-            if width > 1 and (head_nodes or not head_guessed):  # where the budget sends no node, lookup backs off too
+            # where the budget sends no node, lookup backs off too
+            if width > 1 and self.lookup_branch and (head_nodes or not head_guessed):
                 # Lookup finds what the answer copies from the text so far (names, code, the question's
                 # words); on the bench's open chat its branch added 0.07 to 0.12 tokens a round to a
                 # head tree for under one more node a round (bench/draft_acceptance.py).
                 lookup = prompt_lookup_draft(context, depth)
-                tree = tree.with_branch(lookup, min(LOOKUP_BRANCH_NODES, most - head_nodes))
+                tree = tree.with_branch(lookup, min(self.lookup_branch, most - head_nodes))
             return Draft(tree.tokens, seconds=tree.seconds, tree=tree.parents if width > 1 and tree.tokens else None,
                          predicted=sum(tree.path_probs), calls=tree.calls, head_nodes=head_nodes)  # fmt: skip
         count = min(self.length.current, room)

@@ -232,13 +232,16 @@ class KVStore:
     def _path(self, index: int, kind: str) -> Path:
         return self.directory / f"layer{index}.{kind}"
 
-    def page_out(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def page_out(self, index: int, keys: torch.Tensor, values: torch.Tensor, changed_from: int | None = None) -> None:
+        """Write layer ``index``'s positions that the file does not hold yet. A step only appends, so
+        that is the new positions; a caller that rewrote earlier ones (a draft tree's accepted path
+        moved into place) names the first of them in ``changed_from``, or the file keeps stale KV."""
         stored = self.layers.setdefault(index, _StoredLayer())
         total = keys.shape[-2]
         rows = (keys.shape[0], keys.shape[1], keys.shape[3])
         if rows != stored.row_shape or keys.dtype != stored.dtype:
             stored.length, stored.row_shape, stored.dtype = 0, rows, keys.dtype
-        start = min(stored.length, total)
+        start = min(stored.length, total, total if changed_from is None else max(0, changed_from))
         row_bytes = math.prod(rows) * keys.element_size()
         for kind, tensor in (("k", keys), ("v", values)):
             fresh = tensor[:, :, start:, :].permute(2, 0, 1, 3).contiguous().cpu()

@@ -188,6 +188,10 @@ class StageModel:
         self.offload = offload or OffloadSettings()
         self.has_head = span.is_last or head
         offloaded = spread(span.length, self.offload.weights)
+        if offloaded and packed == "on":  # a packed copy of every layer is what streaming must not hold
+            raise SpanError(f"packed weights 'on' needs the span's weights resident; span [{span.start}, {span.end}) "
+                            f"streams {len(offloaded)} of its {span.length} layers (offload weights "
+                            f"{self.offload.weights:g}): use packed 'auto' or 'off', or no weight offload")  # fmt: skip
         self.kv_offloaded = frozenset(spread(span.length, self.offload.kv))
         started = time.perf_counter()
         with torch.device("meta"):
@@ -262,12 +266,12 @@ class StageModel:
             store: KVStore = cache.bloombee_kv_store
             layer.keys, layer.values = store.page_in(index, layer.keys.shape[-2], self.device)
 
-    def _page_out(self, cache: DynamicCache, index: int) -> None:
+    def _page_out(self, cache: DynamicCache, index: int, changed_from: int | None = None) -> None:
         layer = cache.layers[index]
         store = getattr(cache, "bloombee_kv_store", None)
         if store is None:
             store = cache.bloombee_kv_store = attach_kv_store(cache, self.offload.kv_dir)
-        store.page_out(index, layer.keys, layer.values)
+        store.page_out(index, layer.keys, layer.values, changed_from)
         layer.keys = torch.empty(layer.keys.shape, dtype=layer.keys.dtype, device="meta")
         layer.values = torch.empty(layer.values.shape, dtype=layer.values.dtype, device="meta")
 
@@ -281,16 +285,29 @@ class StageModel:
             copy_layer_prefix(held, layer, length)
             if offloaded:
                 self._page_out(source, index)
+                self._page_out(target, index, changed_from=0)  # whatever the target's file held is not its KV
 
     @torch.inference_mode()
-    def keep_path(self, cache: DynamicCache, base: int, nodes: list[int]) -> None:
-        """``keep_path`` on a session's cache, its offloaded layers paged in for it."""
-        paged = [index for index in self.kv_offloaded if cache.layers[index].is_initialized]
+    def rewind(self, cache: DynamicCache, start: int, tree_path: list[int] | None = None) -> None:
+        """Make a session's cache hold exactly its first ``start`` positions, as the next step expects.
+
+        ``tree_path``: the last step verified a draft tree and kept these nodes; their KV (at cache
+        positions ``base + node``, ``base = start - len(tree_path)``) moves to ``base, base + 1, ...``
+        first (``keep_path``). An offloaded layer is paged in for the move and its moved positions
+        written back: its file holds the tree's order until then, and a later page-in reads the file.
+        """
+        path = list(tree_path or [])
+        base = start - len(path)
+        if not path or path == list(range(len(path))):  # the nodes are already where the path puts them
+            truncate_cache(cache, start)
+            return
+        paged = [index for index in sorted(self.kv_offloaded) if cache.layers[index].is_initialized]
         for index in paged:
             self._page_in(cache, index)
-        keep_path(cache, base, nodes)
+        keep_path(cache, base, path)
+        truncate_cache(cache, start)
         for index in paged:
-            self._page_out(cache, index)
+            self._page_out(cache, index, changed_from=base)
 
     @torch.inference_mode()
     def forward_rows(self, inputs: torch.Tensor, caches: list[DynamicCache], lengths: list[int],
@@ -480,9 +497,11 @@ def keep_path(cache: DynamicCache, base: int, nodes: list[int]) -> None:
     if not nodes or nodes == list(range(len(nodes))):
         return
     index = torch.tensor([base + node for node in nodes])
-    for layer in cache.layers:
-        if layer.keys is None or layer.keys.is_meta:
+    for number, layer in enumerate(cache.layers):
+        if layer.keys is None:
             continue
+        if layer.keys.is_meta:  # its KV is in a file (offloaded): moving nothing here would keep the wrong nodes
+            raise ValueError(f"cache layer {number} is paged out; page it in before moving a tree's path (rewind)")
         for kind in ("keys", "values"):
             held = getattr(layer, kind)
             moved = held.index_select(2, index.to(held.device))

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from bloombee_contract.errors import ErrorCode
 from bloombee_contract.paths import (
-    CODECS_PATH,
     INFO_PATH,
     PARK_PATH,
     PROFILE_PATH,
@@ -31,10 +30,7 @@ from bloombee_stage.serving.probe import add_probe_routes
 from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.stage.service import MAX_PROFILE_ROWS, MAX_PROFILE_STEPS, StageService, StageSettings
 from bloombee_stage.stage.sessions import SessionError
-from bloombee_stage.wire.codecs import CODECS
-from bloombee_stage.wire.frame import WireError, decode_frame, encode_frame, largest_frame_bytes
-from bloombee_stage.wire.messages import StepMeta
-from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
+from bloombee_stage.wire.frame import WireError, largest_frame_bytes
 
 READ_TIMEOUT_S = 60.0  # a body that trickles in slower than this is a client to drop, not to wait for
 MAX_READING = 4  # step bodies buffered at once; more wait their turn in the kernel's socket buffers
@@ -61,16 +57,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         return error_response(f"the frame did not arrive within {READ_TIMEOUT_S:.0f} s", ErrorCode.INVALID_FRAME)
     try:
-        frame = decode_frame(body, service.max_step_bytes)
-        meta = StepMeta.model_validate(frame.meta)
-        meta = meta.model_copy(update={"owner": session_owner(request, meta.owner)})
-        inputs = frame_tensor(frame)
-        service.check_inputs(meta, inputs, frame)
-        if frame.codec not in service.settings.accept_codecs:
-            accepted = ", ".join(sorted(service.settings.accept_codecs))
-            raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "
-                            f"peers must ask {CODECS_PATH} when a session opens")  # fmt: skip
-        sessions = service.admit(meta)
+        meta, inputs, sessions = service.accept(body, lambda claimed: session_owner(request, claimed))
     except WireError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_frame")
         return error_response(str(error), ErrorCode.INVALID_FRAME)
@@ -82,12 +69,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
         return error_response(str(error), error.code)
     service.metrics.inc("steps_total", "Accepted steps")
     if meta.reply_to is None:  # inline answer: the client relays (baseline mode)
-        output, meta = await service.run_step(sessions, meta, inputs)
-        if isinstance(output, list):
-            body = encode_frame(service.result_frame(meta, output))
-        else:
-            body = service.encode_onward(tensor_frame(output, meta.onward().wire()), frozenset(CODECS))
-        return web.Response(body=body, content_type="application/octet-stream")
+        return web.Response(body=await service.answer(meta, inputs, sessions), content_type="application/octet-stream")
     task = asyncio.create_task(service.push(meta, inputs, sessions))
     service.tasks.add(task)
     task.add_done_callback(service.tasks.discard)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from bloombee_contract.tls import TlsFiles
 from bloombee_stage.model.grammar import GrammarError, GrammarMasks
 from bloombee_stage.model.grammar import check as check_grammar
 from bloombee_stage.model.offload import stream_bandwidth
-from bloombee_stage.model.span import StageModel, truncate_cache
+from bloombee_stage.model.span import StageModel
 from bloombee_stage.serving.costs import CostRecorder, LinkRecorder, StepCost, Stopwatch
 from bloombee_stage.serving.metrics import COUNT_BUCKETS, Metrics
 from bloombee_stage.serving.process import peer_session, read_error
@@ -37,9 +38,9 @@ from bloombee_stage.stage.sessions import Session, SessionError, SessionStore
 from bloombee_stage.stage.verify import decide
 from bloombee_stage.wire.codec_stats import CodecStats
 from bloombee_stage.wire.codecs import CODECS
-from bloombee_stage.wire.frame import Frame, WireError, encode_frame, largest_step_bytes
+from bloombee_stage.wire.frame import Frame, WireError, decode_frame, encode_frame, largest_step_bytes
 from bloombee_stage.wire.messages import UNPLANNED_ROWS, ResultMeta, RowMeta, RowResult, StepMeta
-from bloombee_stage.wire.tensors import tensor_frame
+from bloombee_stage.wire.tensors import frame_tensor, tensor_frame
 
 PROFILE_CONTEXT = 16  # positions in each cache before a profiling run's timed steps, until traffic says
 MAX_PROFILE_POSITIONS = 8192  # positions a profiling run's caches may hold, all rows together
@@ -252,6 +253,23 @@ class StageService:
             raise
         return admitted
 
+    def accept(self, body: bytes, owner: Callable[[str | None], str | None] = lambda claimed: claimed,
+               ) -> tuple[StepMeta, torch.Tensor, list[Session]]:  # fmt: skip
+        """A step frame decoded, checked (``check_inputs``, the codec) and its sessions admitted.
+
+        ``owner``: whose sessions the step may touch, given the owner the frame claims (the caller's
+        certificate decides; app.session_owner). Raises WireError, ValidationError or SessionError."""
+        frame = decode_frame(body, self.max_step_bytes)
+        meta = StepMeta.model_validate(frame.meta)
+        meta = meta.model_copy(update={"owner": owner(meta.owner)})
+        inputs = frame_tensor(frame)
+        self.check_inputs(meta, inputs, frame)
+        if frame.codec not in self.settings.accept_codecs:
+            accepted = ", ".join(sorted(self.settings.accept_codecs))
+            raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "
+                            f"peers must ask {CODECS_PATH} when a session opens")  # fmt: skip
+        return meta, inputs, self.admit(meta)
+
     # -- work -------------------------------------------------------------------------------
 
     def _compute(self, sessions: list[Session], meta: StepMeta, inputs: torch.Tensor) -> torch.Tensor | list[RowResult]:
@@ -263,9 +281,7 @@ class StageService:
                 session.length, session.fork_source = session.fork_length, None
                 self.metrics.inc("forked_tokens_total", "Prompt positions copied from a fork source, not computed",
                                  session.length)  # fmt: skip
-            if row.tree_path:  # the last step's accepted tree nodes, moved before `start`
-                self.model.keep_path(session.cache, row.start - len(row.tree_path), row.tree_path)
-            truncate_cache(session.cache, row.start)
+            self.model.rewind(session.cache, row.start, row.tree_path)  # the last tree's accepted nodes kept
         lengths = [row.length for row in meta.rows]
         keep = [row.length if row.prompt_logprobs is not None else len(row.draft) + 1 for row in meta.rows]
         trees = [row.tree for row in meta.rows]
@@ -350,6 +366,14 @@ class StageService:
         states = [row.hidden for row in rows if row.features]
         tensor = torch.cat(states).to(torch.float16) if states else torch.empty(0, dtype=torch.int64)
         return tensor_frame(tensor, result.model_dump(exclude_none=True, exclude_defaults=True))
+
+    async def answer(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> bytes:
+        """Compute an accepted step and answer inline (the caller relays, Petals' way): the result
+        frame from the last stage, else the hidden states as the next stage takes them."""
+        output, meta = await self.run_step(sessions, meta, inputs)
+        if isinstance(output, list):
+            return encode_frame(self.result_frame(meta, output))
+        return self.encode_onward(tensor_frame(output, meta.onward().wire()), frozenset(CODECS))
 
     async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
         """Background part of an accepted step: compute, then push onward or answer the gateway."""
