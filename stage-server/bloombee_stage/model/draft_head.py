@@ -99,7 +99,7 @@ class DraftHead(torch.nn.Module):
             width = inputs.shape[1]
             mask = torch.ones(width, width, dtype=torch.bool, device=inputs.device).tril().view(1, 1, width, width)
         return self.layer(inputs, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
-                          past_key_values=cache, use_cache=cache is not None)  # fmt: skip
+                          cache=cache, use_cache=cache is not None)  # fmt: skip
 
     def draft_logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (index i is token ``vocab_ids[i]``), float32."""

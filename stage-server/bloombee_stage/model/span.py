@@ -357,7 +357,7 @@ class StageModel:
             past = caches[0].get_seq_length()
             position_ids = torch.arange(past, past + lengths[0], device=self.device).unsqueeze(0)
             mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                      past_key_values=caches[0], position_ids=position_ids)  # fmt: skip
+                                      cache=caches[0], position_ids=position_ids)  # fmt: skip
             layer_cache = caches[0]
         else:
             layer_cache = _PaddedRows(caches, lengths, layouts)
@@ -371,7 +371,7 @@ class StageModel:
                 for cache in caches:
                     self._page_in(cache, index)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids, past_key_values=layer_cache, use_cache=True)  # fmt: skip
+                           position_ids=position_ids, cache=layer_cache, use_cache=True)  # fmt: skip
             if index in self.kv_offloaded:
                 for cache in caches:
                     self._page_out(cache, index)
