@@ -22,9 +22,11 @@ from bloombee_stage.wire.tensors import tensor_frame
 _HEADER = struct.Struct("<4sBBBBIQI")  # the layout wire/frame.py documents, written independently here
 
 
-def good_frame(tensor: torch.Tensor, route: list[str], session: str = "fuzz") -> bytes:
-    """A legal inline step (no reply_to: the stage answers in the response) of one row."""
-    meta = StepMeta(step=1, rows=[RowMeta(session=session, start=0, length=tensor.shape[1])], route=route)
+def good_frame(tensor: torch.Tensor, route: list[str], session: str = "fuzz", layer: int = 0) -> bytes:
+    """A legal inline step (no reply_to: the stage answers in the response) of one row, for the
+    stage whose span starts at ``layer``."""
+    meta = StepMeta(step=1, rows=[RowMeta(session=session, start=0, length=tensor.shape[1])], route=route,
+                    layer=layer)  # fmt: skip
     return encode_frame(tensor_frame(tensor, meta.model_dump(mode="json")))
 
 
@@ -47,11 +49,11 @@ def _zstd_of_zeros(size: int) -> bytes:
     return b"".join([*parts, compressor.flush()])
 
 
-def crafted_frames(hidden_size: int, route: list[str]) -> dict[str, tuple[bytes, str]]:
-    """Named attacks on a middle stage (hidden states in), each with what its refusal must say:
-    each must get a 4xx and cost nothing."""
-    meta = json.dumps(StepMeta(step=1, rows=[RowMeta(session="crafted", start=0, length=1)],
-                               route=route).model_dump(mode="json"), separators=(",", ":")).encode()  # fmt: skip
+def crafted_frames(hidden_size: int, route: list[str], layer: int) -> dict[str, tuple[bytes, str]]:
+    """Named attacks on a middle stage (hidden states in; its span starts at ``layer``), each with
+    what its refusal must say: each must get a 4xx and cost nothing."""
+    meta = json.dumps(StepMeta(step=1, rows=[RowMeta(session="crafted", start=0, length=1)], route=route,
+                               layer=layer).model_dump(mode="json"), separators=(",", ":")).encode()  # fmt: skip
     one = bytes(4 * hidden_size)  # one position of float32 hidden states
     positions = (1 << 28) // (4 * hidden_size)  # 256 MiB of float32 zeros behind a few KiB
     deep = b'{"step": 1, "rows": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

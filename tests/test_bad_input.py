@@ -31,10 +31,12 @@ def post_frame(url: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def step_frame(tensor: torch.Tensor, route: list[str] | None = None, session: str = "probe", **row) -> bytes:
-    """A one-row step frame; ``row`` holds RowMeta fields beyond the session (start defaults to 0)."""
+def step_frame(tensor: torch.Tensor, route: list[str] | None = None, session: str = "probe", layer: int = 0,
+               **row) -> bytes:  # fmt: skip
+    """A one-row step frame for the stage whose span starts at ``layer``; ``row`` holds RowMeta
+    fields beyond the session (start defaults to 0)."""
     row = RowMeta(session=session, length=tensor.shape[1], **{"start": 0, **row})
-    meta = StepMeta(step=1, rows=[row], route=route or [])
+    meta = StepMeta(step=1, rows=[row], route=route or [], layer=layer)
     return encode_frame(tensor_frame(tensor, meta.model_dump(mode="json")))
 
 
@@ -43,6 +45,21 @@ def tiny_pipeline(tmp_path_factory, tiny_dir):
     pipeline = start_pipeline(tmp_path_factory.mktemp("tiny-run"), str(tiny_dir), "tiny")
     yield pipeline
     pipeline.backend.stop()
+
+
+def test_a_step_routed_for_another_plans_span_is_refused_before_it_is_computed(tiny_pipeline):
+    """Every step says from which layer its receiving stage must compute (0 from the gateway, then
+    each stage's span end): a step routed by an old plan (layers split at 1, not 2) meets a stage
+    of the new plan, which refuses it with ``wrong_span`` and opens no session for it."""
+    middle, last = tiny_pipeline.stage_url(1), tiny_pipeline.stage_url(2)  # spans [2, 4) and [4, 6) of 6
+    hidden = torch.zeros(1, 3, 64)
+    status, error = post_frame(middle, step_frame(hidden, route=[last], session="old-plan", layer=1))
+    assert status == 503 and error["error"]["code"] == "wrong_span", error
+    assert "from layer 1" in error["error"]["message"] and "[2, 4)" in error["error"]["message"]
+    status, error = post_frame(middle, step_frame(hidden[:, :1], route=[last], session="old-plan", layer=2, start=3))
+    assert status == 404 and error["error"]["code"] == "unknown_session"  # the refused step opened nothing
+    status, before = tiny_chat(tiny_pipeline)
+    assert status == 200, before  # the stage serves its own plan's steps as before
 
 
 def tiny_chat(pipeline, **extra) -> tuple[int, dict]:
@@ -89,7 +106,7 @@ def test_bad_frames_get_clear_errors_and_the_stage_keeps_serving(tiny_pipeline):
     assert "at most 8" in error["error"]["message"] and "frame(step=2" in error["error"]["message"]
 
     wrong_width = torch.zeros(1, 3, 65)
-    status, error = post_frame(middle, step_frame(wrong_width, route=route[1:], session="shape"))
+    status, error = post_frame(middle, step_frame(wrong_width, route=route[1:], session="shape", layer=2))
     assert status == 400 and "[batch, seq, 64]" in error["error"]["message"]
     assert "session=shape" in error["error"]["message"]  # the error names the frame
 
@@ -448,10 +465,10 @@ def test_crafted_and_fuzzed_frames_get_4xx_and_cost_no_memory(tiny_pipeline):
     middle = tiny_pipeline.stage_url(1)
     stage = tiny_pipeline.backend.processes["tiny-stage-1"].popen.pid
     rss_before = rss_mb(stage)
-    for name, (frame, says) in crafted_frames(64, [tiny_pipeline.stage_url(2)]).items():
+    for name, (frame, says) in crafted_frames(64, [tiny_pipeline.stage_url(2)], layer=2).items():
         status, answer = _call(middle + STEP_PATH, context, frame)
         assert 400 <= status < 500 and says in answer["error"]["message"], (name, status, answer)
-    hidden = good_frame(torch.randn(1, 3, 64), [tiny_pipeline.stage_url(2)])
+    hidden = good_frame(torch.randn(1, 3, 64), [tiny_pipeline.stage_url(2)], layer=2)
     tokens = good_frame(torch.tensor([[5, 6, 7]]), [middle, tiny_pipeline.stage_url(2)])
     statuses = post_frames(middle, context, mutations(hidden, 1500, seed=1))
     statuses += post_frames(tiny_pipeline.stage_url(0), context, mutations(tokens, 1500, seed=2))

@@ -63,7 +63,8 @@ def test_peers_agree_on_codecs_when_a_session_opens(tmp_path, tiny_dir):
 
         hidden = torch.randn(1, 3, 64)
         row = RowMeta(session="probe", start=0, length=3)
-        meta = StepMeta(step=1, rows=[row], route=[pipeline.stage_url(2)]).model_dump(mode="json")
+        layer = pipeline.desired.stages[1].layers[0]  # where stage 1's span starts
+        meta = StepMeta(step=1, rows=[row], route=[pipeline.stage_url(2)], layer=layer).model_dump(mode="json")
         body = encode_frame(tensor_frame(hidden, meta), "byteplane")
         status, error = post_frame(pipeline.stage_url(1), body)
         assert status == 400

@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     STAGE_UNREACHABLE = "stage_unreachable"
     STAGE_FAILED = "stage_failed"
     STAGE_REFUSED = "stage_refused"
+    WRONG_SPAN = "wrong_span"  # a step reached a stage whose layers do not start where the route left off (a new plan)
     BAD_RESULT = "bad_result"
     PIPELINE_FAILED = "pipeline_failed"
     PIPELINE_TIMEOUT = "pipeline_timeout"
@@ -69,6 +70,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.STAGE_UNREACHABLE: 503,
     ErrorCode.STAGE_FAILED: 502,
     ErrorCode.STAGE_REFUSED: 502,
+    # The deployment is changing plans: the route the step took mixes the old plan's stages with the new one's.
+    ErrorCode.WRONG_SPAN: 503,
     ErrorCode.BAD_RESULT: 502,
     ErrorCode.PIPELINE_FAILED: 502,
     ErrorCode.PIPELINE_TIMEOUT: 504,

@@ -31,7 +31,9 @@ LOOKUP_BRANCH_NODES = 4  # a head tree also carries up to this many nodes of pro
 RECOVERY_WAIT_S = 60.0  # how long a generation waits for a lost stage to be back (restarted) before it fails
 # Failures after which the generation replays its tokens so far on fresh sessions: a stage that is
 # gone (or was restarted and lost its sessions) is not the request's fault.
-REPLAYABLE = frozenset({ErrorCode.STAGE_UNREACHABLE, ErrorCode.UNKNOWN_SESSION})
+# A step refused for its span (a re-plan rolling out mixed two plans' stages on its route) replays too:
+# once every stage of the path is the new plan's, the same tokens come out.
+REPLAYABLE = frozenset({ErrorCode.STAGE_UNREACHABLE, ErrorCode.UNKNOWN_SESSION, ErrorCode.WRONG_SPAN})
 
 
 @dataclass

@@ -28,7 +28,13 @@ from pydantic import ValidationError
 from bloombee_stage.model.span import StageModel, truncate_cache
 from bloombee_stage.serving.probe import add_probe_routes
 from bloombee_stage.serving.process import add_common_routes, error_response
-from bloombee_stage.stage.service import MAX_PROFILE_ROWS, MAX_PROFILE_STEPS, StageService, StageSettings
+from bloombee_stage.stage.service import (
+    MAX_PROFILE_ROWS,
+    MAX_PROFILE_STEPS,
+    StageService,
+    StageSettings,
+    WrongSpan,
+)
 from bloombee_stage.stage.sessions import SessionError
 from bloombee_stage.wire.frame import WireError, largest_frame_bytes
 
@@ -64,7 +70,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
     except ValidationError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_meta")
         return error_response(f"frame metadata: {error}", ErrorCode.INVALID_META)
-    except SessionError as error:
+    except (SessionError, WrongSpan) as error:
         service.metrics.inc("errors_total", "Failed steps", code=error.code.value)
         return error_response(str(error), error.code)
     service.metrics.inc("steps_total", "Accepted steps")

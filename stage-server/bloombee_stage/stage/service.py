@@ -81,6 +81,13 @@ class Refused(RuntimeError):
         self.code = code
 
 
+class WrongSpan(RuntimeError):
+    """A step routed to compute from another layer than this stage's span starts at: its route mixes
+    two plans' stages (a re-plan is rolling out). Refused before anything is computed."""
+
+    code = ErrorCode.WRONG_SPAN
+
+
 class StageService:
     """Owns the model, the sessions, the worker thread and the outgoing HTTP session."""
 
@@ -258,12 +265,18 @@ class StageService:
         """A step frame decoded, checked (``check_inputs``, the codec) and its sessions admitted.
 
         ``owner``: whose sessions the step may touch, given the owner the frame claims (the caller's
-        certificate decides; app.session_owner). Raises WireError, ValidationError or SessionError."""
+        certificate decides; app.session_owner). Raises WireError, ValidationError, WrongSpan or
+        SessionError."""
         frame = decode_frame(body, self.max_step_bytes)
         meta = StepMeta.model_validate(frame.meta)
         meta = meta.model_copy(update={"owner": owner(meta.owner)})
         inputs = frame_tensor(frame)
         self.check_inputs(meta, inputs, frame)
+        span = self.model.span
+        if meta.layer != span.start:
+            raise WrongSpan(f"step {meta.step} was routed to compute from layer {meta.layer}, but this stage serves "
+                            f"layers [{span.start}, {span.end}) of {span.total}: the route mixes the stages of two "
+                            "plans (a re-plan is rolling out); nothing was computed")  # fmt: skip
         if frame.codec not in self.settings.accept_codecs:
             accepted = ", ".join(sorted(self.settings.accept_codecs))
             raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "
@@ -373,7 +386,7 @@ class StageService:
         output, meta = await self.run_step(sessions, meta, inputs)
         if isinstance(output, list):
             return encode_frame(self.result_frame(meta, output))
-        return self.encode_onward(tensor_frame(output, meta.onward().wire()), frozenset(CODECS))
+        return self.encode_onward(tensor_frame(output, meta.onward(self.model.span.end).wire()), frozenset(CODECS))
 
     async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
         """Background part of an accepted step: compute, then push onward or answer the gateway."""
@@ -385,7 +398,7 @@ class StageService:
             url = meta.next_url
             assert url is not None  # check_inputs refused hidden states with nowhere to go
             accepted = await self.peer_accepts(url)
-            body = self.encode_onward(tensor_frame(output, meta.onward().wire()), accepted)
+            body = self.encode_onward(tensor_frame(output, meta.onward(self.model.span.end).wire()), accepted)
             try:
                 sent = time.perf_counter()
                 await self._post(url + STEP_PATH, body, expect=202)

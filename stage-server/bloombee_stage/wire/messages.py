@@ -29,6 +29,7 @@ MAX_ROWS = 256  # rows (sessions) in one step
 MAX_HOPS = 64  # stages a step may still visit: a route cannot loop a frame through a stage without end
 UNPLANNED_ROWS = 64  # the most rows a step may carry where the plan sets no micro-batch
 MAX_URL = 2048
+MAX_LAYER = 1 << 16  # a layer index a step may name (models have a few hundred)
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position a result may carry (OpenAI's limit)
@@ -185,6 +186,8 @@ class StepMeta(BaseModel):
     route: list[str] = Field(default_factory=list, max_length=MAX_HOPS, description="base URLs of the stages after "
                              "this one")  # fmt: skip
     reply_to: str | None = Field(default=None, max_length=MAX_URL, description="where the last stage sends the result")
+    layer: int = Field(default=0, ge=0, le=MAX_LAYER, description="the first layer the receiving stage must compute: "
+                       "0 from the gateway, then each stage's span end (a stage whose span starts elsewhere refuses)")
     compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
     owner: str | None = Field(default=None, max_length=256, description="the gateway whose sessions the rows are; "
                               "set by the stage a gateway called, from the gateway's certificate")  # fmt: skip
@@ -203,9 +206,13 @@ class StepMeta(BaseModel):
         """Where this step goes after the stage that holds it (None: the last stage answers ``reply_to``)."""
         return self.route[0] if self.route else None
 
-    def onward(self) -> StepMeta:
-        """The metadata the next hop receives: its own URL taken off the route."""
-        return self.model_copy(update={"route": self.route[1:]})
+    def onward(self, computed_to: int | None = None) -> StepMeta:
+        """The metadata the next hop receives: its own URL taken off the route; a stage that
+        computed layers up to ``computed_to`` (its span's end) tells the next where to go on."""
+        update: dict[str, object] = {"route": self.route[1:]}
+        if computed_to is not None:
+            update["layer"] = computed_to
+        return self.model_copy(update=update)
 
     def wire(self) -> dict:
         """The metadata as a frame carries it: what a reader would not assume (defaults) left out."""
