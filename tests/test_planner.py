@@ -406,6 +406,10 @@ def test_replan_keeps_the_plan_for_a_small_gain_and_moves_for_a_big_one():
     moved = replan(first.plan, model, nodes, close, workload, options)
     assert moved.adopted and [s.node for s in moved.plan.stages] == ["c"]
     assert moved.diff.layers_to_load == 6
+    # the reason puts both plans on the same inputs, so a switch never reads as a drop called a gain
+    now, best = moved.current_value * 1000, moved.candidate_value * 1000
+    assert f"the current plan predicts {now:.1f} ms a token and the best {best:.1f} ms a token" in moved.reason
+    assert best < now
     assert {m.node: (m.before is not None, m.after is not None) for m in moved.diff.moves} == {
         "a": (True, False), "b": (True, False), "c": (False, True)}  # fmt: skip
 

@@ -101,8 +101,14 @@ def replan(current: Plan | None, model: ModelProfile, nodes: list[Node], links: 
         reason = "no current plan" if current is None else "the current plan cannot run any more"
         return Decision(candidate, True, reason, diff(current, candidate), math.nan, value(candidate))
     gain = value(now) / value(candidate) - 1 if latency else value(candidate) / value(now) - 1
+
+    def shown(p: Plan) -> str:
+        return f"{p.latency_s * 1000:.1f} ms a token" if latency else f"{p.tokens_per_second:.1f} tokens/s"
+
+    # Both on the same inputs: the current plan's figure at planning time may have come from hints.
+    figures = f"on the inputs now, the current plan predicts {shown(now)} and the best {shown(candidate)}"
     if gain >= min_gain:
-        reason = f"predicted gain {gain:.1%} >= {min_gain:.0%}"
+        reason = f"{figures}: a gain of {gain:.1%} >= {min_gain:.0%}"
         return Decision(candidate, True, reason, diff(current, candidate), value(now), value(candidate))
-    reason = f"predicted gain {gain:.1%} < {min_gain:.0%}: keeping the current plan"
+    reason = f"{figures}: a gain of {gain:.1%} < {min_gain:.0%}, keeping the current plan"
     return Decision(now, False, reason, PlanDiff(), value(now), value(candidate))
