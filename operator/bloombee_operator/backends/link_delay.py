@@ -88,6 +88,10 @@ class LinkDelay:
             await asyncio.gather(_pump(reader, up_writer, self.delay_s), _pump(up_reader, writer, self.delay_s))
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # The proxy is stopping. Ending the connection's task quietly: Python 3.11's start_server
+            # asks a cancelled handler task for its exception and logs the CancelledError as an ERROR.
+            return
         finally:
             for stream in (writer, up_writer):
                 stream.close()
