@@ -656,6 +656,9 @@ cmd_up() {
     for tool in openssl curl python3 flock setsid; do
         command -v "$tool" >/dev/null || die "$tool is required"
     done
+    # The process kubelet runs the pods with this checkout's Python packages (kubernetes, torch, ...).
+    "$(venv_python)" -c 'import kubernetes, bloombee_stage' 2>/dev/null \
+        || die "the pods run this checkout's Python packages, which $(venv_python) lacks: run bash scripts/install.sh first"
     cmd_build
     mkdir -p "$STATE_ROOT"
     # Serialises concurrent `up`/`down` so port choice and state dirs don't race.
