@@ -116,10 +116,3 @@ class InProcessPipeline:
         attach_hidden(outcome.rows, result, outcome.step)
         by_session = {row.session: row for row in outcome.rows}
         return [by_session[row.session] for row in rows]
-
-    def held_sessions(self) -> int:
-        return max(len(service.sessions.sessions) for service in self.services)
-
-    async def stop(self) -> None:
-        for service in self.services:
-            await service.stop()

@@ -30,7 +30,7 @@ import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -167,8 +167,8 @@ def stages(matrix_model: Path, tmp_path_factory: pytest.TempPathFactory):
     def services(cell: Cell) -> list:
         key = cell.stage_key()
         if key not in built:
-            offload = OffloadSettings(**{**cell.offload.__dict__, "kv_dir": kv_dir})
-            built[key] = build_services(matrix_model, SPANS[cell.stages], offload, cell.packed)
+            built[key] = build_services(matrix_model, SPANS[cell.stages], replace(cell.offload, kv_dir=kv_dir),
+                                        cell.packed)  # fmt: skip
         for service in built[key]:
             service.sessions.sessions.clear()  # nothing of the last cell's (parked forks) is left behind
         return built[key]
