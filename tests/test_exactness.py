@@ -1,7 +1,7 @@
 """Exactness is a property of every configuration: one matrix over what the planner and the flags
 can choose, each cell's greedy tokens against transformers' ``generate`` on the whole model.
 
-Axes (a new one is one line in ``AXES`` and one branch where a cell is built):
+Axes (a new one is a line in ``AXES``, a field of ``Cell`` and the branch where a cell is built):
 
 * draft: none, prompt lookup, early exit, the head's chains, its trees, its trees with prompt
   lookup's branch;
