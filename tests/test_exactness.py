@@ -48,7 +48,7 @@ VOCAB = 8
 LAYERS = 7
 SPANS = {1: (0, LAYERS), 3: (0, 3, 5, LAYERS)}  # uneven spans: every stage a different length
 EARLY_EXIT_LAYERS = 3
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 PROMPTS = ([1, 2, 3, 4, 5, 1, 2, 3], [6, 0, 7, 6, 0, 7, 6], [3, 3, 5, 2, 1, 4, 6, 0, 2])
 FORK_FIRST = [5, 4, 3, 2, 1, 0, 7, 6]  # a finished generation whose prefix the next ones share
 
