@@ -89,3 +89,50 @@ def test_chat_says_what_is_wrong_with_the_endpoint_or_the_key(keyed):
     done = bloombee("chat", "hi", "--endpoint", keyed.endpoint)
     assert done.returncode == 1 and "401" in done.stderr and "--api-key" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_chat_tries_a_gateway_that_is_changing_plans_again_within_its_wait():
+    """`bloombee chat --wait-s` (the chart's `helm test`) tries again while the gateway answers 503
+    (a re-plan rolling out), and gives up at once on an error a retry cannot fix. The gateway here
+    is a stand-in on loopback that answers 503 twice, then a chat reply: a real one would have to
+    be caught mid-switch."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = [503, 503, 200]
+
+    class Gateway(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self._send(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status = answers.pop(0) if answers else 400
+            if status == 200:
+                self._send(200, {"choices": [{"message": {"content": "Paris"}}]})
+            else:
+                self._send(status, {"error": {"message": "a re-plan is rolling out", "code": "wrong_span"}})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        done = bloombee("chat", "hi", "--endpoint", endpoint, "--wait-s", "60", timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "Paris", done.stderr
+        assert done.stderr.count("trying again in 5 s") == 2
+        done = bloombee("chat", "hi", "--endpoint", endpoint, "--wait-s", "60", timeout=60)  # now a 400
+        assert done.returncode == 1 and "400 from" in done.stderr and "trying again" not in done.stderr
+    finally:
+        server.shutdown()

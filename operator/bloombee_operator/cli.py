@@ -63,7 +63,15 @@ def stream_chat(endpoint: str, model: str, question: str, max_tokens: int = 64, 
 
 
 class ChatError(RuntimeError):
-    """A chat request that failed, with what to do about it."""
+    """A chat request that failed, with what to do about it; ``retryable``: the gateway was busy,
+    restarting or changing plans (429, 502, 503, 504, no connection), so a later try may succeed."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 
 
 def _chat_request(endpoint: str, model: str, question: str, max_tokens: int, system: str | None, temperature: float,
@@ -76,7 +84,9 @@ def _chat_request(endpoint: str, model: str, question: str, max_tokens: int, sys
     try:
         return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as error:
-        raise ChatError(_http_problem(endpoint, error)) from None
+        raise ChatError(_http_problem(endpoint, error), retryable=error.code in RETRYABLE_STATUS) from None
+    except (urllib.error.URLError, ConnectionError) as error:
+        raise ChatError(f"{endpoint} did not answer: {error}", retryable=True) from None
 
 
 def _http_problem(endpoint: str, error: urllib.error.HTTPError) -> str:
@@ -230,17 +240,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = args.model or models[0]
     asked = (args.endpoint, model, args.question, args.max_tokens)
     settings = {"system": args.system, "temperature": args.temperature, "api_key": args.api_key}
-    try:
-        if args.stream:
-            for piece in stream_chat(*asked, **settings):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            print(chat_once(*asked, **settings)["choices"][0]["message"]["content"])
-    except ChatError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    while True:
+        printed = False
+        try:
+            if args.stream:
+                for piece in stream_chat(*asked, **settings):
+                    printed = True
+                    print(piece, end="", flush=True)
+                print()
+            else:
+                print(chat_once(*asked, **settings)["choices"][0]["message"]["content"])
+            return 0
+        except ChatError as error:
+            # A gateway that is busy, restarting or changing plans is tried again within --wait-s
+            # (never once an answer has started to print).
+            if not error.retryable or printed or time.monotonic() + 5.0 > deadline:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+            print(f"{error}; trying again in 5 s", file=sys.stderr)
+            time.sleep(5.0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -323,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--endpoint", default="http://127.0.0.1:8000/v1", help="the gateway's /v1 URL")
     chat.add_argument("--model", default=None, help="served model name (default: the first the gateway lists)")
     chat.add_argument("--max-tokens", type=int, default=64)
-    chat.add_argument("--wait-s", type=float, default=0.0, help="keep trying this long while the gateway starts")
+    chat.add_argument("--wait-s", type=float, default=0.0, help="keep trying this long while the gateway starts, "
+                      "or answers that it is busy or changing plans (429, 502, 503, 504, no connection)")
     chat.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     chat.add_argument("--system", default=None, help="a system message before the question")
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); up to 2")
