@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from bloombee_stage.gateway.pipeline import attach_hidden
-from bloombee_stage.model.span import OffloadSettings, Span, StageModel
+from bloombee_stage.model.span import OffloadSettings, Span, StageModel, path_moves
 from bloombee_stage.stage.service import StageService, StageSettings
 from bloombee_stage.wire.frame import decode_frame, encode_frame
 from bloombee_stage.wire.messages import ResultMeta, RowMeta, RowResult, StepMeta
@@ -100,7 +100,7 @@ class InProcessPipeline:
         """One step through every stage, frames encoded and decoded as on the wire."""
         self.steps += 1
         self.rows_per_step.append(len(rows))
-        self.moved_paths += sum(1 for row in rows if row.tree_path and row.tree_path != list(range(len(row.tree_path))))
+        self.moved_paths += sum(1 for row in rows if path_moves(row.tree_path))
         self.forks += sum(1 for row in rows if row.fork is not None)
         self.trees += sum(1 for row in rows if row.tree is not None)
         meta = StepMeta(step=self.steps, rows=rows, route=stage_urls(len(self.services))[1:])

@@ -180,9 +180,10 @@ def stages(matrix_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 async def _generate(pipeline: InProcessPipeline, prompt: list[int], speculation: Speculation,
-                    sampling: SamplingParams, prefixes: PrefixIndex | None = None) -> Generated:  # fmt: skip
+                    sampling: SamplingParams, prefixes: PrefixIndex | None = None,
+                    new_tokens: int = NEW_TOKENS) -> Generated:  # fmt: skip
     result = Generated()
-    async for _ in generate(pipeline, prompt, NEW_TOKENS, sampling, set(), TextAssembler(str, []), result,
+    async for _ in generate(pipeline, prompt, new_tokens, sampling, set(), TextAssembler(str, []), result,
                             speculation, prefixes):  # fmt: skip
         pass
     return result
@@ -283,25 +284,16 @@ def test_trees_on_offloaded_kv_through_three_stages_keep_the_target_distribution
         counts: Counter = Counter()
         for first in range(0, draws, together):
             results = await asyncio.gather(*(
-                generate_tokens(pipeline, prompt, new_tokens, drafts.speculation(cell.draft),
-                                SamplingParams(seed=seed, **params))
+                _generate(pipeline, prompt, drafts.speculation(cell.draft), SamplingParams(seed=seed, **params),
+                          new_tokens=new_tokens)
                 for seed in range(first, first + together)))  # fmt: skip
-            counts.update(tuple(tokens) for tokens in results)
+            counts.update(tuple(result.token_ids) for result in results)
         return counts
 
     counts = asyncio.run(sample())
     exact = exact_distribution(drafts.whole, SamplingParams(**params), prompt, new_tokens)
     assert chi_square_p_value(counts, exact, draws) > 1e-3
     assert pipeline.trees > draws / 2 and max(pipeline.rows_per_step) == together
-
-
-async def generate_tokens(pipeline: InProcessPipeline, prompt: list[int], new_tokens: int, speculation: Speculation,
-                          sampling: SamplingParams) -> list[int]:  # fmt: skip
-    result = Generated()
-    async for _ in generate(pipeline, prompt, new_tokens, sampling, set(), TextAssembler(str, []), result,
-                            speculation):  # fmt: skip
-        pass
-    return result.token_ids
 
 
 @pytest.mark.model

@@ -241,7 +241,9 @@ class KVStore:
         rows = (keys.shape[0], keys.shape[1], keys.shape[3])
         if rows != stored.row_shape or keys.dtype != stored.dtype:
             stored.length, stored.row_shape, stored.dtype = 0, rows, keys.dtype
-        start = min(stored.length, total, total if changed_from is None else max(0, changed_from))
+        start = min(stored.length, total)
+        if changed_from is not None:
+            start = min(start, max(0, changed_from))
         row_bytes = math.prod(rows) * keys.element_size()
         for kind, tensor in (("k", keys), ("v", values)):
             fresh = tensor[:, :, start:, :].permute(2, 0, 1, 3).contiguous().cpu()

@@ -298,7 +298,7 @@ class StageModel:
         """
         path = list(tree_path or [])
         base = start - len(path)
-        if not path or path == list(range(len(path))):  # the nodes are already where the path puts them
+        if not path_moves(path):
             truncate_cache(cache, start)
             return
         paged = [index for index in sorted(self.kv_offloaded) if cache.layers[index].is_initialized]
@@ -491,10 +491,16 @@ def tree_layout(length: int, tree: list[int]) -> tuple[torch.Tensor, torch.Tenso
     return offsets, allowed
 
 
+def path_moves(nodes: list[int]) -> bool:
+    """Whether keeping a tree's accepted ``nodes`` moves any KV: not when they are its first nodes,
+    as a chain's always are (nor when there are none)."""
+    return nodes != list(range(len(nodes)))
+
+
 def keep_path(cache: DynamicCache, base: int, nodes: list[int]) -> None:
     """Move the KV of a draft tree's accepted ``nodes`` (cache positions ``base + node``) to
     ``base, base + 1, ...``; the caller then cuts the cache at the accepted length."""
-    if not nodes or nodes == list(range(len(nodes))):
+    if not path_moves(nodes):
         return
     index = torch.tensor([base + node for node in nodes])
     for number, layer in enumerate(cache.layers):

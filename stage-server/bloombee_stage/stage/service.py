@@ -386,7 +386,12 @@ class StageService:
         output, meta = await self.run_step(sessions, meta, inputs)
         if isinstance(output, list):
             return encode_frame(self.result_frame(meta, output))
-        return self.encode_onward(tensor_frame(output, meta.onward(self.model.span.end).wire()), frozenset(CODECS))
+        return self.encode_onward(self.onward_frame(meta, output), frozenset(CODECS))
+
+    def onward_frame(self, meta: StepMeta, hidden: torch.Tensor) -> Frame:
+        """This stage's hidden states as the next stage takes them: the route less this hop, and the
+        layer to go on from (this span's end)."""
+        return tensor_frame(hidden, meta.onward(self.model.span.end).wire())
 
     async def push(self, meta: StepMeta, inputs: torch.Tensor, sessions: list[Session]) -> None:
         """Background part of an accepted step: compute, then push onward or answer the gateway."""
@@ -398,7 +403,7 @@ class StageService:
             url = meta.next_url
             assert url is not None  # check_inputs refused hidden states with nowhere to go
             accepted = await self.peer_accepts(url)
-            body = self.encode_onward(tensor_frame(output, meta.onward(self.model.span.end).wire()), accepted)
+            body = self.encode_onward(self.onward_frame(meta, output), accepted)
             try:
                 sent = time.perf_counter()
                 await self._post(url + STEP_PATH, body, expect=202)
