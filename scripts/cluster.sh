@@ -59,13 +59,15 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 K8S_MOD_DIR=$SCRIPT_DIR/k8s/kubernetes
 ETCD_MOD_DIR=$SCRIPT_DIR/k8s/etcd
+COREDNS_MOD_DIR=$SCRIPT_DIR/k8s/coredns
 STATE_ROOT=$REPO_ROOT/.cluster
 
 # The wrapper go.mod files are the single source of truth for the versions, so
 # bumping a version there cannot leave this script building something else.
-mod_version() { awk -v m="$2" '$1 == m { print $2; exit }' "$1/go.mod"; }
+mod_version() { awk -v m="$2" '$1 == m { print $2; exit } $1 == "require" && $2 == m { print $3; exit }' "$1/go.mod"; }
 K8S_VERSION=$(mod_version "$K8S_MOD_DIR" k8s.io/kubernetes)
 ETCD_VERSION=$(mod_version "$ETCD_MOD_DIR" go.etcd.io/etcd/server/v3)
+COREDNS_VERSION=$(mod_version "$COREDNS_MOD_DIR" github.com/coredns/coredns)
 
 CACHE_ROOT=${BLOOMBEE_CACHE:-$HOME/.cache/bloombee}
 VERSION_DIR=$CACHE_ROOT/k8s/$K8S_VERSION
@@ -77,6 +79,16 @@ TIMEOUT=${BLOOMBEE_CLUSTER_TIMEOUT:-180}
 # reference, which a (Python) kubelet will need to mount.
 # The endpoint controllers feed the API server's service proxy and the cluster set's names.
 KCM_CONTROLLERS=${BLOOMBEE_KCM_CONTROLLERS:-deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,endpoints-controller,endpointslice-controller}
+
+# process: the project's process kubelet runs each cluster's pods as this checkout's Python;
+# real: a kubelet with containerd and runc, kube-proxy, CoreDNS and the scheduler (scripts/k8s/node.sh).
+NODES=${BLOOMBEE_NODES:-process}
+# shellcheck source=k8s/node.sh
+source "$SCRIPT_DIR/k8s/node.sh"
+
+# A real node registers with the not-ready taint, which the node lifecycle controller lifts once it
+# is Ready (and puts back, with NoExecute, when it stops reporting).
+NODE_CONTROLLERS=node-lifecycle-controller,taint-eviction-controller
 
 HEARTBEAT_PID=
 trap '[[ -n $HEARTBEAT_PID ]] && kill "$HEARTBEAT_PID" 2>/dev/null; true' EXIT
@@ -90,11 +102,15 @@ die() { log "ERROR: $*"; exit 1; }
 binary_spec() {
     case $1 in
         etcd) echo "$ETCD_MOD_DIR go.etcd.io/etcd/server/v3 $ETCD_VERSION" ;;
-        kube-apiserver | kube-controller-manager | kubectl)
+        kube-apiserver | kube-controller-manager | kubectl | kubelet | kube-proxy | kube-scheduler)
             echo "$K8S_MOD_DIR k8s.io/kubernetes/cmd/$1 $K8S_VERSION" ;;
+        coredns) echo "$COREDNS_MOD_DIR bloombee.local/k8s-build/coredns $COREDNS_VERSION" ;;
         *) die "unknown binary $1" ;;
     esac
 }
+
+# What a cluster runs: the control plane, and with real nodes the node's binaries too.
+NODE_BINARIES=(kubelet kube-proxy kube-scheduler coredns kubectl)
 
 # The cache directory is keyed by the Kubernetes version only, so each binary
 # carries a stamp with its own module version: an etcd bump rebuilds etcd.
@@ -111,7 +127,10 @@ build_one() {
         log "$name $version: cached ($BIN_DIR/$name)"
         return 0
     fi
-    if [[ $name != etcd ]]; then
+    local tags=""
+    # CoreDNS registers its server type itself unless told that main does (scripts/k8s/coredns).
+    [[ $name == coredns ]] && tags=coredns_manual_registration
+    if [[ $name != etcd && $name != coredns ]]; then
         # Without these the binaries report v0.0.0-master and clients warn
         # about version skew; mirrors kubernetes' hack/lib/version.sh.
         local minor=${version#v1.}; minor=${minor%%.*}
@@ -137,7 +156,7 @@ build_one() {
         cd "$mod_dir"
         # Static binaries like upstream's release builds; no C toolchain needed.
         CGO_ENABLED=0 exec nice -n "${BLOOMBEE_BUILD_NICE:-10}" \
-            go build -mod=readonly -trimpath -p "${BLOOMBEE_BUILD_JOBS:-$(nproc)}" \
+            go build -mod=readonly -trimpath -p "${BLOOMBEE_BUILD_JOBS:-$(nproc)}" -tags "$tags" \
             -ldflags "$ldflags" -o "$tmp/$name" "$pkg"
     ) || rc=$?
     kill "$HEARTBEAT_PID" 2>/dev/null || true
@@ -183,6 +202,7 @@ cmd_build() {
     while (($#)); do
         case $1 in
             --kubectl) names+=(kubectl) ;;
+            --nodes) names+=("${NODE_BINARIES[@]}") ;;
             -h | --help) usage; exit 0 ;;
             *) die "build: unknown option $1" ;;
         esac
@@ -215,6 +235,7 @@ cmd_build() {
     log "downloading modules (go mod download)..."
     (cd "$ETCD_MOD_DIR" && go mod download)
     (cd "$K8S_MOD_DIR" && go mod download)
+    [[ " ${names[*]} " == *" coredns "* ]] && (cd "$COREDNS_MOD_DIR" && go mod download)
     for name in "${names[@]}"; do
         build_one "$name"
     done
@@ -323,7 +344,8 @@ EOF
 pick_pod_network() {
     local k
     for ((k = 0; k < 50; k++)); do
-        if ! ip -4 -o addr show | grep -q " 10\.$((200 + k))\.0\.1/"; then
+        # A process-kubelet cluster holds 10.X.0.1 here, a real node's cluster 10.X.2.1.
+        if ! ip -4 -o addr show | grep -qE " 10\.$((200 + k))\.(0|2)\.1/"; then
             POD_PREFIX=10.$((200 + k)).0
             BRIDGE=bbp$((200 + k))
             return 0
@@ -417,7 +439,7 @@ api() { # path [outfile]
 wait_for() { # description check_fn log_component
     local deadline=$(( $(date +%s) + TIMEOUT )) c
     while ! "$2"; do
-        for c in etcd kube-apiserver kube-controller-manager kubelet; do
+        for c in "${COMPONENTS[@]}"; do
             if [[ -f $DIR/pids/$c.pid ]] && ! proc_alive "$DIR" "$c"; then
                 fail_with_log "$DIR" "$c" "$c exited while waiting for $1"
             fi
@@ -427,6 +449,9 @@ wait_for() { # description check_fn log_component
         sleep 1
     done
 }
+
+# Every process a cluster may run, in start order.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager containerd kube-scheduler kubelet kube-proxy coredns)
 
 etcd_healthy() { curl -sf --max-time 2 "$ETCD_URL/health" 2>/dev/null | grep -q '"health":"true"'; }
 apiserver_ready() {
@@ -469,10 +494,18 @@ up_one() { # name index
         exec 7>/run/lock/bloombee-pod-networks.lock
         flock 7
         pick_pod_network
-        make_bridge
+        if [[ $NODES == real ]]; then
+            # The node's namespace holds the pod bridge; the host reaches it through bbhX.
+            make_node_network "${BRIDGE#bbp}"
+            host_ip=10.${BRIDGE#bbp}.2.1
+            echo "${BRIDGE#bbp}" >"$DIR/node-index"
+            echo "bbh${BRIDGE#bbp}" >"$DIR/bridge"
+        else
+            make_bridge
+            host_ip=$POD_PREFIX.1
+            echo "$BRIDGE" >"$DIR/bridge"
+        fi
         exec 7>&-
-        host_ip=$POD_PREFIX.1
-        echo "$BRIDGE" >"$DIR/bridge"
     else
         log "$CLUSTER: not root: no pod network and no kubelet (pods stay Pending)"
     fi
@@ -481,6 +514,19 @@ up_one() { # name index
 
     log "$CLUSTER: generating certificates"
     make_pki "$pki" "$svc_ip" "$host_ip"
+    local kubelet_args=()
+    if [[ $NODES == real && -n $BRIDGE ]]; then
+        node_pki "$pki" "$CLUSTER-node" "10.${BRIDGE#bbp}.2.2"
+        # The API server reaches kubelets (logs, exec, port-forward) as a client they trust and
+        # checks their serving certificates; it publishes itself as the `kubernetes` Service's endpoint.
+        kubelet_args=(--kubelet-client-certificate="$pki/apiserver-kubelet-client.crt"
+            --kubelet-client-key="$pki/apiserver-kubelet-client.key"
+            --kubelet-certificate-authority="$pki/ca.crt" --kubelet-preferred-address-types=InternalIP)
+    else
+        # The apiserver would otherwise try to publish 127.0.0.1 (or the process kubelet's
+        # bridge) as the endpoint of the `kubernetes` Service.
+        kubelet_args=(--endpoint-reconciler-type=none)
+    fi
     write_kubeconfig "$DIR/kubeconfig" "$API_URL" kubernetes-admin \
         "$pki/admin.crt" "$pki/admin.key" "$pki/ca.crt"
     write_kubeconfig "$DIR/controller-manager.kubeconfig" "$API_URL" \
@@ -514,9 +560,6 @@ EOF
         --initial-cluster-state new --unsafe-no-fsync --log-level warn
     wait_for "etcd health" etcd_healthy etcd
 
-    # --endpoint-reconciler-type=none: the apiserver would otherwise try to
-    # publish 127.0.0.1 as the endpoint of the `kubernetes` Service, which
-    # Endpoints validation rejects (loopback), and log errors forever.
     log "$CLUSTER: starting kube-apiserver on $API_URL"
     start_proc kube-apiserver \
         --bind-address="$host_ip" --advertise-address="$host_ip" \
@@ -529,7 +572,7 @@ EOF
         --service-account-key-file="$pki/sa.pub" \
         --service-account-signing-key-file="$pki/sa.key" \
         --service-cluster-ip-range="$svc_cidr" \
-        --endpoint-reconciler-type=none \
+        "${kubelet_args[@]}" \
         --allow-privileged=true \
         --cert-dir="$DIR/apiserver-certs" \
         --profiling=false
@@ -549,7 +592,7 @@ EOF
         --bind-address=127.0.0.1 --secure-port="$kcm_port" \
         --tls-cert-file="$pki/controller-manager-serving.crt" \
         --tls-private-key-file="$pki/controller-manager-serving.key" \
-        --controllers="$KCM_CONTROLLERS" \
+        --controllers="$KCM_CONTROLLERS$([[ $NODES == real ]] && echo ",$NODE_CONTROLLERS")" \
         --service-account-private-key-file="$pki/sa.key" \
         --root-ca-file="$pki/ca.crt" \
         --use-service-account-credentials=true \
@@ -558,7 +601,9 @@ EOF
         --profiling=false
     wait_for "serviceaccount default/default" default_sa_exists kube-controller-manager
 
-    if [[ -n $BRIDGE ]]; then
+    if [[ -n $BRIDGE && $NODES == real ]]; then
+        start_real_node "${BRIDGE#bbp}" "$API_URL"
+    elif [[ -n $BRIDGE ]]; then
         log "$CLUSTER: starting the process kubelet (pods on $POD_PREFIX.0/24, bridge $BRIDGE)"
         start_kubelet "$api_port"
         wait_for "node $CLUSTER-node Ready" node_ready kubelet
@@ -645,6 +690,8 @@ cmd_up() {
             --name=*) name=${1#*=} ;;
             --delay-ms) delay_ms=${2:?--delay-ms needs a number}; shift ;;
             --delay-ms=*) delay_ms=${1#*=} ;;
+            --nodes) NODES=${2:?--nodes needs real or process}; shift ;;
+            --nodes=*) NODES=${1#*=} ;;
             -h | --help) usage; exit 0 ;;
             *) die "up: unknown option $1" ;;
         esac
@@ -652,6 +699,7 @@ cmd_up() {
     done
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "--clusters must be a positive integer"
     [[ $delay_ms =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--delay-ms must be a number of milliseconds"
+    [[ $NODES == real || $NODES == process ]] || die "--nodes must be real or process, not $NODES"
     [[ -z $name || $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "bad --name $name"
     for tool in openssl curl python3 flock setsid; do
         command -v "$tool" >/dev/null || die "$tool is required"
@@ -659,7 +707,15 @@ cmd_up() {
     # The process kubelet runs the pods with this checkout's Python packages (kubernetes, torch, ...).
     "$(venv_python)" -c 'import kubernetes, bloombee_stage' 2>/dev/null \
         || die "the pods run this checkout's Python packages, which $(venv_python) lacks: run bash scripts/install.sh first"
-    cmd_build
+    if [[ $NODES == real ]]; then
+        ((EUID == 0)) || die "real nodes need root (network namespaces, cgroups, mounts)"
+        need_node_packages
+        cmd_build --nodes
+        registry_up
+        pause_image_up
+    else
+        cmd_build
+    fi
     mkdir -p "$STATE_ROOT"
     # Serialises concurrent `up`/`down` so port choice and state dirs don't race.
     exec 8>"$STATE_ROOT/.lock"
@@ -680,29 +736,36 @@ cmd_up() {
 
 # ---------------------------------------------------------------- down -----
 
-stop_procs() { # dir
-    local dir=$1 c pid i
-    # Reverse start order: the kubelet first (it stops its pods and their namespaces), controllers
-    # next so nothing retries against a vanished apiserver, and etcd last.
-    for c in kubelet kube-controller-manager kube-apiserver etcd; do
-        if proc_alive "$dir" "$c"; then
-            pid=$(cat "$dir/pids/$c.pid")
-            kill -TERM "$pid" 2>/dev/null || true
-            for ((i = 0; i < 300; i++)); do
-                proc_alive "$dir" "$c" || break
-                sleep 0.1
-            done
-            if proc_alive "$dir" "$c"; then
-                log "$(basename "$dir"): $c (pid $pid) ignored SIGTERM; killing"
-                kill -KILL "$pid" 2>/dev/null || true
-            fi
-        fi
+stop_one() { # dir component
+    local dir=$1 c=$2 pid i
+    proc_alive "$dir" "$c" || return 0
+    pid=$(cat "$dir/pids/$c.pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 300; i++)); do
+        proc_alive "$dir" "$c" || break
+        sleep 0.1
     done
+    if proc_alive "$dir" "$c"; then
+        log "$(basename "$dir"): $c (pid $pid) ignored SIGTERM; killing"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+}
+
+stop_procs() { # dir
+    local dir=$1 i
+    # A real node's pods are stopped through its kubelet first.
+    drain_real_node "$dir"
+    # Reverse start order: the kubelet first (the process kubelet stops its pods and their
+    # namespaces), controllers next so nothing retries against a vanished apiserver, etcd last.
+    for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+        stop_one "$dir" "${COMPONENTS[i]}"
+    done
+    stop_real_node "$dir"
 }
 
 stop_cluster() { # dir
     stop_procs "$1"
-    if [[ -f $1/bridge ]]; then
+    if [[ -f $1/bridge && ! -f $1/node-index ]]; then
         ip link del "$(cat "$1/bridge")" 2>/dev/null || true
     fi
     rm -rf "$1"
@@ -751,7 +814,7 @@ cmd_down() {
 cmd_status() {
     local dir c any=0 ready
     echo "binaries: $BIN_DIR (Kubernetes $K8S_VERSION, etcd $ETCD_VERSION)"
-    for c in etcd kube-apiserver kube-controller-manager kubectl; do
+    for c in etcd kube-apiserver kube-controller-manager "${NODE_BINARIES[@]}"; do
         if [[ -x $BIN_DIR/$c ]]; then echo "  $c: built"; else echo "  $c: not built"; fi
     done
     for dir in "$STATE_ROOT"/*/; do
@@ -762,7 +825,8 @@ cmd_status() {
         ready="not ready"
         [[ -n $API_URL ]] && apiserver_ready && ready=ready
         echo "cluster $(basename "$DIR"): ${API_URL:-?} ($ready), kubeconfig $DIR/kubeconfig"
-        for c in etcd kube-apiserver kube-controller-manager kubelet; do
+        for c in "${COMPONENTS[@]}"; do
+            [[ -f $DIR/pids/$c.pid ]] || continue
             if proc_alive "$DIR" "$c"; then
                 echo "  $c: running (pid $(cat "$DIR/pids/$c.pid"))"
             else
