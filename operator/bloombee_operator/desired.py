@@ -24,6 +24,11 @@ from bloombee_operator.planner.profile import GIB, profile_from_config
 # Python, torch and transformers, the tokenizer, the embeddings or LM head and the activations of
 # a step: a SmolLM2 stage process holds about 0.6 GiB before its span's weights and KV.
 RUNTIME_GIB = 0.75
+# Converting a GGUF file to the Hugging Face layout dequantizes the whole model at once, in every pod
+# that loads it: the process peaks at about this many times the model's float32 size above its
+# runtime (measured: 1.82 GiB peak RSS for SmolLM2-135M, 0.50 GiB in float32, so 2.9 times). Pods
+# loading such a source get a memory limit that holds the peak, or the kernel kills them mid-load.
+GGUF_LOAD_PEAK_FACTOR = 3.0
 DEFAULT_KV_GIB = 2.0  # a stage's KV budget where the plan sizes none (the server's default)
 
 CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
@@ -43,6 +48,8 @@ class StageSpec:
     kv_budget_gib: float | None = None  # the KV cache the plan sized this stage for (None: the server's default)
     link_mbps: float | None = None  # measured bandwidth to the next stage's cluster (None: same cluster or unknown)
     memory_gib: float = 0.0  # what its pod requests: resident weights, KV budget and the runtime (memory_estimate_gib)
+    cpu: float = 1.0  # cores its pod requests: its node hint's
+    load_peak_gib: float = 0.0  # what loading the model peaks at, where it exceeds what serving holds
     node: str = ""  # the planner's node serving it (status.plan), whose measured profile it reports
 
     def launch(self, model_source: str) -> StageLaunch:
@@ -69,6 +76,8 @@ class GatewayDesired:
     relay_hops: tuple[bool, ...] = ()  # per hop between stages: the gateway forwards it (the plan's choice)
     max_sequences: int | None = None  # generations at once per gateway replica; more wait (None: no cap)
     memory_gib: float = RUNTIME_GIB  # what its pod requests: the runtime and the draft's layers
+    cpu: float = 0.25  # cores each pod requests
+    load_peak_gib: float = 0.0  # what loading the model peaks at (see StageSpec)
 
     def launch(self, model_source: str, stages: tuple[tuple[str, ...], ...], public_url: str | None) -> GatewayLaunch:
         """How the gateway is started, given where its stages are and where it is reached from."""
@@ -90,6 +99,17 @@ class DesiredState:
     gateway: GatewayDesired
     plan_hash: str = field(default="")
     max_micro_batch: int = 8  # planner.maxMicroBatch: the step sizes a profiling run times
+
+
+def _load_peak_gib(source: str, shape: ModelShape) -> float:
+    """What a pod peaks at while it loads ``source``: the runtime and a GGUF file's conversion, which
+    works in float32 whatever the serving dtype (0: no peak beyond serving)."""
+    if not source.startswith("gguf://"):
+        return 0.0
+    config = shape.config()
+    float32_gib = (profile_from_config(config, "float32").weight_bytes_per_layer * shape.num_layers
+                   + 4 * shape.vocab_size * shape.hidden_size) / GIB  # fmt: skip
+    return round(RUNTIME_GIB + GGUF_LOAD_PEAK_FACTOR * float32_gib, 2)
 
 
 def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
@@ -127,11 +147,15 @@ def desired_state(
     name = resource.metadata.name
     mbps = {(link.from_, link.to): link.mbps for link in links}
     layer_gib = profile_from_config(shape.config(), spec.model.dtype).weight_bytes_per_layer / GIB
+    cpu_of = {f"{cluster.name}-{hint.name}": hint.cpu for cluster in spec.clusters for hint in cluster.nodes}
+    load_peak_gib = _load_peak_gib(spec.model.source, shape)
     stages = tuple(
         StageSpec(
             name=f"{name}-stage-{index}",
             index=index,
             node=stage.node,
+            cpu=cpu_of.get(stage.node, 1.0),
+            load_peak_gib=load_peak_gib,
             cluster=stage.cluster,
             layers=stage.layers,
             dtype=spec.model.dtype,
@@ -162,6 +186,8 @@ def desired_state(
         draft_source=spec.draft.source,
         micro_batch=micro_batch,
         service_type=spec.gateway.service.type,
+        cpu=spec.gateway.cpu,
+        load_peak_gib=load_peak_gib,
         relay_hops=relay_hops,
         max_sequences=max(1, max_sequences // spec.gateway.replicas) if max_sequences else None,
         memory_gib=round(RUNTIME_GIB + (layer_gib * spec.draft.layers if spec.draft.kind == "early-exit" else 0.0)

@@ -28,13 +28,14 @@ class ModelShape:
     num_attention_heads: int = 0
     num_key_value_heads: int = 0
     intermediate_size: int = 0
+    vocab_size: int = 0  # 0: unknown
 
     @classmethod
     def from_config(cls, config: Mapping) -> ModelShape:
         heads = int(config.get("num_attention_heads", 0))
         kv_heads = int(config.get("num_key_value_heads") or heads)
         return cls(int(config["num_hidden_layers"]), int(config["hidden_size"]), heads, kv_heads,
-                   int(config.get("intermediate_size", 0)))  # fmt: skip
+                   int(config.get("intermediate_size", 0)), int(config.get("vocab_size") or 0))  # fmt: skip
 
     def config(self) -> dict[str, int]:
         """The config.json fields the planner's model profile reads."""
@@ -73,4 +74,6 @@ def model_shape(source: str) -> ModelShape:
         config = {key: int(reader.fields[f"{architecture}.{name}"].parts[-1][0]) for key, name in fields.items()}
     except KeyError as missing:
         raise ModelShapeError(f"model source {source!r}: GGUF metadata lacks {missing}") from None
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    config["vocab_size"] = len(tokens.data) if tokens is not None else 0
     return ModelShape.from_config(config)

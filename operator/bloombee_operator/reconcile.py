@@ -72,6 +72,8 @@ class Backend(Protocol):
 
     def ready_stages(self, desired: DesiredState) -> int: ...
 
+    def gateway_ready(self, desired: DesiredState) -> bool: ...
+
     def endpoint(self, desired: DesiredState) -> str: ...
 
     def remove(self, resource: DistributedLLM) -> int:
@@ -309,8 +311,11 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
         return deploy(resource, backend, clock)  # the spec changed under the plan: plan afresh
     restored = backend.restore(desired)
     ready, total = backend.ready_stages(desired), len(desired.stages)
-    all_ready = ready == total and not restored
-    message = f"{ready} of {total} stages ready" + (f"; re-created {', '.join(restored)}" if restored else "")
+    gateway_ready = backend.gateway_ready(desired)
+    # Ready is what a user can use: every stage and the gateway in front of them.
+    all_ready = ready == total and gateway_ready and not restored
+    message = (f"{ready} of {total} stages ready" + ("" if gateway_ready else ", the gateway not ready")
+               + (f"; re-created {', '.join(restored)}" if restored else ""))  # fmt: skip
     at = now_iso(clock)
     outcome = Outcome(status={"stagesReady": f"{ready}/{total}", "phase": _phase(all_ready, restored).value})
     stages_ready = Reason.ALL_READY if ready == total else Reason.WAITING

@@ -65,6 +65,8 @@ class NodeHint(_Model):
     name: str = Field(max_length=63, json_schema_extra={"pattern": _DNS_LABEL.pattern})
     memory_gi_b: float | None = Field(default=None, gt=0, alias="memoryGiB")
     compute_tflops: float | None = Field(default=None, gt=0, alias="computeTFLOPS")
+    # CPU cores the stage placed here requests (the scheduler reserves them; there is no CPU limit).
+    cpu: float = Field(default=1.0, ge=0.01, le=1024)
 
     _name = field_validator("name")(_dns_label)
 
@@ -121,6 +123,8 @@ class ServiceSpec(_Model):
 
 class GatewaySpec(_Model):
     replicas: int = Field(default=1, ge=1, le=16)
+    # CPU cores each gateway pod requests: it relays frames and samples, the stages compute.
+    cpu: float = Field(default=0.25, ge=0.01, le=1024)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
 
 

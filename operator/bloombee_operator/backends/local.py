@@ -358,6 +358,11 @@ class LocalBackend:
         return sum(1 for p in processes
                    if p is not None and p.alive and p.url and _http_ok(p.url + READYZ_PATH, self.tls))  # fmt: skip
 
+    def gateway_ready(self, desired: DesiredState) -> bool:
+        gateway = self.processes.get(desired.gateway.name)
+        return gateway is not None and gateway.alive and bool(gateway.url) and _http_ok(gateway.url + READYZ_PATH,
+                                                                                        self.tls)  # fmt: skip
+
     def endpoint(self, desired: DesiredState) -> str:
         gateway = self.processes.get(desired.gateway.name)
         url = gateway.url if gateway and gateway.url else f"http://{self.host}:{self.gateway_port}"

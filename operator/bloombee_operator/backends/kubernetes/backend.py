@@ -273,6 +273,11 @@ class KubernetesBackend:
             ready += sum(cluster.ready_replicas(obj) >= 1 for obj in stages)
         return ready
 
+    def gateway_ready(self, desired: DesiredState) -> bool:
+        gateway = next(o for o in self._rendered(desired)[Placement.of(self._resource).local]
+                       if o["kind"] == "Deployment" and o["metadata"]["name"] == desired.gateway.name)  # fmt: skip
+        return self.cluster(Placement.of(self._resource).local).ready_replicas(gateway) >= 1
+
     def endpoint(self, desired: DesiredState) -> str:
         return f"{gateway_url(desired, Placement.of(self._resource))}/v1"
 

@@ -99,7 +99,8 @@ def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, por
         "livenessProbe": {**_probe(HEALTHZ_PATH, port, 10, scheme), "initialDelaySeconds": 30},
         # Converting or loading a model takes a while; a startup probe keeps liveness out of it.
         "startupProbe": {**_probe(HEALTHZ_PATH, port, 5, scheme), "failureThreshold": 120},
-        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        # The root filesystem is read-only; Python's tempfile (torch, transformers) needs a /tmp.
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -112,14 +113,14 @@ def _container(name: str, image: Images, image_ref: str, launch: LaunchSpec, por
     return container
 
 
-def _resources(memory_gib: float, cpu: str = "1") -> dict:
+def _resources(memory_gib: float, cpu: float, load_peak_gib: float = 0.0) -> dict:
     """Requests what the plan budgets for the pod; its memory limit leaves room for loading the model
-    (converting a GGUF file peaks above what serving holds). No CPU limit: CFS throttling would
+    (twice the request, or what converting a GGUF file peaks at where that is more). No CPU limit: CFS throttling would
     stall every token of a pipeline for the rest of its period; the request already reserves a
     fair share of the node."""
     memory = f"{max(1, round(memory_gib * 1024))}Mi"
-    limit = f"{max(1, round(2 * memory_gib * 1024))}Mi"
-    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": limit}}
+    limit = f"{max(1, round(max(2 * memory_gib, load_peak_gib) * 1024))}Mi"
+    return {"requests": {"cpu": f"{max(1, round(cpu * 1000))}m", "memory": memory}, "limits": {"memory": limit}}
 
 
 def _ingress_policy(name: str, namespace: str, owner: Owner | None, object_labels: dict[str, str],
@@ -160,7 +161,7 @@ def _deployment(name: str, namespace: str, owner: Owner | None, object_labels: d
                 container: dict, replicas: int, node_selector: dict[str, str]) -> dict:  # fmt: skip
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": "cache", "emptyDir": {}}],
+        "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 10001,
@@ -177,6 +178,10 @@ def _deployment(name: str, namespace: str, owner: Owner | None, object_labels: d
         "metadata": _metadata(name, namespace, owner, object_labels),
         "spec": {
             "replicas": replicas,
+            # A pod is replaced before its successor starts, never beside it: a stage's node rarely
+            # has room for two (its memory, its accelerator), and with the default surge a rollout
+            # on a full node waits forever for room the old pod holds.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "selector": {
                 "matchLabels": {
                     LABEL_INSTANCE: object_labels[LABEL_INSTANCE],
@@ -286,7 +291,7 @@ def render_probes(resource: DistributedLLM, owner: Owner, placement: Placement, 
         container = _container("probe", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             container[probe]["httpGet"]["path"] = HEALTHZ_PATH
-        container["resources"] = _resources(PROBE_GIB, cpu="100m")
+        container["resources"] = _resources(PROBE_GIB, cpu=0.1)
         service = _service(name, namespace, owned, object_labels, STAGE_PORT, STAGE_PORT)
         deployment = _deployment(name, namespace, owned, object_labels, container, 1, cluster.node_selector)
         by_cluster[cluster.name] = [
@@ -317,7 +322,7 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
             peers = [stage_url(desired, s, placement, tls) for s in after] + [gateway_peer_url(desired, placement)]
             launch = replace(launch, peers=tuple(peers))
         container = _container("stage", images, images.stage, launch, STAGE_PORT, "HTTPS" if tls else "HTTP")
-        container["resources"] = _resources(stage.memory_gib)
+        container["resources"] = _resources(stage.memory_gib, stage.cpu, stage.load_peak_gib)
         selector_for = placement.node_selectors.get(stage.cluster, {})
         deployment = _deployment(stage.name, ns, owned(stage.cluster), object_labels, container, 1, selector_for)
         by_cluster.setdefault(stage.cluster, []).extend(
@@ -338,7 +343,7 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
     if tls:
         launch = replace(launch, tls_dir=TLS_DIR, internal_port=PEER_PORT)
     container = _container("gateway", images, images.gateway, launch, gateway.port)
-    container["resources"] = _resources(gateway.memory_gib)
+    container["resources"] = _resources(gateway.memory_gib, gateway.cpu, gateway.load_peak_gib)
     if tls:
         container["ports"].append({"name": "peer", "containerPort": PEER_PORT, "protocol": "TCP"})
     if api_key_secret:

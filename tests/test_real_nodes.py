@@ -1,0 +1,209 @@
+"""BloomBee on real nodes: the images from a registry, run by a real kubelet with containerd and runc.
+
+``scripts/cluster.sh up --nodes real`` gives the cluster a node of its own (a network namespace with
+containerd, the kubelet, kube-proxy and CoreDNS; the kube-scheduler beside the control plane) and
+starts this machine's registry; ``scripts/images.sh build --push`` builds both images and pushes
+them there. Everything below is what a user's cluster does: the scheduler places pods by their
+requests, containerd pulls by digest, cgroups enforce limits, Services go through kube-proxy and
+names through CoreDNS, and kubectl reaches containers through the kubelet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clusters import GROUP, PLURAL, ROOT, VERSION, control_planes, helm, kubectl, needs_root, settings, wait_for
+
+NAMESPACE = "bloombee-system"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Path]:
+    needs_root()
+    with control_planes(f"rn{os.getpid()}", nodes="real") as (kubeconfig,):
+        yield kubeconfig
+
+
+@pytest.fixture(scope="module")
+def api(cluster: Path):
+    from kubernetes import config
+
+    return config.new_client_from_config(str(cluster))
+
+
+@pytest.fixture(scope="module")
+def images(cluster: Path) -> dict[str, str]:
+    """Both images built from the Dockerfiles and pushed to the cluster's registry: name -> repo@digest."""
+    registry = settings(cluster)["REGISTRY"]
+    built = subprocess.run(["bash", "scripts/images.sh", "build", "--push", registry], cwd=ROOT, capture_output=True,
+                           text=True, timeout=3000)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    pushed = dict(re.findall(rf"^{re.escape(registry)}/bloombee/(\w+)@(sha256:[0-9a-f]{{64}})$", built.stdout, re.M))
+    assert set(pushed) == {"operator", "stage"}, built.stdout
+    return {name: f"{registry}/bloombee/{name}@{digest}" for name, digest in pushed.items()}
+
+
+def _pod(name: str, image: str, command: list[str], **spec: object) -> dict:
+    return {"metadata": {"name": name, "labels": {"app": name}}, "spec": {
+        "containers": [{"name": "main", "image": image, "command": command, **spec.pop("container", {})}],
+        **spec}}  # fmt: skip
+
+
+def _finished(core, name: str):
+    def check():
+        pod = core.read_namespaced_pod(name, "default")
+        return pod if pod.status.phase in ("Succeeded", "Failed") else None
+
+    return wait_for(f"the pod {name} to finish", check, timeout_s=180)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _port_forward(cluster: Path, target: str, remote: int, namespace: str = "default"):
+    """``kubectl port-forward``: the local port, and the process (stop it with SIGTERM)."""
+    local = _free_port()
+    process = subprocess.Popen([str(Path(settings(cluster)["BIN_DIR"]) / "kubectl"), "port-forward", "-n", namespace,
+                                target, f"{local}:{remote}"], env={**os.environ, "KUBECONFIG": str(cluster)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    line = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> REMOTE", or why not
+    assert "Forwarding from" in line, line + (process.stdout.read() if process.poll() is not None else "")
+    return local, process
+
+
+def test_pods_pulled_by_digest_reach_a_service_by_name_and_answer_kubectl(api, cluster, images):
+    """The scheduler binds, containerd pulls the operator image by digest from the registry (the
+    kubelet's events say so), a client pod reaches a Service by its DNS name through CoreDNS and
+    kube-proxy, and `kubectl logs`, `exec` and `port-forward` reach the container through the kubelet."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    image = images["operator"]
+    core.create_namespaced_pod("default", _pod("web", image, ["python", "-m", "http.server", "8000"], container={
+        "readinessProbe": {"httpGet": {"path": "/", "port": 8000}, "periodSeconds": 1}}))  # fmt: skip
+    core.create_namespaced_service("default", {"metadata": {"name": "web"}, "spec": {
+        "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8000}]}})  # fmt: skip
+    wait_for("the web pod to be Ready", lambda: any(
+        c.type == "Ready" and c.status == "True" for c in core.read_namespaced_pod("web", "default").status.conditions
+        or []), timeout_s=180)  # fmt: skip
+    web = core.read_namespaced_pod("web", "default")
+    assert web.spec.node_name == f"{cluster.parent.name}-node"
+    assert web.status.pod_ip.startswith(settings(cluster)["POD_PREFIX"] + ".")
+    assert web.status.container_statuses[0].image_id.endswith(image.split("@")[1])
+    events = core.list_namespaced_event("default", field_selector="involvedObject.name=web").items
+    assert any(e.reason in ("Pulling", "Pulled") and image in e.message for e in events), [e.message for e in events]
+
+    code = ("import socket, urllib.request; print(socket.gethostbyname('web.default.svc.cluster.local'), "
+            "urllib.request.urlopen('http://web/', timeout=10).status)")  # fmt: skip
+    core.create_namespaced_pod("default", _pod("client", image, ["python", "-c", code], restartPolicy="Never"))
+    assert _finished(core, "client").status.phase == "Succeeded"
+    service_ip = core.read_namespaced_service("web", "default").spec.cluster_ip
+    assert kubectl(cluster, "logs", "client").stdout.split() == [service_ip, "200"]
+
+    whoami = kubectl(cluster, "exec", "web", "--", "id", "-u")
+    assert whoami.returncode == 0 and whoami.stdout.strip() == "10001", whoami.stderr  # the image's user
+    local, forward = _port_forward(cluster, "pod/web", 8000)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{local}/", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        forward.send_signal(signal.SIGTERM)
+        forward.wait(timeout=10)
+    assert '"GET / HTTP/1.1" 200' in kubectl(cluster, "logs", "web").stderr + kubectl(cluster, "logs", "web").stdout
+    for name in ("web", "client"):
+        core.delete_namespaced_pod(name, "default", grace_period_seconds=1)
+    core.delete_namespaced_service("web", "default")
+
+
+def test_a_memory_limit_is_enforced_by_the_kernel(api, cluster, images):
+    """A container that outgrows its limit is OOM-killed by the memory cgroup, and says so."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod("default", _pod(
+        "hog", images["operator"], ["python", "-c", "blob = bytearray(400 << 20); print('survived')"],
+        restartPolicy="Never", container={"resources": {"limits": {"memory": "128Mi"}}}))  # fmt: skip
+    pod = _finished(core, "hog")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (pod.status.phase, terminated.reason, terminated.exit_code) == ("Failed", "OOMKilled", 137)
+    core.delete_namespaced_pod("hog", "default", grace_period_seconds=1)
+
+
+@pytest.mark.model
+def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(api, cluster, images,
+                                                                                smollm2_reference):  # fmt: skip
+    """The product as a user reaches it on real nodes: `helm install` with both images from the
+    registry by digest (the operator under the chart's ServiceAccount), the example planned and
+    scheduled as pods of the stage image, `Ready`, a chat through `kubectl port-forward` to the
+    gateway's Service with transformers' greedy tokens, `helm test` (a chat pod through the Service's
+    DNS name), `kubectl logs` of the gateway, and delete removing every child."""
+    from kubernetes import client
+    from test_pipeline_smollm2 import chat_request, reference_tokens
+
+    operator, stage = (images[name].split("@") for name in ("operator", "stage"))
+    started = time.monotonic()
+    installed = helm(cluster, "install", "bloombee", "charts/bloombee", "--namespace", NAMESPACE, "--create-namespace",
+                     "--set", "example.enabled=true",
+                     "--set", f"operator.image.repository={operator[0]}", "--set", f"operator.image.digest={operator[1]}",
+                     "--set", f"stageImage.repository={stage[0]}", "--set", f"stageImage.digest={stage[1]}")  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+    def ready() -> dict | None:
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
+        return status if status.get("phase") == "Ready" else None
+
+    def state() -> str:
+        pods = kubectl(cluster, "get", "pods", "-A", "-o", "wide").stdout
+        events = kubectl(cluster, "get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp").stdout[-4000:]
+        return f"{pods}\n{events}"
+
+    deadline = time.monotonic() + 900
+    while not ready():  # bounded by the deadline
+        assert time.monotonic() < deadline, f"the example was not Ready in 900 s\n{state()}"
+        time.sleep(2)
+    print(f"helm install to Ready on a real node: {time.monotonic() - started:.0f} s")
+    pods = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/instance=smollm2").items
+    assert {p.spec.containers[0].image for p in pods} == {images["stage"]}
+
+    local, forward = _port_forward(cluster, "service/smollm2-gateway", 8000, NAMESPACE)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{local}/v1/chat/completions",
+                                         data=json.dumps(chat_request("What is the capital of France?")).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=300) as reply:
+                answer = json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"the chat failed: {error.code} {error.read()[:500]!r}\n{state()}")
+    finally:
+        forward.send_signal(signal.SIGTERM)
+        forward.wait(timeout=10)
+    assert answer["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
+
+    tested = helm(cluster, "test", "bloombee", "--namespace", NAMESPACE, "--logs", timeout_s=600)
+    assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
+    gateway_log = kubectl(cluster, "logs", "-n", NAMESPACE, "deployment/smollm2-gateway")
+    assert gateway_log.returncode == 0 and "/v1/chat/completions" in gateway_log.stdout + gateway_log.stderr
+
+    objects.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2")
+    selector = "app.kubernetes.io/instance=smollm2"
+    wait_for("every child of the resource to be gone", lambda: not (
+        core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+        or core.list_namespaced_service(NAMESPACE, label_selector=selector).items
+        or core.list_namespaced_secret(NAMESPACE, label_selector=selector).items), timeout_s=180)  # fmt: skip
+    assert helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE).returncode == 0
