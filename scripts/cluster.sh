@@ -396,11 +396,15 @@ sys.exit(not any(c["type"] == "Ready" and c["status"] == "True" for c in conditi
 }
 
 start_proc() { # name args...
+    launch_proc "$1" "$BIN_DIR/$1" "${@:2}"
+}
+
+launch_proc() { # name command...
     local name=$1
     shift
-    # 8>&- 9>&-: the daemons must not inherit our lock files' descriptors, or
+    # 7>&- 8>&- 9>&-: the daemons must not inherit our lock files' descriptors, or
     # they would hold the .cluster lock forever and block every later up/down.
-    setsid "$BIN_DIR/$name" "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 8>&- 9>&- &
+    setsid "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 7>&- 8>&- 9>&- &
     local pid=$! tries=0
     echo "$pid" >"$DIR/pids/$name.pid"
     # Until the child has exec'd, its command line is still this script's, which proc_alive reads

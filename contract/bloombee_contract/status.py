@@ -50,6 +50,11 @@ class Reason(StrEnum):
     ALL_PRESENT = "AllPresent"
     SERVING = "Serving"
     NOT_READY = "NotReady"
+    # What the kubelet or the scheduler says of a child's pod (bloombee_operator.faults).
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    CONTAINER_FAILED = "ContainerFailed"
+    OOM_KILLED = "OOMKilled"
+    UNSCHEDULABLE = "Unschedulable"
 
 
 class ConditionStatus(StrEnum):

@@ -34,6 +34,7 @@ from bloombee_contract.status import ConditionStatus, ConditionType, Phase, Reas
 from bloombee_operator.api.resource import DistributedLLM, ResourceError, parse_resource
 from bloombee_operator.api.status import Condition, DistributedLLMStatus, LinkStatus, PlanStatus, ProfilesStatus
 from bloombee_operator.desired import DesiredState, desired_state
+from bloombee_operator.faults import Fault
 from bloombee_operator.model_shape import ModelShape, ModelShapeError
 from bloombee_operator.planner import PlanningError
 from bloombee_operator.planner.replan import PlanDiff
@@ -73,6 +74,10 @@ class Backend(Protocol):
     def ready_stages(self, desired: DesiredState) -> int: ...
 
     def gateway_ready(self, desired: DesiredState) -> bool: ...
+
+    def faults(self, desired: DesiredState) -> list[Fault]:
+        """What keeps the children's pods from running, as their kubelets and scheduler say."""
+        ...
 
     def endpoint(self, desired: DesiredState) -> str: ...
 
@@ -314,25 +319,38 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
     gateway_ready = backend.gateway_ready(desired)
     # Ready is what a user can use: every stage and the gateway in front of them.
     all_ready = ready == total and gateway_ready and not restored
+    faults = backend.faults(desired)
     message = (f"{ready} of {total} stages ready" + ("" if gateway_ready else ", the gateway not ready")
                + (f"; re-created {', '.join(restored)}" if restored else ""))  # fmt: skip
     at = now_iso(clock)
-    outcome = Outcome(status={"stagesReady": f"{ready}/{total}", "phase": _phase(all_ready, restored).value})
+    # A fault that stops a child is Degraded at once, not a silent Deploying; one a child got over
+    # (a container OOM-killed once, running again) stays in the condition while everything serves.
+    degraded = bool(restored) or (bool(faults) and not all_ready)
+    outcome = Outcome(status={"stagesReady": f"{ready}/{total}",
+                              "phase": _phase(all_ready, degraded).value})  # fmt: skip
     stages_ready = Reason.ALL_READY if ready == total else Reason.WAITING
+    if faults:
+        degraded_condition = condition(ConditionType.DEGRADED, True, faults[0].reason,
+                                       "; ".join(f.message for f in faults), at)  # fmt: skip
+    else:
+        degraded_condition = condition(ConditionType.DEGRADED, bool(restored),
+                                       Reason.RESTORED if restored else Reason.ALL_PRESENT, message, at)  # fmt: skip
     outcome.conditions = [
         *waiting,
         condition(ConditionType.STAGES_READY, ready == total, stages_ready, message, at),
-        condition(ConditionType.DEGRADED, bool(restored), Reason.RESTORED if restored else Reason.ALL_PRESENT,
-                  message, at),
+        degraded_condition,
         condition(ConditionType.READY, all_ready, Reason.SERVING if all_ready else Reason.NOT_READY, message, at),
     ]
     outcome.events = [Event("Warning", Reason.RESTORED, f"{name} was missing or had died; re-created")
                       for name in restored]  # fmt: skip
+    # An event when a fault is new, not at every recheck while it lasts.
+    said = next((c.message for c in status.conditions if c.type == ConditionType.DEGRADED), "") or ""
+    outcome.events += [Event("Warning", f.reason, f.message) for f in faults if f.message not in said]
     return outcome
 
 
-def _phase(all_ready: bool, restored: list[str]) -> Phase:
-    return Phase.READY if all_ready else Phase.DEGRADED if restored else Phase.DEPLOYING
+def _phase(all_ready: bool, degraded: bool) -> Phase:
+    return Phase.READY if all_ready else Phase.DEGRADED if degraded else Phase.DEPLOYING
 
 
 def cleanup(resource: DistributedLLM, backend: Backend) -> int:

@@ -155,15 +155,7 @@ remove_node_network() { # x
 
 # Starts a node component inside the node's network namespace only (mounts stay the host's).
 start_node_proc() { # name binary args...
-    local name=$1 binary=$2
-    shift 2
-    setsid nsenter --net="/run/netns/$NODE_NS" "$binary" "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 7>&- 8>&- 9>&- &
-    local pid=$! tries=0
-    echo "$pid" >"$DIR/pids/$name.pid"
-    while ((tries++ < 200)) && kill -0 "$pid" 2>/dev/null &&
-        ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$DIR/"; do
-        sleep 0.05
-    done
+    launch_proc "$1" nsenter --net="/run/netns/$NODE_NS" "${@:2}"
 }
 
 write_node_configs() { # x api_url

@@ -32,6 +32,7 @@ from bloombee_contract.tls import client_context
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import NodeProfile
 from bloombee_operator.desired import DesiredState, StageSpec
+from bloombee_operator.faults import Fault
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.pki import DeploymentCA
 from bloombee_operator.planning import profile_request
@@ -357,6 +358,9 @@ class LocalBackend:
         processes = [self.processes.get(stage.name) for stage in desired.stages]
         return sum(1 for p in processes
                    if p is not None and p.alive and p.url and _http_ok(p.url + READYZ_PATH, self.tls))  # fmt: skip
+
+    def faults(self, desired: DesiredState) -> list[Fault]:
+        return []  # a process that dies is restarted and its log shown (restore); there are no pods
 
     def gateway_ready(self, desired: DesiredState) -> bool:
         gateway = self.processes.get(desired.gateway.name)

@@ -38,6 +38,7 @@ from bloombee_operator.backends.kubernetes.objects import (
 )
 from bloombee_operator.backends.kubernetes.tls_secrets import DeploymentSecrets
 from bloombee_operator.desired import DesiredState
+from bloombee_operator.faults import Fault, pod_faults
 from bloombee_operator.model_shape import ModelShape, model_shape
 from bloombee_operator.planner.cost import GATEWAY
 from bloombee_operator.planning import profile_request
@@ -89,6 +90,10 @@ class Cluster:
 
     def exists(self, obj: dict) -> bool:
         return self._live(obj) is not None
+
+    def pods(self, namespace: str, label_selector: str) -> list[dict]:
+        pods = self.dynamic.resources.get(api_version="v1", kind="Pod")
+        return list(pods.get(namespace=namespace, label_selector=label_selector).to_dict().get("items") or [])
 
     def ready_replicas(self, obj: dict) -> int:
         live = self._live(obj)
@@ -272,6 +277,18 @@ class KubernetesBackend:
             stages = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] != desired.gateway.name]
             ready += sum(cluster.ready_replicas(obj) >= 1 for obj in stages)
         return ready
+
+    def faults(self, desired: DesiredState) -> list[Fault]:
+        budgets = {stage.name: stage.memory_gib for stage in desired.stages}
+        budgets[desired.gateway.name] = desired.gateway.memory_gib
+        pods = []
+        for name in self._rendered(desired):
+            try:
+                pods += self.cluster(name).pods(desired.namespace, selector(desired.name))
+            except client.ApiException as error:  # a remote kubeconfig without `list pods`: readiness still shows
+                log.warning("cannot list the pods of %s in cluster %s: %s %s", desired.name, name, error.status,
+                            error.reason)  # fmt: skip
+        return pod_faults(pods, budgets)
 
     def gateway_ready(self, desired: DesiredState) -> bool:
         gateway = next(o for o in self._rendered(desired)[Placement.of(self._resource).local]
