@@ -160,7 +160,6 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
     DNS name), the operator's calibration of the stages through the API server's service proxy,
     `kubectl logs` of the gateway, and delete removing every child."""
     from kubernetes import client
-    from test_pipeline_smollm2 import chat_request, reference_tokens
 
     started = time.monotonic()
     installed = helm(cluster, "install", "bloombee", "charts/bloombee", "--namespace", NAMESPACE,
@@ -178,8 +177,24 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
         events = kubectl(cluster, "get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp").stdout[-4000:]
         return f"{pods}\n{events}"
 
+    try:
+        _serve_and_remove(cluster, api, images, smollm2_reference, ready, state, started)
+    finally:  # what a failure left must not hold the node's CPUs or a second operator for the next test
+        if objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]:
+            objects.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2")
+            wait_for("the example's pods to go", lambda: not core.list_namespaced_pod(
+                NAMESPACE, label_selector="app.kubernetes.io/instance=smollm2").items, timeout_s=120)  # fmt: skip
+        helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE)
+
+
+def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_reference, ready, state,
+                      started: float) -> None:  # fmt: skip
+    from kubernetes import client
+    from test_pipeline_smollm2 import chat_request, reference_tokens
+
+    objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     deadline = time.monotonic() + 900
-    while not ready():  # bounded by the deadline
+    while not (status := ready()):  # bounded by the deadline
         assert time.monotonic() < deadline, f"the example was not Ready in 900 s\n{state()}"
         time.sleep(2)
     print(f"helm install to Ready on a real node: {time.monotonic() - started:.0f} s")
@@ -206,8 +221,8 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
         return (status.get("profiles") or {}).get("nodes") or None
 
     nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
-    plan = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2")["status"]["plan"]
-    assert [n["node"] for n in nodes] == [s["node"] for s in plan["stages"]]
+    # The stages that were measured are those of the plan that was serving (a re-plan may follow).
+    assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
     assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
 
     tested = helm(cluster, "test", "bloombee", "--namespace", NAMESPACE, "--logs", timeout_s=600)
@@ -222,6 +237,7 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
         or core.list_namespaced_service(NAMESPACE, label_selector=selector).items
         or core.list_namespaced_secret(NAMESPACE, label_selector=selector).items), timeout_s=180)  # fmt: skip
     assert helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE).returncode == 0
+    assert not objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
 
 
 def _resource(name: str, **node: object) -> dict:
