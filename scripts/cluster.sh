@@ -274,8 +274,23 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# Generates the cluster PKI. RSA 2048 keeps generation fast; validity is long
-# because clusters are throwaway but may outlive a day in a dev session.
+# The extensions of a client certificate, and of a server's for the given subjectAltName.
+CLIENT_EXT="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+server_ext() { printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$1"; }
+
+# NAME.key and NAME.crt, signed by the CA in the current directory (a cluster's pki/). RSA 2048
+# keeps generation fast; validity is long because clusters are throwaway but may outlive a day.
+sign_cert() { # name subject extensions
+    openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+    printf '%s\n' "$3" >"$1.ext"
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
+        -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
+    rm -f "$1.csr" "$1.ext"
+}
+
+# Generates the cluster PKI.
 make_pki() {
     local pki=$1 svc_ip=$2 host_ip=$3
     mkdir -p "$pki"
@@ -287,33 +302,16 @@ make_pki() {
             -addext "basicConstraints=critical,CA:TRUE" \
             -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
 
-        sign() { # name subject extensions
-            openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" \
-                -subj "$2" 2>/dev/null
-            printf '%s\n' "$3" >"$1.ext"
-            openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
-                -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
-            rm -f "$1.csr" "$1.ext"
-        }
         # kubernetes.default.svc names and the first service IP let in-cluster
         # clients (if any ever run) verify the server too.
-        sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:$host_ip,IP:$svc_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+        sign_cert apiserver "/CN=kube-apiserver" "$(server_ext "IP:127.0.0.1,IP:$host_ip,IP:$svc_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")"
         # Serving cert of the controller manager's health/metrics port, so
         # its /healthz verifies against the cluster CA like the API server.
-        sign controller-manager-serving "/CN=kube-controller-manager" "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost"
-        local client_ext="basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth"
-        sign admin "/O=system:masters/CN=kubernetes-admin" "$client_ext"
+        sign_cert controller-manager-serving "/CN=kube-controller-manager" "$(server_ext "IP:127.0.0.1,DNS:localhost")"
+        sign_cert admin "/O=system:masters/CN=kubernetes-admin" "$CLIENT_EXT"
         # The CN is the identity the RBAC bootstrap policy grants to the
         # controller manager.
-        sign controller-manager "/CN=system:kube-controller-manager" "$client_ext"
+        sign_cert controller-manager "/CN=system:kube-controller-manager" "$CLIENT_EXT"
 
         openssl genrsa -out sa.key 2048 2>/dev/null
         openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
@@ -444,11 +442,12 @@ fail_with_log() { # dir component message
     exit 1
 }
 
-# curl as the cluster admin; prints the HTTP status code, body to $2 (or /dev/null).
-api() { # path [outfile]
+# curl as the cluster admin; prints the HTTP status code, body to $2 (or /dev/null); more curl
+# arguments (a method, a body) after those.
+api() { # path [outfile [curl args...]]
     curl -sS -o "${2:-/dev/null}" -w '%{http_code}' --max-time 5 \
         --cacert "$DIR/pki/ca.crt" --cert "$DIR/pki/admin.crt" --key "$DIR/pki/admin.key" \
-        "$API_URL$1" 2>/dev/null || true
+        "${@:3}" "$API_URL$1" 2>/dev/null || true
 }
 
 # Waits until check succeeds; fails fast with the component's log if any
@@ -730,8 +729,7 @@ cmd_up() {
     if [[ $NODES == real ]]; then
         ((EUID == 0)) || die "real nodes need root (network namespaces, cgroups, mounts)"
         ((n == 1)) || die "--nodes real starts one cluster at a time for now (the delay router and the cluster set's names do not join real nodes yet); use --nodes process for --clusters $n"
-        need_node_packages
-        cmd_build --nodes
+        cmd_build --nodes  # and the node's packages from Debian
         registry_up
         pause_image_up
     else

@@ -84,9 +84,14 @@ def helm_binary() -> str:
     return found.stdout.strip().splitlines()[-1]
 
 
+def kubectl_path(kubeconfig: Path) -> str:
+    """kubectl from the binary cache (``scripts/cluster.sh up --nodes real`` builds it)."""
+    return str(Path(settings(kubeconfig)["BIN_DIR"]) / "kubectl")
+
+
 def kubectl(kubeconfig: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    """kubectl from the binary cache (``scripts/cluster.sh up --nodes real`` builds it), as users run it."""
-    return subprocess.run([str(Path(settings(kubeconfig)["BIN_DIR"]) / "kubectl"), *args], cwd=ROOT,
+    """kubectl run to the end, as users run it."""
+    return subprocess.run([kubectl_path(kubeconfig), *args], cwd=ROOT,
                           env={**os.environ, "KUBECONFIG": str(kubeconfig)}, capture_output=True, text=True,
                           timeout=timeout_s)  # fmt: skip
 

@@ -23,7 +23,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusters import GROUP, PLURAL, ROOT, VERSION, control_planes, helm, kubectl, needs_root, settings, wait_for
+from clusters import (
+    GROUP,
+    PLURAL,
+    ROOT,
+    VERSION,
+    control_planes,
+    helm,
+    kubectl,
+    kubectl_path,
+    needs_root,
+    settings,
+    wait_for,
+)
 
 NAMESPACE = "bloombee-system"
 
@@ -84,7 +96,7 @@ def _free_port() -> int:
 def _port_forward(cluster: Path, target: str, remote: int, namespace: str = "default"):
     """``kubectl port-forward``: the local port, and the process (stop it with SIGTERM)."""
     local = _free_port()
-    process = subprocess.Popen([str(Path(settings(cluster)["BIN_DIR"]) / "kubectl"), "port-forward", "-n", namespace,
+    process = subprocess.Popen([kubectl_path(cluster), "port-forward", "-n", namespace,
                                 target, f"{local}:{remote}"], env={**os.environ, "KUBECONFIG": str(cluster)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     line = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> REMOTE", or why not

@@ -97,28 +97,15 @@ node_pki() { # pki node node_ip
     (
         cd "$pki"
         umask 077
-        sign() { # name subject extensions
-            openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-            printf '%s\n' "$3" >"$1.ext"
-            openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
-                -out "$1.crt" -days 3650 -extfile "$1.ext" 2>/dev/null
-            rm -f "$1.csr" "$1.ext"
-        }
-        local client="basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth"
         # The Node authorizer knows a kubelet by this name and group.
-        sign kubelet "/O=system:nodes/CN=system:node:$node" "$client"
-        sign kubelet-serving "/CN=$node" "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=IP:$node_ip,DNS:$node"
+        sign_cert kubelet "/O=system:nodes/CN=system:node:$node" "$CLIENT_EXT"
+        sign_cert kubelet-serving "/CN=$node" "$(server_ext "IP:$node_ip,DNS:$node")"
         # The bootstrap policy binds system:node-proxier to this user and system:kube-scheduler's role to that one.
-        sign kube-proxy "/CN=system:kube-proxy" "$client"
-        sign kube-scheduler "/CN=system:kube-scheduler" "$client"
-        sign coredns "/CN=system:coredns" "$client"
+        sign_cert kube-proxy "/CN=system:kube-proxy" "$CLIENT_EXT"
+        sign_cert kube-scheduler "/CN=system:kube-scheduler" "$CLIENT_EXT"
+        sign_cert coredns "/CN=system:coredns" "$CLIENT_EXT"
         # The API server's identity towards kubelets (logs, exec, port-forward).
-        sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client"
+        sign_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$CLIENT_EXT"
         rm -f ca.srl
         chmod 644 ./*.crt
     )
@@ -290,9 +277,7 @@ coredns_rbac() {
 
 api_post() { # path json_file: create, 409 (exists) is fine
     local code
-    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 -X POST -H 'Content-Type: application/json' \
-        --data-binary "@$2" --cacert "$DIR/pki/ca.crt" --cert "$DIR/pki/admin.crt" --key "$DIR/pki/admin.key" \
-        "$API_URL$1" 2>/dev/null || true)
+    code=$(api "$1" /dev/null --max-time 10 -X POST -H 'Content-Type: application/json' --data-binary "@$2")
     [[ $code == 201 || $code == 409 ]] || die "POST $1 answered $code"
 }
 
@@ -351,14 +336,14 @@ drain_real_node() { # dir
     proc_alive "$dir" kubelet && proc_alive "$dir" kube-apiserver || return 0
     DIR=$dir API_URL=$(sed -n 's/^API_SERVER=//p' "$dir/cluster.env")
     for c in kube-controller-manager kube-scheduler; do stop_one "$dir" "$c"; done
-    local namespaces
-    namespaces=$(curl -sS --max-time 5 --cacert "$dir/pki/ca.crt" --cert "$dir/pki/admin.crt" \
-        --key "$dir/pki/admin.key" "$API_URL/api/v1/namespaces" 2>/dev/null \
-        | python3 -c 'import json, sys; print(" ".join(n["metadata"]["name"] for n in json.load(sys.stdin)["items"]))' \
-        2>/dev/null || true)
+    local namespaces body
+    body=$(mktemp)
+    api /api/v1/namespaces "$body" >/dev/null
+    namespaces=$(python3 -c 'import json, sys
+print(" ".join(n["metadata"]["name"] for n in json.load(open(sys.argv[1]))["items"]))' "$body" 2>/dev/null || true)
+    rm -f "$body"
     for ns in $namespaces; do
-        curl -sS -o /dev/null --max-time 5 -X DELETE --cacert "$dir/pki/ca.crt" --cert "$dir/pki/admin.crt" \
-            --key "$dir/pki/admin.key" "$API_URL/api/v1/namespaces/$ns/pods?gracePeriodSeconds=1" 2>/dev/null || true
+        api "/api/v1/namespaces/$ns/pods?gracePeriodSeconds=1" /dev/null -X DELETE >/dev/null
     done
     for ((i = 0; i < 60; i++)); do
         [[ -z $(ctr -a "$sock" -n k8s.io tasks ls -q 2>/dev/null) ]] && break

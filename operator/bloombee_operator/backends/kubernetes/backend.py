@@ -282,17 +282,17 @@ class KubernetesBackend:
         budgets = {stage.name: stage.memory_gib for stage in desired.stages}
         budgets[desired.gateway.name] = desired.gateway.memory_gib
         pods = []
-        for name in self._rendered(desired):
+        for cluster in self._apis():  # each API server once
             try:
-                pods += self.cluster(name).pods(desired.namespace, selector(desired.name))
+                pods += cluster.pods(desired.namespace, selector(desired.name))
             except client.ApiException as error:  # a remote kubeconfig without `list pods`: readiness still shows
-                log.warning("cannot list the pods of %s in cluster %s: %s %s", desired.name, name, error.status,
+                log.warning("cannot list the pods of %s in one of its clusters: %s %s", desired.name, error.status,
                             error.reason)  # fmt: skip
         return pod_faults(pods, budgets)
 
     def gateway_ready(self, desired: DesiredState) -> bool:
-        gateway = next(o for o in self._rendered(desired)[Placement.of(self._resource).local]
-                       if o["kind"] == "Deployment" and o["metadata"]["name"] == desired.gateway.name)  # fmt: skip
+        gateway = {"apiVersion": "apps/v1", "kind": "Deployment",
+                   "metadata": {"name": desired.gateway.name, "namespace": desired.namespace}}  # fmt: skip
         return self.cluster(Placement.of(self._resource).local).ready_replicas(gateway) >= 1
 
     def endpoint(self, desired: DesiredState) -> str:
