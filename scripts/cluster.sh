@@ -38,8 +38,8 @@ Commands:
                       containerd + runc, a kubelet, kube-proxy, CoreDNS and the
                       kube-scheduler, pulling images from this machine's registry
                       at 10.199.255.1:5000 (started with the first such cluster).
-                      One cluster at a time for now: joining real nodes' pod
-                      networks through the delay router is not done yet.
+                      With N >= 2 the router joins the nodes' pod networks
+                      and each node's CoreDNS serves the clusterset.local names.
   down [--name NAME]...
                       Stop the clusters started by `up` (all, or those named,
                       side by side) and remove their state under .cluster/
@@ -635,23 +635,27 @@ venv_python() {
 }
 
 # Joins the pod networks of clusters through one router with real packet delay, and makes them
-# one cluster set: the ServiceExport CRD in each, and the members' kubeconfigs in each cluster's
-# `clusterset` file, which its kubelet reads for the *.svc.clusterset.local names.
+# one cluster set: the ServiceExport CRD in each, and the *.svc.clusterset.local names of every
+# member's exported Services in each (scripts/clusterset.py): the process kubelet reads the members'
+# kubeconfigs from the cluster's `clusterset` file; a real node's CoreDNS serves its
+# `clusterset.hosts`, which one writer per cluster set keeps.
 join_clusters() { # group delay_ms cluster...
-    local group=$1 delay=$2 c i
+    local group=$1 delay=$2 c i api_host
     shift 2
-    local wan=$STATE_ROOT/.wan-$group networks=() first_bridge=""
+    local wan=$STATE_ROOT/.wan-$group networks=() first_bridge="" hosts=()
     for c in "$@"; do
         [[ -f $STATE_ROOT/$c/bridge ]] || die "cluster $c has no pod network"
-        networks+=(--network "$(cat "$STATE_ROOT/$c/bridge")=$(sed -n 's/^POD_PREFIX=//p' "$STATE_ROOT/$c/cluster.env")")
+        api_host=$(sed -n 's|^API_SERVER=https://\([0-9.]*\):.*|\1|p' "$STATE_ROOT/$c/cluster.env")
+        networks+=(--network "$(cat "$STATE_ROOT/$c/bridge")=$(sed -n 's/^POD_PREFIX=//p' "$STATE_ROOT/$c/cluster.env")@$api_host")
         first_bridge=${first_bridge:-$(cat "$STATE_ROOT/$c/bridge")}
+        hosts+=(--hosts "$STATE_ROOT/$c/clusterset.hosts")
     done
     mkdir -p "$wan"
     printf '%s\n' "$@" >"$wan/members"
     printf '%s\n' --name "$first_bridge" "${networks[@]}" >"$wan/args"
     log "joining $* through router bbwan-$first_bridge, ${delay} ms one way"
     setsid python3 "$SCRIPT_DIR/pod_wan.py" up --delay-ms "$delay" --name "$first_bridge" "${networks[@]}" \
-        </dev/null >>"$wan/router.log" 2>&1 8>&- 9>&- &
+        </dev/null >>"$wan/router.log" 2>&1 7>&- 8>&- 9>&- &
     echo $! >"$wan/router.pid"
     for ((i = 0; i < 100; i++)); do
         grep -q "joins" "$wan/router.log" 2>/dev/null && break
@@ -671,24 +675,34 @@ except client.ApiException as error:
         raise
 PY
             die "could not install the ServiceExport CRD in $c"
-        for i in "$@"; do echo "$STATE_ROOT/$i/kubeconfig"; done >"$STATE_ROOT/$c/clusterset"
     done
+    for c in "$@"; do echo "$STATE_ROOT/$c/kubeconfig"; done >"$wan/kubeconfigs"
+    for c in "$@"; do cp "$wan/kubeconfigs" "$STATE_ROOT/$c/clusterset"; done
+    if [[ $NODES == real ]]; then
+        setsid "$(venv_python)" "$SCRIPT_DIR/clusterset.py" --members "$wan/kubeconfigs" "${hosts[@]}" \
+            </dev/null >>"$wan/clusterset.log" 2>&1 7>&- 8>&- 9>&- &
+        echo $! >"$wan/clusterset.pid"
+        log "the cluster set's names are served by each node's CoreDNS ($wan/clusterset.log)"
+    fi
 }
 
-# Stops the routers that join any of the given clusters (before their bridges go).
+# Stops the routers (and the cluster set's name writers) that join any of the given clusters,
+# before their networks go.
 unjoin_clusters() { # cluster...
-    local wan c pid i
+    local wan c pid i name
     for wan in "$STATE_ROOT"/.wan-*/; do
         [[ -d $wan ]] || continue
         wan=${wan%/}
         for c in "$@"; do
             grep -qx "$c" "$wan/members" 2>/dev/null || continue
-            pid=$(cat "$wan/router.pid" 2>/dev/null || true)
-            if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+            for name in clusterset router; do
+                pid=$(cat "$wan/$name.pid" 2>/dev/null || true)
+                # Only ours: the pid's command line names the script (a recycled pid is left alone).
+                [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qE "(pod_wan|clusterset)\.py" || continue
                 kill -TERM "$pid" 2>/dev/null || true
                 for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
                 kill -KILL "$pid" 2>/dev/null || true
-            fi
+            done
             # What a killed router left behind: its namespace, links and rules.
             mapfile -t args <"$wan/args"
             python3 "$SCRIPT_DIR/pod_wan.py" down "${args[@]}" || true
@@ -728,7 +742,6 @@ cmd_up() {
         || die "the pods run this checkout's Python packages, which $(venv_python) lacks: run bash scripts/install.sh first"
     if [[ $NODES == real ]]; then
         ((EUID == 0)) || die "real nodes need root (network namespaces, cgroups, mounts)"
-        ((n == 1)) || die "--nodes real starts one cluster at a time for now (the delay router and the cluster set's names do not join real nodes yet); use --nodes process for --clusters $n"
         cmd_build --nodes  # and the node's packages from Debian
         registry_up
         pause_image_up

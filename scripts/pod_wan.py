@@ -1,24 +1,28 @@
 """A WAN between the pod networks of clusters on one machine: real packet delay through a router.
 
 This kernel has no ``netem`` qdisc, so the delay is added in user space. Each cluster's pod
-network is a bridge with a ``/24`` (``scripts/cluster.sh``). This joins them through one router
-namespace, ``bbwan-<name>``: every packet from one pod network to another (pods, and the API
-server that listens on the bridge's address) leaves the root namespace for the router, where a
-TUN device hands it to this process; it is held for the one-way delay and written back, and the
-router delivers it to the other network. Handshakes, ACKs and retransmissions are delayed alike,
-which a delaying TCP proxy cannot do. Traffic inside one cluster is untouched.
+network is a ``/24`` (``scripts/cluster.sh``) whose packets reach this machine's root namespace on
+one interface: the pod bridge itself for the process kubelet, the veth to the node's namespace for
+a real node (``scripts/k8s/node.sh``). This joins them through one router namespace,
+``bbwan-<name>``: every packet from one cluster to another (pods, and the API server) leaves the
+root namespace for the router, where a TUN device hands it to this process; it is held for the
+one-way delay and written back, and the router delivers it to the other network. Handshakes, ACKs
+and retransmissions are delayed alike, which a delaying TCP proxy cannot do. Traffic inside one
+cluster is untouched.
 
-Addresses, for a pod network ``10.X.0.0/24`` on bridge ``B``:
+Addresses, for a pod network ``10.X.0.0/24`` arriving on interface ``I``, with the API server on
+``A`` (``10.X.0.1``, the bridge's address, for the process kubelet; ``10.X.2.1`` for a real node):
 
 * a veth pair ``bbwX`` (root, ``10.X.1.1/30``) -- ``wX`` (router, ``10.X.1.2/30``);
 * in the root namespace, routing table ``1000+X`` sends to the router, chosen by two rules for
-  each other network ``10.Y.0.0/24``: packets arriving from ``B`` (the pods), and packets the
-  machine itself sends from ``10.X.0.1`` (the API server answering a pod of another cluster);
+  each other cluster's destinations (its ``/24`` and its API server): packets arriving from ``I``
+  (the pods), and packets the machine itself sends from ``A`` (the API server answering a pod of
+  another cluster);
 * in the router, everything arriving on a ``w*`` link goes to ``tun0``, and what comes back out of
-  ``tun0`` is routed by the destination's ``/24``.
+  ``tun0`` is routed by the destination to its cluster's link.
 
-    python scripts/pod_wan.py up --name c --delay-ms 25 --network bbp200=10.200.0 --network bbp201=10.201.0
-    python scripts/pod_wan.py down --name c --network bbp200=10.200.0 --network bbp201=10.201.0
+    python scripts/pod_wan.py up --name c --delay-ms 25 --network bbp200=10.200.0 --network bbh201=10.201.0@10.201.2.1
+    python scripts/pod_wan.py down --name c --network bbp200=10.200.0 --network bbh201=10.201.0@10.201.2.1
 
 ``up`` builds the router and then runs the delay loop in the foreground until SIGTERM, when it
 takes everything down again; ``down`` removes what a killed ``up`` left behind. Needs root.
@@ -52,16 +56,21 @@ MAX_QUEUED = 200_000  # packets held at once; beyond it the router drops, as a f
 
 @dataclass(frozen=True)
 class PodNetwork:
-    bridge: str
+    ingress: str  # the interface its packets reach the root namespace on
     prefix: str  # first three octets: 10.X.0
+    api: str  # the cluster's API server address
 
     @classmethod
     def parse(cls, text: str) -> PodNetwork:
-        bridge, _, prefix = text.partition("=")
+        ingress, _, rest = text.partition("=")
+        prefix, _, api = rest.partition("@")
         octets = prefix.split(".")
-        if not bridge or len(octets) != 3 or octets[0] != "10" or octets[2] != "0":
-            raise argparse.ArgumentTypeError(f"--network {text!r}: expected BRIDGE=10.X.0")
-        return cls(bridge, prefix)
+        if not ingress or len(octets) != 3 or octets[0] != "10" or octets[2] != "0":
+            raise argparse.ArgumentTypeError(f"--network {text!r}: expected INTERFACE=10.X.0[@API_ADDRESS]")
+        api = api or f"{prefix}.1"
+        if not api.startswith(f"10.{octets[1]}."):
+            raise argparse.ArgumentTypeError(f"--network {text!r}: the API server must be in 10.{octets[1]}/16")
+        return cls(ingress, prefix, api)
 
     @property
     def x(self) -> int:
@@ -70,6 +79,11 @@ class PodNetwork:
     @property
     def cidr(self) -> str:
         return f"{self.prefix}.0/24"
+
+    @property
+    def destinations(self) -> list[str]:
+        """What other clusters reach of it through the router: the pods, and the API server."""
+        return [self.cidr] if self.api.startswith(f"{self.prefix}.") else [self.cidr, f"{self.api}/32"]
 
     @property
     def table(self) -> int:
@@ -132,19 +146,20 @@ def build(router: str, networks: list[PodNetwork]) -> None:
         sysctl(None, f"net.ipv4.conf.{outside}.rp_filter", "0")
         sh("ip", "-n", router, "addr", "add", f"10.{net.x}.1.2/30", "dev", inside)
         sh("ip", "-n", router, "link", "set", inside, "up")
-        sh("ip", "-n", router, "route", "add", net.cidr, "via", f"10.{net.x}.1.1", "dev", inside)
+        for destination in net.destinations:
+            sh("ip", "-n", router, "route", "add", destination, "via", f"10.{net.x}.1.1", "dev", inside)
         sh("ip", "-n", router, "rule", "add", "iif", inside, "lookup", str(ROUTER_TABLE))
         sh("ip", "route", "replace", "default", "via", f"10.{net.x}.1.2", "dev", outside, "table", str(net.table))
         for other in networks:
-            if other != net:
-                for match in (("iif", net.bridge), ("iif", "lo", "from", f"{net.prefix}.1")):
-                    sh("ip", "rule", "add", "pref", str(RULE_PREF), *match, "to", other.cidr,
+            for destination in other.destinations if other != net else ():
+                for match in (("iif", net.ingress), ("iif", "lo", "from", net.api)):
+                    sh("ip", "rule", "add", "pref", str(RULE_PREF), *match, "to", destination,
                        "lookup", str(net.table))  # fmt: skip
 
 
 def teardown(router: str, networks: list[PodNetwork]) -> None:
     for net in networks:
-        for _ in range(4 * len(networks)):  # bounded: at most two rules per other network
+        for _ in range(8 * len(networks)):  # bounded: at most four rules per other network
             if subprocess.run(["ip", "rule", "del", "lookup", str(net.table)], capture_output=True).returncode:
                 break
         sh("ip", "route", "flush", "table", str(net.table), check=False)
@@ -221,7 +236,8 @@ def up(name: str, delay_ms: float, networks: list[PodNetwork]) -> None:
         sysctl(None, "net.ipv4.conf.tun0.rp_filter", "0")
         sysctl(None, "net.ipv4.conf.tun0.accept_local", "1")
         sh("ip", "route", "replace", "default", "dev", "tun0", "table", str(ROUTER_TABLE))
-        log.info("router %s joins %s with %.1f ms one way", router, ", ".join(n.cidr for n in networks), delay_ms)
+        joined = ", ".join("+".join(n.destinations) for n in networks)
+        log.info("router %s joins %s with %.1f ms one way", router, joined, delay_ms)
         delay_loop(tun, delay_ms / 1000.0, stopping)
     finally:
         enter_namespace(home)
@@ -233,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=("up", "down"))
     parser.add_argument("--name", required=True, help="the router's name (its namespace is bbwan-NAME)")
     parser.add_argument("--network", type=PodNetwork.parse, action="append", required=True,
-                        help="a cluster's pod network, BRIDGE=10.X.0 (give two or more)")  # fmt: skip
+                        help="a cluster's pod network, INTERFACE=10.X.0[@API_ADDRESS] (two or more): "
+                        "INTERFACE: where its packets arrive; API_ADDRESS (10.X.0.1 if left out): its API")  # fmt: skip
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay between networks")
     args = parser.parse_args(argv)
     if args.command == "up" and len(args.network) < 2:

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from clusterset import ClusterSet
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -152,44 +153,6 @@ class Pod:
     @property
     def ready(self) -> bool:
         return all(c.ready for c in self.containers)
-
-
-class ClusterSet:
-    """The exported Services of a set of clusters, by their ``clusterset.local`` names."""
-
-    def __init__(self, members_file: Path) -> None:
-        self.members_file = members_file
-        self.clients: dict[str, client.ApiClient] = {}
-
-    def members(self) -> list[client.ApiClient]:
-        if not self.members_file.is_file():
-            return []
-        for path in self.members_file.read_text().split():
-            if path not in self.clients and Path(path).is_file():
-                self.clients[path] = config.new_client_from_config(path)
-        return list(self.clients.values())
-
-    def names(self) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for api in self.members():
-            try:
-                exports = client.CustomObjectsApi(api).list_cluster_custom_object(
-                    "multicluster.x-k8s.io", "v1alpha1", "serviceexports", _request_timeout=5)["items"]  # fmt: skip
-                slices = client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces(_request_timeout=5).items
-            except (ApiException, OSError) as error:  # a member that is down, or without the CRD
-                log.debug("cluster set member skipped: %s", error)
-                continue
-            ready: dict[tuple[str, str], str] = {}
-            for endpoint_slice in slices:
-                service = (endpoint_slice.metadata.labels or {}).get("kubernetes.io/service-name")
-                for endpoint in endpoint_slice.endpoints or []:
-                    if service and endpoint.addresses and (endpoint.conditions is None or endpoint.conditions.ready):
-                        ready.setdefault((endpoint_slice.metadata.namespace, service), endpoint.addresses[0])
-            for export in exports:
-                key = (export["metadata"]["namespace"], export["metadata"]["name"])
-                if key in ready:
-                    found.setdefault(f"{key[1]}.{key[0]}.svc.clusterset.local", ready[key])
-        return found
 
 
 class Kubelet:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +46,29 @@ def needs_root() -> None:
 def settings(kubeconfig: Path) -> dict[str, str]:
     """The cluster's ``cluster.env``: API_SERVER, POD_PREFIX, BRIDGE, ..."""
     return dict(line.split("=", 1) for line in (kubeconfig.parent / "cluster.env").read_text().split())
+
+
+@functools.cache
+def _pushed_images(registry: str) -> tuple[tuple[str, str], ...]:
+    built = subprocess.run(["bash", "scripts/images.sh", "build", "--push", registry], cwd=ROOT, capture_output=True,
+                           text=True, timeout=3000)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    pushed = dict(re.findall(rf"^{re.escape(registry)}/bloombee/(\w+)@(sha256:[0-9a-f]{{64}})$", built.stdout, re.M))
+    assert set(pushed) == {"operator", "stage"}, built.stdout
+    return tuple((name, f"{registry}/bloombee/{name}@{digest}") for name, digest in sorted(pushed.items()))
+
+
+def registry_images(kubeconfig: Path) -> dict[str, str]:
+    """Both images built from the Dockerfiles and pushed to the registry of a cluster with real nodes
+    (once per test session): name -> repo@digest."""
+    return dict(_pushed_images(settings(kubeconfig)["REGISTRY"]))
+
+
+def image_values(images: dict[str, str]) -> list[str]:
+    """The chart's values that name both images by digest."""
+    (operator, operator_digest), (stage, stage_digest) = (images[name].split("@") for name in ("operator", "stage"))
+    return ["--set", f"operator.image.repository={operator}", "--set", f"operator.image.digest={operator_digest}",
+            "--set", f"stageImage.repository={stage}", "--set", f"stageImage.digest={stage_digest}"]  # fmt: skip
 
 
 def wait_for(what: str, check: Callable[[], T], timeout_s: float = 90.0, interval_s: float = 0.5) -> T:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -26,13 +25,14 @@ import pytest
 from clusters import (
     GROUP,
     PLURAL,
-    ROOT,
     VERSION,
     control_planes,
     helm,
+    image_values,
     kubectl,
     kubectl_path,
     needs_root,
+    registry_images,
     settings,
     wait_for,
 )
@@ -56,21 +56,7 @@ def api(cluster: Path):
 
 @pytest.fixture(scope="module")
 def images(cluster: Path) -> dict[str, str]:
-    """Both images built from the Dockerfiles and pushed to the cluster's registry: name -> repo@digest."""
-    registry = settings(cluster)["REGISTRY"]
-    built = subprocess.run(["bash", "scripts/images.sh", "build", "--push", registry], cwd=ROOT, capture_output=True,
-                           text=True, timeout=3000)  # fmt: skip
-    assert built.returncode == 0, built.stderr[-3000:]
-    pushed = dict(re.findall(rf"^{re.escape(registry)}/bloombee/(\w+)@(sha256:[0-9a-f]{{64}})$", built.stdout, re.M))
-    assert set(pushed) == {"operator", "stage"}, built.stdout
-    return {name: f"{registry}/bloombee/{name}@{digest}" for name, digest in pushed.items()}
-
-
-def image_values(images: dict[str, str]) -> list[str]:
-    """The chart's values that name both images by digest."""
-    (operator, operator_digest), (stage, stage_digest) = (images[name].split("@") for name in ("operator", "stage"))
-    return ["--set", f"operator.image.repository={operator}", "--set", f"operator.image.digest={operator_digest}",
-            "--set", f"stageImage.repository={stage}", "--set", f"stageImage.digest={stage_digest}"]  # fmt: skip
+    return registry_images(cluster)
 
 
 def _pod(name: str, image: str, command: list[str], **spec: object) -> dict:

@@ -1,11 +1,14 @@
-"""Two real control planes whose pod networks are joined through a router with real packet delay
-(``scripts/cluster.sh up --clusters 2 --delay-ms``): the two-cluster example end to end.
+"""Two real clusters, each with a real node (containerd, the kubelet, kube-proxy, CoreDNS, the
+scheduler), whose pod networks are joined through a router with real packet delay
+(``scripts/cluster.sh up --clusters 2 --delay-ms --nodes real``): the two-cluster example end to end.
 
-The operator runs as a pod in ``eu`` (``helm install``) and reaches ``us`` through the kubeconfig
-Secret; the probe pods measure the link through the API servers' service proxy and across the
-router; the plan is the planner's optimum for those measurements; stages run as pods in both
-clusters and find each other by their ``svc.clusterset.local`` names; a chat answers with
-transformers' greedy tokens; deleting the resource removes the children in both clusters.
+The operator runs from its image as a pod in ``eu`` (``helm install`` with both images from the
+machine's registry, by digest) and reaches ``us`` through the kubeconfig Secret; the probe pods
+measure the link through the API servers' service proxy and across the router; the plan is the
+planner's optimum for those measurements; stages run as pods of the stage image in both clusters
+and find each other by their ``svc.clusterset.local`` names, which each node's CoreDNS serves; a
+chat answers with transformers' greedy tokens; deleting the resource removes the children in both
+clusters.
 """
 
 from __future__ import annotations
@@ -30,15 +33,19 @@ NAME = "smollm2-geo"  # as the example names it
 @pytest.fixture(scope="module")
 def clusters() -> Iterator[dict[str, Path]]:
     k8s.needs_root()
-    with k8s.control_planes(f"duo{os.getpid()}", 2, delay_ms=DELAY_MS) as (eu, us):
+    with k8s.control_planes(f"duo{os.getpid()}", 2, delay_ms=DELAY_MS, nodes="real") as (eu, us):
         yield {"eu": eu, "us": us}
 
 
 def example() -> dict:
-    """The two-cluster example, with eu's nodes too small for the model alone: the plan must use us."""
+    """The two-cluster example, with eu's nodes too small for the model alone: the plan must use us.
+    Each cluster's one real node has this machine's two cores: a stage asks for half of one."""
     (body,) = [d for d in yaml.safe_load_all((k8s.ROOT / "examples" / "smollm2-two-clusters.yaml").read_text()) if d]
     for node in body["spec"]["clusters"][0]["nodes"]:
         node["memoryGiB"] = {"gpu-a": 0.1, "cpu-b": 0.2}[node["name"]]
+    for cluster in body["spec"]["clusters"]:
+        for node in cluster["nodes"]:
+            node["cpu"] = 0.5
     body["metadata"]["namespace"] = NAMESPACE
     return body
 
@@ -59,8 +66,9 @@ def test_the_two_cluster_example_across_a_delayed_link(clusters, smollm2_referen
     secret = body["spec"]["clusters"][1]["kubeconfigSecret"]
     client.CoreV1Api(eu).create_namespaced_secret(NAMESPACE, {"metadata": {"name": secret}, "data": {
         "kubeconfig": base64.b64encode(clusters["us"].read_bytes()).decode()}})  # fmt: skip
+    images = k8s.registry_images(clusters["eu"])
     installed = k8s.helm(clusters["eu"], "install", "bloombee", "charts/bloombee", "--namespace", "bloombee-system",
-                     "--create-namespace")  # fmt: skip
+                         "--create-namespace", *k8s.image_values(images))  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     objects = client.CustomObjectsApi(eu)
     objects.create_namespaced_custom_object(k8s.GROUP, k8s.VERSION, NAMESPACE, k8s.PLURAL, body)
@@ -95,6 +103,11 @@ def test_the_two_cluster_example_across_a_delayed_link(clusters, smollm2_referen
     assert {d.metadata.name for d in remote} >= {f"smollm2-geo-stage-{i}" for i, s in
                                                  enumerate(stored.status.plan.stages) if s.cluster == "us"}  # fmt: skip
     assert all(not d.metadata.owner_references for d in remote)
+    # ... and every pod of them, in both clusters, runs the stage image the chart named.
+    for api in (eu, us):
+        pods = client.CoreV1Api(api).list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/instance="
+                                                         + NAME).items  # fmt: skip
+        assert pods and {c.image for p in pods for c in p.spec.containers} == {images["stage"]}
 
     # Ready counts the stages; the gateway's own readiness probe (every stage answering it) may trail it.
     gateway = k8s.wait_for("the gateway pod to be Ready",
