@@ -225,6 +225,7 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
 
     tested = helm(cluster, "test", "bloombee", "--namespace", NAMESPACE, "--logs", timeout_s=600)
     assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
+    _renewed_without_a_restart(cluster, api)
     gateway_log = kubectl(cluster, "logs", "-n", NAMESPACE, "deployment/smollm2-gateway")
     assert gateway_log.returncode == 0 and "/v1/chat/completions" in gateway_log.stdout + gateway_log.stderr
 
@@ -236,6 +237,101 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
         or core.list_namespaced_secret(NAMESPACE, label_selector=selector).items), timeout_s=180)  # fmt: skip
     assert helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE).returncode == 0
     assert not objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
+
+
+def _served_certificate(cluster: Path, target: str, port: int) -> bytes:
+    """The certificate a part's TLS port presents now, asked inside its own pod (no policy in the way)."""
+    code = f"import ssl; print(ssl.get_server_certificate(('127.0.0.1', {port})), end='')"
+    served = kubectl(cluster, "exec", "-n", NAMESPACE, target, "--", "python", "-c", code, timeout_s=60)
+    assert served.returncode == 0, served.stderr
+    return served.stdout.encode()
+
+
+def _renewed_without_a_restart(cluster: Path, api) -> None:
+    """Certificate renewal end to end: a stage's and the gateway's certificates are replaced by ones
+    two thirds through their lifetime (signed by the deployment's CA, as if issued ten days ago);
+    the operator's next pass renews them, the kubelet refreshes the Secret volumes, and the parts
+    serve the new certificates without a restart, while chats stream through them, every one with
+    the same tokens."""
+    import base64
+    import datetime
+    import threading
+
+    from bloombee_operator.pki import Identity, due_for_renewal, issue
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    from kubernetes import client
+    from test_pipeline_smollm2 import completion_request
+
+    core = client.CoreV1Api(api)
+    started = time.monotonic()
+    ca_files = {k: base64.b64decode(v) for k, v in core.read_namespaced_secret("smollm2-ca", NAMESPACE).data.items()}
+    ca = Identity(ca_files["ca.crt"], ca_files["tls.key"])
+    parts = {"smollm2-stage-0": 8080, "smollm2-gateway": 8443}
+    pods = {child: core.list_namespaced_pod(NAMESPACE, label_selector=f"bloombee.ai/name={child}").items
+            for child in parts}  # fmt: skip
+    assert all(len(running) == 1 for running in pods.values()), pods
+    ten_days_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    aged: dict[str, bytes] = {}
+    for child in parts:
+        stored = x509.load_pem_x509_certificate(
+            base64.b64decode(core.read_namespaced_secret(f"{child}-tls", NAMESPACE).data["tls.crt"]))  # fmt: skip
+        hosts = [str(n.value) for n in stored.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+        name = str(stored.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        old = issue(ca, name, hosts, days=12, now=ten_days_ago)  # valid two more days: due, still good
+        assert due_for_renewal(old.cert)
+        aged[child] = old.cert
+        data = {"tls.crt": base64.b64encode(old.cert).decode(), "tls.key": base64.b64encode(old.key).decode()}
+        core.patch_namespaced_secret(f"{child}-tls", NAMESPACE, {"data": data})
+
+    local, forward = _port_forward(cluster, "service/smollm2-gateway", 8000, NAMESPACE)
+    answers: list[list[int] | str] = []
+    stop = threading.Event()
+
+    def chats() -> None:  # streamed completions, one after another, until told to stop (at most 40)
+        body = json.dumps(completion_request("Three colours are", max_tokens=24, stream=True)).encode()
+        for _ in range(40):
+            if stop.is_set():
+                return
+            request = urllib.request.Request(f"http://127.0.0.1:{local}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=120) as reply:
+                    chunks = [json.loads(line[6:]) for line in reply if line.startswith(b"data: {")]
+            except OSError as error:
+                answers.append(f"failed: {error}")
+                continue
+            errors = [c["error"] for c in chunks if "error" in c]
+            answers.append(f"error: {errors}" if errors else
+                           [t for c in chunks for t in c["choices"][0].get("token_ids") or []])  # fmt: skip
+
+    streaming = threading.Thread(target=chats, daemon=True)
+    streaming.start()
+    try:
+        for child, port in parts.items():
+            target = f"pod/{pods[child][0].metadata.name}"
+
+            def renewed(child: str = child, port: int = port, target: str = target) -> bytes | None:
+                stored = base64.b64decode(core.read_namespaced_secret(f"{child}-tls", NAMESPACE).data["tls.crt"])
+                if stored == aged[child] or due_for_renewal(stored):
+                    return None
+                served = x509.load_pem_x509_certificate(_served_certificate(cluster, target, port))
+                return stored if served == x509.load_pem_x509_certificate(stored) else None
+
+            wait_for(f"{child} to serve its renewed certificate", renewed, timeout_s=240, interval_s=2)
+        print(f"renewed certificates served by the stage and the gateway {time.monotonic() - started:.0f} s after "
+              f"they aged, during {len(answers)} streamed chats")  # fmt: skip
+    finally:
+        stop.set()
+        streaming.join(timeout=150)
+        forward.send_signal(signal.SIGTERM)
+        forward.wait(timeout=10)
+    assert answers and all(isinstance(a, list) for a in answers), answers
+    assert all(a == answers[0] for a in answers) and len(answers[0]) == 24, answers
+    for running in pods.values():  # the same pods, never restarted
+        now = core.read_namespaced_pod(running[0].metadata.name, NAMESPACE)
+        assert now.metadata.uid == running[0].metadata.uid
+        assert [c.restart_count for c in now.status.container_statuses] == [0], now.status.container_statuses
 
 
 def _resource(name: str, **node: object) -> dict:

@@ -65,9 +65,12 @@ def _alt_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def issue(ca: Identity, common_name: str, hosts: Iterable[str], days: int = LEAF_DAYS) -> Identity:
+def issue(ca: Identity, common_name: str, hosts: Iterable[str], days: int = LEAF_DAYS,
+          now: datetime.datetime | None = None) -> Identity:  # fmt: skip
     """A certificate for one part: ``common_name`` says who it is, ``hosts`` where it is dialled.
-    It serves and calls (server and client auth), as every part does both."""
+    It serves and calls (server and client auth), as every part does both. ``now``: issued as at
+    that time (an earlier one makes a certificate already part-way through its lifetime)."""
+    now = now or _now()
     ca_cert = x509.load_pem_x509_certificate(ca.cert)
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -76,7 +79,7 @@ def issue(ca: Identity, common_name: str, hosts: Iterable[str], days: int = LEAF
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - datetime.timedelta(minutes=5)).not_valid_after(_now() + datetime.timedelta(days))
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
