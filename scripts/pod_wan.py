@@ -2,16 +2,15 @@
 
 This kernel has no ``netem`` qdisc, so the delay is added in user space. Each cluster's pod
 network is a ``/24`` (``scripts/cluster.sh``) whose packets reach this machine's root namespace on
-one interface: the pod bridge itself for the process kubelet, the veth to the node's namespace for
-a real node (``scripts/k8s/node.sh``). This joins them through one router namespace,
-``bbwan-<name>``: every packet from one cluster to another (pods, and the API server) leaves the
-root namespace for the router, where a TUN device hands it to this process; it is held for the
-one-way delay and written back, and the router delivers it to the other network. Handshakes, ACKs
-and retransmissions are delayed alike, which a delaying TCP proxy cannot do. Traffic inside one
-cluster is untouched.
+one interface (for a real node, ``scripts/k8s/node.sh``, the veth to the node's namespace). This
+joins them through one router namespace, ``bbwan-<name>``: every packet from one cluster to another
+(pods, and the API server) leaves the root namespace for the router, where a TUN device hands it to
+this process; it is held for the one-way delay and written back, and the router delivers it to the
+other network. Handshakes, ACKs and retransmissions are delayed alike, which a delaying TCP proxy
+cannot do. Traffic inside one cluster is untouched.
 
 Addresses, for a pod network ``10.X.0.0/24`` arriving on interface ``I``, with the API server on
-``A`` (``10.X.0.1``, the bridge's address, for the process kubelet; ``10.X.2.1`` for a real node):
+``A`` (``10.X.2.1`` for a real node; ``10.X.0.1`` if not given):
 
 * a veth pair ``bbwX`` (root, ``10.X.1.1/30``) -- ``wX`` (router, ``10.X.1.2/30``);
 * in the root namespace, routing table ``1000+X`` sends to the router, chosen by two rules for

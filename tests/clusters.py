@@ -22,9 +22,10 @@ T = TypeVar("T")
 
 @contextmanager
 def control_planes(name: str, count: int = 1, delay_ms: float | None = None,
-                   nodes: str = "process") -> Iterator[list[Path]]:  # fmt: skip
+                   nodes: str = "none") -> Iterator[list[Path]]:  # fmt: skip
     """``count`` clusters of our own (NAME, or NAME0, NAME1, ...): their admin kubeconfigs. ``nodes``:
-    the process kubelet, or ``real`` (a kubelet with containerd, kube-proxy, CoreDNS, the scheduler)."""
+    ``none`` (the control plane alone: pods stay Pending), or ``real`` (a node each: a kubelet with
+    containerd, kube-proxy, CoreDNS, the scheduler; root only)."""
     command = ["bash", "scripts/cluster.sh", "up", "--name", name, "--clusters", str(count), "--nodes", nodes]
     if delay_ms is not None:
         command += ["--delay-ms", str(delay_ms)]
@@ -40,7 +41,7 @@ def control_planes(name: str, count: int = 1, delay_ms: float | None = None,
 
 def needs_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the process kubelet makes network namespaces, which needs root (as on the project's machines)")
+        pytest.skip("real nodes need root: network namespaces, cgroups, mounts (as on the project's machines)")
 
 
 def settings(kubeconfig: Path) -> dict[str, str]:
@@ -153,11 +154,3 @@ def ready_pod_ip(api, namespace: str, selector: str) -> str | None:
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
     ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
     return ready[0].status.pod_ip if ready else None
-
-
-def pod_logs(kubeconfig: Path, namespace: str, tail_chars: int = 3000) -> str:
-    """The end of every container log of ``namespace``'s pods on this cluster's process kubelet, for
-    a failure message: a pod's own words are what says why a request through it failed."""
-    logs = sorted((kubeconfig.parent / "kubelet").glob(f"{namespace}_*/*.log"))
-    return "\n".join(f"--- {path.parent.name}/{path.name}\n{path.read_text(errors='replace')[-tail_chars:]}"
-                     for path in logs)  # fmt: skip

@@ -43,8 +43,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Pat
 
 @pytest.fixture(scope="module")
 def real_cluster() -> Iterator[Path]:
-    """A real control plane (``scripts/cluster.sh``, about 10 s to start) for one module: its admin
-    kubeconfig. Per module, so it does not idle beside the rest of the suite."""
+    """A real control plane without a node (``scripts/cluster.sh up --nodes none``, about 10 s to
+    start) for one module: its admin kubeconfig. Per module, so it does not idle beside the rest of
+    the suite."""
     with control_planes(f"pytest{os.getpid()}") as (kubeconfig,):
         yield kubeconfig
 

@@ -1,10 +1,10 @@
-"""The operator against a real kube-apiserver (``scripts/cluster.sh``): kopf in this process as the
-cluster admin, children run as pods by the process kubelet.
+"""The operator against a real kube-apiserver (``scripts/cluster.sh up --nodes none``): kopf in this
+process as the cluster admin, on a control plane without a node, so the children's pods stay
+Pending and cost nothing: what the operator asks of the API server is the point here.
 
-The chart's identity (ServiceAccount and ClusterRole) and the operator as a pod are proven in
-``test_real_cluster.py``; two clusters joined through real packet delay in ``test_two_clusters.py``.
-The backend-level cases pin their pods to a node that does not exist (``nodeSelector``), so they
-stay Pending and cost nothing: what is asked of the API server is the point there.
+The operator as a pod under the chart's identity, its children running on a real node until
+``Ready``, calibrated and answering, are proven in ``test_real_nodes.py``; two clusters joined
+through real packet delay in ``test_two_clusters.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from bloombee_contract.launch import GatewayLaunch
-from clusters import GROUP, PLURAL, VERSION, create_namespace, get_resource, needs_root, wait_for
+from clusters import GROUP, PLURAL, VERSION, create_namespace, get_resource, wait_for
 from pipelines import SMOLLM2
 
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -72,12 +72,11 @@ def operator(real_cluster: Path, real_api, monkeypatch, request) -> Iterator[str
     assert runner.exit_code == 0, runner.output
 
 
-def test_create_ready_restore_and_delete(operator, real_api, tiny_dir):
-    """Children owned by the resource, Ready from real pods, a deleted child re-created, and the
+def test_create_restore_and_delete(operator, real_api, tiny_dir):
+    """Children owned by the resource, as the plan says, a deleted child re-created, and the
     finalizer and the garbage collector removing everything on delete."""
     from kubernetes import client
 
-    needs_root()
     namespace = operator
     created = create(real_api, resource("chat", namespace, str(tiny_dir)))
 
@@ -113,21 +112,6 @@ def test_create_ready_restore_and_delete(operator, real_api, tiny_dir):
     gateway = GatewayLaunch.parse(children["chat-gateway"].spec.template.spec.containers[0].args)
     assert gateway.micro_batch == status["plan"]["microBatch"]
     assert gateway.max_sequences == status["plan"]["maxSequences"]
-
-    def ready() -> dict | None:
-        status = get_resource(real_api, namespace, "chat")["status"]
-        return status if status["phase"] == "Ready" else None
-
-    status = wait_for("the resource to be Ready (its pods run)", ready, timeout_s=240)
-    assert status["stagesReady"] == f"{len(stages)}/{len(stages)}"
-    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
-
-    def profiled() -> list | None:  # the first calibration: each stage's /profile, through the service proxy
-        return (get_resource(real_api, namespace, "chat")["status"].get("profiles") or {}).get("nodes") or None
-
-    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=120)
-    assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
-    assert all(n["layerMsAt"] for n in nodes) and nodes[-1]["headMsAt"]
 
     client.AppsV1Api(real_api).delete_namespaced_deployment(stages[-1], namespace)
 

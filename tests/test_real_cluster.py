@@ -9,12 +9,11 @@ version wrote.
 from __future__ import annotations
 
 import copy
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from clusters import GROUP, PLURAL, ROOT, VERSION, needs_root, settings, wait_for
+from clusters import GROUP, PLURAL, ROOT, VERSION
 
 pytestmark = pytest.mark.cluster
 
@@ -115,71 +114,3 @@ def test_the_status_the_operator_writes_is_taken_and_the_old_phase_refused(api):
     stored = objects.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "status-check")
     assert stored["status"]["phase"] == "Deploying"  # a refused patch changed nothing
     objects.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "status-check")
-
-
-@pytest.fixture(scope="module")
-def kubelet(cluster: Path) -> str:
-    """The node of the cluster's process kubelet (scripts/cluster.sh starts one when run as root)."""
-    needs_root()
-    return f"{cluster.parent.name}-node"
-
-
-def _run_python_pod(core, cluster: Path, name: str, code: str) -> tuple[str, str]:
-    """Run ``python -c code`` as a pod of its own (restartPolicy Never): its final phase and output."""
-    core.create_namespaced_pod("default", {"metadata": {"name": name}, "spec": {
-        "restartPolicy": "Never", "containers": [{"name": "main", "image": "local/python",
-                                                 "command": ["python", "-c", code]}]}})  # fmt: skip
-
-    def finished() -> str | None:
-        phase = core.read_namespaced_pod(name, "default").status.phase
-        return phase if phase in ("Succeeded", "Failed") else None
-
-    phase = wait_for(f"the pod {name} to finish", finished)
-    return phase, (cluster.parent / "kubelet" / f"default_{name}" / "main.log").read_text()
-
-
-def test_the_process_kubelet_runs_pods_resolves_services_and_stops_deleted_pods(api, cluster, kubelet):
-    """A Deployment becomes a Ready pod with its own address; a second pod reaches it by Service name;
-    deleting the Deployment lets the garbage collector remove its pods and the kubelet their processes."""
-    from kubernetes import client
-
-    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-    labels = {"app": "web"}
-    container = {"name": "web", "image": "local/python", "command": ["python", "-m", "http.server", "8080"],
-                 "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}  # fmt: skip
-    apps.create_namespaced_deployment("default", {
-        "metadata": {"name": "web"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}}})  # fmt: skip
-    core.create_namespaced_service("default", {"metadata": {"name": "web"}, "spec": {
-        "selector": labels, "ports": [{"port": 8080, "targetPort": 8080}]}})  # fmt: skip
-
-    def ready_pod():
-        pods = core.list_namespaced_pod("default", label_selector="app=web").items
-        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-        return ready[0] if ready else None
-
-    web = wait_for("the web pod to be Ready", ready_pod)
-    assert web.spec.node_name == kubelet and web.status.pod_ip.startswith(settings(cluster)["POD_PREFIX"] + ".")
-    probe = ("import urllib.request, os; print(urllib.request.urlopen('http://web.default.svc:8080/').status, "
-             "os.environ['POD_NAMESPACE'])")  # fmt: skip
-    phase, output = _run_python_pod(core, cluster, "client", probe)
-    assert phase == "Succeeded" and "200 default" in output, output
-
-    apps.delete_namespaced_deployment("web", "default")
-    wait_for("the web pods to be gone", lambda: not core.list_namespaced_pod("default", label_selector="app=web").items)
-    assert subprocess.run(["pgrep", "-f", "http.server 8080"], capture_output=True).returncode != 0
-
-
-def test_a_pod_reaches_the_api_server_as_its_service_account(api, cluster, kubelet):
-    """What the operator's pod will need: the API server from inside a pod's network namespace, with
-    the pod's own identity (a TokenRequest token), not the admin's."""
-    from kubernetes import client
-
-    core = client.CoreV1Api(api)
-    whoami = ("from kubernetes import client, config; config.load_kube_config(); "
-              "review = {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'}; "
-              "print(client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username)"
-              )  # fmt: skip
-    phase, output = _run_python_pod(core, cluster, "whoami", whoami)
-    assert phase == "Succeeded" and "system:serviceaccount:default:default" in output, output

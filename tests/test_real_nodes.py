@@ -93,7 +93,8 @@ def _port_forward(cluster: Path, target: str, remote: int, namespace: str = "def
 def test_pods_pulled_by_digest_reach_a_service_by_name_and_answer_kubectl(api, cluster, images):
     """The scheduler binds, containerd pulls the operator image by digest from the registry (the
     kubelet's events say so), a client pod reaches a Service by its DNS name through CoreDNS and
-    kube-proxy, and `kubectl logs`, `exec` and `port-forward` reach the container through the kubelet."""
+    kube-proxy and the API server as its service account, and `kubectl logs`, `exec` and
+    `port-forward` reach the container through the kubelet."""
     from kubernetes import client
 
     core = client.CoreV1Api(api)
@@ -112,12 +113,18 @@ def test_pods_pulled_by_digest_reach_a_service_by_name_and_answer_kubectl(api, c
     events = core.list_namespaced_event("default", field_selector="involvedObject.name=web").items
     assert any(e.reason in ("Pulling", "Pulled") and image in e.message for e in events), [e.message for e in events]
 
-    code = ("import socket, urllib.request; print(socket.gethostbyname('web.default.svc.cluster.local'), "
-            "urllib.request.urlopen('http://web/', timeout=10).status)")  # fmt: skip
+    # ... and the API server through the `kubernetes` Service, as the pod's service account (a
+    # token the kubelet projects), not the admin: what the operator's pod needs.
+    code = ("import socket, urllib.request; from kubernetes import client, config; config.load_incluster_config(); "
+            "review = {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'}; "
+            "print(socket.gethostbyname('web.default.svc.cluster.local'), "
+            "urllib.request.urlopen('http://web/', timeout=10).status, "
+            "client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username)")  # fmt: skip
     core.create_namespaced_pod("default", _pod("client", image, ["python", "-c", code], restartPolicy="Never"))
-    assert _finished(core, "client").status.phase == "Succeeded"
+    assert _finished(core, "client").status.phase == "Succeeded", kubectl(cluster, "logs", "client").stderr
     service_ip = core.read_namespaced_service("web", "default").spec.cluster_ip
-    assert kubectl(cluster, "logs", "client").stdout.split() == [service_ip, "200"]
+    assert kubectl(cluster, "logs", "client").stdout.split() == [service_ip, "200",
+                                                                  "system:serviceaccount:default:default"]  # fmt: skip
 
     whoami = kubectl(cluster, "exec", "web", "--", "id", "-u")
     assert whoami.returncode == 0 and whoami.stdout.strip() == "10001", whoami.stderr  # the image's user
