@@ -119,22 +119,24 @@ def test_probes_and_cluster_set_domains():
     assert exported == {"geo-stage-0", "geo-stage-1", "geo-gateway"}
 
 
-def _callers(policy: dict) -> dict[int, list[dict] | None]:
-    """Per port, the pods' labels a NetworkPolicy admits (None: anyone)."""
-    return {rule["ports"][0]["port"]: [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+def _callers(policy: dict) -> dict[int, list[dict | str] | None]:
+    """Per port, the pods' labels (or the address blocks) a NetworkPolicy admits (None: anyone)."""
+    return {rule["ports"][0]["port"]: [peer["podSelector"]["matchLabels"] if "podSelector" in peer
+                                       else peer["ipBlock"]["cidr"] for peer in rule["from"]]
             if "from" in rule else None for rule in policy["spec"]["ingress"]}  # fmt: skip
 
 
 def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_budgets():
-    """A stage admits its gateway, the stage before it and the probes; the gateway's peer port its
-    last stage; a caller in another cluster (no selector here can name it) leaves the port open to
-    mutual TLS alone. Every container requests the memory its plan budgets and has a limit."""
+    """A stage admits its gateway, the stage before it, the probes and its cluster's API server (the
+    service proxy of the operator's calibration); the gateway's peer port its last stage; a caller
+    in another cluster (no selector here can name it) leaves the port open to mutual TLS alone.
+    Every container requests the memory its plan budgets and has a limit."""
     local = parse_resource({"apiVersion": "bloombee.ai/v1alpha1", "kind": "DistributedLLM",
                             "metadata": {"name": "geo", "namespace": "llm"},
                             "spec": {"model": {"source": "gguf://x/y.gguf"},
                                      "clusters": [{"name": "eu"}]}})  # fmt: skip
     desired = desired_state(local, ModelShape(30, 576, 9, 3, 1536), num_stages=3)
-    rendered = render(desired, OWNER, Placement.of(local), tls=True)["eu"]
+    rendered = render(desired, OWNER, Placement.of(local, {"eu": ("10.0.0.7", "fd00::7")}), tls=True)["eu"]
     for obj in rendered:
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
     policies = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "NetworkPolicy"}
@@ -146,8 +148,10 @@ def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_bu
     assert peers == {"geo-stage-0": "https://geo-stage-1.llm.svc:8080,https://geo-gateway.llm.svc:8443",
                      "geo-stage-1": "https://geo-stage-2.llm.svc:8080,https://geo-gateway.llm.svc:8443",
                      "geo-stage-2": "https://geo-gateway.llm.svc:8443"}  # fmt: skip
-    assert _callers(policies["geo-stage-0"]) == {8080: [gateway, probes]}
-    assert _callers(policies["geo-stage-2"]) == {8080: [gateway, probes, {**instance, "bloombee.ai/stage-index": "1"}]}
+    api_server = ["10.0.0.7/32", "fd00::7/128"]
+    assert _callers(policies["geo-stage-0"]) == {8080: [gateway, probes, *api_server]}
+    assert _callers(policies["geo-stage-2"]) == {8080: [gateway, probes, *api_server,
+                                                        {**instance, "bloombee.ai/stage-index": "1"}]}  # fmt: skip
     assert _callers(policies["geo-gateway"]) == {8000: None, 8443: [{**instance, "bloombee.ai/stage-index": "2"}]}
     selected = policies["geo-stage-1"]["spec"]["podSelector"]["matchLabels"]
     assert selected == {**instance, "bloombee.ai/name": "geo-stage-1"}

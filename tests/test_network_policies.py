@@ -200,8 +200,11 @@ def test_the_operators_policies_admit_the_plans_flows_and_nothing_else(api, clus
     """The NetworkPolicies the operator renders for a three-stage plan in one cluster, applied to
     pods labelled as its Deployments label theirs: the gateway reaches every stage, each stage the
     next and the last the gateway's peer port, the probes reach the stages, anyone the gateway's
-    API; a pod of no role, and a stage calling one it does not follow, reach no stage."""
+    API, the API server's proxy (the operator's calibration) the stages; a pod of no role, and a
+    stage calling one it does not follow, reach no stage, and the API server not the gateway's peer
+    port."""
     from bloombee_operator.api.resource import parse_resource
+    from bloombee_operator.backends.kubernetes.backend import Cluster
     from bloombee_operator.backends.kubernetes.objects import Owner, Placement, render, render_probes
     from bloombee_operator.desired import desired_state
     from bloombee_operator.model_shape import ModelShape
@@ -212,7 +215,10 @@ def test_the_operators_policies_admit_the_plans_flows_and_nothing_else(api, clus
                                "spec": {"model": {"source": "gguf://x/y.gguf"},
                                         "clusters": [{"name": "eu"}]}})  # fmt: skip
     owner = Owner(name="geo", namespace="llm", uid="0b5c3c55-7f31-4c2a-9d3b-2b0d5e1f7a10")
-    placement = Placement.of(resource)
+    # Where the API server reaches pods from, as the operator reads it: the host's end of the node link.
+    api_servers = Cluster(api).api_server_addresses()
+    assert api_servers == (settings(cluster)["API_SERVER"].split("//")[1].split(":")[0],)
+    placement = Placement.of(resource, {"eu": api_servers})
     desired = desired_state(resource, ModelShape(30, 576, 9, 3, 1536), num_stages=3)
     rendered = [*render(desired, owner, placement, tls=True)["eu"],
                 *render_probes(resource, owner, placement, tls=True)["eu"]]  # fmt: skip
@@ -246,6 +252,14 @@ def test_the_operators_policies_admit_the_plans_flows_and_nothing_else(api, clus
                 ("outsider", "geo-gateway", 8443), ("geo-stage-0", "geo-gateway", 8443)]  # fmt: skip
     assert [flow for flow in allowed if not reach(*flow)] == []
     assert [flow for flow in refused if reach(*flow)] == []
+
+    def proxied(pod: str, port: int) -> bool:  # the API server's proxy to a pod, as the operator's calibration
+        got = kubectl(cluster, "get", "--raw", f"/api/v1/namespaces/llm/pods/{pod}:{port}/proxy/",
+                      "--request-timeout=5s", timeout_s=30)  # fmt: skip
+        return got.returncode == 0 and got.stdout.strip() == "ok"
+
+    assert [stage for stage in stages if not proxied(stage, 8080)] == []
+    assert not proxied("geo-gateway", 8443)  # its peer port admits the last stage only
     core.delete_namespace("llm")
 
 

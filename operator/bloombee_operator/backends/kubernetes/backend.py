@@ -45,6 +45,8 @@ from bloombee_operator.planning import profile_request
 from bloombee_operator.reconcile import LinksPending
 
 FIELD_MANAGER = "bloombee-operator"
+KUBERNETES_SERVICE = "kubernetes.io/service-name=kubernetes"  # default/kubernetes: the API server's own addresses
+log = logging.getLogger("bloombee.kubernetes")
 
 
 class Cluster:
@@ -52,6 +54,23 @@ class Cluster:
 
     def __init__(self, api: client.ApiClient) -> None:
         self.dynamic = dynamic.DynamicClient(api)
+        self._api_servers: tuple[str, ...] = ()
+
+    def api_server_addresses(self) -> tuple[str, ...]:
+        """Where this cluster's API server reaches pods from (its service proxy): the addresses of the
+        ``default/kubernetes`` Service's EndpointSlices, read once they are known. Empty when they
+        cannot be read (the stages' NetworkPolicies then admit no service proxy, and say so in the log)."""
+        if not self._api_servers:
+            try:
+                discovery = client.DiscoveryV1Api(self.dynamic.client)
+                slices = discovery.list_namespaced_endpoint_slice("default", label_selector=KUBERNETES_SERVICE,
+                                                                  _request_timeout=30).items  # fmt: skip
+            except (client.exceptions.ApiException, OSError) as error:
+                log.warning("cannot read the API server's addresses (EndpointSlices of default/kubernetes: %s); "
+                            "the stages' NetworkPolicies will not admit its service proxy", error)  # fmt: skip
+                return ()
+            self._api_servers = tuple(sorted({a for s in slices for e in s.endpoints or [] for a in e.addresses or []}))
+        return self._api_servers
 
     def _resource(self, obj: dict) -> dynamic.Resource:
         return self.dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
@@ -150,8 +169,6 @@ class Cluster:
         return json.loads(payload)
 
 
-log = logging.getLogger("bloombee.kubernetes")
-
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
                ("networking.k8s.io/v1", "NetworkPolicy"),
                ("multicluster.x-k8s.io/v1alpha1", "ServiceExport"))  # fmt: skip
@@ -208,7 +225,9 @@ class KubernetesBackend:
         return self.clients[spec.kubeconfig_secret]
 
     def _rendered(self, desired: DesiredState) -> dict[str, list[dict]]:
-        return render(desired, self.owner, Placement.of(self._resource), self.images, self.api_key_secret, tls=True)
+        clusters = {stage.cluster for stage in desired.stages}
+        placement = Placement.of(self._resource, {name: self.cluster(name).api_server_addresses() for name in clusters})
+        return render(desired, self.owner, placement, self.images, self.api_key_secret, tls=True)
 
     def _ensure_tls(self, rendered: dict[str, list[dict]]) -> None:
         """Every Deployment's TLS Secret in its cluster, for the names its Service is dialled by."""

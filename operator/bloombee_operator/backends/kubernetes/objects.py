@@ -13,6 +13,7 @@ finalizer cleans up.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -214,17 +215,21 @@ def _service(name: str, namespace: str, owner: Owner | None, object_labels: dict
 @dataclass(frozen=True)
 class Placement:
     """Where each cluster's objects go: its node selector and the DNS suffix under which the other
-    clusters reach its Services; ``local`` is the operator's own cluster (the gateway's too)."""
+    clusters reach its Services; ``local`` is the operator's own cluster (the gateway's too).
+    ``api_servers``: per cluster, the addresses its API server reaches pods from, for its service
+    proxy, through which the operator calibrates the stages (none known: its policies admit none)."""
 
     local: str
     node_selectors: dict[str, dict[str, str]]
     service_domains: dict[str, str] = field(default_factory=dict)
+    api_servers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, resource: DistributedLLM) -> Placement:
+    def of(cls, resource: DistributedLLM, api_servers: dict[str, tuple[str, ...]] | None = None) -> Placement:
         clusters = resource.spec.clusters
         local = next((c.name for c in clusters if not c.kubeconfig_secret), clusters[0].name)
-        return cls(local, {c.name: c.node_selector for c in clusters}, {c.name: c.service_domain for c in clusters})
+        return cls(local, {c.name: c.node_selector for c in clusters}, {c.name: c.service_domain for c in clusters},
+                   dict(api_servers or {}))  # fmt: skip
 
     def domain(self, cluster: str) -> str:
         return self.service_domains.get(cluster, "svc")
@@ -392,8 +397,11 @@ def _gateway_callers(desired: DesiredState, placement: Placement) -> list[dict] 
 
 def _stage_callers(desired: DesiredState, stage: StageSpec, placement: Placement) -> list[dict] | None:
     """Who may call a stage: its gateway (steps, heartbeats, relayed hops), the stage before it, the
-    operator's probes; anyone where one of them runs in another cluster."""
+    operator's probes, its cluster's API server (the service proxy that the operator's calibration
+    goes through); anyone where one of them runs in another cluster."""
     callers = [_pods(desired.name, **{LABEL_COMPONENT: "gateway"}), _pods(desired.name, **{LABEL_COMPONENT: "probe"})]
+    callers += [{"ipBlock": {"cidr": ipaddress.ip_network(address).with_prefixlen}}
+                for address in placement.api_servers.get(stage.cluster, ())]  # fmt: skip
     clusters = {placement.local, stage.cluster}
     if stage.index > 0:
         before = desired.stages[stage.index - 1]
