@@ -121,7 +121,7 @@ def test_pods_pulled_by_digest_reach_a_service_by_name_and_answer_kubectl(api, c
             "urllib.request.urlopen('http://web/', timeout=10).status, "
             "client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username)")  # fmt: skip
     core.create_namespaced_pod("default", _pod("client", image, ["python", "-c", code], restartPolicy="Never"))
-    assert _finished(core, "client").status.phase == "Succeeded", kubectl(cluster, "logs", "client").stderr
+    assert _finished(core, "client").status.phase == "Succeeded", kubectl(cluster, "logs", "client").stdout[-3000:]
     service_ip = core.read_namespaced_service("web", "default").spec.cluster_ip
     assert kubectl(cluster, "logs", "client").stdout.split() == [service_ip, "200",
                                                                   "system:serviceaccount:default:default"]  # fmt: skip
