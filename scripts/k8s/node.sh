@@ -264,36 +264,32 @@ EOF
     : >"$DIR/clusterset.hosts"
 }
 
-# CoreDNS reads Services, EndpointSlices, Pods and Namespaces: upstream's system:coredns role.
-coredns_rbac() {
+# A ClusterRole with these rules, bound to the user of that name (a node component's certificate).
+grant_cluster_role() { # user rules_json
     local body
     body=$(mktemp)
-    printf '%s' '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:coredns"},
- "rules":[{"apiGroups":[""],"resources":["endpoints","services","pods","namespaces"],"verbs":["list","watch"]},
-          {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]}]}' >"$body"
+    printf '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"%s"},"rules":%s}' \
+        "$1" "$2" >"$body"
     api_post /apis/rbac.authorization.k8s.io/v1/clusterroles "$body"
-    printf '%s' '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:coredns"},
- "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:coredns"},
- "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:coredns"}]}' >"$body"
+    printf '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"%s"},
+ "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"%s"},
+ "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"%s"}]}' "$1" "$1" "$1" >"$body"
     api_post /apis/rbac.authorization.k8s.io/v1/clusterrolebindings "$body"
     rm -f "$body"
+}
+
+# CoreDNS reads Services, EndpointSlices, Pods and Namespaces: upstream's system:coredns role.
+coredns_rbac() {
+    grant_cluster_role system:coredns '[{"apiGroups":[""],"resources":["endpoints","services","pods","namespaces"],"verbs":["list","watch"]},
+ {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]}]'
 }
 
 # The NetworkPolicy controller reads Pods, Namespaces and NetworkPolicies (upstream's install.yaml
 # role) and records events.
 knp_rbac() {
-    local body
-    body=$(mktemp)
-    printf '%s' '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"system:kube-network-policies"},
- "rules":[{"apiGroups":[""],"resources":["pods","namespaces"],"verbs":["list","watch"]},
-          {"apiGroups":["networking.k8s.io"],"resources":["networkpolicies"],"verbs":["list","watch"]},
-          {"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch","update"]}]}' >"$body"
-    api_post /apis/rbac.authorization.k8s.io/v1/clusterroles "$body"
-    printf '%s' '{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"system:kube-network-policies"},
- "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"system:kube-network-policies"},
- "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:kube-network-policies"}]}' >"$body"
-    api_post /apis/rbac.authorization.k8s.io/v1/clusterrolebindings "$body"
-    rm -f "$body"
+    grant_cluster_role system:kube-network-policies '[{"apiGroups":[""],"resources":["pods","namespaces"],"verbs":["list","watch"]},
+ {"apiGroups":["networking.k8s.io"],"resources":["networkpolicies"],"verbs":["list","watch"]},
+ {"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch","update"]}]'
 }
 
 # The controller's rules send packets to an nfqueue with nftables' queue expression, which this
