@@ -806,6 +806,7 @@ cmd_down() {
         pids+=($!)
     done
     wait "${pids[@]}"
+    registry_collect_if_unused
     # Keep nothing behind when all clusters are gone.
     if [[ -z $(find "$STATE_ROOT" -mindepth 1 -maxdepth 1 ! -name .lock) ]]; then
         rm -rf "$STATE_ROOT"

@@ -19,7 +19,7 @@ shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 TAG=${BLOOMBEE_IMAGE_TAG:-0.1.0}
 PREFIX=localhost/bloombee
-CACHE=${BLOOMBEE_CACHE_ROOT:-$HOME/.cache/bloombee}/images
+CACHE=${BLOOMBEE_CACHE:-$HOME/.cache/bloombee}/images  # the cache root cluster.sh and the stages use
 DEBIAN_BASE=$PREFIX/python-base:3.11-bookworm
 log() { echo "[images $(date +%H:%M:%S)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -123,6 +123,9 @@ case $cmd in
         build_one operator Dockerfile.operator "$base"
         build_one stage Dockerfile.stage "$base" --build-arg "TORCH_INDEX=$index"
         log "both images built in $(($(date +%s) - started)) s"
+        # Earlier builds of the tags (untagged now) go; the layers the new ones were built from stay
+        # as the cache. Without this, every Python change left 6 GB behind on a shared disk.
+        podman image prune -f >/dev/null
         if [[ -n $registry ]]; then push "$registry"; fi
         ;;
     push) [[ -n ${1:-} ]] || die "push needs REGISTRY (host:port)"; mkdir -p "$CACHE"; push "$@" ;;

@@ -71,6 +71,40 @@ EOF
     log "registry at $REGISTRY (storage $NODE_LIB/registry)"
 }
 
+# When the machine's last node is gone, nobody pulls or pushes (images are pushed for a node's
+# tests): the registry stops and drops what no tag names any more (earlier builds of the images), so
+# repeated runs do not fill a disk that CI machines share. The next `up` starts it again.
+registry_collect_if_unused() {
+    local pid
+    ip netns list 2>/dev/null | grep -q '^bbn' && return 0
+    pid=$(cat "$NODE_RUN/registry.pid" 2>/dev/null || true)
+    [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "docker-registry serve" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && return 0  # still serving: collect another time
+    docker-registry garbage-collect --delete-untagged "$NODE_RUN/registry.yml" >>"$NODE_RUN/registry.log" 2>&1 \
+        && log "registry stopped (no node left); untagged images collected: $(du -sh "$NODE_LIB/registry" | cut -f1) kept"
+}
+
+# The images of this machine's registry that a node holds but the registry no longer serves (an
+# earlier build, collected) leave the node's store: each node keeps what a test can still ask for.
+prune_node_images() { # x
+    local sock=$NODE_RUN/nodes/$1/containerd.sock ref name digest removed=0
+    for ref in $(ctr -a "$sock" -n k8s.io images ls -q 2>/dev/null | grep "^$REGISTRY/" || true); do
+        [[ $ref == *@sha256:* ]] || continue
+        name=${ref#"$REGISTRY"/} digest=${ref##*@}
+        name=${name%@*}
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -I \
+            -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
+            -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+            "http://$REGISTRY/v2/$name/manifests/$digest") == 404 ]]; then
+            ctr -a "$sock" -n k8s.io images rm --sync "$ref" >/dev/null 2>&1 && removed=$((removed + 1))
+        fi
+    done
+    ((removed == 0)) || log "$CLUSTER: $removed image(s) the registry no longer serves removed from the node"
+}
+
 # The sandbox ("pause") image every pod starts with, compiled from the C source that ships in the
 # Kubernetes module, as upstream builds registry.k8s.io/pause, and pushed to the registry once.
 pause_image_up() {
@@ -353,6 +387,7 @@ start_real_node() { # x api_url
     log "$CLUSTER: starting containerd in node namespace $NODE_NS ($NODE_LIB/nodes/$x/containerd)"
     start_node_proc containerd containerd --config "$DIR/node/containerd.toml"
     wait_for "containerd" containerd_ready containerd
+    prune_node_images "$x"
     log "$CLUSTER: starting kube-scheduler"
     start_proc kube-scheduler --kubeconfig="$DIR/kube-scheduler.kubeconfig" \
         --secure-port=0 --leader-elect=false --profiling=false
