@@ -20,8 +20,9 @@ Addresses, for a pod network ``10.X.0.0/24`` arriving on interface ``I``, with t
 * in the router, everything arriving on a ``w*`` link goes to ``tun0``, and what comes back out of
   ``tun0`` is routed by the destination to its cluster's link.
 
-    python scripts/pod_wan.py up --name c --delay-ms 25 --network bbp200=10.200.0 --network bbh201=10.201.0@10.201.2.1
-    python scripts/pod_wan.py down --name c --network bbp200=10.200.0 --network bbh201=10.201.0@10.201.2.1
+    python scripts/pod_wan.py up --name c --delay-ms 25 --network bbh200=10.200.0@10.200.2.1 \\
+        --network bbh201=10.201.0@10.201.2.1
+    python scripts/pod_wan.py down --name c --network bbh200=10.200.0@10.200.2.1 --network bbh201=10.201.0@10.201.2.1
 
 ``up`` builds the router and then runs the delay loop in the foreground until SIGTERM, when it
 takes everything down again; ``down`` removes what a killed ``up`` left behind. Needs root.

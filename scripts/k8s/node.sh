@@ -2,10 +2,10 @@
 # Real nodes for scripts/cluster.sh (sourced by it; not run on its own).
 #
 # A cluster's node is a network namespace of its own, as a kind node is a container of its own:
-# containerd, the kubelet, kube-proxy, CoreDNS and the NetworkPolicy controller run in it (entered with nsenter, so they share
-# this machine's mounts: the kubelet's volume mounts are what containerd bind-mounts into
-# containers), and its pods hang off a bridge inside it. Two clusters on one machine therefore
-# never share iptables chains, ports or a bridge. Per cluster with pod network 10.X.0.0/24:
+# containerd, the kubelet, kube-proxy, CoreDNS and the NetworkPolicy controller run in it (entered
+# with nsenter, so they share this machine's mounts: the kubelet's volume mounts are what containerd
+# bind-mounts into containers), and its pods hang off a bridge inside it. Two clusters on one
+# machine therefore never share iptables chains, ports or a bridge. Per cluster with pod network 10.X.0.0/24:
 #
 #   host  bbhX 10.X.2.1/30  <-- veth -->  eth0 10.X.2.2/30  node netns bbnX
 #                                          bbpX 10.X.0.1/24 (the CNI bridge; CoreDNS listens here)
