@@ -49,8 +49,13 @@ class Pipeline:
         self.endpoint = endpoint
         self.model = model
 
+    def stage_name(self, index: int) -> str:
+        """Stage ``index``'s name (``<model>-stage-<i>-<plan>``: the plan's hash is in it)."""
+        assert self.desired is not None
+        return self.desired.stages[index].name
+
     def stage_url(self, index: int) -> str:
-        return str(self.backend.processes[f"{self.model}-stage-{index}"].url)
+        return str(self.backend.processes[self.stage_name(index)].url)
 
     def stage_metrics(self, index: int) -> dict[str, float]:
         """A stage's Prometheus samples by series name with labels, e.g. 'x_total{codec="raw"}'."""
@@ -101,9 +106,8 @@ def start_pipeline(
 ) -> Pipeline:
     """``stage_overrides``: StageSpec fields to replace per stage index; ``stage_args``: extra server flags."""
     resource = resource_for(source, name, compression)
-    extra_args = {f"{name}-stage-{index}": args for index, args in (stage_args or {}).items()}
     backend = LocalBackend(tmp, threads_per_stage=1, startup_timeout_s=300, gateway_args=gateway_args,
-                           stage_args=extra_args, ca=TEST_CA)  # fmt: skip
+                           stage_args=stage_args, ca=TEST_CA)  # fmt: skip
     desired = desired_state(resource, backend.model_shape(source), num_stages=num_stages)
     if stage_overrides:
         stages = tuple(replace(stage, **stage_overrides.get(stage.index, {})) for stage in desired.stages)

@@ -32,11 +32,11 @@ def post_frame(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def step_frame(tensor: torch.Tensor, route: list[str] | None = None, session: str = "probe", layer: int = 0,
-               **row) -> bytes:  # fmt: skip
-    """A one-row step frame for the stage whose span starts at ``layer``; ``row`` holds RowMeta
-    fields beyond the session (start defaults to 0)."""
+               plan: str | None = None, **row) -> bytes:  # fmt: skip
+    """A one-row step frame for the stage whose span starts at ``layer``, routed for ``plan`` (None:
+    any); ``row`` holds RowMeta fields beyond the session (start defaults to 0)."""
     row = RowMeta(session=session, length=tensor.shape[1], **{"start": 0, **row})
-    meta = StepMeta(step=1, rows=[row], route=route or [], layer=layer)
+    meta = StepMeta(step=1, rows=[row], route=route or [], layer=layer, plan=plan)
     return encode_frame(tensor_frame(tensor, meta.model_dump(mode="json")))
 
 
@@ -58,6 +58,15 @@ def test_a_step_routed_for_another_plans_span_is_refused_before_it_is_computed(t
     assert "from layer 1" in error["error"]["message"] and "[2, 4)" in error["error"]["message"]
     status, error = post_frame(middle, step_frame(hidden[:, :1], route=[last], session="old-plan", layer=2, start=3))
     assert status == 404 and error["error"]["code"] == "unknown_session"  # the refused step opened nothing
+    # The same span, but another plan's step (its route was made for other stages): refused too.
+    plan = tiny_pipeline.desired.plan_hash
+    status, error = post_frame(middle, step_frame(hidden, route=[last], session="other-plan", layer=2, plan="0" * 10))
+    assert status == 503 and error["error"]["code"] == "wrong_plan", error
+    assert "for plan 0000000000" in error["error"]["message"] and f"serves plan {plan}" in error["error"]["message"]
+    status, error = post_frame(middle, step_frame(hidden[:, :1], route=[last], session="other-plan", layer=2, start=3))
+    assert status == 404 and error["error"]["code"] == "unknown_session"
+    status, taken = post_frame(middle, step_frame(hidden, route=[last], session="this-plan", layer=2, plan=plan))
+    assert status == 200, taken  # its own plan's step is computed (answered inline: the caller relays)
     status, before = tiny_chat(tiny_pipeline)
     assert status == 200, before  # the stage serves its own plan's steps as before
 
@@ -177,12 +186,12 @@ def test_dying_stage_fails_the_request_cleanly(tmp_path, tiny_dir):
     try:
         status, _ = tiny_chat_named(pipeline)
         assert status == 200
-        pipeline.backend.processes["doomed-stage-1"].popen.send_signal(signal.SIGKILL)
-        pipeline.backend.processes["doomed-stage-1"].popen.wait()
+        pipeline.backend.processes[pipeline.stage_name(1)].popen.send_signal(signal.SIGKILL)
+        pipeline.backend.processes[pipeline.stage_name(1)].popen.wait()
         status, error = tiny_chat_named(pipeline)
         assert status == 503 and error["error"]["code"] == "stage_unreachable"  # and no other path to take
         assert error["error"]["type"] == "server_error"
-        assert "doomed-stage-0" in error["error"]["message"]  # the stage that could not push names itself
+        assert pipeline.stage_name(0) in error["error"]["message"]  # the stage that could not push names itself
         status, streamed = tiny_chat_named(pipeline, stream=True)  # streaming: the error arrives as a data line
         for message in (error["error"]["message"], streamed["error"]["message"]):
             assert not re.search(r"\b[0-9a-f]{32}\b", message), message  # no session id reaches a client
@@ -258,8 +267,8 @@ def test_hops_relayed_through_the_gateway_give_the_same_tokens(tmp_path, tiny_pi
         with urllib.request.urlopen(relayed.endpoint.removesuffix("/v1") + "/metrics", timeout=10) as reply:
             metrics = reply.read().decode()
         assert "bloombee_gateway_forwarded_total 8.0" in metrics  # one forward per step: prefill + 7 decodes
-        relayed.backend.processes["tiny-stage-1"].popen.kill()
-        relayed.backend.processes["tiny-stage-1"].popen.wait()
+        relayed.backend.processes[relayed.stage_name(1)].popen.kill()
+        relayed.backend.processes[relayed.stage_name(1)].popen.wait()
         status, error = tiny_chat(relayed)
         assert status == 503 and "gateway could not forward to" in error["error"]["message"]
     finally:
@@ -326,7 +335,8 @@ def test_the_gateway_takes_results_only_from_the_deployment_and_only_on_its_inte
     assert status == 400 and answer["error"]["code"] == "invalid_frame"  # a part of the deployment: read, refused
     assert tiny_chat(tiny_pipeline)[0] == 200  # and the pipeline still answers
     with urllib.request.urlopen(public + "/readyz", timeout=30) as reply:  # anyone may ask; no internal URL leaks
-        assert json.loads(reply.read()) == {"ready": True, "stages_ready": "3/3"}
+        assert json.loads(reply.read()) == {"ready": True, "stages_ready": "3/3", "draining": [],
+                                            "plan": tiny_pipeline.desired.plan_hash}  # fmt: skip
 
 
 def test_profiling_runs_and_the_gateways_measurements_are_for_the_operator_only(tiny_pipeline):
@@ -463,7 +473,7 @@ def test_crafted_and_fuzzed_frames_get_4xx_and_cost_no_memory(tiny_pipeline):
     status, before = tiny_chat(tiny_pipeline)
     assert status == 200, before
     middle = tiny_pipeline.stage_url(1)
-    stage = tiny_pipeline.backend.processes["tiny-stage-1"].popen.pid
+    stage = tiny_pipeline.backend.processes[tiny_pipeline.stage_name(1)].popen.pid
     rss_before = rss_mb(stage)
     for name, (frame, says) in crafted_frames(64, [tiny_pipeline.stage_url(2)], layer=2).items():
         status, answer = _call(middle + STEP_PATH, context, frame)
@@ -513,8 +523,9 @@ def test_a_renewed_certificate_is_served_without_a_restart_or_a_dropped_generati
 
     streaming = threading.Thread(target=stream, daemon=True)
     streaming.start()
-    directory = TEST_CA.directory / "stage-tiny-stage-1"
-    write_identity(directory, TEST_CA.ca, issue(TEST_CA.ca, "stage/tiny-stage-1", [stage.hostname, "localhost"]))
+    name = tiny_pipeline.stage_name(1)
+    directory = TEST_CA.directory / f"stage-{name}"
+    write_identity(directory, TEST_CA.ca, issue(TEST_CA.ca, f"stage/{name}", [stage.hostname, "localhost"]))
     deadline = time.monotonic() + 30
     while served_serial() == before:  # bounded: servers look every 5 s
         assert time.monotonic() < deadline, "the stage still serves the old certificate"
@@ -603,7 +614,7 @@ def test_a_stage_being_replaced_a_deadline_and_a_client_that_left(tmp_path, tiny
     body = {"model": "replaced", "prompt": [11, 12, 13], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     try:
         assert pipeline.post("/completions", body)[0] == 200
-        stage = pipeline.backend.processes["replaced-stage-1"].popen
+        stage = pipeline.backend.processes[pipeline.stage_name(1)].popen
         stage.send_signal(signal.SIGSTOP)
         caught: list[tuple[int, dict, float]] = []
 
@@ -679,10 +690,10 @@ def test_a_stage_lost_mid_generation_costs_no_request(tmp_path, tiny_dir):
         with urllib.request.urlopen(request, timeout=300) as reply:
             first = reply.readline()  # the first piece is out: the generation is under way
             assert first.startswith(b"data: ")
-            stage = pipeline.backend.processes["phoenix-stage-1"].popen
+            stage = pipeline.backend.processes[pipeline.stage_name(1)].popen
             stage.send_signal(signal.SIGKILL)
             stage.wait()
-            assert pipeline.backend.restore(pipeline.desired) == ["phoenix-stage-1"]
+            assert pipeline.backend.restore(pipeline.desired) == [pipeline.stage_name(1)]
             events = [first.decode(), *(line.decode() for line in reply)]
         chunks = [json.loads(line[len("data: "):]) for line in events if line.startswith("data: {")]
         assert not [c for c in chunks if "error" in c], chunks[-1]

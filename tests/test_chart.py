@@ -95,7 +95,7 @@ def test_rbac_covers_what_the_operator_does_and_is_not_a_wildcard():
             assert (group, plural[kind], verb) in granted, (kind, verb)
     needed = {("bloombee.ai", "distributedllms", "watch"), ("bloombee.ai", "distributedllms/status", "patch"),
               ("", "events", "create"), ("", "secrets", "get"), ("", "secrets", "create"), ("", "secrets", "delete"),
-              ("", "services/proxy", "create"), ("", "pods", "list")}  # fmt: skip
+              ("", "services/proxy", "create"), ("", "pods", "list"), ("", "pods/proxy", "get")}  # fmt: skip
     assert needed <= granted
     assert ("", "secrets", "list") not in granted  # Secrets are read, minted and deleted by name only
 

@@ -6,11 +6,14 @@ import itertools
 
 import kubernetes_validate
 import pytest
+from bloombee_contract.route import Route
 from bloombee_operator.api.resource import parse_resource
 from bloombee_operator.api.status import LinkStatus
 from bloombee_operator.backends.kubernetes.objects import (
     LABEL_COMPONENT,
     LABEL_INSTANCE,
+    LABEL_PLAN,
+    LABEL_STAGE_INDEX,
     Owner,
     Placement,
     render,
@@ -33,6 +36,19 @@ def two_clusters(**spec) -> object:
                  "clusters": [{"name": "eu"}, {"name": "us", "kubeconfigSecret": "us-kube"}],
                  "draft": {"kind": "prompt-lookup"}, **spec},
     })  # fmt: skip
+
+
+def stage(rendered: dict[str, list[dict]], index: int) -> str:
+    """The name of stage ``index``'s Deployment (``<name>-stage-<i>-<plan>``)."""
+    return next(o["metadata"]["name"] for items in rendered.values() for o in items
+                if o["kind"] == "Deployment" and o["metadata"]["labels"].get(LABEL_STAGE_INDEX) == str(index))
+
+
+def route(rendered: dict[str, list[dict]]) -> Route:
+    """The route the gateway follows, from its ConfigMap."""
+    config = next(o for items in rendered.values() for o in items
+                  if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "geo-route")  # fmt: skip
+    return Route.loads(config["data"]["route.json"])
 
 
 def objects(spans=None, **spec) -> dict[str, list[dict]]:
@@ -65,16 +81,22 @@ def test_children_are_labelled_and_owned_where_owner_references_reach():
 def test_stages_carry_their_span_and_the_gateway_finds_them():
     rendered = objects()
     kinds = sorted((obj["kind"], obj["metadata"]["name"]) for items in rendered.values() for obj in items)
-    children = [f"geo-stage-{i}" for i in range(3)] + ["geo-gateway"]
+    children = [stage(rendered, i) for i in range(3)] + ["geo-gateway"]
     assert kinds == sorted([(kind, name) for name in children for kind in ("Deployment", "Service", "NetworkPolicy")]
-                           + [("ConfigMap", "geo-plan")])  # fmt: skip
+                           + [("ConfigMap", "geo-plan"), ("ConfigMap", "geo-route")])  # fmt: skip
     deployments = {obj["metadata"]["name"]: obj for items in rendered.values() for obj in items
                    if obj["kind"] == "Deployment"}  # fmt: skip
-    middle = deployments["geo-stage-1"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    middle = deployments[stage(rendered, 1)]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert middle[middle.index("--layers") + 1] == "10:20" and "--link-mbps" in middle  # us -> eu crosses a WAN link
+    plan = middle[middle.index("--plan") + 1]
+    assert all(name.endswith(f"-{plan[:6]}") for name in children[:3])  # a new plan's stages start beside the old
+    assert deployments[stage(rendered, 1)]["metadata"]["labels"][LABEL_PLAN] == plan
     gateway = deployments["geo-gateway"]["spec"]["template"]["spec"]
     args = gateway["containers"][0]["args"]
-    assert args[args.index("--stages") + 1] == ",".join(f"http://geo-stage-{i}.llm.svc:8080" for i in range(3))
+    assert "--stages" not in args and args[args.index("--route-file") + 1] == "/etc/bloombee/route/route.json"
+    assert {"name": "route", "configMap": {"name": "geo-route"}} in gateway["volumes"]
+    assert route(rendered).plan == plan
+    assert route(rendered).stages == tuple((f"http://{stage(rendered, i)}.llm.svc:8080",) for i in range(3))
     assert {"name": "BLOOMBEE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "geo-api-key", "key": "api-key"}}} in (
         gateway["containers"][0]["env"]
     )
@@ -112,11 +134,11 @@ def test_probes_and_cluster_set_domains():
     rendered = render(desired_state(resource, ModelShape(30, 576), num_stages=2), OWNER, placement)
     gateway = next(o for o in rendered["eu"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "geo-gateway")
     args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--stages") + 1] == ("http://geo-stage-0.llm.svc.clusterset.local:8080,"
-                                                "http://geo-stage-1.llm.svc.clusterset.local:8080")  # fmt: skip
+    assert route(rendered).stages == tuple((f"http://{stage(rendered, i)}.llm.svc.clusterset.local:8080",)
+                                           for i in range(2))  # fmt: skip
     assert args[args.index("--public-url") + 1] == "http://geo-gateway.llm.svc.clusterset.local:8000"
     exported = {o["metadata"]["name"] for items in rendered.values() for o in items if o["kind"] == "ServiceExport"}
-    assert exported == {"geo-stage-0", "geo-stage-1", "geo-gateway"}
+    assert exported == {stage(rendered, 0), stage(rendered, 1), "geo-gateway"}
 
 
 def _callers(policy: dict) -> dict[int, list[dict | str] | None]:
@@ -128,7 +150,8 @@ def _callers(policy: dict) -> dict[int, list[dict | str] | None]:
 
 def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_budgets():
     """A stage admits its gateway, the stage before it, the probes and its cluster's API server (the
-    service proxy of the operator's calibration); the gateway's peer port its last stage; a caller
+    service proxy of the operator's calibration); the gateway's peer port the last stage (of any plan:
+    an old plan's delivers results while its generations finish); a caller
     in another cluster (no selector here can name it) leaves the port open to mutual TLS alone.
     Every container requests the memory its plan budgets and has a limit."""
     local = parse_resource({"apiVersion": "bloombee.ai/v1alpha1", "kind": "DistributedLLM",
@@ -137,6 +160,7 @@ def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_bu
                                      "clusters": [{"name": "eu"}]}})  # fmt: skip
     desired = desired_state(local, ModelShape(30, 576, 9, 3, 1536), num_stages=3)
     rendered = render(desired, OWNER, Placement.of(local, {"eu": ("10.0.0.7", "fd00::7")}), tls=True)["eu"]
+    s0, s1, s2 = (stage({"eu": rendered}, i) for i in range(3))
     for obj in rendered:
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
     policies = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "NetworkPolicy"}
@@ -145,30 +169,33 @@ def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_bu
     stage_args = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["args"] for o in rendered
                   if o["kind"] == "Deployment" and "-stage-" in o["metadata"]["name"]}  # fmt: skip
     peers = {name: args[args.index("--peers") + 1] for name, args in stage_args.items()}
-    assert peers == {"geo-stage-0": "https://geo-stage-1.llm.svc:8080,https://geo-gateway.llm.svc:8443",
-                     "geo-stage-1": "https://geo-stage-2.llm.svc:8080,https://geo-gateway.llm.svc:8443",
-                     "geo-stage-2": "https://geo-gateway.llm.svc:8443"}  # fmt: skip
+    assert peers == {s0: f"https://{s1}.llm.svc:8080,https://geo-gateway.llm.svc:8443",
+                     s1: f"https://{s2}.llm.svc:8080,https://geo-gateway.llm.svc:8443",
+                     s2: "https://geo-gateway.llm.svc:8443"}  # fmt: skip
     api_server = ["10.0.0.7/32", "fd00::7/128"]
-    assert _callers(policies["geo-stage-0"]) == {8080: [gateway, probes, *api_server]}
-    assert _callers(policies["geo-stage-2"]) == {8080: [gateway, probes, *api_server,
-                                                        {**instance, "bloombee.ai/stage-index": "1"}]}  # fmt: skip
-    assert _callers(policies["geo-gateway"]) == {8000: None, 8443: [{**instance, "bloombee.ai/stage-index": "2"}]}
-    selected = policies["geo-stage-1"]["spec"]["podSelector"]["matchLabels"]
-    assert selected == {**instance, "bloombee.ai/name": "geo-stage-1"}
+    assert _callers(policies[s0]) == {8080: [gateway, probes, *api_server]}
+    before = {**instance, "bloombee.ai/stage-index": "1", LABEL_PLAN: desired.plan_hash}  # this plan's stage 1 only
+    assert _callers(policies[s2]) == {8080: [gateway, probes, *api_server, before]}
+    last_stages = {**instance, LABEL_COMPONENT: "stage", "bloombee.ai/last-stage": "true"}  # of any plan
+    assert _callers(policies["geo-gateway"]) == {8000: None, 8443: [last_stages]}
+    selected = policies[s1]["spec"]["podSelector"]["matchLabels"]
+    assert selected == {**instance, "bloombee.ai/name": s1}
 
-    remote = {o["metadata"]["name"]: o for items in objects().values() for o in items if o["kind"] == "NetworkPolicy"}
-    assert _callers(remote["geo-stage-0"])[8080] is not None  # eu, called from eu only
-    assert _callers(remote["geo-stage-1"]) == {8080: None}  # us, called by the gateway in eu
-    assert _callers(remote["geo-stage-2"]) == {8080: None}  # eu, called by stage 1 in us
+    remote_objects = objects()
+    remote = {o["metadata"]["name"]: o for items in remote_objects.values() for o in items
+              if o["kind"] == "NetworkPolicy"}  # fmt: skip
+    assert _callers(remote[stage(remote_objects, 0)])[8080] is not None  # eu, called from eu only
+    assert _callers(remote[stage(remote_objects, 1)]) == {8080: None}  # us, called by the gateway in eu
+    assert _callers(remote[stage(remote_objects, 2)]) == {8080: None}  # eu, called by stage 1 in us
 
     per_layer_mib = (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576) * 4 / (1 << 20)
     containers = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0] for o in rendered
                   if o["kind"] == "Deployment"}  # fmt: skip
-    stage = containers["geo-stage-0"]["resources"]
+    first = containers[s0]["resources"]
     expected_mib = round((10 * per_layer_mib / 1024 + 2.0 + 0.75) * 100) / 100 * 1024
-    assert stage["requests"]["memory"] == f"{round(expected_mib)}Mi" and stage["requests"]["cpu"] == "1000m"
+    assert first["requests"]["memory"] == f"{round(expected_mib)}Mi" and first["requests"]["cpu"] == "1000m"
     assert containers["geo-gateway"]["resources"]["requests"]["cpu"] == "250m"  # relays and samples
-    assert stage["limits"] == {"memory": f"{round(2 * expected_mib)}Mi"}
+    assert first["limits"] == {"memory": f"{round(2 * expected_mib)}Mi"}
     assert all("memory" in c["resources"]["limits"] for c in containers.values())
 
 
@@ -186,7 +213,7 @@ def test_a_node_hints_cpu_is_what_its_stage_requests():
     rendered = render(desired_state(resource, ModelShape(30, 576), plan), OWNER, PLACEMENT)
     cpu = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
            for o in rendered["eu"] if o["kind"] == "Deployment"}  # fmt: skip
-    assert cpu == {"geo-stage-0": "500m", "geo-stage-1": "1000m", "geo-gateway": "100m"}
+    assert cpu == {stage(rendered, 0): "500m", stage(rendered, 1): "1000m", "geo-gateway": "100m"}
 
 
 def test_pods_loading_a_gguf_model_may_peak_above_what_serving_holds():

@@ -22,6 +22,7 @@ CHANGED: dict[type[LaunchSpec], dict] = {
     StageLaunch: dict(model="gguf://pkg/m.gguf", layers=(3, 17), dtype="bfloat16", device="cuda:1", host="0.0.0.0",
                       port=9001, name="eu-stage-1", threads=3, codec="auto", link_mbps=87.25,
                       accept_codecs=("raw", "zstd"), kv_budget_gib=0.123456789, kv_owner_share=0.375, micro_batch=4,
+                      plan="3f2a9c0d1e",
                       peers=("https://next:8080", "https://gw:8443"),
                       offload_weights=0.25,
                       offload_kv=0.5, offload_tier="host", no_prefetch=True, packed_weights="off", session_timeout=12.5,
@@ -32,13 +33,13 @@ CHANGED: dict[type[LaunchSpec], dict] = {
                         draft_max=5, draft_width=3, draft_head="/heads/mine", draft_layers=12,
                         draft_model="/models/small", micro_batch=6, max_in_flight=2,
                         prefix_cache=0, max_sequences=9, max_waiting=3, recovery_wait=7.5, request_timeout=42.5,
-                        default_max_tokens=99, internal_port=9443,
+                        default_max_tokens=99, internal_port=9443, route_file="/etc/bloombee/route/route.json",
                         tls_dir="/tls", ready_file="/tmp/gw.json", log_level="WARNING"),
     ProbeLaunch: dict(host="127.0.0.1", port=0, tls_dir="/run/tls", ready_file="/tmp/probe.json"),
 }
 REQUIRED = {
     StageLaunch: dict(model="m", layers=(0, 1)),
-    GatewayLaunch: dict(model="m", stages=(("http://a",),), served_model_name="x"),
+    GatewayLaunch: dict(model="m", served_model_name="x"),
     ProbeLaunch: {},
 }
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from bloombee_contract.route import Route
 from bloombee_operator import reconcile
 from bloombee_operator.backends.local import LocalBackend
 from pipelines import TEST_CA
@@ -41,6 +42,15 @@ def chat(endpoint: str) -> dict:
         return json.loads(reply.read())
 
 
+def stage(resource: dict, index: int) -> str:
+    """Stage ``index``'s name under the resource's plan (``<name>-stage-<i>-<plan>``)."""
+    return f"{resource['metadata']['name']}-stage-{index}-{resource['status']['plan']['planHash'][:6]}"
+
+
+def conditions(resource: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in resource["status"]["conditions"]}
+
+
 def spans(backend: LocalBackend) -> dict[str, str]:
     """Stage name -> the --layers its live process was started with."""
     return {p.name: p.command[p.command.index("--layers") + 1] for p in backend.processes.values()
@@ -56,7 +66,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         apply_outcome(resource, created)
         plan = resource["status"]["plan"]
         assert [s["layers"] for s in plan["stages"]] == [[0, 2], [2, 6]]
-        assert spans(backend) == {"tiny-stage-0": "0:2", "tiny-stage-1": "2:6"}
+        assert spans(backend) == {stage(resource, 0): "0:2", stage(resource, 1): "2:6"}
         assert {e.reason for e in created.events} == {"Planned", "Deployed"}
         endpoint = resource["status"]["endpoint"]
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
@@ -74,41 +84,54 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         assert not later.events and {name: p.popen.pid for name, p in backend.processes.items()} == pids
 
         # Scale out: three smaller nodes; the running plan cannot hold, so a new one is adopted.
-        # Stage 0 keeps its span and its process; stage 1 changes; stage 2 is new.
-        first_pid = backend.processes["tiny-stage-0"].popen.pid
+        # Make-before-break: the new plan's three stages start beside the old two, the gateway (the
+        # same process, at the same address) moves over, and the next timer step removes the old.
+        old_plan, old_stages = resource["status"]["plan"]["planHash"], dict(spans(backend))
+        gateway_pid = backend.processes["tiny-gateway"].popen.pid
         resource["spec"]["clusters"][0]["nodes"] = THREE_NODES
         scaled = reconcile.deploy(reconcile.read(resource), backend)
         apply_outcome(resource, scaled)
-        assert spans(backend) == {"tiny-stage-0": "0:2", "tiny-stage-1": "2:4", "tiny-stage-2": "4:6"}
-        assert backend.processes["tiny-stage-0"].popen.pid == first_pid
-        deployed = next(e for e in scaled.events if e.reason == "Deployed")
-        assert "tiny-stage-1" in deployed.message and "tiny-stage-0" not in deployed.message
-        assert resource["status"]["endpoint"] == endpoint  # the gateway kept its address
+        new_stages = {stage(resource, i): layers for i, layers in enumerate(["0:2", "2:4", "4:6"])}
+        assert spans(backend) == {**old_stages, **new_stages}  # both plans run side by side
+        assert {"Planned", "Deployed", "Switching"} <= {e.reason for e in scaled.events}
+        switching = conditions(resource)["PlanSwitching"]
+        assert switching["status"] == "True" and old_plan in switching["message"], switching
+        assert resource["status"]["phase"] == "Ready"  # the old plan served while the new one started
+        assert resource["status"]["endpoint"] == endpoint  # the gateway kept its address and its process
+        assert backend.processes["tiny-gateway"].popen.pid == gateway_pid
+        assert chat(endpoint)["usage"]["completion_tokens"] == 4
+        switched = reconcile.keep(reconcile.read(resource), backend)
+        apply_outcome(resource, switched)
+        assert spans(backend) == new_stages
+        done = conditions(resource)["PlanSwitching"]
+        assert done["status"] == "False" and done["reason"] == "Switched", done
+        assert [e.reason for e in switched.events] == ["Switched"]
+        assert resource["status"]["servingPlan"] == resource["status"]["plan"]["planHash"] != old_plan
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
 
         # A stage crashes: the timer step restarts it on its port, and the pipeline answers again.
-        crashed = backend.processes["tiny-stage-1"]
+        crashed = backend.processes[stage(resource, 1)]
         os.kill(crashed.popen.pid, signal.SIGKILL)
         crashed.popen.wait()
         kept = reconcile.keep(reconcile.read(resource), backend)
         apply_outcome(resource, kept)
-        assert [e.reason for e in kept.events] == ["Restored"] and "tiny-stage-1" in kept.events[0].message
+        assert [e.reason for e in kept.events] == ["Restored"] and stage(resource, 1) in kept.events[0].message
         degraded = {c["type"]: c for c in resource["status"]["conditions"]}["Degraded"]
-        assert degraded["status"] == "True" and "tiny-stage-1" in degraded["message"]
-        assert backend.processes["tiny-stage-1"].url == crashed.url
+        assert degraded["status"] == "True" and stage(resource, 1) in degraded["message"]
+        assert backend.processes[stage(resource, 1)].url == crashed.url
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
         apply_outcome(resource, reconcile.keep(reconcile.read(resource), backend))
         assert resource["status"]["phase"] == "Ready"
 
         # A stage hangs (SIGSTOP): it is alive but answers nothing; once it has been silent for
         # hung_after_s, the timer kills and restarts it.
-        hung = backend.processes["tiny-stage-2"]
+        hung = backend.processes[stage(resource, 2)]
         os.kill(hung.popen.pid, signal.SIGSTOP)
         assert not reconcile.keep(reconcile.read(resource), backend).events  # silent, not yet for long
         time.sleep(2.5)
         kept = reconcile.keep(reconcile.read(resource), backend)
-        assert [e.reason for e in kept.events] == ["Restored"] and "tiny-stage-2" in kept.events[0].message
-        assert hung.popen.poll() is not None and backend.processes["tiny-stage-2"].popen.pid != hung.popen.pid
+        assert [e.reason for e in kept.events] == ["Restored"] and stage(resource, 2) in kept.events[0].message
+        assert hung.popen.poll() is not None and backend.processes[stage(resource, 2)].popen.pid != hung.popen.pid
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
 
         processes = list(backend.processes.values())
@@ -205,7 +228,8 @@ def test_a_demand_larger_than_the_nodes_hold_is_planned_for_what_fits(tmp_path, 
         planned = {c["type"]: c for c in resource["status"]["conditions"]}["Planned"]
         assert planned["status"] == "True" and f"admits {admitted} of the 16 sequences" in planned["message"]
         gateway = next(p for name, p in backend.processes.items() if name.endswith("-gateway"))
-        assert gateway.command[gateway.command.index("--max-sequences") + 1] == str(admitted)
+        route = Route.read(gateway.command[gateway.command.index("--route-file") + 1])
+        assert route.max_sequences == admitted and route.plan == plan["planHash"]
         assert chat(resource["status"]["endpoint"])["usage"]["completion_tokens"] == 4
     finally:
         backend.stop()

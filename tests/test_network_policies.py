@@ -220,13 +220,14 @@ def test_the_operators_policies_admit_the_plans_flows_and_nothing_else(api, clus
     assert api_servers == (settings(cluster)["API_SERVER"].split("//")[1].split(":")[0],)
     placement = Placement.of(resource, {"eu": api_servers})
     desired = desired_state(resource, ModelShape(30, 576, 9, 3, 1536), num_stages=3)
+    s0, s1, s2 = (stage.name for stage in desired.stages)  # <name>-stage-<i>-<plan>
     rendered = [*render(desired, owner, placement, tls=True)["eu"],
                 *render_probes(resource, owner, placement, tls=True)["eu"]]  # fmt: skip
     policies = [o for o in rendered if o["kind"] == "NetworkPolicy"]
     pods = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in rendered
             if o["kind"] == "Deployment"}  # fmt: skip
-    assert set(pods) == {"geo-stage-0", "geo-stage-1", "geo-stage-2", "geo-gateway", "geo-probe-0"}
-    assert {p["metadata"]["name"] for p in policies} == {"geo-stage-0", "geo-stage-1", "geo-stage-2", "geo-gateway"}
+    assert set(pods) == {s0, s1, s2, "geo-gateway", "geo-probe-0"}
+    assert {p["metadata"]["name"] for p in policies} == {s0, s1, s2, "geo-gateway"}
 
     core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
     create_namespace(api, "llm")
@@ -234,22 +235,22 @@ def test_the_operators_policies_admit_the_plans_flows_and_nothing_else(api, clus
         core.create_namespaced_pod("llm", _server(name, busybox, labels))
     core.create_namespaced_pod("llm", _client("outsider", busybox, {"app": "outsider"}))
     ips = _ready(api, "llm", *pods, "outsider")
-    assert _reaches(cluster, "llm", "outsider", ips["geo-stage-1"], 8080)  # before the policies
+    assert _reaches(cluster, "llm", "outsider", ips[s1], 8080)  # before the policies
     for policy in policies:
         policy["metadata"].pop("ownerReferences", None)  # the resource they name is not here
         networking.create_namespaced_network_policy("llm", policy)
-    _enforced(cluster, "llm", "outsider", ips["geo-stage-1"], 8080)
+    _enforced(cluster, "llm", "outsider", ips[s1], 8080)
 
     def reach(source: str, target: str, port: int) -> bool:
         return _reaches(cluster, "llm", source, ips[target], port)
 
-    stages = ["geo-stage-0", "geo-stage-1", "geo-stage-2"]
+    stages = [s0, s1, s2]
     allowed = [("geo-gateway", stage, 8080) for stage in stages] + [("geo-probe-0", stage, 8080) for stage in stages]
-    allowed += [("geo-stage-0", "geo-stage-1", 8080), ("geo-stage-1", "geo-stage-2", 8080),
-                ("geo-stage-2", "geo-gateway", 8443), ("outsider", "geo-gateway", 8000)]  # fmt: skip
+    allowed += [(s0, s1, 8080), (s1, s2, 8080),
+                (s2, "geo-gateway", 8443), ("outsider", "geo-gateway", 8000)]  # fmt: skip
     refused = [("outsider", stage, 8080) for stage in stages]
-    refused += [("geo-stage-2", "geo-stage-0", 8080), ("geo-stage-0", "geo-stage-2", 8080),
-                ("outsider", "geo-gateway", 8443), ("geo-stage-0", "geo-gateway", 8443)]  # fmt: skip
+    refused += [(s2, s0, 8080), (s0, s2, 8080),
+                ("outsider", "geo-gateway", 8443), (s0, "geo-gateway", 8443)]  # fmt: skip
     assert [flow for flow in allowed if not reach(*flow)] == []
     assert [flow for flow in refused if reach(*flow)] == []
 

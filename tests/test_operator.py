@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from bloombee_contract.launch import GatewayLaunch
+from bloombee_contract.route import Route
 from clusters import GROUP, PLURAL, VERSION, create_namespace, get_resource, wait_for
 from pipelines import SMOLLM2
 
@@ -85,7 +86,8 @@ def test_create_restore_and_delete(operator, real_api, tiny_dir):
         return status if status.get("plan") else None
 
     status = wait_for("the plan in status", planned)
-    stages = [f"chat-stage-{i}" for i in range(len(status["plan"]["stages"]))]
+    plan = status["plan"]["planHash"]
+    stages = [f"chat-stage-{i}-{plan[:6]}" for i in range(len(status["plan"]["stages"]))]
     names = {*stages, "chat-gateway"}
     wait_for("the children", lambda: names <= set(deployments(real_api, namespace)))
     children = deployments(real_api, namespace)
@@ -106,12 +108,14 @@ def test_create_restore_and_delete(operator, real_api, tiny_dir):
         files = {"ca.crt", "tls.crt", "tls.key"} | ({"measure.key"} if "-stage-" in name else set())
         assert set(core.read_namespaced_secret(f"{name}-tls", namespace).data) == files  # stages: signed /profile
     conditions = {c["type"]: c for c in status["conditions"]}
-    assert conditions["Planned"]["status"] == "True" and "chat-stage-0 home" in conditions["Planned"]["message"]
+    assert conditions["Planned"]["status"] == "True" and f"{stages[0]} home" in conditions["Planned"]["message"]
     assert conditions["LinksMeasured"]["reason"] == "SingleCluster"
     assert status["endpoint"] == f"http://chat-gateway.{namespace}.svc:8000/v1"
     gateway = GatewayLaunch.parse(children["chat-gateway"].spec.template.spec.containers[0].args)
-    assert gateway.micro_batch == status["plan"]["microBatch"]
-    assert gateway.max_sequences == status["plan"]["maxSequences"]
+    route = Route.loads(core.read_namespaced_config_map("chat-route", namespace).data["route.json"])
+    assert gateway.route_file == "/etc/bloombee/route/route.json" and route.plan == plan
+    assert route.micro_batch == status["plan"]["microBatch"] and route.max_sequences == status["plan"]["maxSequences"]
+    assert [urls[0].split("//")[1].split(".")[0] for urls in route.stages] == stages
 
     client.AppsV1Api(real_api).delete_namespaced_deployment(stages[-1], namespace)
 
@@ -165,10 +169,12 @@ def backend_for(api, stored: dict):
     return KubernetesBackend(Cluster(api), parse_resource(stored), owner, Images())
 
 
-def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(real_api):
+def test_a_new_plan_starts_beside_the_old_and_the_route_waits_for_it(real_api):
     """The Kubernetes backend under the reconcile steps (no kopf), with server-side apply; the API
     server takes the children's NetworkPolicies; a TLS Secret whose certificate nears its end is
-    renewed by the keep pass."""
+    renewed by the keep pass. A new plan is make-before-break: its stages (new names) are created
+    beside the old plan's, the gateway is not touched, and its route keeps naming the old plan
+    while the new stages are not ready (here never: no node runs them), which PlanSwitching says."""
     import base64
 
     from bloombee_operator import reconcile
@@ -180,43 +186,62 @@ def test_a_new_plan_rewrites_what_it_changes_and_deletes_dropped_stages(real_api
     namespace = "op-replan"
     body = create(real_api, resource("chat", namespace, SMOLLM2))  # its 30 layers split 10/10/10
     body["spec"]["clusters"][0]["nodeSelector"] = NOWHERE
+    core = client.CoreV1Api(real_api)
 
-    def step() -> str:
+    def step() -> reconcile.Outcome:
         parsed = reconcile.read(body)
         outcome = reconcile.deploy(parsed, backend_for(real_api, body))
         body["status"] = outcome.applied_to(parsed.status)
+        return outcome
+
+    def deployed(outcome: reconcile.Outcome) -> str:
         return next((e.message for e in outcome.events if e.reason == "Deployed"), "")
 
-    first = step()
-    stages = len(body["status"]["plan"]["stages"])
-    assert stages == 3 and f"chat-stage-{stages - 1}" in first, first
-    assert step() == ""  # the same plan again: nothing is rewritten
+    def routed() -> Route:
+        return Route.loads(core.read_namespaced_config_map("chat-route", namespace).data["route.json"])
+
+    first = deployed(step())
+    old_plan = body["status"]["plan"]["planHash"]
+    old = [f"chat-stage-{i}-{old_plan[:6]}" for i in range(len(body["status"]["plan"]["stages"]))]
+    assert len(old) == 3 and old[-1] in first and "chat-gateway" in first, first
+    assert deployed(step()) == ""  # the same plan again: nothing is rewritten
+    assert routed().plan == old_plan  # the first route names the first plan at once: nothing serves yet
     policies = client.NetworkingV1Api(real_api).list_namespaced_network_policy(namespace).items
-    assert sorted(p.metadata.name for p in policies) == ["chat-gateway", "chat-stage-0", "chat-stage-1",
-                                                         "chat-stage-2"]  # fmt: skip
+    assert sorted(p.metadata.name for p in policies) == ["chat-gateway", *old]
 
     # A certificate near its end is renewed by the next keep pass (and only then).
-    core = client.CoreV1Api(real_api)
     ca = DeploymentSecrets("chat", namespace, None).ca(Cluster(real_api))[0]
-    expiring = issue(ca, "stage/chat-stage-0", ["chat-stage-0"], days=0)
-    core.patch_namespaced_secret("chat-stage-0-tls", namespace, {"data": {
+    expiring = issue(ca, f"stage/{old[0]}", [old[0]], days=0)
+    core.patch_namespaced_secret(f"{old[0]}-tls", namespace, {"data": {
         "tls.crt": base64.b64encode(expiring.cert).decode(), "tls.key": base64.b64encode(expiring.key).decode()}})
-    untouched = core.read_namespaced_secret("chat-stage-1-tls", namespace).data["tls.crt"]
+    untouched = core.read_namespaced_secret(f"{old[1]}-tls", namespace).data["tls.crt"]
     reconcile.keep(reconcile.read(body), backend_for(real_api, body))
-    renewed = base64.b64decode(core.read_namespaced_secret("chat-stage-0-tls", namespace).data["tls.crt"])
+    renewed = base64.b64decode(core.read_namespaced_secret(f"{old[0]}-tls", namespace).data["tls.crt"])
     assert renewed != expiring.cert and not due_for_renewal(renewed)
-    assert core.read_namespaced_secret("chat-stage-1-tls", namespace).data["tls.crt"] == untouched
-    versions = {name: d.metadata.resource_version for name, d in deployments(real_api, namespace).items()}
+    assert core.read_namespaced_secret(f"{old[1]}-tls", namespace).data["tls.crt"] == untouched
+    gateway_version = deployments(real_api, namespace)["chat-gateway"].metadata.resource_version
 
+    # As if the old plan served and was profiled: it keeps serving through the switch.
+    body["status"].update(phase="Ready", profiles={"measuredAt": "2026-12-07T00:00:00Z"})
     body["spec"]["clusters"][0]["nodes"] = THREE_NODES[:2]  # one node fewer
-    message = step()
-    assert all(name in message for name in ("chat-stage-0", "chat-stage-1", "chat-gateway")), message
+    switched = step()
+    new_plan = body["status"]["plan"]["planHash"]
+    new = [f"chat-stage-{i}-{new_plan[:6]}" for i in range(2)]
+    message = deployed(switched)
+    assert new_plan != old_plan and all(name in message for name in new), message
+    assert not any(name in message for name in [*old, "chat-gateway"]), message
     children = deployments(real_api, namespace)
-    assert "chat-stage-2" not in children and "chat-stage-2" not in services(real_api, namespace)
-    assert children["chat-stage-0"].metadata.resource_version != versions["chat-stage-0"]
+    assert set(children) == {"chat-gateway", *old, *new} and set(new) <= services(real_api, namespace)
+    assert children["chat-gateway"].metadata.resource_version == gateway_version  # no plan in its pods
     layers = [s["layers"] for s in body["status"]["plan"]["stages"]]
-    assert [arg(children[f"chat-stage-{i}"], "--layers") for i in range(2)] == [f"{a}:{b}" for a, b in layers]
+    assert [arg(children[name], "--layers") for name in new] == [f"{a}:{b}" for a, b in layers]
     assert layers == [[0, 15], [15, 30]]
+    assert body["status"]["phase"] == "Ready" and routed().plan == old_plan  # the new stages are not ready
+    kept = reconcile.keep(reconcile.read(body), backend_for(real_api, body))
+    switching = next(c for c in kept.conditions if c.type == "PlanSwitching")
+    assert switching.status == "True" and f"from plan {old_plan[:6]} to plan {new_plan}" in switching.message
+    assert "the new plan's stages to be ready (0 of 2" in switching.message, switching.message
+    assert set(deployments(real_api, namespace)) == {"chat-gateway", *old, *new}  # nothing removed meanwhile
 
 
 def test_a_due_replan_whose_probes_are_down_still_restores_stages(real_api):

@@ -85,7 +85,12 @@ def test_equal_split_refuses_impossible_splits():
 def test_desired_state_names_spans_and_hash():
     resource = parse_resource(minimal(clusters=[{"name": "eu"}, {"name": "us"}], compression="zstd"))
     desired = desired_state(resource, ModelShape(num_layers=30, hidden_size=576), num_stages=3)
-    assert [s.name for s in desired.stages] == ["m-stage-0", "m-stage-1", "m-stage-2"]
+    plan = desired.plan_hash[:6]  # a stage's name carries its plan's hash: a new plan starts beside the old
+    assert [s.name for s in desired.stages] == [f"m-stage-{i}-{plan}" for i in range(3)]
+    assert {s.plan for s in desired.stages} == {desired.plan_hash}
+    other = desired_state(parse_resource(minimal()), ModelShape(30, 576), spans=[(0, 10), (10, 30)])
+    assert other.plan_hash != desired.plan_hash
+    assert not {s.name for s in other.stages} & {s.name for s in desired.stages}
     assert [s.layers for s in desired.stages] == [(0, 10), (10, 20), (20, 30)]
     assert [s.cluster for s in desired.stages] == ["eu", "us", "eu"]
     assert {s.codec for s in desired.stages} == {"zstd"}
@@ -106,20 +111,23 @@ def test_desired_state_rejects_bad_spans():
 
 
 @pytest.mark.parametrize(("draft", "expected"), [
-    ({"kind": "none"}, ["--micro-batch", "8"]),
+    ({"kind": "none"}, []),
     ({"kind": "early-exit", "layers": 12, "maxTokens": 6},
-     ["--draft", "early-exit", "--draft-max", "6", "--draft-layers", "12", "--micro-batch", "8"]),
+     ["--draft", "early-exit", "--draft-max", "6", "--draft-layers", "12"]),
     ({"kind": "model", "source": "/models/small"},
-     ["--draft", "model", "--draft-model", "/models/small", "--micro-batch", "8"]),
+     ["--draft", "model", "--draft-model", "/models/small"]),
 ])  # fmt: skip
-def test_gateway_arguments_carry_the_draft_and_micro_batch(draft, expected):
-    """Flags at their defaults are left out, so a command line says what the resource chose."""
-    stages = (("http://s0:8080",),)
+def test_gateway_arguments_carry_the_draft_and_the_route_the_micro_batch(draft, expected):
+    """Flags at their defaults are left out, so a command line says what the resource chose; what
+    the plan decides (stages, micro-batch) is in the route, so a new plan does not restart the gateway."""
+    stages = (("http://s0:8080",), ("http://s1:8080",), ("http://s2:8080",))
     desired = desired_state(parse_resource(minimal(draft=draft)), ModelShape(30, 576))
-    args = desired.gateway.launch(desired.model_source, stages, None).args()
-    assert args[args.index("--served-model-name") + 2 :] == expected
+    args = desired.gateway.launch(desired.model_source, "/r/route.json", None).args()
+    assert args[args.index("--route-file") + 2 :] == expected
+    assert desired.route(stages).micro_batch == 8 and desired.route(stages).plan == desired.plan_hash
     planned = desired_state(parse_resource(minimal(draft=draft)), ModelShape(30, 576), micro_batch=3)
-    assert planned.gateway.launch(desired.model_source, stages, None).args()[-2:] == ["--micro-batch", "3"]
+    assert planned.gateway.launch(planned.model_source, "/r/route.json", None).args() == args
+    assert planned.route(stages).micro_batch == 3
 
 
 def test_early_exit_needs_fewer_layers_than_the_model():

@@ -211,7 +211,7 @@ def test_requests_beyond_the_gateway_seats_wait_for_one(tmp_path, tiny_dir):
                    "return_token_ids": True} for n in range(2)]  # fmt: skip
         alone = [pipeline.post("/completions", body) for body in bodies]
         assert all(status == 200 for status, _ in alone), alone
-        stage = pipeline.backend.processes["tiny-stage-0"].popen
+        stage = pipeline.backend.processes[pipeline.stage_name(0)].popen
         stage.send_signal(signal.SIGSTOP)
         try:
             with ThreadPoolExecutor(max_workers=2) as pool:

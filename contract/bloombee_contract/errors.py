@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     STAGE_FAILED = "stage_failed"
     STAGE_REFUSED = "stage_refused"
     WRONG_SPAN = "wrong_span"  # a step reached a stage whose layers do not start where the route left off (a new plan)
+    WRONG_PLAN = "wrong_plan"  # a step routed for one plan reached a stage of another (a plan switch)
     BAD_RESULT = "bad_result"
     PIPELINE_FAILED = "pipeline_failed"
     PIPELINE_TIMEOUT = "pipeline_timeout"
@@ -72,6 +73,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.STAGE_REFUSED: 502,
     # The deployment is changing plans: the route the step took mixes the old plan's stages with the new one's.
     ErrorCode.WRONG_SPAN: 503,
+    ErrorCode.WRONG_PLAN: 503,
     ErrorCode.BAD_RESULT: 502,
     ErrorCode.PIPELINE_FAILED: 502,
     ErrorCode.PIPELINE_TIMEOUT: 504,

@@ -253,6 +253,8 @@ class StageLaunch(LaunchSpec):
                                 show=_float_text)  # fmt: skip
     micro_batch: int | None = flag("the plan's micro-batch: refuse steps with more rows (default: any)", None,
                                    parse=_positive(int))  # fmt: skip
+    plan: str | None = flag("the plan this stage serves (its hash): steps routed for another plan are refused "
+                            "(default: any)", None)
     peers: tuple[str, ...] | None = flag("base URLs this stage may send to (the next span's replicas, its gateway); "
                                          "a frame routed or replying anywhere else is refused (default: any part "
                                          "of the deployment, as mutual TLS proves)", None, parse=parse_url_list,
@@ -284,10 +286,15 @@ class GatewayLaunch(LaunchSpec):
     description: ClassVar[str] = "OpenAI-compatible endpoint that drives a chain of BloomBee stage servers."
 
     model: str = flag("model source (for the tokenizer and config)")
-    stages: tuple[tuple[str, ...], ...] = flag(
-        "stage URLs in layer order, comma-separated; replicas of one span separated by '|' (each generation "
-        "takes the path predicted fastest)", parse=parse_stage_urls, show=show_stage_urls)  # fmt: skip
     served_model_name: str = flag("the name clients put in `model`")
+    stages: tuple[tuple[str, ...], ...] | None = flag(
+        "stage URLs in layer order, comma-separated; replicas of one span separated by '|' (each generation "
+        "takes the path predicted fastest); or --route-file", None, parse=parse_stage_urls,
+        show=show_stage_urls)  # fmt: skip
+    route_file: str | None = flag("a route (JSON: plan, stages, microBatch, relayHops, maxSequences) to follow "
+                                  "instead of --stages and those flags, read again whenever it changes: a new "
+                                  "plan's stages are taken on once they all answer, generations in flight finish "
+                                  "on the old ones", None)  # fmt: skip
     host: str = flag("address to bind", "127.0.0.1")
     port: int = flag("0 = any free port", DEFAULT_GATEWAY_PORT, parse=int)
     public_url: str | None = flag("URL the last stage uses to reach this gateway", None)
@@ -309,8 +316,9 @@ class GatewayLaunch(LaunchSpec):
     draft_max: int = flag("longest draft per round (adapts below it)", DEFAULT_DRAFT_TOKENS, parse=_positive(int))
     draft_layers: int | None = flag("early-exit: layers of the model to draft with", None, parse=_positive(int))
     draft_model: str | None = flag("model draft: source of a small model with the same tokenizer", None)
-    micro_batch: int = flag("rows (concurrent requests) per step; the plan's micro-batch size (1: every request "
-                            "steps alone)", 1, parse=_positive(int))  # fmt: skip
+    micro_batch: int | None = flag("rows (concurrent requests) per step; the plan's micro-batch size (1: every "
+                                   "request steps alone; default: the route's, else 1)", None,
+                                   parse=_positive(int))  # fmt: skip
     max_in_flight: int | None = flag("micro-batches in the pipeline at once (default: as the plan costs them)", None,
                                      parse=_positive(int))  # fmt: skip
     prefix_cache: int = flag("finished generations whose sessions stay on the stages so a prompt that starts the "

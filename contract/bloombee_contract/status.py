@@ -24,6 +24,7 @@ class ConditionType(StrEnum):
     PLANNED = "Planned"
     STAGES_READY = "StagesReady"
     DEGRADED = "Degraded"
+    PLAN_SWITCHING = "PlanSwitching"  # a new plan's stages beside the old plan's, until the old are removed
     READY = "Ready"  # derived from the others
 
 
@@ -50,6 +51,10 @@ class Reason(StrEnum):
     ALL_PRESENT = "AllPresent"
     SERVING = "Serving"
     NOT_READY = "NotReady"
+    # Plan switches (make-before-break).
+    SWITCHING = "Switching"  # the old plan serves until the new one's stages are ready and its generations end
+    SWITCHED = "Switched"  # the old plan's children were removed
+    ONE_PLAN = "OnePlan"  # no switch under way
     # What the kubelet or the scheduler says of a child's pod (bloombee_operator.faults).
     IMAGE_PULL_FAILED = "ImagePullFailed"
     CONTAINER_FAILED = "ContainerFailed"

@@ -2,8 +2,13 @@
 
 ``desired_state`` turns the resource, the model's shape and its plan (``status.plan``) into
 stage and gateway specs; each spec renders the launch spec its server starts from
-(``bloombee_contract.launch``). Backends realise them: ``backends/local.py`` as processes on
-this machine, ``backends/kubernetes`` as Deployments and Services with the same arguments.
+(``bloombee_contract.launch``) and the route its gateway follows (``bloombee_contract.route``).
+Backends realise them: ``backends/local.py`` as processes on this machine, ``backends/kubernetes``
+as Deployments and Services with the same arguments.
+
+A stage's name carries its plan's hash (``<name>-stage-<i>-<plan>``), so a new plan's stages
+start beside the running ones and the gateway, whose own launch spec names no stage, moves over
+to them when its route changes: a plan switch is make-before-break.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from bloombee_contract.launch import DEFAULT_DRAFT_TOKENS, DEFAULT_TREE_WIDTH, GatewayLaunch, StageLaunch
+from bloombee_contract.route import Route
 
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import LinkStatus, PlanStage, PlanStatus
@@ -31,6 +37,7 @@ RUNTIME_GIB = 0.75
 GGUF_LOAD_PEAK_FACTOR = 3.0
 DEFAULT_KV_GIB = 2.0  # a stage's KV budget where the plan sizes none (the server's default)
 
+PLAN_NAME_CHARS = 6  # of a plan's hash in its stages' names: enough to tell the two plans of a switch apart
 CODEC_FOR_COMPRESSION = {"off": "raw", "auto": "auto", "zstd": "zstd", "byteplane": "byteplane", "exponent": "exponent"}
 
 
@@ -51,11 +58,12 @@ class StageSpec:
     cpu: float = 1.0  # cores its pod requests: its node hint's
     load_peak_gib: float = 0.0  # what loading the model peaks at, where it exceeds what serving holds
     node: str = ""  # the planner's node serving it (status.plan), whose measured profile it reports
+    plan: str = ""  # the hash of the plan it serves (its steps must name it)
 
     def launch(self, model_source: str) -> StageLaunch:
         """How its server is started (the backend adds where it listens and its thread count)."""
         return StageLaunch(model=model_source, layers=self.layers, dtype=self.dtype, name=self.name, codec=self.codec,
-                           link_mbps=self.link_mbps, micro_batch=self.micro_batch,
+                           link_mbps=self.link_mbps, micro_batch=self.micro_batch, plan=self.plan or None,
                            offload_weights=self.offload_weights, offload_kv=self.offload_kv,
                            **({"kv_budget_gib": self.kv_budget_gib} if self.kv_budget_gib else {}))  # fmt: skip
 
@@ -79,14 +87,14 @@ class GatewayDesired:
     cpu: float = 0.25  # cores each pod requests
     load_peak_gib: float = 0.0  # what loading the model peaks at (see StageSpec)
 
-    def launch(self, model_source: str, stages: tuple[tuple[str, ...], ...], public_url: str | None) -> GatewayLaunch:
-        """How the gateway is started, given where its stages are and where it is reached from."""
+    def launch(self, model_source: str, route_file: str, public_url: str | None) -> GatewayLaunch:
+        """How the gateway is started, given where it reads its route and where it is reached from.
+        Nothing of the plan is in it (that is the route's), so a new plan does not restart it."""
         return GatewayLaunch(
-            model=model_source, stages=stages, served_model_name=self.served_model_name, port=self.port,
+            model=model_source, route_file=route_file, served_model_name=self.served_model_name, port=self.port,
             public_url=public_url, draft=self.draft, draft_max=self.draft_max, draft_width=self.draft_width,
             draft_layers=self.draft_layers if self.draft == "early-exit" else None,
-            draft_model=self.draft_source if self.draft == "model" else None, micro_batch=self.micro_batch,
-            relay_hops=self.relay_hops if any(self.relay_hops) else None, max_sequences=self.max_sequences,
+            draft_model=self.draft_source if self.draft == "model" else None,
         )  # fmt: skip
 
 
@@ -99,6 +107,17 @@ class DesiredState:
     gateway: GatewayDesired
     plan_hash: str = field(default="")
     max_micro_batch: int = 8  # planner.maxMicroBatch: the step sizes a profiling run times
+
+    def route(self, stages: tuple[tuple[str, ...], ...]) -> Route:
+        """The route the gateway follows to this plan's stages, at the URLs the backend gives them."""
+        gateway = self.gateway
+        return Route(plan=self.plan_hash, stages=stages, micro_batch=gateway.micro_batch,
+                     relay_hops=gateway.relay_hops if any(gateway.relay_hops) else (),
+                     max_sequences=gateway.max_sequences)  # fmt: skip
+
+    def owns_stage(self, name: str) -> bool:
+        """Whether ``name`` is a stage of this resource, of this plan or another."""
+        return stage_plan(self.name, name) is not None
 
 
 def _load_peak_gib(source: str, shape: ModelShape) -> float:
@@ -113,8 +132,22 @@ def _load_peak_gib(source: str, shape: ModelShape) -> float:
 
 
 def _plan_hash(stages: tuple[StageSpec, ...]) -> str:
-    text = json.dumps([asdict(stage) for stage in stages], sort_keys=True)
+    """What the stages are, whatever they are named: two plans with the same stages are one."""
+    text = json.dumps([asdict(replace(stage, name="", plan="")) for stage in stages], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def stage_name(resource: str, index: int, plan_hash: str) -> str:
+    return f"{resource}-stage-{index}-{plan_hash[:PLAN_NAME_CHARS]}"
+
+
+def stage_plan(resource: str, name: str) -> str | None:
+    """The plan-hash prefix in the name of one of ``resource``'s stages (None: not one of its stages)."""
+    prefix = f"{resource}-stage-"
+    index, _, plan = name.removeprefix(prefix).partition("-")
+    if not name.startswith(prefix) or not index.isdigit() or len(plan) != PLAN_NAME_CHARS or not plan.isalnum():
+        return None
+    return plan
 
 
 def desired_state(
@@ -151,7 +184,7 @@ def desired_state(
     load_peak_gib = _load_peak_gib(spec.model.source, shape)
     stages = tuple(
         StageSpec(
-            name=f"{name}-stage-{index}",
+            name="",
             index=index,
             node=stage.node,
             cpu=cpu_of.get(stage.node, 1.0),
@@ -172,6 +205,8 @@ def desired_state(
         )
         for index, stage in enumerate(placed)
     )
+    plan_hash = _plan_hash(stages)
+    stages = tuple(replace(stage, name=stage_name(name, stage.index, plan_hash), plan=plan_hash) for stage in stages)
     if spec.draft.kind == "early-exit" and not 1 <= (spec.draft.layers or 0) < shape.num_layers:
         raise ValueError(f"spec.draft.layers must lie in 1..{shape.num_layers - 1} (the model has {shape.num_layers})")
     gateway = GatewayDesired(
@@ -199,7 +234,7 @@ def desired_state(
         model_source=spec.model.source,
         stages=stages,
         gateway=gateway,
-        plan_hash=_plan_hash(stages),
+        plan_hash=plan_hash,
         max_micro_batch=spec.planner.max_micro_batch,
     )
 

@@ -71,6 +71,11 @@ class Backend(Protocol):
         """Re-create what went missing or died; return what was re-created."""
         ...
 
+    def retire(self, desired: DesiredState) -> Switch:
+        """Remove the children of older plans once the gateway serves ``desired``'s and no
+        generation runs on them any more; say where the switch stands."""
+        ...
+
     def ready_stages(self, desired: DesiredState) -> int: ...
 
     def gateway_ready(self, desired: DesiredState) -> bool: ...
@@ -96,6 +101,16 @@ class Permanent(RuntimeError):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.conditions[-1].message)
         self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Where a plan switch stands (``Backend.retire``)."""
+
+    old: tuple[str, ...] = ()  # older plans (their hashes' first characters) whose children still run
+    waiting: str = ""  # what removing them waits for; "" when there were none or they were removed now
+    removed: tuple[str, ...] = ()  # children removed now
+    serving: str | None = None  # the plan the gateway serves, where it said
 
 
 @dataclass(frozen=True)
@@ -258,12 +273,17 @@ def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time,
     planned, adopted, reason, moves = _plan(resource, shape, links, profiles, clock)
     desired = _desired(resource, shape, planned, links)
     changed = backend.apply(desired)
+    previous = resource.status.plan.plan_hash if resource.status.plan is not None else None
     planned = planned.model_copy(update={"plan_hash": desired.plan_hash})
     total = len(desired.stages)
     at = now_iso(clock)
-    outcome.status.update({"phase": Phase.DEPLOYING.value, "plan": planned.dump(),
-                           "endpoint": backend.endpoint(desired),
+    # A plan that serves keeps serving while the next one starts beside it (make-before-break):
+    # the resource stays Ready, and PlanSwitching tells the switch until the old plan is removed.
+    serving = resource.status.phase == Phase.READY
+    outcome.status.update({"plan": planned.dump(), "endpoint": backend.endpoint(desired),
                            "stagesReady": f"{backend.ready_stages(desired)}/{total}"})  # fmt: skip
+    if not serving:
+        outcome.status["phase"] = Phase.DEPLOYING.value
     if resource.metadata.generation is not None:
         outcome.status["observedGeneration"] = resource.metadata.generation
     tokens = planned.predicted_tokens_per_second
@@ -272,11 +292,18 @@ def deploy(resource: DistributedLLM, backend: Backend, clock: Clock = time.time,
     admission = admission_note(planned.max_sequences or asked, asked)
     if admission:
         summary += f"; {admission}"
-    outcome.conditions += [
-        condition(ConditionType.PLANNED, True, Reason.PLANNED if adopted else Reason.KEPT, summary, at),
-        condition(ConditionType.STAGES_READY, False, Reason.DEPLOYING, "waiting for stages", at),
-        condition(ConditionType.READY, False, Reason.DEPLOYING, "waiting for stages", at),
-    ]
+    outcome.conditions.append(
+        condition(ConditionType.PLANNED, True, Reason.PLANNED if adopted else Reason.KEPT, summary, at))
+    if not serving:
+        outcome.conditions += [
+            condition(ConditionType.STAGES_READY, False, Reason.DEPLOYING, "waiting for stages", at),
+            condition(ConditionType.READY, False, Reason.DEPLOYING, "waiting for stages", at),
+        ]  # fmt: skip
+    if previous and previous != desired.plan_hash:
+        message = (f"from plan {previous} to plan {desired.plan_hash}: the new plan's stages start beside the old "
+                   "ones, which serve until the gateway moves over and their generations finish")  # fmt: skip
+        outcome.conditions.append(condition(ConditionType.PLAN_SWITCHING, True, Reason.SWITCHING, message, at))
+        outcome.events.append(Event("Normal", Reason.SWITCHING, message))
     if adopted:
         moved = "; ".join(f"{m.node}: load {len(m.load)}, drop {len(m.drop)} layers" for m in moves.moves)
         message = f"{total} stages, {tokens:.1f} tokens/s predicted: {moved or reason}"
@@ -317,17 +344,24 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
     restored = backend.restore(desired)
     ready, total = backend.ready_stages(desired), len(desired.stages)
     gateway_ready = backend.gateway_ready(desired)
-    # Ready is what a user can use: every stage and the gateway in front of them.
-    all_ready = ready == total and gateway_ready and not restored
+    switch = backend.retire(desired)
+    # Ready is what a user can use: the gateway and every stage of the plan it serves (during a
+    # switch the old plan's, which its readiness covers, until the new plan's stages are ready).
+    all_ready = (ready == total or bool(switch.old)) and gateway_ready and not restored
     faults = backend.faults(desired)
     message = (f"{ready} of {total} stages ready" + ("" if gateway_ready else ", the gateway not ready")
                + (f"; re-created {', '.join(restored)}" if restored else ""))  # fmt: skip
     at = now_iso(clock)
+    switching = _switch_condition(switch, desired, ready, total, at)
     # A fault that stops a child is Degraded at once, not a silent Deploying; one a child got over
     # (a container OOM-killed once, running again) stays in the condition while everything serves.
     degraded = bool(restored) or (bool(faults) and not all_ready)
     outcome = Outcome(status={"stagesReady": f"{ready}/{total}",
                               "phase": _phase(all_ready, degraded).value})  # fmt: skip
+    if not switch.old or switch.removed:
+        outcome.status["servingPlan"] = desired.plan_hash
+    elif switch.serving:
+        outcome.status["servingPlan"] = switch.serving
     stages_ready = Reason.ALL_READY if ready == total else Reason.WAITING
     if faults:
         degraded_condition = condition(ConditionType.DEGRADED, True, faults[0].reason,
@@ -339,14 +373,33 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
         *waiting,
         condition(ConditionType.STAGES_READY, ready == total, stages_ready, message, at),
         degraded_condition,
+        switching,
         condition(ConditionType.READY, all_ready, Reason.SERVING if all_ready else Reason.NOT_READY, message, at),
     ]
     outcome.events = [Event("Warning", Reason.RESTORED, f"{name} was missing or had died; re-created")
                       for name in restored]  # fmt: skip
+    if switch.removed:
+        outcome.events.append(Event("Normal", Reason.SWITCHED, switching.message))
     # An event when a fault is new, not at every recheck while it lasts.
     said = next((c.message for c in status.conditions if c.type == ConditionType.DEGRADED), "") or ""
     outcome.events += [Event("Warning", f.reason, f.message) for f in faults if f.message not in said]
     return outcome
+
+
+def _switch_condition(switch: Switch, desired: DesiredState, ready: int, total: int, at: str) -> Condition:
+    """PlanSwitching: true while an older plan's children run beside ``desired``'s."""
+    old = ", ".join(switch.old)
+    if switch.removed:
+        message = f"plan {desired.plan_hash} serves; removed plan {old}'s {', '.join(switch.removed)}"
+        return condition(ConditionType.PLAN_SWITCHING, False, Reason.SWITCHED, message, at)
+    if not switch.old:
+        return condition(ConditionType.PLAN_SWITCHING, False, Reason.ONE_PLAN, f"plan {desired.plan_hash} serves", at)
+    waiting = (f"the new plan's stages to be ready ({ready} of {total}; where a cluster has no room for both "
+               "plans, their pods wait for it)" if ready < total else switch.waiting)  # fmt: skip
+    message = f"from plan {old} to plan {desired.plan_hash}: plan {old} serves until then; waiting for {waiting}"
+    if switch.serving == desired.plan_hash:
+        message = f"from plan {old} to plan {desired.plan_hash}: plan {desired.plan_hash} serves; waiting for {waiting}"
+    return condition(ConditionType.PLAN_SWITCHING, True, Reason.SWITCHING, message, at)
 
 
 def _phase(all_ready: bool, degraded: bool) -> Phase:

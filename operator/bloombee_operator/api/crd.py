@@ -24,8 +24,9 @@ from bloombee_operator.api.status import DistributedLLMStatus
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR, SHORT_NAMES = "distributedllms", "distributedllm", ["dllm"]
-# Child objects are named <name>-stage-<i> and <name>-gateway, and Services need DNS-1035 labels.
-MAX_NAME = 54
+# Child objects are named <name>-stage-<i>-<plan> (six characters of the plan's hash; i < 100) and
+# <name>-gateway, and Services need DNS-1035 labels (63 characters).
+MAX_NAME = 47
 _KEEP = (
     "type",
     "description",
@@ -64,7 +65,7 @@ ROOT_RULES = [
         "rule": f"self.metadata.name.size() <= {MAX_NAME} && "
         "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
         "message": f"metadata.name must be a DNS-1035 label of at most {MAX_NAME} characters (children are named "
-        "<name>-stage-<i> and <name>-gateway)",
+        "<name>-stage-<i>-<plan> and <name>-gateway)",
     },
 ]
 
@@ -133,6 +134,7 @@ def crd_manifest() -> dict[str, Any]:
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Stages", "type": "string", "jsonPath": ".status.stagesReady"},
         {"name": "Tokens/s", "type": "number", "jsonPath": ".status.plan.predictedTokensPerSecond"},
+        {"name": "Plan", "type": "string", "jsonPath": ".status.servingPlan"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

@@ -232,6 +232,8 @@ class DistributedLLMStatus(_Status):
     links: list[LinkStatus] = Field(default_factory=list)
     profiles: ProfilesStatus | None = None
     plan: PlanStatus | None = None
+    serving_plan: str | None = Field(default=None, description="the hash of the plan the gateway serves now "
+                                     "(plan.planHash once a switch to it is done)")
 
 
 def lenient_status(document: object) -> DistributedLLMStatus:

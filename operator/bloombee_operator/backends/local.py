@@ -5,6 +5,11 @@ Each stage and the gateway is a child process started from its launch spec
 ``<run dir>/<name>.log``; a process that dies while starting is reported with the end of its log.
 Every link between them is mutual TLS under a CA minted for the run (``<run dir>/tls/``); the
 gateway's OpenAI API stays plain HTTP on its own port.
+
+A new plan is make-before-break: its stages (named with the plan's hash) start beside the
+running ones, the gateway's route file (``<run dir>/<gateway>.route.json``) names them once all
+are ready, the gateway moves over without a restart, and ``retire`` stops the old plan's stages
+once the gateway reports no generation left on them.
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ from pathlib import Path
 
 from bloombee_contract.launch import PREPARE_MODEL_MODULE, GatewayLaunch, LaunchSpec, ProbeLaunch, StageLaunch
 from bloombee_contract.paths import HEALTHZ_PATH, INFO_PATH, MEASURE_PATH, PROFILE_PATH, READYZ_PATH
+from bloombee_contract.route import ROUTE_FILE
 from bloombee_contract.tls import client_context
 
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import NodeProfile
-from bloombee_operator.desired import DesiredState, StageSpec
+from bloombee_operator.desired import PLAN_NAME_CHARS, DesiredState, StageSpec, stage_plan
 from bloombee_operator.faults import Fault
 from bloombee_operator.model_shape import ModelShape
 from bloombee_operator.pki import DeploymentCA
 from bloombee_operator.planning import profile_request
 from bloombee_operator.planning_inputs import LOCAL_LINK
+from bloombee_operator.reconcile import Switch
 from bloombee_operator.shared_host import traffic_parallelism
 
 log = logging.getLogger("bloombee.local")
+SWITCH_WAIT_S = 60.0  # a running gateway takes on a new plan's route within this (it reads the file every second)
 
 
 class LocalBackendError(RuntimeError):
@@ -135,7 +143,7 @@ class LocalBackend:
         python: str = sys.executable,
         startup_timeout_s: float = 600.0,
         gateway_args: list[str] | None = None,
-        stage_args: Mapping[str, list[str]] | None = None,
+        stage_args: Mapping[int, list[str]] | None = None,
         link_delay_ms: float = 0.0,
         ca: DeploymentCA | None = None,
         tls: bool = True,
@@ -151,7 +159,7 @@ class LocalBackend:
         self.python = python
         self.startup_timeout_s = startup_timeout_s
         self.gateway_args = list(gateway_args or [])
-        self.stage_args = dict(stage_args or {})  # extra flags by stage name (e.g. --accept-codecs, --log-level)
+        self.stage_args = dict(stage_args or {})  # extra flags by stage index (e.g. --accept-codecs, --log-level)
         # > 0: every link (gateway -> stage 0 -> ... -> last stage -> gateway) goes through a
         # delaying proxy (link_delay.py), so one machine behaves like far-apart clusters.
         self.link_delay_ms = link_delay_ms
@@ -276,9 +284,10 @@ class LocalBackend:
         return self.endpoint(desired)
 
     def apply(self, desired: DesiredState) -> list[str]:
-        """Start what is missing, restart what changed, stop what is no longer desired; return what
-        was started. A stage keeps its port across restarts, so its link proxy and the gateway still
-        reach it; the gateway restarts when the stage list or its own arguments change."""
+        """Start what is missing, restart what changed, and route the gateway to ``desired``'s stages
+        once all are ready; return what was started. A stage keeps its port across restarts, so its
+        link proxy and the gateway still reach it. Another plan's stages keep serving until
+        ``retire``; the gateway restarts only when its own arguments change (never for a plan)."""
         threads = self.stage_threads(desired)
         self._place(desired.gateway.name, self.first_cluster)
         for stage in desired.stages:
@@ -289,8 +298,6 @@ class LocalBackend:
         wanted = {stage.name: replace(self._stage_launch(desired, stage, threads), peers=(*hops[i + 1 : i + 2], reply))
                   for i, stage in enumerate(desired.stages)}  # fmt: skip
         changed = []
-        for name in [n for n in self.processes if self._owned_stage(desired, n) and n.split("-link")[0] not in wanted]:
-            self._stop_one(name)
         for name, launch in wanted.items():
             current = self.processes.get(name)
             if current is not None and current.alive and _same_but_address(current.launch, launch):
@@ -308,10 +315,11 @@ class LocalBackend:
                                       "--scheme", "https" if self.tls else "http"])  # fmt: skip
             self._wait_ready([*links, back], ready_path=None)
         gateway = desired.gateway
+        route_file = self.run_dir / f"{gateway.name}.{ROUTE_FILE}"
+        desired.route(tuple((url,) for url in hops)).write(route_file)
         current = self.processes.get(gateway.name)
         # Behind a link delay the stages reply through the gateway's proxy, whose URL it must tell them.
-        launch = gateway.launch(desired.model_source, tuple((url,) for url in hops),
-                                reply if self.link_delay_ms > 0 else None)  # fmt: skip
+        launch = gateway.launch(desired.model_source, str(route_file), reply if self.link_delay_ms > 0 else None)
         if self.ca is not None:
             launch = replace(launch, internal_port=self._port(f"{gateway.name}-internal"))
         if self.api_key:
@@ -323,7 +331,56 @@ class LocalBackend:
             self._launch(gateway.name, launch, self._port(gateway.name))  # clients keep it
             changed.append(gateway.name)
         self._wait_ready([self.processes[gateway.name]], ready_path=HEALTHZ_PATH)
+        self._wait_switched(desired)
         return changed
+
+    def _wait_switched(self, desired: DesiredState) -> None:
+        """Wait until the gateway serves ``desired``'s plan (it warms the new stages, then moves over),
+        so what ``apply`` reports is what serves."""
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while (state := self.gateway_plans(desired)) is None or state.get("plan") != desired.plan_hash:
+            if time.monotonic() > deadline:
+                log.warning("the gateway has not taken on plan %s after %.0f s (it reports %s)", desired.plan_hash,
+                            SWITCH_WAIT_S, state)  # fmt: skip
+                return
+            time.sleep(0.2)
+
+    def gateway_plans(self, desired: DesiredState) -> dict | None:
+        """The gateway's ``/info``: which plan it serves, warms up and drains (None: it does not answer)."""
+        gateway = self.processes.get(desired.gateway.name)
+        if gateway is None or not gateway.alive or not gateway.url:
+            return None
+        internal = self._url(f"{desired.gateway.name}-internal", "https") if self.ca is not None else gateway.url
+        try:
+            with urllib.request.urlopen(internal + INFO_PATH, timeout=10, context=self.tls) as reply:
+                return json.loads(reply.read())
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            log.warning("could not ask the gateway what it serves (%s)", error)
+            return None
+
+    def retire(self, desired: DesiredState) -> Switch:
+        """Stop older plans' stages (and their link proxies) once the gateway serves ``desired``'s
+        plan and has no generation left on theirs."""
+        current = desired.plan_hash[:PLAN_NAME_CHARS]
+        old_names = [name for name in self.processes
+                     if stage_plan(desired.name, name.removesuffix("-link")) not in (None, current)]  # fmt: skip
+        old = tuple(sorted({str(stage_plan(desired.name, name.removesuffix("-link"))) for name in old_names}))
+        if not old:
+            return Switch()
+        state = self.gateway_plans(desired)
+        if state is None:
+            return Switch(old, "the gateway to answer")
+        serving = state.get("plan")
+        if serving != desired.plan_hash:
+            return Switch(old, f"the gateway to take on plan {desired.plan_hash} (it serves {serving})",
+                          serving=serving)  # fmt: skip
+        draining = [lane for lane in state.get("retiring", []) if lane.get("generations")]
+        if draining:
+            counts = ", ".join(f"{lane['generations']} on plan {lane['plan']}" for lane in draining)
+            return Switch(old, f"generations in flight to finish ({counts})", serving=serving)
+        for name in old_names:
+            self._stop_one(name)
+        return Switch(old, "", tuple(old_names), serving)
 
     def _kill_hung(self, desired: DesiredState) -> None:
         """A server that has not answered ``/healthz`` for ``hung_after_s`` (stopped, deadlocked) is
@@ -435,21 +492,10 @@ class LocalBackend:
                        "stages": len(urls), "allNodes": True, "profiled": round(parallelism, 3),
                        "overlappedSteps": overlapped}],
         }
-        gateway = self.processes.get(desired.gateway.name)
-        if gateway is not None and gateway.alive and gateway.url:
-            internal = self._url(f"{desired.gateway.name}-internal", "https") if self.ca is not None else gateway.url
-            try:
-                with urllib.request.urlopen(internal + INFO_PATH, timeout=10, context=self.tls) as reply:
-                    measured = json.loads(reply.read()).get("profile") or {}
-            except (urllib.error.URLError, OSError, ValueError) as error:
-                log.warning("could not ask the gateway what it measured (%s)", error)
-                measured = {}
-            if measured.get("steps"):
-                profiles["gateway"] = measured
+        measured = (self.gateway_plans(desired) or {}).get("profile") or {}
+        if measured.get("steps"):
+            profiles["gateway"] = measured
         return profiles
-
-    def _owned_stage(self, desired: DesiredState, name: str) -> bool:
-        return name.startswith(f"{desired.name}-stage-")
 
     def _ensure_link(self, name: str, args: list[str]) -> LocalProcess:
         current = self.processes.get(name)
@@ -472,7 +518,7 @@ class LocalBackend:
 
     def _stage_launch(self, desired: DesiredState, stage: StageSpec, threads: int) -> StageLaunch:
         launch = replace(stage.launch(desired.model_source), threads=threads)
-        return launch.with_flags(self.stage_args.get(stage.name, []))
+        return launch.with_flags(self.stage_args.get(stage.index, []))
 
     def dead(self) -> list[LocalProcess]:
         return [p for p in self.processes.values() if not p.alive]

@@ -296,17 +296,24 @@ async def handle_result(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when every stage is. Anyone may ask (a kubelet, a load balancer), so the answer counts
-    the stages instead of naming their internal URLs (the gateway's logs name them)."""
-    stages = await request.app[ENGINE].stage_readiness()
+    """Ready when every stage of the plan in force is. Anyone may ask (a kubelet, a load balancer,
+    the operator through the API server's proxy), so the answer counts the stages instead of
+    naming their internal URLs (the gateway's logs name them), and names the plan that serves and
+    those still draining (a plan switch), without their generations."""
+    engine = request.app[ENGINE]
+    stages = await engine.stage_readiness()
     ready = all(stages.values())
-    return web.json_response({"ready": ready, "stages_ready": f"{sum(stages.values())}/{len(stages)}"},
+    plans = engine.plan_state()
+    return web.json_response({"ready": ready, "stages_ready": f"{sum(stages.values())}/{len(stages)}",
+                              "plan": plans["plan"], "draining": [lane["plan"] for lane in plans["retiring"]]},
                              status=200 if ready else 503)  # fmt: skip
 
 
 async def handle_info(request: web.Request) -> web.Response:
-    """For the operator, on the internal listener only: what this gateway measured (``engine.profile``)."""
-    return web.json_response({"profile": request.app[ENGINE].profile()})
+    """For the operator, on the internal listener only: what this gateway measured (``engine.profile``)
+    and which plan it serves, warms up and drains (``engine.plan_state``)."""
+    engine = request.app[ENGINE]
+    return web.json_response({"profile": engine.profile(), **engine.plan_state()})
 
 
 def create_app(engine: GenerationEngine) -> web.Application:

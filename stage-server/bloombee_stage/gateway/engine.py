@@ -1,14 +1,20 @@
 """The gateway's generation engine: prompts in, text out, through the chain of stages. No HTTP.
 
 The engine owns every long-lived resource of the gateway in one place: the HTTP client session
-to the stages, the pipeline client and micro-batcher built on it, the draft model's thread, the
-seats, the prefix index and the metrics. ``start`` creates what needs the event loop and the
-gateway's own address; ``stop`` closes all of it. The OpenAI layer (``app.py``) turns requests
-into ``GenerationRequest``s and engine errors into HTTP answers; it never reaches inside.
+to the stages, the lane of the plan in force (``lanes.py``: its pipeline client, micro-batcher,
+seats and kept prefixes) and those of a plan switch, the draft model's thread and the metrics.
+``start`` creates what needs the event loop and the gateway's own address; ``stop`` closes all of
+it. The OpenAI layer (``app.py``) turns requests into ``GenerationRequest``s and engine errors
+into HTTP answers; it never reaches inside.
 
 Each generation runs ``generation.generate``: rounds of draft (``drafting.py``) and step, the
 steps packed with other generations' rows into micro-batches (``batching.py``) along a path over
 the stage replicas chosen at its start (``routing.py``).
+
+With ``--route-file`` the engine follows its route: when the file names a new plan, a lane for it
+starts beside the one in force; once every new stage answers, new generations go there, those in
+flight finish on the old lane (or move over when they replay), and the old lane closes when its
+last generation ends. ``/info`` tells the operator which plan serves and which still drains.
 """
 
 from __future__ import annotations
@@ -24,21 +30,23 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 from bloombee_contract.errors import ErrorCode
 from bloombee_contract.launch import GatewayLaunch
-from bloombee_contract.paths import HEALTHZ_PATH, INFO_PATH, READYZ_PATH, RESULT_PATH, STEP_PATH
+from bloombee_contract.paths import RESULT_PATH, STEP_PATH
+from bloombee_contract.route import Route, RouteError
 from bloombee_contract.tls import TlsFiles
 
 from bloombee_stage.gateway.batching import MicroBatcher
 from bloombee_stage.gateway.draft_tree import HeadDrafter, TreeBudget
 from bloombee_stage.gateway.drafting import DraftLength, ModelDrafter
 from bloombee_stage.gateway.generation import Controls, Generated, Speculation, TextAssembler, generate
-from bloombee_stage.gateway.pipeline import PipelineClient, PipelineError, ResultRouter
+from bloombee_stage.gateway.lanes import Lane, route_of, with_flags
+from bloombee_stage.gateway.pipeline import PipelineError, ResultRouter
 from bloombee_stage.gateway.prefixes import PrefixIndex
-from bloombee_stage.gateway.routing import Router
 from bloombee_stage.serving.metrics import Metrics
 from bloombee_stage.serving.process import peer_session
 from bloombee_stage.wire.frame import decode_frame, encode_frame, largest_step_bytes
@@ -51,12 +59,9 @@ from bloombee_stage.wire.messages import (
 )
 
 log = logging.getLogger("bloombee.gateway")
-HEARTBEAT_S = 1.0  # how often the gateway asks each stage whether it is alive
-HEARTBEAT_TIMEOUT_S = 3.0  # a busy stage still answers /healthz within this (it is served off the torch thread)
-HEARTBEAT_MISSES = 3  # in a row: the stage is lost
 T = TypeVar("T")
 RETRY_WHILE_REPLACED_S = 5  # Retry-After while a stage is replaced: `bloombee up` restarts one in seconds
-RECHECK_TIMEOUT_S = 1.0  # a lost stage asked again before a request is refused for it
+ROUTE_POLL_S = 1.0  # how often the route file is read again
 MAX_RESULT_DATA_BYTES = 1 << 16  # a result carries its tokens in the metadata; its tensor is empty
 LOGPROB_JSON_BYTES = 32  # one (token, logprob) pair in a result's metadata, at most
 MAX_PROMPT_LOGPROBS_BYTES = 3 << 20  # of a result's metadata (wire.frame.MAX_META_BYTES: 4 MiB)
@@ -110,35 +115,28 @@ class GenerationEngine:
         # Frames from the stages are read only up to what they can legally hold (before decoding).
         if "hidden_size" not in model_config:
             raise ValueError("the model's config.json has no hidden_size: relayed frames could not be bounded")
-        hidden = int(model_config["hidden_size"])
-        self.max_forward_bytes = largest_step_bytes(settings.micro_batch or UNPLANNED_ROWS, self.max_model_len, hidden)
-        # A result carries its tokens in the metadata and, for a draft head, float16 hidden states.
-        rows = settings.micro_batch or UNPLANNED_ROWS
-        self.max_result_bytes = MAX_RESULT_DATA_BYTES + (
-            rows * (MAX_FEATURE_POSITIONS + MAX_DRAFT_TOKENS) * hidden * 2 if head is not None else 0)
+        self.hidden_size = int(model_config["hidden_size"])
         eos = model_config.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.results = ResultRouter()
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self.lost_urls: set[str] = set()  # stage replicas that missed their last heartbeats
-        self.routing = Router(settings.stages, settings.micro_batch)
-        self.prefixes = PrefixIndex(settings.prefix_cache)
-        self._stage_settings_known = False
-        # Seats for generations: the stages' KV budgets were sized for the plan's admitted sequences,
-        # so a request beyond them waits here for a seat instead of failing at a stage.
-        self.seats = asyncio.Semaphore(settings.max_sequences) if settings.max_sequences else None
+        self.route = route_of(settings)  # the route it starts on (raises RouteError or ValueError)
         self.waiting = 0
         self.running = 0
-        # A bounded queue: beyond it a request is refused at once (429), not kept waiting for minutes.
-        default_waiting = 4 * settings.max_sequences if settings.max_sequences else None
-        self.max_waiting = settings.max_waiting or default_waiting
         self.generation_s = 10.0  # recent wall time per generation (a moving average): for Retry-After
         self.totals = dict(rounds=0, tokens=0, drafted=0, draft_s=0.0, prefilled=0, prompts=0)  # for profile()
         self.metrics = Metrics("bloombee_gateway")
         self._resources: _Running | None = None
+        self.retired_counts = dict(steps=0, rows=0)  # of lanes closed since: counters never go back
         self._register_metrics()
+
+    @property
+    def max_waiting(self) -> int | None:
+        """A bounded queue: beyond it a request is refused at once (429), not kept waiting for minutes."""
+        seats = self.lane.route.max_sequences if self._resources is not None else self.route.max_sequences
+        return self.settings.max_waiting or (4 * seats if seats else None)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -149,42 +147,111 @@ class GenerationEngine:
         tls = TlsFiles.at(self.settings.tls_dir) if self.settings.tls_dir else None
         http = peer_session(aiohttp.ClientTimeout(total=self.settings.step_timeout), tls)
         reply = (self.settings.public_url or own_url).rstrip("/") + RESULT_PATH
-        pipeline = PipelineClient(len(self.settings.stages), reply, http, self.results, self.settings.step_timeout,
-                                  relay=self.settings.relay, relay_hops=self.settings.relay_hops,
-                                  lease=uuid.uuid4().hex)  # fmt: skip
-        batcher = MicroBatcher(pipeline, self.routing, self.settings.micro_batch, self.settings.max_in_flight)
         drafts = self.drafter is not None or self.head is not None
         draft_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft") if drafts else None
-        heartbeats = asyncio.create_task(self._watch_stages(pipeline))
-        self._resources = _Running(http, batcher, draft_thread, heartbeats)
+        self._resources = _Running(http, reply, uuid.uuid4().hex, draft_thread)
+        self._resources.lane = self._lane(self.route)
+        if self.settings.route_file:
+            self._resources.follower = asyncio.create_task(self._follow_route(self.settings.route_file))
+
+    def _lane(self, route: Route) -> Lane:
+        running = self._running
+        return Lane(route, self.settings, running.http, self.results, running.reply_url, running.lease, self.metrics)
 
     async def stop(self) -> None:
         """Close everything ``start`` made; steps in flight fail rather than hang."""
         running, self._resources = self._resources, None
         if running is None:
             return
-        running.heartbeats.cancel()
-        await asyncio.gather(running.heartbeats, return_exceptions=True)
-        await running.batcher.stop()
+        tasks = [task for task in (running.follower, *running.retiring.values()) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in {id(lane): lane for lane in (running.lane, running.warming, *running.retiring)
+                     if lane is not None}.values():  # fmt: skip
+            await lane.close()
         await running.http.close()
         if running.draft_thread is not None:
             running.draft_thread.shutdown(wait=False, cancel_futures=True)
 
-    async def _watch_stages(self, pipeline: PipelineClient) -> None:
-        """Every stage's heartbeat (``/healthz``); one that misses ``HEARTBEAT_MISSES`` in a row is
-        lost: the steps that went through it fail at once (their generations replay), instead of
-        waiting out the step timeout. Runs until ``stop``."""
-        misses = dict.fromkeys(self.stage_urls, 0)
+    @property
+    def lane(self) -> Lane:
+        """The lane new generations take: the plan in force."""
+        lane = self._running.lane
+        assert lane is not None
+        return lane
+
+    def _lanes(self) -> list[Lane]:
+        """Every lane whose stages may carry this gateway's steps now: in force, retiring, warming."""
+        running = self._running
+        return [lane for lane in (running.lane, *running.retiring, running.warming) if lane is not None]
+
+    async def _follow_route(self, path: str) -> None:
+        """Read the route file every ``ROUTE_POLL_S``; a new plan's lane warms up beside the one in
+        force and takes over once every one of its stages answers ``/readyz``. Runs until ``stop``."""
+        running = self._running
+        last_text, refused = "", ""
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            alive = await asyncio.gather(*(pipeline.answers(url, HEALTHZ_PATH, HEARTBEAT_TIMEOUT_S) for url in misses))
-            for url, beat in zip(list(misses), alive, strict=True):
-                misses[url] = 0 if beat else misses[url] + 1
-                (self.lost_urls.add if misses[url] >= HEARTBEAT_MISSES else self.lost_urls.discard)(url)
-                if misses[url] == HEARTBEAT_MISSES:
-                    log.warning("stage %s missed %d heartbeats: taken as lost", url, HEARTBEAT_MISSES)
-                if misses[url] >= HEARTBEAT_MISSES and pipeline.lost(url):
-                    self.metrics.inc("lost_steps_total", "Steps failed early because a stage stopped answering")
+            await asyncio.sleep(ROUTE_POLL_S)
+            try:
+                text = await asyncio.to_thread(Path(path).read_text)
+                if text != last_text:
+                    last_text = text
+                    route = with_flags(Route.loads(text, f"route file {path}"), self.settings)
+                    await self._route_changed(route)
+            except (OSError, RouteError) as error:
+                if str(error) != refused:  # said once, not every second
+                    log.error("%s; serving on plan %s", error, self.lane.plan or "(unnamed)")
+                    refused = str(error)
+                continue
+            warming = running.warming
+            if warming is not None and all((await warming.readiness()).values()):
+                self._switch(warming)
+
+    async def _route_changed(self, route: Route) -> None:
+        running = self._running
+        if running.warming is not None and running.warming.route == route:
+            return
+        if running.warming is not None:  # superseded before it took over
+            log.info("plan %s superseded by %s before it served", running.warming.plan, route.plan)
+            await running.warming.close()
+            running.warming = None
+        if route == self.lane.route:
+            return
+        log.info("route file names plan %s (%d stages); warming it beside plan %s", route.plan, len(route.stages),
+                 self.lane.plan)  # fmt: skip
+        running.warming = self._lane(route)
+
+    def _switch(self, lane: Lane) -> None:
+        """New generations go to ``lane`` from now; the old lane closes once its generations end."""
+        running = self._running
+        old, running.lane, running.warming = self.lane, lane, None
+        self.route = lane.route
+        old.retired = True
+        log.info("plan switch: now serving plan %s; %d generations finish on plan %s", lane.plan, old.generations,
+                 old.plan)  # fmt: skip
+        self.metrics.inc("plan_switches_total", "Times the gateway moved to a new plan's stages")
+        running.retiring[old] = asyncio.create_task(self._retire(old))
+
+    async def _retire(self, lane: Lane) -> None:
+        """Close a retired lane once its last generation ended (or the longest a request may take)."""
+        try:
+            async with asyncio.timeout(self.settings.request_timeout + ROUTE_POLL_S):
+                await lane.idle.wait()
+        except TimeoutError:
+            log.warning("plan %s: %d generations still running after %.0f s; closing it", lane.plan,
+                        lane.generations, self.settings.request_timeout)  # fmt: skip
+        for key in ("steps", "rows"):
+            self.retired_counts[key] += getattr(lane.batcher, key)
+        await lane.close()
+        self._running.retiring.pop(lane, None)
+        log.info("plan %s drained and closed", lane.plan)
+
+    def plan_state(self) -> dict[str, Any]:
+        """Which plan serves, which warm up and which drain (for the operator's ``/info``)."""
+        running = self._running
+        return {"plan": self.lane.plan, "warming": running.warming.plan if running.warming else None,
+                "retiring": [{"plan": lane.plan, "generations": lane.generations} for lane in running.retiring]}
 
     @property
     def _running(self) -> _Running:
@@ -269,11 +336,24 @@ class GenerationEngine:
         running = self._running
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_timeout
+        on = [self.lane]  # the lane the generation runs on (it moves over when a replay finds it retired)
+        on[0].join()
+
+        def move_over() -> tuple[MicroBatcher, PrefixIndex] | None:
+            current = self.lane
+            if current is on[0] or not on[0].retired:
+                return None
+            log.info("a generation replays on plan %s (its plan %s is retiring)", current.plan, on[0].plan)
+            on[0].leave()
+            current.join()
+            on[0] = current
+            return current.batcher, current.prefixes
+
         try:
-            async with self._seat(deadline):
+            async with self._seat(on[0], deadline):
                 self.running += 1
                 try:
-                    await self._adopt_stage_settings()
+                    await on[0].adopt_stage_settings()
                     self.metrics.observe("request_queue_time_seconds", "Time a request waited for a seat",
                                          time.monotonic() - arrived)  # fmt: skip
                     assembler = TextAssembler(self.decode, request.stop)
@@ -282,9 +362,10 @@ class GenerationEngine:
                                               self.drafter, running.draft_thread, head=self.head,
                                               width=self.settings.draft_width, budget=self.tree_budget.carried(),
                                               load=lambda: self.running)  # fmt: skip
-                    async for piece in generate(running.batcher, request.prompt, request.max_tokens, request.sampling,
-                                                eos, assembler, result, speculation, self.prefixes,
-                                                self.settings.recovery_wait, deadline, request.controls):  # fmt: skip
+                    async for piece in generate(on[0].batcher, request.prompt, request.max_tokens, request.sampling,
+                                                eos, assembler, result, speculation, on[0].prefixes,
+                                                self.settings.recovery_wait, deadline, request.controls,
+                                                move_over):  # fmt: skip
                         yield piece
                     if speculation.budget.timed:  # the next generation starts from what this one measured
                         self.tree_budget = speculation.budget
@@ -293,20 +374,26 @@ class GenerationEngine:
         except PipelineError as error:
             self.metrics.inc("requests_failed_total", "Generations the pipeline failed", code=str(error.code))
             raise
+        finally:
+            on[0].leave()
         self._count(len(request.prompt), speculation, result, arrived)
 
     # -- the stages' side ---------------------------------------------------------------------
 
     def deliver(self, body: bytes) -> bool:
         """A result frame from the last stage, to the step waiting for it (raises WireError, ValidationError)."""
-        return self.results.deliver(decode_frame(body, self.max_result_bytes))
+        # A result carries its tokens in the metadata and, for a draft head, float16 hidden states.
+        rows = max(lane.route.micro_batch for lane in self._lanes())
+        features = rows * (MAX_FEATURE_POSITIONS + MAX_DRAFT_TOKENS) * self.hidden_size * 2 if self.head else 0
+        return self.results.deliver(decode_frame(body, MAX_RESULT_DATA_BYTES + features))
 
     async def forward(self, body: bytes) -> Forwarded:
         """A hop the planner routes through the gateway: pass the frame on to the next URL of its route.
 
         Raises WireError or ValidationError for a frame that cannot be read, ValueError for one
         with nowhere to go, and RequestError when the next stage cannot be reached."""
-        frame = decode_frame(body, self.max_forward_bytes)
+        rows = max(lane.route.micro_batch for lane in self._lanes())
+        frame = decode_frame(body, largest_step_bytes(rows or UNPLANNED_ROWS, self.max_model_len, self.hidden_size))
         meta = StepMeta.model_validate(frame.meta)
         url = meta.next_url
         if url is None:
@@ -323,70 +410,28 @@ class GenerationEngine:
 
     @property
     def stage_urls(self) -> list[str]:
-        """Every stage replica's URL, in layer order."""
-        return [url for replicas in self.settings.stages for url in replicas]
+        """Every stage replica's URL of the lanes that may carry steps now (a plan switch has two)."""
+        return [url for lane in self._lanes() for url in lane.urls]
 
     async def stage_readiness(self) -> dict[str, bool]:
-        """Whether each stage replica answers its readiness check now."""
-        pipeline = self._running.batcher.pipeline
-        states = await asyncio.gather(*(pipeline.answers(url, READYZ_PATH) for url in self.stage_urls))
-        return dict(zip(self.stage_urls, states, strict=True))
-
-    async def _adopt_stage_settings(self) -> None:
-        """Fit what the gateway assumes to what its stages say in /info, once all of them answer.
-
-        The micro-batch is capped at the smallest a stage was planned for: a stage refuses larger
-        steps, and a gateway started by hand with a larger --micro-batch would have every full
-        step refused and retried row by row. Kept sessions are offered as fork sources only while
-        younger than the shortest idle time-out of the stages (which close them after it).
-        """
-        if self._stage_settings_known:
-            return
-        running = self._running
-
-        async def info(url: str) -> dict:
-            async with running.http.get(url + INFO_PATH, timeout=aiohttp.ClientTimeout(total=5)) as reply:
-                return await reply.json() if reply.ok else {}
-
-        try:
-            infos = await asyncio.gather(*(info(url) for url in self.stage_urls))
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            return  # a stage is not up yet: ask again with the next request
-        self._stage_settings_known = True
-        limits = [i["micro_batch"] for i in infos if i.get("micro_batch")]
-        if limits and min(limits) < running.batcher.micro_batch:
-            log.warning("--micro-batch %d is larger than a stage's planned %d; using %d", running.batcher.micro_batch,
-                        min(limits), min(limits))  # fmt: skip
-            running.batcher.micro_batch = self.routing.micro_batch = min(limits)
-        timeouts = [i["session_timeout_s"] for i in infos if i.get("session_timeout_s")]
-        if timeouts:
-            self.prefixes.max_idle_s = 0.8 * min(timeouts)  # a margin for the stages' sweep and clock drift
-
-    def _stages_gone(self) -> list[int]:
-        """The stages none of whose replicas answered their last heartbeats."""
-        return [index for index, replicas in enumerate(self.settings.stages)
-                if all(url in self.lost_urls for url in replicas)]  # fmt: skip
+        """Whether each stage replica of the plan in force answers its readiness check now."""
+        return await self.lane.readiness()
 
     async def recheck_lost_stages(self) -> None:
         """Ask the replicas of a stage taken as gone once more, briefly, before a request is refused
         for it: a restarted stage answers before the next heartbeat would tell."""
-        gone = [url for index in self._stages_gone() for url in self.settings.stages[index]]
-        if not gone:
-            return
-        pipeline = self._running.batcher.pipeline
-        answered = await asyncio.gather(*(pipeline.answers(url, HEALTHZ_PATH, RECHECK_TIMEOUT_S) for url in gone))
-        self.lost_urls.difference_update(url for url, alive in zip(gone, answered, strict=True) if alive)
+        await self.lane.recheck_lost_stages()
 
     def admit(self) -> None:
         """Refuse a new request at once, with when to try again, while the queue for seats is full
         (429) or while a stage has no replica that answers (503: it is being replaced)."""
         if self.max_waiting is not None and self.waiting >= self.max_waiting:
-            seats = max(1, self.settings.max_sequences or 1)
+            seats = max(1, self.lane.route.max_sequences or 1)
             retry = max(1, math.ceil(self.generation_s * (self.waiting + 1) / seats))
             self.metrics.inc("requests_refused_total", "Requests refused at once", reason="queue_full")
             raise RequestError(f"the gateway is at capacity ({self.waiting} requests wait for one of {seats} seats); "
                                f"try again in {retry} s", ErrorCode.OVERLOADED, retry_after_s=retry)  # fmt: skip
-        gone = self._stages_gone()
+        gone = self.lane.stages_gone()
         if gone:
             self.metrics.inc("requests_refused_total", "Requests refused at once", reason="stage_lost")
             raise RequestError(f"stage {gone[0]} of the pipeline does not answer and is being replaced; try again in "
@@ -394,9 +439,10 @@ class GenerationEngine:
                                retry_after_s=RETRY_WHILE_REPLACED_S)  # fmt: skip
 
     @contextlib.asynccontextmanager
-    async def _seat(self, deadline: float) -> AsyncIterator[None]:
-        """Holds one of ``max_sequences`` seats for a generation, waiting for one (until ``deadline``) first."""
-        if self.seats is None:
+    async def _seat(self, lane: Lane, deadline: float) -> AsyncIterator[None]:
+        """Holds one of the lane's seats (its plan's admitted sequences) for a generation, waiting
+        for one (until ``deadline``) first."""
+        if lane.seats is None:
             yield
             return
         self.admit()  # the queue may have filled since the request was admitted
@@ -406,7 +452,7 @@ class GenerationEngine:
             # queue's length (``waiting``) that admit() reads is never inflated by a request that
             # was about to take one.
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await self.seats.acquire()
+                await lane.seats.acquire()
         except TimeoutError:
             raise PipelineError(f"no seat became free within the request's {self.settings.request_timeout:.0f} s",
                                 ErrorCode.PIPELINE_TIMEOUT) from None  # fmt: skip
@@ -415,7 +461,7 @@ class GenerationEngine:
         try:
             yield
         finally:
-            self.seats.release()
+            lane.seats.release()
 
     def profile(self) -> dict[str, Any]:
         """What a round costs beside the stages' compute, measured on traffic (the gateway's ``/info``):
@@ -428,7 +474,7 @@ class GenerationEngine:
         stages computed per round of the generations (how fast sequences turn over), and
         ``promptPositions`` per prompt (whether prompts are packed with other rows or go alone);
         with drafting, its tokens, drafts and time per round."""
-        batcher = self._resources.batcher if self._resources is not None else None
+        batcher = self.lane.batcher if self._resources is not None else None
         if batcher is None or not batcher.transport_ms:
             return {}
         turnaround, alone = list(batcher.turnaround_ms), list(batcher.row_turnaround_ms)
@@ -445,7 +491,7 @@ class GenerationEngine:
         return {
             **per_round,
             "transportMs": round(statistics.median(batcher.transport_ms), 4),
-            "crossings": len(self.settings.stages) + 1,
+            "crossings": len(self.lane.route.stages) + 1,
             "turnaroundMs": round(statistics.fmean(turnaround), 4) if turnaround else 0.0,
             "rowTurnaroundMs": round(statistics.fmean(alone), 4) if alone else 0.0,
             "steps": batcher.steps,
@@ -455,14 +501,16 @@ class GenerationEngine:
     # -- metrics ------------------------------------------------------------------------------
 
     def _register_metrics(self) -> None:
-        def batcher(read: Callable[[MicroBatcher], float]) -> Callable[[], float]:
-            return lambda: read(self._resources.batcher) if self._resources else 0
+        def lanes(read: Callable[[MicroBatcher], float]) -> Callable[[], float]:
+            return lambda: sum(read(lane.batcher) for lane in self._lanes()) if self._resources else 0
 
-        self.metrics.counted("steps_sent_total", "Steps (micro-batches) sent into the pipeline",
-                             batcher(lambda b: b.steps))  # fmt: skip
+        def counted(key: str) -> Callable[[], float]:
+            return lambda: self.retired_counts[key] + lanes(lambda b: getattr(b, key))()
+
+        self.metrics.counted("steps_sent_total", "Steps (micro-batches) sent into the pipeline", counted("steps"))
         self.metrics.counted("rows_sent_total", "Rows (one per generation and round) carried by those steps",
-                             batcher(lambda b: b.rows))  # fmt: skip
-        self.metrics.gauge("steps_in_flight", "Steps in the pipeline now", batcher(lambda b: b.steps_in_flight))
+                             counted("rows"))  # fmt: skip
+        self.metrics.gauge("steps_in_flight", "Steps in the pipeline now", lanes(lambda b: b.steps_in_flight))
         self.metrics.gauge("requests_waiting", "Requests waiting for a seat (--max-sequences)", lambda: self.waiting)
         self.metrics.gauge("requests_running", "Generations holding a seat", lambda: self.running)
         self.metrics.family("replica_load", "Generations pinned to each stage replica", self._replica_samples("load"))
@@ -475,7 +523,9 @@ class GenerationEngine:
     def _replica_samples(self, field: str, scale: float = 1.0) -> Callable[[], dict]:
         def read() -> dict:
             samples = {}
-            for stage, replicas in enumerate(self.routing.replicas):
+            if self._resources is None:
+                return samples
+            for stage, replicas in enumerate(self.lane.routing.replicas):
                 for index, replica in enumerate(replicas):
                     labels = (("stage", str(stage)), ("replica", str(index)), ("url", replica.url))
                     samples[labels] = float(getattr(replica, field) or 0) * scale
@@ -484,11 +534,16 @@ class GenerationEngine:
         return read
 
     def _chosen_samples(self) -> dict:
-        return {(("path", _path_label(path)),): float(n) for path, n in self.routing.chosen.items()}
+        if self._resources is None:
+            return {}
+        return {(("path", _path_label(path)),): float(n) for path, n in self.lane.routing.chosen.items()}
 
     def _path_samples(self) -> dict:
-        paths = itertools.islice(self.routing.paths(), 64)
-        return {(("path", _path_label(path)),): self.routing.predict_ms(path) / 1000 for path in paths}
+        if self._resources is None:
+            return {}
+        routing = self.lane.routing
+        return {(("path", _path_label(path)),): routing.predict_ms(path) / 1000
+                for path in itertools.islice(routing.paths(), 64)}  # fmt: skip
 
     def _count(self, prompt_tokens: int, speculation: Speculation, result: Generated, arrived: float) -> None:
         """A finished generation's counts and latencies (vLLM's metrics, under this gateway's prefix)."""
@@ -528,9 +583,13 @@ class _Running:
     """What the engine holds between ``start`` and ``stop``."""
 
     http: aiohttp.ClientSession
-    batcher: MicroBatcher
+    reply_url: str  # where the last stage delivers results
+    lease: str  # this gateway process's: stages close its sessions once its heartbeats stop
     draft_thread: ThreadPoolExecutor | None
-    heartbeats: asyncio.Task
+    lane: Lane | None = None  # the plan in force
+    warming: Lane | None = None  # a new plan's, until all its stages answer
+    retiring: dict[Lane, asyncio.Task] = field(default_factory=dict)  # old plans' lanes until their generations end
+    follower: asyncio.Task | None = None  # reads the route file
 
 
 def _path_label(path: tuple[int, ...]) -> str:

@@ -31,9 +31,10 @@ LOOKUP_BRANCH_NODES = 4  # a head tree also carries up to this many nodes of pro
 RECOVERY_WAIT_S = 60.0  # how long a generation waits for a lost stage to be back (restarted) before it fails
 # Failures after which the generation replays its tokens so far on fresh sessions: a stage that is
 # gone (or was restarted and lost its sessions) is not the request's fault.
-# A step refused for its span (a re-plan rolling out mixed two plans' stages on its route) replays too:
-# once every stage of the path is the new plan's, the same tokens come out.
-REPLAYABLE = frozenset({ErrorCode.STAGE_UNREACHABLE, ErrorCode.UNKNOWN_SESSION, ErrorCode.WRONG_SPAN})
+# A step refused for its span or plan (a route that mixes two plans' stages, during a re-plan) replays too:
+# once every stage of the path is one plan's, the same tokens come out.
+REPLAYABLE = frozenset({ErrorCode.STAGE_UNREACHABLE, ErrorCode.UNKNOWN_SESSION, ErrorCode.WRONG_SPAN,
+                        ErrorCode.WRONG_PLAN})
 
 
 @dataclass
@@ -247,6 +248,7 @@ async def generate(
     recovery_wait_s: float = RECOVERY_WAIT_S,
     deadline: float = math.inf,
     controls: Controls | None = None,
+    move_over: Callable[[], tuple[MicroBatcher, PrefixIndex] | None] | None = None,
 ) -> AsyncIterator[str]:
     """Yield text pieces while generating; ``result`` holds the tokens and finish reason at the end.
 
@@ -260,6 +262,8 @@ async def generate(
     Past ``deadline`` (``time.monotonic()``) the generation fails with ``pipeline_timeout`` before
     its next round, and a wait for a lost stage ends there too. ``controls``: min_tokens and the
     prompt's logprobs (a prompt whose logprobs are asked is computed, never forked).
+    ``move_over``: where a replay goes instead of ``stepper`` (the new plan's lane, when a plan
+    switch retired this generation's), or None to stay.
     """
     speculation = speculation or Speculation()
     controls = controls or Controls()
@@ -322,6 +326,9 @@ async def generate(
                 reroutes += 1
                 result.replays += 1
                 await stepper.close(session, path)
+                moved = move_over() if move_over is not None else None
+                if moved is not None:
+                    stepper, prefixes = moved[0], (moved[1] if prefixes is not None else None)
                 session, path, start, pending, fork = uuid.uuid4().hex, stepper.open(), 0, list(context), None
                 state, tree_path = speculation.new_state(), []
                 if not await stepper.wait_ready(path, min(recovery_wait_s, max(0.0, deadline - time.monotonic()))):

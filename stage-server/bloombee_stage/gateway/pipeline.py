@@ -60,6 +60,12 @@ class ResultRouter:
 
     def __init__(self) -> None:
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
+        self._steps = 0
+
+    def new_step(self) -> int:
+        """A step id no other step of this gateway has (results of every plan's stages arrive here)."""
+        self._steps += 1
+        return self._steps
 
     def expect(self, step: int) -> asyncio.Future[Frame]:
         future = asyncio.get_running_loop().create_future()
@@ -97,6 +103,7 @@ class PipelineClient:
         relay: bool = False,
         relay_hops: list[bool] | None = None,
         lease: str | None = None,
+        plan: str | None = None,
     ) -> None:
         if num_stages < 1:
             raise ValueError("a pipeline needs at least one stage")
@@ -110,7 +117,7 @@ class PipelineClient:
         self.lease = lease  # this gateway process's: its sessions close once its heartbeats stop
         if len(self.relay_hops) != num_stages - 1:
             raise ValueError(f"{len(self.relay_hops)} relay flags for {num_stages} stages")
-        self._steps = 0
+        self.plan = plan  # the plan the stages serve: every step names it, a stage of another plan refuses it
         self._pending: dict[int, list[str]] = {}  # steps awaiting their result -> the stages they went through
 
     def lost(self, url: str) -> int:
@@ -159,9 +166,9 @@ class PipelineClient:
         """
         if len(urls) != self.num_stages:
             raise ValueError(f"a path of {len(urls)} URLs through {self.num_stages} stages")
-        self._steps += 1
         reply_to = None if self.relay else self.reply_url
-        meta = StepMeta(step=self._steps, rows=rows, route=self.route(urls), reply_to=reply_to, lease=self.lease)
+        meta = StepMeta(step=self.results.new_step(), rows=rows, route=self.route(urls), reply_to=reply_to,
+                        lease=self.lease, plan=self.plan)  # fmt: skip
         padded = torch.zeros(len(rows), meta.width, dtype=torch.int64)
         for index, tokens in enumerate(inputs):
             padded[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)

@@ -88,6 +88,11 @@ class PrefixIndex:
         held = self._held.get(session)
         return held.draft if held is not None else None
 
+    def clear(self) -> list[Held]:
+        """Let every held session go (its plan's stages are retired); returns them, to close on the stages."""
+        held, self._held = list(self._held.values()), OrderedDict()
+        return held
+
     def drop(self, session: str) -> None:
         """Forget a session the stages no longer hold."""
         self._held.pop(session, None)

@@ -1,6 +1,7 @@
 """The gateway process: read its launch spec, load the tokenizer and any draft model, serve.
 
     python -m bloombee_stage.gateway --model SOURCE --stages URL,URL --served-model-name NAME
+    python -m bloombee_stage.gateway --model SOURCE --route-file route.json --served-model-name NAME
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
             dtype = fastest_dtype(trained)
             log.info("draft head: %d-token draft vocabulary, computing in %s", trained.vocab_ids.numel(), dtype)
             head = HeadDrafter(trained.compute_in(dtype))
-    except (ModelSourceError, SpanError, ValueError) as error:  # DraftHeadError is a ValueError
+        engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter, head)
+    except (ModelSourceError, SpanError, ValueError) as error:  # DraftHeadError and RouteError are ValueErrors
         raise SystemExit(f"error: {error}") from None
-    engine = GenerationEngine(tokenizer, read_config(model_dir), launch, drafter, head)
     internal = frozenset({RESULT_PATH, STEP_PATH, INFO_PATH})
     asyncio.run(serve(create_app(engine), launch.host, launch.port, launch.ready_file, "gateway", engine.start, tls=tls,
                       internal_port=launch.internal_port, internal_paths=internal))

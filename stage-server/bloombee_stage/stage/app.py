@@ -31,9 +31,9 @@ from bloombee_stage.serving.process import add_common_routes, error_response
 from bloombee_stage.stage.service import (
     MAX_PROFILE_ROWS,
     MAX_PROFILE_STEPS,
+    Misrouted,
     StageService,
     StageSettings,
-    WrongSpan,
 )
 from bloombee_stage.stage.sessions import SessionError
 from bloombee_stage.wire.frame import WireError, largest_frame_bytes
@@ -70,7 +70,7 @@ async def handle_step(request: web.Request) -> web.StreamResponse:
     except ValidationError as error:
         service.metrics.inc("errors_total", "Failed steps", code="invalid_meta")
         return error_response(f"frame metadata: {error}", ErrorCode.INVALID_META)
-    except (SessionError, WrongSpan) as error:
+    except (SessionError, Misrouted) as error:
         service.metrics.inc("errors_total", "Failed steps", code=error.code.value)
         return error_response(str(error), error.code)
     service.metrics.inc("steps_total", "Accepted steps")

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         kv_owner_share=launch.kv_owner_share,
         peers=frozenset(launch.peers) if launch.peers else None,
         micro_batch=launch.micro_batch,
+        plan=launch.plan,
         session_timeout_s=launch.session_timeout,
         tls=tls,
     )

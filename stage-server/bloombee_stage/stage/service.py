@@ -68,6 +68,7 @@ class StageSettings:
     kv_owner_share: float = 1.0  # of the budget, the most one owner's (gateway's) sessions may reserve
     peers: frozenset[str] | None = None  # the only base URLs a step may go on to or reply to (None: any)
     micro_batch: int | None = None  # the plan's micro-batch: the most rows a step may carry (None: any)
+    plan: str | None = None  # the plan this stage serves (its hash): steps routed for another are refused
     session_timeout_s: float = 300.0
     push_timeout_s: float = 60.0
     tls: TlsFiles | None = None  # mutual TLS towards the next stage and the gateway
@@ -81,11 +82,14 @@ class Refused(RuntimeError):
         self.code = code
 
 
-class WrongSpan(RuntimeError):
-    """A step routed to compute from another layer than this stage's span starts at: its route mixes
-    two plans' stages (a re-plan is rolling out). Refused before anything is computed."""
+class Misrouted(RuntimeError):
+    """A step routed for another plan (``wrong_plan``) or to compute from another layer than this
+    stage's span starts at (``wrong_span``: its route mixes two plans' stages). Refused before
+    anything is computed."""
 
-    code = ErrorCode.WRONG_SPAN
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StageService:
@@ -265,18 +269,22 @@ class StageService:
         """A step frame decoded, checked (``check_inputs``, the codec) and its sessions admitted.
 
         ``owner``: whose sessions the step may touch, given the owner the frame claims (the caller's
-        certificate decides; app.session_owner). Raises WireError, ValidationError, WrongSpan or
+        certificate decides; app.session_owner). Raises WireError, ValidationError, Misrouted or
         SessionError."""
         frame = decode_frame(body, self.max_step_bytes)
         meta = StepMeta.model_validate(frame.meta)
         meta = meta.model_copy(update={"owner": owner(meta.owner)})
         inputs = frame_tensor(frame)
         self.check_inputs(meta, inputs, frame)
-        span = self.model.span
+        span, plan = self.model.span, self.settings.plan
+        if meta.plan is not None and plan is not None and meta.plan != plan:
+            raise Misrouted(f"step {meta.step} was routed for plan {meta.plan}, but this stage serves plan {plan}: "
+                            "the gateway's route is another plan's (a plan switch); nothing was computed",
+                            ErrorCode.WRONG_PLAN)  # fmt: skip
         if meta.layer != span.start:
-            raise WrongSpan(f"step {meta.step} was routed to compute from layer {meta.layer}, but this stage serves "
+            raise Misrouted(f"step {meta.step} was routed to compute from layer {meta.layer}, but this stage serves "
                             f"layers [{span.start}, {span.end}) of {span.total}: the route mixes the stages of two "
-                            "plans (a re-plan is rolling out); nothing was computed")  # fmt: skip
+                            "plans (a re-plan is rolling out); nothing was computed", ErrorCode.WRONG_SPAN)  # fmt: skip
         if frame.codec not in self.settings.accept_codecs:
             accepted = ", ".join(sorted(self.settings.accept_codecs))
             raise WireError(f"{frame.describe()}: codec {frame.codec!r} is not accepted here (accepts {accepted}); "

@@ -188,6 +188,8 @@ class StepMeta(BaseModel):
     reply_to: str | None = Field(default=None, max_length=MAX_URL, description="where the last stage sends the result")
     layer: int = Field(default=0, ge=0, le=MAX_LAYER, description="the first layer the receiving stage must compute: "
                        "0 from the gateway, then each stage's span end (a stage whose span starts elsewhere refuses)")
+    plan: str | None = Field(default=None, max_length=64, description="the plan the route was made for (its hash): "
+                             "a stage of another plan refuses the step (None: a gateway started by hand)")
     compute_ms: list[float] = Field(default_factory=list, description="forward ms of each stage so far, in order")
     owner: str | None = Field(default=None, max_length=256, description="the gateway whose sessions the rows are; "
                               "set by the stage a gateway called, from the gateway's certificate")  # fmt: skip

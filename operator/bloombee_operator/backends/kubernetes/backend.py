@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import yaml
-from bloombee_contract.paths import MEASURE_PATH, PROFILE_PATH
+from bloombee_contract.paths import MEASURE_PATH, PROFILE_PATH, READYZ_PATH
 from bloombee_contract.tls import SIGNATURE_HEADER, sign
 from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
@@ -22,12 +22,12 @@ from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import NodeProfile
 from bloombee_operator.backends.kubernetes.objects import (
     LABEL_COMPONENT,
+    LABEL_PLAN,
     STAGE_PORT,
     Images,
     Owner,
     Placement,
     gateway_url,
-    object_key,
     probe_name,
     probe_url,
     render,
@@ -37,12 +37,12 @@ from bloombee_operator.backends.kubernetes.objects import (
     tls_secret_name,
 )
 from bloombee_operator.backends.kubernetes.tls_secrets import DeploymentSecrets
-from bloombee_operator.desired import DesiredState
+from bloombee_operator.desired import PLAN_NAME_CHARS, DesiredState
 from bloombee_operator.faults import Fault, pod_faults
 from bloombee_operator.model_shape import ModelShape, model_shape
 from bloombee_operator.planner.cost import GATEWAY
 from bloombee_operator.planning import profile_request
-from bloombee_operator.reconcile import LinksPending
+from bloombee_operator.reconcile import LinksPending, Switch
 
 FIELD_MANAGER = "bloombee-operator"
 KUBERNETES_SERVICE = "kubernetes.io/service-name=kubernetes"  # default/kubernetes: the API server's own addresses
@@ -93,7 +93,7 @@ class Cluster:
             self.delete(secret)
         return True
 
-    def _live(self, obj: dict) -> Any | None:
+    def live(self, obj: dict) -> Any | None:
         """The object as the API server has it now, or None."""
         try:
             return self._resource(obj).get(name=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
@@ -102,26 +102,26 @@ class Cluster:
 
     def secret_data(self, name: str, namespace: str) -> dict[str, bytes] | None:
         """A Secret's data, decoded; None when there is no such Secret."""
-        live = self._live({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}})
+        live = self.live({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}})
         if live is None:
             return None
         return {key: base64.b64decode(value) for key, value in ((live.to_dict().get("data")) or {}).items()}
 
     def exists(self, obj: dict) -> bool:
-        return self._live(obj) is not None
+        return self.live(obj) is not None
 
     def pods(self, namespace: str, label_selector: str) -> list[dict]:
         pods = self.dynamic.resources.get(api_version="v1", kind="Pod")
         return list(pods.get(namespace=namespace, label_selector=label_selector).to_dict().get("items") or [])
 
     def ready_replicas(self, obj: dict) -> int:
-        live = self._live(obj)
+        live = self.live(obj)
         status = (live.to_dict().get("status") or {}) if live is not None else {}
         return int(status.get("readyReplicas") or 0)
 
     def differs(self, obj: dict) -> bool:
         """Would applying this Deployment change its pods (new, or other containers)?"""
-        live = self._live(obj)
+        live = self.live(obj)
         if live is None:
             return True
         containers = (((live.to_dict().get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers")
@@ -152,9 +152,26 @@ class Cluster:
         headers = {SIGNATURE_HEADER: sign(measure_key, signed, time.time())} if measure_key else {}
         return self._call(url, "POST", body=body, timeout_s=timeout_s, headers=headers)
 
+    def pod_get(self, pod: str, namespace: str, port: int, path: str, timeout_s: float = 10.0) -> tuple[int, Any]:
+        """GET ``path`` of a pod's plain-HTTP ``port`` through the API server's pod proxy: the
+        status and the JSON reply (None where it is not JSON)."""
+        url = f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}"
+        status, payload = self._request(url, "GET", timeout_s)
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            return status, None
+
     def _call(self, path: str, method: str, timeout_s: float = 60.0, query_params: list | None = None,
               body: dict | None = None, headers: dict[str, str] | None = None) -> dict:  # fmt: skip
         """A raw API request (with the client's credentials), its JSON reply as a dict."""
+        status, payload = self._request(path, method, timeout_s, query_params, body, headers)
+        if status >= 400:
+            raise client.exceptions.ApiException(status=status, reason=payload.decode(errors="replace")[:500])
+        return json.loads(payload)
+
+    def _request(self, path: str, method: str, timeout_s: float = 60.0, query_params: list | None = None,
+                 body: dict | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:  # fmt: skip
         api = self.dynamic.client
         headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
         method, url, headers, data, post = api.param_serialize(method, path, query_params=query_params or [],
@@ -163,16 +180,17 @@ class Cluster:
         reply = api.call_api(
             method, url, header_params=headers, body=data, post_params=post, _request_timeout=timeout_s
         )
-        payload = reply.read()
-        if reply.status >= 400:
-            raise client.exceptions.ApiException(status=reply.status, reason=payload.decode(errors="replace")[:500])
-        return json.loads(payload)
+        return reply.status, reply.read()
 
 
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
                ("networking.k8s.io/v1", "NetworkPolicy"),
                ("multicluster.x-k8s.io/v1alpha1", "ServiceExport"))  # fmt: skip
 KUBECONFIG_KEY = "kubeconfig"
+
+
+def _is_route(obj: dict) -> bool:
+    return obj["kind"] == "ConfigMap" and obj["metadata"]["labels"].get(LABEL_COMPONENT) == "route"
 
 
 class RemoteClusterError(RuntimeError):
@@ -242,17 +260,83 @@ class KubernetesBackend:
                                     owned=cluster_name == placement.local)  # fmt: skip
 
     def apply(self, desired: DesiredState) -> list[str]:
+        """Apply ``desired``'s children beside any other plan's (make-before-break); the gateway's
+        route moves to the new plan once its stages are ready (``retire``)."""
         changed = []
         rendered = self._rendered(desired)
         self._ensure_tls(rendered)
         for cluster_name, objects in rendered.items():
             cluster = self.cluster(cluster_name)
             for obj in objects:
+                if _is_route(obj) and cluster.exists(obj):
+                    continue  # the route changes once the plan it names can serve: _route_to
                 if obj["kind"] == "Deployment" and cluster.differs(obj):
                     changed.append(obj["metadata"]["name"])
                 cluster.apply(obj)
-        self._delete_stale(desired, rendered)
+        self._route_to(desired, rendered)
         return changed
+
+    def _route_to(self, desired: DesiredState, rendered: dict[str, list[dict]]) -> bool:
+        """Point the gateway's route at ``desired``'s stages once every one of them is ready;
+        whether it names ``desired``'s plan now."""
+        local = Placement.of(self._resource).local
+        route = next(obj for obj in rendered[local] if _is_route(obj))
+        cluster = self.cluster(local)
+        live = cluster.live(route)
+        if live is not None and live.to_dict()["metadata"].get("labels", {}).get(LABEL_PLAN) == desired.plan_hash:
+            if live.to_dict().get("data") != route["data"]:
+                cluster.apply(route)  # the same stages; what the plan admits changed
+            return True
+        if live is not None and self.ready_stages(desired) < len(desired.stages):
+            return False
+        cluster.apply(route)
+        return True
+
+    def retire(self, desired: DesiredState) -> Switch:
+        """Delete older plans' stage children once the route names ``desired``'s plan, every gateway
+        pod serves it (each one's ``/readyz``, through the API server's pod proxy) and none still
+        drains an old plan's generations."""
+        found = [(api, obj) for api in self._apis()
+                 for obj in api.children(f"{selector(desired.name)},{LABEL_COMPONENT}=stage", desired.namespace)]
+        old_children = [(api, obj) for api, obj in found
+                        if obj["metadata"].get("labels", {}).get(LABEL_PLAN) != desired.plan_hash]  # fmt: skip
+        routed = self._route_to(desired, self._rendered(desired))
+        if not old_children:
+            return Switch(serving=desired.plan_hash if routed else None)
+        old = tuple(sorted({(obj["metadata"].get("labels", {}).get(LABEL_PLAN) or "unlabelled")[:PLAN_NAME_CHARS]
+                            for _, obj in old_children}))  # fmt: skip
+        if not routed:
+            return Switch(old, "the new plan's stages to be ready")
+        states = self._gateway_states(desired)
+        if not states:
+            return Switch(old, "a gateway pod to answer")
+        behind = sorted(pod for pod, state in states.items() if (state or {}).get("plan") != desired.plan_hash)
+        if behind:
+            return Switch(old, f"gateway pods {', '.join(behind)} to take on plan {desired.plan_hash} (the kubelet "
+                               "refreshes their route file within about a minute)")  # fmt: skip
+        draining = sorted({plan for state in states.values() for plan in (state or {}).get("draining", [])})
+        if draining:
+            return Switch(old, f"the generations in flight on plan {', '.join(draining)} to finish",
+                          serving=desired.plan_hash)  # fmt: skip
+        removed = [obj["metadata"]["name"] for api, obj in old_children if api.delete(obj)
+                   and obj["kind"] == "Deployment"]  # fmt: skip
+        return Switch(old, "", tuple(removed), desired.plan_hash)
+
+    def _gateway_states(self, desired: DesiredState) -> dict[str, dict | None]:
+        """Each running gateway pod's ``/readyz`` answer (the plan it serves, those it drains), by pod."""
+        local = self.cluster(Placement.of(self._resource).local)
+        pods = local.pods(desired.namespace, f"{selector(desired.name)},{LABEL_COMPONENT}=gateway")
+        states: dict[str, dict | None] = {}
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if (pod.get("status") or {}).get("phase") != "Running" or pod["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                _, states[name] = local.pod_get(name, desired.namespace, desired.gateway.port, READYZ_PATH)
+            except (client.exceptions.ApiException, OSError) as error:
+                log.info("gateway pod %s does not answer /readyz through the proxy: %s", name, error)
+                states[name] = None
+        return states
 
     def _apis(self, skip_unreachable: bool = False) -> list[Cluster]:
         """Each API server once: clusters of the spec without a kubeconfig share the operator's."""
@@ -266,16 +350,6 @@ class KubernetesBackend:
                 raise
             apis.setdefault(id(api), api)
         return list(apis.values())
-
-    def _delete_stale(self, desired: DesiredState, rendered: dict[str, list[dict]]) -> None:
-        """Stages the plan no longer has (fewer stages, or a stage moved to another cluster)."""
-        keep = {(id(self.cluster(c)), object_key(obj)) for c, objects in rendered.items()
-                for obj in objects}  # fmt: skip
-        for cluster in self._apis():
-            for obj in cluster.children(selector(desired.name), desired.namespace):
-                stale = (id(cluster), object_key(obj)) not in keep
-                if stale and obj["metadata"]["labels"].get(LABEL_COMPONENT) == "stage":
-                    cluster.delete(obj)
 
     def restore(self, desired: DesiredState) -> list[str]:
         restored = []

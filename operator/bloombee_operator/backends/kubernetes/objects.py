@@ -1,14 +1,15 @@
 """A DesiredState as Kubernetes objects (pure); ``backend.py`` applies them to every cluster.
 
 ``render`` is pure: desired state + the owning resource -> the child objects, each labelled and
-owned by the DistributedLLM, grouped by the cluster they go to. Only the plan ConfigMap carries
-the plan's hash, so a new plan rewrites just the objects whose content it changes. Per stage a Deployment and a
-Service (the stage's span, dtype, codec, link and offload budgets in its arguments, exactly the
-flags ``bloombee up`` passes to local processes); the gateway's Deployment and Service; and the
-plan as a ConfigMap. Objects for the operator's own cluster carry an owner reference, so the
-API server's garbage collector removes them with the resource; objects in remote clusters
-cannot (owner references do not cross clusters) and are found by their labels when the
-finalizer cleans up.
+owned by the DistributedLLM, grouped by the cluster they go to. Per stage a Deployment, a Service
+and a NetworkPolicy named and labelled with the plan's hash (the stage's span, dtype, codec, link
+and offload budgets in its arguments, exactly the flags ``bloombee up`` passes to local
+processes), so a new plan's stages start beside the old plan's; the gateway's Deployment and
+Service, which name no plan; the route ConfigMap the gateway follows (``route_config_map``: the
+backend moves it to a new plan once that plan's stages are ready); and the plan as a ConfigMap.
+Objects for the operator's own cluster carry an owner reference, so the API server's garbage
+collector removes them with the resource; objects in remote clusters cannot (owner references do
+not cross clusters) and are found by their labels when the finalizer cleans up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from bloombee_contract.launch import API_KEY_ENV, CACHE_ENV, LaunchSpec, ProbeLaunch
 from bloombee_contract.paths import HEALTHZ_PATH, READYZ_PATH
+from bloombee_contract.route import ROUTE_FILE
 
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.desired import DesiredState, StageSpec
@@ -27,10 +29,12 @@ from bloombee_operator.desired import DesiredState, StageSpec
 STAGE_PORT = 8080
 PEER_PORT = 8443  # a gateway's mutual-TLS port for its stages (its API stays on the service port)
 TLS_DIR = "/etc/bloombee/tls"  # where each pod's TLS Secret (bloombee_contract.tls layout) is mounted
+ROUTE_DIR = "/etc/bloombee/route"  # where the gateway's route ConfigMap is mounted
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PLAN = "bloombee.ai/plan-hash"
 LABEL_STAGE_INDEX = "bloombee.ai/stage-index"
+LABEL_LAST_STAGE = "bloombee.ai/last-stage"  # "true" on the last stage of each plan: it delivers results
 PROBE_GIB = 0.25  # a probe: Python, aiohttp and one bulk transfer of at most 16 MB
 MANAGED_BY = {"app.kubernetes.io/name": "bloombee", "app.kubernetes.io/managed-by": "bloombee-operator"}
 CACHE_DIR = "/var/cache/bloombee"
@@ -320,7 +324,10 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
         return owner if cluster == placement.local else None
 
     for stage in desired.stages:
-        object_labels = labels(desired.name, "stage", **{LABEL_STAGE_INDEX: str(stage.index)})
+        object_labels = labels(desired.name, "stage", **{LABEL_STAGE_INDEX: str(stage.index),
+                                                         LABEL_PLAN: desired.plan_hash})  # fmt: skip
+        if stage.index == len(desired.stages) - 1:
+            object_labels[LABEL_LAST_STAGE] = "true"
         launch = replace(stage.launch(desired.model_source), tls_dir=TLS_DIR if tls else None)
         if tls:  # the stage sends only to the next span and its gateway (results, relayed hops, reports)
             after = desired.stages[stage.index + 1 :][:1]
@@ -342,9 +349,8 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
 
     gateway = desired.gateway
     object_labels = labels(desired.name, "gateway")
-    urls = tuple((stage_url(desired, s, placement, tls),) for s in desired.stages)
-    launch = gateway.launch(desired.model_source, urls, gateway_peer_url(desired, placement) if tls else
-                            gateway_url(desired, placement))  # fmt: skip
+    launch = gateway.launch(desired.model_source, f"{ROUTE_DIR}/{ROUTE_FILE}",
+                            gateway_peer_url(desired, placement) if tls else gateway_url(desired, placement))
     if tls:
         launch = replace(launch, tls_dir=TLS_DIR, internal_port=PEER_PORT)
     container = _container("gateway", images, images.gateway, launch, gateway.port)
@@ -366,8 +372,11 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
             )
         },
     }
+    container["volumeMounts"].append({"name": "route", "mountPath": ROUTE_DIR, "readOnly": True})
     gateway_deployment = _deployment(gateway.name, ns, owner, object_labels, container, gateway.replicas,
                                      placement.node_selectors.get(placement.local, {}))  # fmt: skip
+    gateway_deployment["spec"]["template"]["spec"]["volumes"].append(
+        {"name": "route", "configMap": {"name": route_name(desired.name)}})
     by_cluster.setdefault(placement.local, []).extend(
         [
             _with_tls(gateway_deployment, gateway.name) if tls else gateway_deployment,
@@ -379,20 +388,40 @@ def render(desired: DesiredState, owner: Owner, placement: Placement, images: Im
             _ingress_policy(gateway.name, ns, owner, object_labels, [(gateway.port, None)]
                             + ([(PEER_PORT, _gateway_callers(desired, placement))] if tls else [])),
             plan,
+            route_config_map(desired, owner, placement, tls),
         ]
     )
     return by_cluster
 
 
+def route_name(instance: str) -> str:
+    return f"{instance}-route"
+
+
+def route_config_map(desired: DesiredState, owner: Owner, placement: Placement, tls: bool = False) -> dict:
+    """The route the gateway follows (``bloombee_contract.route``), to ``desired``'s stages. The
+    kubelet refreshes the mounted file within about a minute of a change; the gateway reads it
+    every second and moves over once every new stage answers."""
+    route = desired.route(tuple((stage_url(desired, s, placement, tls),) for s in desired.stages))
+    object_labels = labels(desired.name, "route", **{LABEL_PLAN: desired.plan_hash})
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(route_name(desired.name), desired.namespace, owner, object_labels),
+            "data": {ROUTE_FILE: route.dumps()}}  # fmt: skip
+
+
 def _gateway_callers(desired: DesiredState, placement: Placement) -> list[dict] | None:
     """Who posts to a gateway's peer port: its last stage (results), and every stage whose hop the
-    plan relays through the gateway; anyone where one of them runs in another cluster."""
+    plan relays through the gateway; anyone where one of them runs in another cluster. The last
+    stage of any plan of the resource is admitted: during a plan switch the old plan's still
+    delivers the results of the generations that finish there."""
     stages = desired.stages
-    posting = [stage for index, stage in enumerate(stages[:-1]) if index < len(desired.gateway.relay_hops)
-               and desired.gateway.relay_hops[index]] + [stages[-1]]  # fmt: skip
-    if any(stage.cluster != placement.local for stage in posting):
+    relaying = [stage for index, stage in enumerate(stages[:-1]) if index < len(desired.gateway.relay_hops)
+                and desired.gateway.relay_hops[index]]  # fmt: skip
+    if any(stage.cluster != placement.local for stage in [*relaying, stages[-1]]):
         return None
-    return [_pods(desired.name, **{LABEL_STAGE_INDEX: str(stage.index)}) for stage in posting]
+    return [_pods(desired.name, **{LABEL_COMPONENT: "stage", LABEL_LAST_STAGE: "true"})] + [
+        _pods(desired.name, **{LABEL_STAGE_INDEX: str(stage.index), LABEL_PLAN: desired.plan_hash})
+        for stage in relaying]  # fmt: skip
 
 
 def _stage_callers(desired: DesiredState, stage: StageSpec, placement: Placement) -> list[dict] | None:
@@ -405,7 +434,7 @@ def _stage_callers(desired: DesiredState, stage: StageSpec, placement: Placement
     clusters = {placement.local, stage.cluster}
     if stage.index > 0:
         before = desired.stages[stage.index - 1]
-        callers.append(_pods(desired.name, **{LABEL_STAGE_INDEX: str(before.index)}))
+        callers.append(_pods(desired.name, **{LABEL_STAGE_INDEX: str(before.index), LABEL_PLAN: desired.plan_hash}))
         clusters.add(before.cluster)
     return callers if clusters == {stage.cluster} else None
 
