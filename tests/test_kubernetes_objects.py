@@ -200,8 +200,9 @@ def test_network_policies_admit_only_the_plans_callers_and_pods_request_their_bu
 
 
 def test_a_node_hints_cpu_is_what_its_stage_requests():
-    """The scheduler reserves what each stage's node hint names (the chart's example asks for half a
-    core a stage, so its three stages, gateway and operator fit a 2-core node); unhinted nodes ask for one."""
+    """The scheduler reserves what each stage's node hint names (the chart's example asks for a quarter
+    of a core a stage, so two plans' stages, the gateway and the operator fit a 2-core node during a
+    plan switch); unhinted nodes ask for one."""
     from bloombee_operator.api.status import PlanStatus
 
     resource = two_clusters(clusters=[{"name": "eu", "nodes": [{"name": "a", "cpu": 0.5}, {"name": "b"}]}],

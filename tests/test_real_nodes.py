@@ -230,9 +230,22 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
     assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
     assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
 
+    def one_plan() -> dict | None:  # a re-plan on what the calibration measured switches make-before-break
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
+        switching = next((c for c in status.get("conditions", []) if c["type"] == "PlanSwitching"), {})
+        alone = switching.get("status") == "False" and status.get("servingPlan") == status["plan"]["planHash"]
+        return status if alone else None
+
+    status = wait_for("one plan serving alone", one_plan, timeout_s=600)
+    print(f"plan serving: {status['servingPlan']}; PlanSwitching: "
+          f"{next(c['message'] for c in status['conditions'] if c['type'] == 'PlanSwitching')}")
+    stages = {d.metadata.name for d in client.AppsV1Api(api).list_namespaced_deployment(NAMESPACE).items
+              if "-stage-" in d.metadata.name}  # fmt: skip
+    plan = status["plan"]["planHash"]
+    assert stages == {f"smollm2-stage-{i}-{plan[:6]}" for i in range(len(status["plan"]["stages"]))}, stages
     tested = helm(cluster, "test", "bloombee", "--namespace", NAMESPACE, "--logs", timeout_s=600)
     assert tested.returncode == 0 and "Phase:          Succeeded" in tested.stdout, tested.stdout + tested.stderr
-    _renewed_without_a_restart(cluster, api)
+    _renewed_without_a_restart(cluster, api, f"smollm2-stage-0-{plan[:6]}")
     gateway_log = kubectl(cluster, "logs", "-n", NAMESPACE, "deployment/smollm2-gateway")
     assert gateway_log.returncode == 0 and "/v1/chat/completions" in gateway_log.stdout + gateway_log.stderr
 
@@ -254,7 +267,7 @@ def _served_certificate(cluster: Path, target: str, port: int) -> bytes:
     return served.stdout.encode()
 
 
-def _renewed_without_a_restart(cluster: Path, api) -> None:
+def _renewed_without_a_restart(cluster: Path, api, first_stage: str) -> None:
     """Certificate renewal end to end: a stage's and the gateway's certificates are replaced by ones
     two thirds through their lifetime (signed by the deployment's CA, as if issued ten days ago);
     the operator's next pass renews them, the kubelet refreshes the Secret volumes, and the parts
@@ -274,7 +287,7 @@ def _renewed_without_a_restart(cluster: Path, api) -> None:
     started = time.monotonic()
     ca_files = {k: base64.b64decode(v) for k, v in core.read_namespaced_secret("smollm2-ca", NAMESPACE).data.items()}
     ca = Identity(ca_files["ca.crt"], ca_files["tls.key"])
-    parts = {"smollm2-stage-0": 8080, "smollm2-gateway": 8443}
+    parts = {first_stage: 8080, "smollm2-gateway": 8443}
     pods = {child: core.list_namespaced_pod(NAMESPACE, label_selector=f"bloombee.ai/name={child}").items
             for child in parts}  # fmt: skip
     assert all(len(running) == 1 for running in pods.values()), pods
@@ -379,15 +392,15 @@ def test_faults_on_real_nodes_reach_the_resource_as_conditions_and_events(api, c
         objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "roomless")
 
         objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _resource("tight", cpu=0.5))
-        wait_for("tight's stage Deployment", lambda: any(
-            d.metadata.name == "tight-stage-0" for d in apps.list_namespaced_deployment(namespace).items),
-            timeout_s=120)  # fmt: skip
+        (stage,) = wait_for("tight's stage Deployment", lambda: [
+            d.metadata.name for d in apps.list_namespaced_deployment(namespace).items
+            if d.metadata.name.startswith("tight-stage-0-")], timeout_s=120)  # fmt: skip
         resources = "/spec/template/spec/containers/0/resources"
         lowered = [{"op": "replace", "path": f"{resources}/{kind}/memory", "value": "300Mi"}
                    for kind in ("requests", "limits")]  # fmt: skip
-        apps.patch_namespaced_deployment("tight-stage-0", namespace, lowered)
+        apps.patch_namespaced_deployment(stage, namespace, lowered)
         found = _degraded(objects, namespace, "tight", "OOMKilled")
-        assert "tight-stage-0: container stage" in found["message"] and "300Mi" in found["message"], found
+        assert f"{stage}: container stage" in found["message"] and "300Mi" in found["message"], found
         assert "the plan budgeted" in found["message"]
         events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=tight")
         assert any(e.reason == "OOMKilled" for e in events.items)

@@ -100,7 +100,8 @@ def test_the_two_cluster_example_across_a_delayed_link(clusters, smollm2_referen
 
     # Children where the plan put them; none in us carries an owner reference (they do not cross).
     remote = client.AppsV1Api(us).list_namespaced_deployment(NAMESPACE).items
-    assert {d.metadata.name for d in remote} >= {f"smollm2-geo-stage-{i}" for i, s in
+    plan = stored.status.plan.plan_hash[:6]  # a stage's name carries its plan's hash
+    assert {d.metadata.name for d in remote} >= {f"smollm2-geo-stage-{i}-{plan}" for i, s in
                                                  enumerate(stored.status.plan.stages) if s.cluster == "us"}  # fmt: skip
     assert all(not d.metadata.owner_references for d in remote)
     # ... and every pod of them, in both clusters, runs the stage image the chart named.
