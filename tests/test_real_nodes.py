@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -236,9 +237,28 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
         alone = switching.get("status") == "False" and status.get("servingPlan") == status["plan"]["planHash"]
         return status if alone else None
 
-    status = wait_for("one plan serving alone", one_plan, timeout_s=600)
-    print(f"plan serving: {status['servingPlan']}; PlanSwitching: "
-          f"{next(c['message'] for c in status['conditions'] if c['type'] == 'PlanSwitching')}")
+    # Streaming greedy clients while the calibration's re-plan (if it found a better plan) switches.
+    first_plan = status["plan"]["planHash"]
+    local, forward = _port_forward(cluster, "service/smollm2-gateway", 8000, NAMESPACE)
+    answers: list[list[int] | str] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=_stream_chats, args=(local, stop, answers), daemon=True) for _ in range(8)]
+    try:
+        for thread in clients:
+            thread.start()
+        status = wait_for("one plan serving alone", one_plan, timeout_s=600)
+        time.sleep(5)  # a few answers on the plan that serves now, too
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=150)
+        forward.send_signal(signal.SIGTERM)
+        forward.wait(timeout=10)
+    switching = next(c["message"] for c in status["conditions"] if c["type"] == "PlanSwitching")
+    print(f"plan {first_plan} -> {status['servingPlan']} ({switching}); {len(answers)} streamed chats meanwhile")
+    prompt = tokenizer_ids(smollm2_reference, STREAMED_PROMPT)
+    expected = reference_tokens(smollm2_reference, prompt, STREAMED_TOKENS)
+    assert answers and all(answer == expected for answer in answers), answers
     stages = {d.metadata.name for d in client.AppsV1Api(api).list_namespaced_deployment(NAMESPACE).items
               if "-stage-" in d.metadata.name}  # fmt: skip
     plan = status["plan"]["planHash"]
@@ -259,6 +279,36 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
     assert not objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
 
 
+STREAMED_PROMPT, STREAMED_TOKENS = "Three colours are", 24
+
+
+def tokenizer_ids(reference, text: str) -> list[int]:
+    _, tokenizer = reference
+    return list(tokenizer(text)["input_ids"])
+
+
+def _stream_chats(local: int, stop: threading.Event, answers: list, at_most: int = 40) -> None:
+    """Streamed greedy completions through a port-forward, one after another until ``stop`` (at most
+    ``at_most``): each answer's token ids, or what went wrong."""
+    from test_pipeline_smollm2 import completion_request
+
+    body = json.dumps(completion_request(STREAMED_PROMPT, max_tokens=STREAMED_TOKENS, stream=True)).encode()
+    for _ in range(at_most):
+        if stop.is_set():
+            return
+        request = urllib.request.Request(f"http://127.0.0.1:{local}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                chunks = [json.loads(line[6:]) for line in reply if line.startswith(b"data: {")]
+        except OSError as error:
+            answers.append(f"failed: {error}")
+            continue
+        errors = [c["error"] for c in chunks if "error" in c]
+        answers.append(f"error: {errors}" if errors else
+                       [t for c in chunks for t in c["choices"][0].get("token_ids") or []])  # fmt: skip
+
+
 def _served_certificate(cluster: Path, target: str, port: int) -> bytes:
     """The certificate a part's TLS port presents now, asked inside its own pod (no policy in the way)."""
     code = f"import ssl; print(ssl.get_server_certificate(('127.0.0.1', {port})), end='')"
@@ -275,13 +325,11 @@ def _renewed_without_a_restart(cluster: Path, api, first_stage: str) -> None:
     the same tokens."""
     import base64
     import datetime
-    import threading
 
     from bloombee_operator.pki import Identity, due_for_renewal, issue
     from cryptography import x509
     from cryptography.x509.oid import NameOID
     from kubernetes import client
-    from test_pipeline_smollm2 import completion_request
 
     core = client.CoreV1Api(api)
     started = time.monotonic()
@@ -307,25 +355,7 @@ def _renewed_without_a_restart(cluster: Path, api, first_stage: str) -> None:
     local, forward = _port_forward(cluster, "service/smollm2-gateway", 8000, NAMESPACE)
     answers: list[list[int] | str] = []
     stop = threading.Event()
-
-    def chats() -> None:  # streamed completions, one after another, until told to stop (at most 40)
-        body = json.dumps(completion_request("Three colours are", max_tokens=24, stream=True)).encode()
-        for _ in range(40):
-            if stop.is_set():
-                return
-            request = urllib.request.Request(f"http://127.0.0.1:{local}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})  # fmt: skip
-            try:
-                with urllib.request.urlopen(request, timeout=120) as reply:
-                    chunks = [json.loads(line[6:]) for line in reply if line.startswith(b"data: {")]
-            except OSError as error:
-                answers.append(f"failed: {error}")
-                continue
-            errors = [c["error"] for c in chunks if "error" in c]
-            answers.append(f"error: {errors}" if errors else
-                           [t for c in chunks for t in c["choices"][0].get("token_ids") or []])  # fmt: skip
-
-    streaming = threading.Thread(target=chats, daemon=True)
+    streaming = threading.Thread(target=_stream_chats, args=(local, stop, answers), daemon=True)
     streaming.start()
     try:
         for child, port in parts.items():

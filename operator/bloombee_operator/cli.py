@@ -164,6 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         run.deploy()
         run.keep()  # readiness into the status file
         run.keep()  # the stages' profiling runs, and the plan's predictions on what they measured
+        run.keep()  # where those measurements found a better plan, it now serves: the old plan's stages go
         status = run.resource.status
         assert status.plan is not None and status.endpoint is not None  # deploy wrote both or raised
         _print_plan(status.plan)
