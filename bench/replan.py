@@ -9,9 +9,11 @@ token for token (computed in this process first).
 
     python bench/replan.py [--clients 8] [--phase-s 40] [--max-tokens 24]
 
-Per phase (before, each switch, after each): requests sent, completed, failed, wrong; p50/p95 time
-to first token and per-token latency. A request belongs to the phase in which it started; a switch
-phase lasts from the resource's change until the old plan's stages are gone. The figure that
+Per phase (before, each switch, after each): requests sent, completed, refused, failed, wrong;
+p50/p95 time to first token and per-token latency. A request belongs to the phase in which it
+started; a switch lasts from the resource's change until the old plan's stages are gone, in two
+parts: "starting" (the old plan serves while the new one's stages start and warm up) and
+"draining" (the new plan serves while the old one's generations finish). The figure that
 matters: the p95 time to first token of requests started during a switch over the fault-free p95.
 Writes bench/results/replan.json and prints a table.
 
@@ -102,7 +104,8 @@ class Load:
 
 
 def stream(endpoint: str, model: str, prompt: list[int], max_tokens: int) -> tuple[list[int], float, float | None]:
-    """A streamed greedy completion: its token ids, time to first token, mean time between later tokens."""
+    """A streamed greedy completion: its token ids, the time to its first text, and the mean time per
+    token after it (from the first text to the last)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}  # fmt: skip
     request = urllib.request.Request(endpoint + "/completions", data=json.dumps(body).encode(),
@@ -118,13 +121,13 @@ def stream(endpoint: str, model: str, prompt: list[int], max_tokens: int) -> tup
             chunk = json.loads(line[len("data: ") :])
             if "error" in chunk:
                 raise ValueError(f"{chunk['error'].get('code')}: {chunk['error'].get('message', '')[:150]}")
-            ids = chunk["choices"][0].get("token_ids") or []
-            if ids:
+            choice = chunk["choices"][0]
+            if choice.get("text"):  # text as it becomes safe to show; the token ids come with the last chunk
                 last = time.monotonic()
                 first = first or last
-                tokens += ids
-    if first is None or last is None:
-        raise ValueError("no token streamed")
+            tokens += choice.get("token_ids") or []
+    if first is None or last is None or not tokens:
+        raise ValueError("no text or no token ids streamed")
     per_token = (last - first) / (len(tokens) - 1) if len(tokens) > 1 else None
     return tokens, first - started, per_token
 
@@ -205,9 +208,11 @@ def run(source: str, name: str, nodes_sequence: list[list[dict]], clients: int, 
             body["spec"]["clusters"][0]["nodes"] = nodes
             body["metadata"]["generation"] += 1
             started = time.monotonic()
-            load.phase = label = f"switch {len(switches) + 1}"
+            label = f"switch {len(switches) + 1}"
+            load.phase = f"{label}: starting"  # the old plan serves while the new one's stages start
             step(reconcile.deploy(reconcile.read(body), backend))  # new stages ready, the gateway moved over
             moved = time.monotonic() - started
+            load.phase = f"{label}: draining"  # the new plan serves; the old one's generations finish
             settle(SWITCH_TIMEOUT_S)
             done = time.monotonic() - started
             plan = body["status"]["plan"]
@@ -223,9 +228,11 @@ def run(source: str, name: str, nodes_sequence: list[list[dict]], clients: int, 
         load.stop.set()
         for thread in threads:
             thread.join(timeout=660)
-        phases = {}
+        phases: dict[str, list[Answer]] = {}
         for answer in load.answers:
             phases.setdefault(answer.phase, []).append(answer)
+            if answer.phase.startswith("switch "):  # and the switch as a whole
+                phases.setdefault(answer.phase.split(":")[0], []).append(answer)
         return {"clients": clients, "phase_s": phase_s, "max_tokens": max_tokens, "prompts": len(prompts),
                 "switches": switches, "phases": {label: summary(answers) for label, answers in phases.items()},
                 "gateway_restarted": backend.processes[f"{name}-gateway"].popen.pid != gateway_pid,
@@ -234,13 +241,11 @@ def run(source: str, name: str, nodes_sequence: list[list[dict]], clients: int, 
         backend.stop()
 
 
-def smollm2_reference(source: str) -> tuple[Callable[[list[int], int], list[int]], object]:
-    """transformers' greedy `generate` on the model, and its tokenizer."""
+def transformers_reference(model_dir: Path) -> Callable[[list[int], int], list[int]]:
+    """transformers' greedy `generate` on the model in ``model_dir`` (past end-of-sequence)."""
     import torch
-    from bloombee_stage.model.loading import prepare_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model_dir = prepare_model(source)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     def generate(prompt: list[int], new_tokens: int) -> list[int]:
@@ -250,17 +255,17 @@ def smollm2_reference(source: str) -> tuple[Callable[[list[int], int], list[int]
                                  eos_token_id=None, pad_token_id=0)  # fmt: skip
         return out[0, ids.shape[1] :].tolist()
 
-    return generate, AutoTokenizer.from_pretrained(model_dir)
+    return generate
 
 
 def table(result: dict) -> str:
     def seconds(value: float | None) -> str:
         return f"{value:.2f}" if value is not None else "-"
 
-    lines = [f"{'phase':<10} {'sent':>5} {'done':>5} {'refused':>7} {'failed':>6} {'wrong':>5} {'TTFT p50':>9} "
+    lines = [f"{'phase':<19} {'sent':>5} {'done':>5} {'refused':>7} {'failed':>6} {'wrong':>5} {'TTFT p50':>9} "
              f"{'TTFT p95':>9} {'tok p50':>8} {'tok p95':>8}"]  # fmt: skip
     for label, s in result["phases"].items():
-        lines.append(f"{label:<10} {s['sent']:>5} {s['completed']:>5} {s['refused']:>7} {s['failed']:>6} "
+        lines.append(f"{label:<19} {s['sent']:>5} {s['completed']:>5} {s['refused']:>7} {s['failed']:>6} "
                      f"{s['wrong']:>5} "
                      f"{seconds(s['ttft_p50_s']):>9} {seconds(s['ttft_p95_s']):>9} "
                      f"{seconds(s['per_token_p50_s']):>8} {seconds(s['per_token_p95_s']):>8}")  # fmt: skip
@@ -283,9 +288,12 @@ def main() -> None:
     parser.add_argument("--source", default=SMOLLM2)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
+    from bloombee_stage.model.loading import prepare_model
     from prompt_sets import OPEN_CHAT
+    from transformers import AutoTokenizer
 
-    reference, tokenizer = smollm2_reference(args.source)
+    model_dir = prepare_model(args.source)
+    reference, tokenizer = transformers_reference(model_dir), AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"] for text in OPEN_CHAT]
     with tempfile.TemporaryDirectory() as run_dir:

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from replan import run
+from replan import run, transformers_reference
 
 PROMPTS = [[1, 504, 3458, 314, 253, 1045 + n, 28, 2] for n in range(8)]
 # Tiny Llama layers are ~150 KB of weights; 8 sequences of 64 positions ~128 KB of KV a layer: nodes
@@ -24,26 +23,15 @@ TWO_NODES = [{"name": n, "memoryGiB": 0.001} for n in ("a", "b")]
 
 @pytest.mark.model
 def test_switching_plans_under_load_drops_nothing_and_changes_no_token(tmp_path, tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-
-    def reference(prompt: list[int], new_tokens: int) -> list[int]:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)  # fmt: skip
-        return out[0, ids.shape[1] :].tolist()
-
     said: list[str] = []
     result = run(str(tiny_dir), "tiny", [THREE_NODES, TWO_NODES, THREE_NODES], clients=8, phase_s=4.0,
-                 max_tokens=24, prompts=PROMPTS, reference=reference, run_dir=tmp_path / "run", context_tokens=64,
-                 progress=said.append)  # fmt: skip
+                 max_tokens=24, prompts=PROMPTS, reference=transformers_reference(tiny_dir), run_dir=tmp_path / "run",
+                 context_tokens=64, progress=said.append)  # fmt: skip
     assert [(s["from_stages"], s["to_stages"]) for s in result["switches"]] == [(3, 2), (2, 3)], said
     assert [s["admitted"] for s in result["switches"]] == [8, 8], said
     assert not result["gateway_restarted"] and result["endpoint_kept"]
     phases = result["phases"]
-    assert set(phases) == {"before", "switch 1", "after 1", "switch 2", "after 2"}, phases
+    assert {"before", "switch 1", "after 1", "switch 2", "after 2"} <= set(phases), phases
     for label, summary in phases.items():
         assert summary["failed"] == summary["refused"] == summary["wrong"] == 0, (label, summary)
         assert summary["completed"] >= 1, (label, summary)  # requests really ran in every phase

@@ -155,9 +155,15 @@ class StageService:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create what needs the event loop: the session to the next stage, the idle-session sweeper."""
+        """Create what needs the event loop (the session to the next stage, the idle-session sweeper)
+        and warm up before the server listens: a prefill and decode steps of one row and of the
+        plan's micro-batch, so the first real steps (those right after a plan switch moves traffic
+        here) do not pay first-call allocations and kernel choices."""
         self._http = peer_session(aiohttp.ClientTimeout(total=self.settings.push_timeout_s), self.settings.tls)
         self._sweeper = asyncio.create_task(self._expire_sessions())
+        started, rows = time.perf_counter(), sorted({1, self.settings.micro_batch or 1})
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._profile_steps, rows, 1)
+        log.info("warmed up with steps of %s rows in %.2f s", rows, time.perf_counter() - started)
 
     async def stop(self) -> None:
         """Refuse new work, cancel what runs, close what ``start`` made and the torch thread."""
