@@ -157,6 +157,7 @@ def test_a_memory_limit_is_enforced_by_the_kernel(api, cluster, images):
 
 
 @pytest.mark.model
+@pytest.mark.timeout(1200)  # the whole product path, a plan switch under load included
 def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(api, cluster, images,
                                                                                 smollm2_reference):  # fmt: skip
     """The product as a user reaches it on real nodes: `helm install` with both images from the
