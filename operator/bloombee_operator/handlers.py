@@ -22,13 +22,12 @@ from bloombee_contract.status import ConditionType, Reason
 from kubernetes import client, config
 
 from bloombee_operator import reconcile
-from bloombee_operator.api.crd import GROUP, PLURAL, VERSION
+from bloombee_operator.api.crd import FINALIZER, GROUP, PLURAL, VERSION
 from bloombee_operator.api.resource import DistributedLLM
 from bloombee_operator.api.status import lenient_status
 from bloombee_operator.backends.kubernetes.backend import Cluster, KubernetesBackend, RemoteClusterError
 from bloombee_operator.backends.kubernetes.objects import Images, Owner
 
-FINALIZER = "bloombee.ai/cleanup"
 RECHECK_S = float(os.environ.get("BLOOMBEE_RECHECK_S", "30"))
 
 
