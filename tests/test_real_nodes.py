@@ -436,7 +436,8 @@ def _pods_then_phase_ready(api, namespace: str, name: str, timeout_s: float) -> 
     while time.monotonic() < deadline:  # bounded polling
         now = time.monotonic()
         expected = len(apps.list_namespaced_deployment(namespace, label_selector=children).items)
-        pods = core.list_namespaced_pod(namespace, label_selector=children).items
+        pods = [p for p in core.list_namespaced_pod(namespace, label_selector=children).items
+                if p.metadata.deletion_timestamp is None]  # a replaced pod on its way out is not waited for
         ready = expected >= 2 and sum(_pod_ready(p) for p in pods) == expected == len(pods)
         pods_at = (pods_at or now) if ready else None
         if pods_at is not None and _phase(objects, namespace, name) == "Ready":
