@@ -158,6 +158,7 @@ def test_a_memory_limit_is_enforced_by_the_kernel(api, cluster, images):
 
 
 @pytest.mark.model
+@pytest.mark.timeout(1200)  # the example to Ready, chats, a calibration, renewals, helm test and uninstall
 def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(api, cluster, images,
                                                                                 smollm2_reference):  # fmt: skip
     """The product as a user reaches it on real nodes: `helm install` with both images from the
@@ -447,6 +448,7 @@ def _pods_then_phase_ready(api, namespace: str, name: str, timeout_s: float) -> 
 
 
 @pytest.mark.model
+@pytest.mark.timeout(1200)  # a model to load, a stage replaced, two helm tests, and a hook's bounded wait
 def test_ready_follows_the_children_and_helm_uninstall_without_an_operator_leaves_nothing(api, cluster, images):
     """The operator's life cycle on a real node, with the chart's default recheck (30 s): how long a
     user's resource takes to say `Ready` after its last pod is, and to stop saying so after losing
