@@ -37,6 +37,7 @@ CLUSTER_ERRORS: tuple[type[Exception], ...] = (client.ApiException, config.Confi
 Say = Callable[[str], None]
 Clock = Callable[[], float]
 POLL_S = 1.0
+POD_GRACE_S = 60.0  # pods of deleted children get their termination grace period (30 s by default) to stop
 CONFLICTS = 3  # a resource written between our read and our write: read it again, this often
 
 
@@ -103,7 +104,8 @@ def delete_resources(api: client.ApiClient, namespace: str | None, names: Iterab
     """Delete the DistributedLLMs named (in ``namespace``) or matched by ``label_selector`` (in
     ``namespace``, or every namespace when it is None) and wait until they, their children and their
     pods are gone; whether everything went. ``wait_s`` bounds each wait: for the operator, then
-    (where it did not finish) for the deletion this command completes itself, then for the pods."""
+    (where it did not finish) for the deletion this command completes itself, then (at least
+    ``POD_GRACE_S``) for what is left of the children, their pods above all."""
     objects, local = client.CustomObjectsApi(api), Cluster(api)
     wanted = set(names)
     targets = sorted(_ref(body) for body in _listed(objects, namespace, label_selector)
@@ -143,9 +145,10 @@ def delete_resources(api: client.ApiClient, namespace: str | None, names: Iterab
     def leftovers() -> list[str]:
         return [f"{ref}: {what}" for ref in targets for what in _left_behind(local, ref)]
 
-    left = _until(leftovers, clock() + wait_s, clock, sleep)
+    left = _until(leftovers, clock() + max(wait_s, POD_GRACE_S), clock, sleep)
     for line in left:
-        say(f"still there after {wait_s:.0f} s: {line}")
+        say(f"still there after {max(wait_s, POD_GRACE_S):.0f} s: {line} (kubectl describe it: a pod may wait on "
+            "a node that is gone)")  # fmt: skip
     if not held and not left:
         say(f"{listed}: the resources, their children and their pods are gone ({clock() - started:.0f} s)")
     _others(objects, set(targets), say)

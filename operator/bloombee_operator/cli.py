@@ -450,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("-l", "--selector", default=None, help="a label selector (app.kubernetes.io/instance=REL)")
     delete.add_argument("--all", action="store_true", help="every DistributedLLM in the namespace (-n) or all (-A)")
     delete.add_argument("--wait-s", type=float, default=90.0, help="how long to wait for the operator to remove "
-                        "each resource before removing its children and finalizer here, and for its pods to go")
+                        "each resource before removing its children and finalizer here, and for its pods to go "
+                        "(at least 60 s: their termination grace period)")
     delete.add_argument("--kubeconfig", default=None, help="default: in a pod its service account, else $KUBECONFIG")
     delete.set_defaults(handler=cmd_delete)
 
