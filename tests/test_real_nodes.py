@@ -210,6 +210,16 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
     pods = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/instance=smollm2").items
     assert {p.spec.containers[0].image for p in pods} == {images["stage"]}
 
+    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
+        return (status.get("profiles") or {}).get("nodes") or None
+
+    # Ready follows the pods within a second, and the first calibration comes at the next recheck: the
+    # re-plan it may adopt still rolls the children in place (until plans switch make-before-break),
+    # so the chats start once it is over and the example is Ready again.
+    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
+    wait_for("the example Ready again after its calibration", ready, timeout_s=300)
+
     local, forward = _port_forward(cluster, "service/smollm2-gateway", 8000, NAMESPACE)
     try:
         request = urllib.request.Request(f"http://127.0.0.1:{local}/v1/chat/completions",
@@ -225,11 +235,6 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
         forward.wait(timeout=10)
     assert answer["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
 
-    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
-        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
-        return (status.get("profiles") or {}).get("nodes") or None
-
-    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
     # The stages that were measured are those of the plan that was serving (a re-plan may follow).
     assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
     assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
