@@ -89,8 +89,9 @@ TIMEOUT=${BLOOMBEE_CLUSTER_TIMEOUT:-180}
 # Pods and for objects to be cleaned up. root-ca-certificate-publisher creates
 # the kube-root-ca.crt ConfigMap that projected service-account token volumes
 # reference, which a (Python) kubelet will need to mount.
-# The endpoint controllers feed the API server's service proxy and the cluster set's names.
-KCM_CONTROLLERS=${BLOOMBEE_KCM_CONTROLLERS:-deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,endpoints-controller,endpointslice-controller}
+# The endpoint controllers feed the API server's service proxy and the cluster set's names; the
+# job controller runs the chart's pre-delete hook (a Job) on `helm uninstall`.
+KCM_CONTROLLERS=${BLOOMBEE_KCM_CONTROLLERS:-deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,namespace-controller,root-ca-certificate-publisher-controller,endpoints-controller,endpointslice-controller,job-controller}
 
 # real: a kubelet with containerd and runc, kube-proxy, CoreDNS and the scheduler (scripts/k8s/node.sh);
 # none: the control plane alone (what a machine without root can run).

@@ -3,9 +3,9 @@ chart uses, and nothing more (no helm binary can be installed here).
 
 Supported: ``{{ .Values.a.b }}``, ``.Release.Name``, ``.Release.Namespace``, ``.Chart.AppVersion``,
 pipelines through ``quote``, ``toYaml`` and ``nindent N``, ``{{- if X }} ... {{- else }} ... {{- end }}``
-and the ``{{-`` / ``-}}`` whitespace trimming. A template that uses anything else fails here, which
-keeps the chart inside what this renderer checks; `helm template` on a machine with helm is the
-full check.
+(X a value, or ``or`` of values), and the ``{{-`` / ``-}}`` whitespace trimming. A template that
+uses anything else fails here, which keeps the chart inside what this renderer checks; `helm
+template` on a machine with helm is the full check.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def _evaluate(expression: str, context: dict) -> Any:
     head = stages[0]
     if head[0] == "toYaml" and len(head) == 2:
         value: Any = _yaml(_lookup(head[1], context))
+    elif head[0] == "or" and len(head) > 2 and all(arg.startswith(".") for arg in head[1:]):
+        values = [_lookup(arg, context) for arg in head[1:]]
+        value = next((each for each in values if each), values[-1])  # Go's `or`: the first true one, or the last
     elif len(head) == 1 and head[0].startswith("."):
         value = _lookup(head[0], context)
     else:

@@ -53,7 +53,8 @@ def test_values_match_their_schema_and_bad_values_are_refused():
 def test_every_rendered_object_is_valid(example):
     objects = rendered(values(example={"enabled": example}))
     kinds = sorted(obj["kind"] for obj in objects)
-    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    # the operator's identity and the uninstall hook's; the operator, the hook's Job, helm test's pod(s)
+    expected = ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"] * 2 + ["Deployment", "Job", "Pod"]
     assert kinds == sorted(expected + (["DistributedLLM", "Pod"] if example else []))
     for obj in objects:
         if obj["kind"] == "DistributedLLM":
@@ -64,15 +65,88 @@ def test_every_rendered_object_is_valid(example):
     container = operator["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][-1] == "bloombee_operator.handlers"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    if example:
-        test_pod = next(obj for obj in objects if obj["kind"] == "Pod")
-        assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-        assert "http://smollm2-gateway.bloombee-system.svc:8000/v1" in test_pod["spec"]["containers"][0]["command"]
 
 
-def test_without_rbac_only_the_operator_is_installed():
+def _tests(objects: list[dict]) -> dict[str, list[str]]:
+    """`helm test`'s pods by name: their commands."""
+    return {obj["metadata"]["name"]: obj["spec"]["containers"][0]["command"] for obj in objects
+            if obj["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("example", "test", "chat"), [
+    (False, {}, None),
+    (True, {}, "bloombee-system/smollm2"),
+    (False, {"resource": "mine"}, "bloombee-system/mine"),
+    (True, {"resource": "mine", "namespace": "team-a"}, "team-a/mine"),
+])  # fmt: skip
+def test_helm_test_checks_the_operator_always_and_a_resource_when_there_is_one(example, test, chat):
+    objects = rendered(values(example={"enabled": example}, test=test))
+    tests = _tests(objects)
+    assert tests.pop("bb-test-operator") == ["bloombee", "check", "--operator", "bloombee-system/bb-operator",
+                                             "--wait-s", "60"]  # fmt: skip
+    if chat is None:
+        assert not tests
+    else:
+        assert tests == {"bb-test-chat": ["bloombee", "check", "--wait-s", "600", "--resource", chat]}
+    for pod in (obj for obj in objects if obj["kind"] == "Pod"):  # as the operator: what it may read, they read
+        assert pod["spec"]["serviceAccountName"] == "bb-operator"
+        assert pod["spec"]["containers"][0]["image"] == "ghcr.io/bloombee/operator:0.1.0"
+
+
+def test_helm_test_passes_the_gateway_key_where_the_chart_sets_one():
+    objects = rendered({**values(example={"enabled": True}), "apiKeySecret": "gateway-key"})
+    chat = next(obj for obj in objects if obj["metadata"]["name"] == "bb-test-chat")
+    (env,) = chat["spec"]["containers"][0]["env"]
+    assert env["name"] == "BLOOMBEE_API_KEY" and env["valueFrom"]["secretKeyRef"]["name"] == "gateway-key"
+
+
+def _granted(role: dict) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("everything", [False, True])
+def test_uninstall_first_deletes_the_resources_while_the_operator_runs(everything):
+    """A pre-delete hook: its ServiceAccount and role made before its Job, all removed once it
+    succeeded; the Job deletes the release's DistributedLLMs (every one with allResources), bounded."""
+    objects = rendered(values(uninstall={"allResources": everything, "waitSeconds": 45}))
+    hooks = {(obj["kind"], obj["metadata"]["name"]): obj["metadata"].get("annotations", {}) for obj in objects
+             if obj["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"}  # fmt: skip
+    assert set(hooks) == {("ServiceAccount", "bb-uninstall"), ("ClusterRole", "bb-uninstall"),
+                          ("ClusterRoleBinding", "bb-uninstall"), ("Job", "bb-uninstall")}  # fmt: skip
+    job = hooks.pop(("Job", "bb-uninstall"))
+    assert all(int(a["helm.sh/hook-weight"]) < int(job["helm.sh/hook-weight"]) for a in hooks.values())
+    assert all(a["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+               for a in [job, *hooks.values()])  # fmt: skip
+    spec = next(obj for obj in objects if obj["kind"] == "Job")["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["backoffLimit"] == 0 and pod["serviceAccountName"] == "bb-uninstall"
+    selected = ["--all", "--all-namespaces"] if everything else ["--namespace", "bloombee-system", "--selector",
+                                                                 "app.kubernetes.io/instance=bb"]  # fmt: skip
+    assert pod["containers"][0]["command"] == ["bloombee", "delete", *selected, "--wait-s", "45"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_uninstall_hook_may_do_what_the_finalizer_does_and_nothing_more():
+    """What `bloombee delete` needs where no operator runs: delete the resource and drop its
+    finalizer, list and delete every kind of child, read remote kubeconfig Secrets and delete TLS
+    Secrets by name, list pods; it never creates or updates anything."""
+    role = next(obj for obj in rendered(values()) if obj["kind"] == "ClusterRole"
+                and obj["metadata"]["name"] == "bb-uninstall")  # fmt: skip
+    granted = _granted(role)
+    plural = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
+              "NetworkPolicy": "networkpolicies", "ServiceExport": "serviceexports"}  # fmt: skip
+    needed = {("bloombee.ai", "distributedllms", verb) for verb in ("get", "list", "delete", "patch")}
+    needed |= {(api_version.rpartition("/")[0], plural[kind], verb) for api_version, kind in CHILD_KINDS
+               for verb in ("list", "delete")}  # fmt: skip
+    needed |= {("", "pods", "list"), ("", "secrets", "get"), ("", "secrets", "delete")}
+    assert granted == needed
+
+
+def test_without_rbac_the_user_makes_the_service_accounts():
     objects = rendered(values(rbac={"create": False}))
-    assert [obj["kind"] for obj in objects] == ["Deployment"]
+    assert sorted((obj["kind"], obj["metadata"]["name"]) for obj in objects) == [
+        ("Deployment", "bb-operator"), ("Job", "bb-uninstall"), ("Pod", "bb-test-operator")]  # fmt: skip
 
 
 def test_the_chart_crd_is_the_generated_one():
@@ -83,9 +157,9 @@ def test_the_chart_crd_is_the_generated_one():
 
 
 def test_rbac_covers_what_the_operator_does_and_is_not_a_wildcard():
-    role = next(obj for obj in rendered(values()) if obj["kind"] == "ClusterRole")
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}  # fmt: skip
+    role = next(obj for obj in rendered(values()) if obj["kind"] == "ClusterRole"
+                and obj["metadata"]["name"] == "bb-operator")  # fmt: skip
+    granted = _granted(role)
     assert not any("*" in entry for entry in granted)
     plural = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
               "NetworkPolicy": "networkpolicies", "ServiceExport": "serviceexports"}  # fmt: skip

@@ -136,3 +136,21 @@ def test_chat_tries_a_gateway_that_is_changing_plans_again_within_its_wait():
         assert done.returncode == 1 and "400 from" in done.stderr and "trying again" not in done.stderr
     finally:
         server.shutdown()
+
+
+def test_the_cluster_commands_say_what_is_missing_or_unreachable_without_a_traceback(tmp_path):
+    """`delete` and `check` refuse to guess what to act on, and a cluster that does not answer is one
+    line naming it (their work on a real API server: test_operator.py and test_real_nodes.py)."""
+    for command, said in ((["delete"], "name the DistributedLLMs"), (["delete", "-A", "x"], "one namespace"),
+                          (["check"], "say what to check")):  # fmt: skip
+        done = bloombee(*command)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    nowhere = tmp_path / "kubeconfig"  # a port nothing listens on
+    nowhere.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}], "users": [{"name": "u", "user": {}}]}))
+    for command in (["delete", "x", "-n", "ns"], ["check", "--operator", "ns/op"]):
+        done = bloombee(*command, "--kubeconfig", str(nowhere), "--wait-s", "1")
+        assert done.returncode == 1 and "cannot reach the cluster" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "127.0.0.1" in done.stderr

@@ -62,6 +62,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
     backend = LocalBackend(tmp_path / "run", threads_per_stage=1, ca=TEST_CA, hung_after_s=2.0)
     resource = body(str(tiny_dir), TWO_NODES)
     try:
+        assert reconcile.readiness(reconcile.read(resource), backend) == reconcile.Outcome()  # deploy's to say
         created = reconcile.deploy(reconcile.read(resource), backend)
         apply_outcome(resource, created)
         plan = resource["status"]["plan"]
@@ -113,6 +114,11 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         crashed = backend.processes[stage(resource, 1)]
         os.kill(crashed.popen.pid, signal.SIGKILL)
         crashed.popen.wait()
+        # Readiness alone (what the operator runs as soon as a child's readiness changes) says so
+        # and restores nothing: that is the timer's.
+        alone = reconcile.readiness(reconcile.read(resource), backend)
+        assert (alone.status["phase"], alone.status["stagesReady"], alone.events) == ("Deploying", "2/3", [])
+        assert crashed.popen.poll() is not None and backend.processes["tiny-stage-1"] is crashed
         kept = reconcile.keep(reconcile.read(resource), backend)
         apply_outcome(resource, kept)
         assert [e.reason for e in kept.events] == ["Restored"] and stage(resource, 1) in kept.events[0].message
@@ -120,6 +126,9 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         assert degraded["status"] == "True" and stage(resource, 1) in degraded["message"]
         assert backend.processes[stage(resource, 1)].url == crashed.url
         assert chat(endpoint)["usage"]["completion_tokens"] == 4
+        apply_outcome(resource, reconcile.readiness(reconcile.read(resource), backend))
+        ready = {c["type"]: c for c in resource["status"]["conditions"]}
+        assert resource["status"]["phase"] == "Ready" and ready["Degraded"]["status"] == "False"
         apply_outcome(resource, reconcile.keep(reconcile.read(resource), backend))
         assert resource["status"]["phase"] == "Ready"
 

@@ -134,6 +134,55 @@ def test_create_restore_and_delete(operator, real_api, tiny_dir):
                                                or pods(namespace).items), timeout_s=120)  # fmt: skip
 
 
+def test_bloombee_delete_waits_for_the_operator_and_does_its_work_where_none_runs(real_cluster, real_api,
+                                                                                    monkeypatch, tiny_dir):  # fmt: skip
+    """`bloombee delete` (what the chart's pre-delete hook runs): with the operator running, the
+    operator's finalizer removes the children and the command waits for it; with none, after its
+    bounded wait the command removes the children itself and drops the finalizer, saying so. Either
+    way nothing labelled as the resource's is left, nor its Secrets."""
+    from bloombee_operator import admin
+    from bloombee_operator.api.crd import FINALIZER
+    from kopf.testing import KopfRunner
+    from kubernetes import client
+
+    namespace = "op-delete"
+    monkeypatch.setenv("KUBECONFIG", str(real_cluster))
+    create_namespace(real_api, namespace)
+    core = client.CoreV1Api(real_api)
+
+    def deployed(name: str) -> bool:
+        meta = (get_resource(real_api, namespace, name) or {}).get("metadata", {})
+        return FINALIZER in meta.get("finalizers", []) and f"{name}-gateway" in deployments(real_api, namespace)
+
+    def secrets_of(name: str) -> list[str]:
+        return [item.metadata.name for item in core.list_namespaced_secret(namespace).items
+                if item.metadata.name.startswith(name)]  # fmt: skip
+
+    with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "bloombee_operator.handlers"]) as runner:
+        for name in ("kept", "orphan"):
+            body = resource(name, namespace, str(tiny_dir))
+            body["metadata"]["labels"] = {"app.kubernetes.io/instance": "rel"}  # as the chart's example
+            create(real_api, body)
+        for name in ("kept", "orphan"):
+            wait_for(f"{name} deployed, with its finalizer", lambda name=name: deployed(name))
+        said: list[str] = []
+        assert admin.delete_resources(real_api, namespace, ["kept"], None, 60, said.append), said
+        assert any(line.startswith(f"the operator removed {namespace}/kept in") for line in said), said
+        assert not any("no operator removed it" in line for line in said) and not secrets_of("kept-")
+    assert runner.exception is None, runner.output
+
+    # No operator now: orphan keeps its finalizer and its children, and nobody would remove them.
+    assert deployed("orphan")
+    said = []
+    assert admin.delete_resources(real_api, namespace, [], "app.kubernetes.io/instance=rel", 3, said.append), said
+    text = "\n".join(said)
+    assert f"{namespace}/orphan is still there after 3 s: no operator removed it" in text, text
+    assert f"{namespace}/orphan: removed" in text and f"dropped the finalizer {FINALIZER}" in text, text
+    assert get_resource(real_api, namespace, "orphan") is None
+    assert not deployments(real_api, namespace) and not services(real_api, namespace) and not secrets_of("orphan-")
+    assert not core.list_namespaced_pod(namespace).items
+
+
 def test_a_resource_the_schema_admits_but_cannot_run_gets_a_condition_and_an_event(operator, real_api):
     """The schema cannot know the model file is missing; the operator says so on the resource."""
     from kubernetes import client

@@ -26,9 +26,11 @@ import pytest
 from clusters import (
     GROUP,
     PLURAL,
+    ROOT,
     VERSION,
     control_planes,
     helm,
+    helm_binary,
     image_values,
     kubectl,
     kubectl_path,
@@ -157,7 +159,8 @@ def test_a_memory_limit_is_enforced_by_the_kernel(api, cluster, images):
 
 
 @pytest.mark.model
-@pytest.mark.timeout(1200)  # the whole product path, a plan switch under load included
+@pytest.mark.timeout(1200)  # the example to Ready, chats, a calibration and its plan switch under load, renewals,
+# helm test and uninstall
 def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(api, cluster, images,
                                                                                 smollm2_reference):  # fmt: skip
     """The product as a user reaches it on real nodes: `helm install` with both images from the
@@ -165,7 +168,8 @@ def test_helm_install_from_the_registry_chat_helm_test_and_delete_on_real_nodes(
     scheduled as pods of the stage image, `Ready`, a chat through `kubectl port-forward` to the
     gateway's Service with transformers' greedy tokens, `helm test` (a chat pod through the Service's
     DNS name), the operator's calibration of the stages through the API server's service proxy,
-    `kubectl logs` of the gateway, and delete removing every child."""
+    `kubectl logs` of the gateway, and `helm uninstall` alone leaving nothing of the example running
+    (its pre-delete hook deletes it while the operator still runs)."""
     from kubernetes import client
 
     started = time.monotonic()
@@ -208,6 +212,15 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
     pods = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/instance=smollm2").items
     assert {p.spec.containers[0].image for p in pods} == {images["stage"]}
 
+    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
+        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
+        return (status.get("profiles") or {}).get("nodes") or None
+
+    # Ready follows the pods within a second, and the first calibration comes at the next recheck; the
+    # re-plan it may adopt switches make-before-break (below, under load), the example staying Ready.
+    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
+    wait_for("the example Ready again after its calibration", ready, timeout_s=300)
+
     local, forward = _port_forward(cluster, "service/smollm2-gateway", 8000, NAMESPACE)
     try:
         request = urllib.request.Request(f"http://127.0.0.1:{local}/v1/chat/completions",
@@ -223,11 +236,6 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
         forward.wait(timeout=10)
     assert answer["choices"][0]["token_ids"] == reference_tokens(smollm2_reference, answer["prompt_token_ids"])
 
-    def profiled() -> list | None:  # the operator's first calibration, through the service proxy (signed)
-        status = objects.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2").get("status", {})
-        return (status.get("profiles") or {}).get("nodes") or None
-
-    nodes = wait_for("the stages' profiles in the status", profiled, timeout_s=300)
     # The stages that were measured are those of the plan that was serving (a re-plan may follow).
     assert [n["node"] for n in nodes] == [s["node"] for s in status["plan"]["stages"]]
     assert all(n["layerMsAt"] and n["msPerLayer"] > 0 for n in nodes) and nodes[-1]["headMsAt"]
@@ -270,14 +278,16 @@ def _serve_and_remove(cluster: Path, api, images: dict[str, str], smollm2_refere
     gateway_log = kubectl(cluster, "logs", "-n", NAMESPACE, "deployment/smollm2-gateway")
     assert gateway_log.returncode == 0 and "/v1/chat/completions" in gateway_log.stdout + gateway_log.stderr
 
-    objects.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "smollm2")
-    selector = "app.kubernetes.io/instance=smollm2"
-    wait_for("every child of the resource to be gone", lambda: not (
-        core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
-        or core.list_namespaced_service(NAMESPACE, label_selector=selector).items
-        or core.list_namespaced_secret(NAMESPACE, label_selector=selector).items), timeout_s=180)  # fmt: skip
-    assert helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE).returncode == 0
+    # `helm uninstall` alone: its pre-delete hook deletes the example while the operator still runs
+    # and waits until the operator's finalizer has removed the children and their pods are gone.
+    started = time.monotonic()
+    uninstalled = helm(cluster, "uninstall", "bloombee", "--namespace", NAMESPACE, timeout_s=400)
+    assert uninstalled.returncode == 0, uninstalled.stdout + uninstalled.stderr
+    print(f"helm uninstall with the operator running: {time.monotonic() - started:.0f} s")
     assert not objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
+    _nothing_left(api, NAMESPACE, "smollm2", "bloombee")
+    wait_for("the operator's pod and the hook's to go", lambda: not core.list_namespaced_pod(NAMESPACE).items,
+             timeout_s=120)  # fmt: skip
 
 
 STREAMED_PROMPT, STREAMED_TOKENS = "Three colours are", 24
@@ -451,3 +461,158 @@ def test_faults_on_real_nodes_reach_the_resource_as_conditions_and_events(api, c
             namespace, label_selector=children).items, timeout_s=120)  # fmt: skip
     finally:
         helm(cluster, "uninstall", "faults", "--namespace", namespace)
+
+
+def _pod_ready(pod) -> bool:
+    return pod.metadata.deletion_timestamp is None and any(
+        c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])  # fmt: skip
+
+
+def _phase(objects, namespace: str, name: str) -> str | None:
+    return (objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}).get(
+        "phase")  # fmt: skip
+
+
+def _pods_then_phase_ready(api, namespace: str, name: str, timeout_s: float) -> tuple[float, float]:
+    """Watch (4 polls a second) until every pod of the resource's stages and gateway is Ready and
+    then its phase is: the monotonic times at which each was first seen."""
+    from kubernetes import client
+
+    core, apps, objects = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    children = f"app.kubernetes.io/instance={name},app.kubernetes.io/component in (stage,gateway)"
+    pods_at: float | None = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # bounded polling
+        now = time.monotonic()
+        expected = len(apps.list_namespaced_deployment(namespace, label_selector=children).items)
+        pods = [p for p in core.list_namespaced_pod(namespace, label_selector=children).items
+                if p.metadata.deletion_timestamp is None]  # a replaced pod on its way out is not waited for
+        ready = expected >= 2 and sum(_pod_ready(p) for p in pods) == expected == len(pods)
+        pods_at = (pods_at or now) if ready else None
+        if pods_at is not None and _phase(objects, namespace, name) == "Ready":
+            return pods_at, now
+        time.sleep(0.25)
+    pytest.fail(f"{name}'s pods and then its phase were not Ready within {timeout_s:.0f} s")
+
+
+@pytest.mark.model
+@pytest.mark.timeout(1200)  # a model to load, a stage replaced, two helm tests, and a hook's bounded wait
+def test_ready_follows_the_children_and_helm_uninstall_without_an_operator_leaves_nothing(api, cluster, images):
+    """The operator's life cycle on a real node, with the chart's default recheck (30 s): a user's
+    resource is `Ready` within seconds of its last pod, and stops being Ready within seconds of
+    losing a pod; `helm test` checks the operator and, asked with test.resource, that resource's
+    chat; with the operator scaled to 0 the operator check fails, saying so, and `helm uninstall`'s
+    pre-delete hook, finding no operator to clean up, removes the children and the finalizer itself:
+    nothing of the resource is left, nor of the hook."""
+    from kubernetes import client
+
+    namespace, release, name = "life", "life", "quick"
+    installed = helm(cluster, "install", release, "charts/bloombee", "--namespace", namespace, "--create-namespace",
+                     "--set", "uninstall.waitSeconds=15", *image_values(images))  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    core, apps, objects = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    figures: dict[str, float | None] = {}
+    try:
+        body = _resource(name, cpu=0.5)
+        body["metadata"]["labels"] = {"app.kubernetes.io/instance": release}  # the release's: uninstall deletes it
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        pods_at, ready_at = _pods_then_phase_ready(api, namespace, name, timeout_s=600)
+        figures["last pod Ready -> phase Ready, created"] = ready_at - pods_at
+
+        def calibrated() -> bool:  # the first calibration (a re-plan on what the stage measured) is over
+            status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status", {})
+            return bool((status.get("profiles") or {}).get("measuredAt")) and status.get("phase") == "Ready"
+
+        wait_for("the first calibration", calibrated, timeout_s=300)
+        (stage,) = core.list_namespaced_pod(namespace, label_selector=f"bloombee.ai/name={name}-stage-0").items
+        deleted_at = time.monotonic()
+        core.delete_namespaced_pod(stage.metadata.name, namespace)
+        noticed = None
+        while time.monotonic() < deleted_at + 300:  # until the phase says so, or the new pod is Ready anyway
+            if _phase(objects, namespace, name) != "Ready":
+                noticed = time.monotonic() - deleted_at
+                break
+            fresh = core.list_namespaced_pod(namespace, label_selector=f"bloombee.ai/name={name}-stage-0").items
+            if any(_pod_ready(p) and p.metadata.uid != stage.metadata.uid for p in fresh):
+                break
+            time.sleep(0.25)
+        figures["stage pod deleted -> phase not Ready"] = noticed
+        pods_at, ready_at = _pods_then_phase_ready(api, namespace, name, timeout_s=600)
+        figures["last pod Ready -> phase Ready, stage replaced"] = ready_at - pods_at
+        print("readiness figures (s):", json.dumps(figures))
+
+        upgraded = helm(cluster, "upgrade", release, "charts/bloombee", "--namespace", namespace, "--reuse-values",
+                        "--set", f"test.resource={name}")  # fmt: skip
+        assert upgraded.returncode == 0, upgraded.stderr
+        tested = helm(cluster, "test", release, "--namespace", namespace, "--logs", timeout_s=600)
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        assert tested.stdout.count("Phase:          Succeeded") == 2, tested.stdout
+        assert "answered 200" in tested.stdout and f"{namespace}/{name} Ready" in tested.stdout, tested.stdout
+        assert f"system:serviceaccount:{namespace}:{release}-operator lists" in tested.stdout
+        assert "answered 'What is the capital of France?' with" in tested.stdout
+
+        apps.patch_namespaced_deployment_scale(f"{release}-operator", namespace, {"spec": {"replicas": 0}})
+        wait_for("the operator's pod to go", lambda: not core.list_namespaced_pod(
+            namespace, label_selector="app.kubernetes.io/component=operator").items, timeout_s=120)  # fmt: skip
+        down = helm(cluster, "test", release, "--namespace", namespace, "--logs", "--filter",
+                    f"name={release}-test-operator", timeout_s=300)  # fmt: skip
+        assert down.returncode != 0 and "scaled to 0: no operator runs" in down.stdout + down.stderr, down.stdout
+
+        started = time.monotonic()
+        uninstall = subprocess.Popen([helm_binary(), "uninstall", release, "--namespace", namespace], cwd=ROOT,
+                                     env={**os.environ, "KUBECONFIG": str(cluster)}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        hook_log = ""
+        while uninstall.poll() is None and time.monotonic() < started + 280:  # the hook's log, while it runs
+            logs = kubectl(cluster, "logs", "-n", namespace, f"job/{release}-uninstall").stdout
+            hook_log = logs if len(logs) > len(hook_log) else hook_log
+            time.sleep(1)
+        output, _ = uninstall.communicate(timeout=60)
+        figures["helm uninstall, no operator"] = time.monotonic() - started
+        assert uninstall.returncode == 0, output + hook_log
+        assert f"{namespace}/{name} is still there after 15 s: no operator removed it" in hook_log, hook_log
+        assert f"{namespace}/{name}: removed" in hook_log and "dropped the finalizer bloombee.ai/cleanup" in hook_log
+        assert objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"] == []
+        _nothing_left(api, namespace, name, release)
+    finally:
+        print("life-cycle figures (s):", json.dumps(figures))
+        if helm(cluster, "status", release, "--namespace", namespace).returncode == 0:  # what a failure left
+            from bloombee_operator import admin
+
+            admin.delete_resources(api, namespace, [], f"app.kubernetes.io/instance={release}", 30, print)
+            helm(cluster, "uninstall", release, "--namespace", namespace, "--no-hooks")
+    slow = {what: seconds for what, seconds in figures.items() if not what.startswith("helm")
+            and (seconds is None or seconds > 10)}  # fmt: skip
+    assert not slow, f"readiness did not follow the children within 10 s: {figures}"
+
+
+def _nothing_left(api, namespace: str, name: str, release: str) -> None:
+    """Nothing of the resource ``name`` (children, pods, Secrets) nor of the release's uninstall hook."""
+    from kubernetes import client
+
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    networking, rbac = client.NetworkingV1Api(api), client.RbacAuthorizationV1Api(api)
+    batch = client.BatchV1Api(api)
+    selector = f"app.kubernetes.io/instance={name}"
+
+    def left() -> list[str]:
+        found = [f"{kind} {item.metadata.name}" for kind, listed in (
+            ("Deployment", apps.list_namespaced_deployment), ("Service", core.list_namespaced_service),
+            ("ConfigMap", core.list_namespaced_config_map), ("Secret", core.list_namespaced_secret),
+            ("NetworkPolicy", networking.list_namespaced_network_policy), ("Pod", core.list_namespaced_pod),
+        ) for item in listed(namespace, label_selector=selector).items]  # fmt: skip
+        hook = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=uninstall"
+        found += [f"Job {j.metadata.name}" for j in batch.list_namespaced_job(namespace, label_selector=hook).items]
+        found += [f"ServiceAccount {a.metadata.name}" for a in
+                  core.list_namespaced_service_account(namespace, label_selector=hook).items]  # fmt: skip
+        found += [f"ClusterRole {r.metadata.name}" for r in rbac.list_cluster_role(label_selector=hook).items]
+        found += [f"ClusterRoleBinding {r.metadata.name}" for r in
+                  rbac.list_cluster_role_binding(label_selector=hook).items]  # fmt: skip
+        return found
+
+    # The hook waited for all of it; the garbage collector may still be deleting what the hook's own
+    # resources owned (its Job's pod) for a moment.
+    deadline = time.monotonic() + 30
+    while (found := left()) and time.monotonic() < deadline:  # bounded polling
+        time.sleep(1)
+    assert not found, found

@@ -5,6 +5,8 @@ bloombee up -f distributedllm.yaml --ask Q    ... answer one chat request, then 
 bloombee chat "Hello!" --endpoint URL --stream one chat request to a running gateway
 bloombee validate -f distributedllm.yaml      check a resource; errors say which field is wrong
 bloombee plan -f distributedllm.yaml          the DP plan: which node serves which layers
+bloombee delete NAME -n NS                    delete DistributedLLMs on a cluster, wait until all they ran is gone
+bloombee check --operator NS/DEPLOYMENT       the operator on a cluster answers; --resource NS/NAME: a chat too
 """
 
 from __future__ import annotations
@@ -303,6 +305,78 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete DistributedLLMs on a cluster and wait until everything they ran is gone (the chart's
+    pre-delete hook runs this, so `helm uninstall` leaves nothing running)."""
+    from bloombee_operator import admin
+
+    if not (args.names or args.selector or args.all):
+        print("error: name the DistributedLLMs to delete, or select them with -l, or pass --all", file=sys.stderr)
+        return 2
+    namespace = None if args.all_namespaces else args.namespace or _current_namespace()
+    if args.names and namespace is None:
+        print("error: names are looked up in one namespace (-n), not with -A", file=sys.stderr)
+        return 2
+    try:
+        gone = admin.delete_resources(admin.api_client(args.kubeconfig), namespace, args.names, args.selector,
+                                      args.wait_s, say=print)  # fmt: skip
+    except admin.CLUSTER_ERRORS as error:
+        print(f"error: {admin.describe(error)}", file=sys.stderr)
+        return 1
+    return 0 if gone else 1
+
+
+def _current_namespace() -> str:
+    """The namespace of this pod's service account, else "default"."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else "default"
+
+
+def _ref(text: str) -> tuple[str, str]:
+    namespace, _, name = text.rpartition("/")
+    return namespace or _current_namespace(), name
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """What `helm test` runs: the operator answers and can list DistributedLLMs; a resource is Ready
+    and its gateway answers a chat."""
+    from bloombee_operator import admin
+
+    if not (args.operator or args.resource):
+        print("error: say what to check: --operator NAMESPACE/DEPLOYMENT and/or --resource NAMESPACE/NAME",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    deadline = time.monotonic() + args.wait_s
+    namespace, name = _ref(args.resource) if args.resource else ("", "")
+    try:
+        api = admin.api_client(args.kubeconfig)
+        if args.operator and not admin.check_operator(api, *_ref(args.operator), args.wait_s, say=print):
+            return 1
+        if not args.resource:
+            return 0
+        endpoint = admin.ready_endpoint(api, admin.Ref(namespace, name), args.wait_s, say=print)
+    except admin.CLUSTER_ERRORS as error:
+        print(f"error: {admin.describe(error)}", file=sys.stderr)
+        return 1
+    if endpoint is None:
+        return 1
+    while True:  # bounded by the deadline
+        try:
+            reply = chat_once(endpoint, name, args.question, args.max_tokens, timeout_s=max(10.0, args.wait_s),
+                              api_key=args.api_key)  # fmt: skip
+            break
+        except ChatError as error:
+            if not error.retryable or time.monotonic() + 5.0 > deadline:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+            print(f"{error}; trying again in 5 s")
+            time.sleep(5.0)
+    choice = reply["choices"][0]
+    print(f"{endpoint} answered {args.question!r} with {choice['message']['content']!r} "
+          f"({reply['usage']['completion_tokens']} tokens, finish_reason={choice['finish_reason']})")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloombee", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -368,6 +442,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("-o", "--output", choices=["table", "json"], default="table")
     planner.set_defaults(handler=cmd_plan)
+
+    delete = commands.add_parser("delete", help="delete DistributedLLMs on a cluster and wait until all they ran "
+                                 "is gone (where no operator removes one in time, remove it here)")  # fmt: skip
+    delete.add_argument("names", nargs="*", help="DistributedLLMs in the namespace (-n)")
+    delete.add_argument("-n", "--namespace", default=None, help="default: this pod's namespace, else default")
+    delete.add_argument("-A", "--all-namespaces", action="store_true", help="select in every namespace")
+    delete.add_argument("-l", "--selector", default=None, help="a label selector (app.kubernetes.io/instance=REL)")
+    delete.add_argument("--all", action="store_true", help="every DistributedLLM in the namespace (-n) or all (-A)")
+    delete.add_argument("--wait-s", type=float, default=90.0, help="how long to wait for the operator to remove "
+                        "each resource before removing its children and finalizer here, and for its pods to go "
+                        "(at least 60 s: their termination grace period)")
+    delete.add_argument("--kubeconfig", default=None, help="default: in a pod its service account, else $KUBECONFIG")
+    delete.set_defaults(handler=cmd_delete)
+
+    check = commands.add_parser("check", help="check the operator on a cluster, and a resource's endpoint")
+    check.add_argument("--operator", default=None, metavar="NAMESPACE/DEPLOYMENT",
+                       help="its pod is ready, its liveness endpoint answers, and this identity lists DistributedLLMs")
+    check.add_argument("--resource", default=None, metavar="NAMESPACE/NAME",
+                       help="the DistributedLLM is Ready and its gateway answers a chat")  # fmt: skip
+    check.add_argument("--question", default="What is the capital of France?")
+    check.add_argument("--max-tokens", type=int, default=16)
+    check.add_argument("--wait-s", type=float, default=60.0, help="how long the operator may take to be ready, "
+                       "and the resource to be Ready and answer")  # fmt: skip
+    check.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"the gateway's key (default: "
+                       f"${API_KEY_ENV})")  # fmt: skip
+    check.add_argument("--kubeconfig", default=None, help="default: in a pod its service account, else $KUBECONFIG")
+    check.set_defaults(handler=cmd_check)
     return parser
 
 

@@ -17,6 +17,7 @@ Steps:
 * ``keep`` (a timer): re-create what went missing or died; once all is ready the first time, and
   every ``planner.replanEvery`` after, re-measure the links and the parts' own costs
   (``status.profiles``) and re-plan, adopting a new plan only for a clear gain;
+* ``readiness`` (a child's readiness changed): what ``keep`` reports, without its restoring or re-planning;
 * ``cleanup`` (deletion): remove everything, in every cluster (a resource that never parsed has
   nothing to remove).
 """
@@ -342,6 +343,27 @@ def keep(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -
     except ValueError:
         return deploy(resource, backend, clock)  # the spec changed under the plan: plan afresh
     restored = backend.restore(desired)
+    return _readiness(status, backend, desired, restored, waiting, clock)
+
+
+def readiness(resource: DistributedLLM, backend: Backend, clock: Clock = time.time) -> Outcome:
+    """What the children's readiness says now, restoring and re-planning nothing: for a child that
+    became ready, or stopped being ready, between two passes of ``keep`` (the operator watches its
+    Deployments). Nothing to say of a resource not deployed yet, failed, or whose spec changed
+    under its plan: ``deploy`` owns those."""
+    status = resource.status
+    if status.phase in (None, Phase.FAILED) or status.plan is None:
+        return Outcome()
+    try:
+        desired = desired_state(resource, _shape(resource, backend), status.plan, links=status.links)
+    except ValueError:
+        return Outcome()
+    return _readiness(status, backend, desired, [], [], clock)
+
+
+def _readiness(status: DistributedLLMStatus, backend: Backend, desired: DesiredState, restored: list[str],
+               waiting: list[Condition], clock: Clock) -> Outcome:  # fmt: skip
+    """Readiness, faults and what was ``restored`` as status, conditions and events."""
     ready, total = backend.ready_stages(desired), len(desired.stages)
     gateway_ready = backend.gateway_ready(desired)
     switch = backend.retire(desired)

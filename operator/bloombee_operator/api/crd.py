@@ -24,6 +24,9 @@ from bloombee_operator.api.status import DistributedLLMStatus
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL, SINGULAR, SHORT_NAMES = "distributedllms", "distributedllm", ["dllm"]
+# What the operator keeps on every resource until it has removed its children (kopf's finalizer);
+# `bloombee delete` drops it itself where no operator does.
+FINALIZER = "bloombee.ai/cleanup"
 # Child objects are named <name>-stage-<i>-<plan> (six characters of the plan's hash; i < 100) and
 # <name>-gateway, and Services need DNS-1035 labels (63 characters).
 MAX_NAME = 47

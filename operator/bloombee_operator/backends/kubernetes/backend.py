@@ -49,6 +49,16 @@ KUBERNETES_SERVICE = "kubernetes.io/service-name=kubernetes"  # default/kubernet
 log = logging.getLogger("bloombee.kubernetes")
 
 
+def current_ready_replicas(deployment: dict) -> int:
+    """Ready pods of a Deployment (as the API server has it) for its current spec: none while the
+    controller has not seen its newest spec, or before a pod of that spec is rolled out (a pod of the
+    spec before is not ready for this one)."""
+    status = deployment.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(deployment["metadata"].get("generation") or 0):
+        return 0
+    return min(int(status.get("readyReplicas") or 0), int(status.get("updatedReplicas") or 0))
+
+
 class Cluster:
     """One cluster's API, reached with a kubernetes ApiClient (in-cluster, kubeconfig, or a Secret's)."""
 
@@ -116,8 +126,7 @@ class Cluster:
 
     def ready_replicas(self, obj: dict) -> int:
         live = self.live(obj)
-        status = (live.to_dict().get("status") or {}) if live is not None else {}
-        return int(status.get("readyReplicas") or 0)
+        return current_ready_replicas(live.to_dict()) if live is not None else 0
 
     def differs(self, obj: dict) -> bool:
         """Would applying this Deployment change its pods (new, or other containers)?"""
