@@ -118,7 +118,7 @@ def test_create_scale_crash_and_delete(tmp_path, tiny_dir):
         # and restores nothing: that is the timer's.
         alone = reconcile.readiness(reconcile.read(resource), backend)
         assert (alone.status["phase"], alone.status["stagesReady"], alone.events) == ("Deploying", "2/3", [])
-        assert crashed.popen.poll() is not None and backend.processes["tiny-stage-1"] is crashed
+        assert crashed.popen.poll() is not None and backend.processes[stage(resource, 1)] is crashed
         kept = reconcile.keep(reconcile.read(resource), backend)
         apply_outcome(resource, kept)
         assert [e.reason for e in kept.events] == ["Restored"] and stage(resource, 1) in kept.events[0].message
