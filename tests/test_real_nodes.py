@@ -523,12 +523,15 @@ def test_ready_follows_the_children_and_helm_uninstall_without_an_operator_leave
         pods_at, ready_at = _pods_then_phase_ready(api, namespace, name, timeout_s=600)
         figures["last pod Ready -> phase Ready, created"] = ready_at - pods_at
 
-        def calibrated() -> bool:  # the first calibration (a re-plan on what the stage measured) is over
+        def calibrated() -> str | None:  # the first calibration, and the switch to a plan it found, are over
             status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status", {})
-            return bool((status.get("profiles") or {}).get("measuredAt")) and status.get("phase") == "Ready"
+            switching = next((c for c in status.get("conditions", []) if c["type"] == "PlanSwitching"), {})
+            alone = switching.get("status") == "False" and status.get("servingPlan") == status["plan"]["planHash"]
+            measured = bool((status.get("profiles") or {}).get("measuredAt")) and status.get("phase") == "Ready"
+            return f"{name}-stage-0-{status['plan']['planHash'][:6]}" if measured and alone else None
 
-        wait_for("the first calibration", calibrated, timeout_s=300)
-        (stage,) = core.list_namespaced_pod(namespace, label_selector=f"bloombee.ai/name={name}-stage-0").items
+        first_stage = wait_for("the first calibration", calibrated, timeout_s=300)
+        (stage,) = core.list_namespaced_pod(namespace, label_selector=f"bloombee.ai/name={first_stage}").items
         deleted_at = time.monotonic()
         core.delete_namespaced_pod(stage.metadata.name, namespace)
         noticed = None
@@ -536,7 +539,7 @@ def test_ready_follows_the_children_and_helm_uninstall_without_an_operator_leave
             if _phase(objects, namespace, name) != "Ready":
                 noticed = time.monotonic() - deleted_at
                 break
-            fresh = core.list_namespaced_pod(namespace, label_selector=f"bloombee.ai/name={name}-stage-0").items
+            fresh = core.list_namespaced_pod(namespace, label_selector=f"bloombee.ai/name={first_stage}").items
             if any(_pod_ready(p) and p.metadata.uid != stage.metadata.uid for p in fresh):
                 break
             time.sleep(0.25)
