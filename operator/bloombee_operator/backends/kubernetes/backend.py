@@ -277,8 +277,8 @@ class KubernetesBackend:
         for cluster_name, objects in rendered.items():
             cluster = self.cluster(cluster_name)
             for obj in objects:
-                if _is_route(obj) and cluster.exists(obj):
-                    continue  # the route changes once the plan it names can serve: _route_to
+                if _is_route(obj):
+                    continue  # created, or moved once the plan it names can serve, by _route_to
                 if obj["kind"] == "Deployment" and cluster.differs(obj):
                     changed.append(obj["metadata"]["name"])
                 cluster.apply(obj)
@@ -291,9 +291,10 @@ class KubernetesBackend:
         local = Placement.of(self._resource).local
         route = next(obj for obj in rendered[local] if _is_route(obj))
         cluster = self.cluster(local)
-        live = cluster.live(route)
-        if live is not None and live.to_dict()["metadata"].get("labels", {}).get(LABEL_PLAN) == desired.plan_hash:
-            if live.to_dict().get("data") != route["data"]:
+        found = cluster.live(route)
+        live = found.to_dict() if found is not None else None
+        if live is not None and live["metadata"].get("labels", {}).get(LABEL_PLAN) == desired.plan_hash:
+            if live.get("data") != route["data"]:
                 cluster.apply(route)  # the same stages; what the plan admits changed
             return True
         if live is not None and self.ready_stages(desired) < len(desired.stages):
